@@ -1,0 +1,69 @@
+"""Builds the proxy for either host, and the Starlette app of the local runner.
+
+The Functions host has no lifespan hook, so `function_app.py` uses the lazily built `shared_proxy()`;
+`python -m lb serve` uses `create_app()`, whose lifespan starts and closes the same `Proxy`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from lb.config import Settings, load_settings
+from lb.proxy import Proxy
+from lb.state import CooldownStore, MemoryStore
+
+log = logging.getLogger("lb")
+
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+_shared: Proxy | None = None
+
+
+def create_store(settings: Settings) -> CooldownStore:
+    if settings.state.kind == "table":
+        from lb.state_table import TableStore  # azure-data-tables is imported only when used
+
+        return TableStore(settings.state)
+    return MemoryStore()
+
+
+def create_proxy(settings: Settings) -> Proxy:
+    if settings.anonymous:
+        log.warning("LB_CLIENT_KEYS is not set: anyone who can reach this proxy can spend your Azure OpenAI quota")
+    return Proxy(settings, store=create_store(settings))
+
+
+def shared_proxy() -> Proxy:
+    """The process-wide proxy of the Functions host, built on first use."""
+    global _shared
+    if _shared is None:
+        _shared = create_proxy(load_settings())
+    return _shared
+
+
+def create_app(settings: Settings | None = None, proxy: Proxy | None = None) -> Starlette:
+    proxy = proxy or create_proxy(settings or load_settings())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await proxy.start()
+        try:
+            yield
+        finally:
+            await proxy.close()
+
+    app = Starlette(
+        routes=[
+            Route("/openai/{path:path}", proxy.handle, methods=METHODS),
+            Route("/healthz", proxy.healthz, methods=["GET"]),
+            Route("/lb/status", proxy.status, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.proxy = proxy
+    return app

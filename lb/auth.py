@@ -1,0 +1,89 @@
+"""Who may call the proxy, and how the proxy proves itself to each backend.
+
+Inbound: a client sends one of `LB_CLIENT_KEYS` as `api-key` or `Authorization: Bearer` (the two
+ways the openai SDK sends a key), compared in constant time. That credential is never forwarded.
+
+Outbound: a backend with `BACKEND_X_APIKEY` gets that key as `api-key`; the others get an Entra ID
+token for Cognitive Services from DefaultAzureCredential (managed identity on Azure, `az login`
+locally). The token is cached and refreshed shortly before it expires, so no request waits on
+Entra except the very first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import TYPE_CHECKING
+
+from lb.config import Backend
+from lb.errors import Unauthorized
+
+if TYPE_CHECKING:
+    from azure.core.credentials_async import AsyncTokenCredential
+
+COGNITIVE_SCOPE = "https://cognitiveservices.azure.com/.default"
+REFRESH_MARGIN_SECONDS = 300.0  # refresh this long before expiry, as azure-identity's own policy does
+
+# Headers that carry the client's credentials: checked here, never sent upstream.
+CREDENTIAL_HEADERS = frozenset({"api-key", "authorization", "x-functions-key", "ocp-apim-subscription-key"})
+
+
+class ClientAuth:
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self._keys = tuple(k.encode() for k in keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def check(self, api_key: str | None, authorization: str | None) -> None:
+        """Raise Unauthorized unless a configured key was presented."""
+        if not self._keys:
+            return
+        presented = api_key
+        if presented is None and authorization:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() == "bearer":
+                presented = token.strip()
+        if not presented:
+            raise Unauthorized("Access denied due to missing subscription key. Send a key as 'api-key' header.")
+        candidate = presented.encode()
+        # Compare against every key so timing does not reveal which one (or whether any) matched.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(candidate, key)
+        if not matched:
+            raise Unauthorized("Access denied due to invalid subscription key.")
+
+
+class BackendAuth:
+    """Outbound credential headers per backend; one cached Entra token for all keyless backends."""
+
+    def __init__(self, credential: AsyncTokenCredential | None = None) -> None:
+        self._credential = credential
+        self._token: str | None = None
+        self._expires_on = 0.0
+        self._lock = asyncio.Lock()
+
+    async def headers(self, backend: Backend) -> dict[str, str]:
+        if backend.api_key:
+            return {"api-key": backend.api_key}
+        return {"authorization": f"Bearer {await self._bearer()}"}
+
+    async def _bearer(self) -> str:
+        if self._token is not None and time.time() < self._expires_on - REFRESH_MARGIN_SECONDS:
+            return self._token
+        async with self._lock:  # one fetch at a time; the others reuse its result
+            if self._token is None or time.time() >= self._expires_on - REFRESH_MARGIN_SECONDS:
+                if self._credential is None:
+                    from azure.identity.aio import DefaultAzureCredential  # only keyless pools pay for the import
+
+                    self._credential = DefaultAzureCredential()
+                token = await self._credential.get_token(COGNITIVE_SCOPE)
+                self._token, self._expires_on = token.token, float(token.expires_on)
+        return self._token
+
+    async def close(self) -> None:
+        if self._credential is not None and hasattr(self._credential, "close"):
+            await self._credential.close()

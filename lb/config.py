@@ -1,0 +1,243 @@
+"""Configuration, parsed once at start-up from the environment.
+
+Names follow openai-aca-lb (`BACKEND_{X}_URL`, `_PRIORITY`, `_APIKEY`, `HTTP_TIMEOUT_SECONDS`) so its
+users can switch without edits. Every error names the variable at fault, so a bad setting stops
+start-up with one readable line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+DEFAULT_TIMEOUT_SECONDS = 100.0
+DEFAULT_COOLDOWN_SECONDS = 10.0
+MAX_COOLDOWN_SECONDS = 60.0
+DEFAULT_STATE_TABLE = "lbcooldowns"
+DEFAULT_POOL = "default"
+DEFAULT_STATE_REFRESH_MS = 1000
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|APIKEY|DEPLOYMENTS)$")
+
+# Every fixed-name setting the app reads (the infra tests check Bicep against this list).
+SETTING_NAMES = frozenset(
+    {
+        "HTTP_TIMEOUT_SECONDS",
+        "LB_MAX_ATTEMPTS",
+        "LB_DEFAULT_COOLDOWN_SECONDS",
+        "LB_MAX_COOLDOWN_SECONDS",
+        "LB_MAX_BODY_BYTES",
+        "LB_CLIENT_KEYS",
+        "LB_ALLOW_ANONYMOUS",
+        "LB_STATE_CONNECTION_STRING",
+        "LB_STATE_TABLE_ENDPOINT",
+        "LB_STATE_TABLE",
+        "LB_POOL",
+        "LB_STATE_REFRESH_MS",
+        "LB_LOG_LEVEL",
+        "AZURE_CLIENT_ID",
+        "AzureWebJobsStorage",
+        "AzureWebJobsStorage__accountName",
+        "AzureWebJobsStorage__tableServiceUri",
+        "AzureWebJobsStorage__credential",
+        "AzureWebJobsStorage__clientId",
+        "APPLICATIONINSIGHTS_CONNECTION_STRING",
+        "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+        "PYTHON_ENABLE_INIT_INDEXING",
+        "AzureWebJobsFeatureFlags",
+        "FUNCTIONS_WORKER_RUNTIME",
+        "WEBSITE_INSTANCE_ID",
+    }
+)
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message starts with the variable's name."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One Azure OpenAI endpoint of the pool."""
+
+    name: str
+    url: str
+    priority: int = 1
+    weight: float = 1.0
+    api_key: str | None = field(default=None, repr=False)
+    deployments: frozenset[str] | None = None  # None: serves every deployment
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).netloc
+
+    def serves(self, deployment: str | None) -> bool:
+        return self.deployments is None or deployment is None or deployment in self.deployments
+
+    def __repr__(self) -> str:  # the key is masked, never printed
+        key = "********" if self.api_key else None
+        return (
+            f"Backend(name={self.name!r}, url={self.url!r}, priority={self.priority}, weight={self.weight}, "
+            f"api_key={key!r}, deployments={self.deployments!r})"
+        )
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    """Where the shared cooldown state lives; all None means in-memory (one instance)."""
+
+    connection_string: str | None = field(default=None, repr=False)
+    table_endpoint: str | None = None
+    table: str = DEFAULT_STATE_TABLE
+    pool: str = DEFAULT_POOL
+    refresh_ms: int = DEFAULT_STATE_REFRESH_MS
+
+    @property
+    def kind(self) -> str:
+        return "table" if (self.connection_string or self.table_endpoint) else "memory"
+
+
+@dataclass(frozen=True)
+class Settings:
+    backends: tuple[Backend, ...]
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    max_attempts: int = 1
+    default_cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS
+    max_cooldown_seconds: float = MAX_COOLDOWN_SECONDS
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    client_keys: tuple[str, ...] = field(default=(), repr=False)
+    state: StateSettings = field(default_factory=StateSettings)
+    on_azure: bool = False
+
+    @property
+    def anonymous(self) -> bool:
+        return not self.client_keys
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting; raise ConfigError naming the first bad one."""
+    env = os.environ if environ is None else environ
+    backends = _load_backends(env)
+    on_azure = bool(env.get("WEBSITE_INSTANCE_ID"))
+    client_keys = tuple(k.strip() for k in env.get("LB_CLIENT_KEYS", "").split(",") if k.strip())
+    if on_azure and not client_keys and not _flag(env, "LB_ALLOW_ANONYMOUS"):
+        raise ConfigError(
+            "LB_CLIENT_KEYS: required when running on Azure (set it, or LB_ALLOW_ANONYMOUS=true to serve anyone)"
+        )
+    default_cooldown = _number(env, "LB_DEFAULT_COOLDOWN_SECONDS", DEFAULT_COOLDOWN_SECONDS, minimum=0.0)
+    max_cooldown = _number(env, "LB_MAX_COOLDOWN_SECONDS", MAX_COOLDOWN_SECONDS, minimum=0.0)
+    if default_cooldown > max_cooldown:
+        raise ConfigError(
+            f"LB_DEFAULT_COOLDOWN_SECONDS: {default_cooldown:g} is above LB_MAX_COOLDOWN_SECONDS ({max_cooldown:g})"
+        )
+    return Settings(
+        backends=backends,
+        timeout_seconds=_number(env, "HTTP_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS, minimum=0.001),
+        max_attempts=int(_number(env, "LB_MAX_ATTEMPTS", len(backends), minimum=1, integer=True)),
+        default_cooldown_seconds=default_cooldown,
+        max_cooldown_seconds=max_cooldown,
+        max_body_bytes=int(_number(env, "LB_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, minimum=1, integer=True)),
+        client_keys=client_keys,
+        state=_load_state(env),
+        on_azure=on_azure,
+    )
+
+
+def _load_backends(env: Mapping[str, str]) -> tuple[Backend, ...]:
+    names = sorted(
+        {m.group(1) for key in env if (m := BACKEND_SETTING_RE.match(key))},
+        key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n),
+    )
+    backends = []
+    for name in names:
+        prefix = f"BACKEND_{name}_"
+        url = _url(env, prefix + "URL")
+        deployments = env.get(prefix + "DEPLOYMENTS", "").strip()
+        backends.append(
+            Backend(
+                name=name,
+                url=url,
+                priority=int(_number(env, prefix + "PRIORITY", 1, integer=True)),
+                weight=_number(env, prefix + "WEIGHT", 1.0, minimum=0.0),
+                api_key=env.get(prefix + "APIKEY", "").strip() or None,
+                deployments=frozenset(d.strip() for d in deployments.split(",") if d.strip()) or None,
+            )
+        )
+    if not backends:
+        raise ConfigError("BACKEND_1_URL: no backend configured (set BACKEND_1_URL=https://<account>.openai.azure.com)")
+    if all(b.weight == 0 for b in backends):
+        raise ConfigError(f"BACKEND_{backends[0].name}_WEIGHT: every backend has weight 0")
+    return tuple(backends)
+
+
+def _load_state(env: Mapping[str, str]) -> StateSettings:
+    connection_string = env.get("LB_STATE_CONNECTION_STRING", "").strip() or None
+    endpoint = env.get("LB_STATE_TABLE_ENDPOINT", "").strip() or None
+    if not connection_string and not endpoint:
+        # Fall back to the Function's own storage: a connection string, or the identity-based form.
+        host_storage = env.get("AzureWebJobsStorage", "").strip()
+        if host_storage:
+            connection_string = host_storage
+        elif env.get("AzureWebJobsStorage__tableServiceUri", "").strip():
+            endpoint = env["AzureWebJobsStorage__tableServiceUri"].strip()
+        elif env.get("AzureWebJobsStorage__accountName", "").strip():
+            endpoint = f"https://{env['AzureWebJobsStorage__accountName'].strip()}.table.core.windows.net"
+    if endpoint:
+        _url(env, "LB_STATE_TABLE_ENDPOINT", endpoint)
+    table = env.get("LB_STATE_TABLE", DEFAULT_STATE_TABLE).strip() or DEFAULT_STATE_TABLE
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{2,62}", table):
+        raise ConfigError(f"LB_STATE_TABLE: {table!r} is not a valid table name (3-63 letters or digits)")
+    pool = env.get("LB_POOL", DEFAULT_POOL).strip() or DEFAULT_POOL
+    if re.search(r"[/\\#?\x00-\x1f]", pool):
+        raise ConfigError(f"LB_POOL: {pool!r} may not contain / \\ # ? or control characters")
+    return StateSettings(
+        connection_string=connection_string,
+        table_endpoint=endpoint,
+        table=table,
+        pool=pool,
+        refresh_ms=int(_number(env, "LB_STATE_REFRESH_MS", DEFAULT_STATE_REFRESH_MS, minimum=1, integer=True)),
+    )
+
+
+def _url(env: Mapping[str, str], name: str, value: str | None = None) -> str:
+    raw = (env.get(name, "") if value is None else value).strip()
+    if not raw:
+        raise ConfigError(f"{name}: is empty")
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"{name}: {raw!r} must start with https:// (or http:// for a local endpoint)")
+    if not parts.hostname:
+        raise ConfigError(f"{name}: {raw!r} has no host")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{name}: {raw!r} must not have a query or fragment")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} has an invalid port") from None
+    return raw.rstrip("/")
+
+
+def _number(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float | None = None, integer: bool = False
+) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "a whole number" if integer else "a number"
+        raise ConfigError(f"{name}: {raw!r} is not {kind}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: {raw!r} is not a finite number")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}: {raw!r} must be at least {minimum:g}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,118 @@
+"""`python -m lb demo`: both scenarios on this machine, with the real openai SDK.
+
+Three simulated Azure OpenAI backends (one with a small quota that answers 429 + Retry-After once
+spent), the proxy in front of them on a local port, and a client that knows only the proxy's URL.
+Ends by itself; exits non-zero if any client call failed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from lb.app import create_app
+from lb.config import load_settings
+from lb.sim import Servers, SimBackend
+
+CLIENT_KEY = "demo-client-key"
+API_VERSION = "2024-10-21"
+
+
+@dataclass
+class Tally:
+    calls: int = 0
+    ok: int = 0
+    absorbed_429s: int = 0
+    served: dict[str, int] = field(default_factory=dict)
+
+
+def run_demo() -> int:
+    import openai
+
+    backends = [
+        SimBackend("backend-1", api_key="key-1", latency=0.02, chunks=4, chunk_gap=0.02),
+        SimBackend("backend-2", api_key="key-2", latency=0.02, chunks=4, chunk_gap=0.02),
+        SimBackend("backend-3", api_key="key-3", latency=0.02, chunks=4, chunk_gap=0.02),
+    ]
+    servers = Servers()
+    try:
+        env = {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_MAX_COOLDOWN_SECONDS": "10"}
+        for i, backend in enumerate(backends, start=1):
+            env[f"BACKEND_{i}_URL"] = servers.start(backend)
+            env[f"BACKEND_{i}_APIKEY"] = backend.api_key or ""
+        proxy_url = servers.start(create_app(load_settings(env)))
+        print(f"proxy on {proxy_url} in front of 3 simulated Azure OpenAI backends\n")
+        client = openai.AzureOpenAI(
+            azure_endpoint=proxy_url, api_key=CLIENT_KEY, api_version=API_VERSION, max_retries=0, timeout=10
+        )
+
+        print("== normal scenario: every backend healthy, each call goes to a random one")
+        normal = _traffic(client, backends, "normal", 12)
+
+        print("\n== throttled scenario: backend-1's quota is 2 calls per 3 s, beyond it: 429 + Retry-After")
+        backends[0].requests_per_window, backends[0].window_seconds = 2, 3.0
+        backends[0]._window_start = 0.0
+        throttled = _traffic(client, backends, "throttled", 24, pause=0.05)
+        cooled = [b for b in backends if b.count(429)]
+        print(f"   backend-1 answered {backends[0].count(429)} x 429; each time the proxy retried elsewhere at once")
+        print("   waiting 3 s for backend-1's Retry-After to pass ...")
+        time.sleep(3.1)
+        after = _traffic(client, backends, "recovered", 9)
+        back = after.served.get("1", 0)
+        print(f"   backend-1 is back in rotation: served {back} of the last 9 calls")
+        del cooled
+    finally:
+        servers.stop()
+
+    total = [normal, throttled, after]
+    failed = sum(t.calls - t.ok for t in total)
+    print("\n== summary")
+    print(f"   normal:    {normal.ok}/{normal.calls} calls answered 200, served by backends {_share(normal)}")
+    print(
+        f"   throttled: {throttled.ok}/{throttled.calls} calls answered 200, "
+        f"{throttled.absorbed_429s} upstream 429s absorbed, served by backends {_share(throttled)}"
+    )
+    print(f"   recovered: {after.ok}/{after.calls} calls answered 200, served by backends {_share(after)}")
+    print(f"   client-visible failures: {failed}")
+    return 1 if failed or throttled.absorbed_429s == 0 else 0
+
+
+def _traffic(client, backends: list[SimBackend], label: str, n: int, pause: float = 0.0) -> Tally:
+    import openai
+
+    tally = Tally()
+    for i in range(1, n + 1):
+        kind = ("chat", "chat (streamed)", "embeddings")[i % 3]
+        before = sum(b.count(429) for b in backends)
+        tally.calls += 1
+        try:
+            if kind == "embeddings":
+                raw = client.embeddings.with_raw_response.create(model="embedding", input="hello")
+                raw.parse()
+            elif kind == "chat":
+                raw = client.chat.completions.with_raw_response.create(
+                    model="chat", messages=[{"role": "user", "content": "hello"}]
+                )
+                raw.parse()
+            else:
+                raw = client.chat.completions.with_raw_response.create(
+                    model="chat", messages=[{"role": "user", "content": "hello"}], stream=True
+                )
+                list(raw.parse())  # consume every chunk
+        except openai.APIError as exc:
+            print(f"   [{label}] #{i:<2} {kind:<16} FAILED: {exc}")
+            continue
+        absorbed = sum(b.count(429) for b in backends) - before
+        backend = raw.headers.get("x-lb-backend", "?")
+        tally.ok += raw.status_code == 200
+        tally.absorbed_429s += absorbed
+        tally.served[backend] = tally.served.get(backend, 0) + 1
+        note = f"  ({absorbed} x 429 absorbed, {raw.headers.get('x-lb-attempts')} attempts)" if absorbed else ""
+        print(f"   [{label}] #{i:<2} {kind:<16} -> backend-{backend}  {raw.status_code}{note}")
+        if pause:
+            time.sleep(pause)
+    return tally
+
+
+def _share(tally: Tally) -> str:
+    return ", ".join(f"{name}: {count}" for name, count in sorted(tally.served.items()))

@@ -1,0 +1,92 @@
+"""Answers the proxy makes itself, all in Azure OpenAI's error shape.
+
+    ProxyError                      -> {"error": {"code", "message"}} with .status
+     +-- Unauthorized        401     missing / wrong client key
+     +-- BadRequest          400     unreadable body, missing "model" on the v1 shape
+     +-- NotFound            404     no backend serves the deployment, unknown route
+     +-- PayloadTooLarge     413     body above LB_MAX_BODY_BYTES
+     +-- AllBackendsCooling  429     every candidate is throttled: Retry-After of the soonest recovery
+     +-- BadGateway          502     connect error / protocol error on the last attempt
+     +-- GatewayTimeout      504     deadline (HTTP_TIMEOUT_SECONDS) spent
+
+`upstream_error()` is the one place that maps httpx's exceptions onto these.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+from starlette.responses import Response
+
+
+class ProxyError(Exception):
+    status = 500
+    code = "InternalServerError"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    def response(self, extra_headers: dict[str, str] | None = None) -> Response:
+        body = json.dumps({"error": {"code": self.code, "message": self.message}})
+        headers = {**self.headers, **(extra_headers or {})}
+        return Response(body, status_code=self.status, headers=headers, media_type="application/json")
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    code = "401"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, {"WWW-Authenticate": 'Bearer realm="lb", charset="UTF-8"'})
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "BadRequest"
+
+
+class NotFound(ProxyError):
+    status = 404
+    code = "DeploymentNotFound"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    code = "PayloadTooLarge"
+
+
+class AllBackendsCooling(ProxyError):
+    status = 429
+    code = "429"
+
+    def __init__(self, deployment: str | None, seconds: float) -> None:
+        seconds = max(seconds, 0.001)
+        whole = max(1, math.ceil(seconds))
+        what = f"deployment '{deployment}'" if deployment else "this request"
+        super().__init__(
+            f"Every backend for {what} is throttled. Please retry after {whole} second{'s' if whole != 1 else ''}.",
+            {"Retry-After": str(whole), "retry-after-ms": str(max(1, math.ceil(seconds * 1000)))},
+        )
+
+
+class BadGateway(ProxyError):
+    status = 502
+    code = "BadGateway"
+
+
+class GatewayTimeout(ProxyError):
+    status = 504
+    code = "GatewayTimeout"
+
+
+def upstream_error(exc: Exception, backend: str) -> ProxyError:
+    """Map a failed upstream call to the answer the client gets if it was the last attempt."""
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return GatewayTimeout(f"Backend '{backend}' did not answer in time.")
+    if isinstance(exc, httpx.ConnectError):
+        return BadGateway(f"Backend '{backend}' could not be reached.")
+    return BadGateway(f"Backend '{backend}' failed: {type(exc).__name__}.")

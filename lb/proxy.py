@@ -1,0 +1,299 @@
+"""The request handler both hosts call: the Functions HTTP-streaming trigger and `python -m lb serve`.
+
+One request: check the client's key, read the (bounded) body, find the deployment, then try
+backends picked by the balancer until one gives an answer worth returning. A 429 / 408 / 5xx /
+connect error / timeout cools that backend and moves on at once, as long as nothing has been sent
+to the client, the attempt cap is not reached and the deadline has time left. The answer that
+wins is streamed back as it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from lb import errors, throttle
+from lb.auth import CREDENTIAL_HEADERS, BackendAuth, ClientAuth
+from lb.balancer import Balancer, NoCandidate
+from lb.config import Backend, Settings
+from lb.requestinfo import RequestInfo, read_request
+from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
+from lb.upstream import create_client
+
+log = logging.getLogger("lb")
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never relayed.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_NOT_FORWARDED = HOP_BY_HOP | CREDENTIAL_HEADERS | {"host", "content-length", "x-forwarded-host"}
+_NOT_RETURNED = HOP_BY_HOP | {"set-cookie"}
+
+
+class Proxy:
+    """Everything a request needs, built once per process and shared by all requests."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: CooldownStore | None = None,
+        client: httpx.AsyncClient | None = None,
+        backend_auth: BackendAuth | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store or MemoryStore()
+        self.balancer = Balancer(settings.backends, self.store)
+        self.client = client or create_client(settings)
+        self.client_auth = ClientAuth(settings.client_keys)
+        self.backend_auth = backend_auth or BackendAuth()
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if not self._started:
+                await self.store.start()
+                self._started = True
+
+    async def close(self) -> None:
+        await self.store.close()
+        await self.client.aclose()
+        await self.backend_auth.close()
+
+    # Routes -----------------------------------------------------------------------------------
+    async def handle(self, request: Request) -> Response:
+        """`/openai/{path}`: never raises; every request gets exactly one answer."""
+        try:
+            if not self._started:
+                await self.start()
+            self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
+            info = await read_request(request, self.settings.max_body_bytes)
+            await self.store.sync()
+            return await self._forward(request, info)
+        except errors.ProxyError as exc:
+            return exc.response()
+        except Exception:  # a bug must still produce an answer, without leaking details
+            log.exception("unexpected error while proxying %s %s", request.method, request.url.path)
+            return errors.ProxyError("The load balancer failed to handle the request.").response()
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def status(self, request: Request) -> Response:
+        try:
+            self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
+        except errors.ProxyError as exc:
+            return exc.response()
+        return JSONResponse(self.status_report())
+
+    def status_report(self) -> dict[str, Any]:
+        now = time.time()
+        cooling: dict[str, list[dict[str, Any]]] = {}
+        for c in self.store.active(now):
+            cooling.setdefault(c.backend, []).append(
+                {
+                    "deployment": None if c.deployment == ANY_DEPLOYMENT else c.deployment,
+                    "seconds_left": round(c.until - now, 3),
+                    "reason": c.reason,
+                    "instance": c.instance or None,
+                }
+            )
+        return {
+            "backends": [
+                {
+                    "name": b.name,
+                    "host": b.host,
+                    "priority": b.priority,
+                    "weight": b.weight,
+                    "auth": "api-key" if b.api_key else "entra-id",
+                    "deployments": sorted(b.deployments) if b.deployments is not None else "all",
+                    "cooldowns": cooling.get(b.name, []),
+                }
+                for b in self.settings.backends
+            ],
+            "state": self.store.health(),
+            "max_attempts": self.settings.max_attempts,
+            "timeout_seconds": self.settings.timeout_seconds,
+        }
+
+    # Failover loop ----------------------------------------------------------------------------
+    async def _forward(self, request: Request, info: RequestInfo) -> Response:
+        settings = self.settings
+        deadline = time.monotonic() + settings.timeout_seconds
+        headers = _forward_headers(request)
+        tried: list[str] = []
+        failure: errors.ProxyError | None = None
+        choice = self.balancer.pick(info.deployment, time.time())
+
+        while isinstance(choice, Backend):
+            backend = choice
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                failure = errors.GatewayTimeout(f"No backend answered within {settings.timeout_seconds:g} seconds.")
+                break
+            tried.append(backend.name)
+            started = time.perf_counter()
+            try:
+                upstream = await self._send(backend, request.method, info, headers, remaining)
+            except Exception as exc:
+                failure = errors.upstream_error(exc, backend.name)
+                seconds = self._cool(backend, info.deployment, settings.default_cooldown_seconds, type(exc).__name__)
+                _log_attempt(backend, info, f"error {type(exc).__name__}", started, seconds)
+                choice = self._next(info, tried)
+                continue
+
+            status = upstream.status_code
+            if status not in RETRYABLE_STATUS:
+                if log.isEnabledFor(logging.DEBUG):
+                    _log_attempt(backend, info, status, started, None)
+                return self._relay(upstream, backend, info, len(tried))
+
+            seconds, source = throttle.cooldown_seconds(
+                upstream.headers, default=settings.default_cooldown_seconds, maximum=settings.max_cooldown_seconds
+            )
+            self._cool(backend, info.deployment, seconds, f"{status} ({source})")
+            _log_attempt(backend, info, status, started, seconds)
+            choice = self._next(info, tried)
+            if isinstance(choice, Backend) and deadline > time.monotonic():
+                await upstream.aclose()
+                continue
+            if status == 429:
+                await upstream.aclose()
+                return self._all_cooling(info, tried)
+            return self._relay(upstream, backend, info, len(tried))  # the last backend's own 5xx/408 is the answer
+
+        if failure is not None:
+            return failure.response({"x-lb-attempts": str(len(tried))})
+        if isinstance(choice, NoCandidate) and not choice.served:
+            raise errors.NotFound(f"No backend serves deployment '{info.deployment}'.")
+        return self._all_cooling(info, tried)
+
+    def _next(self, info: RequestInfo, tried: list[str]) -> Backend | NoCandidate:
+        if len(tried) >= self.settings.max_attempts:
+            return NoCandidate(served=True, retry_at=0.0)
+        return self.balancer.pick(info.deployment, time.time(), tried)
+
+    def _relay(self, upstream: httpx.Response, backend: Backend, info: RequestInfo, attempts: int) -> Response:
+        def on_broken_stream() -> None:
+            self._cool(backend, info.deployment, self.settings.default_cooldown_seconds, "broken stream")
+
+        return UpstreamResponse(upstream, backend, attempts, on_broken_stream)
+
+    def _cool(self, backend: Backend, deployment: str | None, seconds: float, reason: str) -> float:
+        self.store.mark(backend.name, deployment or ANY_DEPLOYMENT, time.time() + seconds, reason)
+        return seconds
+
+    def _all_cooling(self, info: RequestInfo, tried: list[str]) -> Response:
+        now = time.time()
+        retry_at = self.balancer.soonest_recovery(info.deployment, now)
+        seconds = retry_at - now if retry_at else self.settings.default_cooldown_seconds
+        if not tried:
+            log.info("all backends cooling deployment=%s retry_after=%.1fs", info.deployment, seconds)
+        return errors.AllBackendsCooling(info.deployment, seconds).response({"x-lb-attempts": str(len(tried))})
+
+    async def _send(
+        self, backend: Backend, method: str, info: RequestInfo, headers: list[tuple[str, str]], timeout: float
+    ) -> httpx.Response:
+        auth = await self.backend_auth.headers(backend)
+        request = self.client.build_request(
+            method,
+            backend.url + info.raw_path,
+            headers=[*headers, *auth.items()],
+            content=info.body,
+            timeout=timeout,
+        )
+        return await self.client.send(request, stream=True)
+
+
+def _forward_headers(request: Request) -> list[tuple[str, str]]:
+    """The client's headers minus its credentials, hop-by-hop ones and what httpx sets itself."""
+    connection_named = {t.strip().lower() for t in request.headers.get("connection", "").split(",")}
+    skip = _NOT_FORWARDED | connection_named
+    headers = [(k, v) for k, v in request.headers.items() if k not in skip]
+    if "accept-encoding" not in request.headers:  # don't let httpx ask for a compression the client can't read
+        headers.append(("accept-encoding", "identity"))
+    client = request.client
+    if client is not None:
+        prior = request.headers.get("x-forwarded-for")
+        headers = [(k, v) for k, v in headers if k != "x-forwarded-for"]
+        headers.append(("x-forwarded-for", f"{prior}, {client.host}" if prior else client.host))
+    if "x-forwarded-proto" not in request.headers:
+        headers.append(("x-forwarded-proto", request.url.scheme))
+    return headers
+
+
+class UpstreamResponse(StreamingResponse):
+    """Streams the backend's body as it arrives and always releases the upstream connection.
+
+    Closing in `__call__`'s finally covers every exit: the end of the body, a client that went
+    away (Starlette cancels the stream on `http.disconnect`) and a backend that failed mid-body.
+    """
+
+    def __init__(
+        self, upstream: httpx.Response, backend: Backend, attempts: int, on_broken: Callable[[], None]
+    ) -> None:
+        headers = {k: v for k, v in upstream.headers.items() if k not in _NOT_RETURNED}
+        headers["x-lb-backend"] = backend.name
+        headers["x-lb-attempts"] = str(attempts)
+        self.upstream = upstream
+        self.backend = backend
+        self.on_broken = on_broken
+        super().__init__(self._body(), status_code=upstream.status_code, headers=headers)
+        self.media_type = None
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            log.warning("backend %s failed mid-body: %s", self.backend.name, type(exc).__name__)
+            self.on_broken()
+            if self.upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                # The openai SDK raises on an SSE event carrying "error", so the caller sees a failure.
+                error = {"error": {"code": "BadGateway", "message": "The backend stream ended unexpectedly."}}
+                yield f"data: {json.dumps(error)}\n\n".encode()
+            else:
+                raise
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.upstream.aclose()
+
+
+def _log_attempt(backend: Backend, info: RequestInfo, status: object, started: float, cooldown: float | None) -> None:
+    ms = (time.perf_counter() - started) * 1000
+    level = logging.DEBUG if cooldown is None else logging.INFO
+    log.log(
+        level,
+        "attempt backend=%s deployment=%s status=%s ms=%.1f cooldown=%s",
+        backend.name,
+        info.deployment or "-",
+        status,
+        ms,
+        f"{cooldown:.1f}s" if cooldown is not None else "-",
+    )

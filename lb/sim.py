@@ -1,0 +1,264 @@
+"""A simulated Azure OpenAI endpoint, for the demo, the end-to-end tests and the benchmarks.
+
+It answers the routes the openai SDK calls (both URL shapes) with Azure OpenAI's bodies and
+headers, streams chat completions as SSE, checks the `api-key` it expects, records what it was
+sent, and can be told to misbehave: a requests-per-window quota (429 + Retry-After beyond it, with
+`x-ratelimit-remaining-*` on every answer), forced 429s or 5xx, latency, or never answering.
+It is a bare ASGI app so it costs little CPU next to the proxy being measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    deployment: str | None
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class SimBackend:
+    """One fake Azure OpenAI account. Mutate its fields from a test to change its behaviour."""
+
+    name: str
+    api_key: str | None = None
+    latency: float = 0.0  # seconds before the answer (before the first chunk when streaming)
+    chunks: int = 5  # SSE chunks of a streamed answer
+    chunk_gap: float = 0.0  # seconds between chunks
+    requests_per_window: int | None = None  # quota; None = unlimited
+    window_seconds: float = 60.0
+    tokens_per_request: int = 30
+    throttle_next: int = 0  # answer this many calls with 429 regardless of quota
+    retry_after: float = 2.0  # seconds announced by forced 429s
+    fail_status: int | None = None  # answer every call with this status
+    hang: bool = False  # accept, then never answer
+    break_stream_after: int | None = None  # drop the connection after this many chunks
+    calls: list[Call] = field(default_factory=list)
+    answered: dict[int, int] = field(default_factory=dict)  # status -> count
+    _window_start: float = 0.0
+    _window_used: int = 0
+
+    # Quota ------------------------------------------------------------------------------------
+    def _take_quota(self, now: float) -> tuple[bool, float, int]:
+        """(allowed, seconds until the window resets, requests left)."""
+        if self.requests_per_window is None:
+            return True, 0.0, 1000
+        if now - self._window_start >= self.window_seconds:
+            self._window_start, self._window_used = now, 0
+        reset = self._window_start + self.window_seconds - now
+        if self._window_used >= self.requests_per_window:
+            return False, reset, 0
+        self._window_used += 1
+        return True, reset, self.requests_per_window - self._window_used
+
+    def count(self, status: int = 200) -> int:
+        return self.answered.get(status, 0)
+
+    # ASGI -------------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]
+        payload = _json(body)
+        deployment = _deployment(path, payload)
+        self.calls.append(Call(scope["method"], path, deployment, headers, body))
+
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.api_key is not None and headers.get("api-key") != self.api_key:
+            return await self._error(send, 401, "401", "Access denied due to invalid subscription key.")
+        if self.fail_status is not None:
+            return await self._error(send, self.fail_status, "InternalServerError", "Simulated failure.")
+        now = time.monotonic()
+        if self.throttle_next > 0:
+            self.throttle_next -= 1
+            return await self._throttled(send, self.retry_after)
+        allowed, reset, left = self._take_quota(now)
+        if not allowed:
+            return await self._throttled(send, reset)
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        rate = [
+            (b"x-ratelimit-remaining-requests", str(left).encode()),
+            (b"x-ratelimit-remaining-tokens", str(left * self.tokens_per_request).encode()),
+            (b"apim-request-id", str(uuid.uuid4()).encode()),
+        ]
+        if "embeddings" in path:
+            return await self._json(send, 200, _embedding(deployment), rate)
+        if isinstance(payload, dict) and payload.get("stream"):
+            return await self._stream(send, deployment, rate)
+        return await self._json(send, 200, _completion(self.name, deployment), rate)
+
+    async def _json(self, send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] = ()) -> None:
+        data = json.dumps(body).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+        self.answered[status] = self.answered.get(status, 0) + 1
+
+    async def _error(self, send: Send, status: int, code: str, message: str) -> None:
+        await self._json(send, status, {"error": {"code": code, "message": message}})
+
+    async def _throttled(self, send: Send, seconds: float) -> None:
+        whole = max(1, math.ceil(seconds))
+        message = f"Requests have exceeded the rate limit of your current pricing tier. Retry after {whole} seconds."
+        headers = [
+            (b"retry-after", str(whole).encode()),
+            (b"retry-after-ms", str(max(1, int(seconds * 1000))).encode()),
+            (b"x-ratelimit-remaining-requests", b"0"),
+            (b"x-ratelimit-remaining-tokens", b"0"),
+        ]
+        await self._json(send, 429, {"error": {"code": "429", "message": message}}, headers)
+
+    async def _stream(self, send: Send, deployment: str | None, rate: list[tuple[bytes, bytes]]) -> None:
+        headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"), *rate]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+        for i in range(self.chunks):
+            if self.break_stream_after is not None and i >= self.break_stream_after:
+                raise ConnectionAbortedError("simulated mid-stream failure")  # uvicorn drops the connection
+            if i and self.chunk_gap:
+                await asyncio.sleep(self.chunk_gap)
+            chunk = _chunk(cid, deployment, f"{self.name if i == 0 else ''} tok{i}", None)
+            await send({"type": "http.response.body", "body": _sse(chunk), "more_body": True})
+        await send(
+            {"type": "http.response.body", "body": _sse(_chunk(cid, deployment, None, "stop")), "more_body": True}
+        )
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        self.answered[200] = self.answered.get(200, 0) + 1
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        return None
+
+
+def _deployment(path: str, payload: Any) -> str | None:
+    parts = path.split("/")
+    if len(parts) > 3 and parts[2] == "deployments":
+        return parts[3]
+    return payload.get("model") if isinstance(payload, dict) else None
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _completion(backend: str, deployment: str | None) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": deployment or "gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": f"Hello from {backend}."},
+            }
+        ],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 10, "total_tokens": 30},
+    }
+
+
+def _chunk(cid: str, deployment: str | None, content: str | None, finish: str | None) -> dict[str, Any]:
+    delta = {"content": content} if content is not None else {}
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": deployment or "gpt-4o-mini",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def _embedding(deployment: str | None) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3, 0.4]}],
+        "model": deployment or "text-embedding-3-small",
+        "usage": {"prompt_tokens": 4, "total_tokens": 4},
+    }
+
+
+# Running servers --------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Servers:
+    """Runs ASGI apps under uvicorn on 127.0.0.1 in one background thread with its own loop.
+
+    Tests and benchmarks drive the apps over real sockets from the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="lb-servers", daemon=True)
+        self._thread.start()
+        self._servers: list[Any] = []
+        self._done: list[Any] = []
+
+    def start(self, app: Any, port: int | None = None) -> str:
+        """Serve `app`; return its base URL once it accepts connections."""
+        import uvicorn
+
+        port = port or free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", access_log=False)
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
+        self._done.append(asyncio.run_coroutine_threadsafe(server.serve(), self.loop))
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server on port {port} did not start")
+            time.sleep(0.01)
+        self._servers.append(server)
+        return f"http://127.0.0.1:{port}"
+
+    def run(self, coro: Awaitable[Any], timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.should_exit = True
+        for done in self._done:
+            try:
+                done.result(10)
+            except Exception:  # a server that failed to stop cleanly must not fail the caller
+                pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)

@@ -1,0 +1,65 @@
+"""Fixtures that start real things: simulated Azure OpenAI backends and the proxy, on sockets."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import openai
+import pytest
+
+from lb.app import create_app
+from lb.config import load_settings
+from lb.proxy import Proxy
+from lb.sim import Servers, SimBackend
+
+CLIENT_KEY = "client-key-for-tests"
+API_VERSION = "2024-10-21"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings come from the environment: no test may see another's (or the developer's)."""
+    for name in list(os.environ):
+        if name.startswith(("BACKEND_", "LB_", "AzureWebJobsStorage", "WEBSITE_")) or name == "HTTP_TIMEOUT_SECONDS":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    s = Servers()
+    yield s
+    s.stop()
+
+
+@dataclass
+class Pool:
+    backends: list[SimBackend]
+    url: str
+    proxy: Proxy
+
+    def azure(self, key: str = CLIENT_KEY, **kwargs: object) -> openai.AzureOpenAI:
+        return openai.AzureOpenAI(
+            azure_endpoint=self.url, api_key=key, api_version=API_VERSION, max_retries=0, **kwargs
+        )
+
+    def v1(self, key: str = CLIENT_KEY, **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/openai/v1", api_key=key, max_retries=0, **kwargs)
+
+
+@pytest.fixture
+def make_pool(servers: Servers) -> Callable[..., Pool]:
+    """Start n simulated backends (keys key-1..key-n) and a proxy in front of them."""
+
+    def make(n: int = 2, env: dict[str, str] | None = None, **backend_kwargs: object) -> Pool:
+        backends = [SimBackend(f"sim{i}", api_key=f"key-{i}", **backend_kwargs) for i in range(1, n + 1)]
+        settings_env = {"LB_CLIENT_KEYS": CLIENT_KEY}
+        for i, backend in enumerate(backends, start=1):
+            settings_env[f"BACKEND_{i}_URL"] = servers.start(backend)
+            settings_env[f"BACKEND_{i}_APIKEY"] = backend.api_key or ""
+        settings_env.update(env or {})
+        app = create_app(load_settings(settings_env))
+        return Pool(backends, servers.start(app), app.state.proxy)
+
+    return make

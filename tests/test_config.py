@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import pytest
+
+from lb.config import BACKEND_SETTING_RE, ConfigError, load_settings
+
+ONE = {"BACKEND_1_URL": "https://one.openai.azure.com/"}
+
+
+def test_backends_are_read_in_numeric_order_with_defaults():
+    settings = load_settings(
+        {
+            "BACKEND_10_URL": "https://ten.openai.azure.com",
+            "BACKEND_2_URL": "https://two.openai.azure.com",
+            "BACKEND_2_PRIORITY": "2",
+            "BACKEND_2_WEIGHT": "0.5",
+            "BACKEND_2_APIKEY": "secret",
+            "BACKEND_2_DEPLOYMENTS": "chat, embedding,",
+            "BACKEND_east_URL": "https://east.openai.azure.com",
+        }
+    )
+    assert [b.name for b in settings.backends] == ["2", "10", "east"]
+    two = settings.backends[0]
+    assert (two.priority, two.weight, two.api_key, two.deployments) == (2, 0.5, "secret", {"chat", "embedding"})
+    ten = settings.backends[1]
+    assert (ten.priority, ten.weight, ten.api_key, ten.deployments) == (1, 1.0, None, None)
+    assert settings.max_attempts == 3 and settings.timeout_seconds == 100
+    assert settings.state.kind == "memory"
+
+
+def test_trailing_slash_is_dropped_and_keys_are_masked():
+    settings = load_settings({**ONE, "BACKEND_1_APIKEY": "topsecret", "LB_CLIENT_KEYS": "a, b"})
+    assert settings.backends[0].url == "https://one.openai.azure.com"
+    assert "topsecret" not in repr(settings) and "********" in repr(settings.backends[0])
+    assert settings.client_keys == ("a", "b") and "'a'" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, r"^BACKEND_1_URL: no backend configured"),
+        ({"BACKEND_1_URL": "one.openai.azure.com"}, r"^BACKEND_1_URL: .*https://"),
+        ({"BACKEND_1_URL": "ftp://one.openai.azure.com"}, r"^BACKEND_1_URL: .*https://"),
+        ({"BACKEND_1_URL": "https://"}, r"^BACKEND_1_URL: .*no host"),
+        ({"BACKEND_1_URL": ""}, r"^BACKEND_1_URL: is empty"),
+        ({"BACKEND_1_URL": "https://a.b:99999"}, r"^BACKEND_1_URL: .*port"),
+        ({**ONE, "BACKEND_1_PRIORITY": "high"}, r"^BACKEND_1_PRIORITY: 'high' is not a whole number"),
+        ({**ONE, "BACKEND_1_WEIGHT": "-1"}, r"^BACKEND_1_WEIGHT: .*at least 0"),
+        ({**ONE, "BACKEND_1_WEIGHT": "0"}, r"^BACKEND_1_WEIGHT: every backend has weight 0"),
+        ({**ONE, "HTTP_TIMEOUT_SECONDS": "soon"}, r"^HTTP_TIMEOUT_SECONDS: 'soon' is not a number"),
+        ({**ONE, "HTTP_TIMEOUT_SECONDS": "nan"}, r"^HTTP_TIMEOUT_SECONDS: .*finite"),
+        ({**ONE, "LB_MAX_ATTEMPTS": "0"}, r"^LB_MAX_ATTEMPTS: .*at least 1"),
+        ({**ONE, "LB_DEFAULT_COOLDOWN_SECONDS": "90"}, r"^LB_DEFAULT_COOLDOWN_SECONDS: .*above LB_MAX_COOLDOWN"),
+        ({**ONE, "LB_STATE_TABLE_ENDPOINT": "table.core.windows.net"}, r"^LB_STATE_TABLE_ENDPOINT: "),
+        ({**ONE, "LB_STATE_TABLE": "bad-name"}, r"^LB_STATE_TABLE: "),
+        ({**ONE, "WEBSITE_INSTANCE_ID": "abc"}, r"^LB_CLIENT_KEYS: required when running on Azure"),
+    ],
+)
+def test_bad_configuration_names_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env)
+
+
+def test_anonymous_on_azure_only_when_explicitly_allowed():
+    settings = load_settings({**ONE, "WEBSITE_INSTANCE_ID": "abc", "LB_ALLOW_ANONYMOUS": "true"})
+    assert settings.anonymous and settings.on_azure
+
+
+@pytest.mark.parametrize(
+    ("env", "kind", "endpoint"),
+    [
+        ({"LB_STATE_CONNECTION_STRING": "UseDevelopmentStorage=true"}, "table", None),
+        ({"AzureWebJobsStorage": "UseDevelopmentStorage=true"}, "table", None),
+        (
+            {"LB_STATE_TABLE_ENDPOINT": "https://acct.table.core.windows.net"},
+            "table",
+            "https://acct.table.core.windows.net",
+        ),
+        ({"AzureWebJobsStorage__accountName": "acct"}, "table", "https://acct.table.core.windows.net"),
+        (
+            {"AzureWebJobsStorage__tableServiceUri": "https://acct.table.core.windows.net"},
+            "table",
+            "https://acct.table.core.windows.net",
+        ),
+        ({}, "memory", None),
+    ],
+)
+def test_state_store_is_chosen_from_settings(env, kind, endpoint):
+    state = load_settings({**ONE, **env}).state
+    assert state.kind == kind
+    assert state.table_endpoint == endpoint
+    assert (state.table, state.pool, state.refresh_ms) == ("lbcooldowns", "default", 1000)
+
+
+def test_backend_setting_names_match_the_contract():
+    assert BACKEND_SETTING_RE.match("BACKEND_1_URL")
+    assert BACKEND_SETTING_RE.match("BACKEND_east_DEPLOYMENTS")
+    assert not BACKEND_SETTING_RE.match("BACKEND_1_KEY")
