@@ -53,6 +53,7 @@ class SimBackend:
     break_stream_after: int | None = None  # drop the connection after this many chunks
     calls: list[Call] = field(default_factory=list)
     answered: dict[int, int] = field(default_factory=dict)  # status -> count
+    disconnects: int = 0  # streams the caller abandoned before the end
     _window_start: float = 0.0
     _window_used: int = 0
 
@@ -115,7 +116,7 @@ class SimBackend:
         if "embeddings" in path:
             return await self._json(send, 200, _embedding(deployment), rate)
         if isinstance(payload, dict) and payload.get("stream"):
-            return await self._stream(send, deployment, rate)
+            return await self._stream(receive, send, deployment, rate)
         return await self._json(send, 200, _completion(self.name, deployment), rate)
 
     async def _json(self, send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] = ()) -> None:
@@ -139,7 +140,18 @@ class SimBackend:
         ]
         await self._json(send, 429, {"error": {"code": "429", "message": message}}, headers)
 
-    async def _stream(self, send: Send, deployment: str | None, rate: list[tuple[bytes, bytes]]) -> None:
+    async def _stream(
+        self, receive: Receive, send: Send, deployment: str | None, rate: list[tuple[bytes, bytes]]
+    ) -> None:
+        gone = asyncio.ensure_future(receive())  # the next message can only be http.disconnect
+        try:
+            await self._send_chunks(send, deployment, rate, gone)
+        finally:
+            gone.cancel()
+
+    async def _send_chunks(
+        self, send: Send, deployment: str | None, rate: list[tuple[bytes, bytes]], gone: asyncio.Future
+    ) -> None:
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"), *rate]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
@@ -147,7 +159,10 @@ class SimBackend:
             if self.break_stream_after is not None and i >= self.break_stream_after:
                 raise ConnectionAbortedError("simulated mid-stream failure")  # uvicorn drops the connection
             if i and self.chunk_gap:
-                await asyncio.sleep(self.chunk_gap)
+                await asyncio.wait([gone], timeout=self.chunk_gap)
+            if gone.done():
+                self.disconnects += 1
+                return
             chunk = _chunk(cid, deployment, f"{self.name if i == 0 else ''} tok{i}", None)
             await send({"type": "http.response.body", "body": _sse(chunk), "more_body": True})
         await send(
