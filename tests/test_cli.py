@@ -1,0 +1,80 @@
+"""`python -m lb serve` as a user starts it: a real process, configured by the environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+from lb.sim import SimBackend, free_port
+from tests.conftest import API_VERSION
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_lb(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "LB_"))}
+    return subprocess.Popen(
+        [sys.executable, "-m", "lb", *args],
+        cwd=ROOT,
+        env={**clean, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_bad_configuration_stops_start_up_with_one_line_naming_the_variable():
+    process = run_lb({"BACKEND_1_URL": "https://a.openai.azure.com", "BACKEND_1_PRIORITY": "high"}, "serve")
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert err.strip() == "error: BACKEND_1_PRIORITY: 'high' is not a whole number"
+    assert "Traceback" not in out + err
+
+
+def test_serve_proxies_with_each_backends_key_and_logs_no_secret(servers):
+    backends = [SimBackend("a", api_key="backend-secret-a"), SimBackend("b", api_key="backend-secret-b")]
+    backends[0].throttle_next = 1
+    port = free_port()
+    env = {"LB_CLIENT_KEYS": "client-secret", "LB_LOG_LEVEL": "DEBUG"}
+    for i, backend in enumerate(backends, start=1):
+        env[f"BACKEND_{i}_URL"] = servers.start(backend)
+        env[f"BACKEND_{i}_APIKEY"] = backend.api_key or ""
+    process = run_lb(env, "serve", "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert httpx.get(url + "/healthz").json() == {"status": "ok"}
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and process.poll() is None, "lb serve did not start"
+                time.sleep(0.1)
+        client = openai.AzureOpenAI(azure_endpoint=url, api_key="client-secret", api_version=API_VERSION, max_retries=0)
+        for _ in range(6):
+            client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+        text = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model="chat", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            if c.choices
+        )
+        assert "tok4" in text
+        client.embeddings.create(model="embedding", input="x")
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=20)
+    assert backends[0].count(429) == 1
+    for backend in backends:
+        assert backend.calls and all(c.headers["api-key"] == backend.api_key for c in backend.calls)
+    logs = out + err
+    assert "status=429" in logs  # the failover was logged ...
+    for secret in ("client-secret", "backend-secret-a", "backend-secret-b"):
+        assert secret not in logs  # ... without any credential
