@@ -16,6 +16,7 @@ from starlette.routing import Route
 from lb.config import Settings, load_settings
 from lb.proxy import Proxy
 from lb.state import CooldownStore, MemoryStore
+from lb.telemetry import create_telemetry
 
 log = logging.getLogger("lb")
 
@@ -35,7 +36,7 @@ def create_store(settings: Settings) -> CooldownStore:
 def create_proxy(settings: Settings) -> Proxy:
     if settings.anonymous:
         log.warning("LB_CLIENT_KEYS is not set: anyone who can reach this proxy can spend your Azure OpenAI quota")
-    return Proxy(settings, store=create_store(settings))
+    return Proxy(settings, store=create_store(settings), telemetry=create_telemetry())
 
 
 def shared_proxy() -> Proxy:

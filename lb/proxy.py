@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -27,6 +28,7 @@ from lb.balancer import Balancer, NoCandidate
 from lb.config import Backend, Settings
 from lb.requestinfo import RequestInfo, read_request
 from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
+from lb.telemetry import Telemetry
 from lb.upstream import create_client
 
 log = logging.getLogger("lb")
@@ -61,6 +63,7 @@ class Proxy:
         store: CooldownStore | None = None,
         client: httpx.AsyncClient | None = None,
         backend_auth: BackendAuth | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.store = store or MemoryStore()
@@ -68,6 +71,7 @@ class Proxy:
         self.client = client or create_client(settings)
         self.client_auth = ClientAuth(settings.client_keys)
         self.backend_auth = backend_auth or BackendAuth()
+        self.telemetry = telemetry or Telemetry()
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -81,6 +85,7 @@ class Proxy:
         await self.store.close()
         await self.client.aclose()
         await self.backend_auth.close()
+        self.telemetry.close()
 
     # Routes -----------------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
@@ -91,7 +96,12 @@ class Proxy:
             self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
             info = await read_request(request, self.settings.max_body_bytes)
             await self.store.sync()
-            return await self._forward(request, info)
+            attempts: list[Attempt] = []
+            response = await self._forward(request, info, attempts)
+            self.telemetry.request(
+                info.deployment, response.status_code, len(attempts), sum(a.status == 429 for a in attempts)
+            )
+            return response
         except errors.ProxyError as exc:
             return exc.response()
         except Exception:  # a bug must still produce an answer, without leaking details
@@ -139,11 +149,11 @@ class Proxy:
         }
 
     # Failover loop ----------------------------------------------------------------------------
-    async def _forward(self, request: Request, info: RequestInfo) -> Response:
+    async def _forward(self, request: Request, info: RequestInfo, tried: list[Attempt]) -> Response:
+        """Try backends until one answers for good; `tried` collects every attempt made."""
         settings = self.settings
         deadline = time.monotonic() + settings.timeout_seconds
         headers = _forward_headers(request)
-        tried: list[str] = []
         failure: errors.ProxyError | None = None
         choice = self.balancer.pick(info.deployment, time.time())
 
@@ -153,28 +163,27 @@ class Proxy:
             if remaining <= 0:
                 failure = errors.GatewayTimeout(f"No backend answered within {settings.timeout_seconds:g} seconds.")
                 break
-            tried.append(backend.name)
-            started = time.perf_counter()
+            attempt = Attempt(backend.name, time.time(), time.perf_counter())
+            tried.append(attempt)
             try:
                 upstream = await self._send(backend, request.method, info, headers, remaining)
             except Exception as exc:
                 failure = errors.upstream_error(exc, backend.name)
                 seconds = self._cool(backend, info.deployment, settings.default_cooldown_seconds, type(exc).__name__)
-                _log_attempt(backend, info, f"error {type(exc).__name__}", started, seconds)
+                self._attempted(attempt, info, f"error {type(exc).__name__}", seconds)
                 choice = self._next(info, tried)
                 continue
 
             status = upstream.status_code
             if status not in RETRYABLE_STATUS:
-                if log.isEnabledFor(logging.DEBUG):
-                    _log_attempt(backend, info, status, started, None)
+                self._attempted(attempt, info, status, None)
                 return self._relay(upstream, backend, info, len(tried))
 
             seconds, source = throttle.cooldown_seconds(
                 upstream.headers, default=settings.default_cooldown_seconds, maximum=settings.max_cooldown_seconds
             )
             self._cool(backend, info.deployment, seconds, f"{status} ({source})")
-            _log_attempt(backend, info, status, started, seconds)
+            self._attempted(attempt, info, status, seconds)
             choice = self._next(info, tried)
             if isinstance(choice, Backend) and deadline > time.monotonic():
                 await upstream.aclose()
@@ -190,10 +199,27 @@ class Proxy:
             raise errors.NotFound(f"No backend serves deployment '{info.deployment}'.")
         return self._all_cooling(info, tried)
 
-    def _next(self, info: RequestInfo, tried: list[str]) -> Backend | NoCandidate:
+    def _next(self, info: RequestInfo, tried: list[Attempt]) -> Backend | NoCandidate:
         if len(tried) >= self.settings.max_attempts:
             return NoCandidate(served=True, retry_at=0.0)
-        return self.balancer.pick(info.deployment, time.time(), tried)
+        return self.balancer.pick(info.deployment, time.time(), {a.backend for a in tried})
+
+    def _attempted(self, attempt: Attempt, info: RequestInfo, status: int | str, cooldown: float | None) -> None:
+        """Log and record one finished attempt: INFO when it cooled a backend, DEBUG otherwise."""
+        attempt.status = status
+        seconds = time.perf_counter() - attempt.perf_started
+        self.telemetry.attempt(attempt.backend, info.deployment, status, attempt.started, seconds, cooldown)
+        level = logging.DEBUG if cooldown is None else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "attempt backend=%s deployment=%s status=%s ms=%.1f cooldown=%s",
+                attempt.backend,
+                info.deployment or "-",
+                status,
+                seconds * 1000,
+                f"{cooldown:.1f}s" if cooldown is not None else "-",
+            )
 
     def _relay(self, upstream: httpx.Response, backend: Backend, info: RequestInfo, attempts: int) -> Response:
         def on_broken_stream() -> None:
@@ -205,11 +231,12 @@ class Proxy:
         self.store.mark(backend.name, deployment or ANY_DEPLOYMENT, time.time() + seconds, reason)
         return seconds
 
-    def _all_cooling(self, info: RequestInfo, tried: list[str]) -> Response:
+    def _all_cooling(self, info: RequestInfo, tried: list[Attempt]) -> Response:
         now = time.time()
         retry_at = self.balancer.soonest_recovery(info.deployment, now)
         seconds = retry_at - now if retry_at else self.settings.default_cooldown_seconds
         if not tried:
+            self.telemetry.all_cooling(info.deployment)
             log.info("all backends cooling deployment=%s retry_after=%.1fs", info.deployment, seconds)
         return errors.AllBackendsCooling(info.deployment, seconds).response({"x-lb-attempts": str(len(tried))})
 
@@ -242,6 +269,16 @@ def _forward_headers(request: Request) -> list[tuple[str, str]]:
     if "x-forwarded-proto" not in request.headers:
         headers.append(("x-forwarded-proto", request.url.scheme))
     return headers
+
+
+@dataclass
+class Attempt:
+    """One upstream try of a request."""
+
+    backend: str
+    started: float  # epoch seconds, for telemetry
+    perf_started: float  # perf_counter, for the duration
+    status: int | str | None = None
 
 
 class UpstreamResponse(StreamingResponse):
@@ -283,17 +320,3 @@ class UpstreamResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.upstream.aclose()
-
-
-def _log_attempt(backend: Backend, info: RequestInfo, status: object, started: float, cooldown: float | None) -> None:
-    ms = (time.perf_counter() - started) * 1000
-    level = logging.DEBUG if cooldown is None else logging.INFO
-    log.log(
-        level,
-        "attempt backend=%s deployment=%s status=%s ms=%.1f cooldown=%s",
-        backend.name,
-        info.deployment or "-",
-        status,
-        ms,
-        f"{cooldown:.1f}s" if cooldown is not None else "-",
-    )
