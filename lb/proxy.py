@@ -116,6 +116,8 @@ class Proxy:
             self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
         except errors.ProxyError as exc:
             return exc.response()
+        if not self._started:
+            await self.start()
         return JSONResponse(self.status_report())
 
     def status_report(self) -> dict[str, Any]:

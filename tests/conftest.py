@@ -22,7 +22,10 @@ API_VERSION = "2024-10-21"
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings come from the environment: no test may see another's (or the developer's)."""
     for name in list(os.environ):
-        if name.startswith(("BACKEND_", "LB_", "AzureWebJobsStorage", "WEBSITE_")) or name == "HTTP_TIMEOUT_SECONDS":
+        if (
+            name.startswith(("BACKEND_", "LB_", "AzureWebJobsStorage", "WEBSITE_", "APPLICATIONINSIGHTS_", "OTEL_"))
+            or name == "HTTP_TIMEOUT_SECONDS"
+        ):
             monkeypatch.delenv(name)
 
 
