@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint serve install azurite
+.PHONY: demo test sim serve install azurite
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: install azurite
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
+
+# Throttled pool behind 1-8 `lb serve` processes, in-memory vs Table (Azurite) state: prints a table.
+sim: install azurite
+	$(PY) -m bench.throttle_sim
 
 serve: install
 	$(PY) -m lb serve

@@ -239,7 +239,7 @@ class Proxy:
         seconds = retry_at - now if retry_at else self.settings.default_cooldown_seconds
         if not tried:
             self.telemetry.all_cooling(info.deployment)
-            log.info("all backends cooling deployment=%s retry_after=%.1fs", info.deployment, seconds)
+            log.debug("all backends cooling deployment=%s retry_after=%.1fs", info.deployment, seconds)
         return errors.AllBackendsCooling(info.deployment, seconds).response({"x-lb-attempts": str(len(tried))})
 
     async def _send(

@@ -13,6 +13,7 @@ from lb.app import create_app
 from lb.config import load_settings
 from lb.proxy import Proxy
 from lb.sim import Servers, SimBackend
+from tests.azurite import azurite_fixture  # noqa: F401  (the `azurite` fixture: a real Table Storage)
 
 CLIENT_KEY = "client-key-for-tests"
 API_VERSION = "2024-10-21"

@@ -1,0 +1,320 @@
+"""Cooldowns shared by every instance through one Azure Table Storage partition.
+
+Why it is built this way:
+- Requests never wait for Storage. They read the in-memory view (`CooldownStore`); while requests
+  come, a background poller refreshes it with one partition query per `LB_STATE_REFRESH_MS`, and a
+  429's cooldown is written in the background after the local view already routes around it.
+- A write never shortens another instance's longer cooldown: read, compare, then create-if-absent
+  or replace with If-Match on the ETag; a lost race (409/412) re-reads and tries again, bounded.
+- One row per (pool, backend, deployment) is reused, and rows expired for `keep_expired_seconds`
+  are deleted (ETag-guarded) as refreshes see them, so the table does not grow.
+- A Table fault is not a proxy fault: the view keeps serving, one warning per outage, one info on
+  recovery, `health()` says degraded, and cooldowns written during the outage are re-sent after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import UpdateMode
+from azure.data.tables.aio import TableClient
+
+from lb.config import ConfigError, StateSettings
+from lb.state import Cooldown, CooldownStore
+
+log = logging.getLogger("lb.state")
+
+OP_TIMEOUT_SECONDS = 2.0  # per Table call; the request path never waits for one anyway
+FIRST_LOAD_SECONDS = 2.0  # the only wait a caller sees: start-up
+WRITE_TRIES = 10  # read-compare-write rounds; n racing writers need about ln(n) + 1 on average
+FAULT_TRIES = 3  # ... of which this many may fail on a Table fault
+CLOSE_SECONDS = 3.0  # how long close() waits for writes still in flight
+KEEP_EXPIRED_SECONDS = 300.0  # a pair throttled again soon reuses its row instead of delete + create
+MAX_DELETES_PER_REFRESH = 20
+OUTAGE_RETRY_SECONDS = 1.0  # while degraded, refresh attempts are at least this far apart
+IDLE_SECONDS = 30.0  # the poller stops after this long without a request
+IF_MATCH, REPLACE = MatchConditions.IfNotModified, UpdateMode.REPLACE
+_FORBIDDEN_KEY_CHARS = set("/\\#?%|")  # Table keys forbid / \ # ?; % and | are our escape and separator
+
+
+def row_key(backend: str, deployment: str) -> str:
+    """`{backend}|{deployment}`, percent-escaping what Table keys forbid (so the mapping stays one-to-one)."""
+
+    def esc(text: str) -> str:
+        return "".join(
+            f"%{ord(c):02X}" if c in _FORBIDDEN_KEY_CHARS or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F else c
+            for c in text
+        )
+
+    return f"{esc(backend)}|{esc(deployment)}"
+
+
+def default_instance_id() -> str:
+    site = os.environ.get("WEBSITE_INSTANCE_ID", "")[:12]
+    return f"{site or socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class TableStore(CooldownStore):
+    kind = "table"
+
+    def __init__(
+        self,
+        settings: StateSettings,
+        *,
+        instance_id: str | None = None,
+        op_timeout: float = OP_TIMEOUT_SECONDS,
+        keep_expired_seconds: float = KEEP_EXPIRED_SECONDS,
+    ) -> None:
+        super().__init__()
+        self.settings = settings
+        self.instance_id = instance_id or default_instance_id()
+        self.op_timeout = op_timeout
+        self.keep_expired_seconds = keep_expired_seconds
+        self.ops = {"queries": 0, "reads": 0, "writes": 0, "deletes": 0}  # HTTP requests sent, retries included
+        self.healthy = True
+        self.last_error: str | None = None
+        self._credential: Any = None
+        self._client = self._make_client(settings)
+        self._attempted_at = float("-inf")  # monotonic time of the last refresh attempt
+        self._refreshed_at: float | None = None  # ... and of the last successful one
+        self._outage_since = 0.0
+        self._poller: asyncio.Task[None] | None = None
+        self._last_request = 0.0
+        self._cleanup_task: asyncio.Task[None] | None = None
+        self._pending: dict[tuple[str, str], Cooldown] = {}  # newest cooldown waiting to be written, per pair
+        self._writers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._in_table: dict[tuple[str, str], float] = {}  # what we know the table holds, to skip needless writes
+
+    def _make_client(self, settings: StateSettings) -> TableClient:
+        options: dict[str, Any] = {
+            "connection_timeout": self.op_timeout,
+            "read_timeout": self.op_timeout,
+            "retry_total": 0,  # our own loop retries; SDK backoff would only hold writes longer
+            "raw_request_hook": self._count,
+        }
+        if settings.connection_string:
+            try:
+                return TableClient.from_connection_string(settings.connection_string, settings.table, **options)
+            except ValueError:  # its message could echo the string; ours never does
+                raise ConfigError("LB_STATE_CONNECTION_STRING: not a valid Storage connection string") from None
+        from azure.identity.aio import DefaultAzureCredential  # only needed for Entra ID auth
+
+        self._credential = DefaultAzureCredential()  # honours AZURE_CLIENT_ID (user-assigned identity)
+        try:
+            return TableClient(str(settings.table_endpoint), settings.table, credential=self._credential, **options)
+        except ValueError as exc:  # e.g. an http:// endpoint: tokens are only sent over https
+            raise ConfigError(f"LB_STATE_TABLE_ENDPOINT: {exc}") from None
+
+    def _count(self, request: Any) -> None:
+        """raw_request_hook: runs for every HTTP request the SDK sends, so tests count what goes on the wire."""
+        http = request.http_request
+        if http.method == "GET":
+            self.ops["reads" if "RowKey=" in http.url.split("?")[0] else "queries"] += 1
+        else:
+            self.ops["deletes" if http.method == "DELETE" else "writes"] += 1
+
+    # Lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Create the table if needed and load the partition, waiting FIRST_LOAD_SECONDS at most."""
+        try:
+            await asyncio.wait_for(self._refresh(), FIRST_LOAD_SECONDS)
+        except asyncio.TimeoutError as exc:
+            self._fault(exc)
+
+    async def close(self) -> None:
+        writers = list(self._writers.values())
+        if writers:
+            await asyncio.wait(writers, timeout=CLOSE_SECONDS)
+        for task in (*self._writers.values(), self._poller, self._cleanup_task):
+            if task is not None and not task.done():
+                task.cancel()
+        await self._client.close()
+        if self._credential is not None:
+            await self._credential.close()
+
+    # Refresh -------------------------------------------------------------------------------
+    async def sync(self) -> None:
+        """Keep a background poller running while requests come; never waits for it."""
+        self._last_request = time.monotonic()
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        """One partition query per refresh_ms while the instance is busy, so the view's age does not
+        depend on the request rate (a refresh started by a request only helps the next request);
+        an instance idle for IDLE_SECONDS stops querying until its next request."""
+        while time.monotonic() - self._last_request < IDLE_SECONDS:
+            interval = self.settings.refresh_ms / 1000
+            if not self.healthy:
+                interval = max(interval, OUTAGE_RETRY_SECONDS)
+            wait = self._attempted_at + interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            else:
+                await self._refresh()
+
+    async def _refresh(self) -> None:
+        self._attempted_at = time.monotonic()
+        try:
+            rows = await self._query()
+        except ResourceNotFoundError:  # first start, or the table was deleted (e.g. Azurite restarted)
+            try:
+                await self._ensure_table()
+                rows = await self._query()
+            except Exception as exc:
+                return self._fault(exc)
+        except Exception as exc:
+            return self._fault(exc)
+        self._refreshed_at = time.monotonic()
+        self._recovered()
+        old = time.time() - self.keep_expired_seconds
+        expired = [row for row in rows if self._learn(row) < old]
+        if expired and self._cleanup_task is None:
+            self._cleanup_task = asyncio.create_task(self._delete_expired(expired[:MAX_DELETES_PER_REFRESH]))
+
+    def _learn(self, row: Any) -> float:
+        """Merge a row into the view (the longer cooldown wins, expired ones are skipped); return its end."""
+        until = float(row.get("cooling_until") or 0.0)
+        key = (str(row.get("backend", "")), str(row.get("deployment", "")))
+        self._in_table[key] = until
+        if until > time.time():
+            self._merge(Cooldown(*key, until, str(row.get("reason", "")), str(row.get("instance", ""))))
+        return until
+
+    async def _query(self) -> list[Any]:
+        async def run() -> list[Any]:
+            pages = self._client.query_entities("PartitionKey eq @pk", parameters={"pk": self.settings.pool})
+            return [row async for row in pages]
+
+        return await self._call(run())
+
+    async def _call(self, operation: Any) -> Any:
+        """Every Table call is bounded: the SDK timeouts cover the socket, this covers the whole call."""
+        return await asyncio.wait_for(operation, self.op_timeout)
+
+    async def _ensure_table(self) -> None:
+        with contextlib.suppress(ResourceExistsError):
+            await self._call(self._client.create_table())
+
+    async def _delete_expired(self, rows: list[Any]) -> None:
+        """Remove rows nobody refreshed for a while; the ETag keeps a row another instance just reused."""
+        try:
+            for row in rows:
+                pk, rk, etag = row["PartitionKey"], row["RowKey"], row.metadata["etag"]
+                with contextlib.suppress(ResourceModifiedError, ResourceNotFoundError):
+                    await self._call(self._client.delete_entity(pk, rk, etag=etag, match_condition=IF_MATCH))
+                    self._in_table.pop((str(row.get("backend", "")), str(row.get("deployment", ""))), None)
+        except Exception as exc:
+            self._fault(exc)
+        finally:
+            self._cleanup_task = None
+
+    # Writes --------------------------------------------------------------------------------
+    def publish(self, entry: Cooldown) -> None:
+        """Queue the cooldown for the table; one writer per pair coalesces bursts of 429s."""
+        key = (entry.backend, entry.deployment)
+        if self._in_table.get(key, 0.0) >= entry.until:
+            return  # the table already holds this cooldown or a longer one
+        waiting = self._pending.get(key)
+        if waiting is None or waiting.until < entry.until:
+            self._pending[key] = entry
+        if key not in self._writers:
+            try:
+                task = asyncio.get_running_loop().create_task(self._write_pending(key))
+            except RuntimeError:  # no event loop (a sync caller): the next publish in a loop will write it
+                return
+            self._writers[key] = task
+            task.add_done_callback(lambda _t, key=key: self._writers.pop(key, None))
+
+    async def _write_pending(self, key: tuple[str, str]) -> None:
+        while (entry := self._pending.pop(key, None)) is not None:
+            await self._write(entry)
+
+    async def _write(self, entry: Cooldown) -> None:
+        pk, rk = self.settings.pool, row_key(entry.backend, entry.deployment)
+        fields = {
+            "PartitionKey": pk,
+            "RowKey": rk,
+            "backend": entry.backend,
+            "deployment": entry.deployment,
+            "cooling_until": float(entry.until),
+            "cooling_until_utc": datetime.fromtimestamp(entry.until, timezone.utc),
+            "status": "cooling",
+            "reason": entry.reason[:200],
+            "instance": entry.instance,
+        }
+        faults = 0
+        for _ in range(WRITE_TRIES):
+            try:
+                current = None
+                with contextlib.suppress(ResourceNotFoundError):
+                    current = await self._call(self._client.get_entity(pk, rk))
+                if current is not None and float(current.get("cooling_until") or 0.0) >= entry.until:
+                    self._learn(current)  # someone else's longer cooldown wins; this view adopts it
+                    return self._recovered()
+                if current is None:
+                    await self._call(self._client.create_entity(fields))
+                else:
+                    etag = current.metadata["etag"]
+                    await self._call(self._client.update_entity(fields, REPLACE, etag=etag, match_condition=IF_MATCH))
+                self._in_table[(entry.backend, entry.deployment)] = entry.until
+                return self._recovered()
+            except (ResourceExistsError, ResourceModifiedError):
+                continue  # another writer got there first: re-read and compare again
+            except ResourceNotFoundError:  # create_entity into a missing table
+                try:
+                    await self._ensure_table()
+                except Exception as exc:
+                    self._fault(exc)
+            except Exception as exc:
+                self._fault(exc)
+                faults += 1
+                if faults >= FAULT_TRIES:
+                    return  # the table is away; _recovered() re-sends what is still cooling
+                await asyncio.sleep(0.2 * faults)
+        log.debug("gave up writing cooldown %s|%s after %d tries", entry.backend, entry.deployment, WRITE_TRIES)
+
+    # Health --------------------------------------------------------------------------------
+    def _fault(self, exc: BaseException) -> None:
+        """Record a Table fault; only the first of an outage is logged (a fault must not flood the log)."""
+        status = getattr(exc, "status_code", None)
+        first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
+        self.last_error = f"{type(exc).__name__}{f' {status}' if status else ''}: {first_line}".rstrip(": ")
+        if self.healthy:
+            self.healthy = False
+            self._outage_since = time.monotonic()
+            log.warning("state table unreachable, serving on this instance's view: %s", self.last_error)
+
+    def _recovered(self) -> None:
+        if self.healthy:
+            return
+        self.healthy = True
+        log.info("state table reachable again after %.1fs", time.monotonic() - self._outage_since)
+        now = time.time()
+        for c in self.active(now):  # share what this instance learned while the table was away
+            if c.instance == self.instance_id:
+                self.publish(c)
+
+    def health(self) -> dict[str, Any]:
+        age = None if self._refreshed_at is None else round(time.monotonic() - self._refreshed_at, 3)
+        return {
+            "kind": self.kind,
+            "healthy": self.healthy,
+            "table": self.settings.table,
+            "pool": self.settings.pool,
+            "instance": self.instance_id,
+            "refresh_ms": self.settings.refresh_ms,
+            "last_error": self.last_error,
+            "last_refresh_age_s": age,
+            "ops": dict(self.ops),
+        }

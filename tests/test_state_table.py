@@ -1,0 +1,314 @@
+"""The Table Storage cooldown store, against a real Azurite: sharing, ETag races, outages, cost.
+
+Each test uses its own table, so tests are independent and can run in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import math
+import random
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from azure.data.tables.aio import TableClient
+
+from lb.app import create_app
+from lb.config import StateSettings, load_settings
+from lb.proxy import Proxy
+from lb.sim import Servers, SimBackend
+from lb.state import Cooldown
+from lb.state_table import TableStore, row_key
+from tests.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, azurite_fixture, connection_string  # noqa: F401
+
+API_VERSION = "2024-10-21"
+MESSAGES = [{"role": "user", "content": "hi"}]
+REFRESH_MS = 200
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def servers() -> Iterator[Servers]:
+    """Per test, so stopping it shuts each proxy down (lifespan close) before the next test."""
+    s = Servers()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def table() -> str:
+    return "t" + uuid.uuid4().hex[:20]
+
+
+def start_proxy(servers: Servers, backends: list[str], azurite: Azurite, table: str, **env: str) -> tuple[str, Proxy]:
+    settings_env = {
+        "LB_STATE_CONNECTION_STRING": azurite.connection_string,
+        "LB_STATE_TABLE": table,
+        "LB_STATE_REFRESH_MS": str(REFRESH_MS),
+        **env,
+    }
+    for i, url in enumerate(backends, start=1):
+        settings_env[f"BACKEND_{i}_URL"] = url
+        settings_env[f"BACKEND_{i}_APIKEY"] = f"key-{i}"
+    app = create_app(load_settings(settings_env))
+    return servers.start(app), app.state.proxy
+
+
+def sim_pool(servers: Servers, n: int = 2) -> tuple[list[SimBackend], list[str]]:
+    sims = [SimBackend(f"sim{i}", api_key=f"key-{i}") for i in range(1, n + 1)]
+    return sims, [servers.start(sim) for sim in sims]
+
+
+def azure_client(url: str) -> openai.AzureOpenAI:
+    return openai.AzureOpenAI(azure_endpoint=url, api_key="any", api_version=API_VERSION, max_retries=0, timeout=10)
+
+
+def chat(client: openai.AzureOpenAI) -> tuple[int, str]:
+    raw = client.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
+    raw.parse()
+    return raw.status_code, raw.headers.get("x-lb-backend", "")
+
+
+def read_row(azurite: Azurite, table: str, backend: str, deployment: str) -> dict:
+    async def read() -> dict:
+        async with TableClient.from_connection_string(azurite.connection_string, table) as client:
+            return dict(await client.get_entity("default", row_key(backend, deployment)))
+
+    return asyncio.run(read())
+
+
+def test_row_keys_escape_what_table_keys_forbid_and_stay_distinct():
+    assert row_key("1", "chat") == "1|chat"
+    key = row_key("1", "a/b\\c#d?e\x01%|")
+    assert not any(c in key for c in "/\\#?\x01")
+    assert row_key("1", "a|b") != row_key("1|a", "b")
+    assert row_key("1", "%2F") != row_key("1", "/")
+
+
+def test_a_backend_one_instance_saw_throttled_gets_nothing_from_another_within_refresh(servers, azurite, table):
+    sims, urls = sim_pool(servers)
+    url_a, _ = start_proxy(servers, urls, azurite, table)
+    url_b, proxy_b = start_proxy(servers, urls, azurite, table)
+    a, b = azure_client(url_a), azure_client(url_b)
+    assert chat(b)[0] == 200  # B is up and serving
+
+    sims[0].throttle_next, sims[0].retry_after = 1, 30
+    deadline = time.monotonic() + 10
+    while sims[0].count(429) == 0:  # the balancer picks at random: go on until A meets the 429
+        assert time.monotonic() < deadline, "instance A never reached backend 1"
+        assert chat(a) == (200, "2")  # failover hides the 429 from the client
+    throttled_at = time.monotonic()
+
+    while time.monotonic() < throttled_at + (REFRESH_MS + 500) / 1000:  # B serving while the news spreads
+        assert chat(b)[0] == 200
+    calls_before = len(sims[0].calls)
+    for _ in range(40):
+        assert chat(b) == (200, "2")
+        assert chat(a) == (200, "2")
+    assert len(sims[0].calls) == calls_before, "an instance sent a request to the backend another saw throttled"
+    assert proxy_b.store.cooling_until("1", "chat", time.time()) > time.time() + 20
+    assert proxy_b.store.health()["healthy"] is True
+
+
+def test_concurrent_writers_on_one_row_leave_the_longest_cooldown(azurite, table):
+    now = time.time()
+    deployments = ["chat", "embed", "mini"]  # three rows, so a lucky interleaving cannot hide a lost update
+    untils = {d: random.sample([now + 5 + i * 1.5 for i in range(24)], 24) for d in deployments}
+
+    async def race() -> list[TableStore]:
+        settings = StateSettings(connection_string=azurite.connection_string, table=table, refresh_ms=REFRESH_MS)
+        stores = [TableStore(settings, instance_id=f"writer{i}") for i in range(24)]
+        await asyncio.gather(*(s.start() for s in stores))
+        for i, store in enumerate(stores):  # one instance per 429: 24 writers on each row at once
+            for d in deployments:
+                store.mark("1", d, untils[d][i], f"429 #{i}")
+        await asyncio.gather(*(s.close() for s in stores))
+        return stores
+
+    stores = asyncio.run(race())
+    for d in deployments:
+        row = read_row(azurite, table, "1", d)
+        assert row["cooling_until"] == pytest.approx(max(untils[d]), abs=1e-6)
+        assert row["instance"] == f"writer{untils[d].index(max(untils[d]))}"
+        assert row["backend"] == "1" and row["deployment"] == d and row["status"] == "cooling"
+    assert sum(s.ops["reads"] for s in stores) > len(stores) * len(deployments)  # lost races were re-read
+    assert all(s.healthy for s in stores)
+
+
+def test_a_shorter_cooldown_never_replaces_a_longer_one_and_the_writer_learns_the_longer(azurite, table):
+    async def scenario() -> tuple[float, float]:
+        settings = StateSettings(connection_string=azurite.connection_string, table=table, refresh_ms=REFRESH_MS)
+        long_writer, short_writer = TableStore(settings), TableStore(settings)
+        await long_writer.start()
+        await short_writer.start()
+        now = time.time()
+        long_writer.mark("1", "chat", now + 40, "429 long")
+        await long_writer.close()
+        short_writer.mark("1", "chat", now + 5, "429 short")
+        await short_writer.close()
+        return now, short_writer.cooling_until("1", "chat", time.time())
+
+    now, learned = asyncio.run(scenario())
+    assert read_row(azurite, table, "1", "chat")["cooling_until"] == pytest.approx(now + 40)
+    assert learned == pytest.approx(now + 40)
+
+
+def test_proxy_keeps_answering_through_a_table_outage_and_shares_state_again_after(servers, azurite, table, caplog):
+    if azurite.external_url:
+        pytest.skip("cannot stop an Azurite we did not start (AZURITE_TABLE_URL is set)")
+    caplog.set_level(logging.INFO, logger="lb.state")
+    sims, urls = sim_pool(servers)
+    url, proxy = start_proxy(servers, urls, azurite, table)
+    client = azure_client(url)
+    status = httpx.Client(base_url=url, timeout=10)
+    assert chat(client)[0] == 200
+
+    azurite.stop()
+    try:
+        sims[0].throttle_next, sims[0].retry_after = 1, 30
+        started = time.monotonic()
+        while time.monotonic() < started + 3:  # several refresh periods of outage
+            assert chat(client)[0] == 200
+        assert sims[0].count(429) == 1  # failover worked on the local view alone
+        state = status.get("/lb/status").json()["state"]
+        assert state["kind"] == "table" and state["healthy"] is False
+        assert state["last_error"] and state["table"] == table and state["pool"] == "default"
+        assert state["last_refresh_age_s"] >= 2
+        assert "AccountKey" not in str(state) and azurite.connection_string not in caplog.text
+    finally:
+        azurite.start()  # empty: in-memory Azurite lost the table, the store must recreate it
+
+    deadline = time.monotonic() + 15
+    while not status.get("/lb/status").json()["state"]["healthy"]:
+        assert time.monotonic() < deadline, "the store did not recover after Azurite came back"
+        assert chat(client)[0] == 200
+        time.sleep(0.05)
+    warnings = [r for r in caplog.records if r.name == "lb.state" and r.levelno == logging.WARNING]
+    recoveries = [r for r in caplog.records if r.name == "lb.state" and "reachable again" in r.getMessage()]
+    assert len(warnings) == 1 and len(recoveries) == 1
+
+    async def other_instance() -> tuple[float, TableStore]:
+        other = TableStore(proxy.store.settings, instance_id="other")
+        await other.start()
+        seen = other.cooling_until("1", "chat", time.time())  # the outage-time 429, re-sent on recovery
+        other.mark("2", "other-deployment", time.time() + 20, "429 elsewhere")
+        await other.close()
+        return seen, other
+
+    deadline = time.monotonic() + 5
+    while not read_row_or_none(azurite, table, "1", "chat"):
+        assert time.monotonic() < deadline, "the cooldown seen during the outage never reached the table"
+        time.sleep(0.05)
+    seen, _ = servers.run(other_instance())
+    assert seen > time.time() + 20
+    deadline = time.monotonic() + 5
+    while not proxy.store.cooling_until("2", "other-deployment", time.time()):
+        assert time.monotonic() < deadline, "the proxy never learned another instance's cooldown"
+        assert chat(client) == (200, "2")
+
+
+def read_row_or_none(azurite: Azurite, table: str, backend: str, deployment: str) -> dict | None:
+    try:
+        return read_row(azurite, table, backend, deployment)
+    except Exception:
+        return None
+
+
+def test_happy_path_sends_no_table_reads_or_writes_and_at_most_one_query_per_refresh(servers, azurite, table):
+    _, urls = sim_pool(servers, 3)
+    url, proxy = start_proxy(servers, urls, azurite, table)
+    with httpx.Client(base_url=url, timeout=10) as client:
+        body = {"messages": MESSAGES}
+        path = f"/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
+        assert client.post(path, json=body).status_code == 200  # first load done
+        before = dict(proxy.store.ops)
+        started = time.monotonic()
+        n = 300
+        for _ in range(n):
+            assert client.post(path, json=body).status_code == 200
+        duration = time.monotonic() - started
+    after = proxy.store.ops
+    assert after["reads"] == before["reads"] and after["writes"] == before["writes"]
+    assert after["deletes"] == before["deletes"]
+    queries = after["queries"] - before["queries"]
+    assert queries <= math.ceil(duration * 1000 / REFRESH_MS) + 1
+    assert queries / n < 1  # far fewer than one per request
+    assert proxy.store.health()["ops"] == after
+
+
+def test_rows_expired_long_enough_are_deleted_by_a_refresh(azurite, table):
+    async def scenario() -> list[dict]:
+        settings = StateSettings(connection_string=azurite.connection_string, table=table, refresh_ms=1)
+        writer, cleaner = TableStore(settings), TableStore(settings, keep_expired_seconds=0.0)
+        await writer.start()
+        writer.mark("1", "chat", time.time() + 0.2, "429")
+        writer.mark("2", "chat", time.time() + 30, "429")
+        await writer.close()
+        await asyncio.sleep(0.4)
+        await cleaner.start()
+        deadline = time.monotonic() + 5
+        async with TableClient.from_connection_string(azurite.connection_string, table) as client:
+            while True:
+                rows = [dict(r) async for r in client.query_entities("PartitionKey eq 'default'")]
+                if len(rows) == 1 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+        await cleaner.close()
+        assert cleaner.cooling_until("2", "chat", time.time()) > 0
+        assert isinstance(cleaner.active()[0], Cooldown)
+        return rows
+
+    rows = asyncio.run(scenario())
+    assert [r["backend"] for r in rows] == ["2"]
+
+
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """A table endpoint that accepts connections and never answers: the slowest Table there is."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/{ACCOUNT}"
+    sock.close()
+
+
+def test_a_table_that_never_answers_does_not_slow_requests(servers, blackhole, table, caplog):
+    _, urls = sim_pool(servers)
+    cs = connection_string(blackhole)
+    started = time.monotonic()
+    url, proxy = start_proxy(servers, urls, Azurite(external_url=blackhole), table)
+    assert time.monotonic() - started < 5  # the first load gives up after FIRST_LOAD_SECONDS
+    with httpx.Client(base_url=url, timeout=10) as client:
+        path = f"/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
+        for _ in range(30):
+            t0 = time.monotonic()
+            assert client.post(path, json={"messages": MESSAGES}).status_code == 200
+            assert time.monotonic() - t0 < 0.5
+            time.sleep(0.05)
+        state = client.get("/lb/status").json()["state"]
+    assert state["healthy"] is False and "Timeout" in state["last_error"]
+    assert ACCOUNT_KEY not in caplog.text and cs not in caplog.text
+    assert proxy.store.health()["ops"]["queries"] <= 4  # while degraded, retries are spaced out
+
+
+def test_a_rejected_key_is_a_degraded_store_not_a_failing_proxy(servers, azurite, table, caplog):
+    _, urls = sim_pool(servers)
+    wrong = Azurite(external_url=azurite.table_url)
+    wrong_key = base64.b64encode(b"not the key" * 6).decode()
+    settings = StateSettings(connection_string=wrong.connection_string.replace(ACCOUNT_KEY, wrong_key), table=table)
+    url, proxy = start_proxy(servers, urls, azurite, table)  # a healthy instance, for contrast
+    store = TableStore(settings)
+    servers.run(store.start())
+    health = store.health()
+    servers.run(store.close())
+    assert health["healthy"] is False and "403" in health["last_error"]
+    assert wrong_key not in caplog.text and wrong_key not in str(health)
+    assert proxy.store.health()["healthy"] is True
+    assert azure_client(url).chat.completions.create(model="chat", messages=MESSAGES).choices
