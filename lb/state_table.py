@@ -42,7 +42,6 @@ CLOSE_SECONDS = 3.0  # how long close() waits for writes still in flight
 KEEP_EXPIRED_SECONDS = 300.0  # a pair throttled again soon reuses its row instead of delete + create
 MAX_DELETES_PER_REFRESH = 20
 OUTAGE_RETRY_SECONDS = 1.0  # while degraded, refresh attempts are at least this far apart
-IDLE_SECONDS = 30.0  # the poller stops after this long without a request
 IF_MATCH, REPLACE = MatchConditions.IfNotModified, UpdateMode.REPLACE
 _FORBIDDEN_KEY_CHARS = set("/\\#?%|")  # Table keys forbid / \ # ?; % and | are our escape and separator
 
@@ -89,7 +88,6 @@ class TableStore(CooldownStore):
         self._refreshed_at: float | None = None  # ... and of the last successful one
         self._outage_since = 0.0
         self._poller: asyncio.Task[None] | None = None
-        self._last_request = 0.0
         self._cleanup_task: asyncio.Task[None] | None = None
         self._pending: dict[tuple[str, str], Cooldown] = {}  # newest cooldown waiting to be written, per pair
         self._writers: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -130,6 +128,7 @@ class TableStore(CooldownStore):
             await asyncio.wait_for(self._refresh(), FIRST_LOAD_SECONDS)
         except asyncio.TimeoutError as exc:
             self._fault(exc)
+        self._ensure_poller()
 
     async def close(self) -> None:
         writers = list(self._writers.values())
@@ -144,16 +143,18 @@ class TableStore(CooldownStore):
 
     # Refresh -------------------------------------------------------------------------------
     async def sync(self) -> None:
-        """Keep a background poller running while requests come; never waits for it."""
-        self._last_request = time.monotonic()
+        """The poller keeps the view fresh; a request never waits for it."""
+        self._ensure_poller()
+
+    def _ensure_poller(self) -> None:
         if self._poller is None or self._poller.done():
             self._poller = asyncio.get_running_loop().create_task(self._poll())
 
     async def _poll(self) -> None:
-        """One partition query per refresh_ms while the instance is busy, so the view's age does not
-        depend on the request rate (a refresh started by a request only helps the next request);
-        an instance idle for IDLE_SECONDS stops querying until its next request."""
-        while time.monotonic() - self._last_request < IDLE_SECONDS:
+        """One partition query per refresh_ms from start() to close(), busy or idle, so the view is
+        never older than refresh_ms: a refresh started by a request would only help the next one, and
+        an instance that was idle must not send its first requests to a backend another throttled."""
+        while True:
             interval = self.settings.refresh_ms / 1000
             if not self.healthy:
                 interval = max(interval, OUTAGE_RETRY_SECONDS)

@@ -117,6 +117,21 @@ def test_a_backend_one_instance_saw_throttled_gets_nothing_from_another_within_r
     assert proxy_b.store.health()["healthy"] is True
 
 
+def test_an_idle_instance_knows_of_another_instances_429_before_its_first_request(servers, azurite, table):
+    sims, urls = sim_pool(servers)
+    prefer_1 = {"BACKEND_1_PRIORITY": "1", "BACKEND_2_PRIORITY": "2"}  # without the news, B would pick 1
+    url_a, _ = start_proxy(servers, urls, azurite, table, **prefer_1)
+    url_b, _ = start_proxy(servers, urls, azurite, table, **prefer_1)  # B gets no request until the end
+    sims[0].throttle_next, sims[0].retry_after = 1, 30
+    assert chat(azure_client(url_a)) == (200, "2")
+    assert sims[0].count(429) == 1
+    time.sleep((REFRESH_MS + 500) / 1000)
+    calls_before = len(sims[0].calls)
+    b = azure_client(url_b)
+    assert [chat(b) for _ in range(5)] == [(200, "2")] * 5
+    assert len(sims[0].calls) == calls_before
+
+
 def test_concurrent_writers_on_one_row_leave_the_longest_cooldown(azurite, table):
     now = time.time()
     deployments = ["chat", "embed", "mini"]  # three rows, so a lucky interleaving cannot hide a lost update
