@@ -11,7 +11,8 @@ import sys
 
 BENCHMARKS = {
     "overhead": "bench.overhead",  # latency, CPU, streaming, throughput: direct vs yardstick vs lb
-    "throttle": "bench.throttle_sim",  # pools under quota pressure, 1 and 4 instances, memory vs Table state
+    "throttle": "bench.throttle_sim",  # pools under quota pressure, 1-8 instances, memory vs Table state
+    "table": "bench.table_overhead",  # happy path: in-memory vs Table state, side by side
 }
 
 
