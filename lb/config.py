@@ -20,6 +20,7 @@ MAX_COOLDOWN_SECONDS = 60.0
 DEFAULT_STATE_TABLE = "lbcooldowns"
 DEFAULT_POOL = "default"
 DEFAULT_STATE_REFRESH_MS = 1000
+DEFAULT_STATE_HOT_REFRESH_MS = 100
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
 BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|APIKEY|DEPLOYMENTS)$")
@@ -39,6 +40,7 @@ SETTING_NAMES = frozenset(
         "LB_STATE_TABLE",
         "LB_POOL",
         "LB_STATE_REFRESH_MS",
+        "LB_STATE_HOT_REFRESH_MS",
         "LB_LOG_LEVEL",
         "AZURE_CLIENT_ID",
         "AzureWebJobsStorage",
@@ -95,6 +97,7 @@ class StateSettings:
     table: str = DEFAULT_STATE_TABLE
     pool: str = DEFAULT_POOL
     refresh_ms: int = DEFAULT_STATE_REFRESH_MS
+    hot_refresh_ms: int = DEFAULT_STATE_HOT_REFRESH_MS  # while the pool is under throttling
 
     @property
     def kind(self) -> str:
@@ -194,12 +197,16 @@ def _load_state(env: Mapping[str, str]) -> StateSettings:
     pool = env.get("LB_POOL", DEFAULT_POOL).strip() or DEFAULT_POOL
     if re.search(r"[/\\#?\x00-\x1f]", pool):
         raise ConfigError(f"LB_POOL: {pool!r} may not contain / \\ # ? or control characters")
+    refresh_ms = int(_number(env, "LB_STATE_REFRESH_MS", DEFAULT_STATE_REFRESH_MS, minimum=1, integer=True))
+    hot = _number(env, "LB_STATE_HOT_REFRESH_MS", DEFAULT_STATE_HOT_REFRESH_MS, minimum=1, integer=True)
+    hot_refresh_ms = int(hot)
     return StateSettings(
         connection_string=connection_string,
         table_endpoint=endpoint,
         table=table,
         pool=pool,
-        refresh_ms=int(_number(env, "LB_STATE_REFRESH_MS", DEFAULT_STATE_REFRESH_MS, minimum=1, integer=True)),
+        refresh_ms=refresh_ms,
+        hot_refresh_ms=min(refresh_ms, hot_refresh_ms),
     )
 
 

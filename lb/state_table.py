@@ -42,6 +42,7 @@ CLOSE_SECONDS = 3.0  # how long close() waits for writes still in flight
 KEEP_EXPIRED_SECONDS = 300.0  # a pair throttled again soon reuses its row instead of delete + create
 MAX_DELETES_PER_REFRESH = 20
 OUTAGE_RETRY_SECONDS = 1.0  # while degraded, refresh attempts are at least this far apart
+PRESSURE_LINGER_SECONDS = 60.0  # quota pressure comes back as windows reset: stay alert this long after
 IF_MATCH, REPLACE = MatchConditions.IfNotModified, UpdateMode.REPLACE
 _FORBIDDEN_KEY_CHARS = set("/\\#?%|")  # Table keys forbid / \ # ?; % and | are our escape and separator
 
@@ -92,6 +93,7 @@ class TableStore(CooldownStore):
         self._pending: dict[tuple[str, str], Cooldown] = {}  # newest cooldown waiting to be written, per pair
         self._writers: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._closed = False
+        self._pressure_until = 0.0  # epoch second until which the pool counts as under throttling
         self._in_table: dict[tuple[str, str], float] = {}  # what we know the table holds, to skip needless writes
 
     def _make_client(self, settings: StateSettings) -> TableClient:
@@ -156,14 +158,18 @@ class TableStore(CooldownStore):
     async def _poll(self) -> None:
         """One partition query per refresh_ms from start() to close(), busy or idle, so the view is
         never older than refresh_ms: a refresh started by a request would only help the next one, and
-        an instance that was idle must not send its first requests to a backend another throttled."""
+        an instance that was idle must not send its first requests to a backend another throttled.
+        While the pool is under pressure (a cooldown is known, or ended less than a minute ago), one
+        per hot_refresh_ms: then every moment another instance doesn't know costs a doomed call."""
         while True:
             interval = self.settings.refresh_ms / 1000
+            if time.time() < self._pressure_until:
+                interval = self.settings.hot_refresh_ms / 1000
             if not self.healthy:
                 interval = max(interval, OUTAGE_RETRY_SECONDS)
             wait = self._attempted_at + interval - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if wait > 0:  # short naps, so a cooldown that starts pressure shortens the current wait
+                await asyncio.sleep(min(wait, self.settings.hot_refresh_ms / 1000))
             else:
                 await self._refresh()
 
@@ -185,6 +191,12 @@ class TableStore(CooldownStore):
         expired = [row for row in rows if self._learn(row) < old]
         if expired and self._cleanup_task is None:
             self._cleanup_task = asyncio.create_task(self._delete_expired(expired[:MAX_DELETES_PER_REFRESH]))
+
+    def _merge(self, entry: Cooldown) -> Cooldown:
+        """Any cooldown, ours or another instance's, puts the pool under pressure: refresh faster."""
+        merged = super()._merge(entry)
+        self._pressure_until = max(self._pressure_until, merged.until + PRESSURE_LINGER_SECONDS)
+        return merged
 
     def _learn(self, row: Any) -> float:
         """Merge a row into the view (the longer cooldown wins, expired ones are skipped); return its end."""
