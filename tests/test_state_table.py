@@ -360,3 +360,21 @@ def test_under_throttling_an_instance_refreshes_at_the_hot_rate_and_when_calm_at
     assert calm <= 1
     assert learned_in < 1.0  # far sooner than refresh_ms (3 s): the hot rate applies
     assert 4 <= hot <= 11
+
+
+def test_a_cooldown_is_written_in_one_table_call_when_the_listing_is_fresh(azurite, table):
+    async def scenario() -> tuple[dict[str, int], dict[str, int]]:
+        settings = StateSettings(connection_string=azurite.connection_string, table=table, refresh_ms=60_000)
+        store = TableStore(settings)
+        await store.start()
+        before = dict(store.ops)
+        store.mark("1", "chat", time.time() + 20, "429")  # a new row: created without a read
+        await asyncio.sleep(0.5)
+        store.mark("1", "chat", time.time() + 40, "429 again")  # our own row: updated with its known ETag
+        await store.close()
+        return before, store.ops
+
+    before, after = asyncio.run(scenario())
+    assert after["writes"] - before["writes"] == 2
+    assert after["reads"] == before["reads"]
+    assert read_row(azurite, table, "1", "chat")["reason"] == "429 again"
