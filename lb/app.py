@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from lb import logctx
 from lb.config import Settings, load_settings
 from lb.proxy import Proxy
 from lb.state import CooldownStore, MemoryStore
@@ -35,7 +36,10 @@ def create_store(settings: Settings) -> CooldownStore:
 
 def create_proxy(settings: Settings) -> Proxy:
     if settings.anonymous:
-        log.warning("LB_CLIENT_KEYS is not set: anyone who can reach this proxy can spend your Azure OpenAI quota")
+        log.warning(
+            "ANONYMOUS ACCESS: neither LB_CLIENT_KEYS nor LB_ENTRA_TENANT_ID is set, so anyone who can reach"
+            " this proxy can spend your Azure OpenAI quota"
+        )
     return Proxy(settings, store=create_store(settings), telemetry=create_telemetry())
 
 
@@ -43,6 +47,7 @@ def shared_proxy() -> Proxy:
     """The process-wide proxy of the Functions host, built on first use."""
     global _shared
     if _shared is None:
+        logctx.prefix_messages("lb", "lb.state")  # the worker's log format is not ours: the id goes in the text
         _shared = create_proxy(load_settings())
     return _shared
 

@@ -1,7 +1,7 @@
 """Answers the proxy makes itself, all in Azure OpenAI's error shape.
 
     ProxyError                      -> {"error": {"code", "message"}} with .status
-     +-- Unauthorized        401     missing / wrong client key
+     +-- Unauthorized        401     missing / wrong client key, invalid Entra ID token
      +-- BadRequest          400     unreadable body, missing "model" on the v1 shape
      +-- NotFound            404     no backend serves the deployment, unknown route
      +-- PayloadTooLarge     413     body above LB_MAX_BODY_BYTES
@@ -40,8 +40,13 @@ class Unauthorized(ProxyError):
     status = 401
     code = "401"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, {"WWW-Authenticate": 'Bearer realm="lb", charset="UTF-8"'})
+    def __init__(self, message: str, error: str | None = None) -> None:
+        # RFC 6750: "invalid_token" when a credential was presented but refused, nothing when none was.
+        challenge = 'Bearer realm="lb", charset="UTF-8"'
+        if error:
+            description = message.replace("\\", "").replace('"', "'")
+            challenge += f', error="{error}", error_description="{description}"'
+        super().__init__(message, {"WWW-Authenticate": challenge})
 
 
 class BadRequest(ProxyError):
