@@ -11,9 +11,12 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
-from lb import logctx
+from lb import errors, logctx
 from lb.config import Settings, load_settings
 from lb.proxy import Proxy
 from lb.state import CooldownStore, MemoryStore
@@ -70,6 +73,21 @@ def create_app(settings: Settings | None = None, proxy: Proxy | None = None) -> 
             Route("/lb/status", proxy.status, methods=["GET"]),
         ],
         lifespan=lifespan,
+        exception_handlers={HTTPException: _routing_error},
     )
+    app.router.redirect_slashes = False  # `/openai` is not a route: a JSON 404, not a redirect to one
     app.state.proxy = proxy
     return app
+
+
+async def _routing_error(request: Request, exc: Exception) -> Response:
+    """Unknown routes and methods get Azure OpenAI's JSON error shape too, not Starlette's plain text."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 404:
+        error: errors.ProxyError = errors.RouteNotFound("Only /openai/..., /healthz and /lb/status are served.")
+    elif status == 405:
+        error = errors.MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.")
+    else:
+        error = errors.BadRequest(str(getattr(exc, "detail", "Bad request.")))
+        error.status = status
+    return error.response(getattr(exc, "headers", None))

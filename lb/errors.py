@@ -3,8 +3,11 @@
     ProxyError                      -> {"error": {"code", "message"}} with .status
      +-- Unauthorized        401     missing / wrong client key, invalid Entra ID token
      +-- BadRequest          400     unreadable body, missing "model" on the v1 shape
-     +-- NotFound            404     no backend serves the deployment, unknown route
+     +-- NotFound            404     no backend serves the deployment
+     +-- RouteNotFound       404     not /openai/..., /healthz or /lb/status
+     +-- MethodNotAllowed    405     a method the route does not take
      +-- PayloadTooLarge     413     body above LB_MAX_BODY_BYTES
+     +-- HeadersTooLarge     431     more request headers, or longer, than any Azure OpenAI call needs
      +-- AllBackendsCooling  429     every candidate is throttled: Retry-After of the soonest recovery
      +-- BadGateway          502     connect error / protocol error on the last attempt
      +-- GatewayTimeout      504     deadline (HTTP_TIMEOUT_SECONDS) spent
@@ -59,9 +62,24 @@ class NotFound(ProxyError):
     code = "DeploymentNotFound"
 
 
+class RouteNotFound(ProxyError):
+    status = 404
+    code = "NotFound"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    code = "MethodNotAllowed"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     code = "PayloadTooLarge"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    code = "RequestHeaderFieldsTooLarge"
 
 
 class AllBackendsCooling(ProxyError):

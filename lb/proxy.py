@@ -26,7 +26,7 @@ from lb import errors, logctx, throttle
 from lb.auth import CREDENTIAL_HEADERS, BackendAuth, ClientAuth
 from lb.balancer import Balancer, NoCandidate
 from lb.config import Backend, Settings
-from lb.requestinfo import RequestInfo, read_request
+from lb.requestinfo import RequestInfo, check_headers, read_request
 from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
 from lb.telemetry import Telemetry
 from lb.upstream import create_client
@@ -98,6 +98,7 @@ class Proxy:
         try:
             if not self._started:
                 await self.start()
+            check_headers(request)
             await self._authorize(request)
             info = await read_request(request, self.settings.max_body_bytes)
             await self.store.sync()
