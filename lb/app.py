@@ -43,6 +43,12 @@ def create_proxy(settings: Settings) -> Proxy:
             "ANONYMOUS ACCESS: neither LB_CLIENT_KEYS nor LB_ENTRA_TENANT_ID is set, so anyone who can reach"
             " this proxy can spend your Azure OpenAI quota"
         )
+    if settings.entra is not None and settings.entra.allowed_clients is None:
+        log.warning(
+            "LB_ENTRA_ALLOWED_CLIENTS is not set: any user or app of tenant %s that can get a token for %s may call",
+            settings.entra.tenant_id,
+            ", ".join(settings.entra.audiences),
+        )
     return Proxy(settings, store=create_store(settings), telemetry=create_telemetry())
 
 
