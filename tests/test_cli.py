@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from lb.sim import SimBackend, free_port
 from tests.conftest import API_VERSION
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_lb(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "LB_"))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "LB_", "WEBSITE_"))}
     return subprocess.Popen(
         [sys.executable, "-m", "lb", *args],
         cwd=ROOT,
@@ -30,11 +31,26 @@ def run_lb(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     )
 
 
-def test_bad_configuration_stops_start_up_with_one_line_naming_the_variable():
-    process = run_lb({"BACKEND_1_URL": "https://a.openai.azure.com", "BACKEND_1_PRIORITY": "high"}, "serve")
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"BACKEND_1_PRIORITY": "high"}, "error: BACKEND_1_PRIORITY: 'high' is not a whole number"),
+        (
+            {"LB_ENTRA_TENANT_ID": "contoso.onmicrosoft.com"},
+            "error: LB_ENTRA_TENANT_ID: 'contoso.onmicrosoft.com' is not a tenant id (a GUID, Entra ID > Overview)",
+        ),
+        (
+            {"WEBSITE_INSTANCE_ID": "instance-1"},
+            "error: LB_CLIENT_KEYS: required when running on Azure (set it or LB_ENTRA_TENANT_ID,"
+            " or LB_ALLOW_ANONYMOUS=true to serve anyone)",
+        ),
+    ],
+)
+def test_bad_configuration_stops_start_up_with_one_line_naming_the_variable(env, line):
+    process = run_lb({"BACKEND_1_URL": "https://a.openai.azure.com", **env}, "serve")
     out, err = process.communicate(timeout=30)
     assert process.returncode == 2
-    assert err.strip() == "error: BACKEND_1_PRIORITY: 'high' is not a whole number"
+    assert err.strip() == line
     assert "Traceback" not in out + err
 
 
