@@ -54,7 +54,8 @@ class EntraValidator:
         self.refetch_interval = refetch_interval
         self._clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
-        self._fetched_at: float | None = None  # last fetch attempt, successful or not
+        self._fetched_at: float | None = None  # last successful fetch: how old the keys are
+        self._tried_at: float | None = None  # last fetch attempt, successful or not: the rate limit
         self._jwks_uri: str | None = None
         self._issuers = set(settings.issuers)
         self._lock = asyncio.Lock()
@@ -118,6 +119,8 @@ class EntraValidator:
             if (kid not in self._keys or self._stale()) and self._may_fetch():
                 await self._fetch()
         key = self._keys.get(kid)
+        if key is None and not self._keys:
+            raise InvalidToken("The tenant's signing keys could not be fetched; try again shortly.")
         if key is None:
             raise InvalidToken("The bearer token is signed with a key the tenant does not publish.")
         return key
@@ -126,11 +129,11 @@ class EntraValidator:
         return self._fetched_at is None or self._clock() - self._fetched_at > KEYS_MAX_AGE_SECONDS
 
     def _may_fetch(self) -> bool:
-        return self._fetched_at is None or self._clock() - self._fetched_at >= self.refetch_interval
+        return self._tried_at is None or self._clock() - self._tried_at >= self.refetch_interval
 
     async def _fetch(self) -> None:
         """Replace the key set; on failure keep the old one (an IdP blip must not lock everyone out)."""
-        self._fetched_at = self._clock()
+        self._tried_at = self._clock()
         self.fetches += 1
         try:
             async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS, trust_env=False) as client:
@@ -151,6 +154,7 @@ class EntraValidator:
             log.warning("Entra ID signing keys could not be fetched (%s); keeping %d known", exc, len(self._keys))
             return
         self._keys = keys
+        self._fetched_at = self._tried_at
         log.info("Entra ID signing keys fetched: %d", len(keys))
 
 

@@ -149,6 +149,17 @@ def test_keys_already_known_keep_working_while_the_idp_is_down(idp):
     assert validate(v, idp.token())
     with pytest.raises(InvalidToken, match="does not publish"):
         validate(v, idp.token(SigningKey("new-while-down")))
+    fetches = idp.key_fetches()
+    idp.down = False
+    now[0] += 61  # a failed refresh is retried after the interval, not a day later
+    validate(v, idp.token())
+    assert idp.key_fetches() == fetches + 1
+
+
+def test_an_unreachable_idp_refuses_tokens_and_says_so(idp):
+    idp.down = True
+    with pytest.raises(InvalidToken, match="could not be fetched"):
+        validate(validator(idp), idp.token())
 
 
 def test_only_jwt_shaped_bearers_are_treated_as_tokens():
