@@ -60,7 +60,9 @@ class ClientAuth:
         presented = api_key if api_key is not None else bearer
         if not presented:
             raise Unauthorized(self._missing_message())
-        if not self._keys or not self._matches(presented.encode()):
+        if not self._keys:  # Entra ID only, and what came is no JWT
+            raise Unauthorized("Access denied: the bearer is not an Entra ID access token.", error="invalid_token")
+        if not self._matches(presented.encode()):
             raise Unauthorized("Access denied due to invalid subscription key.", error="invalid_token")
 
     def _matches(self, candidate: bytes) -> bool:

@@ -206,6 +206,6 @@ def test_a_refused_token_is_401_with_a_bearer_challenge_and_no_backend_call(make
 
 def test_entra_only_pool_refuses_keys(make_pool, idp):
     pool = make_pool(1, env={**entra_env(idp), "LB_CLIENT_KEYS": ""})
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError, match="not an Entra ID access token"):
         pool.azure(key=CLIENT_KEY).chat.completions.create(model="chat", messages=MESSAGES)
     assert pool.backends[0].calls == []
