@@ -32,6 +32,7 @@ BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|A
 SETTING_NAMES = frozenset(
     {
         "HTTP_TIMEOUT_SECONDS",
+        "LB_ATTEMPT_TIMEOUT_SECONDS",
         "LB_MAX_ATTEMPTS",
         "LB_DEFAULT_COOLDOWN_SECONDS",
         "LB_MAX_COOLDOWN_SECONDS",
@@ -137,6 +138,7 @@ class EntraSettings:
 class Settings:
     backends: tuple[Backend, ...]
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    attempt_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS / 2  # while another backend could still answer
     max_attempts: int = 1
     default_cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS
     max_cooldown_seconds: float = MAX_COOLDOWN_SECONDS
@@ -169,9 +171,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(
             f"LB_DEFAULT_COOLDOWN_SECONDS: {default_cooldown:g} is above LB_MAX_COOLDOWN_SECONDS ({max_cooldown:g})"
         )
+    timeout = _number(env, "HTTP_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS, minimum=0.001)
     return Settings(
         backends=backends,
-        timeout_seconds=_number(env, "HTTP_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS, minimum=0.001),
+        timeout_seconds=timeout,
+        attempt_timeout_seconds=_number(env, "LB_ATTEMPT_TIMEOUT_SECONDS", timeout / 2, minimum=0.001),
         max_attempts=int(_number(env, "LB_MAX_ATTEMPTS", len(backends), minimum=1, integer=True)),
         default_cooldown_seconds=default_cooldown,
         max_cooldown_seconds=max_cooldown,

@@ -185,8 +185,11 @@ class Proxy:
                 break
             attempt = Attempt(backend.name, time.time(), time.perf_counter())
             tried.append(attempt)
+            timeout = remaining
+            if remaining > settings.attempt_timeout_seconds and self._has_alternative(info, tried):
+                timeout = settings.attempt_timeout_seconds  # a silent backend must leave time for another
             try:
-                upstream = await self._send(backend, request.method, info, headers, remaining)
+                upstream = await self._send(backend, request.method, info, headers, timeout)
             except Exception as exc:
                 failure = errors.upstream_error(exc, backend.name)
                 seconds = self._cool(backend, info.deployment, settings.default_cooldown_seconds, type(exc).__name__)
@@ -218,6 +221,10 @@ class Proxy:
         if isinstance(choice, NoCandidate) and not choice.served:
             raise errors.NotFound(f"No backend serves deployment '{info.deployment}'.")
         return self._all_cooling(info, tried)
+
+    def _has_alternative(self, info: RequestInfo, tried: list[Attempt]) -> bool:
+        """Whether another backend could still be tried if the current attempt fails."""
+        return isinstance(self._next(info, tried), Backend)
 
     def _next(self, info: RequestInfo, tried: list[Attempt]) -> Backend | NoCandidate:
         if len(tried) >= self.settings.max_attempts:

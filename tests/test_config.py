@@ -50,6 +50,7 @@ def test_trailing_slash_is_dropped_and_keys_are_masked():
         ({**ONE, "BACKEND_1_WEIGHT": "0"}, r"^BACKEND_1_WEIGHT: every backend has weight 0"),
         ({**ONE, "HTTP_TIMEOUT_SECONDS": "soon"}, r"^HTTP_TIMEOUT_SECONDS: 'soon' is not a number"),
         ({**ONE, "HTTP_TIMEOUT_SECONDS": "nan"}, r"^HTTP_TIMEOUT_SECONDS: .*finite"),
+        ({**ONE, "LB_ATTEMPT_TIMEOUT_SECONDS": "0"}, r"^LB_ATTEMPT_TIMEOUT_SECONDS: "),
         ({**ONE, "LB_MAX_ATTEMPTS": "0"}, r"^LB_MAX_ATTEMPTS: .*at least 1"),
         ({**ONE, "LB_DEFAULT_COOLDOWN_SECONDS": "90"}, r"^LB_DEFAULT_COOLDOWN_SECONDS: .*above LB_MAX_COOLDOWN"),
         ({**ONE, "LB_STATE_TABLE_ENDPOINT": "table.core.windows.net"}, r"^LB_STATE_TABLE_ENDPOINT: "),
@@ -114,3 +115,9 @@ def test_backend_setting_names_match_the_contract():
     assert BACKEND_SETTING_RE.match("BACKEND_1_URL")
     assert BACKEND_SETTING_RE.match("BACKEND_east_DEPLOYMENTS")
     assert not BACKEND_SETTING_RE.match("BACKEND_1_KEY")
+
+
+def test_one_attempt_may_take_half_the_deadline_unless_configured():
+    assert load_settings({**ONE, "HTTP_TIMEOUT_SECONDS": "30"}).attempt_timeout_seconds == 15
+    settings = load_settings({**ONE, "HTTP_TIMEOUT_SECONDS": "30", "LB_ATTEMPT_TIMEOUT_SECONDS": "20"})
+    assert settings.attempt_timeout_seconds == 20

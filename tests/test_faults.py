@@ -62,22 +62,33 @@ class Silent:
             writer.close()
 
 
-def test_a_backend_that_never_answers_costs_one_deadline_then_is_cooled(make_pool, servers):
+def test_a_backend_that_never_answers_costs_one_attempt_timeout_then_another_answers(make_pool, servers):
     silent = Silent()
-    env = {"HTTP_TIMEOUT_SECONDS": "0.6", "LB_DEFAULT_COOLDOWN_SECONDS": "30"}
+    env = {"HTTP_TIMEOUT_SECONDS": "2", "LB_ATTEMPT_TIMEOUT_SECONDS": "0.3", "LB_DEFAULT_COOLDOWN_SECONDS": "30"}
     pool = make_pool(1, env={**env, "BACKEND_9_URL": _serve_raw(servers, silent), "BACKEND_9_APIKEY": "k"})
-    durations, statuses = [], []
     while not silent.requests:  # until the random pick lands on the silent one
         started = time.perf_counter()
-        statuses.append(post(pool.url).status_code)
-        durations.append(time.perf_counter() - started)
-    assert statuses[-1] == 504 and max(durations) < 0.6 + 0.5
+        response = post(pool.url)
+        duration = time.perf_counter() - started
+        assert response.status_code == 200 and response.headers["x-lb-backend"] == "1"
+    assert response.headers["x-lb-attempts"] == "2"  # the silent one, then the healthy one
+    assert 0.3 <= duration < 0.3 + 0.5
     for _ in range(10):  # cooled: the next calls go straight to the healthy backend
         started = time.perf_counter()
         response = post(pool.url)
         assert response.status_code == 200 and response.headers["x-lb-backend"] == "1"
         assert time.perf_counter() - started < 0.3
     assert silent.requests == 1
+
+
+def test_the_last_backend_left_gets_the_rest_of_the_deadline_not_the_attempt_timeout(make_pool, servers):
+    silent = Silent()
+    env = {"HTTP_TIMEOUT_SECONDS": "0.8", "LB_ATTEMPT_TIMEOUT_SECONDS": "0.2"}
+    pool = make_pool(0, env={**env, "BACKEND_9_URL": _serve_raw(servers, silent), "BACKEND_9_APIKEY": "k"})
+    started = time.perf_counter()
+    response = post(pool.url)
+    assert response.status_code == 504
+    assert 0.8 <= time.perf_counter() - started < 0.8 + 0.5  # waited the whole deadline for the only one
 
 
 def test_when_every_backend_is_silent_the_whole_request_still_ends_at_the_deadline(make_pool, servers):

