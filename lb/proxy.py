@@ -364,7 +364,17 @@ class UpstreamResponse(StreamingResponse):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            if self.upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                # A stream may run for minutes: Starlette watches for the client going away, and the
+                # cancelled stream closes the upstream call at once.
+                await super().__call__(scope, receive, send)
+            else:
+                # A whole answer arriving at network speed needs no watcher task (a third of the
+                # per-request cost of the response machinery).
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                async for chunk in self.body_iterator:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             with anyio.CancelScope(shield=True):
                 await self.upstream.aclose()
