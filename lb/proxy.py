@@ -271,12 +271,14 @@ class Proxy:
         self, backend: Backend, method: str, info: RequestInfo, headers: list[tuple[str, str]], timeout: float
     ) -> httpx.Response:
         auth = await self.backend_auth.headers(backend)
-        request = self.client.build_request(
+        # A bare httpx.Request, not client.build_request(): the client's default headers (its own
+        # User-Agent, Accept-Encoding) have no place in a forwarded call, and merging them costs.
+        request = httpx.Request(
             method,
             backend.url + info.raw_path,
             headers=[*headers, *auth.items()],
             content=info.body,
-            timeout=timeout,
+            extensions={"timeout": httpx.Timeout(timeout).as_dict()},
         )
         return await self.client.send(request, stream=True)
 
