@@ -4,6 +4,14 @@ Candidates are the backends that serve the deployment, have not been tried for t
 are not cooling. Among them only the best (lowest) priority group is used, and the pick inside it
 is weighted random, so load spreads while a preferred group (e.g. provisioned throughput) is
 drained first.
+
+Two policies (`LB_POLICY`) differ only in the weights inside the group:
+- `random`: the configured weights. Nothing is estimated per request.
+- `headroom`: the configured weights times the share of quota each backend last reported left
+  (`lb.headroom`), so load drifts away from a backend before it answers 429. A backend that
+  reported 0 left counts as cooling until its quota refills (the 429 round trip is skipped), one
+  with fewer tokens left than the request needs is passed over while another has enough, and one
+  with no fresh reading gets its full weight so it is probed rather than starved.
 """
 
 from __future__ import annotations
@@ -12,7 +20,8 @@ import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from lb.config import Backend
+from lb.config import POLICIES, Backend
+from lb.headroom import Headroom, estimate_tokens
 from lb.state import ANY_DEPLOYMENT, CooldownStore
 
 
@@ -25,12 +34,31 @@ class NoCandidate:
 
 
 class Balancer:
-    def __init__(self, backends: Sequence[Backend], store: CooldownStore, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        store: CooldownStore,
+        rng: random.Random | None = None,
+        *,
+        policy: str = "random",
+        headroom: Headroom | None = None,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}")
         self.backends = tuple(backends)
         self.store = store
+        self.policy = policy
+        self.headroom = headroom or Headroom()
+        self._by_headroom = policy == "headroom"
         self._rng = rng or random.Random()
 
-    def pick(self, deployment: str | None, now: float, tried: Collection[str] = ()) -> Backend | NoCandidate:
+    def need(self, body: bytes) -> int:
+        """Tokens the request will take from a backend's quota; 0 (not computed) under `random`."""
+        return estimate_tokens(body) if self._by_headroom and body else 0
+
+    def pick(
+        self, deployment: str | None, now: float, tried: Collection[str] = (), need: int = 0
+    ) -> Backend | NoCandidate:
         key = deployment or ANY_DEPLOYMENT
         best: list[Backend] = []
         best_priority = 0
@@ -42,7 +70,7 @@ class Balancer:
             served = True
             if backend.name in tried:
                 continue
-            until = self.store.cooling_until(backend.name, key, now)
+            until = self._unavailable_until(backend.name, key, now)
             if until:
                 retry_at = until if not retry_at else min(retry_at, until)
                 continue
@@ -54,17 +82,30 @@ class Balancer:
             return NoCandidate(served=served, retry_at=retry_at)
         if len(best) == 1:
             return best[0]
-        weights = [b.weight for b in best]
+        weights = self._headroom_weights(best, key, need, now) if self._by_headroom else [b.weight for b in best]
         if not any(weights):  # a group of weight-0 backends is still better than none
             return self._rng.choice(best)
         return self._rng.choices(best, weights=weights)[0]
 
     def soonest_recovery(self, deployment: str | None, now: float) -> float:
-        """Epoch second the first cooling backend for `deployment` recovers; 0.0 if none cools."""
+        """Epoch second the first unavailable backend for `deployment` recovers; 0.0 if none is."""
         key = deployment or ANY_DEPLOYMENT
         times = [
             until
             for b in self.backends
-            if b.serves(deployment) and (until := self.store.cooling_until(b.name, key, now))
+            if b.serves(deployment) and (until := self._unavailable_until(b.name, key, now))
         ]
         return min(times, default=0.0)
+
+    def _unavailable_until(self, backend: str, key: str, now: float) -> float:
+        until = self.store.cooling_until(backend, key, now)
+        if self._by_headroom:
+            until = max(until, self.headroom.exhausted_until(backend, key, now))
+        return until
+
+    def _headroom_weights(self, group: list[Backend], key: str, need: int, now: float) -> list[float]:
+        shares = [self.headroom.share(b.name, key, need, now) for b in group]
+        enough = [not short for _, short in shares]
+        if not any(enough):  # every one is short: the most headroom is still the best bet
+            enough = [True] * len(group)
+        return [b.weight * share if ok else 0.0 for b, (share, _), ok in zip(group, shares, enough, strict=True)]

@@ -21,6 +21,11 @@ DEFAULT_STATE_TABLE = "lbcooldowns"
 DEFAULT_POOL = "default"
 DEFAULT_STATE_REFRESH_MS = 1000
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# How the balancer weighs backends inside a priority group (lb.balancer): configured weights only, or
+# weights times the quota each backend last reported left. `random` stays the default until the
+# throttling simulation says otherwise.
+POLICIES = ("random", "headroom")
+DEFAULT_POLICY = "random"
 
 BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|APIKEY|DEPLOYMENTS)$")
 
@@ -40,6 +45,7 @@ SETTING_NAMES = frozenset(
         "LB_POOL",
         "LB_STATE_REFRESH_MS",
         "LB_LOG_LEVEL",
+        "LB_POLICY",
         "AZURE_CLIENT_ID",
         "AzureWebJobsStorage",
         "AzureWebJobsStorage__accountName",
@@ -112,6 +118,7 @@ class Settings:
     client_keys: tuple[str, ...] = field(default=(), repr=False)
     state: StateSettings = field(default_factory=StateSettings)
     on_azure: bool = False
+    policy: str = DEFAULT_POLICY
 
     @property
     def anonymous(self) -> bool:
@@ -144,7 +151,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         client_keys=client_keys,
         state=_load_state(env),
         on_azure=on_azure,
+        policy=_policy(env),
     )
+
+
+def _policy(env: Mapping[str, str]) -> str:
+    raw = env.get("LB_POLICY", "").strip()
+    if not raw:
+        return DEFAULT_POLICY
+    if raw.lower() not in POLICIES:
+        raise ConfigError(f"LB_POLICY: {raw!r} is not one of {', '.join(POLICIES)}")
+    return raw.lower()
 
 
 def _load_backends(env: Mapping[str, str]) -> tuple[Backend, ...]:

@@ -66,3 +66,93 @@ def test_a_longer_cooldown_is_never_shortened():
     store.mark("a", "chat", NOW + 30, "429")
     store.mark("a", "chat", NOW + 5, "429")
     assert store.cooling_until("a", "chat", NOW) == NOW + 30
+
+
+# Headroom policy ------------------------------------------------------------------------------
+
+
+def headroom_pool(*backends: Backend) -> Balancer:
+    return Balancer(backends, MemoryStore(), rng=random.Random(7), policy="headroom")
+
+
+def report(balancer: Balancer, name: str, tokens: int, *, requests: int = 100, at: float = NOW, **extra: str) -> None:
+    headers = {"x-ratelimit-remaining-requests": str(requests), "x-ratelimit-remaining-tokens": str(tokens), **extra}
+    balancer.headroom.record(name, "chat", headers, at)
+
+
+def shares(balancer: Balancer, n: int = 4000, need: int = 0, at: float = NOW) -> Counter:
+    return Counter(balancer.pick("chat", at, need=need).name for _ in range(n))
+
+
+def test_random_policy_ignores_reported_headroom_and_estimates_nothing():
+    balancer = make(Backend("a", "https://a"), Backend("b", "https://b"))
+    report(balancer, "a", 10_000)
+    report(balancer, "a", 100)
+    counts = Counter(balancer.pick("chat", NOW, need=5_000).name for _ in range(4000))
+    assert 0.9 < counts["a"] / counts["b"] < 1.1
+    assert balancer.need(b'{"max_tokens": 500}') == 0
+
+
+def test_headroom_policy_weights_the_pick_by_the_share_of_quota_left():
+    balancer = headroom_pool(Backend("a", "https://a"), Backend("b", "https://b"))
+    for name in "ab":
+        report(balancer, name, 10_000)
+    report(balancer, "a", 2_500)
+    counts = shares(balancer)
+    assert 3.4 < counts["b"] / counts["a"] < 4.6  # 100% left vs 25% left
+
+
+def test_headroom_multiplies_the_configured_weights():
+    balancer = headroom_pool(Backend("a", "https://a", weight=3), Backend("b", "https://b", weight=1))
+    for name in "ab":
+        report(balancer, name, 10_000)
+    report(balancer, "a", 5_000)
+    counts = shares(balancer)
+    assert 1.25 < counts["a"] / counts["b"] < 1.75  # 3 x 50% vs 1 x 100%
+
+
+def test_a_backend_with_fewer_tokens_left_than_the_request_needs_is_passed_over():
+    balancer = headroom_pool(Backend("a", "https://a"), Backend("b", "https://b"))
+    report(balancer, "a", 10_000)
+    report(balancer, "a", 600)
+    report(balancer, "b", 800)  # b's first reading: its share looks full, and it has room for 700
+    assert set(shares(balancer, 200, need=700)) == {"b"}
+    assert set(shares(balancer, 200, need=500)) == {"a", "b"}
+
+
+def test_when_every_backend_is_short_the_pick_still_goes_by_headroom_and_never_refuses():
+    balancer = headroom_pool(Backend("a", "https://a"), Backend("b", "https://b"))
+    for name in "ab":
+        report(balancer, name, 10_000)
+    report(balancer, "a", 500)
+    report(balancer, "b", 3_000)
+    counts = shares(balancer, need=5_000)
+    assert 4.5 < counts["b"] / counts["a"] < 7.5  # 30% left vs 5%
+
+
+def test_a_stale_reading_never_starves_a_backend_it_gets_a_full_share():
+    balancer = headroom_pool(Backend("a", "https://a"), Backend("b", "https://b"))
+    for name in "ab":
+        report(balancer, name, 10_000)
+    report(balancer, "a", 1)
+    assert shares(balancer)["a"] > 0  # even a fresh near-zero reading keeps a minimum share
+    later = NOW + balancer.headroom.stale_after
+    report(balancer, "b", 10_000, at=later)
+    counts = shares(balancer, at=later)
+    assert 0.9 < counts["a"] / counts["b"] < 1.1
+
+
+def test_a_backend_that_reported_zero_left_is_skipped_like_a_cooling_one_until_its_reset():
+    balancer = headroom_pool(Backend("a", "https://a", priority=1), Backend("b", "https://b", priority=2))
+    report(balancer, "a", 5_000, requests=0, **{"x-ratelimit-reset-requests": "4s"})
+    assert balancer.pick("chat", NOW).name == "b"  # the next group, as when a cools
+    assert balancer.pick("chat", NOW, tried={"b"}) == NoCandidate(served=True, retry_at=NOW + 4)
+    assert balancer.soonest_recovery("chat", NOW) == NOW + 4
+    assert balancer.pick("chat", NOW + 4).name == "a"
+    assert make(Backend("a", "https://a")).soonest_recovery("chat", NOW) == 0.0
+
+
+def test_the_request_size_estimate_is_made_only_under_the_headroom_policy():
+    balancer = headroom_pool(Backend("a", "https://a"))
+    assert balancer.need(b'{"max_tokens": 500}') == 19 // 4 + 500
+    assert balancer.need(b"") == 0
