@@ -80,12 +80,16 @@ class Balancer:
                 best.append(backend)
         if not best:
             return NoCandidate(served=served, retry_at=retry_at)
-        if len(best) == 1:
-            return best[0]
-        weights = self._headroom_weights(best, key, need, now) if self._by_headroom else [b.weight for b in best]
+        if not self._by_headroom:
+            return best[0] if len(best) == 1 else self._weighted(best, [b.weight for b in best])
+        chosen = best[0] if len(best) == 1 else self._weighted(best, self._headroom_weights(best, key, need, now))
+        self.headroom.charge(chosen.name, key, need)
+        return chosen
+
+    def _weighted(self, group: list[Backend], weights: list[float]) -> Backend:
         if not any(weights):  # a group of weight-0 backends is still better than none
-            return self._rng.choice(best)
-        return self._rng.choices(best, weights=weights)[0]
+            return self._rng.choice(group)
+        return self._rng.choices(group, weights=weights)[0]
 
     def soonest_recovery(self, deployment: str | None, now: float) -> float:
         """Epoch second the first unavailable backend for `deployment` recovers; 0.0 if none is."""

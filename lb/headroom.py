@@ -27,6 +27,7 @@ STALE_AFTER_SECONDS = 10.0  # Azure evaluates RPM per 10 s: older readings say l
 EXHAUSTED_HOLD_SECONDS = 1.0  # "0 left" without a reset header: the next call would be a 429 for about this long
 SHORT_HOLD_SECONDS = 1.0  # "fewer tokens left than this request needs" is believed for this long
 MIN_SHARE = 0.05  # the least share a backend keeps, so fresh low readings still get refreshed
+DRAIN_MIN_INTERVAL = 0.05  # readings closer than this are too noisy to tell a consumption rate
 
 _MAX_TOKENS = re.compile(rb'(?<!\\)"max_(?:completion_)?tokens"\s*:\s*(\d+)')
 
@@ -54,12 +55,24 @@ class Reading:
     exhausted_until: float  # 0.0, or until when a reported 0 makes the next call a sure 429
     most_requests: int  # most remaining-requests ever seen: the limit Azure doesn't send
     most_tokens: int
+    drain: float = 0.0  # tokens per second the backend's quota falls by (every caller), from successive readings
+    sent: int = 0  # tokens this instance has sent there since the reading
 
-    def fraction(self) -> float:
+    def tokens_at(self, now: float) -> int | None:
+        """Tokens left now: the reading less what was spent since, by this instance or (at the drain rate) anyone.
+
+        A reading is as old as the last answer, and other instances keep spending meanwhile; without
+        this, every instance would pile onto a backend whose last good news is already used up.
+        """
+        if self.tokens is None:
+            return None
+        return max(0, self.tokens - int(max(self.sent, self.drain * (now - self.seen))))
+
+    def fraction(self, now: float) -> float:
         """Share of the quota left: the scarcer of requests and tokens, 1.0 when unknown."""
         parts = [
             left / most
-            for left, most in ((self.requests, self.most_requests), (self.tokens, self.most_tokens))
+            for left, most in ((self.requests, self.most_requests), (self.tokens_at(now), self.most_tokens))
             if left is not None and most > 0
         ]
         return min(parts, default=1.0)
@@ -89,6 +102,7 @@ class Headroom:
         key = (backend, deployment)
         old = self._readings.get(key)
         self._readings[key] = Reading(
+            drain=_drain(old, tokens, now),
             requests=requests,
             tokens=tokens,
             seen=now,
@@ -110,18 +124,20 @@ class Headroom:
         reading = self.fresh(backend, deployment, now)
         return reading.exhausted_until if reading is not None else 0.0
 
+    def charge(self, backend: str, deployment: str, need: int) -> None:
+        """Count a call just sent there against the last reading, until the next reading includes it."""
+        reading = self._readings.get((backend, deployment))
+        if reading is not None:
+            reading.sent += need
+
     def share(self, backend: str, deployment: str, need: int, now: float) -> tuple[float, bool]:
         """(weight factor in [MIN_SHARE, 1], whether it is too short of tokens for `need` right now)."""
         reading = self.fresh(backend, deployment, now)
         if reading is None:
             return 1.0, False  # unknown or stale: full share, so it is probed
-        short = (
-            need > 0
-            and reading.tokens is not None
-            and reading.tokens < need
-            and now - reading.seen < SHORT_HOLD_SECONDS
-        )
-        return max(reading.fraction(), MIN_SHARE), short
+        left = reading.tokens_at(now)
+        short = need > 0 and left is not None and left < need and now - reading.seen < SHORT_HOLD_SECONDS
+        return max(reading.fraction(now), MIN_SHARE), short
 
     def report(self, backend: str, now: float) -> list[dict[str, Any]]:
         """What `/lb/status` shows: every deployment's last reading of this backend."""
@@ -137,6 +153,17 @@ class Headroom:
             for (name, deployment), r in self._readings.items()
             if name == backend
         ]
+
+
+def _drain(old: Reading | None, tokens: int | None, now: float) -> float:
+    """Smoothed rate the backend's remaining tokens fell at between two readings of one window."""
+    if old is None or old.tokens is None or tokens is None:
+        return 0.0
+    elapsed = now - old.seen
+    if elapsed < DRAIN_MIN_INTERVAL or tokens > old.tokens:  # too close to tell, or the quota refilled
+        return old.drain
+    rate = (old.tokens - tokens) / elapsed
+    return rate if not old.drain else (old.drain + rate) / 2
 
 
 def _stale(reading: Reading, now: float) -> bool:

@@ -5,6 +5,7 @@ from collections import Counter
 
 from lb.balancer import Balancer, NoCandidate
 from lb.config import Backend
+from lb.headroom import Headroom
 from lb.state import ANY_DEPLOYMENT, MemoryStore
 
 NOW = 1_000.0
@@ -80,8 +81,16 @@ def report(balancer: Balancer, name: str, tokens: int, *, requests: int = 100, a
     balancer.headroom.record(name, "chat", headers, at)
 
 
-def shares(balancer: Balancer, n: int = 4000, need: int = 0, at: float = NOW) -> Counter:
-    return Counter(balancer.pick("chat", at, need=need).name for _ in range(n))
+def shares(
+    balancer: Balancer, n: int = 4000, need: int = 0, at: float = NOW, left: dict[str, int] | None = None
+) -> Counter:
+    """Who n picks go to; `left` is reported again before each pick, so the picks' own charges don't add up."""
+    counts: Counter = Counter()
+    for _ in range(n):
+        for name, tokens in (left or {}).items():
+            report(balancer, name, tokens, at=at)
+        counts[balancer.pick("chat", at, need=need).name] += 1
+    return counts
 
 
 def test_random_policy_ignores_reported_headroom_and_estimates_nothing():
@@ -114,19 +123,16 @@ def test_headroom_multiplies_the_configured_weights():
 def test_a_backend_with_fewer_tokens_left_than_the_request_needs_is_passed_over():
     balancer = headroom_pool(Backend("a", "https://a"), Backend("b", "https://b"))
     report(balancer, "a", 10_000)
-    report(balancer, "a", 600)
-    report(balancer, "b", 800)  # b's first reading: its share looks full, and it has room for 700
-    assert set(shares(balancer, 200, need=700)) == {"b"}
-    assert set(shares(balancer, 200, need=500)) == {"a", "b"}
+    left = {"a": 600, "b": 800}  # b's first reading: its share looks full, and it has room for 700
+    assert set(shares(balancer, 200, need=700, left=left)) == {"b"}
+    assert set(shares(balancer, 200, need=500, left=left)) == {"a", "b"}
 
 
 def test_when_every_backend_is_short_the_pick_still_goes_by_headroom_and_never_refuses():
     balancer = headroom_pool(Backend("a", "https://a"), Backend("b", "https://b"))
     for name in "ab":
         report(balancer, name, 10_000)
-    report(balancer, "a", 500)
-    report(balancer, "b", 3_000)
-    counts = shares(balancer, need=5_000)
+    counts = shares(balancer, need=5_000, left={"a": 500, "b": 3_000})
     assert 4.5 < counts["b"] / counts["a"] < 7.5  # 30% left vs 5%
 
 
@@ -156,3 +162,24 @@ def test_the_request_size_estimate_is_made_only_under_the_headroom_policy():
     balancer = headroom_pool(Backend("a", "https://a"))
     assert balancer.need(b'{"max_tokens": 500}') == 19 // 4 + 500
     assert balancer.need(b"") == 0
+
+
+def test_calls_sent_since_the_last_reading_count_against_it():
+    balancer = headroom_pool(Backend("a", "https://a"), Backend("b", "https://b"))
+    for name in "ab":
+        report(balancer, name, 10_000)
+    assert balancer.pick("chat", NOW, tried={"b"}, need=6_000).name == "a"  # a now has ~4000 left
+    assert [balancer.pick("chat", NOW, need=5_000).name for _ in range(2)] == ["b", "b"]  # b: 10000 -> 5000 -> 0
+    report(balancer, "a", 10_000, at=NOW + 0.5)  # the next answer's reading includes that call
+    assert balancer.headroom.share("a", "chat", 5_000, NOW + 0.5) == (1.0, False)
+
+
+def test_tokens_left_are_extrapolated_at_the_rate_other_callers_spend_them():
+    headroom = Headroom()
+    headroom.record("a", "chat", {"x-ratelimit-remaining-tokens": "10000"}, NOW)
+    headroom.record("a", "chat", {"x-ratelimit-remaining-tokens": "8000"}, NOW + 1)  # 2000 a second
+    assert headroom.share("a", "chat", 0, NOW + 1)[0] == 0.8
+    assert headroom.share("a", "chat", 0, NOW + 2)[0] == 0.6  # nobody told us, but others kept spending
+    assert headroom.share("a", "chat", 7_500, NOW + 1.5)[1] is True
+    headroom.record("a", "chat", {"x-ratelimit-remaining-tokens": "10000"}, NOW + 3)  # refilled
+    assert headroom.share("a", "chat", 0, NOW + 3)[0] == 1.0
