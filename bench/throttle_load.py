@@ -32,6 +32,7 @@ TOLERANCE_SECONDS = 0.05  # scheduling noise allowed when checking Retry-After a
 class Call:
     at: float  # seconds after the start
     body: dict[str, Any]
+    tokens: int  # what a backend charges for it at admission
 
 
 @dataclass
@@ -39,25 +40,27 @@ class Answer:
     status: int  # 0: no HTTP answer (connect error, timeout)
     seconds: float
     retry_after: int | None = None  # whole seconds, client 429s only
-    recovery: float | None = None  # seconds until the soonest backend took calls again, when the 429 arrived
+    recovery: float | None = None  # seconds until the soonest backend would have taken this call, at the 429
 
 
-def workload(rate: float, seconds: float, seed: int) -> list[Call]:
+def workload(rate: float, seconds: float, seed: int, poisson: bool = False) -> list[Call]:
+    """`rate` calls a second for `seconds`: evenly spaced, or as independent users would send them (Poisson)."""
     rng = random.Random(seed)
+    gaps = random.Random(seed + 1)
     calls = []
+    at = 0.0
     for i in range(int(rate * seconds)):
-        body: dict[str, Any] = {
-            "messages": [{"role": "user", "content": "x" * rng.randint(*PROMPT_CHARS)}],
-            "max_tokens": rng.randint(*MAX_TOKENS),
-        }
+        chars, max_tokens = rng.randint(*PROMPT_CHARS), rng.randint(*MAX_TOKENS)
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": "x" * chars}], "max_tokens": max_tokens}
         if rng.random() < STREAM_SHARE:
             body["stream"] = True
-        calls.append(Call(i / rate, body))
+        calls.append(Call(at if poisson else i / rate, body, math.ceil(chars / 4) + max_tokens))
+        at += gaps.expovariate(rate)
     return calls
 
 
-async def offer(urls: Sequence[str], calls: Sequence[Call], key: str, recovery: Callable[[], float]) -> list[Answer]:
-    """Send `calls` round-robin over `urls`; `recovery()` says when the soonest backend takes calls again."""
+async def offer(urls: Sequence[str], calls: Sequence[Call], key: str, recovery: Callable[[int], float]) -> list[Answer]:
+    """Send `calls` round-robin over `urls`; `recovery(tokens)`: seconds until a backend would admit such a call."""
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     async with httpx.AsyncClient(timeout=30, limits=limits, headers={"api-key": key}) as client:
 
@@ -69,7 +72,7 @@ async def offer(urls: Sequence[str], calls: Sequence[Call], key: str, recovery: 
                 return Answer(0, time.perf_counter() - started)
             answer = Answer(response.status_code, time.perf_counter() - started)
             if response.status_code == 429:
-                answer.recovery = recovery()
+                answer.recovery = recovery(call.tokens)
                 raw = response.headers.get("retry-after", "")
                 answer.retry_after = int(raw) if raw.isdigit() else None
             return answer

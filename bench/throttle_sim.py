@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 for n in args.instances:
                     for load in args.loads:
                         rate = capacity * load / 100
-                        calls = workload(rate, args.seconds, seed=args.seed + load)
+                        calls = workload(rate, args.seconds, seed=args.seed + load, poisson=args.poisson)
                         for policy in args.policies:
                             extra = {"LB_POLICY": policy}
                             if state == "table":
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_setting": args.seconds,
             "latency_seconds": args.latency,
             "refresh_ms": args.refresh_ms,
+            "arrivals": "poisson" if args.poisson else "uniform",
             "seed": args.seed,
         },
         "wall_seconds": round(time.monotonic() - started, 1),
@@ -135,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(instances: Instances, sims: list[SimBackend], calls: list) -> dict[str, Any]:
     """One setting: fresh quotas, the call sequence through the instances, what clients and backends saw."""
 
-    def recovery() -> float:
+    def recovery(tokens: int) -> float:
         now = time.monotonic()
-        return min(sim.recovers_at(now) for sim in sims) - now
+        return min(sim.recovers_at(now, tokens) for sim in sims) - now
 
     try:
         instances.wait_ready()
@@ -180,6 +181,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency", type=float, default=0.05, help="backend latency before the answer, seconds")
     parser.add_argument("--refresh-ms", type=int, default=1000, help="LB_STATE_REFRESH_MS for Table state")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--poisson", action="store_true", help="Poisson arrivals instead of evenly spaced calls")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--plot", default=str(PLOT), help="PNG to write; '' for none")
     return parser

@@ -10,8 +10,9 @@ Two policies (`LB_POLICY`) differ only in the weights inside the group:
 - `headroom`: the configured weights times the share of quota each backend last reported left
   (`lb.headroom`), so load drifts away from a backend before it answers 429. A backend that
   reported 0 left counts as cooling until its quota refills (the 429 round trip is skipped), one
-  with fewer tokens left than the request needs is passed over while another has enough, and one
-  with no fresh reading gets its full weight so it is probed rather than starved.
+  with fewer tokens left than the request needs counts as cooling for that call while another
+  (even of a worse priority) has enough, and one with no fresh reading gets its full weight so it
+  is probed rather than starved.
 """
 
 from __future__ import annotations
@@ -60,8 +61,7 @@ class Balancer:
         self, deployment: str | None, now: float, tried: Collection[str] = (), need: int = 0
     ) -> Backend | NoCandidate:
         key = deployment or ANY_DEPLOYMENT
-        best: list[Backend] = []
-        best_priority = 0
+        fits, short = _Group(), _Group()  # short: fewer tokens left than `need` (headroom policy only)
         served = False
         retry_at = 0.0
         for backend in self.backends:
@@ -74,16 +74,20 @@ class Balancer:
             if until:
                 retry_at = until if not retry_at else min(retry_at, until)
                 continue
-            if not best or backend.priority < best_priority:
-                best, best_priority = [backend], backend.priority
-            elif backend.priority == best_priority:
-                best.append(backend)
-        if not best:
+            if not self._by_headroom:
+                fits.add(backend, backend.weight)
+                continue
+            share, too_short = self.headroom.share(backend.name, key, need, now)
+            (short if too_short else fits).add(backend, backend.weight * share)
+        # A short backend is like a cooling one for this call: the next priority group is tried first.
+        # With none left that fits, short ones are still tried, most headroom first: a reading may be
+        # older than the backend's last quota refill (Azure does not say when that is).
+        group = fits if fits.members else short
+        if not group.members:
             return NoCandidate(served=served, retry_at=retry_at)
-        if not self._by_headroom:
-            return best[0] if len(best) == 1 else self._weighted(best, [b.weight for b in best])
-        chosen = best[0] if len(best) == 1 else self._weighted(best, self._headroom_weights(best, key, need, now))
-        self.headroom.charge(chosen.name, key, need)
+        chosen = group.members[0] if len(group.members) == 1 else self._weighted(group.members, group.weights)
+        if self._by_headroom:
+            self.headroom.charge(chosen.name, key, need)
         return chosen
 
     def _weighted(self, group: list[Backend], weights: list[float]) -> Backend:
@@ -107,9 +111,18 @@ class Balancer:
             until = max(until, self.headroom.exhausted_until(backend, key, now))
         return until
 
-    def _headroom_weights(self, group: list[Backend], key: str, need: int, now: float) -> list[float]:
-        shares = [self.headroom.share(b.name, key, need, now) for b in group]
-        enough = [not short for _, short in shares]
-        if not any(enough):  # every one is short: the most headroom is still the best bet
-            enough = [True] * len(group)
-        return [b.weight * share if ok else 0.0 for b, (share, _), ok in zip(group, shares, enough, strict=True)]
+
+class _Group:
+    """The best (lowest) priority group seen so far, with each member's weight."""
+
+    def __init__(self) -> None:
+        self.members: list[Backend] = []
+        self.weights: list[float] = []
+        self.priority = 0
+
+    def add(self, backend: Backend, weight: float) -> None:
+        if not self.members or backend.priority < self.priority:
+            self.members, self.weights, self.priority = [backend], [weight], backend.priority
+        elif backend.priority == self.priority:
+            self.members.append(backend)
+            self.weights.append(weight)

@@ -183,3 +183,20 @@ def test_tokens_left_are_extrapolated_at_the_rate_other_callers_spend_them():
     assert headroom.share("a", "chat", 7_500, NOW + 1.5)[1] is True
     headroom.record("a", "chat", {"x-ratelimit-remaining-tokens": "10000"}, NOW + 3)  # refilled
     assert headroom.share("a", "chat", 0, NOW + 3)[0] == 1.0
+
+
+def test_when_the_preferred_group_is_short_for_the_call_the_next_group_that_fits_takes_it():
+    balancer = headroom_pool(Backend("a", "https://a", priority=1), Backend("b", "https://b", priority=2))
+    report(balancer, "a", 300)
+    assert balancer.pick("chat", NOW, need=500).name == "b"
+    assert balancer.pick("chat", NOW, need=100).name == "a"
+
+
+def test_backends_short_for_the_call_are_still_tried_last_as_their_quota_may_have_refilled():
+    balancer = headroom_pool(Backend("a", "https://a"), Backend("b", "https://b"), Backend("c", "https://c"))
+    for name in "abc":
+        report(balancer, name, 10_000)
+    for name in "bc":
+        report(balancer, name, 300)
+    assert balancer.pick("chat", NOW, need=500).name == "a"  # the one that fits goes first
+    assert balancer.pick("chat", NOW, tried={"a"}, need=500).name in {"b", "c"}  # never a refusal
