@@ -26,6 +26,8 @@ from lb.throttle import parse_duration
 STALE_AFTER_SECONDS = 10.0  # Azure evaluates RPM per 10 s: older readings say little about now
 EXHAUSTED_HOLD_SECONDS = 1.0  # "0 left" without a reset header: the next call would be a 429 for about this long
 SHORT_HOLD_SECONDS = 1.0  # "fewer tokens left than this request needs" is believed for this long
+SHORT_MARGIN = 2.0  # fits only with twice the call's tokens left: calls in flight are not in the reading yet
+MIN_WINDOW_SECONDS = 0.5  # refills closer than this are noise (answers out of order), not a window
 MIN_SHARE = 0.05  # the least share a backend keeps, so fresh low readings still get refreshed
 DRAIN_MIN_INTERVAL = 0.05  # readings closer than this are too noisy to tell a consumption rate
 
@@ -57,6 +59,8 @@ class Reading:
     most_tokens: int
     drain: float = 0.0  # tokens per second the backend's quota falls by (every caller), from successive readings
     sent: int = 0  # tokens this instance has sent there since the reading
+    refilled_at: float = 0.0  # when a reading last showed the tokens quota refilled (0.0: never seen)
+    window: float = 0.0  # shortest time seen between two refills: the quota's window, learnt (0.0: unknown)
 
     def tokens_at(self, now: float) -> int | None:
         """Tokens left now: the reading less what was spent since, by this instance or (at the drain rate) anyone.
@@ -101,8 +105,13 @@ class Headroom:
             exhausted_until = now + (reset if reset is not None else EXHAUSTED_HOLD_SECONDS)
         key = (backend, deployment)
         old = self._readings.get(key)
+        refilled_at, window = _refill(old, tokens, now)
+        if window and not resets:  # the quota refills on a schedule we have seen: the reading ends there
+            stale_at = min(stale_at, refilled_at + window * (1 + (now - refilled_at) // window))
         self._readings[key] = Reading(
             drain=_drain(old, tokens, now),
+            refilled_at=refilled_at,
+            window=window,
             requests=requests,
             tokens=tokens,
             seen=now,
@@ -136,7 +145,7 @@ class Headroom:
         if reading is None:
             return 1.0, False  # unknown or stale: full share, so it is probed
         left = reading.tokens_at(now)
-        short = need > 0 and left is not None and left < need and now - reading.seen < SHORT_HOLD_SECONDS
+        short = need > 0 and left is not None and left < need * SHORT_MARGIN and now - reading.seen < SHORT_HOLD_SECONDS
         return max(reading.fraction(now), MIN_SHARE), short
 
     def report(self, backend: str, now: float) -> list[dict[str, Any]]:
@@ -153,6 +162,22 @@ class Headroom:
             for (name, deployment), r in self._readings.items()
             if name == backend
         ]
+
+
+def _refill(old: Reading | None, tokens: int | None, now: float) -> tuple[float, float]:
+    """(when the quota last refilled, the window learnt from refills), updated by a new reading.
+
+    Azure sends no reset time on a 200, but a jump in remaining tokens of over half the quota is a
+    refill; the time between two is the window (its shortest, as idle spells only lengthen it).
+    """
+    if old is None:
+        return 0.0, 0.0
+    if tokens is None or old.tokens is None or tokens - old.tokens <= old.most_tokens / 2:
+        return old.refilled_at, old.window
+    if not old.refilled_at or now - old.refilled_at < MIN_WINDOW_SECONDS:
+        return now, old.window
+    interval = now - old.refilled_at
+    return now, min(old.window, interval) if old.window else interval
 
 
 def _drain(old: Reading | None, tokens: int | None, now: float) -> float:

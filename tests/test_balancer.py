@@ -123,9 +123,9 @@ def test_headroom_multiplies_the_configured_weights():
 def test_a_backend_with_fewer_tokens_left_than_the_request_needs_is_passed_over():
     balancer = headroom_pool(Backend("a", "https://a"), Backend("b", "https://b"))
     report(balancer, "a", 10_000)
-    left = {"a": 600, "b": 800}  # b's first reading: its share looks full, and it has room for 700
+    left = {"a": 600, "b": 2_000}  # fitting takes twice the call's tokens: calls in flight are not in a reading
     assert set(shares(balancer, 200, need=700, left=left)) == {"b"}
-    assert set(shares(balancer, 200, need=500, left=left)) == {"a", "b"}
+    assert set(shares(balancer, 200, need=250, left=left)) == {"a", "b"}
 
 
 def test_when_every_backend_is_short_the_pick_still_goes_by_headroom_and_never_refuses():
@@ -169,7 +169,7 @@ def test_calls_sent_since_the_last_reading_count_against_it():
     for name in "ab":
         report(balancer, name, 10_000)
     assert balancer.pick("chat", NOW, tried={"b"}, need=6_000).name == "a"  # a now has ~4000 left
-    assert [balancer.pick("chat", NOW, need=5_000).name for _ in range(2)] == ["b", "b"]  # b: 10000 -> 5000 -> 0
+    assert [balancer.pick("chat", NOW, need=2_500).name for _ in range(2)] == ["b", "b"]  # a is short of 2 x 2500
     report(balancer, "a", 10_000, at=NOW + 0.5)  # the next answer's reading includes that call
     assert balancer.headroom.share("a", "chat", 5_000, NOW + 0.5) == (1.0, False)
 

@@ -44,7 +44,8 @@ def test_fewer_tokens_left_than_the_request_needs_is_short_only_while_fresh():
     headroom = Headroom()
     headroom.record("a", "chat", left(tokens=500), NOW)
     assert headroom.share("a", "chat", 800, NOW)[1] is True
-    assert headroom.share("a", "chat", 400, NOW)[1] is False
+    assert headroom.share("a", "chat", 400, NOW)[1] is True  # fitting takes twice the call: some are in flight
+    assert headroom.share("a", "chat", 250, NOW)[1] is False
     assert headroom.share("a", "chat", 800, NOW + 1.5)[1] is False  # it may have refilled: worth a try again
 
 
@@ -72,6 +73,15 @@ def test_zero_left_makes_the_backend_unavailable_until_the_reset_or_a_short_hold
     headroom.record("b", "chat", left(requests=5, tokens=0), NOW)
     assert headroom.exhausted_until("b", "chat", NOW) == NOW + EXHAUSTED_HOLD_SECONDS
     assert headroom.share("b", "chat", 0, NOW + EXHAUSTED_HOLD_SECONDS) == (1.0, False)  # refilled: probe it
+
+
+def test_the_window_is_learnt_from_refills_and_a_reading_ends_at_the_next_one():
+    headroom = Headroom()
+    for at, tokens in ((0, 10_000), (1, 1_000), (3, 10_000), (4, 1_000), (6, 9_800), (7, 500)):
+        headroom.record("a", "chat", left(tokens=tokens), NOW + at)
+    assert headroom.fresh("a", "chat", NOW + 7).window == 3.0
+    assert headroom.share("a", "chat", 0, NOW + 8.9)[0] == 0.05
+    assert headroom.share("a", "chat", 0, NOW + 9) == (1.0, False)  # refilled by now, Azure just didn't say
 
 
 @pytest.mark.parametrize("headers", [{}, left(), {"x-ratelimit-remaining-tokens": "lots"}, left(-1, -5)])
