@@ -3,18 +3,19 @@
 Not a test: it writes bench/results/throttle.json, docs/throttle.png and prints Markdown tables.
 Run from the repo root (Azurite installed with `npm install --no-save --no-audit --no-fund azurite@3`):
 
-    python -m bench throttle              # the whole matrix, ~9 minutes
-    python -m bench throttle --quick      # 6 s per setting instead of 15, ~4 minutes
+    python -m bench throttle              # the whole matrix, ~8 minutes
+    python -m bench throttle --quick      # 6 s per setting instead of 18, ~4 minutes
     python -m bench throttle --scaling    # the 1-8 instances scaling table (bench/throttle_scaling.py)
 
 Setup: 3 simulated Azure OpenAI backends, each with a tokens quota per window (charged at
 admission from prompt length + max_tokens, as Azure does) and a requests quota in Azure's ratio
 (6 requests per 1000 tokens), answering 429 + Retry-After beyond it and `x-ratelimit-remaining-*`
-on every 200. The window is short (3 s) so a run of a few seconds spans several; Azure's RPM
-sub-window is 10 s. Offered load: 50%, 90% and 130% of the pool's token capacity, a seeded mix of
-chat calls (a quarter streamed), sent open loop round-robin over 1 or 4 `python -m lb serve`
-processes, with in-memory or Table (Azurite) state, under LB_POLICY=random and =headroom. The two
-policies of one (state, instances, load) run back to back on the same call sequence.
+on every 200. The window is 6 s, so a run of 18 s spans three (Azure's RPM sub-window is 10 s;
+much shorter windows would mostly measure the proxy's 1 s minimum cooldown). Offered load: 50%,
+90% and 130% of the pool's token capacity, a seeded mix of chat calls (a quarter streamed), sent
+open loop round-robin over 1 or 4 `python -m lb serve` processes, with in-memory or Table
+(Azurite) state, under LB_POLICY=random and =headroom. The two policies of one (state,
+instances, load) run back to back on the same call sequence.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return throttle_scaling.main([a for a in argv if a != "--scaling"])
     args = _parser().parse_args(argv)
     if args.seconds is None:
-        args.seconds = 6.0 if args.quick else 15.0
+        args.seconds = 6.0 if args.quick else 18.0
     capacity = BACKENDS * args.tokens / args.window / MEAN_TOKENS  # calls per second the pool can admit
     print(
         f"{BACKENDS} backends x {args.tokens} tokens / {args.window:g} s (~{MEAN_TOKENS:g} tokens a call): "
@@ -170,14 +171,14 @@ def _line(run: dict[str, Any]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="6 s per setting instead of 15")
+    parser.add_argument("--quick", action="store_true", help="6 s per setting instead of 18")
     parser.add_argument("--seconds", type=float, help="offered load per setting")
     parser.add_argument("--loads", type=int, nargs="+", default=[50, 90, 130], help="percent of pool capacity")
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--states", nargs="+", default=["memory", "table"], choices=["memory", "table"])
     parser.add_argument("--policies", nargs="+", default=["random", "headroom"], choices=["random", "headroom"])
-    parser.add_argument("--tokens", type=int, default=22_500, help="tokens each backend admits per window")
-    parser.add_argument("--window", type=float, default=3.0, help="quota window, seconds")
+    parser.add_argument("--tokens", type=int, default=45_000, help="tokens each backend admits per window")
+    parser.add_argument("--window", type=float, default=6.0, help="quota window, seconds")
     parser.add_argument("--latency", type=float, default=0.05, help="backend latency before the answer, seconds")
     parser.add_argument("--refresh-ms", type=int, default=1000, help="LB_STATE_REFRESH_MS for Table state")
     parser.add_argument("--seed", type=int, default=1)
