@@ -40,7 +40,8 @@ class Answer:
     status: int  # 0: no HTTP answer (connect error, timeout)
     seconds: float
     retry_after: int | None = None  # whole seconds, client 429s only
-    recovery: float | None = None  # seconds until the soonest backend would have taken this call, at the 429
+    recovery: float | None = None  # seconds until the soonest throttled backend's quota refilled, at the 429
+    recovery_for_call: float | None = None  # seconds until some backend would have admitted this very call
 
 
 def workload(rate: float, seconds: float, seed: int, poisson: bool = False) -> list[Call]:
@@ -59,8 +60,14 @@ def workload(rate: float, seconds: float, seed: int, poisson: bool = False) -> l
     return calls
 
 
-async def offer(urls: Sequence[str], calls: Sequence[Call], key: str, recovery: Callable[[int], float]) -> list[Answer]:
-    """Send `calls` round-robin over `urls`; `recovery(tokens)`: seconds until a backend would admit such a call."""
+async def offer(
+    urls: Sequence[str], calls: Sequence[Call], key: str, recovery: Callable[[int | None], float]
+) -> list[Answer]:
+    """Send `calls` round-robin over `urls`.
+
+    `recovery(None)`: seconds until the soonest backend recovers; `recovery(tokens)`: until one would
+    admit a call charged `tokens`.
+    """
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     async with httpx.AsyncClient(timeout=30, limits=limits, headers={"api-key": key}) as client:
 
@@ -72,7 +79,8 @@ async def offer(urls: Sequence[str], calls: Sequence[Call], key: str, recovery: 
                 return Answer(0, time.perf_counter() - started)
             answer = Answer(response.status_code, time.perf_counter() - started)
             if response.status_code == 429:
-                answer.recovery = recovery(call.tokens)
+                answer.recovery = recovery(None)
+                answer.recovery_for_call = recovery(call.tokens)
                 raw = response.headers.get("retry-after", "")
                 answer.retry_after = int(raw) if raw.isdigit() else None
             return answer
@@ -91,21 +99,24 @@ def summarize(answers: Sequence[Answer]) -> dict[str, Any]:
     """Client-side figures of one run."""
     ok = [a for a in answers if a.status == 200]
     throttled = [a for a in answers if a.status == 429]
-    late = [
-        a
-        for a in throttled
-        if a.retry_after is None or a.recovery is None or a.retry_after > math.ceil(a.recovery + TOLERANCE_SECONDS)
-    ]
+    late = [a for a in throttled if _late(a.retry_after, a.recovery)]
+    late_for_call = [a for a in throttled if _late(a.retry_after, a.recovery_for_call)]
     return {
         "sent": len(answers),
         "ok": len(ok),
         "client_429": len(throttled),
         "client_other_failures": len(answers) - len(ok) - len(throttled),
         "retry_after_late": len(late),
+        "retry_after_late_for_call": len(late_for_call),
         "p50_ms": _percentile([a.seconds for a in answers], 50),
         "p99_ms": _percentile([a.seconds for a in answers], 99),
         "p99_ok_ms": _percentile([a.seconds for a in ok], 99),
     }
+
+
+def _late(retry_after: int | None, recovery: float | None) -> bool:
+    """Whether a Retry-After (whole seconds) told the client to wait past `recovery` (rounded up likewise)."""
+    return retry_after is None or recovery is None or retry_after > math.ceil(recovery + TOLERANCE_SECONDS)
 
 
 def _percentile(samples: list[float], p: int) -> float | None:

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(instances: Instances, sims: list[SimBackend], calls: list) -> dict[str, Any]:
     """One setting: fresh quotas, the call sequence through the instances, what clients and backends saw."""
 
-    def recovery(tokens: int) -> float:
+    def recovery(tokens: int | None) -> float:
         now = time.monotonic()
         return min(sim.recovers_at(now, tokens) for sim in sims) - now
 
@@ -164,7 +164,8 @@ def _line(run: dict[str, Any]) -> str:
     return (
         f"{run['state']:6} x{run['instances']} {run['load_pct']:>3}% {run['policy']:8} "
         f"success {100 * run['ok'] / max(run['sent'], 1):5.1f}%  upstream 429s {run['upstream_429']:4}  "
-        f"client 429s {run['client_429']:4} (late Retry-After {run['retry_after_late']})  "
+        f"client 429s {run['client_429']:4} (Retry-After late {run['retry_after_late']}, "
+        f"for the call {run['retry_after_late_for_call']})  "
         f"p99 {run['p99_ms']} ms"
     )
 

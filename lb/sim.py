@@ -62,6 +62,7 @@ class SimBackend:
     _window_start: float = 0.0
     _window_used: int = 0
     _window_tokens: int = 0
+    _window_throttled: bool = False
 
     # Quota ------------------------------------------------------------------------------------
     def _take_quota(self, now: float, tokens: int) -> tuple[bool, float, int, int]:
@@ -70,10 +71,12 @@ class SimBackend:
             return True, 0.0, 1000, 1000 * self.tokens_per_request
         if now - self._window_start >= self.window_seconds:
             self._window_start, self._window_used, self._window_tokens = now, 0, 0
+            self._window_throttled = False
         reset = self._window_start + self.window_seconds - now
         requests_left = (self.requests_per_window or 10**9) - self._window_used
         tokens_left = self.tokens_per_window - self._window_tokens if self.tokens_per_window is not None else None
         if requests_left <= 0 or (tokens_left is not None and tokens_left < tokens):
+            self._window_throttled = True
             return False, reset, 0, 0
         self._window_used += 1
         requests_left -= 1
@@ -82,17 +85,24 @@ class SimBackend:
         self._window_tokens += tokens
         return True, reset, requests_left, tokens_left - tokens
 
-    def recovers_at(self, now: float, tokens: int = 0) -> float:
-        """Monotonic second the quota would admit a call charged `tokens`: `now` if it would now."""
+    def recovers_at(self, now: float, tokens: int | None = None) -> float:
+        """Monotonic second this backend recovers: `now` if it is not throttled.
+
+        Without `tokens`: the refill of a window in which it has answered 429. With `tokens`: when
+        its quota would admit a call charged that many (a backend that refused a big call may still
+        take a small one).
+        """
         end = self._window_start + self.window_seconds
         if end <= now:
             return now
+        if tokens is None:
+            return end if self._window_throttled else now
         requests_ok = self.requests_per_window is None or self._window_used < self.requests_per_window
         tokens_ok = self.tokens_per_window is None or self.tokens_per_window - self._window_tokens >= tokens
         return now if requests_ok and tokens_ok else end
 
     def reset_quota(self) -> None:
-        self._window_start, self._window_used, self._window_tokens = 0.0, 0, 0
+        self._window_start, self._window_used, self._window_tokens, self._window_throttled = 0.0, 0, 0, False
 
     def _charge(self, payload: Any) -> int:
         """Tokens taken at admission: prompt characters / 4 plus max_tokens, as Azure OpenAI estimates."""
