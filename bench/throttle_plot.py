@@ -39,10 +39,12 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
         where = f"{state}, {n} instance{'s' if n > 1 else ''}"
         r, h = by.get("random"), by.get("headroom")
         if load == 90 and r and h:
-            cut = 100 * (1 - h["upstream_429"] / r["upstream_429"]) if r["upstream_429"] else 0.0
-            rows.append(
-                ("#8", f"{where}, 90%: fewer upstream 429s, headroom vs random", ">= 50%", f"{cut:.0f}%", cut >= 50)
-            )
+            if r["upstream_429"]:
+                cut = 100 * (1 - h["upstream_429"] / r["upstream_429"])
+                measured, met = f"{cut:.0f}% ({r['upstream_429']} -> {h['upstream_429']})", cut >= 50
+            else:
+                measured, met = f"random had none ({h['upstream_429']} with headroom)", h["upstream_429"] == 0
+            rows.append(("#8", f"{where}, 90%: fewer upstream 429s, headroom vs random", ">= 50%", measured, met))
             ok = success(h) >= success(r)
             rows.append(
                 (
@@ -86,6 +88,19 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
                         good == failed,
                     )
                 )
+    at90 = [by for (_, _, ld), by in pairs.items() if ld == 90 and len(by) == 2]
+    r_all, h_all = (sum(by[p]["upstream_429"] for by in at90) for p in ("random", "headroom"))
+    if r_all:
+        cut = 100 * (1 - h_all / r_all)
+        rows.append(
+            (
+                "#8",
+                "all 90% settings: fewer upstream 429s in total",
+                ">= 50%",
+                f"{cut:.0f}% ({r_all} -> {h_all})",
+                cut >= 50,
+            )
+        )
     return [{"issue": i, "figure": f, "goal": g, "measured": m, "met": ok} for i, f, g, m, ok in rows]
 
 
