@@ -9,8 +9,9 @@ global remaining quota, not this instance's share).
 
 Azure sends no limit header, so the most ever seen stands in for the limit when turning
 "remaining" into a fraction. A reading is trusted only for the rate-limit window (Azure evaluates
-per 10 s) or until an `x-ratelimit-reset-*` header says the quota refills; after that the backend
-counts as unknown and gets a full share, so a backend is never starved on old news.
+per 10 s), until an `x-ratelimit-reset-*` header says the quota refills, or until the next refill
+predicted from the window learnt between two refills; after that the backend counts as unknown
+and gets a full share, so a backend is never starved on old news.
 """
 
 from __future__ import annotations
