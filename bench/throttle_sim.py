@@ -1,262 +1,192 @@
-"""Throttle simulation: does sharing cooldowns through Table Storage stop N instances from
-hammering a throttled backend N times over?
+"""Throttling simulation (issues 6 and 8): random vs headroom routing on a pool under quota pressure.
 
-Not a test: it prints a Markdown table. Run from the repo root (Azurite installed with
-`npm install --no-save --no-audit --no-fund azurite@3`):
+Not a test: it writes bench/results/throttle.json, docs/throttle.png and prints Markdown tables.
+Run from the repo root (Azurite installed with `npm install --no-save --no-audit --no-fund azurite@3`):
 
-    python -m bench.throttle_sim            # ~2 minutes
-    python -m bench.throttle_sim --seconds 5 --instances 1 2
+    python -m bench throttle              # the whole matrix, ~8 minutes
+    python -m bench throttle --quick      # 6 s per setting instead of 18, ~4 minutes
+    python -m bench throttle --scaling    # the 1-8 instances scaling table (bench/throttle_scaling.py)
 
-Setup: 3 simulated Azure OpenAI backends, each allowing `--quota` requests per `--window`
-seconds (429 + Retry-After until the window resets), behind 1, 2, 4, 8 proxy instances. Each
-instance is its own `python -m lb serve` process, so instances share nothing but the table. A
-fixed offered load (`--rate` requests/s, open loop) goes round-robin over the instances, first with
-in-memory state, then with Table state on a real Azurite (a fresh table per run).
+Setup: 3 simulated Azure OpenAI backends, each with a tokens quota per window (charged at
+admission from prompt length + max_tokens, as Azure does) and a requests quota in Azure's ratio
+(6 requests per 1000 tokens), answering 429 + Retry-After beyond it and `x-ratelimit-remaining-*`
+on every 200. The window is 6 s, so a run of 18 s spans three (Azure's RPM sub-window is 10 s;
+much shorter windows would mostly measure the proxy's 1 s minimum cooldown). Offered load: 50%,
+90% and 130% of the pool's token capacity, a seeded mix of chat calls (a quarter streamed), sent
+open loop round-robin over 1 or 4 `python -m lb serve` processes, with in-memory or Table
+(Azurite) state, under LB_POLICY=random and =headroom. The two policies of one (state,
+instances, load) run back to back on the same call sequence.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import math
+import json
 import os
-import subprocess
+import platform
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-
-import httpx
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # also runnable as `python bench/throttle_sim.py`
 
-from lb.sim import Servers, SimBackend, free_port  # noqa: E402
+from bench.throttle_instances import CLIENT_KEY, Instances, proxy_env  # noqa: E402
+from bench.throttle_load import MEAN_TOKENS, offer, summarize, workload  # noqa: E402
+from bench.throttle_plot import plot, render  # noqa: E402
+from lb.sim import Servers, SimBackend  # noqa: E402
 from tests.azurite import start_azurite  # noqa: E402
 
-CLIENT_KEY = "bench-key"
-API_VERSION = "2024-10-21"
-PATH = f"/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
-BODY = {"messages": [{"role": "user", "content": "hi"}]}
 BACKENDS = 3
-
-
-@dataclass
-class Result:
-    state: str
-    refresh_ms: int | None
-    instances: int
-    sent: int
-    ok: int
-    upstream_429: int
-    windows: float
-    table_reads: int
-    table_writes: int
-    table_queries: int
-    seconds: float
-
-    def row(self) -> str:
-        per_window = self.upstream_429 / (self.windows * BACKENDS) if self.windows else 0.0
-        table = (
-            f"{self.table_reads / self.seconds:.1f} | {self.table_writes / self.seconds:.1f} | "
-            f"{self.table_queries / self.seconds:.1f}"
-            if self.state == "table"
-            else "- | - | -"
-        )
-        state = f"table, refresh {self.refresh_ms} ms" if self.state == "table" else self.state
-        return (
-            f"| {state} | {self.instances} | {self.sent} | {100 * self.ok / max(self.sent, 1):.1f}% | "
-            f"{self.upstream_429} | {per_window:.2f} | {table} |"
-        )
-
-
-HEADER = (
-    "| state | instances | client requests | client success | upstream 429s | 429s per window per (backend, deployment)"
-    " | Table reads/s | Table writes/s | Table queries/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-)
-
-
-def proxy_env(backend_urls: list[str], state: dict[str, str]) -> dict[str, str]:
-    """A clean environment: nothing from the developer's BACKEND_* / LB_* / AzureWebJobsStorage leaks in."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "LB_", "AzureWebJobsStorage"))}
-    env.update({"LB_CLIENT_KEYS": CLIENT_KEY, "LB_LOG_LEVEL": "WARNING", **state})
-    for i, url in enumerate(backend_urls, start=1):
-        env[f"BACKEND_{i}_URL"] = url
-        env[f"BACKEND_{i}_APIKEY"] = f"key-{i}"
-    return env
-
-
-class Instances:
-    """N `python -m lb serve` processes; their output goes to a log file shown if one fails."""
-
-    def __init__(self, n: int, env: dict[str, str], logdir: str) -> None:
-        self.ports = [free_port() for _ in range(n)]
-        self.logs = [Path(logdir) / f"lb-{port}.log" for port in self.ports]
-        self.procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "lb", "serve", "--port", str(port)],
-                cwd=ROOT,
-                env=env,
-                stdout=log.open("wb"),
-                stderr=subprocess.STDOUT,
-            )
-            for port, log in zip(self.ports, self.logs, strict=True)
-        ]
-        self.urls = [f"http://127.0.0.1:{port}" for port in self.ports]
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        for url, proc, log in zip(self.urls, self.procs, self.logs, strict=True):
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"proxy at {url} did not start:\n{log.read_text()[-2000:]}")
-                try:
-                    if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.05)
-
-    def table_ops(self) -> dict[str, int]:
-        total = {"reads": 0, "writes": 0, "queries": 0}
-        for url in self.urls:
-            state = httpx.get(url + "/lb/status", headers={"api-key": CLIENT_KEY}, timeout=5).json()["state"]
-            for k in total:
-                total[k] += state.get("ops", {}).get(k, 0)
-        return total
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-async def offer_load(urls: list[str], rate: float, seconds: float) -> tuple[int, int]:
-    """Open loop: request i leaves at i / rate whatever earlier ones did, to instance i mod N."""
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
-    async with httpx.AsyncClient(timeout=30, limits=limits, headers={"api-key": CLIENT_KEY}) as client:
-
-        async def one(url: str) -> int:
-            try:
-                return (await client.post(url + PATH, json=BODY)).status_code
-            except httpx.HTTPError:
-                return 0
-
-        n = int(rate * seconds)
-        start = time.monotonic()
-        tasks = []
-        for i in range(n):
-            delay = start + i / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(urls[i % len(urls)])))
-        results = await asyncio.gather(*tasks)
-    return n, results.count(200)
-
-
-def reset(sims: list[SimBackend]) -> None:
-    for sim in sims:
-        sim.calls.clear()
-        sim.answered.clear()
-        sim._window_start, sim._window_used = 0.0, 0
-
-
-def run_setting(
-    state: str,
-    refresh_ms: int | None,
-    n: int,
-    sims: list[SimBackend],
-    urls: list[str],
-    args: argparse.Namespace,
-    azurite_cs: str,
-    logdir: str,
-) -> Result:
-    state_env: dict[str, str] = {}
-    if state == "table":
-        state_env = {
-            "LB_STATE_CONNECTION_STRING": azurite_cs,
-            "LB_STATE_TABLE": "sim" + uuid.uuid4().hex[:12],
-            "LB_STATE_REFRESH_MS": str(refresh_ms),
-        }
-    instances = Instances(n, proxy_env(urls, state_env), logdir)
-    try:
-        instances.wait_ready()
-        reset(sims)
-        before = instances.table_ops() if state == "table" else {"reads": 0, "writes": 0, "queries": 0}
-        started = time.monotonic()
-        sent, ok = asyncio.run(offer_load(instances.urls, args.rate, args.seconds))
-        seconds = time.monotonic() - started
-        after = instances.table_ops() if state == "table" else before
-    finally:
-        instances.stop()
-    return Result(
-        state=state,
-        refresh_ms=refresh_ms,
-        instances=n,
-        sent=sent,
-        ok=ok,
-        upstream_429=sum(sim.count(429) for sim in sims),
-        windows=seconds / args.window,
-        table_reads=after["reads"] - before["reads"],
-        table_writes=after["writes"] - before["writes"],
-        table_queries=after["queries"] - before["queries"],
-        seconds=seconds,
-    )
+REQUESTS_PER_1000_TOKENS = 6  # Azure OpenAI grants 6 RPM per 1000 TPM
+OUT = ROOT / "bench" / "results" / "throttle.json"
+PLOT = ROOT / "docs" / "throttle.png"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--states", nargs="+", default=["memory", "table"], choices=["memory", "table"])
-    parser.add_argument("--seconds", type=float, default=10.0, help="offered load per setting")
-    parser.add_argument("--rate", type=float, default=40.0, help="offered requests per second, all instances")
-    parser.add_argument("--quota", type=int, default=20, help="requests each backend allows per window")
-    parser.add_argument("--window", type=float, default=2.0, help="backend quota window, seconds")
-    parser.add_argument("--refresh-ms", type=int, nargs="+", default=[100, 1000], help="LB_STATE_REFRESH_MS values")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--scaling" in argv:
+        from bench import throttle_scaling
 
-    capacity = BACKENDS * args.quota / args.window
+        return throttle_scaling.main([a for a in argv if a != "--scaling"])
+    args = _parser().parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 6.0 if args.quick else 18.0
+    capacity = BACKENDS * args.tokens / args.window / MEAN_TOKENS  # calls per second the pool can admit
     print(
-        f"{BACKENDS} backends x {args.quota} requests / {args.window:g} s = {capacity:g} req/s capacity; "
-        f"offered {args.rate:g} req/s for {args.seconds:g} s per setting; "
-        f"Table refresh {'/'.join(map(str, args.refresh_ms))} ms; "
-        "each instance a separate `python -m lb serve` process\n",
+        f"{BACKENDS} backends x {args.tokens} tokens / {args.window:g} s (~{MEAN_TOKENS:g} tokens a call): "
+        f"{capacity:.1f} calls/s capacity; {args.seconds:g} s per setting; each instance a `python -m lb serve`\n",
         flush=True,
     )
     azurite = start_azurite() if "table" in args.states else None
     servers = Servers()
     sims = [
-        SimBackend(f"sim{i}", api_key=f"key-{i}", requests_per_window=args.quota, window_seconds=args.window)
+        SimBackend(
+            f"sim{i}",
+            api_key=f"key-{i}",
+            latency=args.latency,
+            chunks=5,
+            chunk_gap=0.02,
+            tokens_per_window=args.tokens,
+            requests_per_window=args.tokens * REQUESTS_PER_1000_TOKENS // 1000,
+            window_seconds=args.window,
+        )
         for i in range(1, BACKENDS + 1)
     ]
     urls = [servers.start(sim) for sim in sims]
-    results: list[Result] = []
+    runs: list[dict[str, Any]] = []
+    started = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="lb-sim-") as logdir:
-            print(HEADER, flush=True)
-            settings = [(s, r) for s in args.states for r in (args.refresh_ms if s == "table" else [None])]
-            for state, refresh_ms in settings:
+            for state in args.states:
                 for n in args.instances:
-                    cs = azurite.connection_string if azurite else ""
-                    results.append(run_setting(state, refresh_ms, n, sims, urls, args, cs, logdir))
-                    print(results[-1].row(), flush=True)
+                    for load in args.loads:
+                        rate = capacity * load / 100
+                        calls = workload(rate, args.seconds, seed=args.seed + load, poisson=args.poisson)
+                        for policy in args.policies:
+                            extra = {"LB_POLICY": policy}
+                            if state == "table":
+                                extra |= {
+                                    "LB_STATE_CONNECTION_STRING": azurite.connection_string,  # type: ignore[union-attr]
+                                    "LB_STATE_TABLE": "sim" + uuid.uuid4().hex[:12],
+                                    "LB_STATE_REFRESH_MS": str(args.refresh_ms),
+                                }
+                            run = {"state": state, "instances": n, "load_pct": load, "policy": policy}
+                            run["offered_per_second"] = round(rate, 2)
+                            run |= _run(Instances(n, proxy_env(urls, extra), logdir), sims, calls)
+                            runs.append(run)
+                            print(_line(run), flush=True)
     finally:
         servers.stop()
         if azurite is not None:
             azurite.close()
-    print(
-        "\n429s per window per (backend, deployment) = upstream 429s / (run seconds / window seconds * backends); "
-        f"ideal is about 1 ({math.ceil(args.seconds / args.window)} windows per run)."
-    )
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+        "params": {
+            "backends": BACKENDS,
+            "tokens_per_window": args.tokens,
+            "requests_per_window": sims[0].requests_per_window,
+            "window_seconds": args.window,
+            "mean_tokens_per_call": MEAN_TOKENS,
+            "capacity_calls_per_second": round(capacity, 2),
+            "seconds_per_setting": args.seconds,
+            "latency_seconds": args.latency,
+            "refresh_ms": args.refresh_ms,
+            "arrivals": "poisson" if args.poisson else "uniform",
+            "seed": args.seed,
+        },
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n" + render(result))
+    print(f"\nwrote {args.out}")
+    if args.plot:
+        plot(result, Path(args.plot))
+        print(f"wrote {args.plot}")
     return 0
+
+
+def _run(instances: Instances, sims: list[SimBackend], calls: list) -> dict[str, Any]:
+    """One setting: fresh quotas, the call sequence through the instances, what clients and backends saw."""
+
+    def recovery(tokens: int | None) -> float:
+        now = time.monotonic()
+        return min(sim.recovers_at(now, tokens) for sim in sims) - now
+
+    try:
+        instances.wait_ready()
+        for sim in sims:
+            sim.calls.clear()
+            sim.answered.clear()
+            sim.reset_quota()
+        started = time.monotonic()
+        answers = asyncio.run(offer(instances.urls, calls, CLIENT_KEY, recovery))
+        seconds = time.monotonic() - started
+    finally:
+        instances.stop()
+    return {
+        **summarize(answers),
+        "upstream_calls": sum(len(sim.calls) for sim in sims),
+        "upstream_429": sum(sim.count(429) for sim in sims),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _line(run: dict[str, Any]) -> str:
+    return (
+        f"{run['state']:6} x{run['instances']} {run['load_pct']:>3}% {run['policy']:8} "
+        f"success {100 * run['ok'] / max(run['sent'], 1):5.1f}%  upstream 429s {run['upstream_429']:4}  "
+        f"client 429s {run['client_429']:4} (Retry-After late {run['retry_after_late']}, "
+        f"for the call {run['retry_after_late_for_call']})  "
+        f"p99 {run['p99_ms']} ms"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="6 s per setting instead of 18")
+    parser.add_argument("--seconds", type=float, help="offered load per setting")
+    parser.add_argument("--loads", type=int, nargs="+", default=[50, 90, 130], help="percent of pool capacity")
+    parser.add_argument("--instances", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--states", nargs="+", default=["memory", "table"], choices=["memory", "table"])
+    parser.add_argument("--policies", nargs="+", default=["random", "headroom"], choices=["random", "headroom"])
+    parser.add_argument("--tokens", type=int, default=45_000, help="tokens each backend admits per window")
+    parser.add_argument("--window", type=float, default=6.0, help="quota window, seconds")
+    parser.add_argument("--latency", type=float, default=0.05, help="backend latency before the answer, seconds")
+    parser.add_argument("--refresh-ms", type=int, default=1000, help="LB_STATE_REFRESH_MS for Table state")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--poisson", action="store_true", help="Poisson arrivals instead of evenly spaced calls")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--plot", default=str(PLOT), help="PNG to write; '' for none")
+    return parser
 
 
 if __name__ == "__main__":

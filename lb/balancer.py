@@ -4,6 +4,15 @@ Candidates are the backends that serve the deployment, have not been tried for t
 are not cooling. Among them only the best (lowest) priority group is used, and the pick inside it
 is weighted random, so load spreads while a preferred group (e.g. provisioned throughput) is
 drained first.
+
+Two policies (`LB_POLICY`) differ only in the weights inside the group:
+- `random`: the configured weights. Nothing is estimated per request.
+- `headroom`: the configured weights times the share of quota each backend last reported left
+  (`lb.headroom`), so load drifts away from a backend before it answers 429. A backend that
+  reported 0 left counts as cooling until its quota refills (the 429 round trip is skipped), one
+  with fewer tokens left than the request needs counts as cooling for that call while another
+  (even of a worse priority) has enough, and one with no fresh reading gets its full weight so it
+  is probed rather than starved.
 """
 
 from __future__ import annotations
@@ -12,7 +21,8 @@ import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from lb.config import Backend
+from lb.config import POLICIES, Backend
+from lb.headroom import Headroom, estimate_tokens
 from lb.state import ANY_DEPLOYMENT, CooldownStore
 
 
@@ -25,15 +35,33 @@ class NoCandidate:
 
 
 class Balancer:
-    def __init__(self, backends: Sequence[Backend], store: CooldownStore, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        store: CooldownStore,
+        rng: random.Random | None = None,
+        *,
+        policy: str = "random",
+        headroom: Headroom | None = None,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}")
         self.backends = tuple(backends)
         self.store = store
+        self.policy = policy
+        self.headroom = headroom or Headroom()
+        self._by_headroom = policy == "headroom"
         self._rng = rng or random.Random()
 
-    def pick(self, deployment: str | None, now: float, tried: Collection[str] = ()) -> Backend | NoCandidate:
+    def need(self, body: bytes) -> int:
+        """Tokens the request will take from a backend's quota; 0 (not computed) under `random`."""
+        return estimate_tokens(body) if self._by_headroom and body else 0
+
+    def pick(
+        self, deployment: str | None, now: float, tried: Collection[str] = (), need: int = 0
+    ) -> Backend | NoCandidate:
         key = deployment or ANY_DEPLOYMENT
-        best: list[Backend] = []
-        best_priority = 0
+        fits, short = _Group(), _Group()  # short: fewer tokens left than `need` (headroom policy only)
         served = False
         retry_at = 0.0
         for backend in self.backends:
@@ -42,29 +70,59 @@ class Balancer:
             served = True
             if backend.name in tried:
                 continue
-            until = self.store.cooling_until(backend.name, key, now)
+            until = self._unavailable_until(backend.name, key, now)
             if until:
                 retry_at = until if not retry_at else min(retry_at, until)
                 continue
-            if not best or backend.priority < best_priority:
-                best, best_priority = [backend], backend.priority
-            elif backend.priority == best_priority:
-                best.append(backend)
-        if not best:
+            if not self._by_headroom:
+                fits.add(backend, backend.weight)
+                continue
+            share, too_short = self.headroom.share(backend.name, key, need, now)
+            (short if too_short else fits).add(backend, backend.weight * share)
+        # A short backend is like a cooling one for this call: the next priority group is tried first.
+        # With none left that fits, short ones are still tried, most headroom first: a reading may be
+        # older than the backend's last quota refill (Azure does not say when that is).
+        group = fits if fits.members else short
+        if not group.members:
             return NoCandidate(served=served, retry_at=retry_at)
-        if len(best) == 1:
-            return best[0]
-        weights = [b.weight for b in best]
+        chosen = group.members[0] if len(group.members) == 1 else self._weighted(group.members, group.weights)
+        if self._by_headroom:
+            self.headroom.charge(chosen.name, key, need)
+        return chosen
+
+    def _weighted(self, group: list[Backend], weights: list[float]) -> Backend:
         if not any(weights):  # a group of weight-0 backends is still better than none
-            return self._rng.choice(best)
-        return self._rng.choices(best, weights=weights)[0]
+            return self._rng.choice(group)
+        return self._rng.choices(group, weights=weights)[0]
 
     def soonest_recovery(self, deployment: str | None, now: float) -> float:
-        """Epoch second the first cooling backend for `deployment` recovers; 0.0 if none cools."""
+        """Epoch second the first unavailable backend for `deployment` recovers; 0.0 if none is."""
         key = deployment or ANY_DEPLOYMENT
         times = [
             until
             for b in self.backends
-            if b.serves(deployment) and (until := self.store.cooling_until(b.name, key, now))
+            if b.serves(deployment) and (until := self._unavailable_until(b.name, key, now))
         ]
         return min(times, default=0.0)
+
+    def _unavailable_until(self, backend: str, key: str, now: float) -> float:
+        until = self.store.cooling_until(backend, key, now)
+        if self._by_headroom:
+            until = max(until, self.headroom.exhausted_until(backend, key, now))
+        return until
+
+
+class _Group:
+    """The best (lowest) priority group seen so far, with each member's weight."""
+
+    def __init__(self) -> None:
+        self.members: list[Backend] = []
+        self.weights: list[float] = []
+        self.priority = 0
+
+    def add(self, backend: Backend, weight: float) -> None:
+        if not self.members or backend.priority < self.priority:
+            self.members, self.weights, self.priority = [backend], [weight], backend.priority
+        elif backend.priority == self.priority:
+            self.members.append(backend)
+            self.weights.append(weight)

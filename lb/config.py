@@ -25,6 +25,11 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_ENTRA_AUDIENCES = ("https://cognitiveservices.azure.com",)  # what azure-search-openai-demo asks a token for
 DEFAULT_ENTRA_AUTHORITY = "https://login.microsoftonline.com"
 _GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+# How the balancer weighs backends inside a priority group (lb.balancer): configured weights only, or
+# weights times the quota each backend last reported left. `random` stays the default until the
+# throttling simulation says otherwise.
+POLICIES = ("random", "headroom")
+DEFAULT_POLICY = "random"
 
 BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|APIKEY|DEPLOYMENTS)$")
 
@@ -50,6 +55,7 @@ SETTING_NAMES = frozenset(
         "LB_STATE_REFRESH_MS",
         "LB_STATE_HOT_REFRESH_MS",
         "LB_LOG_LEVEL",
+        "LB_POLICY",
         "AZURE_CLIENT_ID",
         "AzureWebJobsStorage",
         "AzureWebJobsStorage__accountName",
@@ -147,6 +153,7 @@ class Settings:
     entra: EntraSettings | None = None
     state: StateSettings = field(default_factory=StateSettings)
     on_azure: bool = False
+    policy: str = DEFAULT_POLICY
 
     @property
     def anonymous(self) -> bool:
@@ -184,7 +191,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         entra=entra,
         state=_load_state(env),
         on_azure=on_azure,
+        policy=_policy(env),
     )
+
+
+def _policy(env: Mapping[str, str]) -> str:
+    raw = env.get("LB_POLICY", "").strip()
+    if not raw:
+        return DEFAULT_POLICY
+    if raw.lower() not in POLICIES:
+        raise ConfigError(f"LB_POLICY: {raw!r} is not one of {', '.join(POLICIES)}")
+    return raw.lower()
 
 
 def _load_backends(env: Mapping[str, str]) -> tuple[Backend, ...]:

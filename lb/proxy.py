@@ -49,7 +49,7 @@ class Proxy:
     ) -> None:
         self.settings = settings
         self.store = store or MemoryStore()
-        self.balancer = Balancer(settings.backends, self.store)
+        self.balancer = Balancer(settings.backends, self.store, policy=settings.policy)
         self.client = client or create_client(settings)
         self.client_auth = ClientAuth(settings.client_keys, settings.entra)
         self.backend_auth = backend_auth or BackendAuth()
@@ -138,10 +138,12 @@ class Proxy:
                     "auth": "api-key" if b.api_key else "entra-id",
                     "deployments": sorted(b.deployments) if b.deployments is not None else "all",
                     "cooldowns": cooling.get(b.name, []),
+                    "headroom": self.balancer.headroom.report(b.name, now),
                 }
                 for b in self.settings.backends
             ],
             "state": self.store.health(),
+            "policy": self.balancer.policy,
             "max_attempts": self.settings.max_attempts,
             "timeout_seconds": self.settings.timeout_seconds,
         }
@@ -153,7 +155,8 @@ class Proxy:
         deadline = time.monotonic() + settings.timeout_seconds
         headers = forwarded_headers(request, logctx.current_request_id.get())
         failure: errors.ProxyError | None = None
-        choice = self.balancer.pick(info.deployment, time.time())
+        need = self.balancer.need(info.body)
+        choice = self.balancer.pick(info.deployment, time.time(), need=need)
 
         while isinstance(choice, Backend):
             backend = choice
@@ -164,7 +167,7 @@ class Proxy:
             attempt = Attempt(backend.name, time.time(), time.perf_counter())
             tried.append(attempt)
             timeout = remaining
-            if remaining > settings.attempt_timeout_seconds and self._has_alternative(info, tried):
+            if remaining > settings.attempt_timeout_seconds and self._has_alternative(info, tried, need):
                 timeout = settings.attempt_timeout_seconds  # a silent backend must leave time for another
             try:
                 upstream = await self._send(backend, request.method, info, headers, timeout)
@@ -172,10 +175,14 @@ class Proxy:
                 failure = errors.upstream_error(exc, backend.name)
                 seconds = self._cool(backend, info.deployment, settings.default_cooldown_seconds, type(exc).__name__)
                 self._attempted(attempt, info, f"error {type(exc).__name__}", seconds)
-                choice = self._next(info, tried)
+                choice = self._next(info, tried, need)
                 continue
 
             status = upstream.status_code
+            if status != 429:  # a 429's zeros say less than its Retry-After, which cools it below
+                self.balancer.headroom.record(
+                    backend.name, info.deployment or ANY_DEPLOYMENT, upstream.headers, time.time()
+                )
             if status not in RETRYABLE_STATUS:
                 self._attempted(attempt, info, status, None)
                 return self._relay(upstream, backend, info, len(tried))
@@ -185,7 +192,7 @@ class Proxy:
             )
             self._cool(backend, info.deployment, seconds, f"{status} ({source})")
             self._attempted(attempt, info, status, seconds)
-            choice = self._next(info, tried)
+            choice = self._next(info, tried, need)
             if isinstance(choice, Backend) and deadline > time.monotonic():
                 await upstream.aclose()
                 continue
@@ -200,14 +207,14 @@ class Proxy:
             raise errors.NotFound(f"No backend serves deployment '{info.deployment}'.")
         return self._all_cooling(info, tried)
 
-    def _has_alternative(self, info: RequestInfo, tried: list[Attempt]) -> bool:
+    def _has_alternative(self, info: RequestInfo, tried: list[Attempt], need: int) -> bool:
         """Whether another backend could still be tried if the current attempt fails."""
-        return isinstance(self._next(info, tried), Backend)
+        return isinstance(self._next(info, tried, need), Backend)
 
-    def _next(self, info: RequestInfo, tried: list[Attempt]) -> Backend | NoCandidate:
+    def _next(self, info: RequestInfo, tried: list[Attempt], need: int) -> Backend | NoCandidate:
         if len(tried) >= self.settings.max_attempts:
             return NoCandidate(served=True, retry_at=0.0)
-        return self.balancer.pick(info.deployment, time.time(), {a.backend for a in tried})
+        return self.balancer.pick(info.deployment, time.time(), {a.backend for a in tried}, need)
 
     def _attempted(self, attempt: Attempt, info: RequestInfo, status: int | str, cooldown: float | None) -> None:
         """Log and record one finished attempt: INFO when it cooled a backend, DEBUG otherwise."""

@@ -2,8 +2,10 @@
 
 It answers the routes the openai SDK calls (both URL shapes) with Azure OpenAI's bodies and
 headers, streams chat completions as SSE, checks the `api-key` it expects, records what it was
-sent, and can be told to misbehave: a requests-per-window quota (429 + Retry-After beyond it, with
-`x-ratelimit-remaining-*` on every answer), forced 429s or 5xx, latency, or never answering.
+sent, and can be told to misbehave: a requests- and tokens-per-window quota (429 + Retry-After
+beyond it, with `x-ratelimit-remaining-*` on every answer), forced 429s or 5xx, latency, or never
+answering. Like Azure OpenAI it charges a call's tokens at admission, from the prompt's length
+(4 characters a token) plus `max_tokens`, and sends no limit or reset header on a 200.
 It is a bare ASGI app so it costs little CPU next to the proxy being measured.
 """
 
@@ -45,7 +47,10 @@ class SimBackend:
     chunk_gap: float = 0.0  # seconds between chunks
     requests_per_window: int | None = None  # quota; None = unlimited
     window_seconds: float = 60.0
-    tokens_per_request: int = 30
+    tokens_per_request: int = (
+        30  # charged when the call names no max_tokens / the remaining-tokens step without a tokens quota
+    )
+    tokens_per_window: int | None = None  # tokens quota; None = only requests are limited
     throttle_next: int = 0  # answer this many calls with 429 regardless of quota
     retry_after: float = 2.0  # seconds announced by forced 429s
     fail_status: int | None = None  # answer every call with this status
@@ -56,19 +61,56 @@ class SimBackend:
     disconnects: int = 0  # streams the caller abandoned before the end
     _window_start: float = 0.0
     _window_used: int = 0
+    _window_tokens: int = 0
+    _window_throttled: bool = False
 
     # Quota ------------------------------------------------------------------------------------
-    def _take_quota(self, now: float) -> tuple[bool, float, int]:
-        """(allowed, seconds until the window resets, requests left)."""
-        if self.requests_per_window is None:
-            return True, 0.0, 1000
+    def _take_quota(self, now: float, tokens: int) -> tuple[bool, float, int, int]:
+        """(allowed, seconds until the window resets, requests left, tokens left)."""
+        if self.requests_per_window is None and self.tokens_per_window is None:
+            return True, 0.0, 1000, 1000 * self.tokens_per_request
         if now - self._window_start >= self.window_seconds:
-            self._window_start, self._window_used = now, 0
+            self._window_start, self._window_used, self._window_tokens = now, 0, 0
+            self._window_throttled = False
         reset = self._window_start + self.window_seconds - now
-        if self._window_used >= self.requests_per_window:
-            return False, reset, 0
+        requests_left = (self.requests_per_window or 10**9) - self._window_used
+        tokens_left = self.tokens_per_window - self._window_tokens if self.tokens_per_window is not None else None
+        if requests_left <= 0 or (tokens_left is not None and tokens_left < tokens):
+            self._window_throttled = True
+            return False, reset, 0, 0
         self._window_used += 1
-        return True, reset, self.requests_per_window - self._window_used
+        requests_left -= 1
+        if tokens_left is None:
+            return True, reset, requests_left, requests_left * self.tokens_per_request
+        self._window_tokens += tokens
+        return True, reset, requests_left, tokens_left - tokens
+
+    def recovers_at(self, now: float, tokens: int | None = None) -> float:
+        """Monotonic second this backend recovers: `now` if it is not throttled.
+
+        Without `tokens`: the refill of a window in which it has answered 429. With `tokens`: when
+        its quota would admit a call charged that many (a backend that refused a big call may still
+        take a small one).
+        """
+        end = self._window_start + self.window_seconds
+        if end <= now:
+            return now
+        if tokens is None:
+            return end if self._window_throttled else now
+        requests_ok = self.requests_per_window is None or self._window_used < self.requests_per_window
+        tokens_ok = self.tokens_per_window is None or self.tokens_per_window - self._window_tokens >= tokens
+        return now if requests_ok and tokens_ok else end
+
+    def reset_quota(self) -> None:
+        self._window_start, self._window_used, self._window_tokens, self._window_throttled = 0.0, 0, 0, False
+
+    def _charge(self, payload: Any) -> int:
+        """Tokens taken at admission: prompt characters / 4 plus max_tokens, as Azure OpenAI estimates."""
+        if not isinstance(payload, dict):
+            return self.tokens_per_request
+        limit = payload.get("max_completion_tokens", payload.get("max_tokens"))
+        completion = limit if isinstance(limit, int) else self.tokens_per_request
+        return math.ceil(_prompt_chars(payload) / 4) + completion
 
     def count(self, status: int = 200) -> int:
         return self.answered.get(status, 0)
@@ -103,14 +145,14 @@ class SimBackend:
         if self.throttle_next > 0:
             self.throttle_next -= 1
             return await self._throttled(send, self.retry_after)
-        allowed, reset, left = self._take_quota(now)
+        allowed, reset, left, tokens_left = self._take_quota(now, self._charge(payload))
         if not allowed:
             return await self._throttled(send, reset)
         if self.latency:
             await asyncio.sleep(self.latency)
         rate = [
             (b"x-ratelimit-remaining-requests", str(left).encode()),
-            (b"x-ratelimit-remaining-tokens", str(left * self.tokens_per_request).encode()),
+            (b"x-ratelimit-remaining-tokens", str(tokens_left).encode()),
             (b"apim-request-id", str(uuid.uuid4()).encode()),
         ]
         if "embeddings" in path:
@@ -177,6 +219,14 @@ def _json(body: bytes) -> Any:
         return json.loads(body) if body else None
     except ValueError:
         return None
+
+
+def _prompt_chars(payload: dict[str, Any]) -> int:
+    messages = payload.get("messages")
+    if isinstance(messages, list):
+        return sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
+    text = payload.get("input")
+    return len(text) if isinstance(text, str) else 0
 
 
 def _deployment(path: str, payload: Any) -> str | None:
