@@ -24,7 +24,8 @@ test: install azurite
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
-# Throttled pool behind 1-8 `lb serve` processes, in-memory vs Table (Azurite) state: prints a table.
+# Quota pressure: 3 throttled backends at 50/90/130% load, 1 and 4 `lb serve` processes, memory vs Table
+# (Azurite) state, random vs headroom routing (~7.5 min; `python -m bench throttle --scaling` for 1-8 instances).
 sim: install azurite
 	$(PY) -m bench.throttle_sim
 

@@ -39,6 +39,7 @@ BACKENDS = 3
 
 @dataclass
 class Result:
+    policy: str
     state: str
     refresh_ms: int | None
     instances: int
@@ -61,14 +62,15 @@ class Result:
         )
         state = f"table, refresh {self.refresh_ms} ms" if self.state == "table" else self.state
         return (
-            f"| {state} | {self.instances} | {self.sent} | {100 * self.ok / max(self.sent, 1):.1f}% | "
+            f"| {self.policy} | {state} | {self.instances} | {self.sent} | {100 * self.ok / max(self.sent, 1):.1f}% | "
             f"{self.upstream_429} | {per_window:.2f} | {table} |"
         )
 
 
 HEADER = (
-    "| state | instances | client requests | client success | upstream 429s | 429s per window per (backend, deployment)"
-    " | Table reads/s | Table writes/s | Table queries/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| policy | state | instances | client requests | client success | upstream 429s"
+    " | 429s per window per (backend, deployment) | Table reads/s | Table writes/s | Table queries/s |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -103,6 +105,7 @@ def reset(sims: list[SimBackend]) -> None:
 
 
 def run_setting(
+    policy: str,
     state: str,
     refresh_ms: int | None,
     n: int,
@@ -112,9 +115,9 @@ def run_setting(
     azurite_cs: str,
     logdir: str,
 ) -> Result:
-    state_env: dict[str, str] = {}
+    state_env: dict[str, str] = {"LB_POLICY": policy}
     if state == "table":
-        state_env = {
+        state_env |= {
             "LB_STATE_CONNECTION_STRING": azurite_cs,
             "LB_STATE_TABLE": "sim" + uuid.uuid4().hex[:12],
             "LB_STATE_REFRESH_MS": str(refresh_ms),
@@ -131,6 +134,7 @@ def run_setting(
     finally:
         instances.stop()
     return Result(
+        policy=policy,
         state=state,
         refresh_ms=refresh_ms,
         instances=n,
@@ -153,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=40.0, help="offered requests per second, all instances")
     parser.add_argument("--quota", type=int, default=20, help="requests each backend allows per window")
     parser.add_argument("--window", type=float, default=2.0, help="backend quota window, seconds")
-    parser.add_argument("--refresh-ms", type=int, nargs="+", default=[100, 1000], help="LB_STATE_REFRESH_MS values")
+    parser.add_argument("--refresh-ms", type=int, nargs="+", default=[1000], help="LB_STATE_REFRESH_MS values")
+    parser.add_argument("--policies", nargs="+", default=["random"], choices=["random", "headroom"])
     args = parser.parse_args(argv)
 
     capacity = BACKENDS * args.quota / args.window
@@ -176,11 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="lb-sim-") as logdir:
             print(HEADER, flush=True)
             settings = [(s, r) for s in args.states for r in (args.refresh_ms if s == "table" else [None])]
-            for state, refresh_ms in settings:
-                for n in args.instances:
-                    cs = azurite.connection_string if azurite else ""
-                    results.append(run_setting(state, refresh_ms, n, sims, urls, args, cs, logdir))
-                    print(results[-1].row(), flush=True)
+            for policy in args.policies:
+                for state, refresh_ms in settings:
+                    for n in args.instances:
+                        cs = azurite.connection_string if azurite else ""
+                        results.append(run_setting(policy, state, refresh_ms, n, sims, urls, args, cs, logdir))
+                        print(results[-1].row(), flush=True)
     finally:
         servers.stop()
         if azurite is not None:
