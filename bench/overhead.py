@@ -21,6 +21,7 @@ CPU time per request is read from /proc (utime + stime of the proxy and its chil
 through each proxy alone, so nothing else is charged to it. Throughput is the requests/s at 16 and
 64 in flight from an aiohttp client; the best of them is the proxy's maximum on this machine.
 Results: bench/results/overhead.json (with the raw samples the CDF plots are drawn from).
+`--pacing none` / `--pacing sleep10` rerun the sequential parts the other two ways, to compare.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ CHAT = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
 BODY = json.dumps(CHAT).encode()
 STREAM_BODY = json.dumps({**CHAT, "stream": True}).encode()
 RESULTS = ROOT / "bench" / "results" / "overhead.json"
+PACINGS = ("quiet", "none", "sleep10")
 
 
 class Targets:
@@ -79,6 +81,15 @@ class Targets:
             server.stop()
 
 
+def pace(t: Targets, name: str, how: str) -> None:
+    """Wait before a sequential call to `name` (see the module docstring; `quiet` is the default)."""
+    if how == "quiet":
+        quiesce(t.paths[name])
+    elif how == "sleep10":
+        time.sleep(0.01)
+    # "none": back to back
+
+
 def _call(client: httpx.Client, url: str) -> float:
     started = time.perf_counter()
     response = client.post(url + PATH, content=BODY, headers=HEADERS)
@@ -88,20 +99,20 @@ def _call(client: httpx.Client, url: str) -> float:
     return elapsed
 
 
-def sequential(t: Targets, calls: int, warmup: int) -> dict[str, list[float]]:
+def sequential(t: Targets, calls: int, warmup: int, pacing: str = "quiet") -> dict[str, list[float]]:
     """`calls` non-streamed chats per target over one keep-alive client, round-robin per call, paced by quiet."""
     samples: dict[str, list[float]] = {name: [] for name in t.urls}
     with httpx.Client(timeout=30, trust_env=False) as client:
         for i in range(warmup + calls):
             for name, url in t.urls.items():
-                quiesce(t.paths[name])
+                pace(t, name, pacing)
                 elapsed = _call(client, url)
                 if i >= warmup:
                     samples[name].append(elapsed)
     return samples
 
 
-def sdk_sequential(t: Targets, calls: int, warmup: int) -> dict[str, list[float]]:
+def sdk_sequential(t: Targets, calls: int, warmup: int, pacing: str = "quiet") -> dict[str, list[float]]:
     """The same through the openai SDK's AzureOpenAI client (what a chat app would use)."""
     from openai import AzureOpenAI
 
@@ -112,7 +123,7 @@ def sdk_sequential(t: Targets, calls: int, warmup: int) -> dict[str, list[float]
     samples: dict[str, list[float]] = {name: [] for name in t.urls}
     for i in range(warmup + calls):
         for name, client in clients.items():
-            quiesce(t.paths[name])
+            pace(t, name, pacing)
             started = time.perf_counter()
             client.chat.completions.create(model="chat", messages=CHAT["messages"], max_tokens=16)  # type: ignore[arg-type]
             if i >= warmup:
@@ -137,14 +148,14 @@ def cpu_alone(t: Targets, calls: int, blocks: int = 4) -> dict[str, float]:
     return {p: spent[p] / (per_block * blocks) for p in t.proxies}
 
 
-def streaming(t: Targets, calls: int, warmup: int = 3) -> dict[str, dict[str, list[float]]]:
+def streaming(t: Targets, calls: int, warmup: int = 3, pacing: str = "quiet") -> dict[str, dict[str, list[float]]]:
     """Time to the first and the last chunk of a streamed chat, the gaps between reads, and how many reads."""
     keys = ("first", "last", "reads", "gaps")
     samples: dict[str, dict[str, list[float]]] = {name: {k: [] for k in keys} for name in t.urls}
     with httpx.Client(timeout=30, trust_env=False) as client:
         for i in range(warmup + calls):
             for name, url in t.urls.items():
-                quiesce(t.paths[name])
+                pace(t, name, pacing)
                 started = time.perf_counter()
                 arrivals: list[float] = []
                 with client.stream("POST", url + PATH, content=STREAM_BODY, headers=HEADERS) as response:
@@ -223,10 +234,10 @@ def _micro(values: list[float]) -> list[float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t = Targets(args.chunks, args.chunk_gap, with_peer=not args.no_peer)
     try:
-        seq = sequential(t, args.calls, args.warmup)
-        sdk = sdk_sequential(t, args.sdk_calls, 10)
+        seq = sequential(t, args.calls, args.warmup, args.pacing)
+        sdk = sdk_sequential(t, args.sdk_calls, 10, args.pacing)
         cpu = cpu_alone(t, args.cpu_calls)
-        stream = streaming(t, args.stream_calls)
+        stream = streaming(t, args.stream_calls, pacing=args.pacing)
         conc = {str(c): concurrent(t, args.requests, c) for c in args.concurrency}
         rss = {name: round(s.rss(), 1) for name, s in t.servers.items()}
     finally:
@@ -235,7 +246,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "params": {k: v for k, v in vars(args).items() if k != "out"},
-        "method": "sequential calls round-robin, each started once its path used no CPU for 1 ms (spin-wait)",
         "sequential": {name: percentiles(s) for name, s in seq.items()},
         "sdk_sequential": {name: percentiles(s) for name, s in sdk.items()},
         "cpu_ms_per_request": {p: round(v * 1000, 3) for p, v in cpu.items()},
@@ -271,6 +281,7 @@ def parser(prog: str = "python -m bench overhead") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="about a fifth of the calls: a smoke run, noisy figures")
     p.add_argument("--no-peer", action="store_true", help="leave LiteLLM out (no venv needed)")
+    p.add_argument("--pacing", choices=PACINGS, default="quiet", help="wait before each sequential call (see above)")
     p.add_argument("--calls", type=int, default=300, help="sequential non-streamed calls per target")
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--sdk-calls", type=int, default=100, help="sequential calls per target via the openai SDK")

@@ -1,4 +1,4 @@
-"""Where a proxy's CPU time per request goes: py-spy samples `lb serve` (or LiteLLM) under load.
+"""Where a proxy's CPU time per request goes: py-spy samples `lb serve` and LiteLLM under load.
 
 py-spy reads the process's stacks from outside (`--nonblocking`: it never pauses it), so the proxy
 runs as measured everywhere else: one process, 16 non-streamed calls in flight from an aiohttp
@@ -130,15 +130,16 @@ def render(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__)
-    parser.add_argument("--target", choices=("lb", "yardstick", "litellm"), default="lb")
+    parser.add_argument("--target", nargs="+", choices=("lb", "yardstick", "litellm"), default=["lb", "litellm"])
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rate", type=int, default=250, help="samples per second")
     parser.add_argument("--quick", action="store_true", help="5 s of sampling")
     args = parser.parse_args(argv)
-    results = run(args.target, 5 if args.quick else args.seconds, args.rate)
-    out = RESULTS / f"profile-{args.target}{'.quick' if args.quick else ''}.json"
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
-    print(render(results))
-    print(f"\nwritten: {out}")
+    for target in args.target:
+        results = run(target, 5 if args.quick else args.seconds, args.rate)
+        out = RESULTS / f"profile-{target}{'.quick' if args.quick else ''}.json"
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(render(results))
+        print(f"\nwritten: {out}\n")
     return 0
