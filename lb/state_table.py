@@ -91,6 +91,7 @@ class TableStore(CooldownStore):
         self._cleanup_task: asyncio.Task[None] | None = None
         self._pending: dict[tuple[str, str], Cooldown] = {}  # newest cooldown waiting to be written, per pair
         self._writers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._closed = False
         self._in_table: dict[tuple[str, str], float] = {}  # what we know the table holds, to skip needless writes
 
     def _make_client(self, settings: StateSettings) -> TableClient:
@@ -134,9 +135,11 @@ class TableStore(CooldownStore):
         writers = list(self._writers.values())
         if writers:
             await asyncio.wait(writers, timeout=CLOSE_SECONDS)
-        for task in (*self._writers.values(), self._poller, self._cleanup_task):
-            if task is not None and not task.done():
-                task.cancel()
+        self._closed = True  # from here on nothing starts a Table call
+        tasks = [t for t in (*self._writers.values(), self._poller, self._cleanup_task) if t and not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # no call may outlive the client below
         await self._client.close()
         if self._credential is not None:
             await self._credential.close()
@@ -147,7 +150,7 @@ class TableStore(CooldownStore):
         self._ensure_poller()
 
     def _ensure_poller(self) -> None:
-        if self._poller is None or self._poller.done():
+        if not self._closed and (self._poller is None or self._poller.done()):
             self._poller = asyncio.get_running_loop().create_task(self._poll())
 
     async def _poll(self) -> None:
@@ -229,7 +232,7 @@ class TableStore(CooldownStore):
         waiting = self._pending.get(key)
         if waiting is None or waiting.until < entry.until:
             self._pending[key] = entry
-        if key not in self._writers:
+        if key not in self._writers and not self._closed:
             try:
                 task = asyncio.get_running_loop().create_task(self._write_pending(key))
             except RuntimeError:  # no event loop (a sync caller): the next publish in a loop will write it

@@ -1,12 +1,26 @@
 """The one shared HTTP client every upstream call goes through.
 
-httpx's transport is the seam (`transport=`): tests and benchmarks can swap it without touching
-the failover loop. Connections are pooled and kept alive, so a busy proxy does one TLS handshake
-per backend connection, not per request.
+The API is httpx's (`httpx.AsyncClient`, its requests, responses and exceptions), and its transport
+is the seam: tests can pass any `httpx.AsyncBaseTransport`. The default transport sends through
+aiohttp, whose C-accelerated HTTP parser and connection pool cost about a third less CPU per
+request than httpcore's, and about 2x the throughput per process (README, "Performance"). aiohttp
+is already required by azure's async clients, so this adds no dependency.
+
+Connections are pooled and kept alive, so a busy proxy does one TLS handshake per backend
+connection, not per request. Every aiohttp error is mapped to the httpx exception it means, in one
+place (`_mapped`), so the failover loop sees exactly what it would see from httpcore.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+
+import aiohttp
+import certifi
 import httpx
 
 from lb.config import Settings
@@ -17,13 +31,91 @@ KEEPALIVE_SECONDS = 60.0
 
 def create_client(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        transport=transport,
+        transport=transport or AiohttpTransport(),
         timeout=settings.timeout_seconds,
-        limits=httpx.Limits(
-            max_connections=MAX_CONNECTIONS,
-            max_keepalive_connections=MAX_CONNECTIONS,
-            keepalive_expiry=KEEPALIVE_SECONDS,
-        ),
         follow_redirects=False,
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),  # keep no backend's cookies
         trust_env=False,  # an HTTP(S)_PROXY meant for other tools must not reroute backend traffic
     )
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """Sends httpx requests with one aiohttp session, created on first use inside the running loop."""
+
+    def __init__(self, max_connections: int = MAX_CONNECTIONS, keepalive: float = KEEPALIVE_SECONDS) -> None:
+        self._max_connections = max_connections
+        self._keepalive = keepalive
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections,
+                keepalive_timeout=self._keepalive,
+                ssl=ssl.create_default_context(cafile=certifi.where()),  # the same trust as httpx's default
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,  # the client gets the backend's bytes as they are
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies must never reach another's calls
+            )
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout", {})
+        with _mapped(request):
+            response = await self._get_session().request(
+                request.method,
+                str(request.url),
+                headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
+                data=request.content or None,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=timeouts.get("connect"), sock_read=timeouts.get("read")
+                ),
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),  # httpx's headers stand
+            )
+        return httpx.Response(response.status, headers=response.raw_headers, stream=_ResponseBody(response, request))
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class _ResponseBody(httpx.AsyncByteStream):
+    """The backend's body as aiohttp reads it: each read passed on as is, never re-chunked."""
+
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _mapped(self._request, reading=True):
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+
+    async def aclose(self) -> None:
+        if self._response.content.at_eof():
+            self._response.release()  # the connection goes back to the pool
+        else:
+            self._response.close()  # unread body: the connection can't be reused
+
+
+@contextlib.contextmanager
+def _mapped(request: httpx.Request, reading: bool = False) -> Iterator[None]:
+    """aiohttp's errors as the httpx exceptions the failover loop and lb.errors understand."""
+    try:
+        yield
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise httpx.ConnectTimeout(str(exc) or "connect timeout", request=request) from exc
+    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+        raise httpx.ReadTimeout(str(exc) or "read timeout", request=request) from exc
+    except aiohttp.ClientConnectorError as exc:
+        raise httpx.ConnectError(str(exc), request=request) from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise httpx.RemoteProtocolError(str(exc), request=request) from exc
+    except aiohttp.ClientError as exc:
+        error = httpx.ReadError if reading else httpx.RemoteProtocolError
+        raise error(str(exc) or type(exc).__name__, request=request) from exc

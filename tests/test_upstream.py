@@ -1,0 +1,161 @@
+"""The aiohttp-backed httpx transport: what the failover loop relies on, against raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+
+from lb.config import load_settings
+from lb.upstream import create_client
+
+pytestmark = pytest.mark.anyio  # anyio's pytest plugin (anyio comes with httpx) runs the async tests
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """A TCP server whose every connection is handled by `handler`; counts connections."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+
+    async def __aenter__(self) -> str:
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self.handler(reader, writer)
+            finally:
+                writer.close()
+
+        self.server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
+    )
+    await reader.readexactly(length)
+    return head
+
+
+def answer(body: bytes, *headers: str) -> bytes:
+    lines = ["HTTP/1.1 200 OK", f"content-length: {len(body)}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with create_client(load_settings({"BACKEND_1_URL": "http://127.0.0.1:1"})) as client:
+        yield client
+
+
+async def test_a_refused_connection_is_a_connect_error(client):
+    async with RawServer(lambda r, w: asyncio.sleep(0)) as url:
+        pass  # closed: nothing listens there any more
+    with pytest.raises(httpx.ConnectError):
+        await client.post(url + "/openai/x", content=b"{}")
+
+
+async def test_a_backend_that_never_answers_is_a_read_timeout_within_the_timeout(client):
+    async def hang(reader, writer):
+        await read_request(reader)
+        await asyncio.sleep(30)
+
+    async with RawServer(hang) as url:
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(url + "/openai/x", content=b"{}", timeout=0.3)
+        assert time.monotonic() - started < 2
+
+
+async def test_a_connection_closed_before_any_answer_is_a_protocol_error(client):
+    async def hang_up(reader, writer):
+        await read_request(reader)
+
+    async with RawServer(hang_up) as url:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.post(url + "/openai/x", content=b"{}")
+
+
+async def test_a_body_cut_short_is_an_httpx_error_while_reading(client):
+    async def cut(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+
+    async with RawServer(cut) as url:
+        async with client.stream("POST", url + "/openai/x", content=b"{}") as response:
+            assert response.status_code == 200
+            with pytest.raises(httpx.HTTPError):
+                async for _ in response.aiter_raw():
+                    pass
+
+
+async def test_bodies_pass_through_undecoded_and_headers_as_sent(client):
+    compressed = gzip.compress(b'{"ok": true}')
+
+    async def gzipped(reader, writer):
+        await read_request(reader)
+        writer.write(answer(compressed, "content-encoding: gzip", "x-ratelimit-remaining-tokens: 42"))
+        await writer.drain()
+
+    async with RawServer(gzipped) as url:
+        async with client.stream("POST", url + "/openai/x", content=b"{}") as response:
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    assert raw == compressed
+    assert response.headers["x-ratelimit-remaining-tokens"] == "42"
+
+
+async def test_the_request_goes_out_with_the_callers_headers_and_body_only(client):
+    seen: list[bytes] = []
+
+    async def record(reader, writer):
+        seen.append(await read_request(reader))
+        writer.write(answer(b"{}"))
+        await writer.drain()
+
+    async with RawServer(record) as url:
+        request = client.build_request("POST", url + "/openai/x?api-version=1", content=b'{"a":1}')
+        request.headers["api-key"] = "backend-key"
+        await client.send(request)
+    head = seen[0].decode().lower()
+    assert head.startswith("post /openai/x?api-version=1 http/1.1")
+    assert "api-key: backend-key" in head and "content-length: 7" in head
+    assert "aiohttp" not in head  # no user agent of the transport's own
+
+
+async def test_connections_are_kept_alive_and_cookies_never_kept(client):
+    heads: list[bytes] = []
+
+    async def keep_alive(reader, writer):
+        while True:
+            try:
+                heads.append(await read_request(reader))
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(answer(b"{}", "set-cookie: session=client-a"))
+            await writer.drain()
+
+    server = RawServer(keep_alive)
+    async with server as url:
+        for _ in range(3):
+            response = await client.post(url + "/openai/x", content=b"{}")
+            assert response.status_code == 200
+    assert server.connections == 1
+    assert not any(b"cookie" in head.lower() for head in heads)
