@@ -1,16 +1,18 @@
-"""`python -m bench <name> [args]` runs one benchmark; `python -m bench all [--quick] [--with-load]` runs them in turn.
+"""`python -m bench <name> [args]` runs one benchmark; `python -m bench all [--quick] [--no-load]` runs them in turn.
 
 Each benchmark is a module of this package with `main(argv: list[str] | None) -> int`. A benchmark
-listed here whose module is not there yet is skipped by `all` with a note. `all` passes `--quick`
-on to the benchmarks that take it (smoke-sized runs, results in `*.quick.json`, docs untouched);
-a full `all` ends with `report`, which redraws docs/benchmarks.md and its plots from the results.
-`load` (a fixed 60 s soak) runs only with `--with-load`, to keep `all` near 15 minutes here.
+listed here whose module is not there yet is skipped by `all` with a note. A full `all` takes about
+15 minutes on the project's 2-core machine (the 60 s `load` soak included; `--no-load` skips it) and
+ends with `report`, which redraws docs/benchmarks.md and its plots from bench/results/*.json.
+`--quick` is a smoke run of a few minutes: smaller counts for the benchmarks that take `--quick`,
+results in `*.quick.json` (gitignored), no `load`, docs untouched.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 
 BENCHMARKS = {
     "overhead": "bench.overhead",  # latency, CPU, streaming, throughput: direct vs yardstick vs lb vs LiteLLM
@@ -25,14 +27,14 @@ BENCHMARKS = {
 }
 QUICK = {"overhead", "memory", "profile"}  # the ones that take --quick
 NOT_IN_ALL = {"peer", "pacing"}  # `overhead` builds the venv anyway; pacing is a one-off check
-ONLY_WITH_FLAG = {"load": "--with-load"}
+SKIPPED_BY = {"load": ("--no-load", "--quick")}  # any of these flags skips it
 
 
 def run_all(flags: list[str]) -> int:
     quick = "--quick" in flags
     status = 0
     for bench, module in BENCHMARKS.items():
-        if bench in NOT_IN_ALL or (bench in ONLY_WITH_FLAG and ONLY_WITH_FLAG[bench] not in flags):
+        if bench in NOT_IN_ALL or any(flag in flags for flag in SKIPPED_BY.get(bench, ())):
             continue
         if bench == "report" and quick:
             print("(report: skipped with --quick; the docs are drawn from full runs only)")
@@ -45,7 +47,12 @@ def run_all(flags: list[str]) -> int:
             print(f"({bench}: {module} not there yet, skipped)")
             continue
         print(f"# {bench}\n", flush=True)
-        status = max(status, entry(["--quick"] if quick and bench in QUICK else []) or 0)
+        try:
+            status = max(status, entry(["--quick"] if quick and bench in QUICK else []) or 0)
+        except Exception as exc:  # one broken benchmark must not cost the others' results
+            traceback.print_exc()
+            print(f"({bench} failed: {exc!r}; going on)", flush=True)
+            status = 1
     return status
 
 

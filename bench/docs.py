@@ -80,7 +80,7 @@ def plot_memory(m: dict[str, Any], path: Path) -> None:
         ax.plot(xs, list(points.values()), marker="o", label=proxy, color=COLORS.get(proxy))
     ax.set_xlabel("requests served after warm-up")
     ax.set_ylabel("RSS, MB")
-    ax.set_yscale("log")
+    ax.set_ylim(bottom=0)
     ax.set_title("RSS of each proxy process under load", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -91,6 +91,7 @@ def plot_memory(m: dict[str, Any], path: Path) -> None:
 
 def markdown(o: dict[str, Any], m: dict[str, Any] | None, profiles: list[dict[str, Any]]) -> str:
     mach = o["machine"]
+    o = {**o, "figures": report.figures(o)}  # recomputed: the goals check may be newer than the run
     goals = [f for f in o["figures"] if f["issue"] == "#6"] + (memory_figures(m) if m else [])
     out = ["# Benchmarks", ""]
     out += [f"Measured {o['date'][:16].replace('T', ' ')} UTC on {mach['cpus']} CPUs ({mach['cpu'] or 'unknown'}),"]

@@ -42,8 +42,11 @@ def figures(r: dict[str, Any]) -> list[dict[str, Any]]:
     if "litellm" in cpu:
         cpu_x = _ratio(cpu["litellm"], cpu["lb"])
         rps_x = _ratio(max_rps(r, "lb"), max_rps(r, "litellm"))
+        busiest = max(r["concurrency"].values(), key=lambda by_target: by_target["lb"]["rps"])
+        load_x = _ratio(busiest["litellm"]["server_cpu_ms_per_request"], busiest["lb"]["server_cpu_ms_per_request"])
         rows += [
-            ("#6", "CPU/request, LiteLLM's / lb's (x)", ">= 10", cpu_x, cpu_x >= 10),
+            ("#6", "CPU/request, LiteLLM's / lb's, sequential (x)", ">= 10", cpu_x, cpu_x >= 10),
+            ("#6", "CPU/request, LiteLLM's / lb's, at lb's best load (x)", ">= 10", load_x, load_x >= 10),
             ("#6", "max throughput, lb / LiteLLM (x)", ">= 5", rps_x, rps_x >= 5),
         ]
     return [{"issue": i, "figure": f, "goal": g, "measured": m, "met": ok} for i, f, g, m, ok in rows]
