@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from datetime import datetime, timezone
 from typing import Any
 
 from bench.overhead import Targets, load, machine
-from bench.procs import ROOT, markdown_table
+from bench.procs import ROOT, markdown_table, write_json
 
 CHECKPOINTS = (1000, 2000, 5000, 10000)
 RESULTS = ROOT / "bench" / "results" / "memory.json"
@@ -64,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = tuple(c // 5 for c in CHECKPOINTS) if args.quick else CHECKPOINTS
     results = run(checkpoints, with_peer=not args.no_peer)
     out = args.out or (RESULTS.with_suffix(".quick.json") if args.quick else RESULTS)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(results, out)
     print(render(results))
     print(f"\nwritten: {out}")
     return 0

@@ -20,6 +20,7 @@ with a slow teardown is not rewarded with a head start.
 CPU time per request is read from /proc (utime + stime of the proxy and its children) over calls
 through each proxy alone, so nothing else is charged to it. Throughput is the requests/s at 16 and
 64 in flight from an aiohttp client; the best of them is the proxy's maximum on this machine.
+Streams are also timed 16 and 64 at a time (bench/streams.py).
 Results: bench/results/overhead.json (with the raw samples the CDF plots are drawn from).
 `--pacing none` / `--pacing sleep10` rerun the sequential parts the other two ways, to compare.
 """
@@ -41,8 +42,9 @@ import aiohttp
 import httpx
 
 from bench import peer
-from bench.procs import ROOT, Server, percentiles, quiesce
+from bench.procs import ROOT, Server, percentiles, quiesce, write_json
 from bench.report import figures, render
+from bench.streams import concurrent_streams
 
 CLIENT_KEY = "bench-client-key"
 BACKEND_KEY = "bench-backend-key"
@@ -239,6 +241,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu = cpu_alone(t, args.cpu_calls)
         stream = streaming(t, args.stream_calls, pacing=args.pacing)
         conc = {str(c): concurrent(t, args.requests, c) for c in args.concurrency}
+        conc_streams = {
+            str(c): concurrent_streams(t.urls, PATH, STREAM_BODY, HEADERS, args.concurrent_streams, c)
+            for c in args.concurrency
+        }
         rss = {name: round(s.rss(), 1) for name, s in t.servers.items()}
     finally:
         t.stop()
@@ -259,6 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, s in stream.items()
         },
         "concurrency": conc,
+        "concurrent_streaming": conc_streams,
         "rss_mb_at_end": rss,
         "samples_ms": {
             "sequential": {name: _micro(s) for name, s in seq.items()},
@@ -291,6 +298,7 @@ def parser(prog: str = "python -m bench overhead") -> argparse.ArgumentParser:
     p.add_argument("--chunk-gap", type=float, default=0.02)
     p.add_argument("--requests", type=int, default=2000, help="requests per target at each concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--concurrent-streams", type=int, default=256, help="streamed calls per target at each concurrency")
     p.add_argument("--out", default=None, help="default: bench/results/overhead.json (--quick: overhead.quick.json)")
     return p
 
@@ -298,14 +306,13 @@ def parser(prog: str = "python -m bench overhead") -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.quick:
-        for name in ("calls", "sdk_calls", "cpu_calls", "stream_calls", "requests"):
+        for name in ("calls", "sdk_calls", "cpu_calls", "stream_calls", "requests", "concurrent_streams"):
             setattr(args, name, max(20, getattr(args, name) // 5))
         args.warmup = 10
     results = run(args)
     results["figures"] = figures(results)
     out = args.out or (RESULTS.with_suffix(".quick.json") if args.quick else RESULTS)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(results, out)
     print(render(results))
     print(f"\nwritten: {out}")
     return 0  # a missed figure is a finding, not a failure of the benchmark

@@ -1,12 +1,16 @@
 """Starting the benchmark's servers as child processes, and reading their CPU time from /proc.
 
-Each server runs in its own process so its CPU time (utime + stime of all its threads) can be
-read from `/proc/<pid>/stat` and charged to it alone. Everything listens on 127.0.0.1 only.
+Each server runs in its own process so its CPU time (utime + stime of all its threads, and of any
+worker processes it forks) can be read from `/proc` and charged to it alone; `quiesce` uses the
+finer schedstat counters to tell when a process has finished with a call. Everything listens on
+127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -188,3 +192,11 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_json(obj: object, path: str | os.PathLike[str]) -> None:
+    """Indented JSON, but a list of numbers on one line, so raw samples do not take a line each."""
+    text = json.dumps(obj, indent=1)
+    text = re.sub(r"\[[-0-9.,\s]+\]", lambda m: "[" + " ".join(m.group(0)[1:-1].split()) + "]", text)
+    with open(path, "w") as f:
+        f.write(text + "\n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import subprocess
 import tempfile
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 from bench import deps
 from bench.overhead import Targets, load, machine
-from bench.procs import ROOT, markdown_table
+from bench.procs import ROOT, markdown_table, write_json
 
 RESULTS = ROOT / "bench" / "results"
 # First path component of py-spy's short file name -> the bucket it is reported under.
@@ -138,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for target in args.target:
         results = run(target, 5 if args.quick else args.seconds, args.rate)
         out = RESULTS / f"profile-{target}{'.quick' if args.quick else ''}.json"
-        with open(out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(results, out)
         print(render(results))
         print(f"\nwritten: {out}\n")
     return 0

@@ -88,6 +88,17 @@ def _concurrency_rows(r: dict[str, Any]) -> list[list[object]]:
     return rows
 
 
+def _stream_load_rows(r: dict[str, Any]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for c, by_target in r.get("concurrent_streaming", {}).items():
+        direct = by_target["direct"]
+        for t, s in by_target.items():
+            first, last = s["first"], s["last"]
+            rows.append([c, t, first["p50"], first["p99"], _added(first, direct["first"], "p50")])
+            rows[-1] += [last["p50"], last["p99"], _added(last, direct["last"], "p50")]
+    return rows
+
+
 def goals_table(rows: list[dict[str, Any]]) -> str:
     body = [[f["issue"], f["figure"], f["goal"], f["measured"], "met" if f["met"] else "MISSED"] for f in rows]
     return markdown_table(["issue", "figure (ms unless x)", "goal", "measured", ""], body)
@@ -113,6 +124,13 @@ def render(r: dict[str, Any]) -> str:
     out += [f"### Concurrent non-streamed chat, {p['requests']} requests per target (aiohttp client)", ""]
     head_c = ["in flight", "target", "req/s", "x lb", "p50 ms", "p99 ms", "server CPU ms/req"]
     out += [markdown_table(head_c, _concurrency_rows(r)), ""]
+    if "concurrent_streaming" in r:
+        out += [
+            f"### Streamed chat with many in flight, {p['concurrent_streams']} streams per target (aiohttp client)",
+            "",
+        ]
+        head_cs = ["in flight", "target", "first p50", "first p99", "added first p50", "last p50", "last p99"]
+        out += [markdown_table([*head_cs, "added last p50"], _stream_load_rows(r)), ""]
     out += ["### Goals", "", goals_table(r["figures"])]
     rss = ", ".join(f"{t} {v} MB" for t, v in r["rss_mb_at_end"].items())
     out += ["", f"RSS at the end: {rss}"]

@@ -27,7 +27,7 @@ def fake_overhead() -> dict:
         "date": "2026-11-26T04:00:00+00:00",
         "machine": {"cpus": 2, "cpu": "test cpu", "python": "3.11.7", "uname": "Linux"},
         "params": {"calls": 3, "sdk_calls": 3, "cpu_calls": 3, "stream_calls": 3, "chunks": 20, "chunk_gap": 0.02}
-        | {"requests": 10},
+        | {"requests": 10, "concurrent_streams": 4},
         "sequential": {t: _stats(v) for t, v in base.items()},
         "sdk_sequential": {t: _stats(v + 1) for t, v in base.items()},
         "cpu_ms_per_request": {"yardstick": 1.1, "lb": 1.2, "litellm": 6.0},
@@ -37,6 +37,9 @@ def fake_overhead() -> dict:
         },
         "concurrency": {
             "16": {t: {"rps": 600.0 / v, **_stats(v * 10), "server_cpu_ms_per_request": v} for t, v in base.items()}
+        },
+        "concurrent_streaming": {
+            "16": {t: {"first": _stats(v + 2), "last": _stats(v + 395)} for t, v in base.items()},
         },
         "rss_mb_at_end": {t: 40.0 for t in TARGETS},
         "samples_ms": {
@@ -68,6 +71,7 @@ def test_figures_compare_lb_with_direct_and_litellm() -> None:
 def test_overhead_report_renders_every_target() -> None:
     text = report.render(fake_overhead())
     assert all(f"| {t} |" in text for t in TARGETS)
+    assert "| 16 | lb | 3.8 |" in text  # streams 16 at a time: first chunk p50
 
 
 def test_profile_summary_charges_samples_to_the_innermost_package() -> None:
