@@ -61,6 +61,7 @@ def summarise(raw: str, top_n: int = 15) -> dict[str, Any]:
     self_time: Counter[str] = Counter()
     on_stack: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
+    own: Counter[str] = Counter()  # self time of this project's functions, lines merged
     total = 0
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -71,6 +72,9 @@ def summarise(raw: str, top_n: int = 15) -> dict[str, Any]:
         total += count
         self_time[group(frames[-1])] += count
         leaves[frames[-1]] += count
+        if group(frames[-1]) == GROUPS["lb"]:
+            name, _, where = frames[-1].rpartition(" (")
+            own[f"{name} ({where.split(':')[0]})"] += count
         for name in {group(f) for f in frames}:
             on_stack[name] += count
     share = {k: round(100 * v / total, 1) for k, v in self_time.most_common()} if total else {}
@@ -79,6 +83,7 @@ def summarise(raw: str, top_n: int = 15) -> dict[str, Any]:
         "self_pct": share,
         "on_stack_pct": {k: round(100 * v / total, 1) for k, v in on_stack.most_common()} if total else {},
         "top_leaves_pct": {k: round(100 * v / total, 1) for k, v in leaves.most_common(top_n)} if total else {},
+        "own_functions_pct": {k: round(100 * v / total, 1) for k, v in own.most_common(10)} if total else {},
     }
 
 
@@ -124,6 +129,9 @@ def render(r: dict[str, Any]) -> str:
     out += [markdown_table(["package", "self %", "on stack %", "self us/request"], rows), ""]
     leaf_rows = [[f"`{k}`", v] for k, v in r["top_leaves_pct"].items()]
     out += ["Hottest functions (self time):", "", markdown_table(["function", "%"], leaf_rows)]
+    own_rows = [[f"`{k}`", v] for k, v in r.get("own_functions_pct", {}).items()]
+    if own_rows and r["params"]["target"] == "lb":
+        out += ["", "lb's own functions (self time):", "", markdown_table(["function", "%"], own_rows)]
     return "\n".join(out)
 
 
