@@ -53,6 +53,9 @@ param clientKey string = ''
 @description('Fallback key when clientKey is empty. Leave unset.')
 param generatedClientKey string = replace(newGuid(), '-', '')
 
+@description('App (client) or object ids, comma-separated, whose Entra ID tokens the balancer accepts (e.g. the chat app identity).')
+param entraAllowedClients string = ''
+
 @description('Flex Consumption scale-out ceiling.')
 param maximumInstanceCount int = 100
 
@@ -177,6 +180,7 @@ module api 'app/api.bicep' = {
     tableName: stateTableName
     backendSettings: backendSettings
     clientKey: effectiveClientKey
+    entraAllowedClients: entraAllowedClients
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
   }

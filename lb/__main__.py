@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from lb import logctx
 from lb.config import ConfigError, load_settings
 
 
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
 
     default_level = "WARNING" if args.command == "demo" else "INFO"  # the demo prints its own story
     level = os.environ.get("LB_LOG_LEVEL", default_level).upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level)
+    logctx.install()  # every line shows the request it belongs to
     for noisy in ("httpx", "httpx2", "httpcore", "azure"):  # one line per request is the proxy's job, not theirs
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 

@@ -11,8 +11,12 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
+from lb import errors, logctx
 from lb.config import Settings, load_settings
 from lb.proxy import Proxy
 from lb.state import CooldownStore, MemoryStore
@@ -35,7 +39,16 @@ def create_store(settings: Settings) -> CooldownStore:
 
 def create_proxy(settings: Settings) -> Proxy:
     if settings.anonymous:
-        log.warning("LB_CLIENT_KEYS is not set: anyone who can reach this proxy can spend your Azure OpenAI quota")
+        log.warning(
+            "ANONYMOUS ACCESS: neither LB_CLIENT_KEYS nor LB_ENTRA_TENANT_ID is set, so anyone who can reach"
+            " this proxy can spend your Azure OpenAI quota"
+        )
+    if settings.entra is not None and settings.entra.allowed_clients is None:
+        log.warning(
+            "LB_ENTRA_ALLOWED_CLIENTS is not set: any user or app of tenant %s that can get a token for %s may call",
+            settings.entra.tenant_id,
+            ", ".join(settings.entra.audiences),
+        )
     return Proxy(settings, store=create_store(settings), telemetry=create_telemetry())
 
 
@@ -43,6 +56,7 @@ def shared_proxy() -> Proxy:
     """The process-wide proxy of the Functions host, built on first use."""
     global _shared
     if _shared is None:
+        logctx.prefix_messages("lb", "lb.state")  # the worker's log format is not ours: the id goes in the text
         _shared = create_proxy(load_settings())
     return _shared
 
@@ -65,6 +79,21 @@ def create_app(settings: Settings | None = None, proxy: Proxy | None = None) -> 
             Route("/lb/status", proxy.status, methods=["GET"]),
         ],
         lifespan=lifespan,
+        exception_handlers={HTTPException: _routing_error},
     )
+    app.router.redirect_slashes = False  # `/openai` is not a route: a JSON 404, not a redirect to one
     app.state.proxy = proxy
     return app
+
+
+async def _routing_error(request: Request, exc: Exception) -> Response:
+    """Unknown routes and methods get Azure OpenAI's JSON error shape too, not Starlette's plain text."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 404:
+        error: errors.ProxyError = errors.RouteNotFound("Only /openai/..., /healthz and /lb/status are served.")
+    elif status == 405:
+        error = errors.MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.")
+    else:
+        error = errors.BadRequest(str(getattr(exc, "detail", "Bad request.")))
+        error.status = status
+    return error.response(getattr(exc, "headers", None))

@@ -1,7 +1,10 @@
 """Who may call the proxy, and how the proxy proves itself to each backend.
 
 Inbound: a client sends one of `LB_CLIENT_KEYS` as `api-key` or `Authorization: Bearer` (the two
-ways the openai SDK sends a key), compared in constant time. That credential is never forwarded.
+ways the openai SDK sends a key), compared in constant time; or, with `LB_ENTRA_TENANT_ID`, an
+Entra ID token as `Authorization: Bearer` (what the openai SDK sends with `azure_ad_token_provider`),
+checked by `lb.entra`. A bearer that looks like a JWT is validated as a token, anything else as a
+key. Whatever was presented is never forwarded, logged or echoed.
 
 Outbound: a backend with `BACKEND_X_APIKEY` gets that key as `api-key`; the others get an Entra ID
 token for Cognitive Services from DefaultAzureCredential (managed identity on Azure, `az login`
@@ -16,7 +19,8 @@ import hmac
 import time
 from typing import TYPE_CHECKING
 
-from lb.config import Backend
+from lb.config import Backend, EntraSettings
+from lb.entra import EntraValidator, InvalidToken, looks_like_jwt
 from lb.errors import Unauthorized
 
 if TYPE_CHECKING:
@@ -30,31 +34,50 @@ CREDENTIAL_HEADERS = frozenset({"api-key", "authorization", "x-functions-key", "
 
 
 class ClientAuth:
-    def __init__(self, keys: tuple[str, ...]) -> None:
+    def __init__(self, keys: tuple[str, ...], entra: EntraSettings | EntraValidator | None = None) -> None:
         self._keys = tuple(k.encode() for k in keys)
+        self.entra = EntraValidator(entra) if isinstance(entra, EntraSettings) else entra
 
     @property
     def enabled(self) -> bool:
-        return bool(self._keys)
+        return bool(self._keys) or self.entra is not None
 
-    def check(self, api_key: str | None, authorization: str | None) -> None:
-        """Raise Unauthorized unless a configured key was presented."""
-        if not self._keys:
+    async def check(self, api_key: str | None, authorization: str | None) -> None:
+        """Raise Unauthorized unless a configured key or a valid Entra token was presented."""
+        if not self.enabled:
             return
-        presented = api_key
-        if presented is None and authorization:
-            scheme, _, token = authorization.partition(" ")
+        bearer = None
+        if authorization:
+            scheme, _, rest = authorization.strip().partition(" ")
             if scheme.lower() == "bearer":
-                presented = token.strip()
+                bearer = rest.strip()
+        if self.entra is not None and api_key is None and bearer and looks_like_jwt(bearer):
+            try:
+                await self.entra.validate(bearer)
+            except InvalidToken as exc:
+                raise Unauthorized(str(exc), error="invalid_token") from None
+            return
+        presented = api_key if api_key is not None else bearer
         if not presented:
-            raise Unauthorized("Access denied due to missing subscription key. Send a key as 'api-key' header.")
-        candidate = presented.encode()
+            raise Unauthorized(self._missing_message())
+        if not self._keys:  # Entra ID only, and what came is no JWT
+            raise Unauthorized("Access denied: the bearer is not an Entra ID access token.", error="invalid_token")
+        if not self._matches(presented.encode()):
+            raise Unauthorized("Access denied due to invalid subscription key.", error="invalid_token")
+
+    def _matches(self, candidate: bytes) -> bool:
         # Compare against every key so timing does not reveal which one (or whether any) matched.
         matched = False
         for key in self._keys:
             matched |= hmac.compare_digest(candidate, key)
-        if not matched:
-            raise Unauthorized("Access denied due to invalid subscription key.")
+        return matched
+
+    def _missing_message(self) -> str:
+        if self._keys and self.entra is not None:
+            return "Access denied: send a key as 'api-key' header or an Entra ID token as 'Authorization: Bearer'."
+        if self.entra is not None:
+            return "Access denied: send an Entra ID token as 'Authorization: Bearer'."
+        return "Access denied due to missing subscription key. Send a key as 'api-key' header."
 
 
 class BackendAuth:

@@ -20,7 +20,11 @@ MAX_COOLDOWN_SECONDS = 60.0
 DEFAULT_STATE_TABLE = "lbcooldowns"
 DEFAULT_POOL = "default"
 DEFAULT_STATE_REFRESH_MS = 1000
+DEFAULT_STATE_HOT_REFRESH_MS = 100
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_ENTRA_AUDIENCES = ("https://cognitiveservices.azure.com",)  # what azure-search-openai-demo asks a token for
+DEFAULT_ENTRA_AUTHORITY = "https://login.microsoftonline.com"
+_GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|APIKEY|DEPLOYMENTS)$")
 
@@ -28,17 +32,23 @@ BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|A
 SETTING_NAMES = frozenset(
     {
         "HTTP_TIMEOUT_SECONDS",
+        "LB_ATTEMPT_TIMEOUT_SECONDS",
         "LB_MAX_ATTEMPTS",
         "LB_DEFAULT_COOLDOWN_SECONDS",
         "LB_MAX_COOLDOWN_SECONDS",
         "LB_MAX_BODY_BYTES",
         "LB_CLIENT_KEYS",
         "LB_ALLOW_ANONYMOUS",
+        "LB_ENTRA_TENANT_ID",
+        "LB_ENTRA_AUDIENCES",
+        "LB_ENTRA_ALLOWED_CLIENTS",
+        "LB_ENTRA_AUTHORITY",
         "LB_STATE_CONNECTION_STRING",
         "LB_STATE_TABLE_ENDPOINT",
         "LB_STATE_TABLE",
         "LB_POOL",
         "LB_STATE_REFRESH_MS",
+        "LB_STATE_HOT_REFRESH_MS",
         "LB_LOG_LEVEL",
         "AZURE_CLIENT_ID",
         "AzureWebJobsStorage",
@@ -95,6 +105,7 @@ class StateSettings:
     table: str = DEFAULT_STATE_TABLE
     pool: str = DEFAULT_POOL
     refresh_ms: int = DEFAULT_STATE_REFRESH_MS
+    hot_refresh_ms: int = DEFAULT_STATE_HOT_REFRESH_MS  # while the pool is under throttling
 
     @property
     def kind(self) -> str:
@@ -102,20 +113,44 @@ class StateSettings:
 
 
 @dataclass(frozen=True)
+class EntraSettings:
+    """Which Microsoft Entra ID bearer tokens a client may call with (instead of a shared key)."""
+
+    tenant_id: str
+    audiences: tuple[str, ...] = DEFAULT_ENTRA_AUDIENCES
+    allowed_clients: frozenset[str] | None = None  # app / object ids; None = any identity of the tenant
+    authority: str = DEFAULT_ENTRA_AUTHORITY
+
+    @property
+    def issuers(self) -> tuple[str, str]:
+        """v1 tokens (what a managed identity gets for a resource) and v2 tokens name different issuers."""
+        return (
+            f"https://sts.windows.net/{self.tenant_id}/",
+            f"https://login.microsoftonline.com/{self.tenant_id}/v2.0",
+        )
+
+    @property
+    def openid_configuration_url(self) -> str:
+        return f"{self.authority}/{self.tenant_id}/v2.0/.well-known/openid-configuration"
+
+
+@dataclass(frozen=True)
 class Settings:
     backends: tuple[Backend, ...]
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    attempt_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS / 2  # while another backend could still answer
     max_attempts: int = 1
     default_cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS
     max_cooldown_seconds: float = MAX_COOLDOWN_SECONDS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     client_keys: tuple[str, ...] = field(default=(), repr=False)
+    entra: EntraSettings | None = None
     state: StateSettings = field(default_factory=StateSettings)
     on_azure: bool = False
 
     @property
     def anonymous(self) -> bool:
-        return not self.client_keys
+        return not self.client_keys and self.entra is None
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -124,9 +159,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     backends = _load_backends(env)
     on_azure = bool(env.get("WEBSITE_INSTANCE_ID"))
     client_keys = tuple(k.strip() for k in env.get("LB_CLIENT_KEYS", "").split(",") if k.strip())
-    if on_azure and not client_keys and not _flag(env, "LB_ALLOW_ANONYMOUS"):
+    entra = _load_entra(env)
+    if on_azure and not client_keys and entra is None and not _flag(env, "LB_ALLOW_ANONYMOUS"):
         raise ConfigError(
-            "LB_CLIENT_KEYS: required when running on Azure (set it, or LB_ALLOW_ANONYMOUS=true to serve anyone)"
+            "LB_CLIENT_KEYS: required when running on Azure (set it or LB_ENTRA_TENANT_ID,"
+            " or LB_ALLOW_ANONYMOUS=true to serve anyone)"
         )
     default_cooldown = _number(env, "LB_DEFAULT_COOLDOWN_SECONDS", DEFAULT_COOLDOWN_SECONDS, minimum=0.0)
     max_cooldown = _number(env, "LB_MAX_COOLDOWN_SECONDS", MAX_COOLDOWN_SECONDS, minimum=0.0)
@@ -134,14 +171,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(
             f"LB_DEFAULT_COOLDOWN_SECONDS: {default_cooldown:g} is above LB_MAX_COOLDOWN_SECONDS ({max_cooldown:g})"
         )
+    timeout = _number(env, "HTTP_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS, minimum=0.001)
     return Settings(
         backends=backends,
-        timeout_seconds=_number(env, "HTTP_TIMEOUT_SECONDS", DEFAULT_TIMEOUT_SECONDS, minimum=0.001),
+        timeout_seconds=timeout,
+        attempt_timeout_seconds=_number(env, "LB_ATTEMPT_TIMEOUT_SECONDS", timeout / 2, minimum=0.001),
         max_attempts=int(_number(env, "LB_MAX_ATTEMPTS", len(backends), minimum=1, integer=True)),
         default_cooldown_seconds=default_cooldown,
         max_cooldown_seconds=max_cooldown,
         max_body_bytes=int(_number(env, "LB_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, minimum=1, integer=True)),
         client_keys=client_keys,
+        entra=entra,
         state=_load_state(env),
         on_azure=on_azure,
     )
@@ -174,6 +214,33 @@ def _load_backends(env: Mapping[str, str]) -> tuple[Backend, ...]:
     return tuple(backends)
 
 
+def _load_entra(env: Mapping[str, str]) -> EntraSettings | None:
+    """Entra ID inbound auth is on when a tenant is named; the other LB_ENTRA_* settings need it."""
+    tenant = env.get("LB_ENTRA_TENANT_ID", "").strip()
+    if not tenant:
+        for name in ("LB_ENTRA_AUDIENCES", "LB_ENTRA_ALLOWED_CLIENTS", "LB_ENTRA_AUTHORITY"):
+            if env.get(name, "").strip():
+                raise ConfigError(f"{name}: needs LB_ENTRA_TENANT_ID (the tenant whose tokens are accepted)")
+        return None
+    if not _GUID_RE.fullmatch(tenant):
+        # Tokens name the tenant by its GUID in `iss` and `tid`, so a domain name could never match.
+        raise ConfigError(f"LB_ENTRA_TENANT_ID: {tenant!r} is not a tenant id (a GUID, Entra ID > Overview)")
+    audiences = tuple(a.strip() for a in env.get("LB_ENTRA_AUDIENCES", "").split(",") if a.strip())
+    clients = frozenset(c.strip().lower() for c in env.get("LB_ENTRA_ALLOWED_CLIENTS", "").split(",") if c.strip())
+    for client in clients:
+        if not _GUID_RE.fullmatch(client):
+            raise ConfigError(f"LB_ENTRA_ALLOWED_CLIENTS: {client!r} is not an app or object id (a GUID)")
+    authority = DEFAULT_ENTRA_AUTHORITY
+    if env.get("LB_ENTRA_AUTHORITY", "").strip():
+        authority = _url(env, "LB_ENTRA_AUTHORITY")
+    return EntraSettings(
+        tenant_id=tenant.lower(),
+        audiences=audiences or DEFAULT_ENTRA_AUDIENCES,
+        allowed_clients=clients or None,
+        authority=authority,
+    )
+
+
 def _load_state(env: Mapping[str, str]) -> StateSettings:
     connection_string = env.get("LB_STATE_CONNECTION_STRING", "").strip() or None
     endpoint = env.get("LB_STATE_TABLE_ENDPOINT", "").strip() or None
@@ -194,12 +261,16 @@ def _load_state(env: Mapping[str, str]) -> StateSettings:
     pool = env.get("LB_POOL", DEFAULT_POOL).strip() or DEFAULT_POOL
     if re.search(r"[/\\#?\x00-\x1f]", pool):
         raise ConfigError(f"LB_POOL: {pool!r} may not contain / \\ # ? or control characters")
+    refresh_ms = int(_number(env, "LB_STATE_REFRESH_MS", DEFAULT_STATE_REFRESH_MS, minimum=1, integer=True))
+    hot = _number(env, "LB_STATE_HOT_REFRESH_MS", DEFAULT_STATE_HOT_REFRESH_MS, minimum=1, integer=True)
+    hot_refresh_ms = int(hot)
     return StateSettings(
         connection_string=connection_string,
         table_endpoint=endpoint,
         table=table,
         pool=pool,
-        refresh_ms=int(_number(env, "LB_STATE_REFRESH_MS", DEFAULT_STATE_REFRESH_MS, minimum=1, integer=True)),
+        refresh_ms=refresh_ms,
+        hot_refresh_ms=min(refresh_ms, hot_refresh_ms),
     )
 
 

@@ -1,10 +1,13 @@
 """Answers the proxy makes itself, all in Azure OpenAI's error shape.
 
     ProxyError                      -> {"error": {"code", "message"}} with .status
-     +-- Unauthorized        401     missing / wrong client key
+     +-- Unauthorized        401     missing / wrong client key, invalid Entra ID token
      +-- BadRequest          400     unreadable body, missing "model" on the v1 shape
-     +-- NotFound            404     no backend serves the deployment, unknown route
+     +-- NotFound            404     no backend serves the deployment
+     +-- RouteNotFound       404     not /openai/..., /healthz or /lb/status
+     +-- MethodNotAllowed    405     a method the route does not take
      +-- PayloadTooLarge     413     body above LB_MAX_BODY_BYTES
+     +-- HeadersTooLarge     431     more request headers, or longer, than any Azure OpenAI call needs
      +-- AllBackendsCooling  429     every candidate is throttled: Retry-After of the soonest recovery
      +-- BadGateway          502     connect error / protocol error on the last attempt
      +-- GatewayTimeout      504     deadline (HTTP_TIMEOUT_SECONDS) spent
@@ -40,8 +43,13 @@ class Unauthorized(ProxyError):
     status = 401
     code = "401"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, {"WWW-Authenticate": 'Bearer realm="lb", charset="UTF-8"'})
+    def __init__(self, message: str, error: str | None = None) -> None:
+        # RFC 6750: "invalid_token" when a credential was presented but refused, nothing when none was.
+        challenge = 'Bearer realm="lb", charset="UTF-8"'
+        if error:
+            description = message.replace("\\", "").replace('"', "'")
+            challenge += f', error="{error}", error_description="{description}"'
+        super().__init__(message, {"WWW-Authenticate": challenge})
 
 
 class BadRequest(ProxyError):
@@ -54,9 +62,24 @@ class NotFound(ProxyError):
     code = "DeploymentNotFound"
 
 
+class RouteNotFound(ProxyError):
+    status = 404
+    code = "NotFound"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    code = "MethodNotAllowed"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     code = "PayloadTooLarge"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    code = "RequestHeaderFieldsTooLarge"
 
 
 class AllBackendsCooling(ProxyError):

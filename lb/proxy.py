@@ -22,11 +22,11 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from lb import errors, throttle
+from lb import errors, logctx, throttle
 from lb.auth import CREDENTIAL_HEADERS, BackendAuth, ClientAuth
 from lb.balancer import Balancer, NoCandidate
 from lb.config import Backend, Settings
-from lb.requestinfo import RequestInfo, read_request
+from lb.requestinfo import RequestInfo, check_headers, read_request
 from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
 from lb.telemetry import Telemetry
 from lb.upstream import create_client
@@ -35,7 +35,8 @@ log = logging.getLogger("lb")
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
-# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never relayed.
+# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never relayed, nor are the
+# headers a Connection header names, nor any Proxy-* header (meant for a proxy, i.e. for us).
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -49,8 +50,10 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-_NOT_FORWARDED = HOP_BY_HOP | CREDENTIAL_HEADERS | {"host", "content-length", "x-forwarded-host"}
-_NOT_RETURNED = HOP_BY_HOP | {"set-cookie"}
+HOP_BY_HOP_PREFIX = "proxy-"
+# The upstream host is always the backend's: the client's Host / X-Forwarded-Host / Forwarded never travel.
+_NOT_FORWARDED = HOP_BY_HOP | CREDENTIAL_HEADERS | {"host", "content-length", "x-forwarded-host", "forwarded"}
+_NOT_RETURNED = HOP_BY_HOP | {"set-cookie", "server", "date"}  # the host adds its own date and server
 
 
 class Proxy:
@@ -69,7 +72,7 @@ class Proxy:
         self.store = store or MemoryStore()
         self.balancer = Balancer(settings.backends, self.store)
         self.client = client or create_client(settings)
-        self.client_auth = ClientAuth(settings.client_keys)
+        self.client_auth = ClientAuth(settings.client_keys, settings.entra)
         self.backend_auth = backend_auth or BackendAuth()
         self.telemetry = telemetry or Telemetry()
         self._started = False
@@ -89,11 +92,14 @@ class Proxy:
 
     # Routes -----------------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
-        """`/openai/{path}`: never raises; every request gets exactly one answer."""
+        """`/openai/{path}`: never raises; every request gets exactly one answer, carrying its request id."""
+        request_id = logctx.request_id_from(request.headers)
+        logctx.bind(request_id)
         try:
             if not self._started:
                 await self.start()
-            self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
+            check_headers(request)
+            await self._authorize(request)
             info = await read_request(request, self.settings.max_body_bytes)
             await self.store.sync()
             attempts: list[Attempt] = []
@@ -101,19 +107,31 @@ class Proxy:
             self.telemetry.request(
                 info.deployment, response.status_code, len(attempts), sum(a.status == 429 for a in attempts)
             )
-            return response
         except errors.ProxyError as exc:
-            return exc.response()
+            if exc.status >= 500:
+                log.warning("%s %s: %s", exc.status, exc.code, exc.message)
+            response = exc.response()
         except Exception:  # a bug must still produce an answer, without leaking details
             log.exception("unexpected error while proxying %s %s", request.method, request.url.path)
-            return errors.ProxyError("The load balancer failed to handle the request.").response()
+            response = errors.ProxyError("The load balancer failed to handle the request.").response()
+        _strip_hop_by_hop(response)
+        if "x-request-id" not in response.headers:
+            response.headers["x-request-id"] = request_id
+        return response
+
+    async def _authorize(self, request: Request) -> None:
+        try:
+            await self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
+        except errors.Unauthorized as exc:
+            log.info("client refused: %s", exc.message)  # our own words only, never the credential
+            raise
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def status(self, request: Request) -> Response:
         try:
-            self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
+            await self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
         except errors.ProxyError as exc:
             return exc.response()
         if not self._started:
@@ -167,8 +185,11 @@ class Proxy:
                 break
             attempt = Attempt(backend.name, time.time(), time.perf_counter())
             tried.append(attempt)
+            timeout = remaining
+            if remaining > settings.attempt_timeout_seconds and self._has_alternative(info, tried):
+                timeout = settings.attempt_timeout_seconds  # a silent backend must leave time for another
             try:
-                upstream = await self._send(backend, request.method, info, headers, remaining)
+                upstream = await self._send(backend, request.method, info, headers, timeout)
             except Exception as exc:
                 failure = errors.upstream_error(exc, backend.name)
                 seconds = self._cool(backend, info.deployment, settings.default_cooldown_seconds, type(exc).__name__)
@@ -200,6 +221,10 @@ class Proxy:
         if isinstance(choice, NoCandidate) and not choice.served:
             raise errors.NotFound(f"No backend serves deployment '{info.deployment}'.")
         return self._all_cooling(info, tried)
+
+    def _has_alternative(self, info: RequestInfo, tried: list[Attempt]) -> bool:
+        """Whether another backend could still be tried if the current attempt fails."""
+        return isinstance(self._next(info, tried), Backend)
 
     def _next(self, info: RequestInfo, tried: list[Attempt]) -> Backend | NoCandidate:
         if len(tried) >= self.settings.max_attempts:
@@ -256,11 +281,32 @@ class Proxy:
         return await self.client.send(request, stream=True)
 
 
+def _connection_named(headers: Any) -> set[str]:
+    """Names listed by every Connection header (Starlette and httpx headers both take `.items()`)."""
+    values = [v for k, v in headers.items() if k.lower() == "connection"]
+    return {t.strip().lower() for value in values for t in value.split(",") if t.strip()}
+
+
+def _strip_hop_by_hop(response: Response) -> None:
+    """Drop from an answer what the backend's Connection header named and any Proxy-* header.
+
+    The fixed hop-by-hop names are already left out when the answer is built; the names only the
+    upstream's own Connection header knows are removed here.
+    """
+    upstream = getattr(response, "upstream", None)
+    named = _connection_named(upstream.headers) if isinstance(upstream, httpx.Response) else set()
+    drop = [k for k in response.headers if k in named or k.startswith(HOP_BY_HOP_PREFIX)]
+    for name in drop:
+        del response.headers[name]
+
+
 def _forward_headers(request: Request) -> list[tuple[str, str]]:
     """The client's headers minus its credentials, hop-by-hop ones and what httpx sets itself."""
-    connection_named = {t.strip().lower() for t in request.headers.get("connection", "").split(",")}
-    skip = _NOT_FORWARDED | connection_named
-    headers = [(k, v) for k, v in request.headers.items() if k not in skip]
+    skip = _NOT_FORWARDED | _connection_named(request.headers)
+    headers = [(k, v) for k, v in request.headers.items() if k not in skip and not k.startswith(HOP_BY_HOP_PREFIX)]
+    request_id = logctx.current_request_id.get()
+    if request_id and "x-request-id" not in request.headers:
+        headers.append(("x-request-id", request_id))  # the backend's logs can be matched with ours
     if "accept-encoding" not in request.headers:  # don't let httpx ask for a compression the client can't read
         headers.append(("accept-encoding", "identity"))
     client = request.client

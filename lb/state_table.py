@@ -42,6 +42,7 @@ CLOSE_SECONDS = 3.0  # how long close() waits for writes still in flight
 KEEP_EXPIRED_SECONDS = 300.0  # a pair throttled again soon reuses its row instead of delete + create
 MAX_DELETES_PER_REFRESH = 20
 OUTAGE_RETRY_SECONDS = 1.0  # while degraded, refresh attempts are at least this far apart
+PRESSURE_LINGER_SECONDS = 60.0  # quota pressure comes back as windows reset: stay alert this long after
 IF_MATCH, REPLACE = MatchConditions.IfNotModified, UpdateMode.REPLACE
 _FORBIDDEN_KEY_CHARS = set("/\\#?%|")  # Table keys forbid / \ # ?; % and | are our escape and separator
 
@@ -92,7 +93,9 @@ class TableStore(CooldownStore):
         self._pending: dict[tuple[str, str], Cooldown] = {}  # newest cooldown waiting to be written, per pair
         self._writers: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._closed = False
+        self._pressure_until = 0.0  # epoch second until which the pool counts as under throttling
         self._in_table: dict[tuple[str, str], float] = {}  # what we know the table holds, to skip needless writes
+        self._etags: dict[tuple[str, str], str | None] = {}  # each row's ETag as last listed or written
 
     def _make_client(self, settings: StateSettings) -> TableClient:
         options: dict[str, Any] = {
@@ -139,7 +142,8 @@ class TableStore(CooldownStore):
         tasks = [t for t in (*self._writers.values(), self._poller, self._cleanup_task) if t and not t.done()]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)  # no call may outlive the client below
+        if tasks:  # let them end before the client below closes (bounded: wait_for can swallow a cancel)
+            await asyncio.wait(tasks, timeout=CLOSE_SECONDS)
         await self._client.close()
         if self._credential is not None:
             await self._credential.close()
@@ -156,14 +160,18 @@ class TableStore(CooldownStore):
     async def _poll(self) -> None:
         """One partition query per refresh_ms from start() to close(), busy or idle, so the view is
         never older than refresh_ms: a refresh started by a request would only help the next one, and
-        an instance that was idle must not send its first requests to a backend another throttled."""
-        while True:
+        an instance that was idle must not send its first requests to a backend another throttled.
+        While the pool is under pressure (a cooldown is known, or ended less than a minute ago), one
+        per hot_refresh_ms: then every moment another instance doesn't know costs a doomed call."""
+        while not self._closed:
             interval = self.settings.refresh_ms / 1000
+            if time.time() < self._pressure_until:
+                interval = self.settings.hot_refresh_ms / 1000
             if not self.healthy:
                 interval = max(interval, OUTAGE_RETRY_SECONDS)
             wait = self._attempted_at + interval - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if wait > 0:  # short naps, so a cooldown that starts pressure shortens the current wait
+                await asyncio.sleep(min(wait, self.settings.hot_refresh_ms / 1000))
             else:
                 await self._refresh()
 
@@ -182,15 +190,23 @@ class TableStore(CooldownStore):
         self._refreshed_at = time.monotonic()
         self._recovered()
         old = time.time() - self.keep_expired_seconds
+        self._etags.clear()  # a row missing from the listing is absent: a first write creates it
         expired = [row for row in rows if self._learn(row) < old]
         if expired and self._cleanup_task is None:
             self._cleanup_task = asyncio.create_task(self._delete_expired(expired[:MAX_DELETES_PER_REFRESH]))
+
+    def _merge(self, entry: Cooldown) -> Cooldown:
+        """Any cooldown, ours or another instance's, puts the pool under pressure: refresh faster."""
+        merged = super()._merge(entry)
+        self._pressure_until = max(self._pressure_until, merged.until + PRESSURE_LINGER_SECONDS)
+        return merged
 
     def _learn(self, row: Any) -> float:
         """Merge a row into the view (the longer cooldown wins, expired ones are skipped); return its end."""
         until = float(row.get("cooling_until") or 0.0)
         key = (str(row.get("backend", "")), str(row.get("deployment", "")))
         self._in_table[key] = until
+        self._etags[key] = row.metadata.get("etag")
         if until > time.time():
             self._merge(Cooldown(*key, until, str(row.get("reason", "")), str(row.get("instance", ""))))
         return until
@@ -217,7 +233,9 @@ class TableStore(CooldownStore):
                 pk, rk, etag = row["PartitionKey"], row["RowKey"], row.metadata["etag"]
                 with contextlib.suppress(ResourceModifiedError, ResourceNotFoundError):
                     await self._call(self._client.delete_entity(pk, rk, etag=etag, match_condition=IF_MATCH))
-                    self._in_table.pop((str(row.get("backend", "")), str(row.get("deployment", ""))), None)
+                    key = (str(row.get("backend", "")), str(row.get("deployment", "")))
+                    self._in_table.pop(key, None)
+                    self._etags.pop(key, None)
         except Exception as exc:
             self._fault(exc)
         finally:
@@ -257,21 +275,31 @@ class TableStore(CooldownStore):
             "reason": entry.reason[:200],
             "instance": entry.instance,
         }
+        key = (entry.backend, entry.deployment)
+        # The last partition listing says what the row is (its ETag, or absent), so the first try
+        # skips the read: the conditional write fails if the row changed since, and then we read.
+        guess, etag = self._refreshed_at is not None, self._etags.get(key)
         faults = 0
         for _ in range(WRITE_TRIES):
             try:
-                current = None
-                with contextlib.suppress(ResourceNotFoundError):
-                    current = await self._call(self._client.get_entity(pk, rk))
-                if current is not None and float(current.get("cooling_until") or 0.0) >= entry.until:
-                    self._learn(current)  # someone else's longer cooldown wins; this view adopts it
-                    return self._recovered()
-                if current is None:
-                    await self._call(self._client.create_entity(fields))
+                if guess:
+                    guess = False
                 else:
-                    etag = current.metadata["etag"]
-                    await self._call(self._client.update_entity(fields, REPLACE, etag=etag, match_condition=IF_MATCH))
-                self._in_table[(entry.backend, entry.deployment)] = entry.until
+                    current = None
+                    with contextlib.suppress(ResourceNotFoundError):
+                        current = await self._call(self._client.get_entity(pk, rk))
+                    if current is not None and float(current.get("cooling_until") or 0.0) >= entry.until:
+                        self._learn(current)  # someone else's longer cooldown wins; this view adopts it
+                        return self._recovered()
+                    etag = None if current is None else current.metadata["etag"]
+                if etag is None:
+                    written = await self._call(self._client.create_entity(fields))
+                else:
+                    written = await self._call(
+                        self._client.update_entity(fields, REPLACE, etag=etag, match_condition=IF_MATCH)
+                    )
+                self._in_table[key] = entry.until
+                self._etags[key] = written.get("etag")
                 return self._recovered()
             except (ResourceExistsError, ResourceModifiedError):
                 continue  # another writer got there first: re-read and compare again

@@ -63,6 +63,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self._send(request)
+        except httpx.RemoteProtocolError as exc:
+            if not isinstance(exc.__cause__, _DROPPED):
+                raise
+        # The connection was dropped before any answer: almost always a pooled keep-alive connection
+        # the backend closed as we reused it. The backend never saw the request; once more, afresh.
+        return await self._send(request)
+
+    async def _send(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout", {})
         with _mapped(request):
             response = await self._get_session().request(
@@ -82,6 +92,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+_DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
 class _ResponseBody(httpx.AsyncByteStream):

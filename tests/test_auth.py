@@ -64,7 +64,7 @@ def test_backend_key_is_used_without_touching_entra():
     [("k2", None), (None, "Bearer k1"), (None, "bearer k2")],
 )
 def test_client_key_accepted_as_api_key_or_bearer(api_key, authorization):
-    ClientAuth(("k1", "k2")).check(api_key, authorization)
+    asyncio.run(ClientAuth(("k1", "k2")).check(api_key, authorization))
 
 
 @pytest.mark.parametrize(
@@ -73,8 +73,8 @@ def test_client_key_accepted_as_api_key_or_bearer(api_key, authorization):
 )
 def test_client_key_rejected(api_key, authorization):
     with pytest.raises(Unauthorized):
-        ClientAuth(("k1", "k2")).check(api_key, authorization)
+        asyncio.run(ClientAuth(("k1", "k2")).check(api_key, authorization))
 
 
 def test_no_client_keys_means_anonymous():
-    ClientAuth(()).check(None, None)
+    asyncio.run(ClientAuth(()).check(None, None))

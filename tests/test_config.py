@@ -5,6 +5,7 @@ import pytest
 from lb.config import BACKEND_SETTING_RE, ConfigError, load_settings
 
 ONE = {"BACKEND_1_URL": "https://one.openai.azure.com/"}
+TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 
 
 def test_backends_are_read_in_numeric_order_with_defaults():
@@ -49,11 +50,16 @@ def test_trailing_slash_is_dropped_and_keys_are_masked():
         ({**ONE, "BACKEND_1_WEIGHT": "0"}, r"^BACKEND_1_WEIGHT: every backend has weight 0"),
         ({**ONE, "HTTP_TIMEOUT_SECONDS": "soon"}, r"^HTTP_TIMEOUT_SECONDS: 'soon' is not a number"),
         ({**ONE, "HTTP_TIMEOUT_SECONDS": "nan"}, r"^HTTP_TIMEOUT_SECONDS: .*finite"),
+        ({**ONE, "LB_ATTEMPT_TIMEOUT_SECONDS": "0"}, r"^LB_ATTEMPT_TIMEOUT_SECONDS: "),
         ({**ONE, "LB_MAX_ATTEMPTS": "0"}, r"^LB_MAX_ATTEMPTS: .*at least 1"),
         ({**ONE, "LB_DEFAULT_COOLDOWN_SECONDS": "90"}, r"^LB_DEFAULT_COOLDOWN_SECONDS: .*above LB_MAX_COOLDOWN"),
         ({**ONE, "LB_STATE_TABLE_ENDPOINT": "table.core.windows.net"}, r"^LB_STATE_TABLE_ENDPOINT: "),
         ({**ONE, "LB_STATE_TABLE": "bad-name"}, r"^LB_STATE_TABLE: "),
         ({**ONE, "WEBSITE_INSTANCE_ID": "abc"}, r"^LB_CLIENT_KEYS: required when running on Azure"),
+        ({**ONE, "LB_ENTRA_TENANT_ID": "contoso.onmicrosoft.com"}, r"^LB_ENTRA_TENANT_ID: .*not a tenant id"),
+        ({**ONE, "LB_ENTRA_AUDIENCES": "api://lb"}, r"^LB_ENTRA_AUDIENCES: needs LB_ENTRA_TENANT_ID"),
+        ({**ONE, "LB_ENTRA_TENANT_ID": TENANT, "LB_ENTRA_ALLOWED_CLIENTS": "chat-app"}, r"^LB_ENTRA_ALLOWED_CLIENTS: "),
+        ({**ONE, "LB_ENTRA_TENANT_ID": TENANT, "LB_ENTRA_AUTHORITY": "login.example"}, r"^LB_ENTRA_AUTHORITY: "),
     ],
 )
 def test_bad_configuration_names_the_variable(env, message):
@@ -64,6 +70,19 @@ def test_bad_configuration_names_the_variable(env, message):
 def test_anonymous_on_azure_only_when_explicitly_allowed():
     settings = load_settings({**ONE, "WEBSITE_INSTANCE_ID": "abc", "LB_ALLOW_ANONYMOUS": "true"})
     assert settings.anonymous and settings.on_azure
+
+
+def test_entra_alone_is_enough_auth_on_azure_with_the_cognitive_services_audience_by_default():
+    settings = load_settings({**ONE, "WEBSITE_INSTANCE_ID": "abc", "LB_ENTRA_TENANT_ID": TENANT.upper()})
+    assert not settings.anonymous and settings.entra is not None
+    assert settings.entra.tenant_id == TENANT
+    assert settings.entra.audiences == ("https://cognitiveservices.azure.com",)
+    assert settings.entra.allowed_clients is None
+    assert settings.entra.issuers == (
+        f"https://sts.windows.net/{TENANT}/",
+        f"https://login.microsoftonline.com/{TENANT}/v2.0",
+    )
+    assert settings.entra.openid_configuration_url.startswith(f"https://login.microsoftonline.com/{TENANT}/v2.0/")
 
 
 @pytest.mark.parametrize(
@@ -96,3 +115,9 @@ def test_backend_setting_names_match_the_contract():
     assert BACKEND_SETTING_RE.match("BACKEND_1_URL")
     assert BACKEND_SETTING_RE.match("BACKEND_east_DEPLOYMENTS")
     assert not BACKEND_SETTING_RE.match("BACKEND_1_KEY")
+
+
+def test_one_attempt_may_take_half_the_deadline_unless_configured():
+    assert load_settings({**ONE, "HTTP_TIMEOUT_SECONDS": "30"}).attempt_timeout_seconds == 15
+    settings = load_settings({**ONE, "HTTP_TIMEOUT_SECONDS": "30", "LB_ATTEMPT_TIMEOUT_SECONDS": "20"})
+    assert settings.attempt_timeout_seconds == 20

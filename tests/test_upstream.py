@@ -159,3 +159,22 @@ async def test_connections_are_kept_alive_and_cookies_never_kept(client):
             assert response.status_code == 200
     assert server.connections == 1
     assert not any(b"cookie" in head.lower() for head in heads)
+
+
+async def test_a_pooled_connection_dropped_before_the_answer_is_retried_once_on_a_new_one(client):
+    server_state = {"n": 0}
+
+    async def drop_first(reader, writer):
+        server_state["n"] += 1
+        if server_state["n"] == 1:
+            await read_request(reader)  # a keep-alive connection the server closes as it is reused
+            return
+        await read_request(reader)
+        writer.write(answer(b"{}"))
+        await writer.drain()
+
+    server = RawServer(drop_first)
+    async with server as url:
+        response = await client.post(url + "/openai/x", content=b"{}")
+    assert response.status_code == 200
+    assert server.connections == 2

@@ -17,9 +17,19 @@ param tableName string
 param backendSettings object
 @secure()
 param clientKey string
+@description('App (client) or object ids whose Entra ID tokens are accepted besides the key; empty: none.')
+param entraAllowedClients string = ''
 param pythonVersion string = '3.11'
 param maximumInstanceCount int = 100
 param instanceMemoryMB int = 2048
+
+// Tokens of this tenant from the listed identities (e.g. the chat app's managed identity) are accepted.
+// <app-settings>
+var entraSettings = empty(entraAllowedClients) ? {} : {
+  LB_ENTRA_TENANT_ID: tenant().tenantId
+  LB_ENTRA_ALLOWED_CLIENTS: entraAllowedClients
+}
+// </app-settings>
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -85,7 +95,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
   resource settings 'config' = {
     name: 'appsettings'
     // <app-settings>
-    properties: union(backendSettings, {
+    properties: union(backendSettings, entraSettings, {
       // Host storage through the identity (the account has shared keys off).
       AzureWebJobsStorage__accountName: storage.name
       AzureWebJobsStorage__credential: 'managedidentity'

@@ -1,0 +1,211 @@
+"""Entra ID bearer tokens: validated against a local tenant (key pair + JWKS on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import jwt
+import openai
+import pytest
+
+from lb.config import load_settings
+from lb.entra import EntraValidator, InvalidToken, looks_like_jwt
+from lb.sim import free_port
+from tests.conftest import API_VERSION, CLIENT_KEY
+from tests.idp import APP_ID, AUDIENCE, OTHER_TENANT, TENANT, LocalIdP, SigningKey, entra_env
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def idp(servers) -> LocalIdP:
+    provider = LocalIdP()
+    port = free_port()
+    provider.url = f"http://127.0.0.1:{port}"
+    servers.start(provider, port)
+    return provider
+
+
+def validator(idp: LocalIdP, **env: str) -> EntraValidator:
+    settings = load_settings({"BACKEND_1_URL": "https://a.openai.azure.com", **entra_env(idp, **env)})
+    assert settings.entra is not None
+    return EntraValidator(settings.entra)
+
+
+def validate(v: EntraValidator, token: str) -> dict:
+    return asyncio.run(v.validate(token))
+
+
+def test_a_managed_identity_v1_token_and_an_app_v2_token_are_accepted(idp):
+    v = validator(idp)
+    assert validate(v, idp.token())["appid"] == APP_ID
+    assert validate(v, idp.token(v2=True))["azp"] == APP_ID
+    assert validate(v, idp.token(aud=AUDIENCE + "/"))["tid"] == TENANT  # aud with a trailing slash too
+
+
+def _none_alg(idp: LocalIdP) -> str:
+    return jwt.encode({"aud": AUDIENCE, "exp": time.time() + 60}, None, algorithm="none", headers={"kid": "key-1"})
+
+
+def _hmac_with_public_key(idp: LocalIdP) -> str:
+    # The classic key-confusion attack: HS256 keyed with the public key the tenant publishes.
+    return jwt.encode(
+        {"aud": AUDIENCE}, "a-public-key-used-as-an-hmac-secret-here", algorithm="HS256", headers={"kid": "key-1"}
+    )
+
+
+def _tampered(idp: LocalIdP) -> str:
+    header, _, signature = idp.token().split(".")
+    forged = jwt.utils.base64url_encode(b'{"aud":"https://cognitiveservices.azure.com","exp":9999999999}').decode()
+    return f"{header}.{forged}.{signature}"
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda idp: idp.token(exp=int(time.time()) - 600), "expired"),
+        (lambda idp: idp.token(nbf=int(time.time()) + 600), "not valid yet"),
+        (lambda idp: idp.token(aud="https://management.azure.com"), "another audience"),
+        (lambda idp: idp.token(iss=f"https://sts.windows.net/{OTHER_TENANT}/"), "another issuer"),
+        (lambda idp: idp.token(iss="https://evil.example/"), "another issuer"),
+        (lambda idp: idp.token(tid=OTHER_TENANT), "another tenant"),
+        (lambda idp: idp.token(exp=None), "'exp'"),
+        (lambda idp: idp.token(SigningKey("key-1")), "signature does not verify"),  # same kid, other key
+        (lambda idp: idp.token(SigningKey("unpublished")), "does not publish"),
+        (_none_alg, "RS256"),
+        (_hmac_with_public_key, "RS256"),
+        (_tampered, "signature does not verify"),
+        (lambda idp: "eyJ.not.ajwt", "well-formed"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
+def test_tokens_that_must_be_refused(idp, make, reason):
+    with pytest.raises(InvalidToken, match=reason):
+        validate(validator(idp), make(idp))
+
+
+@pytest.mark.parametrize("claim", ["appid", "azp", "oid"])
+def test_allowed_clients_match_appid_azp_or_oid(idp, claim):
+    allowed = "aaaaaaaa-0000-0000-0000-000000000001"
+    v = validator(idp, LB_ENTRA_ALLOWED_CLIENTS=f"{allowed.upper()}, bbbbbbbb-0000-0000-0000-000000000002")
+    claims = {"appid": None, "azp": None, "oid": "cccccccc-0000-0000-0000-000000000003", claim: allowed}
+    assert validate(v, idp.token(**claims))
+    with pytest.raises(InvalidToken, match="LB_ENTRA_ALLOWED_CLIENTS"):
+        validate(v, idp.token())  # the default client is not on the list
+
+
+def test_concurrent_first_requests_share_one_key_fetch(idp):
+    v = validator(idp)
+    tokens = [idp.token() for _ in range(50)]
+
+    async def all_at_once() -> None:
+        await asyncio.gather(*(v.validate(t) for t in tokens))
+
+    asyncio.run(all_at_once())
+    assert idp.key_fetches() == 1
+
+
+def test_a_flood_of_unknown_kids_fetches_keys_at_most_once_per_interval(idp):
+    now = [1000.0]
+    settings = load_settings({"BACKEND_1_URL": "https://a", **entra_env(idp)}).entra
+    v = EntraValidator(settings, refetch_interval=60, clock=lambda: now[0])
+    validate(v, idp.token())
+    with pytest.raises(InvalidToken):
+        validate(v, idp.token(SigningKey("too-soon")))
+    assert idp.key_fetches() == 1  # within the interval of the first fetch: no refetch at all
+    now[0] += 61
+    bogus = [idp.token(SigningKey(f"bogus-{i}")) for i in range(3)]
+
+    async def flood() -> list[object]:
+        return await asyncio.gather(*(v.validate(bogus[i % 3]) for i in range(300)), return_exceptions=True)
+
+    results = asyncio.run(flood())
+    assert all(isinstance(r, InvalidToken) for r in results)
+    assert idp.key_fetches() == 2  # the first unknown kid refetched once; the rest waited for the interval
+
+
+def test_a_rotated_key_is_picked_up_on_its_first_token(idp):
+    now = [1000.0]
+    settings = load_settings({"BACKEND_1_URL": "https://a", **entra_env(idp)}).entra
+    v = EntraValidator(settings, refetch_interval=60, clock=lambda: now[0])
+    validate(v, idp.token())
+    new = SigningKey("key-2")
+    idp.keys.append(new)
+    now[0] += 61
+    assert validate(v, idp.token(new))
+    assert validate(v, idp.token())  # the old key still works
+    assert idp.key_fetches() == 2
+
+
+def test_keys_already_known_keep_working_while_the_idp_is_down(idp):
+    now = [1000.0]
+    settings = load_settings({"BACKEND_1_URL": "https://a", **entra_env(idp)}).entra
+    v = EntraValidator(settings, refetch_interval=60, clock=lambda: now[0])
+    validate(v, idp.token())
+    idp.down = True
+    now[0] += 2 * 24 * 3600  # keys are stale: a refetch is tried and fails
+    assert validate(v, idp.token())
+    with pytest.raises(InvalidToken, match="does not publish"):
+        validate(v, idp.token(SigningKey("new-while-down")))
+    fetches = idp.key_fetches()
+    idp.down = False
+    now[0] += 61  # a failed refresh is retried after the interval, not a day later
+    validate(v, idp.token())
+    assert idp.key_fetches() == fetches + 1
+
+
+def test_an_unreachable_idp_refuses_tokens_and_says_so(idp):
+    idp.down = True
+    with pytest.raises(InvalidToken, match="could not be fetched"):
+        validate(validator(idp), idp.token())
+
+
+def test_only_jwt_shaped_bearers_are_treated_as_tokens():
+    assert looks_like_jwt("eyJhbGciOiJSUzI1NiJ9.eyJhIjoxfQ.c2ln")
+    assert not looks_like_jwt("0123456789abcdef0123456789abcdef")
+    assert not looks_like_jwt("a.b.c")
+
+
+# Through the real runner, as a new user would call it ----------------------------------------------
+def test_openai_sdk_with_an_entra_token_or_a_key_both_get_through(make_pool, idp):
+    pool = make_pool(2, env=entra_env(idp))
+    token_client = openai.AzureOpenAI(
+        azure_endpoint=pool.url, azure_ad_token_provider=idp.token, api_version=API_VERSION, max_retries=0
+    )
+    assert token_client.chat.completions.create(model="chat", messages=MESSAGES).choices[0].message.content
+    streamed = token_client.chat.completions.create(model="chat", messages=MESSAGES, stream=True)
+    assert "tok4" in "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    v1 = openai.OpenAI(base_url=pool.url + "/openai/v1", api_key=idp.token(v2=True), max_retries=0)
+    assert v1.embeddings.create(model="embedding", input="x").data
+    assert pool.azure().chat.completions.create(model="chat", messages=MESSAGES).choices  # the key still works
+    for backend in pool.backends:
+        for call in backend.calls:  # the client's token never reaches a backend
+            assert "authorization" not in call.headers and call.headers["api-key"].startswith("key-")
+
+
+def test_a_refused_token_is_401_with_a_bearer_challenge_and_no_backend_call(make_pool, idp):
+    pool = make_pool(1, env=entra_env(idp))
+    url = f"{pool.url}/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
+    for token in (idp.token(exp=int(time.time()) - 600), idp.token(SigningKey("key-1")), "eyJ.x.y"):
+        response = httpx.post(url, json={"messages": MESSAGES}, headers={"authorization": f"Bearer {token}"})
+        assert response.status_code == 401
+        assert set(response.json()["error"]) == {"code", "message"}
+        challenge = response.headers["www-authenticate"]
+        assert challenge.startswith("Bearer ") and 'error="invalid_token"' in challenge
+        assert token not in response.text + challenge
+    client = openai.AzureOpenAI(
+        azure_endpoint=pool.url, azure_ad_token=idp.token(aud="api://other"), api_version=API_VERSION, max_retries=0
+    )
+    with pytest.raises(openai.AuthenticationError, match="another audience"):
+        client.chat.completions.create(model="chat", messages=MESSAGES)
+    assert httpx.post(url, json={}).status_code == 401  # nothing presented
+    assert pool.backends[0].calls == []
+
+
+def test_entra_only_pool_refuses_keys(make_pool, idp):
+    pool = make_pool(1, env={**entra_env(idp), "LB_CLIENT_KEYS": ""})
+    with pytest.raises(openai.AuthenticationError, match="not an Entra ID access token"):
+        pool.azure(key=CLIENT_KEY).chat.completions.create(model="chat", messages=MESSAGES)
+    assert pool.backends[0].calls == []

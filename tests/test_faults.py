@@ -1,0 +1,218 @@
+"""Backends and clients misbehaving, through the real runner: every call ends, in bounded time, well-formed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from email.utils import formatdate
+
+import httpx
+import openai
+import pytest
+
+from lb.sim import Servers
+from tests.conftest import API_VERSION, CLIENT_KEY
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def chat_url(url: str, deployment: str = "chat") -> str:
+    return f"{url}/openai/deployments/{deployment}/chat/completions?api-version={API_VERSION}"
+
+
+def post(url: str, deployment: str = "chat", **kwargs: object) -> httpx.Response:
+    return httpx.post(
+        chat_url(url, deployment), json={"messages": MESSAGES}, headers={"api-key": CLIENT_KEY}, timeout=10, **kwargs
+    )
+
+
+def established(port: int) -> int:
+    """TCP connections on 127.0.0.1 with `port` at either end, from /proc/net/tcp (state 01).
+
+    The table is read a few times and the most seen is kept: a table that changes while it is
+    read (other processes share this machine) can momentarily skip a row.
+    """
+    most = 0
+    for _ in range(3):
+        with open("/proc/net/tcp", "rb") as f:
+            lines = f.read().decode().splitlines()[1:]
+        count = 0
+        for line in lines:
+            fields = line.split()
+            local, remote, state = fields[1], fields[2], fields[3]
+            if state == "01" and port in (int(local.split(":")[1], 16), int(remote.split(":")[1], 16)):
+                count += 1
+        most = max(most, count)
+    return most
+
+
+class Silent:
+    """Accepts connections and reads requests, but never answers (a raw server: nothing to drain at exit)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            self.requests += 1
+            await reader.read()  # until the caller hangs up
+        finally:
+            writer.close()
+
+
+def test_a_backend_that_never_answers_costs_one_attempt_timeout_then_another_answers(make_pool, servers):
+    silent = Silent()
+    env = {"HTTP_TIMEOUT_SECONDS": "2", "LB_ATTEMPT_TIMEOUT_SECONDS": "0.3", "LB_DEFAULT_COOLDOWN_SECONDS": "30"}
+    pool = make_pool(1, env={**env, "BACKEND_9_URL": _serve_raw(servers, silent), "BACKEND_9_APIKEY": "k"})
+    while not silent.requests:  # until the random pick lands on the silent one
+        started = time.perf_counter()
+        response = post(pool.url)
+        duration = time.perf_counter() - started
+        assert response.status_code == 200 and response.headers["x-lb-backend"] == "1"
+    assert response.headers["x-lb-attempts"] == "2"  # the silent one, then the healthy one
+    assert 0.3 <= duration < 0.3 + 0.5
+    for _ in range(10):  # cooled: the next calls go straight to the healthy backend
+        started = time.perf_counter()
+        response = post(pool.url)
+        assert response.status_code == 200 and response.headers["x-lb-backend"] == "1"
+        assert time.perf_counter() - started < 0.3
+    assert silent.requests == 1
+
+
+def test_the_last_backend_left_gets_the_rest_of_the_deadline_not_the_attempt_timeout(make_pool, servers):
+    silent = Silent()
+    env = {"HTTP_TIMEOUT_SECONDS": "0.8", "LB_ATTEMPT_TIMEOUT_SECONDS": "0.2"}
+    pool = make_pool(0, env={**env, "BACKEND_9_URL": _serve_raw(servers, silent), "BACKEND_9_APIKEY": "k"})
+    started = time.perf_counter()
+    response = post(pool.url)
+    assert response.status_code == 504
+    assert 0.8 <= time.perf_counter() - started < 0.8 + 0.5  # waited the whole deadline for the only one
+
+
+def test_when_every_backend_is_silent_the_whole_request_still_ends_at_the_deadline(make_pool, servers):
+    silent = Silent()
+    env = {"HTTP_TIMEOUT_SECONDS": "0.5", "BACKEND_1_WEIGHT": "0"}
+    for name in ("7", "8", "9"):
+        env |= {f"BACKEND_{name}_URL": _serve_raw(servers, silent), f"BACKEND_{name}_APIKEY": "k"}
+    pool = make_pool(1, env=env)
+    started = time.perf_counter()
+    response = post(pool.url)
+    assert response.status_code == 504 and response.json()["error"]["code"] == "GatewayTimeout"
+    assert time.perf_counter() - started < 0.5 + 0.5  # one deadline in all, not one per backend
+    assert 1 <= silent.requests <= 3
+
+
+def test_a_stream_that_stalls_after_its_first_chunk_ends_with_an_error_not_a_hang(make_pool):
+    pool = make_pool(1, env={"HTTP_TIMEOUT_SECONDS": "0.8"}, chunks=5, chunk_gap=30)
+    started = time.perf_counter()
+    received = []
+    with pytest.raises(openai.APIError, match="ended unexpectedly"):
+        for chunk in pool.azure(timeout=10).chat.completions.create(model="chat", messages=MESSAGES, stream=True):
+            received.append(chunk)
+    assert received and time.perf_counter() - started < 3
+    assert pool.proxy.store.cooling_until("1", "chat", time.time()) > 0
+
+
+def _serve_raw(servers: Servers, handler) -> str:
+    """A bare TCP server on the servers' loop, for answers no HTTP framework would produce."""
+
+    async def start() -> int:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        return server.sockets[0].getsockname()[1]
+
+    return f"http://127.0.0.1:{servers.run(start())}"
+
+
+async def _reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"choices": [')
+    await writer.drain()
+    writer.transport.abort()  # RST after 14 of the 1000 promised bytes
+
+
+def test_a_backend_that_resets_mid_body_closes_the_clients_answer_and_is_cooled(make_pool, servers):
+    reset_url = _serve_raw(servers, _reset_mid_body)
+    pool = make_pool(1, env={"BACKEND_1_PRIORITY": "2", "BACKEND_9_URL": reset_url, "BACKEND_9_APIKEY": "k"})
+    started = time.perf_counter()
+    with pytest.raises(httpx.HTTPError):  # a short body and a closed connection: never a complete "success"
+        post(pool.url)
+    assert time.perf_counter() - started < 2
+    assert pool.proxy.store.cooling_until("9", "chat", time.time()) > 0
+    assert post(pool.url).headers["x-lb-backend"] == "1"  # the next call avoids it
+
+
+GARBAGE_RETRY_AFTER = {
+    "negative": ("-5", "default"),
+    "word": ("abc", "default"),
+    "huge": (str(10**12), "max"),
+    "past-date": (formatdate(time.time() - 3600, usegmt=True), "default"),
+    "empty": ("", "default"),
+}
+
+
+async def _garbage_throttler(scope, receive, send) -> None:
+    """Answers 429 with the Retry-After named by the deployment, e.g. /openai/deployments/huge/..."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    value = GARBAGE_RETRY_AFTER[scope["path"].split("/")[3]][0]
+    body = json.dumps({"error": {"code": "429", "message": "Rate limit is exceeded."}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"retry-after", value.encode())]
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_garbage_retry_after_headers_give_bounded_cooldowns_and_the_call_still_succeeds(make_pool, servers):
+    env = {
+        "BACKEND_1_PRIORITY": "2",
+        "BACKEND_9_URL": servers.start(_garbage_throttler),
+        "BACKEND_9_APIKEY": "k",
+        "LB_DEFAULT_COOLDOWN_SECONDS": "7",
+        "LB_MAX_COOLDOWN_SECONDS": "30",
+    }
+    pool = make_pool(1, env=env)
+    for deployment, (_, expected) in GARBAGE_RETRY_AFTER.items():
+        response = post(pool.url, deployment)
+        assert response.status_code == 200 and response.headers["x-lb-attempts"] == "2", deployment
+        left = pool.proxy.store.cooling_until("9", deployment, time.time()) - time.time()
+        want = 7 if expected == "default" else 30
+        assert want - 1 < left <= want, (deployment, left)
+
+
+async def _invalid_body(scope, receive, send) -> None:
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"choices": [{"broken\x00'})
+
+
+def test_a_200_with_an_invalid_body_is_passed_through_untouched_and_not_retried(make_pool, servers):
+    env = {"BACKEND_1_PRIORITY": "2", "BACKEND_9_URL": servers.start(_invalid_body), "BACKEND_9_APIKEY": "k"}
+    pool = make_pool(1, env=env)
+    response = post(pool.url)
+    assert response.status_code == 200 and response.content == b'{"choices": [{"broken\x00'
+    assert response.headers["x-lb-backend"] == "9" and response.headers["x-lb-attempts"] == "1"
+    assert pool.backends[0].calls == []
+    assert pool.proxy.store.cooling_until("9", "chat", time.time()) == 0
+
+
+def test_a_client_that_hangs_up_mid_stream_leaves_no_upstream_connection_open(make_pool):
+    pool = make_pool(1, chunks=40, chunk_gap=0.05)
+    backend_port = pool.proxy.settings.backends[0].url.rsplit(":", 1)[1]
+    with httpx.Client(timeout=5) as client:
+        with client.stream(
+            "POST", chat_url(pool.url), headers={"api-key": CLIENT_KEY}, json={"messages": MESSAGES, "stream": True}
+        ) as response:
+            chunks = response.iter_raw()
+            next(chunks)
+            assert established(int(backend_port)) == 2  # proxy -> backend, seen from both ends
+    deadline = time.monotonic() + 3
+    while established(int(backend_port)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert established(int(backend_port)) == 0
+    assert len(pool.backends[0].calls) == 1 and pool.backends[0].disconnects == 1

@@ -1,0 +1,333 @@
+"""Path, header and body safety: what a client may send, and what reaches a backend."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from urllib.parse import quote, unquote
+
+import httpx
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from lb.errors import BadRequest, ProxyError, RouteNotFound
+from lb.requestinfo import check_path
+from tests.conftest import API_VERSION, CLIENT_KEY
+
+CHAT = f"/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
+BODY = b'{"messages": [{"role": "user", "content": "hi"}]}'
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/deployments/chat/chat/completions",
+        "/openai/deployments/gpt-4o.mini_2/embeddings",
+        "/openai/v1/chat/completions",
+        "/openai/v1/files/file-abc123/content",
+        "/openai/deployments/my%20deployment/completions",
+        "/openai/deployments/a..b/chat",
+    ],
+)
+def test_paths_the_sdks_send_are_accepted(path):
+    check_path(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/../admin",
+        "/openai/deployments/./chat",
+        "/openai/deployments/chat/",
+        "/openai//deployments/chat",
+        "/openai/%2e%2e/admin",
+        "/openai/%2E%2e%2Fadmin",
+        "/openai/%252e%252e/admin",
+        "/openai/%25252e%25252e/admin",
+        "/openai/deployments%2f%2fchat",
+        "/openai/a\\b",
+        "/openai/a%5cb",
+        "/openai/a%00b",
+        "/openai/a%0d%0aInjected: 1",
+        "/openai/a\x7fb",
+        "/openai/a%23frag",
+        "/openai/http://evil.example/x",
+        "/openai/%ff",
+        "/openai/%" + "25" * 6 + "2e",  # "." encoded seven times over
+    ],
+)
+def test_unsafe_paths_are_bad_requests(path):
+    with pytest.raises(BadRequest):
+        check_path(path)
+
+
+@pytest.mark.parametrize("path", ["/", "/admin/host/status", "/openai", "/OPENAI/v1/x", "//evil.example/openai/x"])
+def test_only_openai_paths_are_proxied(path):
+    with pytest.raises(RouteNotFound):
+        check_path(path)
+
+
+def _layers(path: str):
+    for _ in range(10):
+        yield path
+        decoded = unquote(path)
+        if decoded == path:
+            return
+        path = decoded
+
+
+_TRICKY = st.sampled_from([*"/.%25abc\\\x00\n#2eEfF5:", "%2e", "%2E", "%2f", "%5c", "%25", "%00", "%0a"])
+
+
+@given(st.lists(_TRICKY, max_size=30).map("".join))
+@example("/%2e%2e")
+@example("/%252e%252e/x")
+def test_an_accepted_path_has_no_unsafe_segment_at_any_decoding_depth(tail):
+    path = "/openai/x" + tail
+    try:
+        check_path(path)
+    except ProxyError:
+        return
+    for layer in _layers(path):
+        assert not any(c in layer for c in "\\\x00\n#")
+        assert all(seg not in ("", ".", "..") for seg in layer.split("/")[1:]), layer
+
+
+@given(st.text(max_size=40))
+def test_any_path_keeps_the_configured_backend_host(tail):
+    path = "/openai/" + tail
+    try:
+        check_path(path)
+    except ProxyError:
+        return
+    url = httpx.URL("https://acct.openai.azure.com" + path)
+    assert url.host == "acct.openai.azure.com" and url.port is None and url.scheme == "https"
+    assert url.path.startswith("/openai/")
+
+
+_SEGMENT = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.~", min_size=1, max_size=12).filter(
+    lambda s: s not in (".", "..")
+)
+
+
+@given(st.lists(_SEGMENT, min_size=1, max_size=6))
+def test_paths_of_ordinary_segments_are_never_refused(segments):
+    check_path("/openai/" + "/".join(quote(s) for s in segments))
+
+
+# Through the real runner ------------------------------------------------------------------------------------
+def raw_request(url: str, head: str, body: bytes = b"", read_timeout: float = 5) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes exactly as given (no client normalises the path) and read the answer."""
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=read_timeout) as s:
+        s.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head_bytes, rest = data.split(b"\r\n\r\n", 1)
+        lines = head_bytes.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", 0))
+        while len(rest) < length:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+    return int(lines[0].split()[1]), headers, rest
+
+
+PROBES = [
+    # (request line target, extra headers, body)
+    ("/openai/deployments/%2e%2e/chat/completions", "", BODY),
+    ("/openai/deployments/..%2fchat/completions", "", BODY),
+    ("/openai/deployments/%252e%252e/x", "", BODY),
+    ("/openai/deployments/chat//chat/completions", "", BODY),
+    ("/openai/deployments/chat/chat/completions/", "", BODY),
+    ("/openai/deployments/a%5cb/chat", "", BODY),
+    ("/openai/deployments/a%00b/chat", "", BODY),
+    ("/openai/deployments/a%0d%0aX-Injected:%201/chat", "", BODY),
+    ("/openai/./deployments/chat/chat/completions", "", BODY),
+    ("/admin/host/status", "", b""),
+    ("/lb/../openai/v1/models", "", b""),
+    ("/openai", "", b""),
+    ("/openai/v1/chat/completions", "Content-Type: application/json\r\n", b"{not json"),
+    ("/openai/v1/chat/completions", "Content-Type: application/json\r\n", b'{"model": "a\\nb"}'),
+    ("/openai/v1/chat/completions", "Content-Type: application/json\r\n", b"\xff\xfe"),
+    ("/openai/deployments/chat/chat/completions", "", b"x" * 2000),
+]
+
+
+def test_every_path_and_body_probe_is_a_json_4xx_that_reaches_no_backend(make_pool):
+    pool = make_pool(1, env={"LB_MAX_BODY_BYTES": "1000"})
+    for target, extra, body in PROBES:
+        head = (
+            f"POST {target} HTTP/1.1\r\nHost: lb\r\napi-key: {CLIENT_KEY}\r\n{extra}"
+            f"Content-Length: {len(body)}\r\nConnection: close"
+        )
+        status, headers, answer = raw_request(pool.url, head, body)
+        assert 400 <= status < 500, (target, status, answer)
+        error = json.loads(answer)["error"]
+        assert set(error) == {"code", "message"} and error["message"], target
+        assert headers["content-type"].startswith("application/json"), target
+    assert pool.backends[0].calls == []
+
+
+def test_auth_probes_are_json_401s_that_reach_no_backend(make_pool):
+    pool = make_pool(1)
+    for credential in (
+        "",
+        "api-key: wrong",
+        "Authorization: Bearer wrong",
+        "Authorization: Basic Y2xpZW50",
+        "api-key: ",
+    ):
+        line = f"\r\n{credential}" if credential else ""
+        status, headers, answer = raw_request(
+            pool.url,
+            f"POST {CHAT} HTTP/1.1\r\nHost: lb{line}\r\nContent-Length: {len(BODY)}\r\nConnection: close",
+            BODY,
+        )
+        assert status == 401, credential
+        assert headers["www-authenticate"].startswith("Bearer ")
+        assert set(json.loads(answer)["error"]) == {"code", "message"}
+    assert pool.backends[0].calls == []
+
+
+def test_oversized_body_is_refused_before_it_is_sent(make_pool):
+    pool = make_pool(1, env={"LB_MAX_BODY_BYTES": "1000"})
+    started = time.perf_counter()
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: lb\r\napi-key: {CLIENT_KEY}\r\nContent-Length: {100 * 2**20}"
+    status, _, answer = raw_request(pool.url, head, b"x" * 1000)  # declares 100 MiB, sends 1 KB, then waits
+    assert status == 413 and json.loads(answer)["error"]["code"] == "PayloadTooLarge"
+    assert time.perf_counter() - started < 2
+
+    def chunks():
+        for _ in range(10):
+            yield b"x" * 500
+
+    chunked = httpx.post(pool.url + CHAT, content=chunks(), headers={"api-key": CLIENT_KEY})  # no Content-Length
+    assert chunked.status_code == 413
+    assert pool.backends[0].calls == []
+
+
+def test_too_many_or_too_large_headers_are_431_without_a_backend_call(make_pool):
+    pool = make_pool(1)
+    big = httpx.post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, "x-big": "a" * 40_000})
+    many = httpx.post(
+        pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, **{f"x-{i}": "1" for i in range(120)}}
+    )
+    for response in (big, many):
+        assert response.status_code == 431 and response.json()["error"]["code"] == "RequestHeaderFieldsTooLarge"
+    assert pool.backends[0].calls == []
+    assert (
+        httpx.post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, "x-ok": "a" * 8000}).status_code
+        == 200
+    )
+
+
+def test_unknown_route_and_method_get_json_errors(make_pool):
+    pool = make_pool(1)
+    missing = httpx.get(pool.url + "/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "NotFound"
+    wrong_method = httpx.post(pool.url + "/healthz")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "MethodNotAllowed"
+
+
+def test_upstream_host_is_the_backends_whatever_host_headers_or_absolute_url_say(make_pool):
+    pool = make_pool(1)
+    backend_host = pool.proxy.settings.backends[0].host
+    head = (
+        f"POST http://evil.example{CHAT} HTTP/1.1\r\nHost: evil.example\r\nX-Forwarded-Host: evil.example\r\n"
+        f"Forwarded: host=evil.example\r\napi-key: {CLIENT_KEY}\r\nContent-Length: {len(BODY)}\r\nConnection: close"
+    )
+    status, _, _ = raw_request(pool.url, head, BODY)
+    assert status == 200  # uvicorn reduces the absolute form to its path; the backend is still ours
+    (call,) = pool.backends[0].calls
+    assert call.headers["host"] == backend_host
+    assert "evil.example" not in json.dumps(call.headers)
+
+
+def test_hop_by_hop_headers_are_not_forwarded_and_forwarding_headers_are_set(make_pool):
+    pool = make_pool(1)
+    response = httpx.post(
+        pool.url + CHAT,
+        content=BODY,
+        headers={
+            "api-key": CLIENT_KEY,
+            "connection": "keep-alive, x-hop",
+            "x-hop": "secret",
+            "keep-alive": "timeout=5",
+            "te": "trailers",
+            "trailer": "x-checksum",
+            "upgrade": "h2c",
+            "proxy-authorization": "Basic eDp5",
+            "proxy-anything": "1",
+            "x-request-id": "client-req-42",
+            "x-kept": "yes",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "client-req-42"
+    (call,) = pool.backends[0].calls
+    for name in ("x-hop", "keep-alive", "te", "trailer", "upgrade", "proxy-authorization", "proxy-anything"):
+        assert name not in call.headers, name
+    assert call.headers.get("connection", "keep-alive") == "keep-alive"  # httpx's own, not the client's
+    assert call.headers["x-kept"] == "yes" and call.headers["x-request-id"] == "client-req-42"
+    assert call.headers["x-forwarded-for"] == "127.0.0.1" and call.headers["x-forwarded-proto"] == "http"
+
+
+def test_a_request_id_is_made_when_the_client_sends_none_and_given_to_the_backend(make_pool):
+    pool = make_pool(1)
+    response = httpx.post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY})
+    made = response.headers["x-request-id"]
+    assert len(made) == 36 and pool.backends[0].calls[0].headers["x-request-id"] == made
+    unsafe = httpx.post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, "x-request-id": "a b\tc" * 50})
+    assert unsafe.headers["x-request-id"] != "a b\tc" * 50  # not a safe token: a fresh id is logged instead
+    assert (
+        httpx.post(pool.url + CHAT, content=b"", headers={"x-request-id": "r-401"}).headers["x-request-id"] == "r-401"
+    )
+
+
+async def _hop_backend(scope, receive, send) -> None:
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"connection", b"x-hop-resp"),
+        (b"x-hop-resp", b"secret"),
+        (b"proxy-authenticate", b"Basic"),
+        (b"proxy-foo", b"1"),
+        (b"keep-alive", b"timeout=5"),
+        (b"x-request-id", b"backend-id"),
+        (b"x-kept", b"yes"),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def test_hop_by_hop_headers_of_the_backend_are_not_returned(servers):
+    from lb.app import create_app
+    from lb.config import load_settings
+
+    app = create_app(load_settings({"BACKEND_1_URL": servers.start(_hop_backend), "BACKEND_1_APIKEY": "k"}))
+    url = servers.start(app)
+    response = httpx.post(url + CHAT, content=BODY, headers={"x-request-id": "client-id"})
+    assert response.status_code == 200
+    for name in ("x-hop-resp", "proxy-authenticate", "proxy-foo", "keep-alive"):
+        assert name not in response.headers, name
+    assert response.headers["x-kept"] == "yes"
+    assert response.headers.get_list("x-request-id") == ["backend-id"]  # the backend's own id wins, once
+
+
+def test_a_missing_deployment_gets_the_backends_own_404_untouched(make_pool):
+    pool = make_pool(2)
+    for backend in pool.backends:
+        backend.fail_status = 404
+    response = httpx.post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY})
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == "Simulated failure."  # the backend's body, not ours
+    assert response.headers["x-lb-attempts"] == "1"
