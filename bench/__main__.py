@@ -2,7 +2,7 @@
 
 Each benchmark is a module of this package with `main(argv: list[str] | None) -> int`. A benchmark
 listed here whose module is not there yet is skipped by `all` with a note. A full `all` takes about
-15 minutes on the project's 2-core machine (the 60 s `load` soak included; `--no-load` skips it) and
+11-15 minutes on the project's 2-core machine (the 60 s `load` soak included; `--no-load` skips it) and
 ends with `report`, which redraws docs/benchmarks.md and its plots from bench/results/*.json.
 `--quick` is a smoke run of a few minutes: smaller counts for the benchmarks that take `--quick`,
 results in `*.quick.json` (gitignored), no `load`, docs untouched.

@@ -41,7 +41,7 @@ def _cdf(ax: Any, samples: dict[str, list[float]], title: str) -> None:
     ax.set_xscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.1g}"[0] in "25" else ""))
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("ms (log scale)")
     ax.set_ylabel("fraction of calls")
@@ -95,7 +95,7 @@ def markdown(o: dict[str, Any], m: dict[str, Any] | None, profiles: list[dict[st
     goals = [f for f in o["figures"] if f["issue"] == "#6"] + (memory_figures(m) if m else [])
     out = ["# Benchmarks", ""]
     out += [f"Measured {o['date'][:16].replace('T', ' ')} UTC on {mach['cpus']} CPUs ({mach['cpu'] or 'unknown'}),"]
-    out += [f"Python {mach['python']}, {mach['uname']}. Regenerate with `python -m bench all` (about 15 minutes)."]
+    out += [f"Python {mach['python']}, {mach['uname']}. Regenerate with `python -m bench all` (11-15 minutes here)."]
     out += ["Other work ran on the machine at the same time; every comparison below is side by side in one run."]
     out += ["", "## Goals (issue 6)", "", report.goals_table(goals), ""]
     out += ["![latency CDF](latency-cdf.png)", ""]
