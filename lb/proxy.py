@@ -10,22 +10,21 @@ wins is streamed back as it arrives.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 import httpx
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from lb import errors, logctx, throttle
-from lb.auth import CREDENTIAL_HEADERS, BackendAuth, ClientAuth
+from lb.auth import BackendAuth, ClientAuth
 from lb.balancer import Balancer, NoCandidate
 from lb.config import Backend, Settings
+from lb.headers import forwarded as forwarded_headers
+from lb.relay import UpstreamResponse
 from lb.requestinfo import RequestInfo, check_headers, read_request
 from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
 from lb.telemetry import Telemetry
@@ -34,26 +33,6 @@ from lb.upstream import create_client
 log = logging.getLogger("lb")
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-
-# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never relayed, nor are the
-# headers a Connection header names, nor any Proxy-* header (meant for a proxy, i.e. for us).
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-HOP_BY_HOP_PREFIX = "proxy-"
-# The upstream host is always the backend's: the client's Host / X-Forwarded-Host / Forwarded never travel.
-_NOT_FORWARDED = HOP_BY_HOP | CREDENTIAL_HEADERS | {"host", "content-length", "x-forwarded-host", "forwarded"}
-_NOT_RETURNED = HOP_BY_HOP | {"set-cookie", "server", "date"}  # the host adds its own date and server
 
 
 class Proxy:
@@ -114,7 +93,6 @@ class Proxy:
         except Exception:  # a bug must still produce an answer, without leaking details
             log.exception("unexpected error while proxying %s %s", request.method, request.url.path)
             response = errors.ProxyError("The load balancer failed to handle the request.").response()
-        _strip_hop_by_hop(response)
         if "x-request-id" not in response.headers:
             response.headers["x-request-id"] = request_id
         return response
@@ -173,7 +151,7 @@ class Proxy:
         """Try backends until one answers for good; `tried` collects every attempt made."""
         settings = self.settings
         deadline = time.monotonic() + settings.timeout_seconds
-        headers = _forward_headers(request)
+        headers = forwarded_headers(request, logctx.current_request_id.get())
         failure: errors.ProxyError | None = None
         choice = self.balancer.pick(info.deployment, time.time())
 
@@ -252,7 +230,7 @@ class Proxy:
         def on_broken_stream() -> None:
             self._cool(backend, info.deployment, self.settings.default_cooldown_seconds, "broken stream")
 
-        return UpstreamResponse(upstream, backend, attempts, on_broken_stream)
+        return UpstreamResponse(upstream, backend.name, attempts, on_broken_stream)
 
     def _cool(self, backend: Backend, deployment: str | None, seconds: float, reason: str) -> float:
         self.store.mark(backend.name, deployment or ANY_DEPLOYMENT, time.time() + seconds, reason)
@@ -271,52 +249,16 @@ class Proxy:
         self, backend: Backend, method: str, info: RequestInfo, headers: list[tuple[str, str]], timeout: float
     ) -> httpx.Response:
         auth = await self.backend_auth.headers(backend)
-        request = self.client.build_request(
+        # A bare httpx.Request, not client.build_request(): the client's default headers (its own
+        # User-Agent, Accept-Encoding) have no place in a forwarded call, and merging them costs.
+        request = httpx.Request(
             method,
             backend.url + info.raw_path,
             headers=[*headers, *auth.items()],
             content=info.body,
-            timeout=timeout,
+            extensions={"timeout": httpx.Timeout(timeout).as_dict()},
         )
         return await self.client.send(request, stream=True)
-
-
-def _connection_named(headers: Any) -> set[str]:
-    """Names listed by every Connection header (Starlette and httpx headers both take `.items()`)."""
-    values = [v for k, v in headers.items() if k.lower() == "connection"]
-    return {t.strip().lower() for value in values for t in value.split(",") if t.strip()}
-
-
-def _strip_hop_by_hop(response: Response) -> None:
-    """Drop from an answer what the backend's Connection header named and any Proxy-* header.
-
-    The fixed hop-by-hop names are already left out when the answer is built; the names only the
-    upstream's own Connection header knows are removed here.
-    """
-    upstream = getattr(response, "upstream", None)
-    named = _connection_named(upstream.headers) if isinstance(upstream, httpx.Response) else set()
-    drop = [k for k in response.headers if k in named or k.startswith(HOP_BY_HOP_PREFIX)]
-    for name in drop:
-        del response.headers[name]
-
-
-def _forward_headers(request: Request) -> list[tuple[str, str]]:
-    """The client's headers minus its credentials, hop-by-hop ones and what httpx sets itself."""
-    skip = _NOT_FORWARDED | _connection_named(request.headers)
-    headers = [(k, v) for k, v in request.headers.items() if k not in skip and not k.startswith(HOP_BY_HOP_PREFIX)]
-    request_id = logctx.current_request_id.get()
-    if request_id and "x-request-id" not in request.headers:
-        headers.append(("x-request-id", request_id))  # the backend's logs can be matched with ours
-    if "accept-encoding" not in request.headers:  # don't let httpx ask for a compression the client can't read
-        headers.append(("accept-encoding", "identity"))
-    client = request.client
-    if client is not None:
-        prior = request.headers.get("x-forwarded-for")
-        headers = [(k, v) for k, v in headers if k != "x-forwarded-for"]
-        headers.append(("x-forwarded-for", f"{prior}, {client.host}" if prior else client.host))
-    if "x-forwarded-proto" not in request.headers:
-        headers.append(("x-forwarded-proto", request.url.scheme))
-    return headers
 
 
 @dataclass
@@ -327,44 +269,3 @@ class Attempt:
     started: float  # epoch seconds, for telemetry
     perf_started: float  # perf_counter, for the duration
     status: int | str | None = None
-
-
-class UpstreamResponse(StreamingResponse):
-    """Streams the backend's body as it arrives and always releases the upstream connection.
-
-    Closing in `__call__`'s finally covers every exit: the end of the body, a client that went
-    away (Starlette cancels the stream on `http.disconnect`) and a backend that failed mid-body.
-    """
-
-    def __init__(
-        self, upstream: httpx.Response, backend: Backend, attempts: int, on_broken: Callable[[], None]
-    ) -> None:
-        headers = {k: v for k, v in upstream.headers.items() if k not in _NOT_RETURNED}
-        headers["x-lb-backend"] = backend.name
-        headers["x-lb-attempts"] = str(attempts)
-        self.upstream = upstream
-        self.backend = backend
-        self.on_broken = on_broken
-        super().__init__(self._body(), status_code=upstream.status_code, headers=headers)
-        self.media_type = None
-
-    async def _body(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self.upstream.aiter_raw():
-                yield chunk
-        except httpx.HTTPError as exc:
-            log.warning("backend %s failed mid-body: %s", self.backend.name, type(exc).__name__)
-            self.on_broken()
-            if self.upstream.headers.get("content-type", "").startswith("text/event-stream"):
-                # The openai SDK raises on an SSE event carrying "error", so the caller sees a failure.
-                error = {"error": {"code": "BadGateway", "message": "The backend stream ended unexpectedly."}}
-                yield f"data: {json.dumps(error)}\n\n".encode()
-            else:
-                raise
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.upstream.aclose()

@@ -219,6 +219,7 @@ def test_client_disconnect_cancels_the_upstream_stream_without_retry(make_pool):
     assert len(served) == 1  # not retried elsewhere
     assert served[0].disconnects == 1  # the proxy hung up on the backend: upstream was cancelled
     assert served[0].count(200) == 0
+    assert pool.proxy.store.active() == []  # the client left: the backend did nothing wrong, nothing cools
 
 
 def test_v1_shape_routes_by_model_in_body(make_pool):
