@@ -1,12 +1,16 @@
 """Starting the benchmark's servers as child processes, and reading their CPU time from /proc.
 
-Each server runs in its own process so its CPU time (utime + stime of all its threads) can be
-read from `/proc/<pid>/stat` and charged to it alone. Everything listens on 127.0.0.1 only.
+Each server runs in its own process so its CPU time (utime + stime of all its threads, and of any
+worker processes it forks) can be read from `/proc` and charged to it alone; `quiesce` uses the
+finer schedstat counters to tell when a process has finished with a call. Everything listens on
+127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -33,6 +37,67 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # fields 14 and 15 of proc(5), counted after ")"
 
 
+def tree(pid: int) -> list[int]:
+    """`pid` and all its descendants: a proxy that forks workers is charged for all of them."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        try:
+            with open(f"/proc/{pids[i]}/task/{pids[i]}/children") as f:
+                pids += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+        i += 1
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        try:
+            total += cpu_seconds(p)
+        except OSError:
+            pass
+    return total
+
+
+def run_ns(pids: list[int]) -> int:
+    """Nanoseconds on CPU so far of every thread of `pids` (/proc/<pid>/task/<tid>/schedstat).
+
+    Unlike utime/stime (10 ms ticks) this moves by every microsecond of work, so it shows when a
+    process has really finished with a call.
+    """
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split(maxsplit=1)[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
+def quiesce(pids: list[int], quiet: float = 0.001, cap: float = 0.05) -> float:
+    """Return once `pids` have used no CPU for `quiet` seconds (at most `cap`); the seconds waited.
+
+    Spins on /proc reads rather than sleeping, so the caller's own core never drops into a deep idle
+    state, and the processes on the path are idle for only about `quiet` before the next call.
+    """
+    started = last_change = time.perf_counter()
+    last = run_ns(pids)
+    while True:
+        now = time.perf_counter()
+        if now - last_change >= quiet or now - started >= cap:
+            return now - started
+        current = run_ns(pids)
+        if current != last:
+            last, last_change = current, now
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -44,7 +109,20 @@ def rss_mb(pid: int) -> float:
 class Server:
     """One child process serving HTTP on 127.0.0.1:`port`; stopped by `stop()` or the context exit."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        command: list[str] | None = None,
+        start_timeout: float = 20.0,
+        quiet: bool = False,
+    ) -> None:
+        """Runs `python -m <args> --host 127.0.0.1 --port N`, or `command + [--host, --port]` if given.
+
+        `quiet` drops the child's stdout (banners), keeping stderr for its errors.
+        """
         self.name = name
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -52,19 +130,27 @@ class Server:
         full_env.update(env or {})
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", *args, "--host", "127.0.0.1", "--port", str(self.port)],
+            [*(command or [sys.executable, "-m"]), *args, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT,
             env=full_env,
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL if quiet else None,
         )
-        self._wait_listening()
+        self._wait_listening(start_timeout)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
+    def pids(self) -> list[int]:
+        return tree(self.pid)
+
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        return tree_cpu_seconds(self.pid)
+
+    def rss(self) -> float:
+        """RSS in MB of the process and its descendants."""
+        return sum(rss_mb(p) for p in self.pids())
 
     def _wait_listening(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -106,3 +192,11 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_json(obj: object, path: str | os.PathLike[str]) -> None:
+    """Indented JSON, but a list of numbers on one line, so raw samples do not take a line each."""
+    text = json.dumps(obj, indent=1)
+    text = re.sub(r"\[[-0-9.,\s]+\]", lambda m: "[" + " ".join(m.group(0)[1:-1].split()) + "]", text)
+    with open(path, "w") as f:
+        f.write(text + "\n")
