@@ -113,7 +113,7 @@ def test_priority_group_is_drained_first_and_weights_split_the_load(make_pool):
     )
     served = Counter(chat(pool.azure()).headers["x-lb-backend"] for _ in range(120))
     assert served["3"] == 0
-    assert served["1"] > 2 * served["2"] > 0
+    assert served["1"] > 1.5 * served["2"] > 0  # 3:1 expected; 1.5x leaves ~4 sigma for chance
     pool.backends[0].throttle_next = pool.backends[1].throttle_next = 1000
     assert chat(pool.azure()).headers["x-lb-backend"] == "3"  # spills to priority 2 when group 1 cools
 
