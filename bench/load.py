@@ -33,6 +33,7 @@ from typing import Any
 import aiohttp
 
 from bench.procs import Server, cpu_seconds, markdown_table, rss_mb
+from lb.sim import lifespan
 
 CLIENT_KEY = "load-client-key"
 BACKEND_KEY = "load-backend-key"
@@ -135,11 +136,7 @@ async def run_load(url: str, pid: int, clients: int, seconds: float) -> tuple[Ta
 async def failing_backend(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """503 at once for most calls; one in ten waits a second, then 500: a backend that is down."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
+        return await lifespan(receive, send)
     while (await receive()).get("more_body"):
         pass
     status = 503

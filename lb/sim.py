@@ -118,11 +118,7 @@ class SimBackend:
     # ASGI -------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            return await lifespan(receive, send)
         body = b""
         while True:
             message = await receive()
@@ -327,3 +323,12 @@ class Servers:
                 pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+
+
+async def lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledge an ASGI lifespan: an app with nothing to start or stop still answers uvicorn."""
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
