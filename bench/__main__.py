@@ -25,7 +25,7 @@ BENCHMARKS = {
     "peer": "bench.peer",  # only builds LiteLLM's venv and prints its version
     "report": "bench.docs",  # docs/benchmarks.md + PNG plots from bench/results/*.json
 }
-QUICK = {"overhead", "memory", "profile"}  # the ones that take --quick
+QUICK = {"overhead", "memory", "profile", "throttle"}  # the ones that take --quick
 NOT_IN_ALL = {"peer", "pacing"}  # `overhead` builds the venv anyway; pacing is a one-off check
 SKIPPED_BY = {"load": ("--no-load", "--quick")}  # any of these flags skips it
 

@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.seconds is None:
         args.seconds = 6.0 if args.quick else 18.0
+    if args.out is None:  # a smoke run never replaces the committed results or plot
+        args.out = OUT.with_suffix(".quick.json") if args.quick else OUT
+    if args.plot is None:
+        args.plot = "" if args.quick else str(PLOT)
     capacity = BACKENDS * args.tokens / args.window / MEAN_TOKENS  # calls per second the pool can admit
     print(
         f"{BACKENDS} backends x {args.tokens} tokens / {args.window:g} s (~{MEAN_TOKENS:g} tokens a call): "
@@ -184,8 +188,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--refresh-ms", type=int, default=1000, help="LB_STATE_REFRESH_MS for Table state")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--poisson", action="store_true", help="Poisson arrivals instead of evenly spaced calls")
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--plot", default=str(PLOT), help="PNG to write; '' for none")
+    parser.add_argument("--out", type=Path, default=None, help="default: throttle.json (--quick: throttle.quick.json)")
+    parser.add_argument("--plot", default=None, help="PNG to write, '' for none (default: docs/throttle.png)")
     return parser
 
 
