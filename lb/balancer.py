@@ -58,8 +58,9 @@ class Balancer:
         return estimate_tokens(body) if self._by_headroom and body else 0
 
     def pick(
-        self, deployment: str | None, now: float, tried: Collection[str] = (), need: int = 0
+        self, deployment: str | None, now: float, tried: Collection[str] = (), need: int = 0, charge: bool = True
     ) -> Backend | NoCandidate:
+        """The backend for the next attempt; `charge=False` only looks (nothing is sent to it)."""
         key = deployment or ANY_DEPLOYMENT
         fits, short = _Group(), _Group()  # short: fewer tokens left than `need` (headroom policy only)
         served = False
@@ -86,7 +87,7 @@ class Balancer:
         if not group.members:
             return NoCandidate(served=served, retry_at=retry_at)
         chosen = group.members[0] if len(group.members) == 1 else self._weighted(group.members, group.weights)
-        if self._by_headroom:
+        if self._by_headroom and charge:
             self.headroom.charge(chosen.name, key, need)
         return chosen
 

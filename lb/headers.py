@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 from starlette.requests import Request
 
 from lb.auth import CREDENTIAL_HEADERS
@@ -56,7 +57,12 @@ def forwarded(request: Request, request_id: str | None) -> list[tuple[str, str]]
     return headers
 
 
-def returned(upstream_headers: Any) -> dict[str, str]:
-    """The backend's answer headers the client gets: all but hop-by-hop ones and what the host sets."""
-    skip = NOT_RETURNED | connection_named(upstream_headers)
-    return {k: v for k, v in upstream_headers.items() if k not in skip and not k.startswith(HOP_BY_HOP_PREFIX)}
+def returned(upstream: httpx.Headers) -> list[tuple[bytes, bytes]]:
+    """The backend's answer headers the client gets, as raw bytes (never re-encoded, so a value that
+    is not Latin-1 passes as sent): all but hop-by-hop ones and what the host sets itself."""
+    skip = NOT_RETURNED | connection_named(upstream)
+    return [
+        (name, value)
+        for raw_name, value in upstream.raw
+        if (name := raw_name.lower()).decode("latin-1") not in skip and not name.startswith(b"proxy-")
+    ]

@@ -25,6 +25,7 @@ from lb.state import ANY_DEPLOYMENT
 from lb.throttle import parse_duration
 
 STALE_AFTER_SECONDS = 10.0  # Azure evaluates RPM per 10 s: older readings say little about now
+MAX_EXHAUSTED_HOLD_SECONDS = 60.0  # a reset header is believed this far at most (like LB_MAX_COOLDOWN_SECONDS)
 EXHAUSTED_HOLD_SECONDS = 1.0  # "0 left" without a reset header: the next call would be a 429 for about this long
 SHORT_HOLD_SECONDS = 1.0  # "fewer tokens left than this request needs" is believed for this long
 SHORT_MARGIN = 2.0  # fits only with twice the call's tokens left: calls in flight are not in the reading yet
@@ -112,7 +113,8 @@ class Headroom:
         exhausted_until = 0.0
         if requests == 0 or tokens == 0:
             reset = reset_requests if requests == 0 else reset_tokens
-            exhausted_until = now + (reset if reset is not None else EXHAUSTED_HOLD_SECONDS)
+            hold = EXHAUSTED_HOLD_SECONDS if reset is None else min(reset, MAX_EXHAUSTED_HOLD_SECONDS)
+            exhausted_until = now + hold
         key = (backend, deployment)
         old = self._readings.get(key)
         refilled_at, window = _refill(old, tokens, now)

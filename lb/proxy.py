@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from lb import errors, logctx, throttle
@@ -33,6 +33,7 @@ from lb.upstream import create_client
 log = logging.getLogger("lb")
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+DISCARD_READ_SECONDS = 0.5  # how long a failed-over answer's body may take to drain
 
 
 class Proxy:
@@ -90,6 +91,9 @@ class Proxy:
             if exc.status >= 500:
                 log.warning("%s %s: %s", exc.status, exc.code, exc.message)
             response = exc.response()
+        except ClientDisconnect:  # the client left while sending its body: nobody is waiting for an answer
+            log.debug("client went away while sending its request")
+            response = errors.BadRequest("The request body was not received in full.").response()
         except Exception:  # a bug must still produce an answer, without leaking details
             log.exception("unexpected error while proxying %s %s", request.method, request.url.path)
             response = errors.ProxyError("The load balancer failed to handle the request.").response()
@@ -178,28 +182,32 @@ class Proxy:
                 choice = self._next(info, tried, need)
                 continue
 
-            status = upstream.status_code
-            if status != 429:  # a 429's zeros say less than its Retry-After, which cools it below
-                self.balancer.headroom.record(
-                    backend.name, info.deployment or ANY_DEPLOYMENT, upstream.headers, time.time()
-                )
-            if status not in RETRYABLE_STATUS:
-                self._attempted(attempt, info, status, None)
-                return self._relay(upstream, backend, info, len(tried))
+            try:  # until the relay owns the answer, any failure must release its connection
+                status = upstream.status_code
+                if status != 429:  # a 429's zeros say less than its Retry-After, which cools it below
+                    self.balancer.headroom.record(
+                        backend.name, info.deployment or ANY_DEPLOYMENT, upstream.headers, time.time()
+                    )
+                if status not in RETRYABLE_STATUS:
+                    self._attempted(attempt, info, status, None)
+                    return self._relay(upstream, backend, info, len(tried))
 
-            seconds, source = throttle.cooldown_seconds(
-                upstream.headers, default=settings.default_cooldown_seconds, maximum=settings.max_cooldown_seconds
-            )
-            self._cool(backend, info.deployment, seconds, f"{status} ({source})")
-            self._attempted(attempt, info, status, seconds)
-            choice = self._next(info, tried, need)
-            if isinstance(choice, Backend) and deadline > time.monotonic():
+                seconds, source = throttle.cooldown_seconds(
+                    upstream.headers, default=settings.default_cooldown_seconds, maximum=settings.max_cooldown_seconds
+                )
+                self._cool(backend, info.deployment, seconds, f"{status} ({source})")
+                self._attempted(attempt, info, status, seconds)
+                choice = self._next(info, tried, need)
+                if isinstance(choice, Backend) and deadline > time.monotonic():
+                    await _discard(upstream)
+                    continue
+                if status == 429:
+                    await _discard(upstream)
+                    return self._all_cooling(info, tried)
+                return self._relay(upstream, backend, info, len(tried))  # the last backend's own 5xx/408 is the answer
+            except BaseException:
                 await upstream.aclose()
-                continue
-            if status == 429:
-                await upstream.aclose()
-                return self._all_cooling(info, tried)
-            return self._relay(upstream, backend, info, len(tried))  # the last backend's own 5xx/408 is the answer
+                raise
 
         if failure is not None:
             return failure.response({"x-lb-attempts": str(len(tried))})
@@ -208,8 +216,11 @@ class Proxy:
         return self._all_cooling(info, tried)
 
     def _has_alternative(self, info: RequestInfo, tried: list[Attempt], need: int) -> bool:
-        """Whether another backend could still be tried if the current attempt fails."""
-        return isinstance(self._next(info, tried, need), Backend)
+        """Whether another backend could still be tried if the current attempt fails (only looks)."""
+        if len(tried) >= self.settings.max_attempts:
+            return False
+        names = {a.backend for a in tried}
+        return isinstance(self.balancer.pick(info.deployment, time.time(), names, need, charge=False), Backend)
 
     def _next(self, info: RequestInfo, tried: list[Attempt], need: int) -> Backend | NoCandidate:
         if len(tried) >= self.settings.max_attempts:
@@ -266,6 +277,17 @@ class Proxy:
             extensions={"timeout": httpx.Timeout(timeout).as_dict()},
         )
         return await self.client.send(request, stream=True)
+
+
+async def _discard(upstream: httpx.Response) -> None:
+    """Drop an answer we won't relay (a 429 or 5xx being failed over). Its small body is read to the
+    end first, so the connection goes back to the pool instead of a new handshake per 429."""
+    try:
+        await asyncio.wait_for(upstream.aread(), DISCARD_READ_SECONDS)
+    except (httpx.HTTPError, asyncio.TimeoutError):
+        pass
+    finally:
+        await upstream.aclose()
 
 
 @dataclass

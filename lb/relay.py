@@ -25,22 +25,24 @@ log = logging.getLogger("lb")
 
 class UpstreamResponse(StreamingResponse):
     def __init__(self, upstream: httpx.Response, backend: str, attempts: int, on_broken: Callable[[], None]) -> None:
-        returned = headers.returned(upstream.headers)
-        returned["x-lb-backend"] = backend
-        returned["x-lb-attempts"] = str(attempts)
         self.upstream = upstream
         self.backend = backend
         self.on_broken = on_broken
         self.event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
         self.client_gone = False
-        super().__init__(self._body(), status_code=upstream.status_code, headers=returned)
+        super().__init__(self._body(), status_code=upstream.status_code)
         self.media_type = None
+        self.raw_headers = [
+            *headers.returned(upstream.headers),
+            (b"x-lb-backend", backend.encode()),
+            (b"x-lb-attempts", str(attempts).encode()),
+        ]
 
     async def _body(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self.upstream.aiter_raw():
                 yield chunk
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.StreamError) as exc:
             if self.client_gone:
                 return  # we closed the upstream ourselves: not the backend's fault
             log.warning("backend %s failed mid-body: %s", self.backend, type(exc).__name__)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
 from http.cookiejar import CookieJar
 from typing import Any
@@ -28,6 +29,7 @@ from lb.config import Settings
 
 MAX_CONNECTIONS = 1000
 KEEPALIVE_SECONDS = 60.0
+STALE_DROP_SECONDS = 0.05  # a reused connection found closed fails within this; a backend that read the call, later
 
 
 def create_client(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
@@ -72,13 +74,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        sent = time.monotonic()
         try:
             return await self._send(request)
         except httpx.RemoteProtocolError as exc:
-            if not isinstance(exc.__cause__, _DROPPED):
+            # Dropped at once, before any answer: a pooled keep-alive connection the backend closed
+            # as we reused it, so the backend never saw the request: once more, on a new connection.
+            # A drop after a while may follow a request the backend did see: never sent twice.
+            if not isinstance(exc.__cause__, _DROPPED) or time.monotonic() - sent > STALE_DROP_SECONDS:
                 raise
-        # The connection was dropped before any answer: almost always a pooled keep-alive connection
-        # the backend closed as we reused it. The backend never saw the request; once more, afresh.
         return await self._send(request)
 
     async def _send(self, request: httpx.Request) -> httpx.Response:
@@ -91,7 +95,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 data=request.content or None,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=timeouts.get("connect"), sock_read=timeouts.get("read")
+                    total=None,
+                    connect=timeouts.get("pool"),  # waiting for a free pooled connection is bounded too
+                    sock_connect=timeouts.get("connect"),
+                    sock_read=timeouts.get("read"),
                 ),
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),  # httpx's headers stand
             )

@@ -200,3 +200,13 @@ def test_backends_short_for_the_call_are_still_tried_last_as_their_quota_may_hav
         report(balancer, name, 300)
     assert balancer.pick("chat", NOW, need=500).name == "a"  # the one that fits goes first
     assert balancer.pick("chat", NOW, tried={"a"}, need=500).name in {"b", "c"}  # never a refusal
+
+
+def test_a_pick_that_only_looks_charges_no_backend():
+    balancer = headroom_pool(Backend("a", "https://a"))
+    report(balancer, "a", 10_000)
+    for _ in range(20):
+        balancer.pick("chat", NOW, need=1_000, charge=False)
+    assert balancer.headroom.share("a", "chat", 0, NOW)[0] == 1.0  # nothing was counted against it
+    balancer.pick("chat", NOW, need=1_000)
+    assert balancer.headroom.share("a", "chat", 0, NOW)[0] < 1.0

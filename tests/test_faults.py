@@ -216,3 +216,19 @@ def test_a_client_that_hangs_up_mid_stream_leaves_no_upstream_connection_open(ma
         time.sleep(0.05)
     assert established(int(backend_port)) == 0
     assert len(pool.backends[0].calls) == 1 and pool.backends[0].disconnects == 1
+
+
+def test_a_backend_header_that_is_not_latin_1_passes_through_as_sent(make_pool, servers):
+    async def euro(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read(200)
+        body = b'{"choices": []}'
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-note: 5 \xe2\x82\xac\r\n"
+        writer.write(head + b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    pool = make_pool(0, env={"BACKEND_9_URL": _serve_raw(servers, euro), "BACKEND_9_APIKEY": "k"})
+    response = post(pool.url)
+    assert response.status_code == 200 and response.json() == {"choices": []}
+    assert response.headers.raw[[k for k, _ in response.headers.raw].index(b"x-note")][1] == b"5 \xe2\x82\xac"

@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 
 from lb.config import ConfigError, load_settings
-from lb.headroom import EXHAUSTED_HOLD_SECONDS, MIN_SHARE, STALE_AFTER_SECONDS, Headroom, estimate_tokens
+from lb.headroom import (
+    EXHAUSTED_HOLD_SECONDS,
+    MAX_EXHAUSTED_HOLD_SECONDS,
+    MIN_SHARE,
+    STALE_AFTER_SECONDS,
+    Headroom,
+    estimate_tokens,
+)
 
 NOW = 1_000.0
 ONE = {"BACKEND_1_URL": "https://one.openai.azure.com"}
@@ -129,3 +136,9 @@ def test_policy_defaults_to_random_and_accepts_headroom():
 def test_an_unknown_policy_stops_start_up_naming_the_variable():
     with pytest.raises(ConfigError, match=r"^LB_POLICY: 'fastest' is not one of random, headroom$"):
         load_settings({**ONE, "LB_POLICY": "fastest"})
+
+
+def test_a_reset_header_holds_an_exhausted_backend_no_longer_than_a_cooldown_may_last():
+    headroom = Headroom()
+    headroom.record("a", "chat", left(requests=0, tokens=5_000, **{"x-ratelimit-reset-requests": "86400s"}), NOW)
+    assert headroom.exhausted_until("a", "chat", NOW) == NOW + MAX_EXHAUSTED_HOLD_SECONDS

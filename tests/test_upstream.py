@@ -178,3 +178,35 @@ async def test_a_pooled_connection_dropped_before_the_answer_is_retried_once_on_
         response = await client.post(url + "/openai/x", content=b"{}")
     assert response.status_code == 200
     assert server.connections == 2
+
+
+async def test_a_call_dropped_after_the_backend_took_its_time_is_never_sent_twice(client):
+    seen = {"n": 0}
+
+    async def slow_then_drop(reader, writer):
+        await read_request(reader)
+        seen["n"] += 1
+        await asyncio.sleep(0.3)  # working on it, then the connection dies: it may have been billed
+
+    async with RawServer(slow_then_drop) as url:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.post(url + "/openai/x", content=b"{}")
+    assert seen["n"] == 1
+
+
+async def test_waiting_for_a_free_pooled_connection_is_bounded_by_the_timeout():
+    async def hang(reader, writer):
+        await read_request(reader)
+        await asyncio.sleep(30)
+
+    from lb.upstream import AiohttpTransport
+
+    async with httpx.AsyncClient(transport=AiohttpTransport(max_connections=1)) as one_connection:
+        async with RawServer(hang) as url:
+            first = asyncio.ensure_future(one_connection.post(url + "/openai/x", content=b"{}", timeout=5))
+            await asyncio.sleep(0.1)  # the only connection is now busy
+            started = time.monotonic()
+            with pytest.raises(httpx.TimeoutException):
+                await one_connection.post(url + "/openai/x", content=b"{}", timeout=0.3)
+            assert time.monotonic() - started < 2
+            first.cancel()
