@@ -24,6 +24,8 @@ log = logging.getLogger("lb")
 
 
 class UpstreamResponse(StreamingResponse):
+    """The chosen backend's answer: its status, its headers (as raw bytes) and its body as read."""
+
     def __init__(self, upstream: httpx.Response, backend: str, attempts: int, on_broken: Callable[[], None]) -> None:
         self.upstream = upstream
         self.backend = backend
@@ -71,8 +73,11 @@ class UpstreamResponse(StreamingResponse):
                 await self.upstream.aclose()
 
     async def _watch(self, receive: Any) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a host whose receive() fails once the answer is out: nothing to watch then
+            return
         self.client_gone = True
         log.debug("client went away mid-stream from backend %s; closing the upstream call", self.backend)
         await self.upstream.aclose()
