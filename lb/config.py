@@ -279,8 +279,7 @@ def _load_state(env: Mapping[str, str]) -> StateSettings:
     if re.search(r"[/\\#?\x00-\x1f]", pool):
         raise ConfigError(f"LB_POOL: {pool!r} may not contain / \\ # ? or control characters")
     refresh_ms = int(_number(env, "LB_STATE_REFRESH_MS", DEFAULT_STATE_REFRESH_MS, minimum=1, integer=True))
-    hot = _number(env, "LB_STATE_HOT_REFRESH_MS", DEFAULT_STATE_HOT_REFRESH_MS, minimum=1, integer=True)
-    hot_refresh_ms = int(hot)
+    hot_refresh_ms = int(_number(env, "LB_STATE_HOT_REFRESH_MS", DEFAULT_STATE_HOT_REFRESH_MS, minimum=1, integer=True))
     return StateSettings(
         connection_string=connection_string,
         table_endpoint=endpoint,

@@ -113,7 +113,7 @@ class Proxy:
 
     async def status(self, request: Request) -> Response:
         try:
-            await self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
+            await self._authorize(request)
         except errors.ProxyError as exc:
             return exc.response()
         if not self._started:
@@ -217,15 +217,12 @@ class Proxy:
 
     def _has_alternative(self, info: RequestInfo, tried: list[Attempt], need: int) -> bool:
         """Whether another backend could still be tried if the current attempt fails (only looks)."""
-        if len(tried) >= self.settings.max_attempts:
-            return False
-        names = {a.backend for a in tried}
-        return isinstance(self.balancer.pick(info.deployment, time.time(), names, need, charge=False), Backend)
+        return isinstance(self._next(info, tried, need, charge=False), Backend)
 
-    def _next(self, info: RequestInfo, tried: list[Attempt], need: int) -> Backend | NoCandidate:
+    def _next(self, info: RequestInfo, tried: list[Attempt], need: int, charge: bool = True) -> Backend | NoCandidate:
         if len(tried) >= self.settings.max_attempts:
             return NoCandidate(served=True, retry_at=0.0)
-        return self.balancer.pick(info.deployment, time.time(), {a.backend for a in tried}, need)
+        return self.balancer.pick(info.deployment, time.time(), {a.backend for a in tried}, need, charge)
 
     def _attempted(self, attempt: Attempt, info: RequestInfo, status: int | str, cooldown: float | None) -> None:
         """Log and record one finished attempt: INFO when it cooled a backend, DEBUG otherwise."""

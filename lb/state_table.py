@@ -204,7 +204,7 @@ class TableStore(CooldownStore):
     def _learn(self, row: Any) -> float:
         """Merge a row into the view (the longer cooldown wins, expired ones are skipped); return its end."""
         until = float(row.get("cooling_until") or 0.0)
-        key = (str(row.get("backend", "")), str(row.get("deployment", "")))
+        key = _pair(row)
         self._in_table[key] = until
         self._etags[key] = row.metadata.get("etag")
         if until > time.time():
@@ -233,7 +233,7 @@ class TableStore(CooldownStore):
                 pk, rk, etag = row["PartitionKey"], row["RowKey"], row.metadata["etag"]
                 with contextlib.suppress(ResourceModifiedError, ResourceNotFoundError):
                     await self._call(self._client.delete_entity(pk, rk, etag=etag, match_condition=IF_MATCH))
-                    key = (str(row.get("backend", "")), str(row.get("deployment", "")))
+                    key = _pair(row)
                     self._in_table.pop(key, None)
                     self._etags.pop(key, None)
         except Exception as exc:
@@ -350,3 +350,8 @@ class TableStore(CooldownStore):
             "last_refresh_age_s": age,
             "ops": dict(self.ops),
         }
+
+
+def _pair(row: Any) -> tuple[str, str]:
+    """The (backend, deployment) a table row is about."""
+    return str(row.get("backend", "")), str(row.get("deployment", ""))
