@@ -51,6 +51,8 @@ class Result:
     table_writes: int
     table_queries: int
     seconds: float
+    p50_ms: float  # client latency of the calls that got 200
+    p99_ms: float
 
     def row(self) -> str:
         per_window = self.upstream_429 / (self.windows * BACKENDS) if self.windows else 0.0
@@ -63,27 +65,31 @@ class Result:
         state = f"table, refresh {self.refresh_ms} ms" if self.state == "table" else self.state
         return (
             f"| {self.policy} | {state} | {self.instances} | {self.sent} | {100 * self.ok / max(self.sent, 1):.1f}% | "
-            f"{self.upstream_429} | {per_window:.2f} | {table} |"
+            f"{self.upstream_429} | {per_window:.2f} | {self.p50_ms:.1f} | {self.p99_ms:.1f} | {table} |"
         )
 
 
 HEADER = (
     "| policy | state | instances | client requests | client success | upstream 429s"
-    " | 429s per window per (backend, deployment) | Table reads/s | Table writes/s | Table queries/s |\n"
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    " | 429s per window per (backend, deployment) | p50 ms | p99 ms"
+    " | Table reads/s | Table writes/s | Table queries/s |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
-async def offer_load(urls: list[str], rate: float, seconds: float) -> tuple[int, int]:
-    """Open loop: request i leaves at i / rate whatever earlier ones did, to instance i mod N."""
+async def offer_load(urls: list[str], rate: float, seconds: float) -> tuple[int, list[float]]:
+    """Open loop: request i leaves at i / rate whatever earlier ones did, to instance i mod N.
+    Returns the number sent and the latency (seconds) of each call that got 200."""
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     async with httpx.AsyncClient(timeout=30, limits=limits, headers={"api-key": CLIENT_KEY}) as client:
 
-        async def one(url: str) -> int:
+        async def one(url: str) -> float | None:
+            started = time.perf_counter()
             try:
-                return (await client.post(url + PATH, json=BODY)).status_code
+                status = (await client.post(url + PATH, json=BODY)).status_code
             except httpx.HTTPError:
-                return 0
+                return None
+            return time.perf_counter() - started if status == 200 else None
 
         n = int(rate * seconds)
         start = time.monotonic()
@@ -94,7 +100,7 @@ async def offer_load(urls: list[str], rate: float, seconds: float) -> tuple[int,
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(urls[i % len(urls)])))
         results = await asyncio.gather(*tasks)
-    return n, results.count(200)
+    return n, [r for r in results if r is not None]
 
 
 def reset(sims: list[SimBackend]) -> None:
@@ -128,7 +134,7 @@ def run_setting(
         reset(sims)
         before = instances.table_ops() if state == "table" else {"reads": 0, "writes": 0, "queries": 0}
         started = time.monotonic()
-        sent, ok = asyncio.run(offer_load(instances.urls, args.rate, args.seconds))
+        sent, latencies = asyncio.run(offer_load(instances.urls, args.rate, args.seconds))
         seconds = time.monotonic() - started
         after = instances.table_ops() if state == "table" else before
     finally:
@@ -139,14 +145,23 @@ def run_setting(
         refresh_ms=refresh_ms,
         instances=n,
         sent=sent,
-        ok=ok,
+        ok=len(latencies),
         upstream_429=sum(sim.count(429) for sim in sims),
         windows=seconds / args.window,
         table_reads=after["reads"] - before["reads"],
         table_writes=after["writes"] - before["writes"],
         table_queries=after["queries"] - before["queries"],
         seconds=seconds,
+        p50_ms=1000 * percentile(latencies, 50),
+        p99_ms=1000 * percentile(latencies, 99),
     )
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 def main(argv: list[str] | None = None) -> int:

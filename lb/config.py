@@ -20,7 +20,8 @@ MAX_COOLDOWN_SECONDS = 60.0
 DEFAULT_STATE_TABLE = "lbcooldowns"
 DEFAULT_POOL = "default"
 DEFAULT_STATE_REFRESH_MS = 1000
-DEFAULT_STATE_HOT_REFRESH_MS = 100
+DEFAULT_STATE_HOT_REFRESH_MS = 20
+DEFAULT_STATE_CONFIRM_MS = 50
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_ENTRA_AUDIENCES = ("https://cognitiveservices.azure.com",)  # what azure-search-openai-demo asks a token for
 DEFAULT_ENTRA_AUTHORITY = "https://login.microsoftonline.com"
@@ -54,6 +55,7 @@ SETTING_NAMES = frozenset(
         "LB_POOL",
         "LB_STATE_REFRESH_MS",
         "LB_STATE_HOT_REFRESH_MS",
+        "LB_STATE_CONFIRM_MS",
         "LB_LOG_LEVEL",
         "LB_POLICY",
         "AZURE_CLIENT_ID",
@@ -111,7 +113,8 @@ class StateSettings:
     table: str = DEFAULT_STATE_TABLE
     pool: str = DEFAULT_POOL
     refresh_ms: int = DEFAULT_STATE_REFRESH_MS
-    hot_refresh_ms: int = DEFAULT_STATE_HOT_REFRESH_MS  # while the pool is under throttling
+    hot_refresh_ms: int = DEFAULT_STATE_HOT_REFRESH_MS  # under throttling: the oldest view a request is routed on
+    confirm_ms: int = DEFAULT_STATE_CONFIRM_MS  # ... and the most it waits for a fresher one (0: never)
 
     @property
     def kind(self) -> str:
@@ -280,6 +283,7 @@ def _load_state(env: Mapping[str, str]) -> StateSettings:
         raise ConfigError(f"LB_POOL: {pool!r} may not contain / \\ # ? or control characters")
     refresh_ms = int(_number(env, "LB_STATE_REFRESH_MS", DEFAULT_STATE_REFRESH_MS, minimum=1, integer=True))
     hot_refresh_ms = int(_number(env, "LB_STATE_HOT_REFRESH_MS", DEFAULT_STATE_HOT_REFRESH_MS, minimum=1, integer=True))
+    confirm_ms = int(_number(env, "LB_STATE_CONFIRM_MS", DEFAULT_STATE_CONFIRM_MS, minimum=0, integer=True))
     return StateSettings(
         connection_string=connection_string,
         table_endpoint=endpoint,
@@ -287,6 +291,7 @@ def _load_state(env: Mapping[str, str]) -> StateSettings:
         pool=pool,
         refresh_ms=refresh_ms,
         hot_refresh_ms=min(refresh_ms, hot_refresh_ms),
+        confirm_ms=confirm_ms,
     )
 
 

@@ -31,6 +31,7 @@ SHORT_HOLD_SECONDS = 1.0  # "fewer tokens left than this request needs" is belie
 SHORT_MARGIN = 2.0  # fits only with twice the call's tokens left: calls in flight are not in the reading yet
 MIN_WINDOW_SECONDS = 0.5  # refills closer than this are noise (answers out of order), not a window
 MIN_SHARE = 0.05  # the least share a backend keeps, so fresh low readings still get refreshed
+NEAR_LIMIT_FRACTION = 0.25  # a backend with this little quota left may throttle any moment
 DRAIN_MIN_INTERVAL = 0.05  # readings closer than this are too noisy to tell a consumption rate
 
 _MAX_TOKENS_KEYS = (b'"max_tokens"', b'"max_completion_tokens"')
@@ -83,6 +84,10 @@ class Reading:
             return None
         return max(0, self.tokens - int(max(self.sent, self.drain * (now - self.seen))))
 
+    def near_limit(self, now: float) -> bool:
+        """Whether the backend is close enough to its quota that a 429 may come any moment."""
+        return self.fraction(now) <= NEAR_LIMIT_FRACTION
+
     def fraction(self, now: float) -> float:
         """Share of the quota left: the scarcer of requests and tokens, 1.0 when unknown."""
         parts = [
@@ -100,27 +105,32 @@ class Headroom:
         self.stale_after = stale_after
         self._readings: dict[tuple[str, str], Reading] = {}
 
-    def record(self, backend: str, deployment: str, headers: Mapping[str, str], now: float) -> None:
-        """Remember what an answer said. Callers skip 429s: their zeros say less than their Retry-After."""
+    def record(self, backend: str, deployment: str, headers: Mapping[str, str], now: float) -> Reading | None:
+        """Remember what an answer said, and return it (None: it said nothing about quota).
+
+        Callers skip 429s: their zeros say less than their Retry-After."""
         requests = _count(headers.get("x-ratelimit-remaining-requests"))
         tokens = _count(headers.get("x-ratelimit-remaining-tokens"))
         if requests is None and tokens is None:
-            return
+            return None
         reset_requests = parse_duration(headers.get("x-ratelimit-reset-requests"))
         reset_tokens = parse_duration(headers.get("x-ratelimit-reset-tokens"))
         resets = [r for r in (reset_requests, reset_tokens) if r is not None]
         stale_at = now + (min(min(resets), self.stale_after) if resets else self.stale_after)
+        key = (backend, deployment)
+        old = self._readings.get(key)
+        refilled_at, window = _refill(old, tokens, now)
+        next_refill = refilled_at + window * (1 + (now - refilled_at) // window) if window else 0.0
+        if next_refill and not resets:  # the quota refills on a schedule we have seen: the reading ends there
+            stale_at = min(stale_at, next_refill)
         exhausted_until = 0.0
         if requests == 0 or tokens == 0:
             reset = reset_requests if requests == 0 else reset_tokens
             hold = EXHAUSTED_HOLD_SECONDS if reset is None else min(reset, MAX_EXHAUSTED_HOLD_SECONDS)
             exhausted_until = now + hold
-        key = (backend, deployment)
-        old = self._readings.get(key)
-        refilled_at, window = _refill(old, tokens, now)
-        if window and not resets:  # the quota refills on a schedule we have seen: the reading ends there
-            stale_at = min(stale_at, refilled_at + window * (1 + (now - refilled_at) // window))
-        self._readings[key] = Reading(
+            if reset is None and next_refill:  # ... and so does "0 left": holding past the refill wastes it
+                exhausted_until = min(exhausted_until, next_refill)
+        reading = self._readings[key] = Reading(
             drain=_drain(old, tokens, now),
             refilled_at=refilled_at,
             window=window,
@@ -132,6 +142,7 @@ class Headroom:
             most_requests=max(requests or 0, old.most_requests if old else 0),
             most_tokens=max(tokens or 0, old.most_tokens if old else 0),
         )
+        return reading
 
     def fresh(self, backend: str, deployment: str, now: float) -> Reading | None:
         """The reading if it still describes now; a stale one is dropped (the backend gets probed)."""

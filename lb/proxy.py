@@ -185,9 +185,12 @@ class Proxy:
             try:  # until the relay owns the answer, any failure must release its connection
                 status = upstream.status_code
                 if status != 429:  # a 429's zeros say less than its Retry-After, which cools it below
-                    self.balancer.headroom.record(
-                        backend.name, info.deployment or ANY_DEPLOYMENT, upstream.headers, time.time()
+                    now = time.time()
+                    reading = self.balancer.headroom.record(
+                        backend.name, info.deployment or ANY_DEPLOYMENT, upstream.headers, now
                     )
+                    if reading is not None and reading.near_limit(now):
+                        self.store.expect_throttling(now)  # before the first 429, not after it
                 if status not in RETRYABLE_STATUS:
                     self._attempted(attempt, info, status, None)
                     return self._relay(upstream, backend, info, len(tried))

@@ -60,6 +60,9 @@ class CooldownStore:
     # Extension points -------------------------------------------------------------------------
     instance_id = ""
 
+    def expect_throttling(self, now: float) -> None:
+        """A backend said its quota is nearly used up: a shared store gets ready to share a 429 fast."""
+
     def publish(self, entry: Cooldown) -> None:
         """Share a new cooldown with other instances (background, must not block)."""
 

@@ -1,9 +1,16 @@
 """Cooldowns shared by every instance through one Azure Table Storage partition.
 
 Why it is built this way:
-- Requests never wait for Storage. They read the in-memory view (`CooldownStore`); while requests
-  come, a background poller refreshes it with one partition query per `LB_STATE_REFRESH_MS`, and a
-  429's cooldown is written in the background after the local view already routes around it.
+- A calm pool costs requests nothing. They read the in-memory view (`CooldownStore`), a background
+  poller refreshes it with one partition query per `LB_STATE_REFRESH_MS`, and a 429's cooldown is
+  written in the background after the local view already routes around it.
+- Under throttling, staleness is what costs: every call another instance sends before it reads a
+  row is a doomed call to a backend that already said 429. So while the pool is under pressure a
+  request whose view is older than `LB_STATE_HOT_REFRESH_MS` waits for a fresh partition query
+  (one at a time, shared by every request that arrives meanwhile), at most `LB_STATE_CONFIRM_MS`;
+  a query slower than that pauses the waiting for a while, so a slow Table cannot slow requests
+  for long. Polling faster instead would cost the same queries on idle instances and still leave
+  half an interval of staleness.
 - A write never shortens another instance's longer cooldown: read, compare, then create-if-absent
   or replace with If-Match on the ETag; a lost race (409/412) re-reads and tries again, bounded.
 - One row per (pool, backend, deployment) is reused, and rows expired for `keep_expired_seconds`
@@ -43,6 +50,7 @@ KEEP_EXPIRED_SECONDS = 300.0  # a pair throttled again soon reuses its row inste
 MAX_DELETES_PER_REFRESH = 20
 OUTAGE_RETRY_SECONDS = 1.0  # while degraded, refresh attempts are at least this far apart
 PRESSURE_LINGER_SECONDS = 60.0  # quota pressure comes back as windows reset: stay alert this long after
+CONFIRM_PAUSE_SECONDS = 10.0  # after a query outlasted LB_STATE_CONFIRM_MS, requests stop waiting this long
 IF_MATCH, REPLACE = MatchConditions.IfNotModified, UpdateMode.REPLACE
 _FORBIDDEN_KEY_CHARS = set("/\\#?%|")  # Table keys forbid / \ # ?; % and | are our escape and separator
 
@@ -87,6 +95,9 @@ class TableStore(CooldownStore):
         self._client = self._make_client(settings)
         self._attempted_at = float("-inf")  # monotonic time of the last refresh attempt
         self._refreshed_at: float | None = None  # ... and of the last successful one
+        self._view_as_of = float("-inf")  # monotonic start of the query the view last came from
+        self._refreshing: asyncio.Task[None] | None = None  # the one partition query in flight
+        self._confirm_paused_until = 0.0  # monotonic; see CONFIRM_PAUSE_SECONDS
         self._outage_since = 0.0
         self._poller: asyncio.Task[None] | None = None
         self._cleanup_task: asyncio.Task[None] | None = None
@@ -139,7 +150,11 @@ class TableStore(CooldownStore):
         if writers:
             await asyncio.wait(writers, timeout=CLOSE_SECONDS)
         self._closed = True  # from here on nothing starts a Table call
-        tasks = [t for t in (*self._writers.values(), self._poller, self._cleanup_task) if t and not t.done()]
+        tasks = [
+            t
+            for t in (*self._writers.values(), self._poller, self._refreshing, self._cleanup_task)
+            if t and not t.done()
+        ]
         for task in tasks:
             task.cancel()
         if tasks:  # let them end before the client below closes (bounded: wait_for can swallow a cancel)
@@ -150,8 +165,28 @@ class TableStore(CooldownStore):
 
     # Refresh -------------------------------------------------------------------------------
     async def sync(self) -> None:
-        """The poller keeps the view fresh; a request never waits for it."""
+        """Called before each request is routed. Calm: returns at once. Under pressure: makes sure the
+        view is no older than hot_refresh_ms, waiting confirm_ms at most (see the module docstring)."""
         self._ensure_poller()
+        if self._closed or time.time() >= self._pressure_until or not self.healthy:
+            return  # calm, or the table is away (the poller retries it at its own pace)
+        now = time.monotonic()
+        if now - self._view_as_of < self.settings.hot_refresh_ms / 1000:
+            return
+        refresh = self._shared_refresh()
+        if self.settings.confirm_ms <= 0 or now < self._confirm_paused_until:
+            return  # the refresh goes on without this request: it helps the next ones
+        try:
+            await asyncio.wait_for(asyncio.shield(refresh), self.settings.confirm_ms / 1000)
+        except asyncio.TimeoutError:
+            self._confirm_paused_until = time.monotonic() + CONFIRM_PAUSE_SECONDS
+            log.debug("state query slower than %d ms: requests stop waiting for it", self.settings.confirm_ms)
+
+    def _shared_refresh(self) -> asyncio.Task[None]:
+        """The partition query in flight, or a new one: never two at once from one instance."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+        return self._refreshing
 
     def _ensure_poller(self) -> None:
         if not self._closed and (self._poller is None or self._poller.done()):
@@ -161,22 +196,19 @@ class TableStore(CooldownStore):
         """One partition query per refresh_ms from start() to close(), busy or idle, so the view is
         never older than refresh_ms: a refresh started by a request would only help the next one, and
         an instance that was idle must not send its first requests to a backend another throttled.
-        While the pool is under pressure (a cooldown is known, or ended less than a minute ago), one
-        per hot_refresh_ms: then every moment another instance doesn't know costs a doomed call."""
+        Any refresh, a request's included, restarts the interval."""
         while not self._closed:
             interval = self.settings.refresh_ms / 1000
-            if time.time() < self._pressure_until:
-                interval = self.settings.hot_refresh_ms / 1000
             if not self.healthy:
                 interval = max(interval, OUTAGE_RETRY_SECONDS)
             wait = self._attempted_at + interval - time.monotonic()
-            if wait > 0:  # short naps, so a cooldown that starts pressure shortens the current wait
-                await asyncio.sleep(min(wait, self.settings.hot_refresh_ms / 1000))
+            if wait > 0:
+                await asyncio.sleep(wait)
             else:
-                await self._refresh()
+                await self._shared_refresh()
 
     async def _refresh(self) -> None:
-        self._attempted_at = time.monotonic()
+        started = self._attempted_at = time.monotonic()
         try:
             rows = await self._query()
         except ResourceNotFoundError:  # first start, or the table was deleted (e.g. Azurite restarted)
@@ -188,6 +220,7 @@ class TableStore(CooldownStore):
         except Exception as exc:
             return self._fault(exc)
         self._refreshed_at = time.monotonic()
+        self._view_as_of = max(self._view_as_of, started)
         self._recovered()
         old = time.time() - self.keep_expired_seconds
         self._etags.clear()  # a row missing from the listing is absent: a first write creates it
@@ -196,10 +229,15 @@ class TableStore(CooldownStore):
             self._cleanup_task = asyncio.create_task(self._delete_expired(expired[:MAX_DELETES_PER_REFRESH]))
 
     def _merge(self, entry: Cooldown) -> Cooldown:
-        """Any cooldown, ours or another instance's, puts the pool under pressure: refresh faster."""
+        """Any cooldown, ours or another instance's, puts the pool under pressure (see `sync`)."""
         merged = super()._merge(entry)
         self._pressure_until = max(self._pressure_until, merged.until + PRESSURE_LINGER_SECONDS)
         return merged
+
+    def expect_throttling(self, now: float) -> None:
+        """Counted as pressure from the moment a backend reports its quota nearly gone: the first
+        429 of an episode is then shared as fast as the later ones (see `sync`)."""
+        self._pressure_until = max(self._pressure_until, now + PRESSURE_LINGER_SECONDS)
 
     def _learn(self, row: Any) -> float:
         """Merge a row into the view (the longer cooldown wins, expired ones are skipped); return its end."""

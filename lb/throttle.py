@@ -15,7 +15,9 @@ import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 
-MIN_COOLDOWN_SECONDS = 1.0  # even "Retry-After: 0" gets a breather, so a flapping backend is not hammered
+# Even "Retry-After: 0" gets a breather, so a flapping backend is not hammered. It stays short: a
+# backend's own sub-second retry-after-ms is honoured, since cooling past its quota refill wastes it.
+MIN_COOLDOWN_SECONDS = 0.1
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}

@@ -55,6 +55,9 @@ def test_trailing_slash_is_dropped_and_keys_are_masked():
         ({**ONE, "LB_DEFAULT_COOLDOWN_SECONDS": "90"}, r"^LB_DEFAULT_COOLDOWN_SECONDS: .*above LB_MAX_COOLDOWN"),
         ({**ONE, "LB_STATE_TABLE_ENDPOINT": "table.core.windows.net"}, r"^LB_STATE_TABLE_ENDPOINT: "),
         ({**ONE, "LB_STATE_TABLE": "bad-name"}, r"^LB_STATE_TABLE: "),
+        ({**ONE, "LB_STATE_HOT_REFRESH_MS": "0"}, r"^LB_STATE_HOT_REFRESH_MS: .*at least 1"),
+        ({**ONE, "LB_STATE_CONFIRM_MS": "-5"}, r"^LB_STATE_CONFIRM_MS: .*at least 0"),
+        ({**ONE, "LB_STATE_CONFIRM_MS": "0.5"}, r"^LB_STATE_CONFIRM_MS: '0.5' is not a whole number"),
         ({**ONE, "WEBSITE_INSTANCE_ID": "abc"}, r"^LB_CLIENT_KEYS: required when running on Azure"),
         ({**ONE, "LB_ENTRA_TENANT_ID": "contoso.onmicrosoft.com"}, r"^LB_ENTRA_TENANT_ID: .*not a tenant id"),
         ({**ONE, "LB_ENTRA_AUDIENCES": "api://lb"}, r"^LB_ENTRA_AUDIENCES: needs LB_ENTRA_TENANT_ID"),
@@ -109,6 +112,14 @@ def test_state_store_is_chosen_from_settings(env, kind, endpoint):
     assert state.kind == kind
     assert state.table_endpoint == endpoint
     assert (state.table, state.pool, state.refresh_ms) == ("lbcooldowns", "default", 1000)
+    assert (state.hot_refresh_ms, state.confirm_ms) == (20, 50)
+
+
+def test_under_throttling_requests_can_be_told_never_to_wait_for_the_table():
+    settings = load_settings(
+        {**ONE, "LB_STATE_CONNECTION_STRING": "UseDevelopmentStorage=true", "LB_STATE_CONFIRM_MS": "0"}
+    )
+    assert settings.state.confirm_ms == 0
 
 
 def test_backend_setting_names_match_the_contract():

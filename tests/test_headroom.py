@@ -7,6 +7,7 @@ from lb.headroom import (
     EXHAUSTED_HOLD_SECONDS,
     MAX_EXHAUSTED_HOLD_SECONDS,
     MIN_SHARE,
+    NEAR_LIMIT_FRACTION,
     STALE_AFTER_SECONDS,
     Headroom,
     estimate_tokens,
@@ -89,6 +90,24 @@ def test_the_window_is_learnt_from_refills_and_a_reading_ends_at_the_next_one():
     assert headroom.fresh("a", "chat", NOW + 7).window == 3.0
     assert headroom.share("a", "chat", 0, NOW + 8.9)[0] == 0.05
     assert headroom.share("a", "chat", 0, NOW + 9) == (1.0, False)  # refilled by now, Azure just didn't say
+
+
+def test_a_backend_is_near_its_limit_once_a_quarter_or_less_of_its_quota_is_left():
+    headroom = Headroom()
+    assert headroom.record("a", "chat", {"x-other": "1"}, NOW) is None  # nothing said about quota
+    assert not headroom.record("a", "chat", left(100, 10_000), NOW).near_limit(NOW)
+    assert not headroom.record("a", "chat", left(26, 9_000), NOW).near_limit(NOW)
+    assert headroom.record("a", "chat", left(int(100 * NEAR_LIMIT_FRACTION), 9_000), NOW).near_limit(NOW)
+    assert headroom.record("a", "chat", left(90, 2_000), NOW).near_limit(NOW)  # tokens run out first
+
+
+def test_zero_left_without_a_reset_header_is_held_only_until_the_learnt_refill():
+    headroom = Headroom()
+    for at, tokens in ((0, 10_000), (1, 1_000), (3, 10_000), (4, 1_000), (6, 9_800)):
+        headroom.record("a", "chat", left(tokens=tokens), NOW + at)
+    headroom.record("a", "chat", left(requests=0, tokens=300), NOW + 8.7)  # refills next at NOW + 9
+    assert headroom.exhausted_until("a", "chat", NOW + 8.8) == NOW + 9
+    assert headroom.exhausted_until("a", "chat", NOW + 9) == 0.0  # not EXHAUSTED_HOLD_SECONDS after the reading
 
 
 @pytest.mark.parametrize("headers", [{}, left(), {"x-ratelimit-remaining-tokens": "lots"}, left(-1, -5)])

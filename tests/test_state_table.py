@@ -14,6 +14,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -130,6 +131,33 @@ def test_an_idle_instance_knows_of_another_instances_429_before_its_first_reques
     b = azure_client(url_b)
     assert [chat(b) for _ in range(5)] == [(200, "2")] * 5
     assert len(sims[0].calls) == calls_before
+
+
+def test_an_instance_that_saw_a_backend_near_its_quota_learns_of_its_first_429_within_milliseconds(
+    servers, azurite, table
+):
+    sims = [SimBackend("sim1", api_key="key-1", requests_per_window=5), SimBackend("sim2", api_key="key-2")]
+    urls = [servers.start(sim) for sim in sims]
+    slow = {"LB_STATE_REFRESH_MS": "60000", "BACKEND_1_PRIORITY": "1", "BACKEND_2_PRIORITY": "2"}
+    url_a, _ = start_proxy(servers, urls, azurite, table, **slow)
+    url_b, proxy_b = start_proxy(servers, urls, azurite, table, **slow)  # its poller alone would take a minute
+    a, b = azure_client(url_a), azure_client(url_b)
+    assert [chat(b) for _ in range(4)] == [(200, "1")] * 4  # backend 1 answers "1 request left" of 5
+    assert chat(a) == (200, "1")  # the last one
+    assert chat(a) == (200, "2")  # A meets the 429, fails over and writes the cooldown
+    deadline = time.monotonic() + 5
+    while True:  # the row is in the table (a background write)
+        try:
+            read_row(azurite, table, "1", "chat")
+            break
+        except Exception:
+            assert time.monotonic() < deadline, "instance A never wrote the cooldown"
+            time.sleep(0.01)
+
+    raw = b.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
+    assert (raw.headers["x-lb-backend"], raw.headers["x-lb-attempts"]) == ("2", "1")
+    assert sims[0].count(429) == 1  # B did not send backend 1 a doomed call
+    assert proxy_b.store.cooling_until("1", "chat", time.time()) > 0
 
 
 def test_concurrent_writers_on_one_row_leave_the_longest_cooldown(azurite, table):
@@ -329,37 +357,114 @@ def test_a_rejected_key_is_a_degraded_store_not_a_failing_proxy(servers, azurite
     assert azure_client(url).chat.completions.create(model="chat", messages=MESSAGES).choices
 
 
-def test_under_throttling_an_instance_refreshes_at_the_hot_rate_and_when_calm_at_the_refresh_rate(azurite, table):
-    async def scenario() -> tuple[float, int, int]:
+async def _written(store: TableStore) -> None:
+    """Wait until every cooldown the store has queued is in the table."""
+    while store._writers:
+        await asyncio.gather(*store._writers.values())
+
+
+def test_under_throttling_a_request_is_routed_on_a_view_that_includes_rows_written_just_before(azurite, table):
+    async def scenario() -> tuple[int, int, bool, int]:
         settings = StateSettings(
-            connection_string=azurite.connection_string, table=table, refresh_ms=3000, hot_refresh_ms=50
+            connection_string=azurite.connection_string, table=table, refresh_ms=60_000, hot_refresh_ms=20
         )
         writer, reader = TableStore(settings, instance_id="writer"), TableStore(settings, instance_id="reader")
         await writer.start()
         await reader.start()
-        calm_before = reader.ops["queries"]
-        await asyncio.sleep(1.0)
-        calm = reader.ops["queries"] - calm_before  # nothing cooling: at most one query per 3 s
+        before = reader.ops["queries"]
+        for _ in range(20):
+            await reader.sync()  # calm: the request never waits, nothing is sent
+        calm = reader.ops["queries"] - before
         reader.mark("2", "chat", time.time() + 30, "429")  # the reader has seen throttling: it is alert now
-        await asyncio.sleep(0.2)
         writer.mark("1", "chat", time.time() + 30, "429 elsewhere")
-        started = time.monotonic()
-        for _ in range(500):
-            if reader.cooling_until("1", "chat", time.time()):
-                break
-            await asyncio.sleep(0.01)
-        learned_in = time.monotonic() - started
-        hot_before = reader.ops["queries"]
-        await asyncio.sleep(0.5)
-        hot = reader.ops["queries"] - hot_before  # about one per 50 ms
+        await _written(writer)
+        await asyncio.sleep(0.03)  # the reader's view is now older than hot_refresh_ms
+        before = reader.ops["queries"]
+        await asyncio.gather(*(reader.sync() for _ in range(20)))  # twenty requests arrive at once
+        shared = reader.ops["queries"] - before
+        knows = reader.cooling_until("1", "chat", time.time()) > 0
+        before = reader.ops["queries"]
+        await reader.sync()  # the view is fresh: no query
+        fresh = reader.ops["queries"] - before
         await writer.close()
         await reader.close()
-        return learned_in, calm, hot
+        return calm, shared, knows, fresh
 
-    learned_in, calm, hot = asyncio.run(scenario())
-    assert calm <= 1
-    assert learned_in < 1.0  # far sooner than refresh_ms (3 s): the hot rate applies
-    assert 4 <= hot <= 11
+    calm, shared, knows, fresh = asyncio.run(scenario())
+    assert calm == 0
+    assert knows  # without waiting for the poller (60 s): the request itself got a fresh view
+    assert shared == 1  # one partition query served all twenty
+    assert fresh == 0
+
+
+class SlowRelay:
+    """A TCP relay in front of Azurite whose answers can be held back: a real, slow Table."""
+
+    def __init__(self, table_url: str) -> None:
+        parts = urlsplit(table_url)
+        self.target, self.account = (parts.hostname or "127.0.0.1", parts.port or 80), parts.path
+        self.delay = 0.0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}{self.account}"
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, slow: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if slow and self.delay:
+                        await asyncio.sleep(self.delay)
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))
+
+
+def test_a_table_slower_than_confirm_ms_holds_a_request_no_longer_and_the_view_still_catches_up(azurite, table):
+    async def scenario() -> tuple[float, float, bool]:
+        relay = SlowRelay(azurite.table_url)
+        slow_url = await relay.start()
+        direct = StateSettings(connection_string=azurite.connection_string, table=table, refresh_ms=60_000)
+        via_relay = StateSettings(
+            connection_string=connection_string(slow_url), table=table, refresh_ms=60_000, hot_refresh_ms=1
+        )
+        writer, reader = TableStore(direct, instance_id="writer"), TableStore(via_relay, instance_id="reader")
+        await writer.start()
+        await reader.start()
+        reader.mark("2", "chat", time.time() + 30, "429")  # under pressure: requests want a fresh view
+        writer.mark("1", "chat", time.time() + 30, "429 elsewhere")
+        await _written(writer)
+        relay.delay = 0.4  # every Table answer now takes 0.4 s, far over confirm_ms (50)
+        started = time.perf_counter()
+        await reader.sync()
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(10):
+            await reader.sync()
+        after = time.perf_counter() - started
+        await asyncio.sleep(0.6)
+        knows = reader.cooling_until("1", "chat", time.time()) > 0
+        await writer.close()
+        await reader.close()
+        await relay.close()
+        return first, after, knows
+
+    first, after, knows = asyncio.run(scenario())
+    assert 0.04 <= first < 0.2  # waited confirm_ms (50 ms), not the query's 0.4 s
+    assert after < 0.02  # then requests stop waiting for a table that slow
+    assert knows  # the query went on without them and updated the view
 
 
 def test_a_cooldown_is_written_in_one_table_call_when_the_listing_is_fresh(azurite, table):

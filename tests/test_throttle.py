@@ -54,6 +54,11 @@ def test_zero_still_cools_for_the_minimum():
     assert cool({"retry-after": "0"}) == (MIN_COOLDOWN_SECONDS, "retry-after")
 
 
+def test_a_sub_second_retry_after_ms_is_honoured_not_rounded_up_to_a_second():
+    # cooling past the backend's own refill time would waste quota it has already given back
+    assert cool({"retry-after-ms": "300", "retry-after": "1"}) == (pytest.approx(0.3), "retry-after-ms")
+
+
 def test_ratelimit_reset_headers_take_the_longer_reset():
     assert cool({"x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "6m0s"}) == (60, "x-ratelimit-reset")
     assert cool({"x-ratelimit-reset-tokens": "12"}) == (12, "x-ratelimit-reset")
