@@ -176,9 +176,9 @@ class TableStore(CooldownStore):
         refresh = self._shared_refresh()
         if self.settings.confirm_ms <= 0 or now < self._confirm_paused_until:
             return  # the refresh goes on without this request: it helps the next ones
-        try:
-            await asyncio.wait_for(asyncio.shield(refresh), self.settings.confirm_ms / 1000)
-        except asyncio.TimeoutError:
+        # asyncio.wait neither cancels the shared query on timeout nor raises if close() cancels it
+        done, _ = await asyncio.wait({refresh}, timeout=self.settings.confirm_ms / 1000)
+        if not done:
             self._confirm_paused_until = time.monotonic() + CONFIRM_PAUSE_SECONDS
             log.debug("state query slower than %d ms: requests stop waiting for it", self.settings.confirm_ms)
 
