@@ -7,8 +7,8 @@ on every answer, so sharing it through the Table would cost a write per request,
 instance reads the same counters from the backend anyway (each answer carries the backend's
 global remaining quota, not this instance's share).
 
-Azure sends no limit header, so the most ever seen stands in for the limit when turning
-"remaining" into a fraction. A reading is trusted only for the rate-limit window (Azure evaluates
+Azure sends no limit header, so the most seen lately (`Peak`) stands in for the limit when
+turning "remaining" into a fraction. A reading is trusted only for the rate-limit window (Azure evaluates
 per 10 s), until an `x-ratelimit-reset-*` header says the quota refills, or until the next refill
 predicted from the window learnt between two refills; after that the backend counts as unknown
 and gets a full share, so a backend is never starved on old news.
@@ -32,6 +32,7 @@ SHORT_MARGIN = 2.0  # fits only with twice the call's tokens left: calls in flig
 MIN_WINDOW_SECONDS = 0.5  # refills closer than this are noise (answers out of order), not a window
 MIN_SHARE = 0.05  # the least share a backend keeps, so fresh low readings still get refreshed
 NEAR_LIMIT_FRACTION = 0.25  # a backend with this little quota left may throttle any moment
+PEAK_MEMORY_SECONDS = 120.0  # the limit's stand-in is the most seen over the last 120-240 s
 DRAIN_MIN_INTERVAL = 0.05  # readings closer than this are too noisy to tell a consumption rate
 
 _MAX_TOKENS_KEYS = (b'"max_tokens"', b'"max_completion_tokens"')
@@ -58,6 +59,31 @@ def estimate_tokens(body: bytes) -> int:
     return len(body) // 4 + completion
 
 
+@dataclass(frozen=True)
+class Peak:
+    """The most a remaining-counter showed lately: it stands in for the limit Azure doesn't send.
+
+    Two buckets of PEAK_MEMORY_SECONDS rather than the most ever seen, so a quota that was lowered
+    (or that other callers now share) is learnt, instead of the backend looking nearly empty, and
+    the pool under pressure, for good. Every window's refill shows the full quota again anyway.
+    """
+
+    current: int = 0
+    previous: int = 0
+    since: float = 0.0  # epoch second the current bucket began
+
+    def see(self, value: int | None, now: float) -> Peak:
+        current, previous, since = self.current, self.previous, self.since
+        if now - since >= PEAK_MEMORY_SECONDS:
+            previous = current if now - since < 2 * PEAK_MEMORY_SECONDS else 0
+            current, since = 0, now
+        return Peak(max(current, value or 0), previous, since)
+
+    @property
+    def most(self) -> int:
+        return max(self.current, self.previous)
+
+
 @dataclass
 class Reading:
     """The latest remaining quota one (backend, deployment) reported, and when."""
@@ -67,12 +93,20 @@ class Reading:
     seen: float  # epoch seconds
     stale_at: float  # after this the quota may have refilled: the reading is ignored
     exhausted_until: float  # 0.0, or until when a reported 0 makes the next call a sure 429
-    most_requests: int  # most remaining-requests ever seen: the limit Azure doesn't send
-    most_tokens: int
+    requests_peak: Peak  # most remaining-requests seen lately: the limit Azure doesn't send
+    tokens_peak: Peak
     drain: float = 0.0  # tokens per second the backend's quota falls by (every caller), from successive readings
     sent: int = 0  # tokens this instance has sent there since the reading
     refilled_at: float = 0.0  # when a reading last showed the tokens quota refilled (0.0: never seen)
     window: float = 0.0  # shortest time seen between two refills: the quota's window, learnt (0.0: unknown)
+
+    @property
+    def most_requests(self) -> int:
+        return self.requests_peak.most
+
+    @property
+    def most_tokens(self) -> int:
+        return self.tokens_peak.most
 
     def tokens_at(self, now: float) -> int | None:
         """Tokens left now: the reading less what was spent since, by this instance or (at the drain rate) anyone.
@@ -139,8 +173,8 @@ class Headroom:
             seen=now,
             stale_at=max(stale_at, exhausted_until),
             exhausted_until=exhausted_until,
-            most_requests=max(requests or 0, old.most_requests if old else 0),
-            most_tokens=max(tokens or 0, old.most_tokens if old else 0),
+            requests_peak=(old.requests_peak if old else Peak()).see(requests, now),
+            tokens_peak=(old.tokens_peak if old else Peak()).see(tokens, now),
         )
         return reading
 

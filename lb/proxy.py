@@ -196,7 +196,10 @@ class Proxy:
                     return self._relay(upstream, backend, info, len(tried))
 
                 seconds, source = throttle.cooldown_seconds(
-                    upstream.headers, default=settings.default_cooldown_seconds, maximum=settings.max_cooldown_seconds
+                    upstream.headers,
+                    default=settings.default_cooldown_seconds,
+                    maximum=settings.max_cooldown_seconds,
+                    throttled=status == 429,
                 )
                 self._cool(backend, info.deployment, seconds, f"{status} ({source})")
                 self._attempted(attempt, info, status, seconds)

@@ -24,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
@@ -105,8 +106,7 @@ class TableStore(CooldownStore):
         self._writers: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._closed = False
         self._pressure_until = 0.0  # epoch second until which the pool counts as under throttling
-        self._in_table: dict[tuple[str, str], float] = {}  # what we know the table holds, to skip needless writes
-        self._etags: dict[tuple[str, str], str | None] = {}  # each row's ETag as last listed or written
+        self._rows: dict[tuple[str, str], Known] = {}  # what the table holds, as last listed or written
 
     def _make_client(self, settings: StateSettings) -> TableClient:
         options: dict[str, Any] = {
@@ -199,11 +199,12 @@ class TableStore(CooldownStore):
         Any refresh, a request's included, restarts the interval."""
         while not self._closed:
             interval = self.settings.refresh_ms / 1000
-            if not self.healthy:
-                interval = max(interval, OUTAGE_RETRY_SECONDS)
+            if not self.healthy:  # under pressure requests stop refreshing then: the poller retries soon
+                pressed = time.time() < self._pressure_until
+                interval = OUTAGE_RETRY_SECONDS if pressed else max(interval, OUTAGE_RETRY_SECONDS)
             wait = self._attempted_at + interval - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if wait > 0:  # naps, so a fault or pressure that starts meanwhile is seen within one
+                await asyncio.sleep(min(wait, OUTAGE_RETRY_SECONDS))
             else:
                 await self._shared_refresh()
 
@@ -221,12 +222,14 @@ class TableStore(CooldownStore):
             return self._fault(exc)
         self._refreshed_at = time.monotonic()
         self._view_as_of = max(self._view_as_of, started)
-        self._recovered()
         old = time.time() - self.keep_expired_seconds
-        self._etags.clear()  # a row missing from the listing is absent: a first write creates it
-        expired = [row for row in rows if self._learn(row) < old]
+        listed = {_pair(row) for row in rows}
+        for key in [k for k, known in self._rows.items() if k not in listed and known.as_of <= started]:
+            del self._rows[key]  # absent when listed, and not written since: a first write creates it
+        expired = [row for row in rows if self._learn(row, started) < old]
         if expired and self._cleanup_task is None:
             self._cleanup_task = asyncio.create_task(self._delete_expired(expired[:MAX_DELETES_PER_REFRESH]))
+        self._recovered()  # after the listing: a table that came back empty gets our cooldowns again
 
     def _merge(self, entry: Cooldown) -> Cooldown:
         """Any cooldown, ours or another instance's, puts the pool under pressure (see `sync`)."""
@@ -239,12 +242,15 @@ class TableStore(CooldownStore):
         429 of an episode is then shared as fast as the later ones (see `sync`)."""
         self._pressure_until = max(self._pressure_until, now + PRESSURE_LINGER_SECONDS)
 
-    def _learn(self, row: Any) -> float:
-        """Merge a row into the view (the longer cooldown wins, expired ones are skipped); return its end."""
-        until = float(row.get("cooling_until") or 0.0)
+    def _learn(self, row: Any, as_of: float) -> float:
+        """Merge a row read at `as_of` (monotonic) into the view (the longer cooldown wins, expired ones
+        are skipped); return its end. A listing that started before our own write of the row
+        finished says nothing newer about it, so that write's ETag is kept."""
+        until = _until(row)
         key = _pair(row)
-        self._in_table[key] = until
-        self._etags[key] = row.metadata.get("etag")
+        known = self._rows.get(key)
+        if known is None or known.as_of <= as_of:
+            self._rows[key] = Known(until, row.metadata.get("etag"), as_of)
         if until > time.time():
             self._merge(Cooldown(*key, until, str(row.get("reason", "")), str(row.get("instance", ""))))
         return until
@@ -272,8 +278,7 @@ class TableStore(CooldownStore):
                 with contextlib.suppress(ResourceModifiedError, ResourceNotFoundError):
                     await self._call(self._client.delete_entity(pk, rk, etag=etag, match_condition=IF_MATCH))
                     key = _pair(row)
-                    self._in_table.pop(key, None)
-                    self._etags.pop(key, None)
+                    self._rows.pop(key, None)
         except Exception as exc:
             self._fault(exc)
         finally:
@@ -283,7 +288,8 @@ class TableStore(CooldownStore):
     def publish(self, entry: Cooldown) -> None:
         """Queue the cooldown for the table; one writer per pair coalesces bursts of 429s."""
         key = (entry.backend, entry.deployment)
-        if self._in_table.get(key, 0.0) >= entry.until:
+        known = self._rows.get(key)
+        if known is not None and known.until >= entry.until:
             return  # the table already holds this cooldown or a longer one
         waiting = self._pending.get(key)
         if waiting is None or waiting.until < entry.until:
@@ -316,7 +322,8 @@ class TableStore(CooldownStore):
         key = (entry.backend, entry.deployment)
         # The last partition listing says what the row is (its ETag, or absent), so the first try
         # skips the read: the conditional write fails if the row changed since, and then we read.
-        guess, etag = self._refreshed_at is not None, self._etags.get(key)
+        known = self._rows.get(key)
+        guess, etag = self._refreshed_at is not None, known.etag if known is not None else None
         faults = 0
         for _ in range(WRITE_TRIES):
             try:
@@ -326,8 +333,8 @@ class TableStore(CooldownStore):
                     current = None
                     with contextlib.suppress(ResourceNotFoundError):
                         current = await self._call(self._client.get_entity(pk, rk))
-                    if current is not None and float(current.get("cooling_until") or 0.0) >= entry.until:
-                        self._learn(current)  # someone else's longer cooldown wins; this view adopts it
+                    if current is not None and _until(current) >= entry.until:
+                        self._learn(current, time.monotonic())  # someone else's longer cooldown wins; adopt it
                         return self._recovered()
                     etag = None if current is None else current.metadata["etag"]
                 if etag is None:
@@ -336,8 +343,7 @@ class TableStore(CooldownStore):
                     written = await self._call(
                         self._client.update_entity(fields, REPLACE, etag=etag, match_condition=IF_MATCH)
                     )
-                self._in_table[key] = entry.until
-                self._etags[key] = written.get("etag")
+                self._rows[key] = Known(entry.until, written.get("etag"), time.monotonic())
                 return self._recovered()
             except (ResourceExistsError, ResourceModifiedError):
                 continue  # another writer got there first: re-read and compare again
@@ -388,6 +394,23 @@ class TableStore(CooldownStore):
             "last_refresh_age_s": age,
             "ops": dict(self.ops),
         }
+
+
+class Known(NamedTuple):
+    """What this instance knows one table row holds, so writes skip needless calls and reads."""
+
+    until: float  # its cooling-until (epoch seconds)
+    etag: str | None
+    as_of: float  # monotonic time it was true: a listing's start, or a write's end
+
+
+def _until(row: Any) -> float:
+    """A row's cooling-until; 0.0 (expired) for a value no instance of ours would write."""
+    try:
+        until = float(row.get("cooling_until") or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+    return until if math.isfinite(until) else 0.0
 
 
 def _pair(row: Any) -> tuple[str, str]:

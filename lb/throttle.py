@@ -15,26 +15,29 @@ import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 
-# Even "Retry-After: 0" gets a breather, so a flapping backend is not hammered. It stays short: a
-# backend's own sub-second retry-after-ms is honoured, since cooling past its quota refill wastes it.
-MIN_COOLDOWN_SECONDS = 0.1
+MIN_COOLDOWN_SECONDS = 1.0  # "Retry-After: 0" or a 5xx's hint still gets a breather: no hammering a flapping backend
+# A 429's own positive hint is honoured down to this: cooling past the quota's refill would waste
+# quota the backend has already given back (Azure's retry-after-ms can be a few hundred ms).
+MIN_HINTED_COOLDOWN_SECONDS = 0.1
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
 def cooldown_seconds(
-    headers: Mapping[str, str], *, default: float, maximum: float, now: float | None = None
+    headers: Mapping[str, str], *, default: float, maximum: float, now: float | None = None, throttled: bool = True
 ) -> tuple[float, str]:
-    """Return (seconds to cool, which header said so), clamped to [MIN_COOLDOWN_SECONDS, maximum]."""
+    """Return (seconds to cool, which header said so), clamped to [floor, maximum]: the floor is
+    MIN_HINTED_COOLDOWN_SECONDS for a positive hint on a 429 (`throttled`), else MIN_COOLDOWN_SECONDS."""
     seconds, source = _from_headers(headers, time.time() if now is None else now)
     if seconds is None:
         seconds, source = default, "default"
-    return clamp(seconds, maximum), source
+    hinted = throttled and source != "default" and seconds > 0
+    return clamp(seconds, maximum, MIN_HINTED_COOLDOWN_SECONDS if hinted else MIN_COOLDOWN_SECONDS), source
 
 
-def clamp(seconds: float, maximum: float) -> float:
-    return min(max(seconds, MIN_COOLDOWN_SECONDS), max(maximum, MIN_COOLDOWN_SECONDS))
+def clamp(seconds: float, maximum: float, floor: float = MIN_COOLDOWN_SECONDS) -> float:
+    return min(max(seconds, floor), max(maximum, floor))
 
 
 def _from_headers(headers: Mapping[str, str], now: float) -> tuple[float | None, str]:

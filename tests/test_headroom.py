@@ -8,6 +8,7 @@ from lb.headroom import (
     MAX_EXHAUSTED_HOLD_SECONDS,
     MIN_SHARE,
     NEAR_LIMIT_FRACTION,
+    PEAK_MEMORY_SECONDS,
     STALE_AFTER_SECONDS,
     Headroom,
     estimate_tokens,
@@ -99,6 +100,16 @@ def test_a_backend_is_near_its_limit_once_a_quarter_or_less_of_its_quota_is_left
     assert not headroom.record("a", "chat", left(26, 9_000), NOW).near_limit(NOW)
     assert headroom.record("a", "chat", left(int(100 * NEAR_LIMIT_FRACTION), 9_000), NOW).near_limit(NOW)
     assert headroom.record("a", "chat", left(90, 2_000), NOW).near_limit(NOW)  # tokens run out first
+
+
+def test_a_lowered_quota_is_learnt_so_the_backend_does_not_look_near_its_limit_for_good():
+    headroom = Headroom()
+    headroom.record("a", "chat", left(100, 10_000), NOW)
+    assert headroom.record("a", "chat", left(20, 2_000), NOW + 1).near_limit(NOW + 1)  # a fifth of the most seen
+    later = NOW + PEAK_MEMORY_SECONDS + 1
+    assert headroom.record("a", "chat", left(20, 2_000), later).near_limit(later)  # the old peak still counts
+    much_later = NOW + 2 * PEAK_MEMORY_SECONDS + 1
+    assert not headroom.record("a", "chat", left(20, 2_000), much_later).near_limit(much_later)  # 20 is the quota now
 
 
 def test_zero_left_without_a_reset_header_is_held_only_until_the_learnt_refill():

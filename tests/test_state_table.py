@@ -264,6 +264,40 @@ def read_row_or_none(azurite: Azurite, table: str, backend: str, deployment: str
         return None
 
 
+def test_a_cooldown_already_written_is_written_again_when_the_table_comes_back_empty(azurite, table):
+    if azurite.external_url:
+        pytest.skip("cannot stop an Azurite we did not start (AZURITE_TABLE_URL is set)")
+
+    async def until(condition: object, seconds: float, store: TableStore) -> bool:
+        deadline = time.monotonic() + seconds
+        while not condition():  # type: ignore[operator]
+            if time.monotonic() > deadline:
+                return False
+            await store.sync()  # requests keep coming
+            await asyncio.sleep(0.02)
+        return True
+
+    async def scenario() -> tuple[bool, bool]:
+        settings = StateSettings(connection_string=azurite.connection_string, table=table, refresh_ms=60_000)
+        store = TableStore(settings)
+        await store.start()
+        store.mark("1", "chat", time.time() + 60, "429")
+        await _written(store)
+        azurite.stop()
+        try:
+            lost = await until(lambda: not store.healthy, 5, store)
+        finally:
+            azurite.start()  # in-memory Azurite comes back without the table or its row
+        back = await until(lambda: store.healthy, 10, store)
+        await asyncio.sleep(0.5)
+        await _written(store)
+        await store.close()
+        return lost, back
+
+    assert asyncio.run(scenario()) == (True, True)
+    assert read_row_or_none(azurite, table, "1", "chat") is not None
+
+
 def test_happy_path_sends_no_table_reads_or_writes_and_at_most_one_query_per_refresh(servers, azurite, table):
     _, urls = sim_pool(servers, 3)
     url, proxy = start_proxy(servers, urls, azurite, table)
@@ -364,21 +398,28 @@ async def _written(store: TableStore) -> None:
 
 
 def test_under_throttling_a_request_is_routed_on_a_view_that_includes_rows_written_just_before(azurite, table):
-    async def scenario() -> tuple[int, int, bool, int]:
+    async def scenario() -> tuple[int, int, int, bool, int]:
         settings = StateSettings(
-            connection_string=azurite.connection_string, table=table, refresh_ms=60_000, hot_refresh_ms=20
+            connection_string=azurite.connection_string,
+            table=table,
+            refresh_ms=60_000,
+            hot_refresh_ms=200,
+            confirm_ms=5_000,  # generous, so a slow machine cannot fail this test; the wait is bounded elsewhere
         )
         writer, reader = TableStore(settings, instance_id="writer"), TableStore(settings, instance_id="reader")
         await writer.start()
         await reader.start()
+        await asyncio.sleep(0.25)  # the view is older than hot_refresh_ms: only calm keeps requests from a query
         before = reader.ops["queries"]
         for _ in range(20):
             await reader.sync()  # calm: the request never waits, nothing is sent
         calm = reader.ops["queries"] - before
         reader.mark("2", "chat", time.time() + 30, "429")  # the reader has seen throttling: it is alert now
+        before = reader.ops["queries"]
+        await asyncio.sleep(0.5)  # under pressure but idle: only the poller may query, and it is at refresh_ms
+        idle = reader.ops["queries"] - before
         writer.mark("1", "chat", time.time() + 30, "429 elsewhere")
         await _written(writer)
-        await asyncio.sleep(0.03)  # the reader's view is now older than hot_refresh_ms
         before = reader.ops["queries"]
         await asyncio.gather(*(reader.sync() for _ in range(20)))  # twenty requests arrive at once
         shared = reader.ops["queries"] - before
@@ -388,39 +429,54 @@ def test_under_throttling_a_request_is_routed_on_a_view_that_includes_rows_writt
         fresh = reader.ops["queries"] - before
         await writer.close()
         await reader.close()
-        return calm, shared, knows, fresh
+        return calm, idle, shared, knows, fresh
 
-    calm, shared, knows, fresh = asyncio.run(scenario())
+    calm, idle, shared, knows, fresh = asyncio.run(scenario())
     assert calm == 0
+    assert idle == 0
     assert knows  # without waiting for the poller (60 s): the request itself got a fresh view
     assert shared == 1  # one partition query served all twenty
     assert fresh == 0
 
 
 class SlowRelay:
-    """A TCP relay in front of Azurite whose answers can be held back: a real, slow Table."""
+    """A TCP relay in front of Azurite that can hold answers back or cut connections: a real, bad Table."""
 
     def __init__(self, table_url: str) -> None:
         parts = urlsplit(table_url)
         self.target, self.account = (parts.hostname or "127.0.0.1", parts.port or 80), parts.path
-        self.delay = 0.0
+        self.delay = 0.0  # seconds each answer chunk is held
+        self.only: bytes | None = None  # ... only chunks containing this (b'"value"': partition listings)
+        self.down = False  # refuse connections
         self.server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
         return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}{self.account}"
 
+    def cut(self) -> None:
+        """Drop every open connection and refuse new ones until `down` is cleared."""
+        self.down = True
+        for writer in self._open:
+            writer.transport.abort()
+
     async def close(self) -> None:
+        self.cut()
         if self.server is not None:
             self.server.close()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.down:
+            writer.transport.abort()
+            return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._open.add(writer)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, slow: bool) -> None:
             try:
                 while data := await src.read(65536):
-                    if slow and self.delay:
+                    if slow and self.delay and (self.only is None or self.only in data):
                         await asyncio.sleep(self.delay)
                     dst.write(data)
                     await dst.drain()
@@ -429,7 +485,10 @@ class SlowRelay:
             finally:
                 dst.close()
 
-        await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))
+        try:
+            await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))
+        finally:
+            self._open.discard(writer)
 
 
 def test_a_table_slower_than_confirm_ms_holds_a_request_no_longer_and_the_view_still_catches_up(azurite, table):
@@ -465,6 +524,109 @@ def test_a_table_slower_than_confirm_ms_holds_a_request_no_longer_and_the_view_s
     assert 0.04 <= first < 0.2  # waited confirm_ms (50 ms), not the query's 0.4 s
     assert after < 0.02  # then requests stop waiting for a table that slow
     assert knows  # the query went on without them and updated the view
+
+
+def test_with_confirm_ms_0_requests_never_wait_but_still_refresh_the_view(azurite, table):
+    async def scenario() -> tuple[float, bool]:
+        relay = SlowRelay(azurite.table_url)
+        via_relay = StateSettings(
+            connection_string=connection_string(await relay.start()),
+            table=table,
+            refresh_ms=60_000,
+            hot_refresh_ms=1,
+            confirm_ms=0,
+        )
+        direct = StateSettings(connection_string=azurite.connection_string, table=table, refresh_ms=60_000)
+        writer, reader = TableStore(direct, instance_id="writer"), TableStore(via_relay, instance_id="reader")
+        await writer.start()
+        await reader.start()
+        reader.mark("2", "chat", time.time() + 30, "429")
+        writer.mark("1", "chat", time.time() + 30, "429 elsewhere")
+        await _written(writer)
+        relay.delay = 0.3
+        started = time.perf_counter()
+        for _ in range(10):
+            await reader.sync()
+        waited = time.perf_counter() - started
+        await asyncio.sleep(0.6)
+        knows = reader.cooling_until("1", "chat", time.time()) > 0
+        await writer.close()
+        await reader.close()
+        await relay.close()
+        return waited, knows
+
+    waited, knows = asyncio.run(scenario())
+    assert waited < 0.1  # ten requests, none held for the 0.3 s query
+    assert knows  # the query they started updated the view
+
+
+def test_under_throttling_an_instance_that_lost_the_table_retries_within_seconds_not_refresh_ms(azurite, table):
+    async def scenario() -> tuple[bool, float, bool]:
+        relay = SlowRelay(azurite.table_url)
+        via_relay = StateSettings(
+            connection_string=connection_string(await relay.start()), table=table, refresh_ms=60_000, hot_refresh_ms=1
+        )
+        direct = StateSettings(connection_string=azurite.connection_string, table=table, refresh_ms=60_000)
+        writer, reader = TableStore(direct, instance_id="writer"), TableStore(via_relay, instance_id="reader")
+        await writer.start()
+        await reader.start()
+        reader.mark("2", "chat", time.time() + 30, "429")
+        await _written(reader)
+        relay.cut()
+        await asyncio.sleep(0.01)
+        await reader.sync()  # its query fails: the store is degraded, and requests stop refreshing
+        degraded = not reader.healthy
+        writer.mark("1", "chat", time.time() + 30, "429 elsewhere")
+        await _written(writer)
+        relay.down = False
+        started = time.monotonic()
+        while not reader.cooling_until("1", "chat", time.time()) and time.monotonic() - started < 10:
+            await reader.sync()
+            await asyncio.sleep(0.02)
+        learned_in = time.monotonic() - started
+        healthy = reader.healthy
+        await writer.close()
+        await reader.close()
+        await relay.close()
+        return degraded, learned_in, healthy
+
+    degraded, learned_in, healthy = asyncio.run(scenario())
+    assert degraded
+    assert learned_in < 3  # OUTAGE_RETRY_SECONDS under pressure, not LB_STATE_REFRESH_MS (60 s)
+    assert healthy
+
+
+def test_a_listing_taken_before_our_own_write_does_not_undo_what_the_write_taught(azurite, table):
+    async def scenario() -> dict[str, int]:
+        relay = SlowRelay(azurite.table_url)
+        settings = StateSettings(
+            connection_string=connection_string(await relay.start()),
+            table=table,
+            refresh_ms=60_000,
+            hot_refresh_ms=1,
+            confirm_ms=0,
+        )
+        store = TableStore(settings)
+        await store.start()
+        store.mark("2", "chat", time.time() + 30, "429")
+        await _written(store)
+        relay.delay, relay.only = 0.3, b'"value"'  # listings arrive late; writes do not
+        await asyncio.sleep(0.01)
+        await store.sync()  # a listing is taken now and answered in 0.3 s
+        await asyncio.sleep(0.05)
+        store.mark("2", "chat", time.time() + 40, "429 again")  # written, with a new ETag, before that answer
+        await _written(store)
+        await asyncio.sleep(0.5)  # the old listing has been applied
+        relay.delay = 0.0
+        before = dict(store.ops)
+        store.mark("2", "chat", time.time() + 50, "429 a third time")
+        await _written(store)
+        after = dict(store.ops)
+        await store.close()
+        await relay.close()
+        return {k: after[k] - before[k] for k in ("reads", "writes")}
+
+    assert asyncio.run(scenario()) == {"reads": 0, "writes": 1}  # the write's ETag was kept: no 412, no re-read
 
 
 def test_a_cooldown_is_written_in_one_table_call_when_the_listing_is_fresh(azurite, table):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lb.throttle import MIN_COOLDOWN_SECONDS, cooldown_seconds, parse_duration
+from lb.throttle import MIN_COOLDOWN_SECONDS, MIN_HINTED_COOLDOWN_SECONDS, cooldown_seconds, parse_duration
 
 NOW = 1_700_000_000.0
 
@@ -54,9 +54,20 @@ def test_zero_still_cools_for_the_minimum():
     assert cool({"retry-after": "0"}) == (MIN_COOLDOWN_SECONDS, "retry-after")
 
 
-def test_a_sub_second_retry_after_ms_is_honoured_not_rounded_up_to_a_second():
+def test_a_429s_sub_second_hint_is_honoured_not_rounded_up_to_a_second():
     # cooling past the backend's own refill time would waste quota it has already given back
     assert cool({"retry-after-ms": "300", "retry-after": "1"}) == (pytest.approx(0.3), "retry-after-ms")
+    assert cool({"x-ratelimit-reset-requests": "20ms"}) == (MIN_HINTED_COOLDOWN_SECONDS, "x-ratelimit-reset")
+
+
+@pytest.mark.parametrize("headers", [{"retry-after-ms": "0"}, {"retry-after": "0"}, {"x-ratelimit-reset-tokens": "0s"}])
+def test_a_zero_hint_still_cools_a_whole_second_so_a_flapping_backend_is_not_hammered(headers):
+    assert cool(headers)[0] == MIN_COOLDOWN_SECONDS == 1.0
+
+
+def test_a_5xx_sub_second_hint_gets_the_whole_second_floor():
+    seconds, _ = cooldown_seconds({"retry-after-ms": "300"}, default=10, maximum=60, throttled=False)
+    assert seconds == MIN_COOLDOWN_SECONDS
 
 
 def test_ratelimit_reset_headers_take_the_longer_reset():
