@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import math
 import random
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -491,34 +492,45 @@ class SlowRelay:
             self._open.discard(writer)
 
 
-def test_a_table_slower_than_confirm_ms_holds_a_request_no_longer_and_the_view_still_catches_up(azurite, table):
-    async def scenario() -> tuple[float, float, bool]:
-        relay = SlowRelay(azurite.table_url)
-        slow_url = await relay.start()
-        direct = StateSettings(connection_string=azurite.connection_string, table=table, refresh_ms=60_000)
-        via_relay = StateSettings(
-            connection_string=connection_string(slow_url), table=table, refresh_ms=60_000, hot_refresh_ms=1
-        )
-        writer, reader = TableStore(direct, instance_id="writer"), TableStore(via_relay, instance_id="reader")
-        await writer.start()
-        await reader.start()
-        reader.mark("2", "chat", time.time() + 30, "429")  # under pressure: requests want a fresh view
-        writer.mark("1", "chat", time.time() + 30, "429 elsewhere")
-        await _written(writer)
-        relay.delay = 0.4  # every Table answer now takes 0.4 s, far over confirm_ms (50)
-        started = time.perf_counter()
-        await reader.sync()
-        first = time.perf_counter() - started
-        started = time.perf_counter()
-        for _ in range(10):
-            await reader.sync()
-        after = time.perf_counter() - started
-        await asyncio.sleep(0.6)
-        knows = reader.cooling_until("1", "chat", time.time()) > 0
+@contextlib.asynccontextmanager
+async def writer_and_relayed_reader(
+    azurite: Azurite, table: str, **reader_settings: int
+) -> AsyncIterator[tuple[SlowRelay, TableStore, TableStore]]:
+    """Two started stores on one table: a writer on Azurite and a reader behind a SlowRelay, which the
+    reader's own cooldown has put under pressure. Both poll once a minute, so only requests refresh."""
+    relay = SlowRelay(azurite.table_url)
+    via_relay = StateSettings(
+        connection_string=connection_string(await relay.start()), table=table, refresh_ms=60_000, **reader_settings
+    )
+    direct = StateSettings(connection_string=azurite.connection_string, table=table, refresh_ms=60_000)
+    writer, reader = TableStore(direct, instance_id="writer"), TableStore(via_relay, instance_id="reader")
+    await writer.start()
+    await reader.start()
+    reader.mark("2", "chat", time.time() + 30, "429")
+    await _written(reader)
+    try:
+        yield relay, writer, reader
+    finally:
         await writer.close()
         await reader.close()
         await relay.close()
-        return first, after, knows
+
+
+def test_a_table_slower_than_confirm_ms_holds_a_request_no_longer_and_the_view_still_catches_up(azurite, table):
+    async def scenario() -> tuple[float, float, bool]:
+        async with writer_and_relayed_reader(azurite, table, hot_refresh_ms=1) as (relay, writer, reader):
+            writer.mark("1", "chat", time.time() + 30, "429 elsewhere")
+            await _written(writer)
+            relay.delay = 0.4  # every Table answer now takes 0.4 s, far over confirm_ms (50)
+            started = time.perf_counter()
+            await reader.sync()
+            first = time.perf_counter() - started
+            started = time.perf_counter()
+            for _ in range(10):
+                await reader.sync()
+            after = time.perf_counter() - started
+            await asyncio.sleep(0.6)
+            return first, after, reader.cooling_until("1", "chat", time.time()) > 0
 
     first, after, knows = asyncio.run(scenario())
     assert 0.04 <= first < 0.2  # waited confirm_ms (50 ms), not the query's 0.4 s
@@ -528,32 +540,16 @@ def test_a_table_slower_than_confirm_ms_holds_a_request_no_longer_and_the_view_s
 
 def test_with_confirm_ms_0_requests_never_wait_but_still_refresh_the_view(azurite, table):
     async def scenario() -> tuple[float, bool]:
-        relay = SlowRelay(azurite.table_url)
-        via_relay = StateSettings(
-            connection_string=connection_string(await relay.start()),
-            table=table,
-            refresh_ms=60_000,
-            hot_refresh_ms=1,
-            confirm_ms=0,
-        )
-        direct = StateSettings(connection_string=azurite.connection_string, table=table, refresh_ms=60_000)
-        writer, reader = TableStore(direct, instance_id="writer"), TableStore(via_relay, instance_id="reader")
-        await writer.start()
-        await reader.start()
-        reader.mark("2", "chat", time.time() + 30, "429")
-        writer.mark("1", "chat", time.time() + 30, "429 elsewhere")
-        await _written(writer)
-        relay.delay = 0.3
-        started = time.perf_counter()
-        for _ in range(10):
-            await reader.sync()
-        waited = time.perf_counter() - started
-        await asyncio.sleep(0.6)
-        knows = reader.cooling_until("1", "chat", time.time()) > 0
-        await writer.close()
-        await reader.close()
-        await relay.close()
-        return waited, knows
+        async with writer_and_relayed_reader(azurite, table, hot_refresh_ms=1, confirm_ms=0) as (relay, writer, reader):
+            writer.mark("1", "chat", time.time() + 30, "429 elsewhere")
+            await _written(writer)
+            relay.delay = 0.3
+            started = time.perf_counter()
+            for _ in range(10):
+                await reader.sync()
+            waited = time.perf_counter() - started
+            await asyncio.sleep(0.6)
+            return waited, reader.cooling_until("1", "chat", time.time()) > 0
 
     waited, knows = asyncio.run(scenario())
     assert waited < 0.1  # ten requests, none held for the 0.3 s query
@@ -562,33 +558,19 @@ def test_with_confirm_ms_0_requests_never_wait_but_still_refresh_the_view(azurit
 
 def test_under_throttling_an_instance_that_lost_the_table_retries_within_seconds_not_refresh_ms(azurite, table):
     async def scenario() -> tuple[bool, float, bool]:
-        relay = SlowRelay(azurite.table_url)
-        via_relay = StateSettings(
-            connection_string=connection_string(await relay.start()), table=table, refresh_ms=60_000, hot_refresh_ms=1
-        )
-        direct = StateSettings(connection_string=azurite.connection_string, table=table, refresh_ms=60_000)
-        writer, reader = TableStore(direct, instance_id="writer"), TableStore(via_relay, instance_id="reader")
-        await writer.start()
-        await reader.start()
-        reader.mark("2", "chat", time.time() + 30, "429")
-        await _written(reader)
-        relay.cut()
-        await asyncio.sleep(0.01)
-        await reader.sync()  # its query fails: the store is degraded, and requests stop refreshing
-        degraded = not reader.healthy
-        writer.mark("1", "chat", time.time() + 30, "429 elsewhere")
-        await _written(writer)
-        relay.down = False
-        started = time.monotonic()
-        while not reader.cooling_until("1", "chat", time.time()) and time.monotonic() - started < 10:
-            await reader.sync()
-            await asyncio.sleep(0.02)
-        learned_in = time.monotonic() - started
-        healthy = reader.healthy
-        await writer.close()
-        await reader.close()
-        await relay.close()
-        return degraded, learned_in, healthy
+        async with writer_and_relayed_reader(azurite, table, hot_refresh_ms=1) as (relay, writer, reader):
+            relay.cut()
+            await asyncio.sleep(0.01)
+            await reader.sync()  # its query fails: the store is degraded, and requests stop refreshing
+            degraded = not reader.healthy
+            writer.mark("1", "chat", time.time() + 30, "429 elsewhere")
+            await _written(writer)
+            relay.down = False
+            started = time.monotonic()
+            while not reader.cooling_until("1", "chat", time.time()) and time.monotonic() - started < 10:
+                await reader.sync()
+                await asyncio.sleep(0.02)
+            return degraded, time.monotonic() - started, reader.healthy
 
     degraded, learned_in, healthy = asyncio.run(scenario())
     assert degraded
