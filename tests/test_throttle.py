@@ -85,5 +85,7 @@ def test_parse_duration(raw, seconds):
 
 @given(st.dictionaries(st.sampled_from(["retry-after", "retry-after-ms", "x-ratelimit-reset-tokens"]), st.text()))
 def test_any_header_values_give_a_bounded_cooldown(headers):
-    seconds, _ = cooldown_seconds(headers, default=10, maximum=60, now=time.time())
-    assert MIN_COOLDOWN_SECONDS <= seconds <= 60
+    seconds, source = cooldown_seconds(headers, default=10, maximum=60, now=time.time())
+    assert MIN_HINTED_COOLDOWN_SECONDS <= seconds <= 60
+    assert seconds >= MIN_COOLDOWN_SECONDS or source != "default"  # under a second only on a 429's own hint
+    assert cooldown_seconds(headers, default=10, maximum=60, now=time.time(), throttled=False)[0] >= 1.0
