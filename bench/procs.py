@@ -8,6 +8,7 @@ finer schedstat counters to tell when a process has finished with a call. Everyt
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +188,26 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     cuts = statistics.quantiles(samples, n=100, method="inclusive")
     values = {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98], "mean": statistics.fmean(samples)}
     return {k: round(v * 1000, 3) for k, v in values.items()}
+
+
+def percentile_ms(samples: list[float], p: int) -> float | None:
+    """The p-th percentile of seconds, in milliseconds rounded to 0.1; None without samples."""
+    if len(samples) < 2:
+        return round(samples[0] * 1000, 1) if samples else None
+    return round(statistics.quantiles(samples, n=100, method="inclusive")[p - 1] * 1000, 1)
+
+
+async def in_flight(n: int, concurrency: int, call: Callable[[int], Awaitable[None]]) -> None:
+    """Await `call(i)` for i = n-1 down to 0, `concurrency` at a time: a closed loop, like that many clients."""
+    left = n
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await call(left)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

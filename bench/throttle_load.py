@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+from bench.procs import percentile_ms
 
 API_VERSION = "2024-10-21"
 PATH = f"/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
@@ -108,18 +109,12 @@ def summarize(answers: Sequence[Answer]) -> dict[str, Any]:
         "client_other_failures": len(answers) - len(ok) - len(throttled),
         "retry_after_late": len(late),
         "retry_after_late_for_call": len(late_for_call),
-        "p50_ms": _percentile([a.seconds for a in answers], 50),
-        "p99_ms": _percentile([a.seconds for a in answers], 99),
-        "p99_ok_ms": _percentile([a.seconds for a in ok], 99),
+        "p50_ms": percentile_ms([a.seconds for a in answers], 50),
+        "p99_ms": percentile_ms([a.seconds for a in answers], 99),
+        "p99_ok_ms": percentile_ms([a.seconds for a in ok], 99),
     }
 
 
 def _late(retry_after: int | None, recovery: float | None) -> bool:
     """Whether a Retry-After (whole seconds) told the client to wait past `recovery` (rounded up likewise)."""
     return retry_after is None or recovery is None or retry_after > math.ceil(recovery + TOLERANCE_SECONDS)
-
-
-def _percentile(samples: list[float], p: int) -> float | None:
-    if len(samples) < 2:
-        return round(samples[0] * 1000, 1) if samples else None
-    return round(statistics.quantiles(samples, n=100, method="inclusive")[p - 1] * 1000, 1)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from bench.procs import percentile_ms
 from bench.throttle_instances import CLIENT_KEY, Instances, proxy_env
 from lb.sim import Servers, SimBackend
 from tests.azurite import start_azurite
@@ -51,8 +52,8 @@ class Result:
     table_writes: int
     table_queries: int
     seconds: float
-    p50_ms: float  # client latency of the calls that got 200
-    p99_ms: float
+    p50_ms: float | None  # client latency of the calls that got 200 (None: none did)
+    p99_ms: float | None
 
     def row(self) -> str:
         per_window = self.upstream_429 / (self.windows * BACKENDS) if self.windows else 0.0
@@ -65,7 +66,7 @@ class Result:
         state = f"table, refresh {self.refresh_ms} ms" if self.state == "table" else self.state
         return (
             f"| {self.policy} | {state} | {self.instances} | {self.sent} | {100 * self.ok / max(self.sent, 1):.1f}% | "
-            f"{self.upstream_429} | {per_window:.2f} | {self.p50_ms:.1f} | {self.p99_ms:.1f} | {table} |"
+            f"{self.upstream_429} | {per_window:.2f} | {_ms(self.p50_ms)} | {_ms(self.p99_ms)} | {table} |"
         )
 
 
@@ -152,16 +153,13 @@ def run_setting(
         table_writes=after["writes"] - before["writes"],
         table_queries=after["queries"] - before["queries"],
         seconds=seconds,
-        p50_ms=1000 * percentile(latencies, 50),
-        p99_ms=1000 * percentile(latencies, 99),
+        p50_ms=percentile_ms(latencies, 50),
+        p99_ms=percentile_ms(latencies, 99),
     )
 
 
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1)]
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
