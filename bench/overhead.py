@@ -43,7 +43,7 @@ import aiohttp
 import httpx
 
 from bench import peer
-from bench.procs import ROOT, Server, percentiles, quiesce, write_json
+from bench.procs import ROOT, Server, in_flight, percentiles, quiesce, write_json
 from bench.report import figures, render
 from bench.streams import concurrent_streams
 
@@ -182,7 +182,6 @@ async def load(url: str, requests: int, concurrency: int, stream_every: int = 0)
     ~5 ms of CPU per request at 64 connections, so it, not the proxy, would be measured). Every
     `stream_every`-th call is streamed (0: none). Returns the latencies and the wall time."""
     latencies: list[float] = []
-    left = requests
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
 
@@ -195,16 +194,10 @@ async def load(url: str, requests: int, concurrency: int, stream_every: int = 0)
                     raise RuntimeError(f"{url}: HTTP {response.status}")
             latencies.append(time.perf_counter() - started)
 
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                await call(left)
-
         await asyncio.gather(*(call() for _ in range(concurrency)))  # open the connections first
         latencies.clear()
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await in_flight(requests, concurrency, call)
         return latencies, time.perf_counter() - started
 
 

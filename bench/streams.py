@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.procs import percentiles
+from bench.procs import in_flight, percentiles
 
 
 async def stream_load(
@@ -22,7 +22,6 @@ async def stream_load(
     """`streams` streamed calls with `concurrency` in flight; seconds to first and last chunk of each."""
     first: list[float] = []
     last: list[float] = []
-    left = streams
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
 
@@ -39,14 +38,8 @@ async def stream_load(
                 first.append(got_first)
                 last.append(time.perf_counter() - started)
 
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                await call(True)
-
         await asyncio.gather(*(call(False) for _ in range(concurrency)))  # connections open, caches warm
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await in_flight(streams, concurrency, lambda _: call(True))
     return {"first": first, "last": last}
 
 
