@@ -11,10 +11,10 @@ turn repeats. Found by byte search and one bounded decode, not by parsing the bo
 megabytes costs what its head costs.
 
 The key ranks the candidates by weighted rendezvous hashing (every instance ranks alike, with no
-shared state, and a backend leaving the group moves only its own conversations), and the call
-goes to the first backend in that order that is not over its fair share of recent calls (bounded
-load), so one heavy key cannot pile onto a backend: it moves to the next in its own order, and
-settles there while the first stays busy.
+shared state, and a backend leaving the group moves only its own conversations). Bounded load
+keeps hashing's chance imbalance (and a few heavy keys) off any one backend: a backend offered
+more than LOAD_FACTOR times its fair share of recent calls passes the excess on, always the same
+conversations, each to the next backend of its own order, where it settles.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from lb.config import Backend
 HEAD_BYTES = 4096  # of the messages before the first user message, and of that message, hashed
 SCAN_BYTES = 256 * 1024  # where keys and the first user message are looked for (head, and tail for keys)
 KEY_BYTES = 256  # of a prompt_cache_key / user value
-LOAD_FACTOR = 1.1  # a backend above this multiple of its fair share of recent calls passes a conversation on
-LOAD_SLACK = 10.0  # recent calls over the cap tolerated: a lone busy conversation in a quiet pool is no overload
+LOAD_FACTOR = 1.05  # a backend wanted beyond this multiple of its fair share of recent calls sheds the excess
+LOAD_MIN_CALLS = 30.0  # fewer recent calls than this: shares are chance, nobody moves
 LOAD_HALF_LIFE_SECONDS = 30.0  # "recent calls": each counts half after this long
+_SHED_SALT = 0x5BD1E9955BD1E995
 
 _MASK = (1 << 64) - 1
 _DECODER = json.JSONDecoder()
@@ -199,27 +200,54 @@ class RecentLoad:
 
 @dataclass
 class Affinity:
-    """Picks within a priority group by conversation: its own order, skipping backends over their share."""
+    """Picks within a priority group by conversation: its own order, each backend shedding what exceeds its share.
 
-    load: RecentLoad = field(default_factory=RecentLoad)
+    Bounded load on what backends are *offered*, not on where calls went: each backend counts the
+    recent calls that reached it in their conversation's order (as first choice, or passed on by
+    a busier one). One offered more than `factor` times its fair share of recent calls passes the
+    excess on, as a fixed set of conversations (those whose own draw for it is lowest), each to
+    the next backend of its order. Moving the same conversations every time, not a share of every
+    conversation's calls, is what lets a moved conversation settle (and be cached) where it went;
+    counting offers, not outcomes, keeps that set still while the moves even out the load.
+    """
+
+    offered: RecentLoad = field(default_factory=RecentLoad)  # per backend: calls that reached it in order
+    calls: RecentLoad = field(default_factory=RecentLoad)  # per deployment: calls picked (backend "")
     factor: float = LOAD_FACTOR
-    slack: float = LOAD_SLACK
+    min_calls: float = LOAD_MIN_CALLS
 
     def choose(
-        self, key: int, deployment: str, members: Sequence[Backend], fair: Sequence[float], now: float
+        self,
+        key: int,
+        deployment: str,
+        members: Sequence[Backend],
+        fair: Sequence[float],
+        now: float,
+        charge: bool = True,
     ) -> Backend:
-        """The first backend in `key`'s order whose recent calls, with this one, stay within its cap.
+        """The first backend in `key`'s order that keeps this conversation.
 
         `fair` are the weights a fair share is measured by (the policy's weights: configured, or
-        times the quota left under `headroom`), so a backend short of quota passes conversations
-        on sooner.
+        times the quota left under `headroom`), so a backend short of quota sheds sooner.
         """
-        loads = [self.load.get(b.name, deployment, now) for b in members]
-        total = sum(loads) + 1.0
-        weight = sum(fair)
         order = rank(key, members)
-        if weight > 0:
-            for i in order:
-                if loads[i] + 1.0 <= self.factor * total * fair[i] / weight + self.slack:
-                    return members[i]
-        return members[order[0]]  # every one over (cannot happen with factor >= 1): the conversation's own
+        total, weight = self.calls.get("", deployment, now), sum(fair)
+        if charge:
+            self.calls.add("", deployment, now)
+        balance = total >= self.min_calls and weight > 0  # else shares are chance: nobody moves
+        for i in order:
+            backend = members[i]
+            offers = self.offered.get(backend.name, deployment, now)
+            if charge:
+                self.offered.add(backend.name, deployment, now)
+            if not balance or i == order[-1]:
+                return backend
+            cap = self.factor * total * fair[i] / weight
+            if offers <= cap or _draw(key, backend) >= 1.0 - cap / offers:
+                return backend
+        raise AssertionError("unreachable: the last backend in order always keeps the conversation")
+
+
+def _draw(key: int, backend: Backend) -> float:
+    """The conversation's own uniform number for `backend`, independent of its rank there."""
+    return (_mix(key ^ _seed(backend.name) ^ _SHED_SALT) >> 11) * 2.0**-53

@@ -131,14 +131,11 @@ class Balancer:
         if len(group.members) == 1:
             chosen = group.members[0]
         elif self.affinity is not None and (conversation := demand.key) is not None:
-            chosen = self.affinity.choose(conversation, key, group.members, group.weights, now)
+            chosen = self.affinity.choose(conversation, key, group.members, group.weights, now, charge)
         else:
             chosen = self._weighted(group.members, group.weights)
-        if charge:
-            if self._by_headroom:
-                self.headroom.charge(chosen.name, key, demand.tokens)
-            if self.affinity is not None:
-                self.affinity.load.add(chosen.name, key, now)
+        if self._by_headroom and charge:
+            self.headroom.charge(chosen.name, key, demand.tokens)
         return chosen
 
     def _weighted(self, group: list[Backend], weights: list[float]) -> Backend:

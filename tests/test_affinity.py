@@ -144,28 +144,48 @@ def test_a_cooling_backend_passes_the_conversation_to_its_next_and_gets_it_back(
     assert lb.pick("chat", NOW + 11, need=demand).name == order[0]
 
 
-def test_an_overloaded_backend_passes_new_calls_on_in_the_conversations_own_order():
-    affinity = Affinity(load=RecentLoad(half_life=60.0))
+def crowd(affinity: Affinity, backends: tuple[Backend, ...], first: Backend, calls: int) -> None:
+    """`calls` recent calls whose conversations all want `first`."""
+    for _ in range(calls):
+        affinity.calls.add("", "chat", NOW)
+        affinity.offered.add(first.name, "chat", NOW)
+
+
+def test_an_overloaded_backend_sheds_a_fixed_set_of_its_conversations_to_their_next():
     backends = three()
-    hot = backends[rank(42, backends)[0]]
-    for _ in range(60):
-        affinity.load.add(hot.name, "chat", NOW)
-    second = backends[rank(42, backends)[1]]
-    assert affinity.choose(42, "chat", backends, [1.0, 1.0, 1.0], NOW) is second
-    for other in backends:
-        if other is not hot:
-            for _ in range(60):
-                affinity.load.add(other.name, "chat", NOW)
-    assert affinity.choose(42, "chat", backends, [1.0, 1.0, 1.0], NOW) is hot  # all even again: back home
-
-
-def test_a_lone_conversation_in_a_quiet_pool_is_no_overload():
+    hot = backends[0]
+    keys = [k for k in range(3000) if backends[rank(k, backends)[0]] is hot][:600]
     affinity = Affinity()
+    crowd(affinity, backends, hot, 90)  # all 90 recent calls wanted `hot`: it may keep 1.05 x 30
+    moved = {k for k in keys if affinity.choose(k, "chat", backends, [1.0, 1.0, 1.0], NOW, charge=False) is not hot}
+    assert 0.55 < len(moved) / len(keys) < 0.75  # about 1 - 31.5 / 90 of them
+    for k in moved:  # each to the next in its own order
+        assert (
+            affinity.choose(k, "chat", backends, [1.0, 1.0, 1.0], NOW, charge=False) is backends[rank(k, backends)[1]]
+        )
+    again = {k for k in keys if affinity.choose(k, "chat", backends, [1.0, 1.0, 1.0], NOW, charge=False) is not hot}
+    assert again == moved  # the same ones every time: they settle where they went
+
+
+def test_a_backend_within_its_share_keeps_all_its_conversations():
     backends = three()
-    home = backends[rank(7, backends)[0]]
-    for i in range(10):
-        assert affinity.choose(7, "chat", backends, [1.0, 1.0, 1.0], NOW + i) is home
-        affinity.load.add(home.name, "chat", NOW + i)
+    affinity = Affinity()
+    for b in backends:
+        crowd(affinity, backends, b, 30)
+    keep = [affinity.choose(k, "chat", backends, [1.0, 1.0, 1.0], NOW, charge=False) for k in range(200)]
+    assert keep == [backends[rank(k, backends)[0]] for k in range(200)]
+
+
+def test_a_lone_busy_conversation_only_moves_down_its_own_order_and_settles():
+    lb = balancer(*three())
+    demand = lb.demand(chat("Run the agent loop"))
+    assert demand.key is not None
+    picks = [lb.pick("chat", NOW + i / 10, need=demand).name for i in range(300)]
+    visited = [name for i, name in enumerate(picks) if i == 0 or picks[i - 1] != name]
+    order = [three()[i].name for i in rank(demand.key, three())]
+    assert visited == order[: len(visited)]  # never back to a backend it left
+    assert picks[:30] == [order[0]] * 30  # too few recent calls to call anything an overload
+    assert len(set(picks[-100:])) == 1
 
 
 def test_recent_calls_fade_with_their_half_life():
