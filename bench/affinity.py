@@ -35,10 +35,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # also runnable as `python bench/affinity.py`
 
+from bench import deps  # noqa: E402
 from bench.affinity_load import Turn, conversations, converse, most_cached, throttle_periodically  # noqa: E402
 from bench.affinity_plot import plot, render  # noqa: E402
 from bench.procs import percentile_ms  # noqa: E402
 from bench.throttle_instances import CLIENT_KEY, Instances, proxy_env  # noqa: E402
+from lb.affinity import conversation_key  # noqa: E402
 from lb.sim import Servers, SimBackend  # noqa: E402
 
 BACKENDS = 3
@@ -53,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         args.period, args.spell = 2.0, 0.6
     out = args.out or (OUT.with_suffix(".quick.json") if args.quick else OUT)
     plot_path = "" if args.quick else (args.plot if args.plot is not None else str(PLOT))
+    if plot_path:
+        deps.ensure_matplotlib()  # before the runs, not after them
+    if args.report:
+        return _report(json.loads(Path(out).read_text()), plot_path, out)
     convs = conversations(args.conversations, args.spread, tuple(args.think), args.seed)
     calls = sum(c.turns for c in convs)
     print(
@@ -97,12 +103,17 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
         },
         "wall_seconds": round(time.monotonic() - started, 1),
+        "key_cost_us": key_cost(convs),
         "runs": runs,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=1) + "\n")
-    print("\n" + render(result))
     print(f"\nwrote {out}")
+    return _report(result, plot_path, out)
+
+
+def _report(result: dict[str, Any], plot_path: str, out: Path) -> int:
+    print("\n" + render(result))
     if plot_path:
         plot(result, Path(plot_path))
         print(f"wrote {plot_path}")
@@ -160,6 +171,38 @@ def summarize(turns: list[Turn], sims: list[SimBackend]) -> dict[str, Any]:
     }
 
 
+def key_cost(convs: list) -> dict[str, dict[str, float]]:
+    """Microseconds to find a body's conversation key, next to a full json.loads of it, by body size."""
+    longest = max(convs, key=lambda c: c.turns)
+    huge = {"messages": [{"role": "system", "content": "s" * 20_000_000}, {"role": "user", "content": "q"}]}
+    bodies = {
+        "hello (61 B)": {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16},
+        "first turn": longest.body(0),
+        "tenth turn": longest.body(longest.turns - 1),
+        "20 MB system prompt": huge,
+    }
+    out = {}
+    for name, body in bodies.items():
+        raw = json.dumps(body).encode()
+        repeat = 3 if len(raw) > 1_000_000 else 200
+        out[name] = {
+            "bytes": len(raw),
+            "key_us": round(_best(lambda raw=raw: conversation_key(raw), repeat) * 1e6, 1),
+            "json_loads_us": round(_best(lambda raw=raw: json.loads(raw), repeat) * 1e6, 1),
+        }
+    return out
+
+
+def _best(call: Any, repeat: int) -> float:
+    """The least seconds one call took over `repeat` tries: the cost without the machine's noise."""
+    best = float("inf")
+    for _ in range(repeat):
+        began = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
 def _line(run: dict[str, Any]) -> str:
     load = " ".join(f"{b}:{s:.0%}" for b, s in run["load"].items())
     return (
@@ -191,6 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--period", type=float, default=10.0, help="throttling: seconds between spells")
     parser.add_argument("--spell", type=float, default=3.0, help="throttling: seconds backend 1 answers 429")
     parser.add_argument("--seed", type=int, default=16)
+    parser.add_argument("--report", action="store_true", help="no runs: redraw the tables and plot from --out")
     parser.add_argument("--out", type=Path, default=None, help="default: affinity.json (--quick: .quick.json)")
     parser.add_argument("--plot", default=None, help="PNG to write, '' for none (default: docs/affinity.png)")
     return parser

@@ -87,6 +87,11 @@ def render(result: dict[str, Any]) -> str:
         "p99 ms",
     ]
     p = result["params"]
+    cost = result.get("key_cost_us", {})
+    cost_table = markdown_table(
+        ["body", "bytes", "conversation key, us", "json.loads, us"],
+        [[name, c["bytes"], c["key_us"], c["json_loads_us"]] for name, c in cost.items()],
+    )
     out = [
         f"Prompt-cache affinity ({result['date']}, commit {result.get('commit') or '?'}, "
         f"{result['machine']['cpus']} CPUs): {p['conversations']} conversations, {p['calls']} calls, "
@@ -98,6 +103,7 @@ def render(result: dict[str, Any]) -> str:
             ["figure", "goal", "measured", ""],
             [[f["figure"], f["goal"], f["measured"], "met" if f["met"] else "MISSED"] for f in figures(result)],
         ),
+        *(["", cost_table] if cost else []),
     ]
     return "\n".join(out)
 
@@ -126,7 +132,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         )
     left.set(ylabel="% of prompt tokens", title="Cached share of prompt tokens")
     left.set_xticks(x, labels, fontsize=8)
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, loc="lower right")
     backends = list(pairs[0][1]["random"]["load"]) if pairs else []
     for offset, routing in enumerate(("random", "affinity")):
         for j, backend in enumerate(backends):
@@ -142,7 +148,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         right.axhline(100 / len(backends), color="black", linewidth=0.8, linestyle="--", label="weighted share")
     right.set(ylabel="% of calls", title="Load per backend (left: random, right: affinity)")
     right.set_xticks(x, labels, fontsize=8)
-    right.legend(fontsize=6, ncol=2)
+    right.legend(fontsize=6, ncol=2, loc="lower center")
     for ax in (left, right):
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -37,6 +37,7 @@ import platform
 import statistics
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -61,15 +62,23 @@ PACINGS = ("quiet", "none", "sleep10")
 class Targets:
     """The backend and the proxies in front of it; `paths[t]` are the pids one call to `t` runs through."""
 
-    def __init__(self, chunks: int, chunk_gap: float, with_peer: bool) -> None:
+    def __init__(
+        self, chunks: int, chunk_gap: float, with_peer: bool, lb_backends: int = 1, compare: str | None = None
+    ) -> None:
+        """`lb_backends`: how many backends lb is configured with (all the one simulated backend, so
+        its pick has a choice to make); `compare`: another checkout whose `lb serve` runs beside ours
+        as target `lb-compare` (e.g. main's code, for a before/after in one run)."""
         self.servers: dict[str, Server] = {}
         try:
             backend_args = ["bench.backend", "--chunks", str(chunks), "--chunk-gap", str(chunk_gap)]
             self.servers["direct"] = backend = Server("backend", backend_args)
-            lb_env = {"BACKEND_1_URL": backend.url, "BACKEND_1_APIKEY": BACKEND_KEY}
-            lb_env |= {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_LOG_LEVEL": "WARNING"}
+            lb_env = {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_LOG_LEVEL": "WARNING"}
+            for i in range(1, lb_backends + 1):
+                lb_env |= {f"BACKEND_{i}_URL": backend.url, f"BACKEND_{i}_APIKEY": BACKEND_KEY}
             self.servers["yardstick"] = Server("yardstick", ["bench.yardstick"], {"YARDSTICK_BACKEND": backend.url})
             self.servers["lb"] = Server("lb", ["lb", "serve"], lb_env)
+            if compare:
+                self.servers["lb-compare"] = Server("lb-compare", ["lb", "serve"], lb_env, root=Path(compare))
             if with_peer:
                 self.servers["litellm"] = peer.start(backend.url, BACKEND_KEY)
         except BaseException:
@@ -228,7 +237,7 @@ def _micro(values: list[float]) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    t = Targets(args.chunks, args.chunk_gap, with_peer=not args.no_peer)
+    t = Targets(args.chunks, args.chunk_gap, not args.no_peer, args.lb_backends, args.compare)
     try:
         seq = sequential(t, args.calls, args.warmup, args.pacing)
         sdk = sdk_sequential(t, args.sdk_calls, 10, args.pacing)
@@ -293,6 +302,8 @@ def parser(prog: str = "python -m bench overhead") -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=2000, help="requests per target at each concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     p.add_argument("--concurrent-streams", type=int, default=256, help="streamed calls per target at each concurrency")
+    p.add_argument("--lb-backends", type=int, default=1, help="backends lb is given (all the one simulated backend)")
+    p.add_argument("--compare", default=None, help="another checkout (e.g. /work/main): its lb serve as lb-compare")
     p.add_argument("--out", default=None, help="default: bench/results/overhead.json (--quick: overhead.quick.json)")
     return p
 

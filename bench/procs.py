@@ -120,20 +120,22 @@ class Server:
         command: list[str] | None = None,
         start_timeout: float = 20.0,
         quiet: bool = False,
+        root: Path = ROOT,
     ) -> None:
         """Runs `python -m <args> --host 127.0.0.1 --port N`, or `command + [--host, --port]` if given.
 
-        `quiet` drops the child's stdout (banners), keeping stderr for its errors.
+        `quiet` drops the child's stdout (banners), keeping stderr for its errors. `root` is the
+        checkout it runs from (another one's code, to compare it with ours in one run).
         """
         self.name = name
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(_LB_PREFIXES)}
         full_env.update(env or {})
-        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             [*(command or [sys.executable, "-m"]), *args, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT,
+            cwd=root,
             env=full_env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL if quiet else None,

@@ -19,10 +19,10 @@ conversations, each to the next backend of its own order, where it settles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -75,7 +75,21 @@ def _array_head(body: bytes, at: int) -> bytes:
         return body[at : at + HEAD_BYTES] if end < len(body) else b""
     start = body.rfind(b"{", at, role)
     start = role if start < 0 else start
-    return body[at : min(start, at + HEAD_BYTES)] + b"\x00" + _value_head(body, start)
+    return body[at : min(start, at + HEAD_BYTES)] + b"\x00" + _message_head(body, start, role)
+
+
+def _message_head(body: bytes, start: int, role: int) -> bytes:
+    """The user message object at `start` (its role key at `role`), cut at HEAD_BYTES.
+
+    Fast path: a string `content` after the role (what the SDKs send) ends at its closing quote,
+    found by byte search. Anything else (content parts, keys in another order) is decoded.
+    """
+    limit = min(len(body), start + HEAD_BYTES)
+    content = _find_key(body, b'"content"', _COLON_STRING, role, limit)
+    if content >= 0 and body.find(b"}", role, content) < 0:  # no other object closed in between: it is ours
+        value = _COLON_STRING.match(body, content + len(b'"content"')).end()  # type: ignore[union-attr]
+        return body[start : _string_end(body, value, limit)]
+    return _value_head(body, start)
 
 
 def _value_head(body: bytes, at: int) -> bytes:
@@ -139,7 +153,9 @@ def _string_end(body: bytes, start: int, limit: int) -> int:
 
 
 def _hash(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+    """64 well-mixed bits of `data`: CRC-32 runs at memory speed, and two conversations sharing a
+    value only share a backend; the length and the mix spread it over the whole word."""
+    return _mix(zlib.crc32(data) | len(data) << 32)
 
 
 # The pick ----------------------------------------------------------------------------------------
@@ -167,7 +183,7 @@ _SEEDS: dict[str, int] = {}
 def _seed(name: str) -> int:
     seed = _SEEDS.get(name)
     if seed is None:
-        seed = _SEEDS[name] = _hash(name.encode())
+        seed = _SEEDS[name] = _mix(zlib.crc32(name.encode()) ^ 0x2545F4914F6CDD1D)
     return seed
 
 

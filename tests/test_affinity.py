@@ -87,11 +87,13 @@ def test_bodies_that_name_no_conversation_have_no_key():
 def test_a_huge_prompt_is_keyed_by_its_head_in_bounded_time():
     big = chat("q" * 20_000_000, user=None)  # ~20 MB, `user` null: no key field
     other = chat("q" * 20_000_000 + "different tail")
-    started = time.perf_counter()
-    key = conversation_key(big)
-    elapsed = time.perf_counter() - started
+    elapsed = []
+    for _ in range(3):  # the best of three: the machine's other work is not the key's cost
+        started = time.perf_counter()
+        key = conversation_key(big)
+        elapsed.append(time.perf_counter() - started)
     assert key is not None and key == conversation_key(other)  # only the head is read
-    assert elapsed < 0.05  # a full json.loads of 20 MB takes about ten times this
+    assert min(elapsed) < 0.02  # a json.loads of these 20 MB takes about 0.1 s
 
 
 def test_the_first_user_message_is_read_only_as_far_as_its_head():

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import API_VERSION, CLIENT_KEY
 from tests.test_cli import run_lb
 
+ON = {"LB_AFFINITY": "on"}
 SYSTEM = "You are the support assistant of Contoso. Answer from the manual below.\n" + "Manual text. " * 500
 
 
@@ -38,7 +39,7 @@ def converse(client, question: str, turns: int) -> list[tuple[str, int, int, str
 
 
 def test_a_conversation_stays_on_one_backend_and_its_cached_tokens_rise(make_pool):
-    pool = make_pool(3)
+    pool = make_pool(3, env=ON)
     turns = converse(pool.azure(), "How do I reset the router?", 5)
     assert len({backend for backend, *_ in turns}) == 1
     cached = [c for _, _, c, _ in turns]
@@ -47,14 +48,14 @@ def test_a_conversation_stays_on_one_backend_and_its_cached_tokens_rise(make_poo
 
 
 def test_conversations_spread_over_the_backends(make_pool):
-    pool = make_pool(3)
+    pool = make_pool(3, env=ON)
     client = pool.azure()
     homes = Counter(converse(client, f"Question number {i}", 1)[0][0] for i in range(30))
     assert set(homes) == {"1", "2", "3"}
 
 
 def test_a_throttled_home_fails_over_at_once_and_the_conversation_settles_on_the_next(make_pool):
-    pool = make_pool(3)
+    pool = make_pool(3, env=ON)
     client = pool.azure()
     home = converse(client, "Where is my order?", 1)[0][0]
     pool.backends[int(home) - 1].throttle_next = 1
@@ -66,7 +67,7 @@ def test_a_throttled_home_fails_over_at_once_and_the_conversation_settles_on_the
 
 
 def test_responses_api_conversations_keep_their_backend(make_pool):
-    pool = make_pool(3)
+    pool = make_pool(3, env=ON)
     client = pool.v1()
     items: list[dict] = [{"role": "user", "content": "Plan a trip to Lisbon"}]
     backends, cached = set(), []
@@ -83,7 +84,7 @@ def test_responses_api_conversations_keep_their_backend(make_pool):
 
 
 def test_prompt_cache_key_keeps_different_prompts_together(make_pool):
-    pool = make_pool(3)
+    pool = make_pool(3, env=ON)
     client = pool.azure()
     served = {
         client.chat.completions.with_raw_response.create(
@@ -95,7 +96,7 @@ def test_prompt_cache_key_keeps_different_prompts_together(make_pool):
 
 
 def test_a_body_that_is_not_json_is_routed_as_before_by_weight(make_pool):
-    pool = make_pool(3)
+    pool = make_pool(3, env=ON)
     url = f"{pool.url}/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
     headers = {"api-key": CLIENT_KEY, "content-type": "text/plain"}
     served = Counter(httpx.post(url, content=b"not json", headers=headers).headers["x-lb-backend"] for _ in range(30))
