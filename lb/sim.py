@@ -1,11 +1,15 @@
 """A simulated Azure OpenAI endpoint, for the demo, the end-to-end tests and the benchmarks.
 
 It answers the routes the openai SDK calls (both URL shapes) with Azure OpenAI's bodies and
-headers, streams chat completions as SSE, checks the `api-key` it expects, records what it was
-sent, and can be told to misbehave: a requests- and tokens-per-window quota (429 + Retry-After
-beyond it, with `x-ratelimit-remaining-*` on every answer), forced 429s or 5xx, latency, or never
-answering. Like Azure OpenAI it charges a call's tokens at admission, from the prompt's length
-(4 characters a token) plus `max_tokens`, and sends no limit or reset header on a 200.
+headers: chat completions, embeddings and the Responses API (`POST /openai/v1/responses`), each
+streamed as SSE when asked (the Responses API with the full event sequence, `response.created` to
+`response.completed`, that the SDK's `responses.stream` helper checks). It checks the `api-key` it
+expects, records what it was sent, and can be told to misbehave: a requests- and tokens-per-window
+quota (429 + Retry-After beyond it, with `x-ratelimit-remaining-*` on every answer), forced 429s
+or 5xx, latency, or never answering. Like Azure OpenAI it charges a call's tokens at admission,
+from the prompt's length (4 characters a token) plus `max_tokens` (or `max_output_tokens`), and
+sends no limit or reset header on a 200. The Responses API's `usage.input_tokens` uses the same
+4-characters rule.
 It is a bare ASGI app so it costs little CPU next to the proxy being measured.
 """
 
@@ -108,7 +112,7 @@ class SimBackend:
         """Tokens taken at admission: prompt characters / 4 plus max_tokens, as Azure OpenAI estimates."""
         if not isinstance(payload, dict):
             return self.tokens_per_request
-        limit = payload.get("max_completion_tokens", payload.get("max_tokens"))
+        limit = payload.get("max_completion_tokens", payload.get("max_tokens", payload.get("max_output_tokens")))
         completion = limit if isinstance(limit, int) else self.tokens_per_request
         return math.ceil(_prompt_chars(payload) / 4) + completion
 
@@ -151,10 +155,16 @@ class SimBackend:
             (b"x-ratelimit-remaining-tokens", str(tokens_left).encode()),
             (b"apim-request-id", str(uuid.uuid4()).encode()),
         ]
+        stream = isinstance(payload, dict) and payload.get("stream") is True
         if "embeddings" in path:
             return await self._json(send, 200, _embedding(deployment), rate)
-        if isinstance(payload, dict) and payload.get("stream"):
-            return await self._stream(receive, send, deployment, rate)
+        if path.rstrip("/").endswith("/responses"):
+            response, pieces = _response(self.name, deployment, payload, self.chunks)
+            if stream:
+                return await self._stream(receive, send, rate, _response_events(response, pieces))
+            return await self._json(send, 200, response, rate)
+        if stream:
+            return await self._stream(receive, send, rate, self._chat_events(deployment))
         return await self._json(send, 200, _completion(self.name, deployment), rate)
 
     async def _json(self, send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] = ()) -> None:
@@ -178,22 +188,20 @@ class SimBackend:
         ]
         await self._json(send, 429, {"error": {"code": "429", "message": message}}, headers)
 
-    async def _stream(
-        self, receive: Receive, send: Send, deployment: str | None, rate: list[tuple[bytes, bytes]]
-    ) -> None:
+    async def _stream(self, receive: Receive, send: Send, rate: list[tuple[bytes, bytes]], events: list[bytes]) -> None:
         gone = asyncio.ensure_future(receive())  # the next message can only be http.disconnect
         try:
-            await self._send_chunks(send, deployment, rate, gone)
+            await self._send_events(send, rate, events, gone)
         finally:
             gone.cancel()
 
-    async def _send_chunks(
-        self, send: Send, deployment: str | None, rate: list[tuple[bytes, bytes]], gone: asyncio.Future
+    async def _send_events(
+        self, send: Send, rate: list[tuple[bytes, bytes]], events: list[bytes], gone: asyncio.Future
     ) -> None:
+        """Send SSE events, `chunk_gap` apart; `break_stream_after` drops the connection after that many."""
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"), *rate]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
-        for i in range(self.chunks):
+        for i, event in enumerate(events):
             if self.break_stream_after is not None and i >= self.break_stream_after:
                 raise ConnectionAbortedError("simulated mid-stream failure")  # uvicorn drops the connection
             if i and self.chunk_gap:
@@ -201,13 +209,16 @@ class SimBackend:
             if gone.done():
                 self.disconnects += 1
                 return
-            chunk = _chunk(cid, deployment, f"{self.name if i == 0 else ''} tok{i}", None)
-            await send({"type": "http.response.body", "body": _sse(chunk), "more_body": True})
-        await send(
-            {"type": "http.response.body", "body": _sse(_chunk(cid, deployment, None, "stop")), "more_body": True}
-        )
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            await send({"type": "http.response.body", "body": event, "more_body": i < len(events) - 1})
         self.answered[200] = self.answered.get(200, 0) + 1
+
+    def _chat_events(self, deployment: str | None) -> list[bytes]:
+        """`chunks` content chunks, then the finish chunk and `[DONE]`, as Azure OpenAI streams a chat."""
+        cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+        events = [
+            _sse(_chunk(cid, deployment, f"{self.name if i == 0 else ''} tok{i}", None)) for i in range(self.chunks)
+        ]
+        return [*events, _sse(_chunk(cid, deployment, None, "stop")), b"data: [DONE]\n\n"]
 
 
 def _json(body: bytes) -> Any:
@@ -218,11 +229,20 @@ def _json(body: bytes) -> Any:
 
 
 def _prompt_chars(payload: dict[str, Any]) -> int:
-    messages = payload.get("messages")
+    """Characters of prompt text: chat `messages`, or the Responses API's `instructions` and `input`."""
+    instructions = payload.get("instructions")
+    chars = len(instructions) if isinstance(instructions, str) else 0
+    messages = payload.get("messages", payload.get("input"))
+    if isinstance(messages, str):
+        return chars + len(messages)
     if isinstance(messages, list):
-        return sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str))
-    text = payload.get("input")
-    return len(text) if isinstance(text, str) else 0
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                chars += len(content)
+            elif isinstance(content, list):  # content parts: {"type": "input_text", "text": ...}
+                chars += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return chars
 
 
 def _deployment(path: str, payload: Any) -> str | None:
@@ -262,6 +282,71 @@ def _chunk(cid: str, deployment: str | None, content: str | None, finish: str | 
         "model": deployment or "gpt-4o-mini",
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
+
+
+def _response(backend: str, deployment: str | None, payload: Any, words: int) -> tuple[dict[str, Any], list[str]]:
+    """A completed Responses API object (one assistant message) and its text as `words` stream deltas."""
+    request = payload if isinstance(payload, dict) else {}
+    pieces = [f"{backend if i == 0 else ''} tok{i}" for i in range(max(1, words))]
+    text = "".join(pieces)
+    input_tokens = max(1, math.ceil(_prompt_chars(request) / 4))
+    message = {
+        "id": f"msg_{uuid.uuid4().hex}",
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
+    response = {
+        "id": f"resp_{uuid.uuid4().hex}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed",
+        "model": deployment or "gpt-5.4-mini",
+        "instructions": request.get("instructions"),
+        "previous_response_id": request.get("previous_response_id"),
+        "store": request.get("store", True),
+        "output": [message],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "text": {"format": {"type": "text"}},
+        "error": None,
+        "incomplete_details": None,
+        "usage": {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": len(pieces) * 2,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + len(pieces) * 2,
+        },
+    }
+    return response, pieces
+
+
+def _response_events(response: dict[str, Any], pieces: list[str]) -> list[bytes]:
+    """The Responses API's SSE sequence for one text message, each event with its sequence_number."""
+    message = response["output"][0]
+    part = message["content"][0]
+    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    item_ref = {"item_id": message["id"], "output_index": 0}
+    part_ref = {**item_ref, "content_index": 0}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": started},
+        {"type": "response.in_progress", "response": started},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**message, "status": "in_progress", "content": []},
+        },
+        {"type": "response.content_part.added", **part_ref, "part": {**part, "text": ""}},
+        *({"type": "response.output_text.delta", **part_ref, "delta": p, "logprobs": []} for p in pieces),
+        {"type": "response.output_text.done", **part_ref, "text": part["text"], "logprobs": []},
+        {"type": "response.content_part.done", **part_ref, "part": part},
+        {"type": "response.output_item.done", "output_index": 0, "item": message},
+        {"type": "response.completed", "response": response},
+    ]
+    return [f"event: {e['type']}\n".encode() + _sse({**e, "sequence_number": n}) for n, e in enumerate(events)]
 
 
 def _embedding(deployment: str | None) -> dict[str, Any]:

@@ -1,0 +1,64 @@
+"""The simulated backend answers the Responses API as the openai SDK expects it (directly, no proxy)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from lb.sim import Servers, SimBackend
+
+
+@pytest.fixture
+def backend(servers: Servers) -> Iterator[tuple[SimBackend, openai.OpenAI]]:
+    sim = SimBackend("simR", api_key="k", chunks=3)
+    url = servers.start(sim)
+    yield sim, openai.OpenAI(base_url=url + "/openai/v1", api_key="unused", default_headers={"api-key": "k"})
+
+
+def test_responses_create_returns_a_completed_response_with_usage_from_the_prompt(backend) -> None:
+    sim, client = backend
+    response = client.responses.create(model="chat", input="x" * 40, instructions="y" * 8)
+    assert response.id.startswith("resp_")
+    assert response.status == "completed"
+    assert response.model == "chat"
+    assert response.output_text == "simR tok0 tok1 tok2"
+    assert response.usage is not None
+    assert response.usage.input_tokens == 12  # (40 + 8) characters / 4
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    assert sim.calls[-1].deployment == "chat"
+
+
+def test_responses_stream_sends_the_whole_event_sequence_the_sdk_helper_checks(backend) -> None:
+    _, client = backend
+    with client.responses.stream(model="chat", input=[{"role": "user", "content": "hi"}], store=False) as stream:
+        types = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert types[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert types.count("response.output_text.delta") == 3
+    assert types[-1] == "response.completed"
+    assert final.output_text == "simR tok0 tok1 tok2"
+    assert final.usage is not None and final.usage.output_tokens > 0
+
+
+def test_responses_api_is_throttled_by_the_same_quota_as_chat(backend) -> None:
+    sim, client = backend
+    sim.requests_per_window = 1
+    client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.with_options(max_retries=0).responses.create(model="chat", input="hi")
+    assert caught.value.response.headers["retry-after"]
+
+
+def test_a_streamed_chat_still_ends_with_a_finish_chunk_and_done(backend) -> None:
+    _, client = backend
+    chunks = list(
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], stream=True)
+    )
+    assert [c.choices[0].finish_reason for c in chunks] == [None, None, None, "stop"]
