@@ -22,11 +22,12 @@ BENCHMARKS = {
     "affinity": "bench.affinity",  # prompt-cache affinity vs random: cached share, load, success (issue 16)
     "table": "bench.table_overhead",  # happy path: in-memory vs Table state, side by side
     "load": "bench.load",  # sustained load (60 s)
+    "concurrency": "bench.concurrency",  # long streams held at once by one lb process: sets perInstanceConcurrency
     "pacing": "bench.pacing",  # why sequential calls wait for a quiet path (evidence, not in `all`)
     "peer": "bench.peer",  # only builds LiteLLM's venv and prints its version
     "report": "bench.docs",  # docs/benchmarks.md + PNG plots from bench/results/*.json
 }
-QUICK = {"overhead", "memory", "profile", "throttle", "affinity"}  # the ones that take --quick
+QUICK = {"overhead", "memory", "profile", "throttle", "concurrency", "affinity"}  # the ones that take --quick
 NOT_IN_ALL = {"peer", "pacing"}  # `overhead` builds the venv anyway; pacing is a one-off check
 SKIPPED_BY = {"load": ("--no-load", "--quick")}  # any of these flags skips it
 
