@@ -237,3 +237,51 @@ def test_store_false_chat_and_embeddings_record_nothing(pool):
     client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
     client.embeddings.create(model="embedding", input="hi")
     assert pool.proxy.objects.records.counts() == {} and not pool.proxy.objects.counters
+
+
+def _relayed(generator) -> list[bytes]:
+    import asyncio
+
+    async def collect() -> list[bytes]:
+        return [chunk async for chunk in generator]
+
+    return asyncio.run(collect())
+
+
+def _source(*chunks: bytes):
+    async def gen():
+        for chunk in chunks:
+            yield chunk
+
+    return gen()
+
+
+def test_the_first_event_is_read_across_chunks_and_every_byte_relayed_unchanged():
+    from lb.objects.watch import _first_event
+
+    seen: list[str] = []
+
+    async def on_id(object_id: str) -> None:
+        seen.append(object_id)
+
+    event = b'event: response.created\ndata: {"type": "response.created", "response": {"id": "resp_9"}}\n\n'
+    chunks = (event[:20], event[20:] + b"event: response.in_progress\n", b"data: {}\n\n", b"data: [DONE]\n\n")
+    assert b"".join(_relayed(_first_event(_source(*chunks), on_id))) == b"".join(chunks)
+    assert seen == ["resp_9"]
+
+
+def test_a_gzip_json_answer_yields_its_id_and_a_batch_its_output_file():
+    import gzip
+
+    from lb.objects.watch import _whole_json
+
+    seen: list[str] = []
+
+    async def on_id(object_id: str) -> None:
+        seen.append(object_id)
+
+    body = gzip.compress(json.dumps({"object": "batch", "id": "batch_1", "output_file_id": "file-2"}).encode())
+    assert b"".join(_relayed(_whole_json(_source(body[:10], body[10:]), on_id, "gzip"))) == body
+    assert seen == ["batch_1", "file-2"]
+    seen.clear()
+    assert _relayed(_whole_json(_source(b"not json"), on_id, "identity")) == [b"not json"] and seen == []
