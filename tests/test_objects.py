@@ -285,3 +285,12 @@ def test_a_gzip_json_answer_yields_its_id_and_a_batch_its_output_file():
     assert seen == ["batch_1", "file-2"]
     seen.clear()
     assert _relayed(_whole_json(_source(b"not json"), on_id, "identity")) == [b"not json"] and seen == []
+
+
+def test_the_azure_client_shape_is_routed_the_same(pool):
+    client = pool.azure("key-a")  # /openai/responses?api-version=... and /openai/files?api-version=...
+    previous = client.responses.create(model="chat", input="turn 0").id
+    for turn in range(1, 4):
+        previous = client.responses.create(model="chat", input=f"turn {turn}", previous_response_id=previous).id
+    assert client.responses.retrieve(previous).previous_response_id is not None
+    assert pool.proxy.objects.counters["pinned"] == 4 and pool.proxy.objects.counters["lookups"] == 0

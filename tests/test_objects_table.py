@@ -157,8 +157,19 @@ def test_an_expired_row_is_absent_and_the_sweep_deletes_expired_rows(azurite, ta
             assert (await other.find("resp_new")).backend == "2"
             assert await other.sweep() >= 1
             assert await other.sweep() == 0
+            for odd in ("resp_'x' or 1", "a/b?c#d%e", "x" * 2000, "\u00e9t\u00e9"):  # never an error, never a fault
+                assert await other.find(odd) is None
+            assert other.health()["healthy"] is True
         finally:
             await store.close()
             await other.close()
 
     asyncio.run(run())
+
+
+def test_the_stateful_benchmarks_mix_fails_no_call_through_two_instances(servers, azurite, table):
+    from bench.stateful import run
+
+    _, urls, _ = two_instances(servers, azurite, table)
+    tally = run([v1(url) for url in urls], conversations=4, turns=5)
+    assert sum(tally.calls.values()) >= 50 and sum(tally.failed.values()) == 0, tally.errors
