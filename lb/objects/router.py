@@ -85,7 +85,14 @@ class ObjectRouter:
         return {"records": self.records.counts(), "calls": dict(self.counters), "store": self.records.health()}
 
     async def forward(
-        self, proxy: Proxy, request: Request, info: RequestInfo, tried: list[Attempt], call: ObjectCall, client: Client
+        self,
+        proxy: Proxy,
+        request: Request,
+        info: RequestInfo,
+        tried: list[Attempt],
+        call: ObjectCall,
+        client: Client,
+        deadline: float,
     ) -> Response:
         holder: Backend | None = None
         unknown: list[ObjectId] = []
@@ -100,11 +107,11 @@ class ObjectRouter:
             holder = holder or self.backends[record.backend]
         if holder is not None:
             self._count(proxy, "pinned")
-            return await self._pinned(proxy, request, info, tried, call, client, holder)
+            return await self._pinned(proxy, request, info, tried, call, client, holder, deadline)
         if unknown:
             self._count(proxy, "lookups")
-            return await self._look_up(proxy, request, info, tried, call, client, unknown)
-        return self._after(await proxy._forward(request, info, tried), call, client)
+            return await self._look_up(proxy, request, info, tried, call, client, unknown, deadline)
+        return self._after(await proxy._forward(request, info, tried, deadline), call, client)
 
     # Holder known -------------------------------------------------------------------------------
     async def _pinned(
@@ -116,17 +123,18 @@ class ObjectRouter:
         call: ObjectCall,
         client: Client,
         holder: Backend,
+        deadline: float,
     ) -> Response:
         now = time.time()
         until = proxy.store.cooling_until(holder.name, info.deployment or ANY_DEPLOYMENT, now)
         if until > now:
             return HolderThrottled(until - now).response({"x-lb-attempts": "0", "x-lb-backend": holder.name})
-        upstream = await self._attempt(proxy, request, info, tried, holder, self.settings.timeout_seconds)
+        upstream = await self._attempt(proxy, request, info, tried, holder, deadline, alone=True)
         if isinstance(upstream, Response):
-            return upstream  # connect error / timeout: 502 / 504, no other backend can know the object
+            return upstream  # connect error / timeout / refused credential: no other backend can know the object
         if upstream.status_code == 404 and call.path_id is not None:
             self._forget(proxy, call.path_id.value)  # its holder no longer has it (deleted, expired)
-        return self._after(proxy._relay(upstream, holder, info, len(tried)), call, client)
+        return self._after(proxy._relay(request, upstream, holder, info, len(tried)), call, client)
 
     # Id unknown ---------------------------------------------------------------------------------
     async def _look_up(
@@ -138,32 +146,31 @@ class ObjectRouter:
         call: ObjectCall,
         client: Client,
         unknown: list[ObjectId],
+        deadline: float,
     ) -> Response:
         candidates = self._in_turn(info.deployment)
         if not candidates:
-            return await proxy._forward(request, info, tried)  # no backend serves it: the usual 404
-        deadline = time.monotonic() + self.settings.timeout_seconds
-        retry_at = 0.0
-        failure: Response | None = None
-        answer: Response | None = None  # the last "not found", relayed if nobody has the object
+            return await proxy._forward(request, info, tried, deadline)  # no backend serves it: the usual 404
+        retry_at = 0.0  # the soonest a backend that might hold it can be asked again
+        unsure: Response | None = None  # a backend that might hold it could not say (error, 5xx, cooling)
+        answer: Response | None = None  # the last "not found", relayed if every backend said so
+        key = info.deployment or ANY_DEPLOYMENT
         for backend in candidates:
-            remaining = deadline - time.monotonic()
-            if len(tried) >= self.settings.max_attempts or remaining <= 0:
+            if len(tried) >= self.settings.max_attempts or deadline <= time.monotonic():
                 break
-            now = time.time()
-            until = proxy.store.cooling_until(backend.name, info.deployment or ANY_DEPLOYMENT, now)
-            if until > now:  # it may be the holder: remember when it can be asked
-                retry_at = until if not retry_at else min(retry_at, until)
+            until = proxy.store.cooling_until(backend.name, key, time.time())
+            if until:
+                retry_at = min(retry_at or until, until)
                 continue
-            timeout = min(remaining, self.settings.attempt_timeout_seconds)
-            upstream = await self._attempt(proxy, request, info, tried, backend, timeout)
+            upstream = await self._attempt(proxy, request, info, tried, backend, deadline, alone=False)
             if isinstance(upstream, Response):
-                failure = upstream
+                unsure = upstream
                 continue
             if upstream.status_code in RETRYABLE_STATUS:
-                until = proxy.store.cooling_until(backend.name, info.deployment or ANY_DEPLOYMENT, time.time())
-                retry_at = until if not retry_at else min(retry_at, until or retry_at)
-                await _discard(upstream)
+                until = proxy.store.cooling_until(backend.name, key, time.time())
+                retry_at = min(retry_at or until, until) if until else retry_at
+                raw = await _read_raw(upstream)
+                unsure = _buffered(upstream, raw, backend, len(tried))
                 continue
             if upstream.status_code in (400, 404):
                 raw = await _read_raw(upstream)
@@ -175,14 +182,17 @@ class ObjectRouter:
                 self._count(proxy, "found")
                 for object_id in unknown:  # its creator is unknown: any client of the pool may use it
                     await self._remember(proxy, object_id.value, object_id.kind, backend, "")
-            return self._after(proxy._relay(upstream, backend, info, len(tried)), call, client)
-        if retry_at or failure is not None:
-            if retry_at:
-                return HolderThrottled(retry_at - time.time()).response({"x-lb-attempts": str(len(tried))})
-            return failure  # type: ignore[return-value]
+            return self._after(proxy._relay(request, upstream, backend, info, len(tried)), call, client)
+        # Nobody said it is there. A "not found" is the answer only if no backend that might hold it
+        # was left unheard: otherwise the client retries (429) or sees that backend's failure.
+        attempts = {"x-lb-attempts": str(len(tried))}
+        if retry_at:
+            return HolderThrottled(retry_at - time.time()).response(attempts)
+        if unsure is not None:
+            return unsure
         if answer is not None:
             return answer
-        return HolderThrottled(self.settings.default_cooldown_seconds).response({"x-lb-attempts": str(len(tried))})
+        return HolderThrottled(self.settings.default_cooldown_seconds).response(attempts)
 
     def _in_turn(self, deployment: str | None) -> list[Backend]:
         """Backends serving the deployment, best priority first, random inside a priority group."""
@@ -198,25 +208,39 @@ class ObjectRouter:
         info: RequestInfo,
         tried: list[Attempt],
         backend: Backend,
-        timeout: float,
+        deadline: float,
+        alone: bool,
     ) -> httpx.Response | Response:
-        """Send to `backend`; a 429 / 5xx / error cools it as the failover loop would. An error is
-        returned as the proxy's own 502 / 504 answer."""
-        from lb.proxy import Attempt
+        """Send to `backend`, cooling it on what the failover loop cools on (a 429 or a 503 with a
+        retry hint, an unreachable backend, a refused credential). An error, or a backend refusing
+        our credential, comes back as the proxy's own answer (502 / 504). `alone`: no other backend
+        could answer instead, so a long generation is never cut by the attempt timeout."""
+        from lb.proxy import AUTH_REFUSED, Attempt, _retry_hint
 
         settings = self.settings
         attempt = Attempt(backend.name, time.time(), time.perf_counter())
         tried.append(attempt)
         forwarded = headers.forwarded(request, logctx.current_request_id.get())
+        remaining = max(0.001, deadline - time.monotonic())
+        connect = first_byte = None
+        if not alone and remaining > settings.attempt_timeout_seconds:
+            connect = settings.attempt_timeout_seconds
+            if info.stream or not info.body:
+                first_byte = settings.attempt_timeout_seconds
         try:
-            upstream = await proxy._send(backend, request.method, info, forwarded, timeout)
+            upstream = await proxy._send(backend, request.method, info, forwarded, remaining, connect, first_byte)
         except Exception as exc:
-            seconds = proxy._cool(backend, info.deployment, settings.default_cooldown_seconds, type(exc).__name__)
+            seconds = None
+            if isinstance(exc, httpx.ConnectError):
+                seconds = proxy._cool(backend, info.deployment, settings.default_cooldown_seconds, type(exc).__name__)
             proxy._attempted(attempt, info, f"error {type(exc).__name__}", seconds)
             return errors.upstream_error(exc, backend.name).response({"x-lb-attempts": str(len(tried))})
         status = upstream.status_code
+        if status in AUTH_REFUSED:  # our credential, not the client's: never relayed as the client's 401
+            proxy._attempted(attempt, info, status, await proxy._refused(backend, info, upstream))
+            return errors.BackendAuthFailed(info.deployment).response({"x-lb-attempts": str(len(tried))})
         cooled = None
-        if status in RETRYABLE_STATUS:
+        if status == 429 or (status == 503 and _retry_hint(upstream.headers)):
             seconds, source = throttle.cooldown_seconds(
                 upstream.headers,
                 default=settings.default_cooldown_seconds,
@@ -306,7 +330,3 @@ def _buffered(upstream: httpx.Response, raw: bytes, backend: Backend, attempts: 
     if upstream.headers.get("content-encoding"):
         response.raw_headers.append((b"content-encoding", upstream.headers["content-encoding"].encode()))
     return response
-
-
-async def _discard(upstream: httpx.Response) -> None:
-    await _read_raw(upstream)
