@@ -11,11 +11,14 @@ stateless path pays one attribute read.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import quote
 
 from lb.config import Backend
 from lb.requestinfo import RequestInfo
+
+PARSE_LIMIT_BYTES = 64 * 1024  # above this a body's model is replaced in place, not by a parse
 
 
 def upstream_call(backend: Backend, info: RequestInfo) -> tuple[str, bytes]:
@@ -31,11 +34,19 @@ def upstream_call(backend: Backend, info: RequestInfo) -> tuple[str, bytes]:
     if len(segments) > 3 and segments[2] == "deployments":
         segments[3] = quote(name, safe="")
         return "/".join(segments) + sep + query, info.body
-    return info.raw_path, _with_model(info.body, name)
+    return info.raw_path, _with_model(info.body, deployment, name)
 
 
-def _with_model(body: bytes, name: str) -> bytes:
-    """The JSON body with `model` replaced; anything else (not JSON, no `model`) is sent as it came."""
+def _with_model(body: bytes, deployment: str, name: str) -> bytes:
+    """The JSON body with `model` replaced; anything else (not JSON, no `model`) is sent as it came.
+
+    A large body is not parsed on the event loop (see `lb.bodyscan`): when `"model": "<deployment>"`
+    occurs exactly once, that value is replaced in place; only otherwise is the body parsed."""
+    if len(body) > PARSE_LIMIT_BYTES:
+        pattern = re.compile(rb'("model"\s*:\s*")' + re.escape(json.dumps(deployment)[1:-1].encode()) + rb'"')
+        matches = pattern.findall(body, 0, len(body))
+        if len(matches) == 1:
+            return pattern.sub(lambda m: m.group(1) + name.encode() + b'"', body, count=1)
     try:
         payload: Any = json.loads(body)
     except ValueError:

@@ -34,6 +34,14 @@ def test_the_v1_body_model_is_renamed_and_everything_else_kept():
     assert path == "/openai/v1/responses" and json.loads(body) == {**original, "model": "gpt-4o"}
 
 
+def test_a_large_v1_body_gets_its_model_replaced_in_place():
+    backend = Backend("a", "https://a", deployments={"chat": "gpt4o-eastus"})
+    big = {"model": "chat", "input": "x" * 100_000, "tools": [{"model": "other"}]}
+    body = json.dumps(big).encode()
+    _, sent = upstream_call(backend, RequestInfo("/openai/v1/responses", "chat", body))
+    assert json.loads(sent) == {**big, "model": "gpt4o-eastus"} and len(sent) == len(body) + len("gpt4o-eastus") - 4
+
+
 def _names(backend) -> list[str | None]:
     return [c.deployment for c in backend.calls]
 

@@ -59,6 +59,8 @@ def test_ids_are_found_in_the_path_and_the_body():
     assert call.creates
     assert not classify("POST", "/openai/v1/responses", b'{"store": false, "input": "x"}', "application/json").creates
     assert classify("POST", "/openai/v1/responses", b"previous_response_id: not json", "application/json").ids == ()
+    mention = json.dumps({"input": 'say {"file_id": "file-9", "previous_response_id": "resp_9"}'}).encode()
+    assert classify("POST", "/openai/v1/responses", mention, "application/json").ids == ()  # text, not fields
     run = classify("POST", "/openai/threads/thread_1/runs?api-version=1", b'{"assistant_id": "asst_2"}', None)
     assert [i.value for i in run.ids] == ["thread_1", "asst_2"] and run.creates
     job = classify("GET", "/openai/v1/fine_tuning/jobs/ftjob-9", b"", None)

@@ -9,10 +9,8 @@ route that contains one of the field names below.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import unquote
 
 # Id prefixes Azure OpenAI hands out, and the kind of object each names.
@@ -52,7 +50,19 @@ BODY_FIELDS = {
 }
 _MARKERS = (b"previous_response_id", b'"conversation"', b"file_id", b"vector_store_ids", b"assistant_id", b"thread_id")
 _STORE_FALSE = re.compile(rb'"store"\s*:\s*false')
-MAX_DEPTH = 32
+_FIELDS = b"|".join(k.encode() for k in BODY_FIELDS)
+_VALUE = rb'"([^"\\\x00-\x1f]{1,256})"'
+# "field": "id" | "conversation": {"id": "conv_..."} | "field": ["id", ...]
+_ID_FIELD = re.compile(
+    rb'"('
+    + _FIELDS
+    + rb')"\s*:\s*(?:'
+    + _VALUE
+    + rb'|\{\s*"id"\s*:\s*'
+    + _VALUE
+    + rb'|\[((?:\s*"[^"\\\x00-\x1f]{1,256}"\s*,?){1,64})\s*\])'
+)
+_STRING = re.compile(_VALUE)
 
 
 @dataclass(frozen=True)
@@ -114,42 +124,24 @@ def _path_ids(collection: str, rest: list[str]) -> list[ObjectId]:
 
 
 def _body_ids(body: bytes) -> list[ObjectId]:
+    """Ids in the body's id fields, at any depth, found by a byte search (C, no objects built): a
+    large body is never parsed on the event loop for them. A field name inside a string value has
+    its quotes escaped, so text that merely mentions one is not taken for it."""
     if not any(marker in body for marker in _MARKERS):
         return []
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        return []  # not JSON: forwarded untouched, for the backend to answer
     found: list[ObjectId] = []
-    _walk(payload, found, 0)
+    for match in _ID_FIELD.finditer(body):
+        key = match.group(1).decode()
+        if match.group(2) is not None:
+            values = [match.group(2)]
+        elif match.group(3) is not None:
+            values = [match.group(3)]
+        else:
+            values = _STRING.findall(match.group(4))
+        for raw in values:
+            value = raw.decode("utf-8", "replace")
+            found.append(ObjectId(value, kind_of(value, BODY_FIELDS[key]), key))
     return found
-
-
-def _walk(node: Any, found: list[ObjectId], depth: int) -> None:
-    if depth > MAX_DEPTH:
-        return
-    if isinstance(node, dict):
-        for key, value in node.items():
-            kind = BODY_FIELDS.get(key)
-            if kind is not None:
-                for value_id in _strings(value):
-                    found.append(ObjectId(value_id, kind_of(value_id, kind), key))
-            elif isinstance(value, dict | list):
-                _walk(value, found, depth + 1)
-    elif isinstance(node, list):
-        for item in node:
-            if isinstance(item, dict | list):
-                _walk(item, found, depth + 1)
-
-
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value] if value else []
-    if isinstance(value, dict) and isinstance(value.get("id"), str):  # "conversation": {"id": "conv_..."}
-        return [value["id"]]
-    if isinstance(value, list):
-        return [v for v in value if isinstance(v, str) and v]
-    return []
 
 
 def _no_store(body: bytes) -> bool:
