@@ -25,10 +25,11 @@ BENCHMARKS = {
     "concurrency": "bench.concurrency",  # long streams held at once by one lb process: sets perInstanceConcurrency
     "pacing": "bench.pacing",  # why sequential calls wait for a quiet path (evidence, not in `all`)
     "peer": "bench.peer",  # only builds LiteLLM's venv and prints its version
+    "stateful": "bench.stateful",  # stored responses, files, batches over 3 backends and 2 instances
     "report": "bench.docs",  # docs/benchmarks.md + PNG plots from bench/results/*.json
 }
 QUICK = {"overhead", "memory", "profile", "throttle", "concurrency", "affinity"}  # the ones that take --quick
-NOT_IN_ALL = {"peer", "pacing"}  # `overhead` builds the venv anyway; pacing is a one-off check
+NOT_IN_ALL = {"peer", "pacing", "stateful"}  # `overhead` builds the venv anyway; pacing is a one-off check
 SKIPPED_BY = {"load": ("--no-load", "--quick")}  # any of these flags skips it
 
 

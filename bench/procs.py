@@ -108,6 +108,15 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def lb_command(checkout: str | None) -> list[str] | None:
+    """`python -m lb` run from another checkout (e.g. main, to compare), for `Server(command=...)`: its
+    args then start at `serve`. None: this checkout's, the default."""
+    if checkout is None:
+        return None
+    boot = f"import sys; sys.path.insert(0, {checkout!r}); from lb.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", boot]
+
+
 class Server:
     """One child process serving HTTP on 127.0.0.1:`port`; stopped by `stop()` or the context exit."""
 
@@ -120,22 +129,20 @@ class Server:
         command: list[str] | None = None,
         start_timeout: float = 20.0,
         quiet: bool = False,
-        root: Path = ROOT,
     ) -> None:
         """Runs `python -m <args> --host 127.0.0.1 --port N`, or `command + [--host, --port]` if given.
 
-        `quiet` drops the child's stdout (banners), keeping stderr for its errors. `root` is the
-        checkout it runs from (another one's code, to compare it with ours in one run).
+        `quiet` drops the child's stdout (banners), keeping stderr for its errors.
         """
         self.name = name
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith(_LB_PREFIXES)}
         full_env.update(env or {})
-        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             [*(command or [sys.executable, "-m"]), *args, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=root,
+            cwd=ROOT,
             env=full_env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL if quiet else None,

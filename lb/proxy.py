@@ -22,11 +22,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from lb import errors, logctx, throttle
-from lb.auth import BackendAuth, ClientAuth
+from lb.auth import BackendAuth, Client, ClientAuth
 from lb.balancer import Balancer, Demand, NoCandidate
 from lb.breaker import AuthFailures, Breaker
 from lb.config import Backend, Settings
+from lb.deployments import upstream_call
 from lb.headers import forwarded as forwarded_headers
+from lb.objects.records import ObjectStore
+from lb.objects.router import ObjectRouter
 from lb.relay import UpstreamResponse
 from lb.requestinfo import RequestInfo, check_headers, read_request
 from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
@@ -54,6 +57,7 @@ class Proxy:
         client: httpx.AsyncClient | None = None,
         backend_auth: BackendAuth | None = None,
         telemetry: Telemetry | None = None,
+        objects: ObjectStore | None = None,
     ) -> None:
         self.settings = settings
         self.store = store or MemoryStore()
@@ -64,6 +68,7 @@ class Proxy:
         self.telemetry = telemetry or Telemetry()
         self.breaker = Breaker(settings.breaker_failures, settings.breaker_window_seconds)
         self.auth_failures = AuthFailures()
+        self.objects = ObjectRouter(objects or ObjectStore(), settings)  # who holds which stored object
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -71,10 +76,12 @@ class Proxy:
         async with self._start_lock:
             if not self._started:
                 await self.store.start()
+                await self.objects.records.start()
                 self._started = True
 
     async def close(self) -> None:
         await self.store.close()
+        await self.objects.records.close()
         await self.client.aclose()
         await self.backend_auth.close()
         self.telemetry.close()
@@ -89,11 +96,15 @@ class Proxy:
             if not self._started:
                 await self.start()
             check_headers(request)
-            await self._authorize(request)
+            client = await self._authorize(request)
             info = await read_request(request, self.settings.max_body_bytes, deadline)
             await self.store.sync()
             attempts: list[Attempt] = []
-            response = await self._forward(request, info, attempts, deadline)
+            call = self.objects.classify(request, info)  # None unless the call can name or create an object
+            if call is None:
+                response = await self._forward(request, info, attempts, deadline)
+            else:
+                response = await self.objects.forward(self, request, info, attempts, call, client, deadline)
             self.telemetry.request(
                 info.deployment, response.status_code, len(attempts), sum(a.status == 429 for a in attempts)
             )
@@ -111,9 +122,9 @@ class Proxy:
             response.headers["x-request-id"] = request_id
         return response
 
-    async def _authorize(self, request: Request) -> None:
+    async def _authorize(self, request: Request) -> Client:
         try:
-            await self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
+            return await self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
         except errors.Unauthorized as exc:
             log.info("client refused: %s", exc.message)  # our own words only, never the credential
             raise
@@ -151,6 +162,7 @@ class Proxy:
                     "weight": b.weight,
                     "auth": "api-key" if b.api_key else "entra-id",
                     "deployments": sorted(b.deployments) if b.deployments is not None else "all",
+                    "deployment_names": b.renamed(),
                     "cooldowns": cooling.get(b.name, []),
                     "auth_failure": self._auth_report(b.name),
                     "headroom": self.balancer.headroom.report(b.name, now),
@@ -158,6 +170,7 @@ class Proxy:
                 for b in self.settings.backends
             ],
             "state": self.store.health(),
+            "objects": self.objects.report(),
             "policy": self.balancer.policy,
             "affinity": "on" if self.balancer.affinity else "off",
             "max_attempts": self.settings.max_attempts,
@@ -389,14 +402,15 @@ class Proxy:
         """One upstream call: `total` bounds all of it, wall-clock (the body's reads too); `connect`
         the pool wait and connect; `first_byte` the wait for the answer's head."""
         auth = await self.backend_auth.headers(backend)
+        path, body = upstream_call(backend, info)  # this backend's deployment name
         connect = total if connect is None else min(connect, total)
         # A bare httpx.Request, not client.build_request(): the client's default headers (its own
         # User-Agent, Accept-Encoding) have no place in a forwarded call, and merging them costs.
         request = httpx.Request(
             method,
-            backend.url + info.raw_path,
+            backend.url + path,
             headers=[*headers, *auth.items()],
-            content=info.body,
+            content=body,
             extensions={
                 "timeout": {"connect": connect, "pool": connect, "read": total, "write": total, "total": total}
             },

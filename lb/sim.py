@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lb.sim_cache import PromptCache, prompt_text, tokens
+from lb.sim_objects import SimObjects
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -70,6 +71,7 @@ class SimBackend:
     prefill_per_1k: float = 0.0  # extra seconds before the answer per 1,000 prompt tokens not cached
     prompt_tokens: int = 0  # totals over the calls it answered 200 (chat and responses)
     cached_tokens: int = 0
+    objects: SimObjects = field(default_factory=SimObjects)  # stored responses, files, batches: this backend's own
     _window_start: float = 0.0
     _window_used: int = 0
     _window_tokens: int = 0
@@ -164,6 +166,10 @@ class SimBackend:
             (b"apim-request-id", str(uuid.uuid4()).encode()),
         ]
         stream = isinstance(payload, dict) and payload.get("stream") is True
+        if (segments := self.objects.handles(path)) is not None:
+            return await self.objects.serve(
+                self, scope["method"], segments, headers, body, payload, rate, receive, send
+            )
         if "embeddings" in path:
             return await self._json(send, 200, _embedding(deployment, payload), rate)
         if path.rstrip("/").endswith("/responses"):
