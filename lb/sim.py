@@ -24,11 +24,16 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from lb.sim_cache import PromptCache, prompt_text, tokens
 from lb.sim_objects import SimObjects
+
+# The prompt-cache hit of the call this task is answering, for the Responses API paths served by
+# lb.sim_objects (their response body is built there, from `_response`).
+_CACHED_TOKENS: ContextVar[int] = ContextVar("cached_tokens", default=0)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -173,7 +178,7 @@ class SimBackend:
         if "embeddings" in path:
             return await self._json(send, 200, _embedding(deployment, payload), rate)
         if path.rstrip("/").endswith("/responses"):
-            response, pieces = _response(self.name, deployment, payload, self.chunks, usage[1])
+            response, pieces = _response(self.name, deployment, payload, self.chunks)
             if stream:
                 return await self._stream(receive, send, rate, _response_events(response, pieces))
             return await self._json(send, 200, response, rate)
@@ -189,6 +194,7 @@ class SimBackend:
         prompt, cached = tokens(text), self.cache.serve(deployment, text, now)
         self.prompt_tokens += prompt
         self.cached_tokens += cached
+        _CACHED_TOKENS.set(cached)  # each ASGI call is its own task: stored-response paths read it there
         return prompt, cached
 
     async def _json(self, send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] = ()) -> None:
@@ -268,7 +274,7 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-def _completion(backend: str, deployment: str | None, prompt: int, cached: int) -> dict[str, Any]:
+def _completion(backend: str, deployment: str | None, prompt: int = 20, cached: int = 0) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
         "object": "chat.completion",
@@ -302,9 +308,12 @@ def _chunk(cid: str, deployment: str | None, content: str | None, finish: str | 
 
 
 def _response(
-    backend: str, deployment: str | None, payload: Any, words: int, cached: int = 0
+    backend: str, deployment: str | None, payload: Any, words: int, cached: int | None = None
 ) -> tuple[dict[str, Any], list[str]]:
-    """A completed Responses API object (one assistant message) and its text as `words` stream deltas."""
+    """A completed Responses API object (one assistant message) and its text as `words` stream deltas.
+
+    `cached`: the prompt-cache hit; by default the one of the call being answered (its task's)."""
+    cached = _CACHED_TOKENS.get() if cached is None else cached
     request = payload if isinstance(payload, dict) else {}
     pieces = [f"{backend if i == 0 else ''} tok{i}" for i in range(max(1, words))]
     text = "".join(pieces)
