@@ -31,7 +31,10 @@ from lb.config import Backend
 HEAD_BYTES = 4096  # of the messages before the first user message, and of that message, hashed
 SCAN_BYTES = 256 * 1024  # where keys and the first user message are looked for (head, and tail for keys)
 KEY_BYTES = 256  # of a prompt_cache_key / user value
-LOAD_FACTOR = 1.05  # a backend wanted beyond this multiple of its fair share of recent calls sheds the excess
+# A backend offered more than this multiple of its fair share of recent calls sheds the excess. Under
+# 1 because offers count calls passed on by busier backends too, so they add up to more than the
+# calls: a backend at its share of offers keeps more than its share of calls (bench model, docs).
+LOAD_FACTOR = 0.95
 LOAD_MIN_CALLS = 30.0  # fewer recent calls than this: shares are chance, nobody moves
 LOAD_HALF_LIFE_SECONDS = 30.0  # "recent calls": each counts half after this long
 _SHED_SALT = 0x5BD1E9955BD1E995
