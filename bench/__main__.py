@@ -23,10 +23,11 @@ BENCHMARKS = {
     "load": "bench.load",  # sustained load (60 s)
     "pacing": "bench.pacing",  # why sequential calls wait for a quiet path (evidence, not in `all`)
     "peer": "bench.peer",  # only builds LiteLLM's venv and prints its version
+    "redteam": "bench.redteam",  # issue 17's figures: abusive client, wrong key, hanging backends, huge bodies
     "report": "bench.docs",  # docs/benchmarks.md + PNG plots from bench/results/*.json
 }
 QUICK = {"overhead", "memory", "profile", "throttle"}  # the ones that take --quick
-NOT_IN_ALL = {"peer", "pacing"}  # `overhead` builds the venv anyway; pacing is a one-off check
+NOT_IN_ALL = {"peer", "pacing", "redteam"}  # `overhead` builds the venv anyway; pacing is a one-off check
 SKIPPED_BY = {"load": ("--no-load", "--quick")}  # any of these flags skips it
 
 

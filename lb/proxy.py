@@ -358,7 +358,7 @@ class Proxy:
             elif not isinstance(exc, httpx.TimeoutException):
                 self._suspect(backend, info.deployment, f"broken body ({type(exc).__name__})")
 
-        return UpstreamResponse(upstream, backend.name, attempts, on_end, backend.url, _own_url(request))
+        return UpstreamResponse(upstream, backend.name, attempts, on_end, backend.url, lambda: _own_url(request))
 
     def _cool(self, backend: Backend, deployment: str | None, seconds: float, reason: str) -> float:
         self.store.mark(backend.name, deployment or ANY_DEPLOYMENT, time.time() + seconds, reason)

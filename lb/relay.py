@@ -42,7 +42,7 @@ class UpstreamResponse(StreamingResponse):
         attempts: int,
         on_end: Callable[[Exception | None], None],
         backend_url: str = "",
-        own_url: str = "",
+        own_url: Callable[[], str] = lambda: "",
     ) -> None:
         self.upstream = upstream
         self.backend = backend
