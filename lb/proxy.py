@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +23,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from lb import errors, logctx, throttle
-from lb.auth import BackendAuth, ClientAuth
+from lb.auth import BackendAuth, Client, ClientAuth
 from lb.balancer import Balancer, NoCandidate
 from lb.breaker import AuthFailures, Breaker
 from lb.config import Backend, Settings
+from lb.deployments import upstream_call
 from lb.headers import forwarded as forwarded_headers
+from lb.objects.records import ObjectStore
+from lb.objects.router import ObjectRouter
 from lb.relay import UpstreamResponse
 from lb.requestinfo import RequestInfo, check_headers, read_request
 from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
@@ -34,6 +38,7 @@ from lb.telemetry import Telemetry
 from lb.upstream import create_client
 
 log = logging.getLogger("lb")
+_deadline: ContextVar[float | None] = ContextVar("lb_deadline", default=None)  # this request's, monotonic
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 AUTH_REFUSED = frozenset({401, 403})  # the backend refuses our credential: fail over, cool long
@@ -54,6 +59,7 @@ class Proxy:
         client: httpx.AsyncClient | None = None,
         backend_auth: BackendAuth | None = None,
         telemetry: Telemetry | None = None,
+        objects: ObjectStore | None = None,
     ) -> None:
         self.settings = settings
         self.store = store or MemoryStore()
@@ -64,6 +70,7 @@ class Proxy:
         self.telemetry = telemetry or Telemetry()
         self.breaker = Breaker(settings.breaker_failures, settings.breaker_window_seconds)
         self.auth_failures = AuthFailures()
+        self.objects = ObjectRouter(objects or ObjectStore(), settings)  # who holds which stored object
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -71,10 +78,12 @@ class Proxy:
         async with self._start_lock:
             if not self._started:
                 await self.store.start()
+                await self.objects.records.start()
                 self._started = True
 
     async def close(self) -> None:
         await self.store.close()
+        await self.objects.records.close()
         await self.client.aclose()
         await self.backend_auth.close()
         self.telemetry.close()
@@ -85,15 +94,20 @@ class Proxy:
         request_id = logctx.request_id_from(request.headers)
         logctx.bind(request_id)
         deadline = time.monotonic() + self.settings.timeout_seconds  # the client's whole call, body upload included
+        _deadline.set(deadline)  # for the relay, however the answer is reached
         try:
             if not self._started:
                 await self.start()
             check_headers(request)
-            await self._authorize(request)
+            client = await self._authorize(request)
             info = await read_request(request, self.settings.max_body_bytes, deadline)
             await self.store.sync()
             attempts: list[Attempt] = []
-            response = await self._forward(request, info, attempts, deadline)
+            call = self.objects.classify(request, info)  # None unless the call can name or create an object
+            if call is None:
+                response = await self._forward(request, info, attempts, deadline)
+            else:
+                response = await self.objects.forward(self, request, info, attempts, call, client, deadline)
             self.telemetry.request(
                 info.deployment, response.status_code, len(attempts), sum(a.status == 429 for a in attempts)
             )
@@ -111,9 +125,9 @@ class Proxy:
             response.headers["x-request-id"] = request_id
         return response
 
-    async def _authorize(self, request: Request) -> None:
+    async def _authorize(self, request: Request) -> Client:
         try:
-            await self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
+            return await self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
         except errors.Unauthorized as exc:
             log.info("client refused: %s", exc.message)  # our own words only, never the credential
             raise
@@ -151,6 +165,7 @@ class Proxy:
                     "weight": b.weight,
                     "auth": "api-key" if b.api_key else "entra-id",
                     "deployments": sorted(b.deployments) if b.deployments is not None else "all",
+                    "deployment_names": b.renamed(),
                     "cooldowns": cooling.get(b.name, []),
                     "auth_failure": self._auth_report(b.name),
                     "headroom": self.balancer.headroom.report(b.name, now),
@@ -158,6 +173,7 @@ class Proxy:
                 for b in self.settings.backends
             ],
             "state": self.store.health(),
+            "objects": self.objects.report(),
             "policy": self.balancer.policy,
             "max_attempts": self.settings.max_attempts,
             "timeout_seconds": self.settings.timeout_seconds,
@@ -201,7 +217,7 @@ class Proxy:
                 if info.stream or not info.body:
                     first_byte = settings.attempt_timeout_seconds
             try:
-                upstream = await self._send(backend, request.method, info, headers, deadline, connect, first_byte)
+                upstream = await self._send(backend, request.method, info, headers, remaining, connect, first_byte)
             except Exception as exc:
                 failure = errors.upstream_error(exc, backend.name)
                 seconds = None
@@ -233,7 +249,7 @@ class Proxy:
                     self._attempted(attempt, info, status, None)
                     if status < 400:
                         self._succeeded(backend, info, suspects)
-                    return self._relay(request, upstream, backend, info, len(tried), deadline)
+                    return self._relay(request, upstream, backend, info, len(tried))
 
                 seconds = None
                 if status == 429 or (status == 503 and _retry_hint(upstream.headers)):
@@ -255,7 +271,7 @@ class Proxy:
                     await _discard(upstream)
                     return self._all_cooling(info, tried)
                 # the last backend's own 5xx/408 is the answer
-                return self._relay(request, upstream, backend, info, len(tried), deadline)
+                return self._relay(request, upstream, backend, info, len(tried))
             except BaseException:
                 await upstream.aclose()
                 raise
@@ -348,13 +364,7 @@ class Proxy:
             )
 
     def _relay(
-        self,
-        request: Request,
-        upstream: httpx.Response,
-        backend: Backend,
-        info: RequestInfo,
-        attempts: int,
-        deadline: float,
+        self, request: Request, upstream: httpx.Response, backend: Backend, info: RequestInfo, attempts: int
     ) -> Response:
         def on_end(exc: Exception | None) -> None:
             # A whole body closes the backend's circuit. One cut at the deadline is this request's
@@ -364,6 +374,7 @@ class Proxy:
             elif not isinstance(exc, httpx.TimeoutException):
                 self._suspect(backend, info.deployment, f"broken body ({type(exc).__name__})")
 
+        deadline = _deadline.get()
         return UpstreamResponse(
             upstream, backend.name, attempts, on_end, backend.url, lambda: _own_url(request), deadline
         )
@@ -387,24 +398,25 @@ class Proxy:
         method: str,
         info: RequestInfo,
         headers: list[tuple[str, str]],
-        deadline: float,
+        total: float,
         connect: float | None,
         first_byte: float | None,
     ) -> httpx.Response:
-        """One upstream call up to its answer's head: `deadline` (monotonic) bounds all of it,
-        wall-clock, with one timer (aiohttp's own per-read and `total` timers cost ~0.1 ms per
-        stream); `connect` bounds the pool wait and connect, `first_byte` the wait for the head.
-        The relay bounds the body's reads by the same deadline."""
+        """One upstream call up to its answer's head: `total` seconds bound all of it, wall-clock,
+        with one timer (aiohttp's own per-read and `total` timers cost ~0.1 ms per stream);
+        `connect` bounds the pool wait and connect, `first_byte` the wait for the head. The relay
+        bounds the body's reads by the request's deadline."""
+        deadline = time.monotonic() + total
         auth = await self.backend_auth.headers(backend)
-        remaining = deadline - time.monotonic()
-        connect = remaining if connect is None else min(connect, remaining)
+        path, body = upstream_call(backend, info)  # this backend's deployment name
+        connect = total if connect is None else min(connect, total)
         # A bare httpx.Request, not client.build_request(): the client's default headers (its own
         # User-Agent, Accept-Encoding) have no place in a forwarded call, and merging them costs.
         request = httpx.Request(
             method,
-            backend.url + info.raw_path,
+            backend.url + path,
             headers=[*headers, *auth.items()],
-            content=info.body,
+            content=body,
             extensions={"timeout": {"connect": connect, "pool": connect, "read": None, "write": None}},
         )
         until = deadline if first_byte is None else min(deadline, time.monotonic() + first_byte)

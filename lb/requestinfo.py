@@ -76,7 +76,7 @@ def check_headers(request: Request) -> None:
 def check_path(path: str) -> None:
     """Raise unless `path` (no query, as sent) is an `/openai/...` path that is safe to relay."""
     if not path.startswith(PREFIX):
-        raise RouteNotFound("Only /openai/... paths are proxied.")
+        raise RouteNotFound("Only /openai/deployments/{deployment}/... and /openai/v1/... paths are proxied.")
     if "://" in path:
         raise BadRequest("The request path must not be an absolute URL.")
     current = path

@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lb.sim_objects import SimObjects
+
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -63,6 +65,7 @@ class SimBackend:
     calls: list[Call] = field(default_factory=list)
     answered: dict[int, int] = field(default_factory=dict)  # status -> count
     disconnects: int = 0  # streams the caller abandoned before the end
+    objects: SimObjects = field(default_factory=SimObjects)  # stored responses, files, batches: this backend's own
     _window_start: float = 0.0
     _window_used: int = 0
     _window_tokens: int = 0
@@ -156,8 +159,12 @@ class SimBackend:
             (b"apim-request-id", str(uuid.uuid4()).encode()),
         ]
         stream = isinstance(payload, dict) and payload.get("stream") is True
+        if (segments := self.objects.handles(path)) is not None:
+            return await self.objects.serve(
+                self, scope["method"], segments, headers, body, payload, rate, receive, send
+            )
         if "embeddings" in path:
-            return await self._json(send, 200, _embedding(deployment), rate)
+            return await self._json(send, 200, _embedding(deployment, payload), rate)
         if path.rstrip("/").endswith("/responses"):
             response, pieces = _response(self.name, deployment, payload, self.chunks)
             if stream:
@@ -349,12 +356,20 @@ def _response_events(response: dict[str, Any], pieces: list[str]) -> list[bytes]
     return [f"event: {e['type']}\n".encode() + _sse({**e, "sequence_number": n}) for n, e in enumerate(events)]
 
 
-def _embedding(deployment: str | None) -> dict[str, Any]:
+def _embedding(deployment: str | None, payload: Any = None) -> dict[str, Any]:
+    """One vector per input, `dimensions` long when the call asks (as text-embedding-3 models allow)."""
+    request = payload if isinstance(payload, dict) else {}
+    inputs = request.get("input")
+    count = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
+    size = request.get("dimensions")
+    vector = [0.1, 0.2, 0.3, 0.4]
+    if isinstance(size, int) and 0 < size <= 3072:
+        vector = [round(0.1 + (i % 10) / 100, 2) for i in range(size)]
     return {
         "object": "list",
-        "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3, 0.4]}],
+        "data": [{"object": "embedding", "index": i, "embedding": vector} for i in range(count)],
         "model": deployment or "text-embedding-3-small",
-        "usage": {"prompt_tokens": 4, "total_tokens": 4},
+        "usage": {"prompt_tokens": 4 * count, "total_tokens": 4 * count},
     }
 
 
