@@ -218,13 +218,13 @@ async def _hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 async def _drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await reader.readuntil(b"\r\n\r\n")
     try:
+        await reader.readuntil(b"\r\n\r\n")
         for byte in b"HTTP/1.1 200 OK\r\n" + b"x-pad: " + b"a" * 100:
             writer.write(bytes([byte]))
             await writer.drain()
             await asyncio.sleep(1)
-    except ConnectionError:
+    except (ConnectionError, asyncio.IncompleteReadError):
         pass
     finally:
         writer.close()
