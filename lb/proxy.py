@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 from lb import errors, logctx, throttle
 from lb.auth import BackendAuth, Client, ClientAuth
-from lb.balancer import Balancer, NoCandidate
+from lb.balancer import Balancer, Demand, NoCandidate
 from lb.breaker import AuthFailures, Breaker
 from lb.config import Backend, Settings
 from lb.deployments import upstream_call
@@ -63,7 +63,7 @@ class Proxy:
     ) -> None:
         self.settings = settings
         self.store = store or MemoryStore()
-        self.balancer = Balancer(settings.backends, self.store, policy=settings.policy)
+        self.balancer = Balancer(settings.backends, self.store, policy=settings.policy, affinity=settings.affinity)
         self.client = client or create_client(settings)
         self.client_auth = ClientAuth(settings.client_keys, settings.entra)
         self.backend_auth = backend_auth or BackendAuth()
@@ -175,6 +175,7 @@ class Proxy:
             "state": self.store.health(),
             "objects": self.objects.report(),
             "policy": self.balancer.policy,
+            "affinity": "on" if self.balancer.affinity else "off",
             "max_attempts": self.settings.max_attempts,
             "timeout_seconds": self.settings.timeout_seconds,
         }
@@ -198,7 +199,7 @@ class Proxy:
         headers = forwarded_headers(request, logctx.current_request_id.get())
         failure: errors.ProxyError | None = None
         suspects: list[tuple[Backend, str]] = []  # failed this request; the backend's fault if another succeeds
-        need = self.balancer.need(info.body)
+        need = self.balancer.demand(info.body)
         choice = self.balancer.pick(info.deployment, time.time(), need=need)
 
         while isinstance(choice, Backend):
@@ -337,11 +338,13 @@ class Proxy:
             return False
         return all(b.name in refusing for b in self.settings.backends if b.serves(info.deployment))
 
-    def _has_alternative(self, info: RequestInfo, tried: list[Attempt], need: int) -> bool:
+    def _has_alternative(self, info: RequestInfo, tried: list[Attempt], need: Demand) -> bool:
         """Whether another backend could still be tried if the current attempt fails (only looks)."""
         return isinstance(self._next(info, tried, need, charge=False), Backend)
 
-    def _next(self, info: RequestInfo, tried: list[Attempt], need: int, charge: bool = True) -> Backend | NoCandidate:
+    def _next(
+        self, info: RequestInfo, tried: list[Attempt], need: Demand, charge: bool = True
+    ) -> Backend | NoCandidate:
         if len(tried) >= self.settings.max_attempts:
             return NoCandidate(served=True, retry_at=0.0)
         return self.balancer.pick(info.deployment, time.time(), {a.backend for a in tried}, need, charge)
