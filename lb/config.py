@@ -36,6 +36,11 @@ _GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]
 # throttling simulation says otherwise.
 POLICIES = ("random", "headroom")
 DEFAULT_POLICY = "random"
+# Prompt-cache affinity (lb.affinity): a conversation's calls prefer one backend. On by default: in
+# `python -m bench affinity` it kept the cached share of prompt tokens near the most the
+# conversations allow, at the same client success and load spread as random (docs/affinity.md).
+AFFINITY_MODES = ("on", "off")
+DEFAULT_AFFINITY = "on"
 
 BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|APIKEY|DEPLOYMENTS|DEPLOYMENT_NAME)$")
 # Anything shaped like a backend setting: one the pattern above does not know stops start-up, because a
@@ -75,6 +80,7 @@ SETTING_NAMES = frozenset(
         "LB_STATE_CONFIRM_MS",
         "LB_LOG_LEVEL",
         "LB_POLICY",
+        "LB_AFFINITY",
         "AZURE_CLIENT_ID",
         "AzureWebJobsStorage",
         "AzureWebJobsStorage__accountName",
@@ -220,6 +226,7 @@ class Settings:
     state: StateSettings = field(default_factory=StateSettings)
     on_azure: bool = False
     policy: str = DEFAULT_POLICY
+    affinity: bool = DEFAULT_AFFINITY == "on"
 
     @property
     def anonymous(self) -> bool:
@@ -267,6 +274,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         state=_load_state(env),
         on_azure=on_azure,
         policy=_policy(env),
+        affinity=_affinity(env),
     )
 
 
@@ -277,6 +285,15 @@ def _policy(env: Mapping[str, str]) -> str:
     if raw.lower() not in POLICIES:
         raise ConfigError(f"LB_POLICY: {raw!r} is not one of {', '.join(POLICIES)}")
     return raw.lower()
+
+
+def _affinity(env: Mapping[str, str]) -> bool:
+    raw = env.get("LB_AFFINITY", "").strip()
+    if not raw:
+        return DEFAULT_AFFINITY == "on"
+    if raw.lower() not in AFFINITY_MODES:
+        raise ConfigError(f"LB_AFFINITY: {raw!r} is not one of {', '.join(AFFINITY_MODES)}")
+    return raw.lower() == "on"
 
 
 def _client_keys(env: Mapping[str, str]) -> tuple[ClientKey, ...]:
