@@ -142,13 +142,13 @@ def summarise(rows: list[dict]) -> list[dict]:
         out.append(
             {
                 "streams": n,
-                "direct_gap_p99_ms": statistics.median(r["direct"]["gap_p99_ms"] for r in runs),
-                "lb_gap_p99_ms": statistics.median(r["lb"]["gap_p99_ms"] for r in runs),
+                "direct_gap_p99_ms": round(statistics.median(r["direct"]["gap_p99_ms"] for r in runs), 1),
+                "lb_gap_p99_ms": round(statistics.median(r["lb"]["gap_p99_ms"] for r in runs), 1),
                 "added_gap_p99_ms": median,
                 "added_gap_p99_ms_each": added,
                 "lb_gap_max_ms": max(r["lb"]["gap_max_ms"] or 0 for r in runs),
-                "lb_cpu_share": statistics.median(r["lb_cpu_share"] for r in runs),
-                "lb_rss_mb_peak": statistics.median(r["lb_rss_mb_peak"] for r in runs),
+                "lb_cpu_share": round(statistics.median(r["lb_cpu_share"] for r in runs), 3),
+                "lb_rss_mb_peak": round(statistics.median(r["lb_rss_mb_peak"] for r in runs), 1),
                 "load_avg_1m": [r["load_avg_1m"] for r in runs],
                 "broken": broken,
                 "holds": median <= ADDED_P99_BUDGET_MS and broken == 0,

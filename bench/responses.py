@@ -1,12 +1,13 @@
 """`python -m bench responses`: the Responses API through one `lb serve`, with one backend throttling.
 
 Two figures from one run. Success: `--calls` Responses API calls through lb (every other one
-streamed) while one of its three backends has a small quota (`--rpm` requests per minute, then 429 +
-Retry-After); a call succeeds when it gets a complete answer (JSON with status "completed", or an
-SSE stream ending in `response.completed`). Latency: the time to the first SSE event of a streamed
-Responses API call, straight at a healthy backend ("direct") and through lb, alternating call by
-call, each call starting once the processes on its path are quiet (bench.procs.quiesce, as
-bench/overhead.py does), so both see the same machine; lb's cost is the difference of the medians.
+streamed), plus the lb half of the timing pairs, while one of its three backends has a small quota
+(`--rpm` requests per minute, then 429 + Retry-After); a call succeeds when it gets a complete
+answer (JSON with status "completed", or an SSE stream ending in `response.completed`). Latency:
+the time to the first SSE event of a streamed Responses API call, straight at a healthy backend
+("direct") and through lb, one pair after each streamed call, each call starting once the
+processes on its path are quiet (bench.procs.quiesce, as bench/overhead.py does), so both see the
+same machine; lb's cost is the difference of the medians.
 Results: bench/results/responses.json (`--quick`: responses.quick.json).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -58,22 +60,32 @@ async def call(session: aiohttp.ClientSession, url: str, stream: bool) -> tuple[
 
 
 async def run(direct: str, lb: str, calls: int, pids: list[int]) -> dict[str, Any]:
-    outcomes: list[tuple[bool, int]] = []
+    """`calls` calls through lb, every other one streamed; after each streamed one, a timed pair
+    (direct, then lb). Every call through lb, the pairs' included, counts for success."""
+    outcomes: list[tuple[bool, bool, int]] = []  # (streamed, complete, status) of every call through lb
     failovers = 0
-    first = {"direct": [], "lb": []}
+    first: dict[str, list[float]] = {"direct": [], "lb": []}
     async with aiohttp.ClientSession() as session:
+
+        async def through_lb(stream: bool) -> float | None:
+            nonlocal failovers
+            quiesce(pids)
+            ok, seconds, status, attempts = await call(session, lb, stream)
+            outcomes.append((stream, ok, status))
+            failovers += attempts > 1
+            return seconds if ok else None
+
         for i in range(calls):
             stream = i % 2 == 1
-            quiesce(pids)
-            ok, _, status, attempts = await call(session, lb, stream)
-            outcomes.append((ok, status))
-            failovers += attempts > 1
+            await through_lb(stream)
             if stream:  # the latency pair: direct, then lb, same body
-                for name, url in (("direct", direct), ("lb", lb)):
-                    quiesce(pids)
-                    ok_first, seconds, _, _ = await call(session, url, True)
-                    if ok_first and seconds is not None:
-                        first[name].append(seconds)
+                quiesce(pids)
+                ok, seconds, _, _ = await call(session, direct, True)
+                if ok and seconds is not None:
+                    first["direct"].append(seconds)
+                seconds = await through_lb(True)
+                if seconds is not None:
+                    first["lb"].append(seconds)
     return {"outcomes": outcomes, "first": first, "failovers": failovers}
 
 
@@ -86,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.calls = 60
-    backend = ["bench.backend", "--api-key", KEY, "--chunks", "20", "--chunk-gap", "0.02"]
+    backend = ["bench.backend", "--api-key", KEY, "--chunks", "5", "--chunk-gap", "0.01"]  # short streams: many calls
     with (
         Server("a", [*backend, "--name", "a"], quiet=True) as a,
         Server("b", [*backend, "--name", "b"], quiet=True) as b,
@@ -97,23 +109,27 @@ def main(argv: list[str] | None = None) -> int:
             env |= {f"BACKEND_{i}_URL": s.url, f"BACKEND_{i}_APIKEY": KEY}
         with Server("lb", ["lb", "serve"], env, quiet=True) as lb:
             pids = [*a.pids(), *b.pids(), *t.pids(), *lb.pids()]
-            warm = asyncio.run(run(a.url, lb.url, 6, pids))  # imports, pools; its failovers count too
+            load_before = os.getloadavg()[0]
+            warm = asyncio.run(run(a.url, lb.url, 6, pids))  # imports, pools; its calls count too
             got = asyncio.run(run(a.url, lb.url, args.calls, pids))
             got["failovers"] += warm["failovers"]
+            got["outcomes"] += warm["outcomes"]
     outcomes = got["outcomes"]
-    streamed = outcomes[1::2]
-    plain = outcomes[0::2]
+    streamed = [ok for s, ok, _ in outcomes if s]
+    plain = [ok for s, ok, _ in outcomes if not s]
     direct_p50 = statistics.median(got["first"]["direct"])
     lb_p50 = statistics.median(got["first"]["lb"])
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "commit": commit(),
         "settings": {"calls": args.calls, "throttling_rpm": args.rpm, "backends": 3},
-        "success_pct": round(100 * sum(ok for ok, _ in outcomes) / len(outcomes), 2),
-        "success_streamed_pct": round(100 * sum(ok for ok, _ in streamed) / len(streamed), 2),
-        "success_non_streamed_pct": round(100 * sum(ok for ok, _ in plain) / len(plain), 2),
+        "calls_through_lb": len(outcomes),
+        "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "success_pct": round(100 * sum(ok for _, ok, _ in outcomes) / len(outcomes), 2),
+        "success_streamed_pct": round(100 * sum(streamed) / len(streamed), 2),
+        "success_non_streamed_pct": round(100 * sum(plain) / len(plain), 2),
         "failovers_the_client_never_saw": got["failovers"],
-        "statuses": {str(s): sum(1 for _, st in outcomes if st == s) for s in sorted({st for _, st in outcomes})},
+        "statuses": {str(s): sum(1 for *_, st in outcomes if st == s) for s in sorted({st for *_, st in outcomes})},
         "first_event_ms": {
             "direct_p50": round(direct_p50 * 1000, 2),
             "lb_p50": round(lb_p50 * 1000, 2),
