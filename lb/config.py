@@ -23,6 +23,11 @@ DEFAULT_STATE_REFRESH_MS = 1000
 DEFAULT_STATE_HOT_REFRESH_MS = 20
 DEFAULT_STATE_CONFIRM_MS = 50
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_BREAKER_FAILURES = 3  # timeouts / 5xx from distinct requests that open a backend's circuit ...
+DEFAULT_BREAKER_WINDOW_SECONDS = 30.0  # ... within this long, with no success in between (docs/robustness.md)
+DEFAULT_AUTH_COOLDOWN_SECONDS = 300.0  # a backend refusing our credential (401/403) is out this long
+DEFAULT_SERVE_MAX_CONNECTIONS = 1000  # `lb serve` only: open client connections; more get a 503
+DEFAULT_SERVE_HEAD_TIMEOUT_SECONDS = 10.0  # `lb serve` only: time to send a complete request head
 DEFAULT_ENTRA_AUDIENCES = ("https://cognitiveservices.azure.com",)  # what azure-search-openai-demo asks a token for
 DEFAULT_ENTRA_AUTHORITY = "https://login.microsoftonline.com"
 _GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -31,8 +36,20 @@ _GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]
 # throttling simulation says otherwise.
 POLICIES = ("random", "headroom")
 DEFAULT_POLICY = "random"
+# Prompt-cache affinity (lb.affinity): a conversation's calls prefer one backend. On by default: in
+# `python -m bench affinity` it kept the cached share of prompt tokens near the most the
+# conversations allow, at the same client success and load spread as random (docs/affinity.md).
+AFFINITY_MODES = ("on", "off")
+DEFAULT_AFFINITY = "on"
 
-BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|APIKEY|DEPLOYMENTS)$")
+BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|APIKEY|DEPLOYMENTS|DEPLOYMENT_NAME)$")
+# Anything shaped like a backend setting: one the pattern above does not know stops start-up, because a
+# misspelt or foreign setting (`BACKEND_1_API_KEY`) silently ignored sends calls where nobody meant.
+_ANY_BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(.+)$")
+# A deployment name as Azure allows it (letters, digits, '-', '_', '.'), so a name mapped into a path
+# can never add a segment, a query or an escape.
+_DEPLOYMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_CLIENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 # Every fixed-name setting the app reads (the infra tests check Bicep against this list).
 SETTING_NAMES = frozenset(
@@ -43,6 +60,11 @@ SETTING_NAMES = frozenset(
         "LB_DEFAULT_COOLDOWN_SECONDS",
         "LB_MAX_COOLDOWN_SECONDS",
         "LB_MAX_BODY_BYTES",
+        "LB_BREAKER_FAILURES",
+        "LB_BREAKER_WINDOW_SECONDS",
+        "LB_AUTH_COOLDOWN_SECONDS",
+        "LB_SERVE_MAX_CONNECTIONS",
+        "LB_SERVE_HEAD_TIMEOUT_SECONDS",
         "LB_CLIENT_KEYS",
         "LB_ALLOW_ANONYMOUS",
         "LB_ENTRA_TENANT_ID",
@@ -58,6 +80,7 @@ SETTING_NAMES = frozenset(
         "LB_STATE_CONFIRM_MS",
         "LB_LOG_LEVEL",
         "LB_POLICY",
+        "LB_AFFINITY",
         "AZURE_CLIENT_ID",
         "AzureWebJobsStorage",
         "AzureWebJobsStorage__accountName",
@@ -80,14 +103,28 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Backend:
-    """One Azure OpenAI endpoint of the pool."""
+    """One Azure OpenAI endpoint of the pool.
+
+    `deployments` maps the name clients use to the name this backend calls it (`alias=name` in
+    `BACKEND_X_DEPLOYMENTS`; a bare name maps to itself); None serves every deployment. A set of
+    names is accepted too and means each name as itself. `deployment_name` is openai-aca-lb's
+    `BACKEND_X_DEPLOYMENT_NAME`: the one name this backend is called with for every deployment not
+    mapped explicitly.
+    """
 
     name: str
     url: str
     priority: int = 1
     weight: float = 1.0
     api_key: str | None = field(default=None, repr=False)
-    deployments: frozenset[str] | None = None  # None: serves every deployment
+    deployments: Mapping[str, str] | None = field(default=None, hash=False)
+    deployment_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.deployments is not None and not isinstance(self.deployments, Mapping):
+            object.__setattr__(self, "deployments", {name: name for name in self.deployments})
+        renames = self.deployment_name is not None or any(a != n for a, n in (self.deployments or {}).items())
+        object.__setattr__(self, "_renames", renames)
 
     @property
     def host(self) -> str:
@@ -96,12 +133,39 @@ class Backend:
     def serves(self, deployment: str | None) -> bool:
         return self.deployments is None or deployment is None or deployment in self.deployments
 
+    def upstream_name(self, deployment: str) -> str:
+        """The name this backend knows `deployment` by (the hot path: one attribute when nothing is renamed)."""
+        if not self._renames:  # type: ignore[attr-defined]
+            return deployment
+        if self.deployments is not None and deployment in self.deployments:
+            return self.deployments[deployment]
+        return self.deployment_name or deployment
+
+    def renamed(self) -> dict[str, str]:
+        """Every client name this backend calls by another name (`*` for the catch-all DEPLOYMENT_NAME)."""
+        names = {a: n for a, n in (self.deployments or {}).items() if a != n}
+        if self.deployment_name is not None and self.deployments is None:
+            names["*"] = self.deployment_name
+        return names
+
     def __repr__(self) -> str:  # the key is masked, never printed
         key = "********" if self.api_key else None
         return (
             f"Backend(name={self.name!r}, url={self.url!r}, priority={self.priority}, weight={self.weight}, "
-            f"api_key={key!r}, deployments={self.deployments!r})"
+            f"api_key={key!r}, deployments={self.deployments!r}, deployment_name={self.deployment_name!r})"
         )
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """One of `LB_CLIENT_KEYS`: `name:key`, or a bare key named by its position (`key1`, `key2`, ...).
+
+    The name is the client's identity wherever the proxy needs one (who created a stored object,
+    whose quota a call spends); the key itself is never printed.
+    """
+
+    name: str
+    key: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -152,11 +216,17 @@ class Settings:
     default_cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS
     max_cooldown_seconds: float = MAX_COOLDOWN_SECONDS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    client_keys: tuple[str, ...] = field(default=(), repr=False)
+    breaker_failures: int = DEFAULT_BREAKER_FAILURES
+    breaker_window_seconds: float = DEFAULT_BREAKER_WINDOW_SECONDS
+    auth_cooldown_seconds: float = DEFAULT_AUTH_COOLDOWN_SECONDS
+    serve_max_connections: int = DEFAULT_SERVE_MAX_CONNECTIONS
+    serve_head_timeout_seconds: float = DEFAULT_SERVE_HEAD_TIMEOUT_SECONDS
+    client_keys: tuple[ClientKey, ...] = field(default=(), repr=False)
     entra: EntraSettings | None = None
     state: StateSettings = field(default_factory=StateSettings)
     on_azure: bool = False
     policy: str = DEFAULT_POLICY
+    affinity: bool = DEFAULT_AFFINITY == "on"
 
     @property
     def anonymous(self) -> bool:
@@ -168,7 +238,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     backends = _load_backends(env)
     on_azure = bool(env.get("WEBSITE_INSTANCE_ID"))
-    client_keys = tuple(k.strip() for k in env.get("LB_CLIENT_KEYS", "").split(",") if k.strip())
+    client_keys = _client_keys(env)
     entra = _load_entra(env)
     if on_azure and not client_keys and entra is None and not _flag(env, "LB_ALLOW_ANONYMOUS"):
         raise ConfigError(
@@ -190,11 +260,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         default_cooldown_seconds=default_cooldown,
         max_cooldown_seconds=max_cooldown,
         max_body_bytes=int(_number(env, "LB_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, minimum=1, integer=True)),
+        breaker_failures=int(_number(env, "LB_BREAKER_FAILURES", DEFAULT_BREAKER_FAILURES, minimum=1, integer=True)),
+        breaker_window_seconds=_number(env, "LB_BREAKER_WINDOW_SECONDS", DEFAULT_BREAKER_WINDOW_SECONDS, minimum=0.0),
+        auth_cooldown_seconds=_number(env, "LB_AUTH_COOLDOWN_SECONDS", DEFAULT_AUTH_COOLDOWN_SECONDS, minimum=0.0),
+        serve_max_connections=int(
+            _number(env, "LB_SERVE_MAX_CONNECTIONS", DEFAULT_SERVE_MAX_CONNECTIONS, minimum=1, integer=True)
+        ),
+        serve_head_timeout_seconds=_number(
+            env, "LB_SERVE_HEAD_TIMEOUT_SECONDS", DEFAULT_SERVE_HEAD_TIMEOUT_SECONDS, minimum=0.001
+        ),
         client_keys=client_keys,
         entra=entra,
         state=_load_state(env),
         on_azure=on_azure,
         policy=_policy(env),
+        affinity=_affinity(env),
     )
 
 
@@ -207,7 +287,64 @@ def _policy(env: Mapping[str, str]) -> str:
     return raw.lower()
 
 
+def _affinity(env: Mapping[str, str]) -> bool:
+    raw = env.get("LB_AFFINITY", "").strip()
+    if not raw:
+        return DEFAULT_AFFINITY == "on"
+    if raw.lower() not in AFFINITY_MODES:
+        raise ConfigError(f"LB_AFFINITY: {raw!r} is not one of {', '.join(AFFINITY_MODES)}")
+    return raw.lower() == "on"
+
+
+def _client_keys(env: Mapping[str, str]) -> tuple[ClientKey, ...]:
+    """`LB_CLIENT_KEYS=chatapp:KEY1,batch:KEY2,KEY3`: the one parser of client names (KEY3 is `key3`)."""
+    keys: list[ClientKey] = []
+    for position, item in enumerate((i.strip() for i in env.get("LB_CLIENT_KEYS", "").split(",")), start=1):
+        if not item:
+            continue
+        name, sep, key = item.partition(":")
+        if not sep:
+            name, key = f"key{position}", item
+        name, key = name.strip(), key.strip()
+        if not _CLIENT_NAME_RE.fullmatch(name) or not key:
+            raise ConfigError(
+                f"LB_CLIENT_KEYS: item {position} is not `key` or `name:key` (name: letters, digits, ._@-)"
+            )
+        if any(k.name == name for k in keys):
+            raise ConfigError(f"LB_CLIENT_KEYS: the name {name!r} is used twice")
+        keys.append(ClientKey(name, key))
+    return tuple(keys)
+
+
+def _deployments(env: Mapping[str, str], name: str, default_name: str | None) -> dict[str, str] | None:
+    """`chat=gpt4o-eastus,embedding=emb3,other`: client name -> this backend's name (bare: the same,
+    or `default_name` when BACKEND_X_DEPLOYMENT_NAME is set)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    mapping: dict[str, str] = {}
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        alias, sep, upstream = (part.strip() for part in item.partition("="))
+        upstream = upstream if sep else (default_name or alias)
+        if not _DEPLOYMENT_RE.fullmatch(alias) or not _DEPLOYMENT_RE.fullmatch(upstream):
+            raise ConfigError(
+                f"{name}: {item!r} is not `name` or `alias=name` (deployment names: letters, digits, '-', '_', '.')"
+            )
+        if mapping.get(alias, upstream) != upstream:
+            raise ConfigError(f"{name}: {alias!r} is mapped twice")
+        mapping[alias] = upstream
+    return mapping or None
+
+
 def _load_backends(env: Mapping[str, str]) -> tuple[Backend, ...]:
+    for key in sorted(env):
+        if _ANY_BACKEND_SETTING_RE.match(key) and not BACKEND_SETTING_RE.match(key):
+            raise ConfigError(
+                f"{key}: unknown backend setting (known: BACKEND_X_URL, _PRIORITY, _WEIGHT, _APIKEY, _DEPLOYMENTS,"
+                " _DEPLOYMENT_NAME)"
+            )
     names = sorted(
         {m.group(1) for key in env if (m := BACKEND_SETTING_RE.match(key))},
         key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n),
@@ -216,7 +353,9 @@ def _load_backends(env: Mapping[str, str]) -> tuple[Backend, ...]:
     for name in names:
         prefix = f"BACKEND_{name}_"
         url = _url(env, prefix + "URL")
-        deployments = env.get(prefix + "DEPLOYMENTS", "").strip()
+        deployment_name = env.get(prefix + "DEPLOYMENT_NAME", "").strip() or None
+        if deployment_name is not None and not _DEPLOYMENT_RE.fullmatch(deployment_name):
+            raise ConfigError(f"{prefix}DEPLOYMENT_NAME: {deployment_name!r} is not a deployment name")
         backends.append(
             Backend(
                 name=name,
@@ -224,7 +363,8 @@ def _load_backends(env: Mapping[str, str]) -> tuple[Backend, ...]:
                 priority=int(_number(env, prefix + "PRIORITY", 1, integer=True)),
                 weight=_number(env, prefix + "WEIGHT", 1.0, minimum=0.0),
                 api_key=env.get(prefix + "APIKEY", "").strip() or None,
-                deployments=frozenset(d.strip() for d in deployments.split(",") if d.strip()) or None,
+                deployments=_deployments(env, prefix + "DEPLOYMENTS", deployment_name),
+                deployment_name=deployment_name,
             )
         )
     if not backends:

@@ -29,6 +29,10 @@ class Telemetry:
     def all_cooling(self, deployment: str | None) -> None:
         """A request answered 429 at once because every candidate was cooling."""
 
+    def object_call(self, outcome: str) -> None:
+        """A call naming a stored object: `pinned` to its holder, `lookups` for an unknown id, `found`
+        by that look-up, or `refused` (another client's object)."""
+
     def close(self) -> None:
         """Flush what is buffered."""
 

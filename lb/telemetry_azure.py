@@ -67,6 +67,11 @@ class AzureMonitorTelemetry(Telemetry):
         self._all_cooling = meter.create_counter(
             "lb.all_cooling", unit="{request}", description="Requests answered 429 at once: every backend cooling"
         )
+        self._objects = meter.create_counter(
+            "lb.object_calls",
+            unit="{request}",
+            description="Calls naming a stored object, by outcome: pinned, lookups, found, refused",
+        )
         self._closed = False
 
     def attempt(
@@ -104,6 +109,9 @@ class AzureMonitorTelemetry(Telemetry):
 
     def all_cooling(self, deployment: str | None) -> None:
         self._all_cooling.add(1, _attrs(deployment))
+
+    def object_call(self, outcome: str) -> None:
+        self._objects.add(1, {"lb.outcome": outcome})
 
     def close(self) -> None:
         """Export what is buffered, waiting at most CLOSE_TIMEOUT_SECONDS for the ingestion endpoint.
