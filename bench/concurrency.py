@@ -40,7 +40,13 @@ from bench.streams import hold_streams
 CLIENT_KEY = "bench-client-key"
 PATH = "/openai/deployments/chat/chat/completions?api-version=2024-10-21"
 HEADERS = {"api-key": CLIENT_KEY, "content-type": "application/json"}  # the backends take it too: same client
-BODY = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "stream": True}).encode()
+
+
+def body(i: int) -> bytes:
+    """Stream i is user i's own conversation, as in real traffic (affinity would pin one prompt)."""
+    return json.dumps({"messages": [{"role": "user", "content": f"Hello from user {i}"}], "stream": True}).encode()
+
+
 ADDED_P99_BUDGET_MS = 5.0  # what "holds" means: a user cannot tell 5 ms in a 50 ms cadence
 RESULTS = ROOT / "bench" / "results" / "concurrency.json"
 
@@ -58,8 +64,8 @@ def run_loop(coro: Any) -> Any:
 
 async def hold_side_by_side(direct: list[str], via: list[str], streams: int, ramp: float) -> tuple[dict, dict]:
     return await asyncio.gather(
-        hold_streams(direct, PATH, BODY, HEADERS, streams, ramp),
-        hold_streams(via, PATH, BODY, HEADERS, streams, ramp),
+        hold_streams(direct, PATH, body, HEADERS, streams, ramp),
+        hold_streams(via, PATH, body, HEADERS, streams, ramp),
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -32,11 +33,19 @@ KEY = "bench-client-key"
 PATH = "/openai/v1/responses"
 HEADERS = {"api-key": KEY, "content-type": "application/json"}
 RESULTS = ROOT / "bench" / "results" / "responses.json"
+_USERS = itertools.count(1)
 
 
 def body(stream: bool) -> bytes:
+    """A new conversation each call, as many users make (one prompt would stay on one backend)."""
+    user = next(_USERS)
     return json.dumps(
-        {"model": "chat", "input": [{"role": "user", "content": "Hello"}], "store": False, "stream": stream}
+        {
+            "model": "chat",
+            "input": [{"role": "user", "content": f"Hello from user {user}"}],
+            "store": False,
+            "stream": stream,
+        }
     ).encode()
 
 
