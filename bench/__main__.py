@@ -23,13 +23,14 @@ BENCHMARKS = {
     "table": "bench.table_overhead",  # happy path: in-memory vs Table state, side by side
     "load": "bench.load",  # sustained load (60 s)
     "concurrency": "bench.concurrency",  # long streams held at once by one lb process: sets perInstanceConcurrency
+    "responses": "bench.responses",  # Responses API: success with a throttling backend, first event added
     "pacing": "bench.pacing",  # why sequential calls wait for a quiet path (evidence, not in `all`)
     "peer": "bench.peer",  # only builds LiteLLM's venv and prints its version
     "stateful": "bench.stateful",  # stored responses, files, batches over 3 backends and 2 instances
     "redteam": "bench.redteam",  # issue 17's figures: abusive client, wrong key, hanging backends, huge bodies
     "report": "bench.docs",  # docs/benchmarks.md + PNG plots from bench/results/*.json
 }
-QUICK = {"overhead", "memory", "profile", "throttle", "concurrency", "affinity"}  # the ones that take --quick
+QUICK = {"overhead", "memory", "profile", "throttle", "concurrency", "responses", "affinity"}  # these take --quick
 NOT_IN_ALL = {"peer", "pacing", "stateful", "redteam"}  # `overhead` builds the venv anyway; pacing is a one-off check
 SKIPPED_BY = {"load": ("--no-load", "--quick")}  # any of these flags skips it
 
