@@ -100,7 +100,7 @@ class Proxy:
                 await self.start()
             check_headers(request)
             client = await self._authorize(request)
-            info = await read_request(request, self.settings.max_body_bytes, deadline)
+            info = await read_request(request, self.settings.max_body_bytes)
             await self.store.sync()
             attempts: list[Attempt] = []
             call = self.objects.classify(request, info)  # None unless the call can name or create an object
