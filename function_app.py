@@ -31,3 +31,8 @@ async def healthz(req: Request) -> JSONResponse:
 @app.route(route="lb/status", methods=["GET"])
 async def lb_status(req: Request) -> JSONResponse:
     return await shared_proxy().status(req)
+
+
+@app.route(route="lb/usage", methods=["GET"])
+async def lb_usage(req: Request) -> JSONResponse:
+    return await shared_proxy().usage(req)

@@ -12,7 +12,11 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from lb.quota import Limit
 
 DEFAULT_TIMEOUT_SECONDS = 100.0
 DEFAULT_COOLDOWN_SECONDS = 10.0
@@ -58,6 +62,7 @@ SETTING_NAMES = frozenset(
         "LB_STATE_CONFIRM_MS",
         "LB_LOG_LEVEL",
         "LB_POLICY",
+        "LB_CLIENT_LIMITS",
         "AZURE_CLIENT_ID",
         "AzureWebJobsStorage",
         "AzureWebJobsStorage__accountName",
@@ -157,6 +162,7 @@ class Settings:
     state: StateSettings = field(default_factory=StateSettings)
     on_azure: bool = False
     policy: str = DEFAULT_POLICY
+    client_limits: dict[str, Limit] = field(default_factory=dict)  # LB_CLIENT_LIMITS, by client name
 
     @property
     def anonymous(self) -> bool:
@@ -195,7 +201,30 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         state=_load_state(env),
         on_azure=on_azure,
         policy=_policy(env),
+        client_limits=_client_limits(env, client_keys, entra),
     )
+
+
+def _client_limits(
+    env: Mapping[str, str], client_keys: tuple[str, ...], entra: EntraSettings | None
+) -> dict[str, Limit]:
+    """LB_CLIENT_LIMITS, each name one a configured key or an accepted Entra client could have."""
+    from lb.quota import parse_limits  # here, not at the top: lb.quota imports this module
+
+    limits = parse_limits(env.get("LB_CLIENT_LIMITS", ""))
+    for name in limits:
+        if not _client_may_exist(name, client_keys, entra):
+            raise ConfigError(
+                f"LB_CLIENT_LIMITS: no client can be named {name!r} (not a key name of LB_CLIENT_KEYS"
+                " nor an Entra app id LB_ENTRA_ALLOWED_CLIENTS accepts)"
+            )
+    return limits
+
+
+def _client_may_exist(name: str, client_keys: tuple[str, ...], entra: EntraSettings | None) -> bool:
+    if entra is not None and _GUID_RE.fullmatch(name):
+        return entra.allowed_clients is None or name.lower() in entra.allowed_clients
+    return not client_keys and entra is None and name == "anonymous"
 
 
 def _policy(env: Mapping[str, str]) -> str:

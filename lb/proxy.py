@@ -24,6 +24,7 @@ from lb.auth import BackendAuth, ClientAuth
 from lb.balancer import Balancer, NoCandidate
 from lb.config import Backend, Settings
 from lb.headers import forwarded as forwarded_headers
+from lb.metering import ANONYMOUS_CLIENT, Metering
 from lb.relay import UpstreamResponse
 from lb.requestinfo import RequestInfo, check_headers, read_request
 from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
@@ -55,6 +56,7 @@ class Proxy:
         self.client_auth = ClientAuth(settings.client_keys, settings.entra)
         self.backend_auth = backend_auth or BackendAuth()
         self.telemetry = telemetry or Telemetry()
+        self.metering = Metering(settings.client_limits, self.telemetry)
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -62,10 +64,12 @@ class Proxy:
         async with self._start_lock:
             if not self._started:
                 await self.store.start()
+                await self.metering.start()
                 self._started = True
 
     async def close(self) -> None:
         await self.store.close()
+        await self.metering.close()
         await self.client.aclose()
         await self.backend_auth.close()
         self.telemetry.close()
@@ -75,12 +79,14 @@ class Proxy:
         """`/openai/{path}`: never raises; every request gets exactly one answer, carrying its request id."""
         request_id = logctx.request_id_from(request.headers)
         logctx.bind(request_id)
+        client, charge, info = None, None, None  # for metering: who asked, their quota's charge
         try:
             if not self._started:
                 await self.start()
             check_headers(request)
-            await self._authorize(request)
+            client = await self._authorize(request)
             info = await read_request(request, self.settings.max_body_bytes)
+            charge = self.metering.admit(client, info.body)  # raises ClientQuotaExceeded when over
             await self.store.sync()
             attempts: list[Attempt] = []
             response = await self._forward(request, info, attempts)
@@ -97,16 +103,22 @@ class Proxy:
         except Exception:  # a bug must still produce an answer, without leaking details
             log.exception("unexpected error while proxying %s %s", request.method, request.url.path)
             response = errors.ProxyError("The load balancer failed to handle the request.").response()
+        if client is not None:
+            response = self.metering.observe(response, client, info and info.deployment, charge)
         if "x-request-id" not in response.headers:
             response.headers["x-request-id"] = request_id
         return response
 
-    async def _authorize(self, request: Request) -> None:
+    async def _authorize(self, request: Request) -> str:
+        """The client's name (see lb.metering) once its key or token is accepted."""
         try:
-            await self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
+            identity = await self.client_auth.check(
+                request.headers.get("api-key"), request.headers.get("authorization")
+            )
         except errors.Unauthorized as exc:
             log.info("client refused: %s", exc.message)  # our own words only, never the credential
             raise
+        return getattr(identity, "name", None) or ANONYMOUS_CLIENT
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -119,6 +131,16 @@ class Proxy:
         if not self._started:
             await self.start()
         return JSONResponse(self.status_report())
+
+    async def usage(self, request: Request) -> Response:
+        """`GET /lb/usage`: tokens and requests per client and per backend (see lb.metering)."""
+        try:
+            await self._authorize(request)
+        except errors.ProxyError as exc:
+            return exc.response()
+        if not self._started:
+            await self.start()
+        return JSONResponse(self.metering.report())
 
     def status_report(self) -> dict[str, Any]:
         now = time.time()

@@ -164,8 +164,8 @@ class SimBackend:
                 return await self._stream(receive, send, rate, _response_events(response, pieces))
             return await self._json(send, 200, response, rate)
         if stream:
-            return await self._stream(receive, send, rate, self._chat_events(deployment))
-        return await self._json(send, 200, _completion(self.name, deployment), rate)
+            return await self._stream(receive, send, rate, self._chat_events(deployment, payload))
+        return await self._json(send, 200, _completion(self.name, deployment, payload), rate)
 
     async def _json(self, send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] = ()) -> None:
         data = json.dumps(body).encode()
@@ -212,13 +212,20 @@ class SimBackend:
             await send({"type": "http.response.body", "body": event, "more_body": i < len(events) - 1})
         self.answered[200] = self.answered.get(200, 0) + 1
 
-    def _chat_events(self, deployment: str | None) -> list[bytes]:
-        """`chunks` content chunks, then the finish chunk and `[DONE]`, as Azure OpenAI streams a chat."""
+    def _chat_events(self, deployment: str | None, payload: Any) -> list[bytes]:
+        """`chunks` content chunks, then the finish chunk and `[DONE]`, as Azure OpenAI streams a chat;
+        with `stream_options.include_usage` every chunk says `"usage":null` and a last one, with no
+        choices, carries the usage."""
         cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
-        events = [
-            _sse(_chunk(cid, deployment, f"{self.name if i == 0 else ''} tok{i}", None)) for i in range(self.chunks)
-        ]
-        return [*events, _sse(_chunk(cid, deployment, None, "stop")), b"data: [DONE]\n\n"]
+        options = payload.get("stream_options") if isinstance(payload, dict) else None
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        chunks = [_chunk(cid, deployment, f"{self.name if i == 0 else ''} tok{i}", None) for i in range(self.chunks)]
+        chunks.append(_chunk(cid, deployment, None, "stop"))
+        if include_usage:
+            for chunk in chunks:
+                chunk["usage"] = None
+            chunks.append({**chunks[-1], "choices": [], "usage": _chat_usage(payload, self.chunks)})
+        return [*(_sse(c) for c in chunks), b"data: [DONE]\n\n"]
 
 
 def _json(body: bytes) -> Any:
@@ -256,7 +263,19 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-def _completion(backend: str, deployment: str | None) -> dict[str, Any]:
+def _chat_usage(payload: Any, completion: int) -> dict[str, Any]:
+    """Prompt tokens from the prompt's length (4 characters a token), as the Responses API's."""
+    prompt = max(1, math.ceil(_prompt_chars(payload) / 4)) if isinstance(payload, dict) else 20
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": prompt // 2 if prompt >= 1024 else 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+def _completion(backend: str, deployment: str | None, payload: Any = None) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
         "object": "chat.completion",
@@ -269,7 +288,7 @@ def _completion(backend: str, deployment: str | None) -> dict[str, Any]:
                 "message": {"role": "assistant", "content": f"Hello from {backend}."},
             }
         ],
-        "usage": {"prompt_tokens": 20, "completion_tokens": 10, "total_tokens": 30},
+        "usage": _chat_usage(payload, 10),
     }
 
 
