@@ -232,6 +232,7 @@ class UsageShare:
         return {
             "instances": self.instances,
             "healthy": self.healthy,
+            "ops": dict(self.ops),
             "clients": table(clients, now),
             "backends": table(backends, now),
         }
