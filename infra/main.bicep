@@ -7,8 +7,43 @@ targetScope = 'subscription'
 @description('azd environment name; seeds the resource group and the unique resource names.')
 param environmentName string
 
+// Regions that offer Flex Consumption (docs/deployment.md cites the list; `az functionapp
+// list-flexconsumption-locations` prints today's). azd offers only these when it asks.
 @minLength(1)
 @description('Region of the Function App, its storage and monitoring (must offer Flex Consumption).')
+@allowed([
+  'australiaeast'
+  'australiasoutheast'
+  'brazilsouth'
+  'canadacentral'
+  'centralindia'
+  'centralus'
+  'eastasia'
+  'eastus'
+  'eastus2'
+  'francecentral'
+  'germanywestcentral'
+  'italynorth'
+  'japaneast'
+  'koreacentral'
+  'northcentralus'
+  'northeurope'
+  'norwayeast'
+  'southafricanorth'
+  'southcentralus'
+  'southeastasia'
+  'southindia'
+  'spaincentral'
+  'swedencentral'
+  'uaenorth'
+  'uksouth'
+  'ukwest'
+  'westcentralus'
+  'westeurope'
+  'westus'
+  'westus2'
+  'westus3'
+])
 @metadata({ azd: { type: 'location' } })
 param location string
 
@@ -16,8 +51,13 @@ param location string
 param principalId string = ''
 
 // ---- Azure OpenAI pool ----
+// Every value below can be set with `azd env set <NAME> <value>` (infra/main.parameters.json maps
+// the names); infra/hooks/preprovision.* checks the models, versions and SKUs in every region first.
 @description('One new Azure OpenAI account per region, each a backend of the pool.')
 param openAiLocations array = ['eastus', 'northcentralus', 'eastus2']
+
+@description('The same as a comma list, because azd environment values are strings (LB_OPENAI_LOCATIONS); wins when set.')
+param openAiLocationsCsv string = ''
 
 @description('Balance these existing endpoints instead of creating accounts. Grant the identity "Cognitive Services OpenAI User" on each yourself.')
 param existingOpenAiEndpoints array = []
@@ -25,19 +65,33 @@ param existingOpenAiEndpoints array = []
 @description('The same as a comma list, because azd environment values are strings (LB_EXISTING_OPENAI_ENDPOINTS).')
 param existingOpenAiEndpointsCsv string = ''
 
+// Defaults: GA models not retiring before 2027 in Microsoft Learn's retirement schedule, the
+// ones azure-search-openai-demo deploys (docs/deployment.md cites both).
+@minLength(1)
 param chatDeploymentName string = 'chat'
-param chatModelName string = 'gpt-4o-mini'
-param chatModelVersion string = '2024-07-18'
+@minLength(1)
+param chatModelName string = 'gpt-5.4-mini'
+@minLength(1)
+param chatModelVersion string = '2026-03-17'
+@description('Deployment type: GlobalStandard where the model offers it.')
 param chatSkuName string = 'GlobalStandard'
+@minValue(1)
 @description('Thousands of tokens per minute, per account.')
 param chatCapacity int = 30
 
+@minLength(1)
 param embeddingDeploymentName string = 'embedding'
-param embeddingModelName string = 'text-embedding-3-small'
+@minLength(1)
+param embeddingModelName string = 'text-embedding-3-large'
+@minLength(1)
 param embeddingModelVersion string = '1'
-param embeddingSkuName string = 'Standard'
+param embeddingSkuName string = 'GlobalStandard'
+@minValue(1)
 @description('Thousands of tokens per minute, per account.')
 param embeddingCapacity int = 30
+@minValue(1)
+@description('Vector length chat apps ask for (`dimensions`); text-embedding-3-large gives up to 3072, -3-small up to 1536.')
+param embeddingDimensions int = 3072
 
 // ---- Balancer ----
 @description('Table holding the shared cooldowns.')
@@ -56,11 +110,24 @@ param generatedClientKey string = replace(newGuid(), '-', '')
 @description('App (client) or object ids, comma-separated, whose Entra ID tokens the balancer accepts (e.g. the chat app identity).')
 param entraAllowedClients string = ''
 
-@description('Flex Consumption scale-out ceiling.')
+// Flex accepts 40-1000 (Microsoft Learn, Flex Consumption considerations); it counts on-demand
+// instances per function group, and a burst may briefly exceed it (docs/deployment.md).
+@minValue(40)
+@maxValue(1000)
+@description('Flex Consumption scale-out ceiling (LB_MAXIMUM_INSTANCE_COUNT).')
 param maximumInstanceCount int = 100
 
 @allowed([512, 2048, 4096])
+@description('Flex Consumption instance size (LB_INSTANCE_MEMORY_MB).')
 param instanceMemoryMB int = 2048
+
+// Flex runs a Python app one HTTP request per instance unless this is set (Microsoft Learn,
+// HTTP trigger concurrency). lb is async: one process holds hundreds of streams; the default is
+// the measured figure with margin (docs/performance.md, `python -m bench concurrency`).
+@minValue(1)
+@maxValue(1000)
+@description('Concurrent HTTP requests per instance before Flex adds one (LB_PER_INSTANCE_CONCURRENCY).')
+param perInstanceConcurrency int = 250
 
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = { 'azd-env-name': environmentName }
@@ -72,7 +139,10 @@ var existingEndpoints = concat(
   filter(map(split(existingOpenAiEndpointsCsv, ','), e => trim(e)), e => !empty(e))
 )
 var createAccounts = empty(existingEndpoints)
-var accountNames = [for (loc, i) in openAiLocations: 'oai-${resourceToken}-${i + 1}']
+var poolLocations = empty(trim(openAiLocationsCsv))
+  ? openAiLocations
+  : filter(map(split(openAiLocationsCsv, ','), l => trim(l)), l => !empty(l))
+var accountNames = [for (loc, i) in poolLocations: 'oai-${resourceToken}-${i + 1}']
 // The endpoint follows from customSubDomainName, so the URLs are known without waiting on the accounts.
 var backendUrls = createAccounts ? map(accountNames, n => 'https://${n}.openai.azure.com') : existingEndpoints
 var effectiveClientKey = empty(clientKey) ? generatedClientKey : clientKey
@@ -150,7 +220,7 @@ module storage 'app/storage.bicep' = {
   }
 }
 
-module openAi 'app/openai.bicep' = [for (loc, i) in (createAccounts ? openAiLocations : []): {
+module openAi 'app/openai.bicep' = [for (loc, i) in (createAccounts ? poolLocations : []): {
   name: 'openai-${i + 1}'
   scope: rg
   params: {
@@ -183,25 +253,29 @@ module api 'app/api.bicep' = {
     entraAllowedClients: entraAllowedClients
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
+    perInstanceConcurrency: perInstanceConcurrency
   }
   // The host must not start before it can read its storage and the accounts exist.
   dependsOn: [openAi]
 }
 
-// Values for `azd env set` in the chat app (azure-search-openai-demo). The client key is not here:
-// read it from the app settings (see docs/deploy.md).
+// Values for `azd env set` in the chat apps (docs/chat-apps.md). The client key is not here:
+// read it from the app settings (docs/deployment.md).
 output AZURE_LOCATION string = location
 output AZURE_TENANT_ID string = tenant().tenantId
 output AZURE_RESOURCE_GROUP string = rg.name
 output AZURE_FUNCTION_NAME string = api.outputs.name
 output SERVICE_API_NAME string = api.outputs.name
+// The balancer's base URL: openai-chat-app-quickstart's AZURE_OPENAI_ENDPOINT (it appends /openai/v1/).
+output LB_URL string = api.outputs.uri
+// azure-search-openai-demo builds AsyncOpenAI(base_url=AZURE_OPENAI_CUSTOM_URL): the /openai/v1 form.
 output OPENAI_HOST string = 'azure_custom'
-output AZURE_OPENAI_CUSTOM_URL string = api.outputs.uri
-// Chat app versions that build an OpenAI client with base_url (not AzureOpenAI) need the /openai/v1 form.
-output AZURE_OPENAI_CUSTOM_URL_V1 string = '${api.outputs.uri}/openai/v1'
+output AZURE_OPENAI_CUSTOM_URL string = '${api.outputs.uri}/openai/v1'
 output AZURE_OPENAI_CHATGPT_DEPLOYMENT string = chatDeploymentName
 output AZURE_OPENAI_CHATGPT_MODEL string = chatModelName
+output AZURE_OPENAI_CHAT_DEPLOYMENT string = chatDeploymentName
 output AZURE_OPENAI_EMB_DEPLOYMENT string = embeddingDeploymentName
 output AZURE_OPENAI_EMB_MODEL_NAME string = embeddingModelName
+output AZURE_OPENAI_EMB_DIMENSIONS int = embeddingDimensions
 output LB_CLIENT_KEY_SETTING string = 'LB_CLIENT_KEYS'
 output LB_BACKEND_URLS array = backendUrls

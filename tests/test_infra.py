@@ -222,13 +222,18 @@ def test_openai_deployments_are_created_one_at_a_time():
     )
 
 
-def test_main_defaults_match_the_issue_and_lb():
+def test_main_defaults_are_current_models_and_lb_names():
     params = params_of(INFRA / "main.bicep")
     assert params["openAiLocations"] == "array = ['eastus', 'northcentralus', 'eastus2']"
     assert params["existingOpenAiEndpoints"] == "array = []"
     assert params["stateTableName"] == f"string = '{DEFAULT_STATE_TABLE}'"
-    assert params["chatModelName"] == "string = 'gpt-4o-mini'"
-    assert params["embeddingModelName"] == "string = 'text-embedding-3-small'"
+    # Not retired before 2027 in Microsoft Learn's schedule (docs/deployment.md); gpt-4o-mini retired 2026-10-01.
+    assert params["chatModelName"] == "string = 'gpt-5.4-mini'"
+    assert params["chatModelVersion"] == "string = '2026-03-17'"
+    assert params["chatSkuName"] == "string = 'GlobalStandard'"
+    assert params["embeddingModelName"] == "string = 'text-embedding-3-large'"
+    assert params["embeddingSkuName"] == "string = 'GlobalStandard'"
+    assert params["embeddingDimensions"] == "int = 3072"  # what text-embedding-3-large gives and the RAG app asks
     assert "storage.bicep" in read(INFRA / "main.bicep")
     assert re.search(r"resource cooldowns 'tables'", read(INFRA / "app" / "storage.bicep"))
 
@@ -305,7 +310,7 @@ def test_host_json_routes_at_the_root():
     assert host["extensions"]["http"]["routePrefix"] == ""
 
 
-def test_local_settings_sample_has_what_func_start_needs():
+def test_local_settings_sample_has_what_func_start_needs_and_nothing_redundant():
     doc = json.loads(read(ROOT / "local.settings.sample.json"))
     assert doc["IsEncrypted"] is False
     values = doc["Values"]
@@ -313,8 +318,11 @@ def test_local_settings_sample_has_what_func_start_needs():
     assert values["AzureWebJobsStorage"] == "UseDevelopmentStorage=true"
     assert values["FUNCTIONS_WORKER_RUNTIME"] == "python"
     assert values["PYTHON_ENABLE_INIT_INDEXING"] == "1"
-    assert values["LB_STATE_CONNECTION_STRING"] == "UseDevelopmentStorage=true"
     assert {"BACKEND_1_URL", "LB_CLIENT_KEYS"} <= set(values)
+    # The cooldown table falls back to AzureWebJobsStorage (the same Azurite), and worker indexing is
+    # the host's default since v4.28: either line would only repeat a default.
+    assert "LB_STATE_CONNECTION_STRING" not in values
+    assert "AzureWebJobsFeatureFlags" not in values
     unknown = {name for name in values if not is_setting_name(name)}
     assert not unknown, f"settings lb does not read: {sorted(unknown)}"
 
@@ -323,3 +331,166 @@ def test_local_settings_json_is_ignored_by_git_and_func():
     assert "local.settings.json" in read(ROOT / ".gitignore").split()
     funcignore = read(ROOT / ".funcignore").split()
     assert {"local.settings.json", "tests/", "infra/", ".venv/"} <= set(funcignore)
+
+
+def test_funcignore_ships_only_the_runtime():
+    """Everything at the top level except what the Function runs is left out of the package."""
+    ignored = {line.rstrip("/") for line in read(ROOT / ".funcignore").splitlines() if line and line[0] != "#"}
+    runtime = {"function_app.py", "host.json", "requirements.txt", "lb"}
+    for entry in ROOT.iterdir():
+        name = entry.name
+        if name in runtime or name in {".git"} or (name.startswith(".git") and ".git*" in ignored):
+            continue
+        assert name in ignored or any(p.endswith("*") and name.startswith(p[:-1]) for p in ignored), (
+            f"{name} would be deployed"
+        )
+    assert not runtime & ignored
+    assert {"requirements-bench.txt", "requirements-dev.txt", "docs", "bench", "tests", "node_modules"} <= ignored
+
+
+# ---- azd: parameters settable with `azd env set`, hooks, versions ----
+
+AZD_VARIABLES = {  # main.bicep parameter -> the azd environment variable main.parameters.json maps to it
+    "openAiLocationsCsv": "LB_OPENAI_LOCATIONS",
+    "chatDeploymentName": "AZURE_OPENAI_CHATGPT_DEPLOYMENT",
+    "chatModelName": "AZURE_OPENAI_CHATGPT_MODEL",
+    "chatModelVersion": "AZURE_OPENAI_CHATGPT_DEPLOYMENT_VERSION",
+    "chatSkuName": "AZURE_OPENAI_CHATGPT_DEPLOYMENT_SKU",
+    "chatCapacity": "AZURE_OPENAI_CHATGPT_DEPLOYMENT_CAPACITY",
+    "embeddingDeploymentName": "AZURE_OPENAI_EMB_DEPLOYMENT",
+    "embeddingModelName": "AZURE_OPENAI_EMB_MODEL_NAME",
+    "embeddingModelVersion": "AZURE_OPENAI_EMB_DEPLOYMENT_VERSION",
+    "embeddingSkuName": "AZURE_OPENAI_EMB_DEPLOYMENT_SKU",
+    "embeddingCapacity": "AZURE_OPENAI_EMB_DEPLOYMENT_CAPACITY",
+    "embeddingDimensions": "AZURE_OPENAI_EMB_DIMENSIONS",
+    "maximumInstanceCount": "LB_MAXIMUM_INSTANCE_COUNT",
+    "instanceMemoryMB": "LB_INSTANCE_MEMORY_MB",
+    "perInstanceConcurrency": "LB_PER_INSTANCE_CONCURRENCY",
+    "existingOpenAiEndpointsCsv": "LB_EXISTING_OPENAI_ENDPOINTS",
+    "entraAllowedClients": "LB_ENTRA_ALLOWED_CLIENTS",
+    "clientKey": "LB_CLIENT_KEY",
+}
+HOOKS = INFRA / "hooks"
+
+
+def parameter_file_variables() -> dict[str, tuple[str, str | None]]:
+    """parameter -> (azd variable, its `${VAR=default}` default or None)."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for name, spec in json.loads(read(INFRA / "main.parameters.json"))["parameters"].items():
+        m = re.fullmatch(r"\$\{(\w+)(?:=([^}]*))?\}", spec["value"])
+        assert m, f"{name}: {spec['value']!r} is not an azd ${{VAR}} reference"
+        out[name] = (m.group(1), m.group(2))
+    return out
+
+
+def bicep_default(rest: str) -> str:
+    """`string = 'x'` -> x, `int = 30` -> 30."""
+    value = rest.split("=", 1)[1].strip()
+    return value.strip("'")
+
+
+def test_every_model_and_scale_parameter_is_settable_with_azd_env_set():
+    mapped = parameter_file_variables()
+    for param, variable in AZD_VARIABLES.items():
+        assert mapped[param][0] == variable, f"{param} should read {variable}, reads {mapped[param][0]}"
+
+
+def test_parameter_file_defaults_equal_the_bicep_defaults():
+    """A value azd substitutes when the variable is unset must be the template's own default."""
+    declared = params_of(INFRA / "main.bicep")
+    for param, (variable, default) in parameter_file_variables().items():
+        if default is not None:
+            assert bicep_default(declared[param]) == default, f"{variable}: {default!r} vs {declared[param]!r}"
+
+
+def hook_defaults(path: Path) -> dict[str, str]:
+    text = read(path)
+    found = dict(re.findall(r"\$\{(\w+):-([^}]*)\}", text))  # sh: ${VAR:-default}
+    found |= dict(re.findall(r"Get-Setting '(\w+)' '([^']*)'", text))  # PowerShell
+    return found
+
+
+@pytest.mark.parametrize("hook", ["preprovision.sh", "preprovision.ps1"])
+def test_hook_defaults_equal_the_parameter_file_defaults(hook: str):
+    defaults = {variable: default for variable, default in parameter_file_variables().values() if default}
+    locations = params_of(INFRA / "main.bicep")["openAiLocations"]
+    defaults["LB_OPENAI_LOCATIONS"] = ",".join(re.findall(r"'([a-z0-9]+)'", locations))
+    in_hook = hook_defaults(HOOKS / hook)
+    checked = {
+        "AZURE_OPENAI_CHATGPT_MODEL",
+        "AZURE_OPENAI_CHATGPT_DEPLOYMENT_VERSION",
+        "AZURE_OPENAI_CHATGPT_DEPLOYMENT_SKU",
+        "AZURE_OPENAI_EMB_MODEL_NAME",
+        "AZURE_OPENAI_EMB_DEPLOYMENT_VERSION",
+        "AZURE_OPENAI_EMB_DEPLOYMENT_SKU",
+        "LB_OPENAI_LOCATIONS",
+    }
+    for variable in checked:
+        assert in_hook.get(variable) == defaults[variable], f"{hook}: {variable}"
+
+
+def test_azure_yaml_runs_the_preprovision_hook_on_both_shells_and_pins_azd():
+    doc = load_yaml(ROOT / "azure.yaml")
+    hook = doc["hooks"]["preprovision"]
+    assert hook["posix"]["shell"] == "sh" and hook["posix"]["run"] == "./infra/hooks/preprovision.sh"
+    assert hook["windows"]["shell"] == "pwsh" and hook["windows"]["run"] == "./infra/hooks/preprovision.ps1"
+    for side in ("posix", "windows"):
+        assert hook[side].get("continueOnError") in (False, "false"), "a missing model must stop azd"
+        assert (ROOT / hook[side]["run"]).is_file()
+    assert (HOOKS / "preprovision.sh").stat().st_mode & 0o111, "azd runs the sh hook directly"
+    assert re.fullmatch(r">=\s*1\.\d+\.\d+", str(doc["requiredVersions"]["azd"]))
+
+
+def test_powershell_hook_checks_the_same_things():
+    ps = read(HOOKS / "preprovision.ps1")
+    for needle in (
+        "az cognitiveservices model list --location",
+        "az account show",
+        "Get-Command az",
+        "LB_EXISTING_OPENAI_ENDPOINTS",
+        "skipped",
+        "exit 1",
+        "offered instead",
+    ):
+        assert needle in ps, needle
+
+
+# ---- Flex Consumption scale ----
+
+
+def test_http_concurrency_is_set_for_the_python_app():
+    """Flex gives a Python app 1 HTTP request per instance unless perInstanceConcurrency is set."""
+    api = strip_bicep(read(INFRA / "app" / "api.bicep"))
+    assert re.search(r"triggers:\s*\{\s*http:\s*\{\s*perInstanceConcurrency:\s*perInstanceConcurrency", api)
+    main = read(INFRA / "main.bicep")
+    assert re.search(
+        r"@minValue\(1\)\s*@maxValue\(1000\)\s*(@description\(.*\)\s*)?param perInstanceConcurrency int = \d+", main
+    )
+    assert "perInstanceConcurrency: perInstanceConcurrency" in main
+
+
+def test_maximum_instance_count_is_bounded_to_what_flex_accepts():
+    main = read(INFRA / "main.bicep")
+    assert re.search(
+        r"@minValue\(40\)\s*@maxValue\(1000\)\s*(@description\(.*\)\s*)?param maximumInstanceCount int", main
+    )
+
+
+def test_location_is_limited_to_flex_consumption_regions():
+    main = read(INFRA / "main.bicep")
+    block = re.search(
+        r"@allowed\(\[(.*?)\]\)\s*@metadata\(\{ azd: \{ type: 'location' \} \}\)\s*param location", main, re.S
+    )
+    assert block, "location has no @allowed list"
+    regions = re.findall(r"'([a-z0-9]+)'", block.group(1))
+    assert {"eastus", "eastus2", "swedencentral", "westeurope"} <= set(regions)
+    assert not [r for r in regions if "euap" in r], "canary regions are not for users"
+    assert len(regions) == len(set(regions))
+
+
+def test_outputs_give_each_chat_app_its_url_form_and_the_embedding_dimensions():
+    main = read(INFRA / "main.bicep")
+    assert "output AZURE_OPENAI_CUSTOM_URL string = '${api.outputs.uri}/openai/v1'" in main
+    assert "output LB_URL string = api.outputs.uri" in main
+    assert "output AZURE_OPENAI_EMB_DIMENSIONS int = embeddingDimensions" in main
+    assert "output AZURE_OPENAI_CHAT_DEPLOYMENT string = chatDeploymentName" in main

@@ -22,6 +22,8 @@ param entraAllowedClients string = ''
 param pythonVersion string = '3.11'
 param maximumInstanceCount int = 100
 param instanceMemoryMB int = 2048
+@description('HTTP requests one instance takes at once; Flex gives Python apps 1 unless set.')
+param perInstanceConcurrency int
 
 // Tokens of this tenant from the listed identities (e.g. the chat app's managed identity) are accepted.
 // <app-settings>
@@ -84,6 +86,11 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
       scaleAndConcurrency: {
         maximumInstanceCount: maximumInstanceCount
         instanceMemoryMB: instanceMemoryMB
+        triggers: {
+          http: {
+            perInstanceConcurrency: perInstanceConcurrency
+          }
+        }
       }
       runtime: {
         name: 'python'

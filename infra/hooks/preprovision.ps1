@@ -1,0 +1,78 @@
+# azd preprovision hook (Windows): the same check as preprovision.sh. Before anything is created,
+# every chosen model, version and deployment type (SKU) must be offered in every chosen region, so a
+# retired model or a typo stops here with one line naming it instead of failing inside `azd provision`.
+# Needs the Azure CLI, logged in (`az login`); without it the check is skipped, and says so.
+# The defaults below are infra/main.parameters.json's (tests/test_infra.py keeps them equal).
+$ErrorActionPreference = 'Stop'
+
+function Get-Setting([string]$Name, [string]$Default) {
+    $value = [Environment]::GetEnvironmentVariable($Name)
+    if ([string]::IsNullOrEmpty($value)) { return $Default } else { return $value }
+}
+
+$wanted = @(
+    @{ Which = 'chat'
+       Name = Get-Setting 'AZURE_OPENAI_CHATGPT_MODEL' 'gpt-5.4-mini'
+       Version = Get-Setting 'AZURE_OPENAI_CHATGPT_DEPLOYMENT_VERSION' '2026-03-17'
+       Sku = Get-Setting 'AZURE_OPENAI_CHATGPT_DEPLOYMENT_SKU' 'GlobalStandard'
+       Vars = 'AZURE_OPENAI_CHATGPT_MODEL / _DEPLOYMENT_VERSION / _DEPLOYMENT_SKU' },
+    @{ Which = 'embedding'
+       Name = Get-Setting 'AZURE_OPENAI_EMB_MODEL_NAME' 'text-embedding-3-large'
+       Version = Get-Setting 'AZURE_OPENAI_EMB_DEPLOYMENT_VERSION' '1'
+       Sku = Get-Setting 'AZURE_OPENAI_EMB_DEPLOYMENT_SKU' 'GlobalStandard'
+       Vars = 'AZURE_OPENAI_EMB_MODEL_NAME / _DEPLOYMENT_VERSION / _DEPLOYMENT_SKU' }
+)
+$locations = Get-Setting 'LB_OPENAI_LOCATIONS' 'eastus,northcentralus,eastus2'
+
+if (-not [string]::IsNullOrEmpty($env:LB_EXISTING_OPENAI_ENDPOINTS)) {
+    Write-Output 'preprovision: LB_EXISTING_OPENAI_ENDPOINTS is set, so no Azure OpenAI account is created: model check skipped'
+    exit 0
+}
+if (-not (Get-Command az -ErrorAction SilentlyContinue)) {
+    Write-Output "preprovision: Azure CLI (az) not found: model check skipped (install az and run 'az login' to check the models in $locations first)"
+    exit 0
+}
+az account show --output none 2>$null | Out-Null
+if ($LASTEXITCODE -ne 0) {
+    Write-Output "preprovision: Azure CLI not logged in: model check skipped (run 'az login' to check the models in $locations first)"
+    exit 0
+}
+
+$failed = $false
+foreach ($loc in ($locations -split ',' | ForEach-Object { $_.Trim() } | Where-Object { $_ })) {
+    $raw = az cognitiveservices model list --location $loc --output json 2>&1
+    if ($LASTEXITCODE -ne 0) {
+        Write-Output "preprovision: cannot list Azure OpenAI models in region '$loc' (LB_OPENAI_LOCATIONS): $(($raw | Select-Object -First 1))"
+        $failed = $true
+        continue
+    }
+    $models = @(($raw | Out-String | ConvertFrom-Json) | Where-Object { $_.model.format -eq 'OpenAI' } | ForEach-Object {
+        [pscustomobject]@{ Name = $_.model.name; Version = $_.model.version
+                           Skus = @($_.model.skus | ForEach-Object { $_.name })
+                           Gone = ("$($_.model.lifecycleStatus)" -match '^(Deprecat|Retir)') }
+    })
+    foreach ($w in $wanted) {
+        $same = @($models | Where-Object { $_.Name -eq $w.Name })
+        $exact = @($same | Where-Object { $_.Version -eq $w.Version })
+        $withSku = @($exact | Where-Object { $_.Skus -contains $w.Sku })
+        if (@($withSku | Where-Object { -not $_.Gone }).Count -gt 0) { continue }
+        if ($withSku.Count -gt 0) { $why = 'deprecated there (no new deployments)' }
+        elseif ($exact.Count -gt 0) { $why = "not offered as $($w.Sku) there" }
+        elseif ($same.Count -gt 0) { $why = "version $($w.Version) not offered there" }
+        else { $why = 'model not offered there' }
+        $live = @($models | Where-Object { -not $_.Gone })
+        $sameLive = @($live | Where-Object { $_.Name -eq $w.Name } | ForEach-Object { "$($_.Version) ($($_.Skus -join ','))" })
+        if ($sameLive.Count -gt 0) {
+            $instead = "$($w.Name) $($sameLive -join ', ')"
+        } else {
+            $family = $w.Name.Split('-')[0] + '-'
+            $others = @($live | Where-Object { $_.Name.StartsWith($family) -and ($_.Skus -contains $w.Sku) } |
+                ForEach-Object { "$($_.Name) $($_.Version)" } | Select-Object -Unique -First 8)
+            $instead = if ($others.Count -gt 0) { "$($others -join ', ') ($($w.Sku))" } else { "nothing of that family with $($w.Sku)" }
+        }
+        Write-Output "preprovision: $($w.Which) model $($w.Name) $($w.Version) $($w.Sku) is missing in $loc ($why); offered instead: $instead; change it with azd env set ($($w.Vars)) or LB_OPENAI_LOCATIONS"
+        $failed = $true
+    }
+}
+if ($failed) { exit 1 }
+Write-Output "preprovision: the chosen models are offered in $locations"
