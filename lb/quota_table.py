@@ -216,7 +216,11 @@ class UsageShare:
         self.last_error = f"{type(exc).__name__}{f' {status}' if status else ''}: {first_line}".rstrip(": ")
         if self.healthy:
             self.healthy = False
-            log.warning("usage table unreachable, client limits hold per instance meanwhile: %s", self.last_error)
+            log.warning(
+                "usage table unreachable, client limits hold per instance meanwhile (instance %s): %s",
+                self.instance_id,
+                self.last_error,
+            )
 
     def pool_report(self, now: float) -> dict[str, Any]:
         """The pool's counts: this instance's own plus the others' as last read (about a second old)."""

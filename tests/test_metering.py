@@ -107,3 +107,29 @@ def test_minute_and_hour_windows_forget_old_counts() -> None:
     assert report["last_hour"]["total_tokens"] == 15 and report["last_hour"]["requests"] == 2
     clock[0] += 3600.0
     assert metering.report()["clients"]["app"]["last_hour"]["requests"] == 0
+
+
+def test_token_metrics_carry_client_backend_deployment_and_kind_never_a_key(servers) -> None:
+    from lb.app import create_app
+    from lb.config import load_settings
+    from lb.proxy import Proxy
+    from lb.sim import SimBackend
+    from tests.test_telemetry import Recorded, point
+
+    recorded = Recorded()
+    backend = SimBackend("sim1", api_key="key-1")
+    env = {"LB_CLIENT_KEYS": CLIENT_KEY, "BACKEND_1_URL": servers.start(backend), "BACKEND_1_APIKEY": "key-1"}
+    url = servers.start(create_app(proxy=Proxy(load_settings(env), telemetry=recorded.telemetry)))
+    client = httpx.Client(base_url=url, headers={"api-key": CLIENT_KEY})
+    body = {"model": "chat", "messages": [{"role": "user", "content": "x" * 400}]}
+    usage = client.post("/openai/v1/chat/completions", json=body).json()["usage"]
+    client.post("/openai/v1/chat/completions", json={**body, "stream": True}).read()  # no usage in the stream
+
+    points = recorded.points()
+    who = {"client": "anonymous", "backend": "1", "deployment": "chat"}
+    assert points[point("lb.tokens", **who, kind="prompt")] == usage["prompt_tokens"]
+    assert points[point("lb.tokens", **who, kind="completion")] == usage["completion_tokens"]
+    assert points[point("lb.tokens", **who, kind="total")] == usage["total_tokens"]
+    assert points[point("lb.metered_requests", **who, usage="known")] == 1
+    assert points[point("lb.metered_requests", **who, usage="unknown")] == 1
+    assert not any(CLIENT_KEY in str(v) or "key-1" in str(v) for key in points for _, v in key[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
@@ -92,3 +93,36 @@ def test_two_instances_on_azurite_share_one_limit(make_pool, servers, azurite) -
     assert pool_report["clients"]["anonymous"]["last_minute"]["requests"] == 4
     writes = proxies[0].metering.share.ops["writes"]
     assert writes <= 8  # one row write per second at most, only when something changed
+
+
+def test_a_table_outage_keeps_limits_per_instance_and_logs_once(make_pool, servers, azurite, caplog) -> None:
+    if azurite.external_url:
+        pytest.skip("cannot stop an Azurite we did not start (AZURITE_TABLE_URL is set)")
+    caplog.set_level(logging.INFO, logger="lb.usage")
+    pool = make_pool(1)
+    backend_env = {"BACKEND_1_URL": pool.proxy.settings.backends[0].url, "BACKEND_1_APIKEY": "key-1"}
+    urls, proxies = two_instances(servers, azurite, backend_env, "anonymous=3rpm")
+    ids = [p.metering.share.instance_id for p in proxies]
+    a, b = (openai.OpenAI(base_url=u + "/openai/v1", api_key="x", max_retries=0) for u in urls)
+    for _ in range(3):
+        chat(a)
+    time.sleep(2.5)
+    with pytest.raises(openai.RateLimitError):
+        chat(b)  # the pool's limit, shared
+    azurite.stop()
+    try:
+        time.sleep(3.5)  # several share rounds fail
+        for _ in range(3):
+            chat(b)  # b alone now: its own 3
+        with pytest.raises(openai.RateLimitError):
+            chat(b)
+    finally:
+        azurite.start()
+    deadline = time.monotonic() + 15
+    while not any("reachable again" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the usage share did not recover"
+        time.sleep(0.2)
+    warnings = [r for r in caplog.records if r.name == "lb.usage" and r.levelno == logging.WARNING]
+    for instance in ids:  # once per instance, however many rounds failed
+        assert sum(instance in r.getMessage() for r in warnings) == 1
+    assert all("per instance" in r.getMessage() and "AccountKey" not in r.getMessage() for r in warnings)
