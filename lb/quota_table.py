@@ -40,6 +40,7 @@ log = logging.getLogger("lb.usage")  # apart from lb.state: its outage is the sa
 
 SHARE_INTERVAL_SECONDS = 1.0
 OP_TIMEOUT_SECONDS = 2.0
+FIRST_LOAD_SECONDS = 2.0  # start-up waits this long at most for the pool's counts
 FORGET_SECONDS = 2 * 3600.0  # a row this old holds nothing for the hour window: delete it
 PART_CHARS = 30_000  # a Table string property holds 32K UTF-16 characters; the JSON is cut into parts
 MAX_PARTS = 30
@@ -73,7 +74,7 @@ class UsageShare:
         self._client = self._make_client(settings)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._written_version = -1
+        self._written_version = 0  # the row is first written once something was counted
 
     def _make_client(self, settings: StateSettings) -> TableClient:
         options: dict[str, Any] = {
@@ -99,7 +100,10 @@ class UsageShare:
     # Lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         if self._task is None and not self._closed:
-            await self.round()  # the pool's counts before the first request, where the Table allows
+            try:  # the pool's counts before the first request, if the Table answers quickly
+                await asyncio.wait_for(self.round(), FIRST_LOAD_SECONDS)
+            except asyncio.TimeoutError as exc:
+                self._fault(exc)
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
