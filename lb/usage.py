@@ -22,9 +22,9 @@ from typing import Any
 
 MAX_JSON_BYTES = 32 * 1024 * 1024  # a JSON answer larger than this is relayed but not metered
 MAX_EVENT_BYTES = 8 * 1024 * 1024  # ... nor is a stream event larger than this
-_MARKERS = (b'"usage":{', b'"usage": {')  # compact JSON (Azure OpenAI, OpenAI) and Python's default
+_MARK, _MARK_SPACED = b'"usage":{', b'"usage": {'  # compact JSON (Azure OpenAI, OpenAI) and Python's default
 _KEY = b'"usage":'
-_EDGE = len(_MARKERS[1]) - 1
+_EDGE = len(_MARK_SPACED) - 1
 _DECODER = json.JSONDecoder()
 
 
@@ -112,10 +112,13 @@ class UsageReader:
         return _from_body(b"".join(self._chunks))
 
     def _feed_event(self, chunk: bytes) -> None:
-        # A marker split across reads is found by looking at the stream's previous last bytes too.
         if not self._hot:
-            seam = self._edge + chunk[:_EDGE]
-            self._hot = any(m in chunk for m in _MARKERS) or any(m in seam for m in _MARKERS)
+            self._hot = _MARK in chunk or _MARK_SPACED in chunk or (bool(self._edge) and self._straddles(chunk))
+        if chunk.endswith(b"\n\n"):  # the common case: the read ends where an event does
+            if self._hot:
+                self._scan(b"".join((*self._chunks, chunk)) if self._chunks else chunk)
+            self._chunks, self._size, self._hot, self._edge = [], 0, False, b""
+            return
         self._edge = chunk[-_EDGE:] if len(chunk) >= _EDGE else (self._edge + chunk)[-_EDGE:]
         end = chunk.rfind(b"\n\n")
         if end < 0:
@@ -131,12 +134,17 @@ class UsageReader:
             self._scan(b"".join((*self._chunks, chunk[:end])))
         rest = chunk[end:].lstrip(b"\r\n")
         self._chunks, self._size = ([rest], len(rest)) if rest else ([], 0)
-        self._hot = bool(rest) and any(m in rest for m in _MARKERS)
+        self._hot = bool(rest) and (_MARK in rest or _MARK_SPACED in rest)
+
+    def _straddles(self, chunk: bytes) -> bool:
+        """Whether a marker begins in the previous read and ends in this one."""
+        seam = self._edge + chunk[:_EDGE]
+        return _MARK in seam or _MARK_SPACED in seam
 
     def _scan(self, events: bytes) -> None:
         """Decode the complete events that contain a usage marker; the last usage seen wins."""
         for event in events.replace(b"\r\n", b"\n").split(b"\n\n"):
-            if not any(m in event for m in _MARKERS):
+            if _MARK not in event and _MARK_SPACED not in event:
                 continue
             data = b"\n".join(line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
             try:
