@@ -8,7 +8,7 @@ because openai SDK clients cannot send a Functions key: the proxy checks `LB_CLI
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import JSONResponse, Request, StreamingResponse
 
-from lb.app import shared_proxy
+from lb.app import route_not_found, shared_proxy
 from lb.config import load_settings
 
 load_settings()  # a bad setting stops the host at start-up with a message naming it
@@ -36,3 +36,10 @@ async def lb_status(req: Request) -> JSONResponse:
 @app.route(route="lb/usage", methods=["GET"])
 async def lb_usage(req: Request) -> JSONResponse:
     return await shared_proxy().usage(req)
+
+
+# Anything else (e.g. /chat/completions from an OpenAI client given the bare host as base_url) gets
+# the proxy's JSON 404 naming the URL forms served, not the host's empty one. Literal routes above win.
+@app.route(route="{*path}", methods=ALL_METHODS)
+async def not_served(req: Request) -> JSONResponse:
+    return route_not_found(req.url.path)

@@ -21,12 +21,13 @@ BENCHMARKS = {
     "throttle": "bench.throttle_sim",  # pools under quota pressure, 1-8 instances, memory vs Table state
     "table": "bench.table_overhead",  # happy path: in-memory vs Table state, side by side
     "load": "bench.load",  # sustained load (60 s)
+    "concurrency": "bench.concurrency",  # long streams held at once by one lb process: sets perInstanceConcurrency
     "pacing": "bench.pacing",  # why sequential calls wait for a quiet path (evidence, not in `all`)
     "quota": "bench.quota",  # metering exactness, per-client limits over 4 instances, hot path vs main (issue 15)
     "peer": "bench.peer",  # only builds LiteLLM's venv and prints its version
     "report": "bench.docs",  # docs/benchmarks.md + PNG plots from bench/results/*.json
 }
-QUICK = {"overhead", "memory", "profile", "throttle"}  # the ones that take --quick
+QUICK = {"overhead", "memory", "profile", "throttle", "concurrency"}  # the ones that take --quick
 NOT_IN_ALL = {"peer", "pacing", "quota"}  # `overhead` builds the venv anyway; pacing is a one-off check; quota: 4+ min
 SKIPPED_BY = {"load": ("--no-load", "--quick")}  # any of these flags skips it
 

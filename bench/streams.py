@@ -1,13 +1,18 @@
-"""Streamed chats with many in flight: time to the first and to the last chunk at 16 and 64 concurrent streams.
+"""Streamed chats with many in flight.
 
+`concurrent_streams`: time to the first and to the last chunk at 16 and 64 concurrent streams.
 Sequential streams show what one hop adds; concurrent ones show whether a proxy keeps the chunks
 flowing when it has 64 streams to copy at once (20 chunks each, 20 ms apart: 64 streams are
 ~3,200 chunk writes per second). Same aiohttp client for every target, alternating blocks.
+
+`hold_streams`: hundreds of long streams held at once (bench/concurrency.py), timing the gap before
+every event, which is what a user watching a chat sees when a proxy falls behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 
@@ -61,3 +66,47 @@ def concurrent_streams(
             samples[name]["first"] += got["first"]
             samples[name]["last"] += got["last"]
     return {name: {k: percentiles(v) for k, v in s.items()} for name, s in samples.items()}
+
+
+async def hold_streams(
+    targets: list[str], path: str, body: bytes, headers: dict[str, str], streams: int, ramp: float
+) -> dict[str, Any]:
+    """Hold `streams` long streamed calls at once, started over `ramp` seconds (round-robin over
+    `targets`); the gap before each SSE event of each stream, in seconds, and how many streams broke.
+
+    An event is counted when its closing blank line arrives, so two events that reach the client in
+    one read count as one normal gap and one zero gap: a proxy that holds events back shows up as a
+    long gap, not hidden by the read size. Random start offsets spread the streams' timers over the
+    chunk interval, as independent users would.
+    """
+    gaps: list[float] = []
+    broken: list[str] = []
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=30)
+    rng = random.Random(streams)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(rng.uniform(0, ramp))
+            try:
+                async with session.post(targets[i % len(targets)] + path, data=body, headers=headers) as response:
+                    if response.status != 200:
+                        raise RuntimeError(f"HTTP {response.status}")
+                    last = time.perf_counter()
+                    events, done = 0, False
+                    async for chunk in response.content.iter_any():
+                        now = time.perf_counter()
+                        n = chunk.count(b"\n\n")
+                        if n:
+                            gaps.append(now - last)
+                            gaps.extend([0.0] * (n - 1))
+                            last = now
+                            events += n
+                        done = done or b"[DONE]" in chunk
+                    if not done:
+                        raise RuntimeError(f"stream ended after {events} events without [DONE]")
+            except Exception as exc:  # a broken stream is a result to report, not a crash
+                broken.append(f"{type(exc).__name__}: {exc}")
+
+        await asyncio.gather(*(one(i) for i in range(streams)))
+    return {"gaps": gaps, "broken": broken}

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from lb.app import create_app
+    from lb.serving import serve_options
 
     uvicorn.run(
         create_app(settings),
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,
+        **serve_options(settings),  # head size, header count, head timeout, connection cap
     )
     return 0
 

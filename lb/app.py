@@ -28,6 +28,14 @@ METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 _shared: Proxy | None = None
 
+# What a chat app pointed at the wrong URL form (e.g. the bare host as an OpenAI base_url, which
+# calls /chat/completions) is told, so the fix is in the error rather than in a search.
+SERVED_URL_FORMS = (
+    "The balancer serves /openai/deployments/{deployment}/...?api-version=... (AzureOpenAI client:"
+    " endpoint = the balancer's base URL) and /openai/v1/... (OpenAI client: base_url ="
+    " <balancer URL>/openai/v1), plus /healthz, /lb/status and /lb/usage."
+)
+
 
 def create_store(settings: Settings) -> CooldownStore:
     if settings.state.kind == "table":
@@ -97,10 +105,15 @@ async def _routing_error(request: Request, exc: Exception) -> Response:
     """Unknown routes and methods get Azure OpenAI's JSON error shape too, not Starlette's plain text."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     if status == 404:
-        error: errors.ProxyError = errors.RouteNotFound("Only /openai/..., /healthz and /lb/status are served.")
-    elif status == 405:
-        error = errors.MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.")
+        return route_not_found(request.url.path)
+    if status == 405:
+        error: errors.ProxyError = errors.MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.")
     else:
         error = errors.BadRequest(str(getattr(exc, "detail", "Bad request.")))
         error.status = status
     return error.response(getattr(exc, "headers", None))
+
+
+def route_not_found(path: str) -> Response:
+    """Azure OpenAI's JSON 404 naming the URL forms served; both hosts answer unknown routes with it."""
+    return errors.RouteNotFound(f"{path[:200]} is not served. {SERVED_URL_FORMS}").response()

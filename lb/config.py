@@ -27,6 +27,11 @@ DEFAULT_STATE_REFRESH_MS = 1000
 DEFAULT_STATE_HOT_REFRESH_MS = 20
 DEFAULT_STATE_CONFIRM_MS = 50
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_BREAKER_FAILURES = 3  # timeouts / 5xx from distinct requests that open a backend's circuit ...
+DEFAULT_BREAKER_WINDOW_SECONDS = 30.0  # ... within this long, with no success in between (docs/robustness.md)
+DEFAULT_AUTH_COOLDOWN_SECONDS = 300.0  # a backend refusing our credential (401/403) is out this long
+DEFAULT_SERVE_MAX_CONNECTIONS = 1000  # `lb serve` only: open client connections; more get a 503
+DEFAULT_SERVE_HEAD_TIMEOUT_SECONDS = 10.0  # `lb serve` only: time to send a complete request head
 DEFAULT_ENTRA_AUDIENCES = ("https://cognitiveservices.azure.com",)  # what azure-search-openai-demo asks a token for
 DEFAULT_ENTRA_AUTHORITY = "https://login.microsoftonline.com"
 _GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -47,6 +52,11 @@ SETTING_NAMES = frozenset(
         "LB_DEFAULT_COOLDOWN_SECONDS",
         "LB_MAX_COOLDOWN_SECONDS",
         "LB_MAX_BODY_BYTES",
+        "LB_BREAKER_FAILURES",
+        "LB_BREAKER_WINDOW_SECONDS",
+        "LB_AUTH_COOLDOWN_SECONDS",
+        "LB_SERVE_MAX_CONNECTIONS",
+        "LB_SERVE_HEAD_TIMEOUT_SECONDS",
         "LB_CLIENT_KEYS",
         "LB_ALLOW_ANONYMOUS",
         "LB_ENTRA_TENANT_ID",
@@ -157,6 +167,11 @@ class Settings:
     default_cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS
     max_cooldown_seconds: float = MAX_COOLDOWN_SECONDS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    breaker_failures: int = DEFAULT_BREAKER_FAILURES
+    breaker_window_seconds: float = DEFAULT_BREAKER_WINDOW_SECONDS
+    auth_cooldown_seconds: float = DEFAULT_AUTH_COOLDOWN_SECONDS
+    serve_max_connections: int = DEFAULT_SERVE_MAX_CONNECTIONS
+    serve_head_timeout_seconds: float = DEFAULT_SERVE_HEAD_TIMEOUT_SECONDS
     client_keys: tuple[str, ...] = field(default=(), repr=False)
     entra: EntraSettings | None = None
     state: StateSettings = field(default_factory=StateSettings)
@@ -196,6 +211,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         default_cooldown_seconds=default_cooldown,
         max_cooldown_seconds=max_cooldown,
         max_body_bytes=int(_number(env, "LB_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, minimum=1, integer=True)),
+        breaker_failures=int(_number(env, "LB_BREAKER_FAILURES", DEFAULT_BREAKER_FAILURES, minimum=1, integer=True)),
+        breaker_window_seconds=_number(env, "LB_BREAKER_WINDOW_SECONDS", DEFAULT_BREAKER_WINDOW_SECONDS, minimum=0.0),
+        auth_cooldown_seconds=_number(env, "LB_AUTH_COOLDOWN_SECONDS", DEFAULT_AUTH_COOLDOWN_SECONDS, minimum=0.0),
+        serve_max_connections=int(
+            _number(env, "LB_SERVE_MAX_CONNECTIONS", DEFAULT_SERVE_MAX_CONNECTIONS, minimum=1, integer=True)
+        ),
+        serve_head_timeout_seconds=_number(
+            env, "LB_SERVE_HEAD_TIMEOUT_SECONDS", DEFAULT_SERVE_HEAD_TIMEOUT_SECONDS, minimum=0.001
+        ),
         client_keys=client_keys,
         entra=entra,
         state=_load_state(env),

@@ -1,7 +1,9 @@
 """`python -m lb demo`: both scenarios on this machine, with the real openai SDK.
 
 Three simulated Azure OpenAI backends (one with a small quota that answers 429 + Retry-After once
-spent), the proxy in front of them on a local port, and a client that knows only the proxy's URL.
+spent), the proxy in front of them on a local port, and clients that know only the proxy's URL: an
+AzureOpenAI client for chat, streamed chat and embeddings, and an OpenAI client on `/openai/v1` for
+the Responses API (created and streamed), as the official quickstart chat app calls it.
 Ends by itself; exits non-zero if any client call failed.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from lb.app import create_app
 from lb.config import load_settings
@@ -16,6 +19,7 @@ from lb.sim import Servers, SimBackend
 
 CLIENT_KEY = "demo-client-key"
 API_VERSION = "2024-10-21"
+KINDS = ("chat", "chat (streamed)", "embeddings", "responses", "responses (streamed)")
 
 
 @dataclass
@@ -24,6 +28,7 @@ class Tally:
     ok: int = 0
     absorbed_429s: int = 0
     served: dict[str, int] = field(default_factory=dict)
+    by_kind: dict[str, list[int]] = field(default_factory=dict)  # kind -> [answered 200, calls]
 
 
 def run_demo() -> int:
@@ -42,25 +47,26 @@ def run_demo() -> int:
             env[f"BACKEND_{i}_APIKEY"] = backend.api_key or ""
         proxy_url = servers.start(create_app(load_settings(env)))
         print(f"proxy on {proxy_url} in front of 3 simulated Azure OpenAI backends\n")
-        client = openai.AzureOpenAI(
-            azure_endpoint=proxy_url, api_key=CLIENT_KEY, api_version=API_VERSION, max_retries=0, timeout=10
-        )
+        clients = {
+            "azure": openai.AzureOpenAI(
+                azure_endpoint=proxy_url, api_key=CLIENT_KEY, api_version=API_VERSION, max_retries=0, timeout=10
+            ),
+            "v1": openai.OpenAI(base_url=f"{proxy_url}/openai/v1", api_key=CLIENT_KEY, max_retries=0, timeout=10),
+        }
 
         print("== normal scenario: every backend healthy, each call goes to a random one")
-        normal = _traffic(client, backends, "normal", 12)
+        normal = _traffic(clients, backends, "normal", 15)
 
         print("\n== throttled scenario: backend-1's quota is 2 calls per 3 s, beyond it: 429 + Retry-After")
         backends[0].requests_per_window, backends[0].window_seconds = 2, 3.0
         backends[0]._window_start = 0.0
-        throttled = _traffic(client, backends, "throttled", 24, pause=0.05)
-        cooled = [b for b in backends if b.count(429)]
+        throttled = _traffic(clients, backends, "throttled", 25, pause=0.05)
         print(f"   backend-1 answered {backends[0].count(429)} x 429; each time the proxy retried elsewhere at once")
         print("   waiting 3 s for backend-1's Retry-After to pass ...")
         time.sleep(3.1)
-        after = _traffic(client, backends, "recovered", 9)
+        after = _traffic(clients, backends, "recovered", 10)
         back = after.served.get("1", 0)
-        print(f"   backend-1 is back in rotation: served {back} of the last 9 calls")
-        del cooled
+        print(f"   backend-1 is back in rotation: served {back} of the last 10 calls")
     finally:
         servers.stop()
 
@@ -73,45 +79,64 @@ def run_demo() -> int:
         f"{throttled.absorbed_429s} upstream 429s absorbed, served by backends {_share(throttled)}"
     )
     print(f"   recovered: {after.ok}/{after.calls} calls answered 200, served by backends {_share(after)}")
+    kinds = {kind: [sum(t.by_kind.get(kind, [0, 0])[j] for t in total) for j in (0, 1)] for kind in KINDS}
+    print("   by kind:   " + ", ".join(f"{kind} {ok}/{calls}" for kind, (ok, calls) in kinds.items()))
     print(f"   client-visible failures: {failed}")
     return 1 if failed or throttled.absorbed_429s == 0 else 0
 
 
-def _traffic(client, backends: list[SimBackend], label: str, n: int, pause: float = 0.0) -> Tally:
+def _traffic(clients: dict[str, Any], backends: list[SimBackend], label: str, n: int, pause: float = 0.0) -> Tally:
     import openai
 
     tally = Tally()
     for i in range(1, n + 1):
-        kind = ("chat", "chat (streamed)", "embeddings")[i % 3]
+        kind = KINDS[(i - 1) % len(KINDS)]
         before = sum(b.count(429) for b in backends)
         tally.calls += 1
+        counts = tally.by_kind.setdefault(kind, [0, 0])
+        counts[1] += 1
         try:
-            if kind == "embeddings":
-                raw = client.embeddings.with_raw_response.create(model="embedding", input="hello")
-                raw.parse()
-            elif kind == "chat":
-                raw = client.chat.completions.with_raw_response.create(
-                    model="chat", messages=[{"role": "user", "content": "hello"}]
-                )
-                raw.parse()
-            else:
-                raw = client.chat.completions.with_raw_response.create(
-                    model="chat", messages=[{"role": "user", "content": "hello"}], stream=True
-                )
-                list(raw.parse())  # consume every chunk
+            raw = _call(clients, kind)
         except openai.APIError as exc:
-            print(f"   [{label}] #{i:<2} {kind:<16} FAILED: {exc}")
+            print(f"   [{label}] #{i:<2} {kind:<20} FAILED: {exc}")
             continue
         absorbed = sum(b.count(429) for b in backends) - before
         backend = raw.headers.get("x-lb-backend", "?")
         tally.ok += raw.status_code == 200
+        counts[0] += raw.status_code == 200
         tally.absorbed_429s += absorbed
         tally.served[backend] = tally.served.get(backend, 0) + 1
         note = f"  ({absorbed} x 429 absorbed, {raw.headers.get('x-lb-attempts')} attempts)" if absorbed else ""
-        print(f"   [{label}] #{i:<2} {kind:<16} -> backend-{backend}  {raw.status_code}{note}")
+        print(f"   [{label}] #{i:<2} {kind:<20} -> backend-{backend}  {raw.status_code}{note}")
         if pause:
             time.sleep(pause)
     return tally
+
+
+def _call(clients: dict[str, Any], kind: str) -> Any:
+    """One call of `kind`, read to the end (every chunk or event of a stream); the raw response."""
+    import openai
+
+    azure, v1 = clients["azure"], clients["v1"]
+    messages = [{"role": "user", "content": "hello"}]
+    if kind == "embeddings":
+        raw = azure.embeddings.with_raw_response.create(model="embedding", input="hello")
+        raw.parse()
+    elif kind == "chat":
+        raw = azure.chat.completions.with_raw_response.create(model="chat", messages=messages)
+        raw.parse()
+    elif kind == "chat (streamed)":
+        raw = azure.chat.completions.with_raw_response.create(model="chat", messages=messages, stream=True)
+        list(raw.parse())
+    elif kind == "responses":
+        raw = v1.responses.with_raw_response.create(model="chat", input="hello", store=False)
+        raw.parse()
+    else:  # the Responses API streamed: created, deltas, completed (the events `responses.stream` reads)
+        raw = v1.responses.with_raw_response.create(model="chat", input=messages, store=False, stream=True)
+        events = [event.type for event in raw.parse()]
+        if not events or events[-1] != "response.completed":
+            raise openai.APIError(f"stream ended with {events[-1:]}", raw.http_request, body=None)
+    return raw
 
 
 def _share(tally: Tally) -> str:

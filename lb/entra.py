@@ -9,6 +9,13 @@ keys and announces new ones before signing with them, so an unknown `kid` trigge
 but at most once per `refetch_interval` however many bogus kids arrive, and concurrent requests
 share one fetch. Everything stays async: a fetch never blocks the event loop (PyJWKClient would).
 A fetch uses a short-lived httpx client: fetches are rare (start-up, rotation, once a day).
+
+No request waits for the daily refresh: once the keys are `KEYS_REFRESH_AFTER_SECONDS` old, a
+request starts a refresh in the background and is served with the keys in hand. A refresh that
+fails keeps the old keys and is retried every `refetch_interval`, logged once per outage, for
+`KEYS_GRACE_SECONDS` past the keys' day; after that they are dropped (Entra may have withdrawn one
+of them) and tokens are refused until the tenant answers again. Only a token signed with a key not
+seen yet (or the very first one) waits for a fetch, at most `FETCH_TIMEOUT_SECONDS`, wall-clock.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ log = logging.getLogger("lb")
 
 ALGORITHMS = ["RS256"]  # what Entra signs access tokens with; never "none" nor HMAC (key-confusion)
 KEYS_MAX_AGE_SECONDS = 24 * 3600.0  # refetch the key set at least daily, as Microsoft recommends
+KEYS_REFRESH_AFTER_SECONDS = 23 * 3600.0  # ... starting an hour early, in the background
+KEYS_GRACE_SECONDS = 24 * 3600.0  # an unreachable tenant: its last keys still trusted this long past their day
 REFETCH_INTERVAL_SECONDS = 60.0  # unknown kids cannot make us call the IdP more often than this
 FETCH_TIMEOUT_SECONDS = 10.0
 LEEWAY_SECONDS = 60  # clock skew tolerated on exp / nbf
@@ -58,7 +67,8 @@ class EntraValidator:
         self._tried_at: float | None = None  # last fetch attempt, successful or not: the rate limit
         self._jwks_uri: str | None = None
         self._issuers = set(settings.issuers)
-        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None  # the fetch in flight, shared by every caller
+        self._failing = False  # the last fetch failed: said once, not at every retry
         self.fetches = 0  # key-set fetches made; tests and /lb/status can see the IdP is not hammered
 
     async def validate(self, token: str) -> dict[str, Any]:
@@ -113,30 +123,53 @@ class EntraValidator:
     # Keys -------------------------------------------------------------------------------------
     async def _key(self, kid: str) -> jwt.PyJWK:
         key = self._keys.get(kid)
-        if key is not None and not self._stale():
+        if key is not None and self._usable():
+            if self._due() and self._may_fetch():
+                self._refresh()  # in the background: this request goes on with the keys in hand
             return key
-        async with self._lock:  # one fetch at a time; waiters then find the key the fetch brought
-            if (kid not in self._keys or self._stale()) and self._may_fetch():
-                await self._fetch()
-        key = self._keys.get(kid)
-        if key is None and not self._keys:
+        if self._may_fetch() or self._refreshing():
+            task = self._refresh()
+            await asyncio.wait({task}, timeout=FETCH_TIMEOUT_SECONDS)  # the fetch itself is bounded too
+        key = self._keys.get(kid) if self._usable() else None
+        if key is None and not (self._keys and self._usable()):
             raise InvalidToken("The tenant's signing keys could not be fetched; try again shortly.")
         if key is None:
             raise InvalidToken("The bearer token is signed with a key the tenant does not publish.")
         return key
 
-    def _stale(self) -> bool:
-        return self._fetched_at is None or self._clock() - self._fetched_at > KEYS_MAX_AGE_SECONDS
+    def _age(self) -> float:
+        return float("inf") if self._fetched_at is None else self._clock() - self._fetched_at
+
+    def _usable(self) -> bool:
+        return self._age() <= KEYS_MAX_AGE_SECONDS + KEYS_GRACE_SECONDS
+
+    def _due(self) -> bool:
+        return self._age() > KEYS_REFRESH_AFTER_SECONDS
 
     def _may_fetch(self) -> bool:
-        return self._tried_at is None or self._clock() - self._tried_at >= self.refetch_interval
+        return not self._refreshing() and (
+            self._tried_at is None or self._clock() - self._tried_at >= self.refetch_interval
+        )
+
+    def _refreshing(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def _refresh(self) -> asyncio.Task[None]:
+        """The one fetch in flight, started if there is none: every caller shares it."""
+        if not self._refreshing():
+            self._tried_at = self._clock()
+            self._task = asyncio.ensure_future(self._fetch())
+        assert self._task is not None
+        return self._task
 
     async def _fetch(self) -> None:
         """Replace the key set; on failure keep the old one (an IdP blip must not lock everyone out)."""
-        self._tried_at = self._clock()
         self.fetches += 1
         try:
-            async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS, trust_env=False) as client:
+            async with (
+                asyncio.timeout(FETCH_TIMEOUT_SECONDS),
+                httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS, trust_env=False) as client,
+            ):
                 if self._jwks_uri is None:
                     config = await _get_json(client, self.settings.openid_configuration_url)
                     self._jwks_uri = str(config["jwks_uri"])
@@ -150,12 +183,23 @@ class EntraValidator:
                         keys[entry["kid"]] = jwt.PyJWK(entry, algorithm="RS256")
                     except jwt.PyJWTError:
                         continue  # one malformed key must not hide the others
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            log.warning("Entra ID signing keys could not be fetched (%s); keeping %d known", exc, len(self._keys))
+        except (httpx.HTTPError, TimeoutError, ValueError, KeyError, TypeError) as exc:
+            if not self._failing:
+                log.warning(
+                    "Entra ID signing keys could not be fetched (%s); keeping %d known, retrying every %gs",
+                    type(exc).__name__ if isinstance(exc, TimeoutError) else exc,
+                    len(self._keys),
+                    self.refetch_interval,
+                )
+            self._failing = True
             return
+        if self._failing:
+            log.warning("Entra ID signing keys fetched again after a failure: %d", len(keys))
+        else:
+            log.info("Entra ID signing keys fetched: %d", len(keys))
+        self._failing = False
         self._keys = keys
         self._fetched_at = self._tried_at
-        log.info("Entra ID signing keys fetched: %d", len(keys))
 
 
 async def _get_json(client: httpx.AsyncClient, url: str) -> dict[str, Any]:

@@ -4,12 +4,16 @@
      +-- Unauthorized        401     missing / wrong client key, invalid Entra ID token
      +-- BadRequest          400     unreadable body, missing "model" on the v1 shape
      +-- NotFound            404     no backend serves the deployment
-     +-- RouteNotFound       404     not /openai/..., /healthz or /lb/status
+     +-- RouteNotFound       404     not /openai/..., /healthz, /lb/status or /lb/usage
+     +-- ClientQuotaExceeded 429     (lb.quota) the client's own LB_CLIENT_LIMITS quota is used up
      +-- MethodNotAllowed    405     a method the route does not take
      +-- PayloadTooLarge     413     body above LB_MAX_BODY_BYTES
      +-- HeadersTooLarge     431     more request headers, or longer, than any Azure OpenAI call needs
+     +-- RequestTimeout      408     the client's body did not arrive within the deadline
      +-- AllBackendsCooling  429     every candidate is throttled: Retry-After of the soonest recovery
      +-- BadGateway          502     connect error / protocol error on the last attempt
+     +-- BackendAuthFailed   502     every backend refuses the proxy's own credential (401/403)
+     +-- Overloaded          503     `lb serve` holds LB_SERVE_MAX_CONNECTIONS connections already
      +-- GatewayTimeout      504     deadline (HTTP_TIMEOUT_SECONDS) spent
 
 `upstream_error()` is the one place that maps httpx's exceptions onto these.
@@ -82,6 +86,11 @@ class HeadersTooLarge(ProxyError):
     code = "RequestHeaderFieldsTooLarge"
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+    code = "RequestTimeout"
+
+
 class AllBackendsCooling(ProxyError):
     status = 429
     code = "429"
@@ -99,6 +108,25 @@ class AllBackendsCooling(ProxyError):
 class BadGateway(ProxyError):
     status = 502
     code = "BadGateway"
+
+
+class BackendAuthFailed(ProxyError):
+    """Not the client's key: the backends refuse the credential the proxy sends them."""
+
+    status = 502
+    code = "BackendAuthenticationFailed"
+
+    def __init__(self, deployment: str | None) -> None:
+        what = f"deployment '{deployment}'" if deployment else "this request"
+        super().__init__(
+            f"The load balancer could not authenticate to any backend for {what}: they refuse its own"
+            " credential (its operator can see why in /lb/status). Your key was accepted."
+        )
+
+
+class Overloaded(ProxyError):
+    status = 503
+    code = "ServiceUnavailable"
 
 
 class GatewayTimeout(ProxyError):

@@ -3,12 +3,21 @@
 Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection and are never relayed, nor are the
 headers a Connection header names, nor any Proxy-* header (meant for a proxy, i.e. for us). The
 upstream host is always the backend's, so the client's Host / X-Forwarded-Host / Forwarded never
-travel, and neither do its credentials.
+travel, and neither do its credentials. Headers some servers take as a routing or method override
+(X-Original-URL, X-Rewrite-URL, X-HTTP-Method-Override, ...) never travel either: the backend must
+serve the path and method we checked. `Expect: 100-continue` is dropped and the body sent at once:
+the backend's 100 would be one more unbounded wait, and the body is already in hand.
+
+Going back, a header that points at the backend (`Location`, `Content-Location`,
+`operation-location`, the last being where Azure says to poll an async operation) is rewritten to
+the proxy's own URL, so the client keeps talking to the proxy and never learns the backend's host;
+one at the backend's host but outside its `/openai/` paths cannot be reached through us: dropped.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from starlette.requests import Request
@@ -29,8 +38,26 @@ HOP_BY_HOP = frozenset(
     }
 )
 HOP_BY_HOP_PREFIX = "proxy-"
-NOT_FORWARDED = HOP_BY_HOP | CREDENTIAL_HEADERS | {"host", "content-length", "x-forwarded-host", "forwarded"}
+ROUTING_OVERRIDES = frozenset(
+    {
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-forwarded-proto",  # ours says how the client reached us
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+    }
+)
+NOT_FORWARDED = (
+    HOP_BY_HOP
+    | CREDENTIAL_HEADERS
+    | ROUTING_OVERRIDES
+    | {"host", "content-length", "x-forwarded-host", "forwarded", "expect"}
+)
 NOT_RETURNED = HOP_BY_HOP | {"set-cookie", "server", "date"}  # the host adds its own date and server
+POINTING = frozenset({b"location", b"content-location", b"operation-location"})
 
 
 def connection_named(headers: Any) -> set[str]:
@@ -52,17 +79,40 @@ def forwarded(request: Request, request_id: str | None) -> list[tuple[str, str]]
         prior = request.headers.get("x-forwarded-for")
         headers = [(k, v) for k, v in headers if k != "x-forwarded-for"]
         headers.append(("x-forwarded-for", f"{prior}, {client.host}" if prior else client.host))
-    if "x-forwarded-proto" not in request.headers:
-        headers.append(("x-forwarded-proto", request.url.scheme))
+    headers.append(("x-forwarded-proto", request.url.scheme))
     return headers
 
 
-def returned(upstream: httpx.Headers) -> list[tuple[bytes, bytes]]:
+def returned(upstream: httpx.Headers, backend_url: str = "", own_url: str = "") -> list[tuple[bytes, bytes]]:
     """The backend's answer headers the client gets, as raw bytes (never re-encoded, so a value that
-    is not Latin-1 passes as sent): all but hop-by-hop ones and what the host sets itself."""
+    is not Latin-1 passes as sent): all but hop-by-hop ones and what the host sets itself, with
+    the ones pointing at the backend pointed at us (`backend_url` -> `own_url`)."""
     skip = NOT_RETURNED | connection_named(upstream)
-    return [
-        (name, value)
-        for raw_name, value in upstream.raw
-        if (name := raw_name.lower()).decode("latin-1") not in skip and not name.startswith(b"proxy-")
-    ]
+    headers = []
+    for raw_name, value in upstream.raw:
+        name = raw_name.lower()
+        if name.decode("latin-1") in skip or name.startswith(b"proxy-"):
+            continue
+        if name in POINTING:
+            pointed = repointed(value, backend_url, own_url)
+            if pointed is None:
+                continue
+            value = pointed
+        headers.append((name, value))
+    return headers
+
+
+def repointed(value: bytes, backend_url: str, own_url: str) -> bytes | None:
+    """A URL at the backend, as the same resource through the proxy; None if it can't be one.
+
+    A relative URL, or one at another host (e.g. a storage link), is left as it is.
+    """
+    parts = urlsplit(value.decode("latin-1").strip())
+    backend = urlsplit(backend_url)
+    if not parts.netloc or parts.hostname != backend.hostname:
+        return value
+    base = backend.path.rstrip("/")
+    if not parts.path.startswith(base + "/openai/"):
+        return None  # at the backend, outside what the proxy relays
+    rest = parts.path[len(base) :] + (f"?{parts.query}" if parts.query else "")
+    return (own_url.rstrip("/") + rest).encode("latin-1")

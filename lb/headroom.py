@@ -54,8 +54,9 @@ def estimate_tokens(body: bytes) -> int:
         while at != -1:
             if at == 0 or body[at - 1] != 0x5C:  # a backslash before it: quoted inside a string
                 number = _COLON_NUMBER.match(body, at + len(key))
-                if number:
-                    completion = max(completion, int(number.group(1)))
+                if number:  # 5,000 digits would make int() raise: more than 15 is "more than any quota"
+                    digits = number.group(1)
+                    completion = max(completion, int(digits) if len(digits) <= 15 else 10**15)
             at = body.find(key, at + 1)
     return len(body) // 4 + completion
 

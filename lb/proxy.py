@@ -10,7 +10,9 @@ wins is streamed back as it arrives.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from lb import errors, logctx, throttle
 from lb.auth import BackendAuth, ClientAuth
 from lb.balancer import Balancer, NoCandidate
+from lb.breaker import AuthFailures, Breaker
 from lb.config import Backend, Settings
 from lb.headers import forwarded as forwarded_headers
 from lb.metering import ANONYMOUS_CLIENT, Metering
@@ -34,7 +37,11 @@ from lb.upstream import create_client
 log = logging.getLogger("lb")
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+AUTH_REFUSED = frozenset({401, 403})  # the backend refuses our credential: fail over, cool long
+AUTH_REASON = "auth"  # cooldown reasons that start with this mean "refuses our credential"
 DISCARD_READ_SECONDS = 0.5  # how long a failed-over answer's body may take to drain
+CAUSE_CHARS = 200
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
 
 class Proxy:
@@ -57,6 +64,8 @@ class Proxy:
         self.backend_auth = backend_auth or BackendAuth()
         self.telemetry = telemetry or Telemetry()
         self.metering = Metering(settings.client_limits, self.telemetry)
+        self.breaker = Breaker(settings.breaker_failures, settings.breaker_window_seconds)
+        self.auth_failures = AuthFailures()
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -80,16 +89,17 @@ class Proxy:
         request_id = logctx.request_id_from(request.headers)
         logctx.bind(request_id)
         client, charge, info = None, None, None  # for metering: who asked, their quota's charge
+        deadline = time.monotonic() + self.settings.timeout_seconds  # the client's whole call, body upload included
         try:
             if not self._started:
                 await self.start()
             check_headers(request)
             client = await self._authorize(request)
-            info = await read_request(request, self.settings.max_body_bytes)
+            info = await read_request(request, self.settings.max_body_bytes, deadline)
             charge = self.metering.admit(client, info.body)  # raises ClientQuotaExceeded when over
             await self.store.sync()
             attempts: list[Attempt] = []
-            response = await self._forward(request, info, attempts)
+            response = await self._forward(request, info, attempts, deadline)
             self.telemetry.request(
                 info.deployment, response.status_code, len(attempts), sum(a.status == 429 for a in attempts)
             )
@@ -164,6 +174,7 @@ class Proxy:
                     "auth": "api-key" if b.api_key else "entra-id",
                     "deployments": sorted(b.deployments) if b.deployments is not None else "all",
                     "cooldowns": cooling.get(b.name, []),
+                    "auth_failure": self._auth_report(b.name),
                     "headroom": self.balancer.headroom.report(b.name, now),
                 }
                 for b in self.settings.backends
@@ -174,13 +185,25 @@ class Proxy:
             "timeout_seconds": self.settings.timeout_seconds,
         }
 
+    def _auth_report(self, backend: str) -> dict[str, Any] | None:
+        failure = self.auth_failures.by_backend.get(backend)
+        if failure is None:
+            return None
+        return {"status": failure.status, "cause": failure.cause, "since": round(failure.since)}
+
     # Failover loop ----------------------------------------------------------------------------
-    async def _forward(self, request: Request, info: RequestInfo, tried: list[Attempt]) -> Response:
-        """Try backends until one answers for good; `tried` collects every attempt made."""
+    async def _forward(self, request: Request, info: RequestInfo, tried: list[Attempt], deadline: float) -> Response:
+        """Try backends until one answers for good; `tried` collects every attempt made.
+
+        Only the backend's own words cool it at once: a 429 or a 503 with Retry-After (busy), a
+        401/403 (our credential is refused), a refused connection. A timeout or another 5xx lets
+        this request fail over, and becomes evidence against that backend (`lb.breaker`) only if
+        the request then succeeds elsewhere.
+        """
         settings = self.settings
-        deadline = time.monotonic() + settings.timeout_seconds
         headers = forwarded_headers(request, logctx.current_request_id.get())
         failure: errors.ProxyError | None = None
+        suspects: list[tuple[Backend, str]] = []  # failed this request; the backend's fault if another succeeds
         need = self.balancer.need(info.body)
         choice = self.balancer.pick(info.deployment, time.time(), need=need)
 
@@ -192,14 +215,24 @@ class Proxy:
                 break
             attempt = Attempt(backend.name, time.time(), time.perf_counter())
             tried.append(attempt)
-            timeout = remaining
+            connect = first_byte = None
             if remaining > settings.attempt_timeout_seconds and self._has_alternative(info, tried, need):
-                timeout = settings.attempt_timeout_seconds  # a silent backend must leave time for another
+                # A silent backend must leave time for another; but a non-streamed generation sends
+                # nothing until it is done, so it is never abandoned (and billed twice) for being long.
+                connect = settings.attempt_timeout_seconds
+                if info.stream or not info.body:
+                    first_byte = settings.attempt_timeout_seconds
             try:
-                upstream = await self._send(backend, request.method, info, headers, timeout)
+                upstream = await self._send(backend, request.method, info, headers, remaining, connect, first_byte)
             except Exception as exc:
                 failure = errors.upstream_error(exc, backend.name)
-                seconds = self._cool(backend, info.deployment, settings.default_cooldown_seconds, type(exc).__name__)
+                seconds = None
+                if isinstance(exc, httpx.ConnectError):  # unreachable, whatever the request: about the backend
+                    seconds = self._cool(
+                        backend, info.deployment, settings.default_cooldown_seconds, type(exc).__name__
+                    )
+                else:
+                    suspects.append((backend, type(exc).__name__))
                 self._attempted(attempt, info, f"error {type(exc).__name__}", seconds)
                 choice = self._next(info, tried, need)
                 continue
@@ -213,17 +246,28 @@ class Proxy:
                     )
                     if reading is not None and reading.near_limit(now):
                         self.store.expect_throttling(now)  # before the first 429, not after it
+                if status in AUTH_REFUSED:
+                    seconds = await self._refused(backend, info, upstream)
+                    self._attempted(attempt, info, status, seconds)
+                    choice = self._next(info, tried, need)
+                    continue
                 if status not in RETRYABLE_STATUS:
                     self._attempted(attempt, info, status, None)
-                    return self._relay(upstream, backend, info, len(tried))
+                    if status < 400:
+                        self._succeeded(backend, info, suspects)
+                    return self._relay(request, upstream, backend, info, len(tried))
 
-                seconds, source = throttle.cooldown_seconds(
-                    upstream.headers,
-                    default=settings.default_cooldown_seconds,
-                    maximum=settings.max_cooldown_seconds,
-                    throttled=status == 429,
-                )
-                self._cool(backend, info.deployment, seconds, f"{status} ({source})")
+                seconds = None
+                if status == 429 or (status == 503 and _retry_hint(upstream.headers)):
+                    seconds, source = throttle.cooldown_seconds(
+                        upstream.headers,
+                        default=settings.default_cooldown_seconds,
+                        maximum=settings.max_cooldown_seconds,
+                        throttled=status == 429,
+                    )
+                    self._cool(backend, info.deployment, seconds, f"{status} ({source})")
+                else:
+                    suspects.append((backend, str(status)))
                 self._attempted(attempt, info, status, seconds)
                 choice = self._next(info, tried, need)
                 if isinstance(choice, Backend) and deadline > time.monotonic():
@@ -232,16 +276,72 @@ class Proxy:
                 if status == 429:
                     await _discard(upstream)
                     return self._all_cooling(info, tried)
-                return self._relay(upstream, backend, info, len(tried))  # the last backend's own 5xx/408 is the answer
+                # the last backend's own 5xx/408 is the answer
+                return self._relay(request, upstream, backend, info, len(tried))
             except BaseException:
                 await upstream.aclose()
                 raise
 
-        if failure is not None:
-            return failure.response({"x-lb-attempts": str(len(tried))})
         if isinstance(choice, NoCandidate) and not choice.served:
             raise errors.NotFound(f"No backend serves deployment '{info.deployment}'.")
+        if self._all_refuse_us(info):
+            raise errors.BackendAuthFailed(info.deployment)
+        if failure is not None:
+            return failure.response({"x-lb-attempts": str(len(tried))})
         return self._all_cooling(info, tried)
+
+    def _succeeded(self, backend: Backend, info: RequestInfo, suspects: list[tuple[Backend, str]]) -> None:
+        """A good answer (its head): the backends this request failed on before get one failure
+        each (the request was fine, they were not). The backend's own circuit closes once the
+        body is through (`_relay`)."""
+        if self.auth_failures.by_backend and self.auth_failures.clear(backend.name):
+            log.warning("backend %s accepts the load balancer's credential again", backend.name)
+        for suspect, cause in suspects:
+            self._suspect(suspect, info.deployment, cause)
+
+    def _suspect(self, backend: Backend, deployment: str | None, cause: str) -> None:
+        opened = self.breaker.failure(backend.name, deployment or ANY_DEPLOYMENT, time.monotonic())
+        if opened:
+            seconds = self.settings.default_cooldown_seconds
+            self._cool(backend, deployment, seconds, f"circuit open ({opened} failed requests, last: {cause})")
+            log.warning(
+                "backend %s deployment=%s: %d requests failed there and succeeded elsewhere (last: %s); cooled %gs",
+                backend.name,
+                deployment or "-",
+                opened,
+                cause,
+                seconds,
+            )
+
+    async def _refused(self, backend: Backend, info: RequestInfo, upstream: httpx.Response) -> float:
+        """The backend refuses our credential: out of rotation for long, said once in the log and in
+        /lb/status, with its own words as the cause (a wrong key is never the client's problem)."""
+        status = upstream.status_code
+        cause = _cause(await _discard(upstream), backend)
+        seconds = self.settings.auth_cooldown_seconds
+        self._cool(backend, info.deployment, seconds, f"{AUTH_REASON} {status}: {cause}")
+        if self.auth_failures.record(backend.name, status, cause):
+            log.error(
+                "backend %s refuses the load balancer's credential (%d %s): check BACKEND_%s_APIKEY or the"
+                " managed identity's role; out of rotation for %gs",
+                backend.name,
+                status,
+                cause,
+                backend.name,
+                seconds,
+            )
+        return seconds
+
+    def _all_refuse_us(self, info: RequestInfo) -> bool:
+        """Whether every backend serving the deployment is out because it refused our credential."""
+        now = time.time()
+        key = info.deployment or ANY_DEPLOYMENT
+        refusing = {
+            c.backend for c in self.store.active(now) if c.deployment == key and c.reason.startswith(AUTH_REASON)
+        }
+        if not refusing:
+            return False
+        return all(b.name in refusing for b in self.settings.backends if b.serves(info.deployment))
 
     def _has_alternative(self, info: RequestInfo, tried: list[Attempt], need: int) -> bool:
         """Whether another backend could still be tried if the current attempt fails (only looks)."""
@@ -269,11 +369,18 @@ class Proxy:
                 f"{cooldown:.1f}s" if cooldown is not None else "-",
             )
 
-    def _relay(self, upstream: httpx.Response, backend: Backend, info: RequestInfo, attempts: int) -> Response:
-        def on_broken_stream() -> None:
-            self._cool(backend, info.deployment, self.settings.default_cooldown_seconds, "broken stream")
+    def _relay(
+        self, request: Request, upstream: httpx.Response, backend: Backend, info: RequestInfo, attempts: int
+    ) -> Response:
+        def on_end(exc: Exception | None) -> None:
+            # A whole body closes the backend's circuit. One cut at the deadline is this request's
+            # length, not the backend's fault; a reset or a truncated body counts against it.
+            if exc is None:
+                self.breaker.success(backend.name, info.deployment or ANY_DEPLOYMENT)
+            elif not isinstance(exc, httpx.TimeoutException):
+                self._suspect(backend, info.deployment, f"broken body ({type(exc).__name__})")
 
-        return UpstreamResponse(upstream, backend.name, attempts, on_broken_stream)
+        return UpstreamResponse(upstream, backend.name, attempts, on_end, backend.url, _own_url(request))
 
     def _cool(self, backend: Backend, deployment: str | None, seconds: float, reason: str) -> float:
         self.store.mark(backend.name, deployment or ANY_DEPLOYMENT, time.time() + seconds, reason)
@@ -289,9 +396,19 @@ class Proxy:
         return errors.AllBackendsCooling(info.deployment, seconds).response({"x-lb-attempts": str(len(tried))})
 
     async def _send(
-        self, backend: Backend, method: str, info: RequestInfo, headers: list[tuple[str, str]], timeout: float
+        self,
+        backend: Backend,
+        method: str,
+        info: RequestInfo,
+        headers: list[tuple[str, str]],
+        total: float,
+        connect: float | None,
+        first_byte: float | None,
     ) -> httpx.Response:
+        """One upstream call: `total` bounds all of it, wall-clock (the body's reads too); `connect`
+        the pool wait and connect; `first_byte` the wait for the answer's head."""
         auth = await self.backend_auth.headers(backend)
+        connect = total if connect is None else min(connect, total)
         # A bare httpx.Request, not client.build_request(): the client's default headers (its own
         # User-Agent, Accept-Encoding) have no place in a forwarded call, and merging them costs.
         request = httpx.Request(
@@ -299,20 +416,49 @@ class Proxy:
             backend.url + info.raw_path,
             headers=[*headers, *auth.items()],
             content=info.body,
-            extensions={"timeout": httpx.Timeout(timeout).as_dict()},
+            extensions={
+                "timeout": {"connect": connect, "pool": connect, "read": total, "write": total, "total": total}
+            },
         )
-        return await self.client.send(request, stream=True)
+        if first_byte is None:
+            return await self.client.send(request, stream=True)
+        async with asyncio.timeout(first_byte):
+            return await self.client.send(request, stream=True)
 
 
-async def _discard(upstream: httpx.Response) -> None:
+async def _discard(upstream: httpx.Response) -> bytes:
     """Drop an answer we won't relay (a 429 or 5xx being failed over). Its small body is read to the
     end first, so the connection goes back to the pool instead of a new handshake per 429."""
     try:
-        await asyncio.wait_for(upstream.aread(), DISCARD_READ_SECONDS)
+        return await asyncio.wait_for(upstream.aread(), DISCARD_READ_SECONDS)
     except (httpx.HTTPError, asyncio.TimeoutError):
-        pass
+        return b""
     finally:
         await upstream.aclose()
+
+
+def _cause(body: bytes, backend: Backend) -> str:
+    """The backend's own reason for refusing us, short and on one line, never with our key in it."""
+    try:
+        error = json.loads(body)["error"]
+        cause = f"{error.get('code', '')}: {error.get('message', '')}".strip(": ")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        cause = ""
+    cause = _UNPRINTABLE.sub(" ", cause)[:CAUSE_CHARS] or "no reason given"
+    if backend.api_key:
+        cause = cause.replace(backend.api_key, "********")
+    return cause
+
+
+def _retry_hint(headers: httpx.Headers) -> bool:
+    """A 503 that says when to come back is the backend saying it is busy, like a 429."""
+    return "retry-after" in headers or "retry-after-ms" in headers
+
+
+def _own_url(request: Request) -> str:
+    """Where the client reached us (scheme and Host), the base a backend's Location is rewritten to."""
+    host = request.headers.get("host") or "localhost"
+    return f"{request.scope.get('scheme', 'http')}://{host}{request.scope.get('root_path', '')}"
 
 
 @dataclass

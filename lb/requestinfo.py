@@ -10,10 +10,18 @@ host is always the configured one. It is refused unless it is a plain `/openai/.
 empty segment, a backslash, a control character or a scheme could make the backend (or a
 normaliser between us and it) resolve another path than the one we routed and authorised on, and
 percent-encoding is peeled off layer by layer so `%2e%2e`, `%252e%252e` or `%2f%2f` hide nothing.
+Unicode line breaks (U+0085, U+2028, U+2029) count as control characters: a log viewer splits lines
+on them, so a deployment name carrying one could forge a log line.
+
+Nothing a client sends may hold the event loop: a body is parsed as JSON only up to
+`PARSE_LIMIT_BYTES`; past it, `lb.bodyscan` finds `"model"` in slices that yield to the loop.
+JSON that Python refuses to build (nesting deeper than the recursion limit, an integer of more
+than 4,300 digits) is a 400, like any other invalid JSON.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -21,28 +29,39 @@ from urllib.parse import unquote
 
 from starlette.requests import Request
 
-from lb.errors import BadRequest, HeadersTooLarge, PayloadTooLarge, RouteNotFound
+from lb import bodyscan
+from lb.errors import BadRequest, HeadersTooLarge, PayloadTooLarge, RequestTimeout, RouteNotFound
 
 PREFIX = "/openai/"
 # Kestrel's limits (what the Functions host enforces in front of us); uvicorn + httptools has none of its own.
 MAX_HEADER_COUNT = 100
 MAX_HEADER_BYTES = 32 * 1024
 MAX_DECODE_ROUNDS = 4  # a path still changing after this many percent-decodings is hiding something
-_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\#]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+PARSE_LIMIT_BYTES = 64 * 1024  # bodies up to this are parsed whole on the loop (~1 ms at worst); larger are scanned
+_LINE_BREAKS = r"\x80-\x9f\u2028\u2029"  # C1 controls (U+0085 NEL among them), Unicode line/paragraph separators
+_BAD_CHARS = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}\\#]")
+_CONTROL = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}]")
+_API_KEY_PARAM = re.compile(r"(?:^|&)api-key=[^&]*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class RequestInfo:
-    raw_path: str  # path + query, exactly as the client encoded them
+    raw_path: str  # path + query, exactly as the client encoded them (minus any api-key parameter)
     deployment: str | None
     body: bytes
+    stream: bool = False  # the body asks for a streamed answer ("stream": true)
 
 
-async def read_request(request: Request, max_body_bytes: int) -> RequestInfo:
+async def read_request(request: Request, max_body_bytes: int, deadline: float | None = None) -> RequestInfo:
+    """`deadline` (monotonic) bounds the body's upload, so a client that stalls mid-body can't hold a task."""
     raw_path = _checked_path(request)
-    body = await _read_body(request, max_body_bytes)
-    return RequestInfo(raw_path=raw_path, deployment=_deployment(raw_path, body, request), body=body)
+    try:
+        async with asyncio.timeout_at(deadline):
+            body = await _read_body(request, max_body_bytes)
+    except TimeoutError:
+        raise RequestTimeout("The request body did not arrive in time.") from None
+    deployment, stream = await _deployment(raw_path, body, request)
+    return RequestInfo(raw_path=raw_path, deployment=deployment, body=body, stream=stream)
 
 
 def check_headers(request: Request) -> None:
@@ -57,7 +76,7 @@ def check_headers(request: Request) -> None:
 def check_path(path: str) -> None:
     """Raise unless `path` (no query, as sent) is an `/openai/...` path that is safe to relay."""
     if not path.startswith(PREFIX):
-        raise RouteNotFound("Only /openai/... paths are proxied.")
+        raise RouteNotFound("Only /openai/deployments/{deployment}/... and /openai/v1/... paths are proxied.")
     if "://" in path:
         raise BadRequest("The request path must not be an absolute URL.")
     current = path
@@ -80,8 +99,10 @@ def _checked_path(request: Request) -> str:
     raw = request.scope.get("raw_path") or request.scope["path"].encode()
     path = raw.decode("latin-1").split("?", 1)[0]
     check_path(path)
-    query = request.scope.get("query_string", b"")
-    return f"{path}?{query.decode('latin-1')}" if query else path
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    if "api-key" in query.lower():  # a key in the URL is the client's credential: never forwarded
+        query = _API_KEY_PARAM.sub("", query).lstrip("&")
+    return f"{path}?{query}" if query else path
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -98,23 +119,40 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _deployment(raw_path: str, body: bytes, request: Request) -> str | None:
+async def _deployment(raw_path: str, body: bytes, request: Request) -> tuple[str | None, bool]:
+    """The deployment the call names, and whether it asks for a stream."""
     segments = raw_path.split("?", 1)[0].split("/")  # ["", "openai", ...]
     if len(segments) > 3 and segments[2] == "deployments":
-        return unquote(segments[3]) or None
+        return unquote(segments[3]) or None, await bodyscan.streamed(body)
     if len(segments) > 2 and segments[2] == "v1" and body:
         if "json" not in request.headers.get("content-type", "application/json"):
-            return None  # multipart uploads (audio, files): any backend may take them
-        try:
-            payload = json.loads(body)
-        except json.JSONDecodeError as exc:
-            raise BadRequest(
-                f"The request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})."
-            ) from None
-        except UnicodeDecodeError:
-            raise BadRequest("The request body is not valid JSON (not UTF-8 text).") from None
-        model = payload.get("model") if isinstance(payload, dict) else None
-        if isinstance(model, str) and _CONTROL.search(model):
-            raise BadRequest("The 'model' in the request body contains a control character.")
-        return model if isinstance(model, str) and model else None
-    return None
+            return None, False  # multipart uploads (audio, files): any backend may take them
+        if len(body) > PARSE_LIMIT_BYTES:
+            model = await bodyscan.top_level_string(body, b"model")
+            return _checked_model(model), await bodyscan.streamed(body)
+        payload = _parse(body)
+        if not isinstance(payload, dict):
+            return None, False
+        return _checked_model(payload.get("model")), payload.get("stream") is True
+    return None, await bodyscan.streamed(body)
+
+
+def _parse(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(
+            f"The request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})."
+        ) from None
+    except UnicodeDecodeError:
+        raise BadRequest("The request body is not valid JSON (not UTF-8 text).") from None
+    except RecursionError:
+        raise BadRequest("The request body is not valid JSON (nested too deeply).") from None
+    except ValueError:  # e.g. an integer of more than 4,300 digits
+        raise BadRequest("The request body is not valid JSON (a value is out of range).") from None
+
+
+def _checked_model(model: object) -> str | None:
+    if isinstance(model, str) and _CONTROL.search(model):
+        raise BadRequest("The 'model' in the request body contains a control character.")
+    return model if isinstance(model, str) and model else None

@@ -157,7 +157,7 @@ class SimBackend:
         ]
         stream = isinstance(payload, dict) and payload.get("stream") is True
         if "embeddings" in path:
-            return await self._json(send, 200, _embedding(deployment), rate)
+            return await self._json(send, 200, _embedding(deployment, payload), rate)
         if path.rstrip("/").endswith("/responses"):
             response, pieces = _response(self.name, deployment, payload, self.chunks)
             if stream:
@@ -368,12 +368,20 @@ def _response_events(response: dict[str, Any], pieces: list[str]) -> list[bytes]
     return [f"event: {e['type']}\n".encode() + _sse({**e, "sequence_number": n}) for n, e in enumerate(events)]
 
 
-def _embedding(deployment: str | None) -> dict[str, Any]:
+def _embedding(deployment: str | None, payload: Any = None) -> dict[str, Any]:
+    """One vector per input, `dimensions` long when the call asks (as text-embedding-3 models allow)."""
+    request = payload if isinstance(payload, dict) else {}
+    inputs = request.get("input")
+    count = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
+    size = request.get("dimensions")
+    vector = [0.1, 0.2, 0.3, 0.4]
+    if isinstance(size, int) and 0 < size <= 3072:
+        vector = [round(0.1 + (i % 10) / 100, 2) for i in range(size)]
     return {
         "object": "list",
-        "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3, 0.4]}],
+        "data": [{"object": "embedding", "index": i, "embedding": vector} for i in range(count)],
         "model": deployment or "text-embedding-3-small",
-        "usage": {"prompt_tokens": 4, "total_tokens": 4},
+        "usage": {"prompt_tokens": 4 * count, "total_tokens": 4 * count},
     }
 
 

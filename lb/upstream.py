@@ -9,12 +9,17 @@ is already required by azure's async clients, so this adds no dependency.
 Connections are pooled and kept alive, so a busy proxy does one TLS handshake per backend
 connection, not per request. Every aiohttp error is mapped to the httpx exception it means, in one
 place (`_mapped`), so the failover loop sees exactly what it would see from httpcore.
+
+Besides httpx's per-phase timeouts, a request's `timeout` extension may carry `total`: a wall-clock
+bound on the whole call, pool wait, connect, head and every body read included (aiohttp's own
+`total`), so a backend dripping one byte at a time can't stretch the caller's deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -95,10 +100,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 data=request.content or None,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(
-                    total=None,
+                    total=timeouts.get("total"),  # wall-clock, from here to the body's last byte
                     connect=timeouts.get("pool"),  # waiting for a free pooled connection is bounded too
                     sock_connect=timeouts.get("connect"),
                     sock_read=timeouts.get("read"),
+                    ceil_threshold=math.inf,  # never round a deadline up to the next whole second
                 ),
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),  # httpx's headers stand
             )
@@ -124,6 +130,10 @@ class _ResponseBody(httpx.AsyncByteStream):
         with _mapped(self._request, reading=True):
             async for chunk in self._response.content.iter_any():
                 yield chunk
+
+    def at_eof(self) -> bool:
+        """The whole body has been read (lb.relay then needs no disconnect watcher)."""
+        return self._response.content.at_eof()
 
     async def aclose(self) -> None:
         if self._response.content.at_eof():

@@ -3,6 +3,7 @@ OpenID configuration + JWKS served on 127.0.0.1, so token validation is tested o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -37,6 +38,7 @@ class LocalIdP:
     keys: list[SigningKey] = field(default_factory=lambda: [SigningKey("key-1")])
     url: str = ""  # set once served
     down: bool = False  # answer 503 to everything
+    delay: float = 0.0  # seconds before each answer (a slow tenant)
     requests: list[str] = field(default_factory=list)
 
     def token(self, key: SigningKey | None = None, *, v2: bool = False, **claims: Any) -> str:
@@ -63,6 +65,8 @@ class LocalIdP:
             return
         path = scope["path"]
         self.requests.append(path)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.down:
             status, body = 503, {"error": "temporarily_unavailable"}
         elif path == f"/{TENANT}/v2.0/.well-known/openid-configuration":

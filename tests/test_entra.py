@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import httpx
@@ -143,17 +144,70 @@ def test_keys_already_known_keep_working_while_the_idp_is_down(idp):
     now = [1000.0]
     settings = load_settings({"BACKEND_1_URL": "https://a", **entra_env(idp)}).entra
     v = EntraValidator(settings, refetch_interval=60, clock=lambda: now[0])
-    validate(v, idp.token())
-    idp.down = True
-    now[0] += 2 * 24 * 3600  # keys are stale: a refetch is tried and fails
-    assert validate(v, idp.token())
-    with pytest.raises(InvalidToken, match="does not publish"):
-        validate(v, idp.token(SigningKey("new-while-down")))
-    fetches = idp.key_fetches()
-    idp.down = False
-    now[0] += 61  # a failed refresh is retried after the interval, not a day later
-    validate(v, idp.token())
-    assert idp.key_fetches() == fetches + 1
+
+    async def scenario() -> None:
+        await v.validate(idp.token())
+        idp.down = True
+        now[0] += 1.5 * 24 * 3600  # keys are stale: a refresh is tried and fails
+        assert await v.validate(idp.token())
+        await asyncio.sleep(0.3)
+        with pytest.raises(InvalidToken, match="does not publish"):
+            await v.validate(idp.token(SigningKey("new-while-down")))
+        fetches = idp.key_fetches()
+        idp.down = False
+        now[0] += 61  # a failed refresh is retried after the interval, not a day later
+        await v.validate(idp.token())
+        await asyncio.sleep(0.3)
+        assert idp.key_fetches() == fetches + 1
+
+    asyncio.run(scenario())
+
+
+def test_day_old_keys_are_refreshed_in_the_background_while_requests_use_them(idp):
+    now = [1000.0]
+    settings = load_settings({"BACKEND_1_URL": "https://a", **entra_env(idp)}).entra
+    v = EntraValidator(settings, refetch_interval=60, clock=lambda: now[0])
+    rotated = SigningKey("key-2")
+
+    async def scenario() -> None:
+        await v.validate(idp.token())
+        idp.delay = 1.0  # a slow tenant: nobody may wait for it
+        idp.keys.append(rotated)
+        now[0] += 23.5 * 3600
+        for _ in range(20):
+            started = time.perf_counter()
+            assert await v.validate(idp.token())
+            assert time.perf_counter() - started < 0.2
+        await asyncio.sleep(1.5)
+        assert idp.key_fetches() == 2  # one refresh in the background, shared by all 20
+        assert await v.validate(idp.token(rotated))  # the refresh brought the new key, no fetch needed
+        assert idp.key_fetches() == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_refresh_keeps_the_keys_for_a_bounded_grace_and_is_logged_once(idp, caplog):
+    now = [1000.0]
+    settings = load_settings({"BACKEND_1_URL": "https://a", **entra_env(idp)}).entra
+    v = EntraValidator(settings, refetch_interval=60, clock=lambda: now[0])
+
+    async def scenario() -> None:
+        await v.validate(idp.token())
+        idp.down = True
+        for _ in range(10):  # every minute for ten minutes, a day on
+            now[0] += 24 * 3600 if _ == 0 else 61
+            started = time.perf_counter()
+            assert await v.validate(idp.token())
+            assert time.perf_counter() - started < 0.2
+            await asyncio.sleep(0.05)
+        assert idp.key_fetches() >= 3  # retried each interval (when the last try has ended)
+        now[0] += 24 * 3600  # past the grace: the keys may have been withdrawn meanwhile
+        with pytest.raises(InvalidToken, match="could not be fetched"):
+            await v.validate(idp.token())
+
+    with caplog.at_level(logging.WARNING, logger="lb"):
+        asyncio.run(scenario())
+    assert sum("could not be fetched" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_an_unreachable_idp_refuses_tokens_and_says_so(idp):

@@ -22,9 +22,9 @@ def chat_url(url: str, deployment: str = "chat") -> str:
 
 
 def post(url: str, deployment: str = "chat", **kwargs: object) -> httpx.Response:
-    return httpx.post(
-        chat_url(url, deployment), json={"messages": MESSAGES}, headers={"api-key": CLIENT_KEY}, timeout=10, **kwargs
-    )
+    kwargs.setdefault("json", {"messages": MESSAGES})
+    kwargs.setdefault("headers", {"api-key": CLIENT_KEY})
+    return httpx.post(chat_url(url, deployment), timeout=10, **kwargs)
 
 
 def established(port: int) -> int:
@@ -62,23 +62,38 @@ class Silent:
             writer.close()
 
 
-def test_a_backend_that_never_answers_costs_one_attempt_timeout_then_another_answers(make_pool, servers):
+def test_a_silent_backend_costs_streamed_calls_one_attempt_timeout_and_three_such_calls_cool_it(make_pool, servers):
     silent = Silent()
     env = {"HTTP_TIMEOUT_SECONDS": "2", "LB_ATTEMPT_TIMEOUT_SECONDS": "0.3", "LB_DEFAULT_COOLDOWN_SECONDS": "30"}
     pool = make_pool(1, env={**env, "BACKEND_9_URL": _serve_raw(servers, silent), "BACKEND_9_APIKEY": "k"})
-    while not silent.requests:  # until the random pick lands on the silent one
+    stream = {"messages": MESSAGES, "stream": True}
+    while silent.requests < 3:  # until the random pick has landed on the silent one three times
+        seen = silent.requests
         started = time.perf_counter()
-        response = post(pool.url)
+        response = post(pool.url, json=stream)
         duration = time.perf_counter() - started
         assert response.status_code == 200 and response.headers["x-lb-backend"] == "1"
-    assert response.headers["x-lb-attempts"] == "2"  # the silent one, then the healthy one
-    assert 0.3 <= duration < 0.3 + 0.5
+        if silent.requests > seen:
+            assert response.headers["x-lb-attempts"] == "2"  # the silent one, then the healthy one
+            assert 0.3 <= duration < 0.3 + 0.5
+            expected = silent.requests >= 3  # distinct requests agree: only then is it the backend's fault
+            assert (pool.proxy.store.cooling_until("9", "chat", time.time()) > 0) is expected
     for _ in range(10):  # cooled: the next calls go straight to the healthy backend
         started = time.perf_counter()
-        response = post(pool.url)
+        response = post(pool.url, json=stream)
         assert response.status_code == 200 and response.headers["x-lb-backend"] == "1"
         assert time.perf_counter() - started < 0.3
-    assert silent.requests == 1
+    assert silent.requests == 3
+
+
+def test_a_non_streamed_call_longer_than_the_attempt_timeout_is_answered_once_and_cools_nothing(make_pool):
+    env = {"HTTP_TIMEOUT_SECONDS": "3", "LB_ATTEMPT_TIMEOUT_SECONDS": "0.2"}
+    pool = make_pool(3, env=env, latency=0.6)  # a reasoning model: no header before the whole answer
+    for _ in range(4):
+        response = post(pool.url)
+        assert response.status_code == 200 and response.headers["x-lb-attempts"] == "1"
+    assert sum(len(b.calls) for b in pool.backends) == 4  # one upstream call per call: never billed twice
+    assert pool.proxy.store.active() == []
 
 
 def test_the_last_backend_left_gets_the_rest_of_the_deadline_not_the_attempt_timeout(make_pool, servers):
@@ -112,7 +127,8 @@ def test_a_stream_that_stalls_after_its_first_chunk_ends_with_an_error_not_a_han
         for chunk in pool.azure(timeout=10).chat.completions.create(model="chat", messages=MESSAGES, stream=True):
             received.append(chunk)
     assert received and time.perf_counter() - started < 3
-    assert pool.proxy.store.cooling_until("1", "chat", time.time()) > 0
+    # A stream cut at the deadline is that request's length (a reasoning model may pause that long): no cooling.
+    assert pool.proxy.store.active() == []
 
 
 def _serve_raw(servers: Servers, handler) -> str:
@@ -132,15 +148,17 @@ async def _reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     writer.transport.abort()  # RST after 14 of the 1000 promised bytes
 
 
-def test_a_backend_that_resets_mid_body_closes_the_clients_answer_and_is_cooled(make_pool, servers):
+def test_a_backend_that_resets_mid_body_closes_the_clients_answer_and_three_resets_cool_it(make_pool, servers, caplog):
     reset_url = _serve_raw(servers, _reset_mid_body)
     pool = make_pool(1, env={"BACKEND_1_PRIORITY": "2", "BACKEND_9_URL": reset_url, "BACKEND_9_APIKEY": "k"})
-    started = time.perf_counter()
-    with pytest.raises(httpx.HTTPError):  # a short body and a closed connection: never a complete "success"
-        post(pool.url)
-    assert time.perf_counter() - started < 2
-    assert pool.proxy.store.cooling_until("9", "chat", time.time()) > 0
+    for expected_cooling in (False, False, True):
+        started = time.perf_counter()
+        with pytest.raises(httpx.HTTPError):  # a short body and a closed connection: never a complete "success"
+            post(pool.url)
+        assert time.perf_counter() - started < 2
+        assert (pool.proxy.store.cooling_until("9", "chat", time.time()) > 0) is expected_cooling
     assert post(pool.url).headers["x-lb-backend"] == "1"  # the next call avoids it
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
 
 
 GARBAGE_RETRY_AFTER = {
@@ -232,3 +250,104 @@ def test_a_backend_header_that_is_not_latin_1_passes_through_as_sent(make_pool, 
     response = post(pool.url)
     assert response.status_code == 200 and response.json() == {"choices": []}
     assert response.headers.raw[[k for k, _ in response.headers.raw].index(b"x-note")][1] == b"5 \xe2\x82\xac"
+
+
+async def _drip_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A head sent one byte every 0.1 s: each read is quick, the whole never comes."""
+    await reader.readuntil(b"\r\n\r\n")
+    try:
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + b"x-pad: " + b"a" * 1000:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.1)
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+def test_a_backend_dripping_its_head_is_cut_at_the_deadline_as_wall_clock(make_pool, servers):
+    pool = make_pool(
+        0, env={"HTTP_TIMEOUT_SECONDS": "1", "BACKEND_9_URL": _serve_raw(servers, _drip_head), "BACKEND_9_APIKEY": "k"}
+    )
+    started = time.perf_counter()
+    response = post(pool.url)
+    assert response.status_code == 504 and response.json()["error"]["code"] == "GatewayTimeout"
+    assert time.perf_counter() - started < 1.5
+
+
+async def _no_continue(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Never sends `100 Continue`: answers once the whole body is in, saying whether Expect came."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
+    await reader.readexactly(length)
+    body = json.dumps({"expect": b"expect:" in head.lower()}).encode()
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    writer.close()
+
+
+def test_expect_100_continue_is_not_forwarded_so_a_backend_that_never_sends_100_still_answers(make_pool, servers):
+    pool = make_pool(
+        0,
+        env={"HTTP_TIMEOUT_SECONDS": "2", "BACKEND_9_URL": _serve_raw(servers, _no_continue), "BACKEND_9_APIKEY": "k"},
+    )
+    started = time.perf_counter()
+    response = post(pool.url, headers={"api-key": CLIENT_KEY, "expect": "100-continue"})
+    assert response.status_code == 200 and response.json() == {"expect": False}
+    assert time.perf_counter() - started < 1
+
+
+async def _drip_body(scope, receive, send) -> None:
+    """A chunked, non-SSE answer that trickles for 10 s (a file download, a slow proxy)."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    for _ in range(200):
+        await send({"type": "http.response.body", "body": b" " * 100, "more_body": True})
+        await asyncio.sleep(0.05)
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+def test_a_client_leaving_a_non_sse_answer_closes_its_upstream_connection(make_pool, servers):
+    pool = make_pool(0, env={"BACKEND_9_URL": servers.start(_drip_body), "BACKEND_9_APIKEY": "k"})
+    backend_port = int(pool.proxy.settings.backends[0].url.rsplit(":", 1)[1])
+    with httpx.Client(timeout=5) as client:
+        with client.stream("POST", chat_url(pool.url), headers={"api-key": CLIENT_KEY}, json={"messages": []}) as r:
+            chunks = r.iter_raw()
+            next(chunks)
+            next(chunks)
+            assert established(backend_port) == 2
+    deadline = time.monotonic() + 3
+    while established(backend_port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert established(backend_port) == 0  # long before the backend would have ended it (10 s)
+
+
+async def _sse_with_length_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    event = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}], "id": "1", "object": "x", "created": 0}\n\n'
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 5000\r\n\r\n" + event)
+    await writer.drain()
+    await asyncio.sleep(0.3)  # read by the proxy before the reset (a reset discards what is unread)
+    writer.transport.abort()
+
+
+def test_a_broken_sse_answer_with_a_declared_length_ends_with_an_error_event_and_no_server_error(
+    make_pool, servers, caplog
+):
+    pool = make_pool(
+        0, env={"BACKEND_9_URL": _serve_raw(servers, _sse_with_length_then_reset), "BACKEND_9_APIKEY": "k"}
+    )
+    with httpx.Client(timeout=5) as client:
+        with client.stream(
+            "POST", chat_url(pool.url), headers={"api-key": CLIENT_KEY}, json={"messages": [], "stream": True}
+        ) as response:
+            assert "content-length" not in response.headers
+            body = b"".join(response.iter_raw())
+    assert body.endswith(b'"The backend stream ended unexpectedly."}}\n\n')
+    assert "Content-Length" not in caplog.text and not any(r.exc_info for r in caplog.records)

@@ -156,6 +156,10 @@ PROBES = [
     ("/openai/v1/chat/completions", "Content-Type: application/json\r\n", b'{"model": "a\\nb"}'),
     ("/openai/v1/chat/completions", "Content-Type: application/json\r\n", b"\xff\xfe"),
     ("/openai/deployments/chat/chat/completions", "", b"x" * 2000),
+    ("/openai/deployments/a%E2%80%A8b/chat", "", BODY),  # U+2028 LINE SEPARATOR: a log line break
+    ("/openai/deployments/a%C2%85b/chat", "", BODY),  # U+0085 NEXT LINE
+    ("/openai/v1/chat/completions", "Content-Type: application/json\r\n", '{"model": "a\u2029b"}'.encode()),
+    ("/openai/v1/chat/completions", "Content-Type: application/json\r\n", b'{"model": "a\\u0085b"}'),
 ]
 
 
@@ -331,3 +335,147 @@ def test_a_missing_deployment_gets_the_backends_own_404_untouched(make_pool):
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "Simulated failure."  # the backend's body, not ours
     assert response.headers["x-lb-attempts"] == "1"
+
+
+def test_json_that_python_refuses_to_build_is_a_400_not_a_500(make_pool):
+    pool = make_pool(1)
+    for body in (b"[" * 30_000 + b"]" * 30_000, b'{"model": "chat", "n": ' + b"9" * 5000 + b"}"):
+        response = httpx.post(
+            pool.url + "/openai/v1/chat/completions",
+            content=body,
+            headers={"api-key": CLIENT_KEY, "content-type": "application/json"},
+        )
+        assert response.status_code == 400 and response.json()["error"]["code"] == "BadRequest"
+    assert pool.backends[0].calls == []
+
+
+def test_a_5000_digit_max_tokens_under_the_headroom_policy_is_forwarded_not_a_500(make_pool):
+    pool = make_pool(1, env={"LB_POLICY": "headroom"})
+    body = b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}"
+    response = httpx.post(pool.url + CHAT, content=body, headers={"api-key": CLIENT_KEY})
+    assert response.status_code == 200  # the backend judges it; the proxy's estimate just saturates
+
+
+@pytest.mark.parametrize(
+    ("payload", "deployment"),
+    [
+        ({"messages": [{"role": "user", "content": "x" * 100}] * 2000, "model": "big"}, "big"),
+        (
+            {
+                "tools": [{"function": {"parameters": {"properties": {"model": {"type": "string"}}}}}] * 2,
+                "messages": [{"role": "user", "content": '"model": "fake" \\"model\\": "x"' * 5000}],
+                "model": "real",
+            },
+            "real",
+        ),
+        ({"input": "y" * 100_000, "metadata": {"model": "nested"}, "model": "topé"}, "topé"),
+        ({"input": "y" * 100_000, "model": "gpt\u002d4".encode().decode("unicode_escape")}, "gpt-4"),
+    ],
+)
+def test_a_large_v1_body_is_routed_by_its_top_level_model_without_being_parsed(make_pool, payload, deployment):
+    pool = make_pool(1)
+    body = json.dumps(payload).encode()
+    assert len(body) > 64 * 1024
+    response = httpx.post(
+        pool.url + "/openai/v1/chat/completions",
+        content=body,
+        headers={"api-key": CLIENT_KEY, "content-type": "application/json"},
+    )
+    assert response.status_code == 200
+    assert pool.backends[0].calls[0].deployment == deployment
+
+
+def test_an_api_key_in_the_query_is_not_forwarded(servers):
+    from lb.app import create_app
+    from lb.config import load_settings
+
+    queries: list[bytes] = []
+
+    async def backend(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        queries.append(scope["query_string"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = create_app(load_settings({"BACKEND_1_URL": servers.start(backend), "BACKEND_1_APIKEY": "k"}))
+    url = servers.start(app)
+    for query in ("api-key=leak&api-version=1", "api-version=1&API-KEY=leak", "api-version=1&api-key=leak&x=2"):
+        assert httpx.post(f"{url}/openai/deployments/chat/chat/completions?{query}", content=BODY).status_code == 200
+    assert queries == [b"api-version=1", b"api-version=1", b"api-version=1&x=2"]
+
+
+def test_routing_override_headers_are_not_forwarded_and_forwarded_proto_is_ours(make_pool):
+    pool = make_pool(1)
+    overrides = {
+        "x-original-url": "/admin",
+        "x-rewrite-url": "/admin",
+        "x-http-method-override": "DELETE",
+        "x-http-method": "DELETE",
+        "x-method-override": "DELETE",
+        "x-forwarded-proto": "https",
+        "x-forwarded-port": "443",
+        "x-forwarded-prefix": "/other",
+        "expect": "100-continue",
+    }
+    response = httpx.post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, **overrides})
+    assert response.status_code == 200
+    (call,) = pool.backends[0].calls
+    for name in overrides:
+        if name != "x-forwarded-proto":
+            assert name not in call.headers, name
+
+
+def test_the_clients_forwarded_proto_is_replaced_by_how_it_reached_us():
+    from starlette.requests import Request
+
+    from lb.headers import forwarded
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/openai/x",
+        "headers": [(b"x-forwarded-proto", b"https"), (b"host", b"lb")],
+        "client": ("10.0.0.1", 1234),
+        "server": ("lb", 80),
+    }
+    assert [v for k, v in forwarded(Request(scope), None) if k == "x-forwarded-proto"] == ["http"]
+
+
+def _pointing_backend(base: list[str]):
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        own = base[0]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"operation-location", f"{own}/openai/operations/images/op-1?api-version=2024-02-01".encode()),
+            (b"location", f"{own}/openai/x".encode()),
+            (b"content-location", f"{own}/elsewhere/secret".encode()),  # the backend's, outside /openai: dropped
+        ]
+        await send({"type": "http.response.start", "status": 202, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    return app
+
+
+def test_headers_pointing_at_the_backend_point_at_the_proxy_instead(servers):
+    from lb.app import create_app
+    from lb.config import load_settings
+
+    base: list[str] = []
+    backend_url = servers.start(_pointing_backend(base))
+    base.append(backend_url)
+    app = create_app(load_settings({"BACKEND_1_URL": backend_url, "BACKEND_1_APIKEY": "k"}))
+    url = servers.start(app)
+    response = httpx.post(url + CHAT, content=BODY)
+    assert response.status_code == 202
+    assert response.headers["operation-location"] == f"{url}/openai/operations/images/op-1?api-version=2024-02-01"
+    assert response.headers["location"] == f"{url}/openai/x"
+    assert "content-location" not in response.headers
+    assert backend_url.rsplit(":", 1)[1] not in response.headers["operation-location"]

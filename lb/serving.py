@@ -1,0 +1,149 @@
+"""Connection limits for `python -m lb serve`, enforced before uvicorn buffers anything.
+
+Behind Azure Functions the host's own server (Kestrel) sits in front of the worker and applies its
+limits: request head size and header count, a header-read timeout, connection limits. Run alone,
+uvicorn with httptools has none of these: it buffers a request head of any size (a 200 MB head
+costs tens of seconds of CPU before the handler's 32 KiB check), and keeps a connection that never
+finishes its head open for ever (a thousand of them exhaust the process's file descriptors).
+
+`guarded_protocol()` returns uvicorn's httptools protocol with those limits, answered in Azure
+OpenAI's error shape:
+- a head larger than `MAX_HEADER_BYTES` or with more than `MAX_HEADER_COUNT` fields: 431, counted
+  as the bytes arrive, so nothing past the limit is parsed or kept;
+- a head not complete within `LB_SERVE_HEAD_TIMEOUT_SECONDS` of the connection opening (or of the
+  previous answer, on a kept-alive connection): 408 and closed (an idle one is just closed);
+- more than `LB_SERVE_MAX_CONNECTIONS` open connections: 503 with Retry-After, closed.
+A body that stalls is the handler's business: its read is bounded by `HTTP_TIMEOUT_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from lb.config import Settings
+from lb.requestinfo import MAX_HEADER_BYTES, MAX_HEADER_COUNT
+
+KEEP_ALIVE_SECONDS = 5  # uvicorn's default, said here: an idle kept-alive connection is closed after it
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
+
+
+def error_bytes(status: int, code: str, message: str, extra: bytes = b"") -> bytes:
+    """A whole HTTP/1.1 error answer that closes the connection, in Azure OpenAI's JSON shape."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n%s\r\n"
+        % (status, _REASONS[status], len(body), extra)
+    ) + body
+
+
+def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
+    head_timeout = settings.serve_head_timeout_seconds
+    max_connections = settings.serve_max_connections
+    too_large = error_bytes(
+        431,
+        "RequestHeaderFieldsTooLarge",
+        f"The request head is larger than {MAX_HEADER_BYTES} bytes or has more than {MAX_HEADER_COUNT} headers.",
+    )
+    too_slow = error_bytes(408, "RequestTimeout", f"The request head did not arrive within {head_timeout:g} seconds.")
+    too_many = error_bytes(
+        503,
+        "ServiceUnavailable",
+        "The load balancer has too many open connections; retry shortly.",
+        b"retry-after: 1\r\n",
+    )
+
+    class GuardedProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol, with a bounded request head and a bounded number of connections."""
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._head_bytes = 0
+            self._header_count = 0
+            self._in_head = True
+            self._head_timer: asyncio.TimerHandle | None = None
+            # Over the cap: answered once the request is in (closing on an unread request would
+            # reset the connection, and the client might never read the 503).
+            self._over_cap = len(self.connections) > max_connections
+            self._arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport.is_closing():
+                return
+            if self._over_cap:
+                self._refuse(too_many)
+                return
+            if self._in_head:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            # Past the limit and still no end of head: refused before the next read is parsed, so
+            # at most one read (<= 256 KiB) beyond the limit is ever looked at.
+            if self._in_head and self._head_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                self._refuse(too_large)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head = True
+            self._header_count = 0
+            if self._head_timer is None:
+                self._arm_head_timer()
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if self.transport.is_closing():
+                return
+            self._header_count += 1
+            if self._header_count > MAX_HEADER_COUNT:
+                self._refuse(too_large)
+                return
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            if self.transport.is_closing():
+                return
+            self._in_head = False
+            self._head_bytes = 0
+            self._disarm_head_timer()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._in_head = True  # the next request's head, on this kept-alive connection
+                self._arm_head_timer()
+
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            self._head_timer = self.loop.call_later(head_timeout, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self._in_head and not self.transport.is_closing():
+                if self._head_bytes:
+                    self._refuse(too_slow)
+                else:
+                    self.transport.close()  # idle: nothing was asked, nothing to answer
+
+        def _refuse(self, answer: bytes) -> None:
+            self._disarm_head_timer()
+            self.transport.write(answer)
+            self.transport.close()
+
+    return GuardedProtocol
+
+
+def serve_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn.run() keyword arguments for `lb serve`'s limits."""
+    # proxy_headers off: a local client must not set our scheme or its own address with X-Forwarded-*.
+    return {"http": guarded_protocol(settings), "timeout_keep_alive": KEEP_ALIVE_SECONDS, "proxy_headers": False}

@@ -1,0 +1,149 @@
+"""Whose fault a failure is: one request's outcome never takes a backend out for everyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import httpx
+import openai
+import pytest
+
+from lb.breaker import Breaker
+from tests.conftest import CLIENT_KEY
+from tests.test_faults import MESSAGES, post
+
+
+def test_the_breaker_opens_on_the_third_failure_in_its_window_and_a_success_clears_it():
+    breaker = Breaker(threshold=3, window=10)
+    assert breaker.failure("a", "chat", 0) is None
+    assert breaker.failure("a", "chat", 1) is None
+    breaker.success("a", "chat")
+    assert breaker.failure("a", "chat", 2) is None
+    assert breaker.failure("a", "chat", 3) is None
+    assert breaker.failure("b", "chat", 3) is None  # per backend ...
+    assert breaker.failure("a", "other", 3) is None  # ... and per deployment
+    assert breaker.failure("a", "chat", 4) == 3
+    assert breaker.pending("a", "chat", 4) == 0  # open: counting starts over
+    assert breaker.failure("a", "chat", 5) is None
+    assert breaker.failure("a", "chat", 20) is None  # the first one has left the window
+    assert breaker.pending("a", "chat", 20) == 1
+
+
+def request_provoked(trigger: bytes, *, status: int = 500, delay: float = 0.0):
+    """A backend that is fine except with requests whose body contains `trigger` (a prompt that
+    crashes or slows every model): those get `status` (after `delay`)."""
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if trigger in body:
+            await asyncio.sleep(delay)
+            answer, code = {"error": {"code": "InternalServerError", "message": "The server had an error."}}, status
+        else:
+            answer, code = {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}, 200
+        data = json.dumps(answer).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        await send({"type": "http.response.start", "status": code, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+    return app
+
+
+def three_of(servers, app, env: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(env or {})
+    for name in ("1", "2", "3"):
+        env |= {f"BACKEND_{name}_URL": servers.start(app), f"BACKEND_{name}_APIKEY": "k"}
+    return env
+
+
+def test_a_request_that_every_backend_answers_with_500_cools_none_of_them(make_pool, servers):
+    pool = make_pool(0, env=three_of(servers, request_provoked(b"poison")))
+    poison = {"messages": [{"role": "user", "content": "poison"}]}
+    for _ in range(5):  # one client, in a loop
+        response = post(pool.url, json=poison)
+        assert response.status_code == 500 and response.headers["x-lb-attempts"] == "3"
+    assert pool.proxy.store.active() == []
+    for _ in range(10):  # everyone else is untouched
+        response = post(pool.url)
+        assert response.status_code == 200 and response.headers["x-lb-attempts"] == "1"
+
+
+def test_a_streamed_request_slow_everywhere_fails_over_then_times_out_and_cools_nothing(make_pool, servers):
+    env = {"HTTP_TIMEOUT_SECONDS": "1", "LB_ATTEMPT_TIMEOUT_SECONDS": "0.2"}
+    pool = make_pool(0, env=three_of(servers, request_provoked(b"slow", status=200, delay=5), env))
+    slow = {"messages": [{"role": "user", "content": "slow"}], "stream": True}
+    for _ in range(3):
+        started = time.perf_counter()
+        response = post(pool.url, json=slow)
+        assert response.status_code == 504 and time.perf_counter() - started < 1.5
+    assert pool.proxy.store.active() == []
+    for _ in range(10):
+        assert post(pool.url).status_code == 200
+
+
+def test_a_backend_failing_requests_that_succeed_elsewhere_is_cooled_on_the_third(make_pool):
+    pool = make_pool(2, env={"BACKEND_2_PRIORITY": "2"})  # 1 is always tried first
+    pool.backends[0].fail_status = 500
+    for expected_cooling in (False, False, True):
+        response = post(pool.url)
+        assert response.status_code == 200 and response.headers["x-lb-backend"] == "2"
+        assert (pool.proxy.store.cooling_until("1", "chat", time.time()) > 0) is expected_cooling
+    assert "circuit open" in pool.proxy.store.active()[0].reason
+    assert post(pool.url).headers["x-lb-attempts"] == "1"
+
+
+def test_a_503_with_retry_after_cools_at_once_one_without_does_not(make_pool, servers):
+    async def busy(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        hint = [(b"retry-after", b"7")] if "hinted" in scope["path"] else []
+        await send({"type": "http.response.start", "status": 503, "headers": hint})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    pool = make_pool(1, env={"BACKEND_1_PRIORITY": "2", "BACKEND_9_URL": servers.start(busy), "BACKEND_9_APIKEY": "k"})
+    assert post(pool.url, "plain").headers["x-lb-attempts"] == "2"
+    assert pool.proxy.store.cooling_until("9", "plain", time.time()) == 0
+    assert post(pool.url, "hinted").headers["x-lb-attempts"] == "2"
+    assert 6 < pool.proxy.store.cooling_until("9", "hinted", time.time()) - time.time() <= 7
+
+
+def test_a_backend_with_a_wrong_key_fails_over_is_cooled_long_said_once_and_named_in_status(make_pool, caplog):
+    pool = make_pool(3, env={"BACKEND_2_APIKEY": "rotated-away"})
+    client = pool.azure()
+    with caplog.at_level(logging.WARNING, logger="lb"):
+        for _ in range(30):
+            completion = client.chat.completions.create(model="chat", messages=MESSAGES)
+            assert completion.choices[0].message.content
+        for _ in range(10):
+            client.embeddings.create(model="embed", input="hi")  # another deployment: one more 401 at most
+    assert len(pool.backends[1].calls) <= 2  # out of rotation after its first refusal per deployment
+    assert sum("refuses the load balancer's credential" in r.getMessage() for r in caplog.records) == 1
+    assert "rotated-away" not in caplog.text
+    status = httpx.get(f"{pool.url}/lb/status", headers={"api-key": CLIENT_KEY}).json()
+    by_name = {b["name"]: b for b in status["backends"]}
+    assert by_name["2"]["auth_failure"]["status"] == 401
+    assert "invalid subscription key" in by_name["2"]["auth_failure"]["cause"]
+    assert by_name["1"]["auth_failure"] is None
+    assert by_name["2"]["cooldowns"][0]["seconds_left"] > 250  # LB_AUTH_COOLDOWN_SECONDS, 300 by default
+
+
+def test_when_every_backend_refuses_our_key_the_client_hears_it_is_not_its_key(make_pool):
+    pool = make_pool(2, env={"BACKEND_1_APIKEY": "wrong-1", "BACKEND_2_APIKEY": "wrong-2"})
+    for calls in (2, 2):  # the second call is answered without asking the backends again
+        with pytest.raises(openai.APIStatusError) as exc:
+            pool.azure().chat.completions.create(model="chat", messages=MESSAGES)
+        assert exc.value.status_code == 502
+        error = exc.value.response.json()["error"]
+        assert error["code"] == "BackendAuthenticationFailed" and "Your key was accepted" in error["message"]
+        assert sum(len(b.calls) for b in pool.backends) == calls

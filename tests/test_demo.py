@@ -1,0 +1,27 @@
+"""`python -m lb demo` (README's first command) runs both scenarios and shows every kind of call."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_shows_responses_api_calls_beside_chat_and_embeddings_and_exits_zero():
+    result = subprocess.run([sys.executable, "-m", "lb", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    out = result.stdout
+    summary = out.split("by kind:", 1)[1].splitlines()[0]
+    by_kind = {kind.strip(): count for kind, count in re.findall(r"([a-z ()]+?) (\d+/\d+)", summary)}
+    assert by_kind == {
+        "chat": "10/10",
+        "chat (streamed)": "10/10",
+        "embeddings": "10/10",
+        "responses": "10/10",
+        "responses (streamed)": "10/10",
+    }
+    assert re.search(r"\[throttled\] #\d+ +responses \(streamed\) +-> backend-\d  200", out)
+    assert "upstream 429s absorbed" in out and "client-visible failures: 0" in out
