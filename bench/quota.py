@@ -20,13 +20,14 @@ import json
 import random
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench import overhead
-from bench.procs import Server, markdown_table, percentiles
+from bench.procs import ROOT, Server, markdown_table, percentiles, write_json
 from tests.azurite import start_azurite
 
 LIMITED_KEY, FREE_KEY = "limited-client-key", "free-client-key"
@@ -39,7 +40,7 @@ def accuracy(calls: int) -> dict[str, Any]:
     from openai import OpenAI
 
     with Server("backend", ["bench.backend", "--chunks", "8", "--chunk-gap", "0"]) as backend:
-        env = {"BACKEND_1_URL": backend.url, "BACKEND_1_APIKEY": BACKEND_KEY, "LB_CLIENT_KEYS": KEYS}
+        env = {"BACKEND_1_URL": backend.url, "BACKEND_1_APIKEY": BACKEND_KEY, "LB_CLIENT_KEYS": FREE_KEY}
         with Server("lb", ["lb", "serve"], {**env, "LB_LOG_LEVEL": "WARNING"}) as lb:
             client = OpenAI(base_url=lb.url + "/openai/v1", api_key=FREE_KEY, max_retries=0)
             rng = random.Random(15)
@@ -71,7 +72,7 @@ def accuracy(calls: int) -> dict[str, Any]:
                 for name, value in zip(sent, got, strict=True):
                     sent[name] += value
             counted = httpx.get(lb.url + "/lb/usage", headers={"api-key": FREE_KEY}).json()
-    hour = counted["clients"]["free"]["last_hour"]
+    (hour,) = [c["last_hour"] for c in counted["clients"].values()]  # one client: the one key
     metered = {k: hour[f"{k}_tokens"] for k in sent}
     return {
         "calls": calls,
@@ -251,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print(markdown_table(["target", "added p50 ms", "added first-chunk p50 ms", "CPU ms/req"], rows))
         print(f"\nTable writes per second with the limit on: {o['limit_table_writes_per_second']}")
+    for part, result in results.items():
+        out = ROOT / "bench" / "results" / f"quota-{part}.json"
+        write_json({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **result}, out)
+        print(f"written: {out}")
     return 0
 
 
