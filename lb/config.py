@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -230,25 +230,29 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def _client_limits(
-    env: Mapping[str, str], client_keys: tuple[str, ...], entra: EntraSettings | None
+    env: Mapping[str, str], client_keys: tuple[Any, ...], entra: EntraSettings | None
 ) -> dict[str, Limit]:
     """LB_CLIENT_LIMITS, each name one a configured key or an accepted Entra client could have."""
     from lb.quota import parse_limits  # here, not at the top: lb.quota imports this module
 
     limits = parse_limits(env.get("LB_CLIENT_LIMITS", ""))
-    for name in limits:
-        if not _client_may_exist(name, client_keys, entra):
+    key_names = {getattr(k, "name", None) or f"key{i}" for i, k in enumerate(client_keys, start=1)}
+    checked: dict[str, Limit] = {}
+    for name, limit in limits.items():
+        if name in key_names:
+            checked[name] = limit
+        elif entra is not None and _GUID_RE.fullmatch(name):  # Entra app ids come lower-cased
+            if entra.allowed_clients is not None and name.lower() not in entra.allowed_clients:
+                raise ConfigError(f"LB_CLIENT_LIMITS: {name!r} is not one of LB_ENTRA_ALLOWED_CLIENTS")
+            checked[name.lower()] = limit
+        elif not client_keys and entra is None and name == "anonymous":  # local runs without keys
+            checked[name] = limit
+        else:
             raise ConfigError(
                 f"LB_CLIENT_LIMITS: no client can be named {name!r} (not a key name of LB_CLIENT_KEYS"
                 " nor an Entra app id LB_ENTRA_ALLOWED_CLIENTS accepts)"
             )
-    return limits
-
-
-def _client_may_exist(name: str, client_keys: tuple[str, ...], entra: EntraSettings | None) -> bool:
-    if entra is not None and _GUID_RE.fullmatch(name):
-        return entra.allowed_clients is None or name.lower() in entra.allowed_clients
-    return not client_keys and entra is None and name == "anonymous"
+    return checked
 
 
 def _policy(env: Mapping[str, str]) -> str:

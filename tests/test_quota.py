@@ -48,9 +48,12 @@ def test_limit_for_a_client_nobody_can_be_stops_start_up() -> None:
         load_settings({**BACKEND, "LB_CLIENT_KEYS": "k1", "LB_CLIENT_LIMITS": "ghost=5rpm"})
     entra = {**BACKEND, "LB_ENTRA_TENANT_ID": GUID, "LB_ENTRA_ALLOWED_CLIENTS": GUID}
     other = "1b3c5a6e-1f2d-4c8b-9a7e-2d4f6b8c0a1e"
-    with pytest.raises(ConfigError, match=r"^LB_CLIENT_LIMITS: no client can be named"):
+    with pytest.raises(ConfigError, match=r"^LB_CLIENT_LIMITS: '1b3c.*' is not one of LB_ENTRA_ALLOWED_CLIENTS"):
         load_settings({**entra, "LB_CLIENT_LIMITS": f"{other}=5rpm"})
-    assert load_settings({**entra, "LB_CLIENT_LIMITS": f"{GUID}=5rpm"}).client_limits == {GUID: Limit(None, 5)}
+    limits = load_settings({**entra, "LB_CLIENT_LIMITS": f"{GUID.upper()}=5rpm"}).client_limits
+    assert limits == {GUID: Limit(None, 5)}  # app ids are compared lower-cased, as tokens name them
+    keyed = load_settings({**BACKEND, "LB_CLIENT_KEYS": "k1,k2", "LB_CLIENT_LIMITS": "key2=5rpm"}).client_limits
+    assert keyed == {"key2": Limit(None, 5)}  # an unnamed key is named by its position
 
 
 def test_requests_per_minute_refuse_until_the_oldest_call_leaves_the_window() -> None:
