@@ -71,8 +71,10 @@ class Metering:
             elif client in self.limiter.limits:
                 _set_rate_headers(response, self.limiter.headers(client, self.clock()))
             return response
-        status = response.status_code
-        reader = UsageReader(getattr(response, "event_stream", False)) if 200 <= status < 300 else None
+        ok = 200 <= response.status_code < 300
+        stream = getattr(response, "event_stream", False)
+        readable = stream or "json" in upstream.headers.get("content-type", "")  # not audio, files, ...
+        reader = UsageReader(stream) if ok and readable else None
         body = response.body_iterator
 
         async def metered() -> AsyncIterator[Any]:
@@ -87,9 +89,9 @@ class Metering:
                         yield chunk
             finally:
                 usage = reader.result() if reader is not None else None
-                self.record(client, backend, deployment, usage, answered=reader is not None)
+                self.record(client, backend, deployment, usage, answered=ok)
                 if charge is not None:
-                    self.limiter.settle(charge, usage.total if usage else (None if reader else 0))
+                    self.limiter.settle(charge, usage.total if usage else (None if ok else 0))
                     self.version += 1
 
         response.body_iterator = metered()

@@ -126,3 +126,21 @@ def test_a_table_outage_keeps_limits_per_instance_and_logs_once(make_pool, serve
     for instance in ids:  # once per instance, however many rounds failed
         assert sum(instance in r.getMessage() for r in warnings) == 1
     assert all("per instance" in r.getMessage() and "AccountKey" not in r.getMessage() for r in warnings)
+
+
+def test_a_limited_named_client_is_refused_while_another_is_unaffected(make_pool) -> None:
+    pool = make_pool(1, env={"LB_CLIENT_KEYS": f"chatapp:{FREE},batch:{LIMITED}", "LB_CLIENT_LIMITS": "batch=2rpm"})
+    batch, chatapp = pool.v1(LIMITED), pool.v1(FREE)
+    chat(batch)
+    chat(batch)
+    with pytest.raises(openai.RateLimitError) as refused:
+        chat(batch)
+    assert refused.value.code == "ClientQuotaExceeded" and "'batch'" in refused.value.message
+    for _ in range(5):
+        raw = chat(chatapp)  # no limit: the backend's own rate headers, never a 429 of batch's
+        assert raw.headers["x-ratelimit-remaining-requests"] == "1000"  # what the simulator says
+    report = httpx.get(pool.url + "/lb/usage", headers={"api-key": FREE}).json()
+    assert report["clients"]["batch"]["last_minute"]["requests"] == 2
+    assert report["clients"]["chatapp"]["last_minute"]["requests"] == 5
+    assert report["limits"]["batch"]["used_last_minute"]["requests"] == 2
+    assert "chatapp" not in report["limits"]
