@@ -25,10 +25,16 @@ BENCHMARKS = {
     "pacing": "bench.pacing",  # why sequential calls wait for a quiet path (evidence, not in `all`)
     "quota": "bench.quota",  # metering exactness, per-client limits over 4 instances, hot path vs main (issue 15)
     "peer": "bench.peer",  # only builds LiteLLM's venv and prints its version
+    "stateful": "bench.stateful",  # stored responses, files, batches over 3 backends and 2 instances
     "report": "bench.docs",  # docs/benchmarks.md + PNG plots from bench/results/*.json
 }
 QUICK = {"overhead", "memory", "profile", "throttle", "concurrency"}  # the ones that take --quick
-NOT_IN_ALL = {"peer", "pacing", "quota"}  # `overhead` builds the venv anyway; pacing is a one-off check; quota: 4+ min
+NOT_IN_ALL = {
+    "peer",
+    "pacing",
+    "stateful",
+    "quota",
+}  # `overhead` builds the venv anyway; pacing is a one-off check; quota: 4+ min
 SKIPPED_BY = {"load": ("--no-load", "--quick")}  # any of these flags skips it
 
 

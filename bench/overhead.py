@@ -43,7 +43,7 @@ import aiohttp
 import httpx
 
 from bench import peer
-from bench.procs import ROOT, Server, in_flight, percentiles, quiesce, write_json
+from bench.procs import ROOT, Server, in_flight, lb_command, percentiles, quiesce, write_json
 from bench.report import figures, render
 from bench.streams import concurrent_streams
 
@@ -61,7 +61,7 @@ PACINGS = ("quiet", "none", "sleep10")
 class Targets:
     """The backend and the proxies in front of it; `paths[t]` are the pids one call to `t` runs through."""
 
-    def __init__(self, chunks: int, chunk_gap: float, with_peer: bool) -> None:
+    def __init__(self, chunks: int, chunk_gap: float, with_peer: bool, base: str | None = None) -> None:
         self.servers: dict[str, Server] = {}
         try:
             backend_args = ["bench.backend", "--chunks", str(chunks), "--chunk-gap", str(chunk_gap)]
@@ -70,6 +70,8 @@ class Targets:
             lb_env |= {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_LOG_LEVEL": "WARNING"}
             self.servers["yardstick"] = Server("yardstick", ["bench.yardstick"], {"YARDSTICK_BACKEND": backend.url})
             self.servers["lb"] = Server("lb", ["lb", "serve"], lb_env)
+            if base:  # the same proxy from another checkout (e.g. main), side by side with this one
+                self.servers["lb-base"] = Server("lb-base", ["serve"], lb_env, command=lb_command(base))
             if with_peer:
                 self.servers["litellm"] = peer.start(backend.url, BACKEND_KEY)
         except BaseException:
@@ -228,7 +230,7 @@ def _micro(values: list[float]) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    t = Targets(args.chunks, args.chunk_gap, with_peer=not args.no_peer)
+    t = Targets(args.chunks, args.chunk_gap, with_peer=not args.no_peer, base=args.base)
     try:
         seq = sequential(t, args.calls, args.warmup, args.pacing)
         sdk = sdk_sequential(t, args.sdk_calls, 10, args.pacing)
@@ -268,6 +270,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def base_comparison(r: dict[str, Any]) -> str:
+    """This checkout's lb next to --base's: added p50 over direct and CPU per request, from the same run."""
+    rows = []
+    for name in ("lb", "lb-base"):
+        added = r["sequential"][name]["p50"] - r["sequential"]["direct"]["p50"]
+        first = r["streaming"][name]["first"]["p50"] - r["streaming"]["direct"]["first"]["p50"]
+        rows.append(f"| {name} | {added:.3f} | {first:.3f} | {r['cpu_ms_per_request'][name]:.3f} |")
+    head = "| target | added p50 ms (chat) | added p50 ms (first chunk) | CPU ms/request |\n|---|---:|---:|---:|"
+    return "\n".join(["## This checkout vs --base, same run", head, *rows, ""])
+
+
 def machine() -> dict[str, Any]:
     model = ""
     try:
@@ -282,6 +295,7 @@ def parser(prog: str = "python -m bench overhead") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="about a fifth of the calls: a smoke run, noisy figures")
     p.add_argument("--no-peer", action="store_true", help="leave LiteLLM out (no venv needed)")
+    p.add_argument("--base", default=None, help="also run `lb serve` from this checkout as target lb-base")
     p.add_argument("--pacing", choices=PACINGS, default="quiet", help="wait before each sequential call (see above)")
     p.add_argument("--calls", type=int, default=300, help="sequential non-streamed calls per target")
     p.add_argument("--warmup", type=int, default=30)
@@ -305,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup = 10
     results = run(args)
     results["figures"] = figures(results)
+    if args.base:
+        print(base_comparison(results))
     out = args.out or (RESULTS.with_suffix(".quick.json") if args.quick else RESULTS)
     write_json(results, out)
     print(render(results))

@@ -108,6 +108,15 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def lb_command(checkout: str | None) -> list[str] | None:
+    """`python -m lb` run from another checkout (e.g. main, to compare), for `Server(command=...)`: its
+    args then start at `serve`. None: this checkout's, the default."""
+    if checkout is None:
+        return None
+    boot = f"import sys; sys.path.insert(0, {checkout!r}); from lb.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-c", boot]
+
+
 class Server:
     """One child process serving HTTP on 127.0.0.1:`port`; stopped by `stop()` or the context exit."""
 

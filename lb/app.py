@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from lb import errors, logctx
 from lb.config import Settings, load_settings
+from lb.objects.records import ObjectStore
 from lb.proxy import Proxy
 from lb.state import CooldownStore, MemoryStore
 from lb.telemetry import create_telemetry
@@ -45,6 +46,14 @@ def create_store(settings: Settings) -> CooldownStore:
     return MemoryStore()
 
 
+def create_object_store(settings: Settings) -> ObjectStore:
+    if settings.state.kind == "table":
+        from lb.objects.table import TableObjectStore
+
+        return TableObjectStore(settings.state)
+    return ObjectStore()
+
+
 def create_proxy(settings: Settings) -> Proxy:
     if settings.anonymous:
         log.warning(
@@ -58,7 +67,7 @@ def create_proxy(settings: Settings) -> Proxy:
             ", ".join(settings.entra.audiences),
         )
     store = create_store(settings)
-    proxy = Proxy(settings, store=store, telemetry=create_telemetry())
+    proxy = Proxy(settings, store=store, telemetry=create_telemetry(), objects=create_object_store(settings))
     if settings.state.kind == "table":  # counts are shared where cooldowns are: the pool's quotas and totals
         from lb.quota_table import UsageShare
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lb.config import Backend, EntraSettings
+from lb.config import Backend, ClientKey, EntraSettings
 from lb.entra import EntraValidator, InvalidToken, looks_like_jwt
 from lb.errors import Unauthorized
 
@@ -33,19 +34,40 @@ REFRESH_MARGIN_SECONDS = 300.0  # refresh this long before expiry, as azure-iden
 CREDENTIAL_HEADERS = frozenset({"api-key", "authorization", "x-functions-key", "ocp-apim-subscription-key"})
 
 
+@dataclass(frozen=True)
+class Client:
+    """Who is calling: the name of the key it sent (`LB_CLIENT_KEYS`), or its Entra ID app id.
+
+    `id` is the identity everything per-client keys on (stored objects' owners, quotas); the two
+    kinds are prefixed so a key named like an app id can never pass for that app.
+    """
+
+    name: str
+    kind: str  # "key", "entra" or "anonymous"
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+ANONYMOUS = Client("anonymous", "anonymous")
+
+
 class ClientAuth:
-    def __init__(self, keys: tuple[str, ...], entra: EntraSettings | EntraValidator | None = None) -> None:
-        self._keys = tuple(k.encode() for k in keys)
+    def __init__(self, keys: tuple[ClientKey | str, ...], entra: EntraSettings | EntraValidator | None = None) -> None:
+        named = [k if isinstance(k, ClientKey) else ClientKey(f"key{i}", k) for i, k in enumerate(keys, start=1)]
+        self._names = tuple(k.name for k in named)
+        self._keys = tuple(k.key.encode() for k in named)
         self.entra = EntraValidator(entra) if isinstance(entra, EntraSettings) else entra
 
     @property
     def enabled(self) -> bool:
         return bool(self._keys) or self.entra is not None
 
-    async def check(self, api_key: str | None, authorization: str | None) -> None:
-        """Raise Unauthorized unless a configured key or a valid Entra token was presented."""
+    async def check(self, api_key: str | None, authorization: str | None) -> Client:
+        """The calling client; raise Unauthorized unless a configured key or a valid Entra token was presented."""
         if not self.enabled:
-            return
+            return ANONYMOUS
         bearer = None
         if authorization:
             scheme, _, rest = authorization.strip().partition(" ")
@@ -53,23 +75,28 @@ class ClientAuth:
                 bearer = rest.strip()
         if self.entra is not None and api_key is None and bearer and looks_like_jwt(bearer):
             try:
-                await self.entra.validate(bearer)
+                claims = await self.entra.validate(bearer)
             except InvalidToken as exc:
                 raise Unauthorized(str(exc), error="invalid_token") from None
-            return
+            # v1 tokens name the calling app in `appid`, v2 in `azp`; a token with neither is its subject's
+            app = claims.get("appid") or claims.get("azp") or claims.get("oid") or claims.get("sub") or "unknown"
+            return Client(str(app).lower(), "entra")
         presented = api_key if api_key is not None else bearer
         if not presented:
             raise Unauthorized(self._missing_message())
         if not self._keys:  # Entra ID only, and what came is no JWT
             raise Unauthorized("Access denied: the bearer is not an Entra ID access token.", error="invalid_token")
-        if not self._matches(presented.encode()):
+        matched = self._matches(presented.encode())
+        if matched is None:
             raise Unauthorized("Access denied due to invalid subscription key.", error="invalid_token")
+        return Client(self._names[matched], "key")
 
-    def _matches(self, candidate: bytes) -> bool:
+    def _matches(self, candidate: bytes) -> int | None:
         # Compare against every key so timing does not reveal which one (or whether any) matched.
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(candidate, key)
+        matched = None
+        for i, key in enumerate(self._keys):
+            if hmac.compare_digest(candidate, key):
+                matched = i
         return matched
 
     def _missing_message(self) -> str:

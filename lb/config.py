@@ -41,7 +41,14 @@ _GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]
 POLICIES = ("random", "headroom")
 DEFAULT_POLICY = "random"
 
-BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|APIKEY|DEPLOYMENTS)$")
+BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|APIKEY|DEPLOYMENTS|DEPLOYMENT_NAME)$")
+# Anything shaped like a backend setting: one the pattern above does not know stops start-up, because a
+# misspelt or foreign setting (`BACKEND_1_API_KEY`) silently ignored sends calls where nobody meant.
+_ANY_BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(.+)$")
+# A deployment name as Azure allows it (letters, digits, '-', '_', '.'), so a name mapped into a path
+# can never add a segment, a query or an escape.
+_DEPLOYMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_CLIENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 # Every fixed-name setting the app reads (the infra tests check Bicep against this list).
 SETTING_NAMES = frozenset(
@@ -95,14 +102,28 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Backend:
-    """One Azure OpenAI endpoint of the pool."""
+    """One Azure OpenAI endpoint of the pool.
+
+    `deployments` maps the name clients use to the name this backend calls it (`alias=name` in
+    `BACKEND_X_DEPLOYMENTS`; a bare name maps to itself); None serves every deployment. A set of
+    names is accepted too and means each name as itself. `deployment_name` is openai-aca-lb's
+    `BACKEND_X_DEPLOYMENT_NAME`: the one name this backend is called with for every deployment not
+    mapped explicitly.
+    """
 
     name: str
     url: str
     priority: int = 1
     weight: float = 1.0
     api_key: str | None = field(default=None, repr=False)
-    deployments: frozenset[str] | None = None  # None: serves every deployment
+    deployments: Mapping[str, str] | None = field(default=None, hash=False)
+    deployment_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.deployments is not None and not isinstance(self.deployments, Mapping):
+            object.__setattr__(self, "deployments", {name: name for name in self.deployments})
+        renames = self.deployment_name is not None or any(a != n for a, n in (self.deployments or {}).items())
+        object.__setattr__(self, "_renames", renames)
 
     @property
     def host(self) -> str:
@@ -111,12 +132,39 @@ class Backend:
     def serves(self, deployment: str | None) -> bool:
         return self.deployments is None or deployment is None or deployment in self.deployments
 
+    def upstream_name(self, deployment: str) -> str:
+        """The name this backend knows `deployment` by (the hot path: one attribute when nothing is renamed)."""
+        if not self._renames:  # type: ignore[attr-defined]
+            return deployment
+        if self.deployments is not None and deployment in self.deployments:
+            return self.deployments[deployment]
+        return self.deployment_name or deployment
+
+    def renamed(self) -> dict[str, str]:
+        """Every client name this backend calls by another name (`*` for the catch-all DEPLOYMENT_NAME)."""
+        names = {a: n for a, n in (self.deployments or {}).items() if a != n}
+        if self.deployment_name is not None and self.deployments is None:
+            names["*"] = self.deployment_name
+        return names
+
     def __repr__(self) -> str:  # the key is masked, never printed
         key = "********" if self.api_key else None
         return (
             f"Backend(name={self.name!r}, url={self.url!r}, priority={self.priority}, weight={self.weight}, "
-            f"api_key={key!r}, deployments={self.deployments!r})"
+            f"api_key={key!r}, deployments={self.deployments!r}, deployment_name={self.deployment_name!r})"
         )
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """One of `LB_CLIENT_KEYS`: `name:key`, or a bare key named by its position (`key1`, `key2`, ...).
+
+    The name is the client's identity wherever the proxy needs one (who created a stored object,
+    whose quota a call spends); the key itself is never printed.
+    """
+
+    name: str
+    key: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -172,7 +220,7 @@ class Settings:
     auth_cooldown_seconds: float = DEFAULT_AUTH_COOLDOWN_SECONDS
     serve_max_connections: int = DEFAULT_SERVE_MAX_CONNECTIONS
     serve_head_timeout_seconds: float = DEFAULT_SERVE_HEAD_TIMEOUT_SECONDS
-    client_keys: tuple[str, ...] = field(default=(), repr=False)
+    client_keys: tuple[ClientKey, ...] = field(default=(), repr=False)
     entra: EntraSettings | None = None
     state: StateSettings = field(default_factory=StateSettings)
     on_azure: bool = False
@@ -189,7 +237,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     backends = _load_backends(env)
     on_azure = bool(env.get("WEBSITE_INSTANCE_ID"))
-    client_keys = tuple(k.strip() for k in env.get("LB_CLIENT_KEYS", "").split(",") if k.strip())
+    client_keys = _client_keys(env)
     entra = _load_entra(env)
     if on_azure and not client_keys and entra is None and not _flag(env, "LB_ALLOW_ANONYMOUS"):
         raise ConfigError(
@@ -264,7 +312,55 @@ def _policy(env: Mapping[str, str]) -> str:
     return raw.lower()
 
 
+def _client_keys(env: Mapping[str, str]) -> tuple[ClientKey, ...]:
+    """`LB_CLIENT_KEYS=chatapp:KEY1,batch:KEY2,KEY3`: the one parser of client names (KEY3 is `key3`)."""
+    keys: list[ClientKey] = []
+    for position, item in enumerate((i.strip() for i in env.get("LB_CLIENT_KEYS", "").split(",")), start=1):
+        if not item:
+            continue
+        name, sep, key = item.partition(":")
+        if not sep:
+            name, key = f"key{position}", item
+        name, key = name.strip(), key.strip()
+        if not _CLIENT_NAME_RE.fullmatch(name) or not key:
+            raise ConfigError(
+                f"LB_CLIENT_KEYS: item {position} is not `key` or `name:key` (name: letters, digits, ._@-)"
+            )
+        if any(k.name == name for k in keys):
+            raise ConfigError(f"LB_CLIENT_KEYS: the name {name!r} is used twice")
+        keys.append(ClientKey(name, key))
+    return tuple(keys)
+
+
+def _deployments(env: Mapping[str, str], name: str, default_name: str | None) -> dict[str, str] | None:
+    """`chat=gpt4o-eastus,embedding=emb3,other`: client name -> this backend's name (bare: the same,
+    or `default_name` when BACKEND_X_DEPLOYMENT_NAME is set)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    mapping: dict[str, str] = {}
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        alias, sep, upstream = (part.strip() for part in item.partition("="))
+        upstream = upstream if sep else (default_name or alias)
+        if not _DEPLOYMENT_RE.fullmatch(alias) or not _DEPLOYMENT_RE.fullmatch(upstream):
+            raise ConfigError(
+                f"{name}: {item!r} is not `name` or `alias=name` (deployment names: letters, digits, '-', '_', '.')"
+            )
+        if mapping.get(alias, upstream) != upstream:
+            raise ConfigError(f"{name}: {alias!r} is mapped twice")
+        mapping[alias] = upstream
+    return mapping or None
+
+
 def _load_backends(env: Mapping[str, str]) -> tuple[Backend, ...]:
+    for key in sorted(env):
+        if _ANY_BACKEND_SETTING_RE.match(key) and not BACKEND_SETTING_RE.match(key):
+            raise ConfigError(
+                f"{key}: unknown backend setting (known: BACKEND_X_URL, _PRIORITY, _WEIGHT, _APIKEY, _DEPLOYMENTS,"
+                " _DEPLOYMENT_NAME)"
+            )
     names = sorted(
         {m.group(1) for key in env if (m := BACKEND_SETTING_RE.match(key))},
         key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n),
@@ -273,7 +369,9 @@ def _load_backends(env: Mapping[str, str]) -> tuple[Backend, ...]:
     for name in names:
         prefix = f"BACKEND_{name}_"
         url = _url(env, prefix + "URL")
-        deployments = env.get(prefix + "DEPLOYMENTS", "").strip()
+        deployment_name = env.get(prefix + "DEPLOYMENT_NAME", "").strip() or None
+        if deployment_name is not None and not _DEPLOYMENT_RE.fullmatch(deployment_name):
+            raise ConfigError(f"{prefix}DEPLOYMENT_NAME: {deployment_name!r} is not a deployment name")
         backends.append(
             Backend(
                 name=name,
@@ -281,7 +379,8 @@ def _load_backends(env: Mapping[str, str]) -> tuple[Backend, ...]:
                 priority=int(_number(env, prefix + "PRIORITY", 1, integer=True)),
                 weight=_number(env, prefix + "WEIGHT", 1.0, minimum=0.0),
                 api_key=env.get(prefix + "APIKEY", "").strip() or None,
-                deployments=frozenset(d.strip() for d in deployments.split(",") if d.strip()) or None,
+                deployments=_deployments(env, prefix + "DEPLOYMENTS", deployment_name),
+                deployment_name=deployment_name,
             )
         )
     if not backends:

@@ -67,10 +67,12 @@ def run_demo() -> int:
         after = _traffic(clients, backends, "recovered", 10)
         back = after.served.get("1", 0)
         print(f"   backend-1 is back in rotation: served {back} of the last 10 calls")
+        backends[0].requests_per_window = None  # its quota lifted: the next scenario is about routing
+        conversation = _conversation(proxy_url)
     finally:
         servers.stop()
 
-    total = [normal, throttled, after]
+    total = [normal, throttled, after, conversation]
     failed = sum(t.calls - t.ok for t in total)
     print("\n== summary")
     print(f"   normal:    {normal.ok}/{normal.calls} calls answered 200, served by backends {_share(normal)}")
@@ -79,6 +81,10 @@ def run_demo() -> int:
         f"{throttled.absorbed_429s} upstream 429s absorbed, served by backends {_share(throttled)}"
     )
     print(f"   recovered: {after.ok}/{after.calls} calls answered 200, served by backends {_share(after)}")
+    print(
+        f"   stateful:  {conversation.ok}/{conversation.calls} Responses calls answered,"
+        f" served by backend {_share(conversation)}"
+    )
     kinds = {kind: [sum(t.by_kind.get(kind, [0, 0])[j] for t in total) for j in (0, 1)] for kind in KINDS}
     print("   by kind:   " + ", ".join(f"{kind} {ok}/{calls}" for kind, (ok, calls) in kinds.items()))
     print(f"   client-visible failures: {failed}")
@@ -141,3 +147,37 @@ def _call(clients: dict[str, Any], kind: str) -> Any:
 
 def _share(tally: Tally) -> str:
     return ", ".join(f"{name}: {count}" for name, count in sorted(tally.served.items()))
+
+
+def _conversation(proxy_url: str, turns: int = 5) -> Tally:
+    """A multi-turn Responses API conversation through the pool: each turn names the previous one
+    (`previous_response_id`), which lives only in the backend that answered it, so the proxy sends
+    every turn there; then the last answer is retrieved and deleted."""
+    import openai
+
+    print(f"\n== stateful scenario: a {turns}-turn Responses conversation (previous_response_id) through the pool")
+    client = openai.OpenAI(base_url=proxy_url + "/openai/v1", api_key=CLIENT_KEY, max_retries=0, timeout=10)
+    tally = Tally()
+    previous = None
+    for turn in range(1, turns + 2):
+        tally.calls += 1
+        try:
+            if turn <= turns:
+                raw = client.responses.with_raw_response.create(
+                    model="chat", input=f"turn {turn}", previous_response_id=previous
+                )
+                previous, what = raw.parse().id, f"turn {turn}"
+            else:
+                raw = client.responses.with_raw_response.retrieve(previous)
+                raw.parse()
+                what = "retrieve"
+        except openai.APIError as exc:
+            print(f"   [conversation] {turn}: FAILED: {exc}")
+            continue
+        backend = raw.headers.get("x-lb-backend", "?")
+        tally.ok += 1
+        tally.served[backend] = tally.served.get(backend, 0) + 1
+        print(f"   [conversation] {what:<9} {previous} -> backend-{backend}  {raw.status_code}")
+    if previous:
+        client.responses.delete(previous)
+    return tally

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from lb.telemetry import Telemetry
 
 FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
-ANONYMOUS_CLIENT = "anonymous"  # the client's name when no key or token is configured
 UNKNOWN = "unknown_usage"  # answers that carried no readable usage (counted as requests, not tokens)
 _WIDTH = len(FIELDS) + 1
 _RATE_HEADERS = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-remaining-requests")

@@ -22,12 +22,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from lb import errors, logctx, throttle
-from lb.auth import BackendAuth, ClientAuth
+from lb.auth import BackendAuth, Client, ClientAuth
 from lb.balancer import Balancer, NoCandidate
 from lb.breaker import AuthFailures, Breaker
 from lb.config import Backend, Settings
+from lb.deployments import upstream_call
 from lb.headers import forwarded as forwarded_headers
-from lb.metering import ANONYMOUS_CLIENT, Metering
+from lb.metering import Metering
+from lb.objects.records import ObjectStore
+from lb.objects.router import ObjectRouter
 from lb.relay import UpstreamResponse
 from lb.requestinfo import RequestInfo, check_headers, read_request
 from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
@@ -55,6 +58,7 @@ class Proxy:
         client: httpx.AsyncClient | None = None,
         backend_auth: BackendAuth | None = None,
         telemetry: Telemetry | None = None,
+        objects: ObjectStore | None = None,
     ) -> None:
         self.settings = settings
         self.store = store or MemoryStore()
@@ -66,6 +70,7 @@ class Proxy:
         self.metering = Metering(settings.client_limits, self.telemetry)
         self.breaker = Breaker(settings.breaker_failures, settings.breaker_window_seconds)
         self.auth_failures = AuthFailures()
+        self.objects = ObjectRouter(objects or ObjectStore(), settings)  # who holds which stored object
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -74,11 +79,13 @@ class Proxy:
             if not self._started:
                 await self.store.start()
                 await self.metering.start()
+                await self.objects.records.start()
                 self._started = True
 
     async def close(self) -> None:
         await self.store.close()
         await self.metering.close()
+        await self.objects.records.close()
         await self.client.aclose()
         await self.backend_auth.close()
         self.telemetry.close()
@@ -96,10 +103,14 @@ class Proxy:
             check_headers(request)
             client = await self._authorize(request)
             info = await read_request(request, self.settings.max_body_bytes, deadline)
-            charge = self.metering.admit(client, info.body)  # raises ClientQuotaExceeded when over
+            charge = self.metering.admit(client.name, info.body)  # raises ClientQuotaExceeded when over
             await self.store.sync()
             attempts: list[Attempt] = []
-            response = await self._forward(request, info, attempts, deadline)
+            call = self.objects.classify(request, info)  # None unless the call can name or create an object
+            if call is None:
+                response = await self._forward(request, info, attempts, deadline)
+            else:
+                response = await self.objects.forward(self, request, info, attempts, call, client, deadline)
             self.telemetry.request(
                 info.deployment, response.status_code, len(attempts), sum(a.status == 429 for a in attempts)
             )
@@ -114,21 +125,17 @@ class Proxy:
             log.exception("unexpected error while proxying %s %s", request.method, request.url.path)
             response = errors.ProxyError("The load balancer failed to handle the request.").response()
         if client is not None:
-            response = self.metering.observe(response, client, info and info.deployment, charge)
+            response = self.metering.observe(response, client.name, info and info.deployment, charge)
         if "x-request-id" not in response.headers:
             response.headers["x-request-id"] = request_id
         return response
 
-    async def _authorize(self, request: Request) -> str:
-        """The client's name (see lb.metering) once its key or token is accepted."""
+    async def _authorize(self, request: Request) -> Client:
         try:
-            identity = await self.client_auth.check(
-                request.headers.get("api-key"), request.headers.get("authorization")
-            )
+            return await self.client_auth.check(request.headers.get("api-key"), request.headers.get("authorization"))
         except errors.Unauthorized as exc:
             log.info("client refused: %s", exc.message)  # our own words only, never the credential
             raise
-        return getattr(identity, "name", None) or ANONYMOUS_CLIENT
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -173,6 +180,7 @@ class Proxy:
                     "weight": b.weight,
                     "auth": "api-key" if b.api_key else "entra-id",
                     "deployments": sorted(b.deployments) if b.deployments is not None else "all",
+                    "deployment_names": b.renamed(),
                     "cooldowns": cooling.get(b.name, []),
                     "auth_failure": self._auth_report(b.name),
                     "headroom": self.balancer.headroom.report(b.name, now),
@@ -180,6 +188,7 @@ class Proxy:
                 for b in self.settings.backends
             ],
             "state": self.store.health(),
+            "objects": self.objects.report(),
             "policy": self.balancer.policy,
             "max_attempts": self.settings.max_attempts,
             "timeout_seconds": self.settings.timeout_seconds,
@@ -408,14 +417,15 @@ class Proxy:
         """One upstream call: `total` bounds all of it, wall-clock (the body's reads too); `connect`
         the pool wait and connect; `first_byte` the wait for the answer's head."""
         auth = await self.backend_auth.headers(backend)
+        path, body = upstream_call(backend, info)  # this backend's deployment name
         connect = total if connect is None else min(connect, total)
         # A bare httpx.Request, not client.build_request(): the client's default headers (its own
         # User-Agent, Accept-Encoding) have no place in a forwarded call, and merging them costs.
         request = httpx.Request(
             method,
-            backend.url + info.raw_path,
+            backend.url + path,
             headers=[*headers, *auth.items()],
-            content=info.body,
+            content=body,
             extensions={
                 "timeout": {"connect": connect, "pool": connect, "read": total, "write": total, "total": total}
             },

@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lb.sim_objects import SimObjects
+
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -63,6 +65,7 @@ class SimBackend:
     calls: list[Call] = field(default_factory=list)
     answered: dict[int, int] = field(default_factory=dict)  # status -> count
     disconnects: int = 0  # streams the caller abandoned before the end
+    objects: SimObjects = field(default_factory=SimObjects)  # stored responses, files, batches: this backend's own
     _window_start: float = 0.0
     _window_used: int = 0
     _window_tokens: int = 0
@@ -156,6 +159,10 @@ class SimBackend:
             (b"apim-request-id", str(uuid.uuid4()).encode()),
         ]
         stream = isinstance(payload, dict) and payload.get("stream") is True
+        if (segments := self.objects.handles(path)) is not None:
+            return await self.objects.serve(
+                self, scope["method"], segments, headers, body, payload, rate, receive, send
+            )
         if "embeddings" in path:
             return await self._json(send, 200, _embedding(deployment, payload), rate)
         if path.rstrip("/").endswith("/responses"):

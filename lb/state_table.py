@@ -73,6 +73,29 @@ def default_instance_id() -> str:
     return f"{site or socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def make_table_client(settings: StateSettings, op_timeout: float, hook: Any) -> tuple[TableClient, Any]:
+    """A client of the state table (and its Entra ID credential, None with a connection string); every
+    call bounded by `op_timeout`, never retried by the SDK, each HTTP request shown to `hook`."""
+    options: dict[str, Any] = {
+        "connection_timeout": op_timeout,
+        "read_timeout": op_timeout,
+        "retry_total": 0,  # our own loops retry; SDK backoff would only hold writes longer
+        "raw_request_hook": hook,
+    }
+    if settings.connection_string:
+        try:
+            return TableClient.from_connection_string(settings.connection_string, settings.table, **options), None
+        except ValueError:  # its message could echo the string; ours never does
+            raise ConfigError("LB_STATE_CONNECTION_STRING: not a valid Storage connection string") from None
+    from azure.identity.aio import DefaultAzureCredential  # only needed for Entra ID auth
+
+    credential = DefaultAzureCredential()  # honours AZURE_CLIENT_ID (user-assigned identity)
+    try:
+        return TableClient(str(settings.table_endpoint), settings.table, credential=credential, **options), credential
+    except ValueError as exc:  # e.g. an http:// endpoint: tokens are only sent over https
+        raise ConfigError(f"LB_STATE_TABLE_ENDPOINT: {exc}") from None
+
+
 class TableStore(CooldownStore):
     kind = "table"
 
@@ -109,24 +132,8 @@ class TableStore(CooldownStore):
         self._rows: dict[tuple[str, str], Known] = {}  # what the table holds, as last listed or written
 
     def _make_client(self, settings: StateSettings) -> TableClient:
-        options: dict[str, Any] = {
-            "connection_timeout": self.op_timeout,
-            "read_timeout": self.op_timeout,
-            "retry_total": 0,  # our own loop retries; SDK backoff would only hold writes longer
-            "raw_request_hook": self._count,
-        }
-        if settings.connection_string:
-            try:
-                return TableClient.from_connection_string(settings.connection_string, settings.table, **options)
-            except ValueError:  # its message could echo the string; ours never does
-                raise ConfigError("LB_STATE_CONNECTION_STRING: not a valid Storage connection string") from None
-        from azure.identity.aio import DefaultAzureCredential  # only needed for Entra ID auth
-
-        self._credential = DefaultAzureCredential()  # honours AZURE_CLIENT_ID (user-assigned identity)
-        try:
-            return TableClient(str(settings.table_endpoint), settings.table, credential=self._credential, **options)
-        except ValueError as exc:  # e.g. an http:// endpoint: tokens are only sent over https
-            raise ConfigError(f"LB_STATE_TABLE_ENDPOINT: {exc}") from None
+        client, self._credential = make_table_client(settings, self.op_timeout, self._count)
+        return client
 
     def _count(self, request: Any) -> None:
         """raw_request_hook: runs for every HTTP request the SDK sends, so tests count what goes on the wire."""

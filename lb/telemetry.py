@@ -36,6 +36,10 @@ class Telemetry:
     def tokens(self, client: str, backend: str, deployment: str | None, usage: Usage | None) -> None:
         """One backend answer's tokens (`usage` None: it carried no readable usage); names only, never keys."""
 
+    def object_call(self, outcome: str) -> None:
+        """A call naming a stored object: `pinned` to its holder, `lookups` for an unknown id, `found`
+        by that look-up, or `refused` (another client's object)."""
+
     def close(self) -> None:
         """Flush what is buffered."""
 

@@ -78,6 +78,11 @@ class AzureMonitorTelemetry(Telemetry):
         self._metered = meter.create_counter(
             "lb.metered_requests", unit="{request}", description="Backend answers by client; usage=unknown: no usage"
         )
+        self._objects = meter.create_counter(
+            "lb.object_calls",
+            unit="{request}",
+            description="Calls naming a stored object, by outcome: pinned, lookups, found, refused",
+        )
         self._closed = False
 
     def attempt(
@@ -130,6 +135,9 @@ class AzureMonitorTelemetry(Telemetry):
         ):
             if count:
                 self._tokens.add(count, _attrs(deployment, client=client, backend=backend, kind=kind))
+
+    def object_call(self, outcome: str) -> None:
+        self._objects.add(1, {"lb.outcome": outcome})
 
     def close(self) -> None:
         """Export what is buffered, waiting at most CLOSE_TIMEOUT_SECONDS for the ingestion endpoint.

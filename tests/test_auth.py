@@ -7,7 +7,7 @@ import pytest
 from azure.core.credentials import AccessToken
 
 from lb.auth import BackendAuth, ClientAuth
-from lb.config import Backend
+from lb.config import Backend, ClientKey
 from lb.errors import Unauthorized
 
 
@@ -78,3 +78,11 @@ def test_client_key_rejected(api_key, authorization):
 
 def test_no_client_keys_means_anonymous():
     asyncio.run(ClientAuth(()).check(None, None))
+
+
+def test_the_client_is_named_by_the_key_it_sent():
+    auth = ClientAuth((ClientKey("chatapp", "k1"), ClientKey("batch", "k2"), "k3"))
+    assert asyncio.run(auth.check("k1", None)).id == "key:chatapp"
+    assert asyncio.run(auth.check(None, "Bearer k2")).name == "batch"
+    assert asyncio.run(auth.check("k3", None)).name == "key3"
+    assert asyncio.run(ClientAuth(()).check(None, None)).id == "anonymous:anonymous"

@@ -44,6 +44,16 @@ def run_lb(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
             "error: LB_CLIENT_KEYS: required when running on Azure (set it or LB_ENTRA_TENANT_ID,"
             " or LB_ALLOW_ANONYMOUS=true to serve anyone)",
         ),
+        (
+            {"BACKEND_1_DEPLOYMENTS": "chat=gpt4o-eastus,embedding="},
+            "error: BACKEND_1_DEPLOYMENTS: 'embedding=' is not `name` or `alias=name`"
+            " (deployment names: letters, digits, '-', '_', '.')",
+        ),
+        (
+            {"BACKEND_1_DEPLOYMENT": "gpt-4o"},
+            "error: BACKEND_1_DEPLOYMENT: unknown backend setting (known: BACKEND_X_URL, _PRIORITY, _WEIGHT,"
+            " _APIKEY, _DEPLOYMENTS, _DEPLOYMENT_NAME)",
+        ),
     ],
 )
 def test_bad_configuration_stops_start_up_with_one_line_naming_the_variable(env, line):

@@ -22,7 +22,8 @@ def test_backends_are_read_in_numeric_order_with_defaults():
     )
     assert [b.name for b in settings.backends] == ["2", "10", "east"]
     two = settings.backends[0]
-    assert (two.priority, two.weight, two.api_key, two.deployments) == (2, 0.5, "secret", {"chat", "embedding"})
+    assert (two.priority, two.weight, two.api_key) == (2, 0.5, "secret")
+    assert two.deployments == {"chat": "chat", "embedding": "embedding"}
     ten = settings.backends[1]
     assert (ten.priority, ten.weight, ten.api_key, ten.deployments) == (1, 1.0, None, None)
     assert settings.max_attempts == 3 and settings.timeout_seconds == 100
@@ -33,7 +34,8 @@ def test_trailing_slash_is_dropped_and_keys_are_masked():
     settings = load_settings({**ONE, "BACKEND_1_APIKEY": "topsecret", "LB_CLIENT_KEYS": "a, b"})
     assert settings.backends[0].url == "https://one.openai.azure.com"
     assert "topsecret" not in repr(settings) and "********" in repr(settings.backends[0])
-    assert settings.client_keys == ("a", "b") and "'a'" not in repr(settings)
+    assert [(k.name, k.key) for k in settings.client_keys] == [("key1", "a"), ("key2", "b")]
+    assert "'a'" not in repr(settings) and "'a'" not in repr(settings.client_keys)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +65,16 @@ def test_trailing_slash_is_dropped_and_keys_are_masked():
         ({**ONE, "LB_ENTRA_AUDIENCES": "api://lb"}, r"^LB_ENTRA_AUDIENCES: needs LB_ENTRA_TENANT_ID"),
         ({**ONE, "LB_ENTRA_TENANT_ID": TENANT, "LB_ENTRA_ALLOWED_CLIENTS": "chat-app"}, r"^LB_ENTRA_ALLOWED_CLIENTS: "),
         ({**ONE, "LB_ENTRA_TENANT_ID": TENANT, "LB_ENTRA_AUTHORITY": "login.example"}, r"^LB_ENTRA_AUTHORITY: "),
+        ({**ONE, "BACKEND_1_API_KEY": "k"}, r"^BACKEND_1_API_KEY: unknown backend setting"),
+        ({**ONE, "BACKEND_2_KEY": "k"}, r"^BACKEND_2_KEY: unknown backend setting"),
+        ({**ONE, "BACKEND_1_DEPLOYMENTS": "chat=,emb"}, r"^BACKEND_1_DEPLOYMENTS: 'chat=' is not"),
+        ({**ONE, "BACKEND_1_DEPLOYMENTS": "chat=a/b"}, r"^BACKEND_1_DEPLOYMENTS: 'chat=a/b' is not"),
+        ({**ONE, "BACKEND_1_DEPLOYMENTS": "chat=a=b"}, r"^BACKEND_1_DEPLOYMENTS: 'chat=a=b' is not"),
+        ({**ONE, "BACKEND_1_DEPLOYMENTS": "chat=a,chat=b"}, r"^BACKEND_1_DEPLOYMENTS: 'chat' is mapped twice"),
+        ({**ONE, "BACKEND_1_DEPLOYMENT_NAME": "gpt 4o"}, r"^BACKEND_1_DEPLOYMENT_NAME: "),
+        ({**ONE, "LB_CLIENT_KEYS": "chat app:k1"}, r"^LB_CLIENT_KEYS: item 1 is not"),
+        ({**ONE, "LB_CLIENT_KEYS": "a:k1,b:"}, r"^LB_CLIENT_KEYS: item 2 is not"),
+        ({**ONE, "LB_CLIENT_KEYS": "a:k1,a:k2"}, r"^LB_CLIENT_KEYS: the name 'a' is used twice"),
     ],
 )
 def test_bad_configuration_names_the_variable(env, message):
@@ -125,7 +137,34 @@ def test_under_throttling_requests_can_be_told_never_to_wait_for_the_table():
 def test_backend_setting_names_match_the_contract():
     assert BACKEND_SETTING_RE.match("BACKEND_1_URL")
     assert BACKEND_SETTING_RE.match("BACKEND_east_DEPLOYMENTS")
+    assert BACKEND_SETTING_RE.match("BACKEND_2_DEPLOYMENT_NAME")
     assert not BACKEND_SETTING_RE.match("BACKEND_1_KEY")
+
+
+def test_deployments_map_client_names_to_each_backends_own_names():
+    settings = load_settings({**ONE, "BACKEND_1_DEPLOYMENTS": "chat=gpt4o-eastus, embedding=emb3,other"})
+    backend = settings.backends[0]
+    assert backend.deployments == {"chat": "gpt4o-eastus", "embedding": "emb3", "other": "other"}
+    assert [backend.upstream_name(d) for d in ("chat", "embedding", "other")] == ["gpt4o-eastus", "emb3", "other"]
+    assert backend.serves("chat") and not backend.serves("gpt4o-eastus")
+    assert backend.renamed() == {"chat": "gpt4o-eastus", "embedding": "emb3"}
+
+
+def test_openai_aca_lb_deployment_name_is_used_for_every_call_to_that_backend():
+    settings = load_settings({**ONE, "BACKEND_2_URL": "https://two.example", "BACKEND_2_DEPLOYMENT_NAME": "gpt-4o"})
+    one, two = settings.backends
+    assert one.upstream_name("chat") == "chat" and one.renamed() == {}
+    assert two.serves("chat") and two.upstream_name("chat") == "gpt-4o" and two.upstream_name("x") == "gpt-4o"
+    assert two.renamed() == {"*": "gpt-4o"}
+    # with a filter, its bare names are called by DEPLOYMENT_NAME and an explicit alias wins
+    both = {**ONE, "BACKEND_1_DEPLOYMENT_NAME": "gpt-4o", "BACKEND_1_DEPLOYMENTS": "chat,mini=gpt-4o-mini"}
+    backend = load_settings(both).backends[0]
+    assert backend.deployments == {"chat": "gpt-4o", "mini": "gpt-4o-mini"} and not backend.serves("other")
+
+
+def test_client_keys_carry_names_and_unnamed_keys_are_named_by_position():
+    keys = load_settings({**ONE, "LB_CLIENT_KEYS": "chatapp:KEY1, KEY2 ,batch:KEY:3"}).client_keys
+    assert [(k.name, k.key) for k in keys] == [("chatapp", "KEY1"), ("key2", "KEY2"), ("batch", "KEY:3")]
 
 
 def test_one_attempt_may_take_half_the_deadline_unless_configured():

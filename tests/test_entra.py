@@ -263,3 +263,11 @@ def test_entra_only_pool_refuses_keys(make_pool, idp):
     with pytest.raises(openai.AuthenticationError, match="not an Entra ID access token"):
         pool.azure(key=CLIENT_KEY).chat.completions.create(model="chat", messages=MESSAGES)
     assert pool.backends[0].calls == []
+
+
+def test_an_entra_client_is_named_by_its_app_id(idp):
+    from lb.auth import ClientAuth
+
+    auth = ClientAuth((), validator(idp))
+    assert asyncio.run(auth.check(None, f"Bearer {idp.token()}")).id == f"entra:{APP_ID.lower()}"
+    assert asyncio.run(auth.check(None, f"Bearer {idp.token(v2=True)}")).id == f"entra:{APP_ID.lower()}"

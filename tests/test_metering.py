@@ -51,7 +51,7 @@ def test_counts_equal_the_usage_the_client_saw_for_json_and_streams_of_both_apis
     add(embedding.usage.prompt_tokens, 0, embedding.usage.total_tokens)
 
     report = usage_report(pool)
-    counted = report["clients"]["anonymous"]["last_minute"]
+    counted = report["clients"]["key1"]["last_minute"]
     assert counted == {
         "requests": seen["requests"],
         "prompt_tokens": seen["prompt"],
@@ -62,7 +62,7 @@ def test_counts_equal_the_usage_the_client_saw_for_json_and_streams_of_both_apis
         "unknown_usage": 0,
     }
     assert seen["cached"] > 0
-    assert report["clients"]["anonymous"]["last_hour"] == counted
+    assert report["clients"]["key1"]["last_hour"] == counted
     by_backend = report["backends"]
     assert set(by_backend) <= {"1", "2"}
     assert sum(b["last_minute"]["total_tokens"] for b in by_backend.values()) == seen["total"]
@@ -73,7 +73,7 @@ def test_a_stream_without_usage_is_relayed_as_sent_and_counted_unknown(make_pool
     pool = make_pool(1)
     stream = pool.v1().chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}], stream=True)
     assert all(chunk.usage is None for chunk in stream)
-    counted = usage_report(pool)["clients"]["anonymous"]["last_minute"]
+    counted = usage_report(pool)["clients"]["key1"]["last_minute"]
     assert counted["requests"] == 1 and counted["unknown_usage"] == 1 and counted["total_tokens"] == 0
 
 
@@ -83,7 +83,7 @@ def test_refused_calls_count_as_requests_without_tokens_and_need_no_usage(make_p
         pool.url + "/openai/v1/chat/completions", json={"model": "chat"}, headers={"api-key": CLIENT_KEY}
     )
     assert response.status_code == 400
-    counted = usage_report(pool)["clients"]["anonymous"]["last_minute"]
+    counted = usage_report(pool)["clients"]["key1"]["last_minute"]
     assert counted["requests"] == 1 and counted["unknown_usage"] == 0 and counted["total_tokens"] == 0
 
 
@@ -126,7 +126,7 @@ def test_token_metrics_carry_client_backend_deployment_and_kind_never_a_key(serv
     client.post("/openai/v1/chat/completions", json={**body, "stream": True}).read()  # no usage in the stream
 
     points = recorded.points()
-    who = {"client": "anonymous", "backend": "1", "deployment": "chat"}
+    who = {"client": "key1", "backend": "1", "deployment": "chat"}
     assert points[point("lb.tokens", **who, kind="prompt")] == usage["prompt_tokens"]
     assert points[point("lb.tokens", **who, kind="completion")] == usage["completion_tokens"]
     assert points[point("lb.tokens", **who, kind="total")] == usage["total_tokens"]

@@ -129,10 +129,6 @@ def test_a_table_outage_keeps_limits_per_instance_and_logs_once(make_pool, serve
 
 
 def test_a_limited_named_client_is_refused_while_another_is_unaffected(make_pool) -> None:
-    import lb.auth
-
-    if not hasattr(lb.auth, "Client"):
-        pytest.skip("named client keys land with issue 14")
     pool = make_pool(1, env={"LB_CLIENT_KEYS": f"chatapp:{FREE},batch:{LIMITED}", "LB_CLIENT_LIMITS": "batch=2rpm"})
     batch, chatapp = pool.v1(LIMITED), pool.v1(FREE)
     chat(batch)

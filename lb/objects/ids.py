@@ -1,0 +1,149 @@
+"""Which stored objects a call names, and whether it may create one.
+
+Azure OpenAI's object routes live under `/openai/v1/{collection}/...` (and the older
+`/openai/{collection}/...?api-version=`); the collection is the first path segment after the
+prefix, so a call to `/openai/deployments/...`, `chat/completions` or `embeddings` is dismissed by
+one set lookup. The body is parsed only when it can name an object: a JSON body on an object
+route that contains one of the field names below.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+# Id prefixes Azure OpenAI hands out, and the kind of object each names.
+PREFIXES = {
+    "resp_": "response",
+    "conv_": "conversation",
+    "file-": "file",
+    "batch_": "batch",
+    "vs_": "vector_store",
+    "asst_": "assistant",
+    "thread_": "thread",
+    "run_": "run",
+    "ftjob-": "fine_tuning_job",
+}
+# Collections whose objects live in one resource (the first path segment after /openai/[v1/]).
+COLLECTIONS = {
+    "responses": "response",
+    "conversations": "conversation",
+    "files": "file",
+    "batches": "batch",
+    "vector_stores": "vector_store",
+    "assistants": "assistant",
+    "threads": "thread",
+    "fine_tuning": "fine_tuning_job",
+}
+NOT_IDS = frozenset({"runs", "jobs", "input_items", "cancel", "content", "items", "messages", "steps", "files"})
+# Body fields that name an object; `conversation` may also be {"id": ...}.
+BODY_FIELDS = {
+    "previous_response_id": "response",
+    "conversation": "conversation",
+    "input_file_id": "file",
+    "file_id": "file",
+    "file_ids": "file",
+    "vector_store_ids": "vector_store",
+    "assistant_id": "assistant",
+    "thread_id": "thread",
+}
+_MARKERS = (b"previous_response_id", b'"conversation"', b"file_id", b"vector_store_ids", b"assistant_id", b"thread_id")
+_STORE_FALSE = re.compile(rb'"store"\s*:\s*false')
+_FIELDS = b"|".join(k.encode() for k in BODY_FIELDS)
+_VALUE = rb'"([^"\\\x00-\x1f]{1,256})"'
+# "field": "id" | "conversation": {"id": "conv_..."} | "field": ["id", ...]
+_ID_FIELD = re.compile(
+    rb'"('
+    + _FIELDS
+    + rb')"\s*:\s*(?:'
+    + _VALUE
+    + rb'|\{\s*"id"\s*:\s*'
+    + _VALUE
+    + rb'|\[((?:\s*"[^"\\\x00-\x1f]{1,256}"\s*,?){1,64})\s*\])'
+)
+_STRING = re.compile(_VALUE)
+
+
+@dataclass(frozen=True)
+class ObjectId:
+    value: str
+    kind: str
+    field: str | None  # the body field that named it; None for the path
+
+
+@dataclass(frozen=True)
+class ObjectCall:
+    """A call to an object route: the ids it names (path first) and whether a 2xx may create one."""
+
+    collection: str
+    ids: tuple[ObjectId, ...]
+    creates: bool
+    deletes: bool
+
+    @property
+    def path_id(self) -> ObjectId | None:
+        return self.ids[0] if self.ids and self.ids[0].field is None else None
+
+
+def kind_of(object_id: str, default: str = "object") -> str:
+    for prefix, kind in PREFIXES.items():
+        if object_id.startswith(prefix):
+            return kind
+    return default
+
+
+def classify(method: str, raw_path: str, body: bytes, content_type: str | None) -> ObjectCall | None:
+    """The object call this is, or None for a call that can neither name nor create an object."""
+    segments = raw_path.split("?", 1)[0].split("/")[2:]  # after "", "openai"
+    if segments and segments[0] == "v1":
+        segments = segments[1:]
+    if not segments or segments[0] not in COLLECTIONS:
+        return None
+    collection = segments[0]
+    ids = _path_ids(collection, [unquote(s) for s in segments[1:]])
+    if body and method == "POST" and "json" in (content_type or "application/json"):
+        ids += _body_ids(body)
+    creates = method == "POST" and segments[-1] != "cancel" and not (collection == "responses" and _no_store(body))
+    return ObjectCall(collection, tuple(ids), creates, deletes=method == "DELETE")
+
+
+def _path_ids(collection: str, rest: list[str]) -> list[ObjectId]:
+    """`responses/{id}/...`, `threads/{id}/runs/{id}`, `fine_tuning/jobs/{id}`: the segments naming objects."""
+    found: list[ObjectId] = []
+    default = COLLECTIONS[collection]
+    for i, segment in enumerate(rest):
+        kind = kind_of(segment, "")
+        if not kind and i == 0 and segment not in NOT_IDS:
+            kind = default  # an id of a shape we don't know is still the collection's object
+        elif not kind and i == 1 and collection == "fine_tuning" and rest[0] == "jobs":
+            kind = default
+        if kind:
+            found.append(ObjectId(segment, kind, None))
+    return found
+
+
+def _body_ids(body: bytes) -> list[ObjectId]:
+    """Ids in the body's id fields, at any depth, found by a byte search (C, no objects built): a
+    large body is never parsed on the event loop for them. A field name inside a string value has
+    its quotes escaped, so text that merely mentions one is not taken for it."""
+    if not any(marker in body for marker in _MARKERS):
+        return []
+    found: list[ObjectId] = []
+    for match in _ID_FIELD.finditer(body):
+        key = match.group(1).decode()
+        if match.group(2) is not None:
+            values = [match.group(2)]
+        elif match.group(3) is not None:
+            values = [match.group(3)]
+        else:
+            values = _STRING.findall(match.group(4))
+        for raw in values:
+            value = raw.decode("utf-8", "replace")
+            found.append(ObjectId(value, kind_of(value, BODY_FIELDS[key]), key))
+    return found
+
+
+def _no_store(body: bytes) -> bool:
+    """`"store": false` on a Responses call: nothing is kept, so nothing is recorded."""
+    return b'"store"' in body and _STORE_FALSE.search(body) is not None

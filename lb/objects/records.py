@@ -1,0 +1,79 @@
+"""Who holds which object: (pool, object id) -> backend and the client that created it.
+
+`ObjectStore` keeps the records of this process (one instance; the base of the shared store,
+`lb.objects.table`). Records expire with Azure's own retention: a stored response is kept 30 days
+unless deleted ("By default, response data is retained for 30 days", Azure OpenAI Responses API,
+learn.microsoft.com/azure/ai-foundry/openai/how-to/responses, "Delete response"). The other kinds
+are kept as long; a record that outlives its object only costs the holder's own 404, and one that
+expires before its object is found again by the look-up (`lb.objects.router`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+RETENTION_SECONDS = 30 * 24 * 3600.0
+MAX_RECORDS = 200_000  # per instance, least recently used dropped first (a dropped one is looked up again)
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    backend: str
+    client: str  # Client.id of its creator; "" when unknown (found by the look-up, not seen created)
+    kind: str
+    expires: float  # epoch seconds
+
+
+class ObjectStore:
+    """Records in this process's memory; the sync `known()` is all the hot path of a pinned call reads."""
+
+    kind = "memory"
+
+    def __init__(self, max_records: int = MAX_RECORDS) -> None:
+        self.max_records = max_records
+        self._records: OrderedDict[str, ObjectRecord] = OrderedDict()
+
+    def known(self, object_id: str, now: float | None = None) -> ObjectRecord | None:
+        record = self._records.get(object_id)
+        if record is None:
+            return None
+        if record.expires <= (time.time() if now is None else now):
+            del self._records[object_id]
+            return None
+        self._records.move_to_end(object_id)
+        return record
+
+    async def find(self, object_id: str) -> ObjectRecord | None:
+        """This instance's record, else the shared one (a shared store reads it once, then knows it)."""
+        return self.known(object_id)
+
+    async def remember(self, object_id: str, record: ObjectRecord) -> None:
+        """Keep the record (a shared store also writes it, before the caller lets the id out)."""
+        self._keep(object_id, record)
+
+    def forget(self, object_id: str) -> None:
+        """The object was deleted (or its holder no longer knows it)."""
+        self._records.pop(object_id, None)
+
+    def _keep(self, object_id: str, record: ObjectRecord) -> None:
+        self._records[object_id] = record
+        self._records.move_to_end(object_id)
+        while len(self._records) > self.max_records:
+            self._records.popitem(last=False)
+
+    def counts(self) -> dict[str, int]:
+        """Records known to this instance by kind (what /lb/status shows)."""
+        now = time.time()
+        return dict(Counter(r.kind for r in self._records.values() if r.expires > now))
+
+    async def start(self) -> None:
+        """Open connections; called once before the first request."""
+
+    async def close(self) -> None:
+        """Wait for writes in flight and release connections."""
+
+    def health(self) -> dict[str, Any]:
+        return {"kind": self.kind, "healthy": True}
