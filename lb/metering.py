@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.responses import Response
 
 from lb.quota import Charge, Limit, Limiter
+from lb.relay import UpstreamResponse
 from lb.usage import Usage, UsageReader
 from lb.windows import Windows
 
@@ -60,19 +61,16 @@ class Metering:
 
     def observe(self, response: Response, client: str, deployment: str | None, charge: Charge | None) -> Response:
         """Count the answer's usage when its body has passed; a limited client gets its own quota headers."""
-        backend = getattr(response, "backend", None)
-        upstream = getattr(response, "upstream", None)
         if charge is not None:
             _set_rate_headers(response, charge.headers)
-        if backend is None or upstream is None:  # the proxy's own answer: no backend spent anything
+        if not isinstance(response, UpstreamResponse):  # the proxy's own answer: no backend spent anything
             if charge is not None:
                 self.limiter.settle(charge, 0, requests=0)
             elif client in self.limiter.limits:
                 _set_rate_headers(response, self.limiter.headers(client, self.clock()))
             return response
-        ok = 200 <= response.status_code < 300
-        stream = getattr(response, "event_stream", False)
-        readable = stream or "json" in upstream.headers.get("content-type", "")  # not audio, files, ...
+        backend, ok, stream = response.backend, 200 <= response.status_code < 300, response.event_stream
+        readable = stream or "json" in response.upstream.headers.get("content-type", "")  # not audio, files, ...
         reader = UsageReader(stream) if ok and readable else None
         body = response.body_iterator
 

@@ -74,6 +74,7 @@ class UsageShare:
         self._client = self._make_client(settings)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._deleting: set[asyncio.Task[None]] = set()
         self._written_version = 0  # the row is first written once something was counted
 
     def _make_client(self, settings: StateSettings) -> TableClient:
@@ -187,7 +188,9 @@ class UsageShare:
                 continue
             updated = row.get("updated")
             if isinstance(updated, int | float) and now - updated > FORGET_SECONDS:
-                asyncio.get_running_loop().create_task(self._delete(row))
+                task = asyncio.get_running_loop().create_task(self._delete(row))
+                self._deleting.add(task)  # held until done: the loop keeps only weak references
+                task.add_done_callback(self._deleting.discard)
                 continue
             try:
                 data = json.loads("".join(str(row.get(f"d{i}", "")) for i in range(int(row.get("parts", 0)))))
