@@ -60,11 +60,11 @@ def test_streamed_answers_true_up_the_charge_from_usage(make_pool) -> None:
     assert used == {"requests": 1, "tokens": total}  # the 5,000-token estimate is gone
 
 
-def two_instances(servers, azurite, make_backend_env, limits: str) -> tuple[list[str], list]:
+def two_instances(servers, azurite, make_backend_env, limits: str, keys: str = "") -> tuple[list[str], list]:
     table = "q" + uuid.uuid4().hex[:12]
     env = {
         **make_backend_env,
-        "LB_CLIENT_KEYS": "",
+        "LB_CLIENT_KEYS": keys,
         "LB_CLIENT_LIMITS": limits,
         "LB_STATE_CONNECTION_STRING": azurite.connection_string,
         "LB_STATE_TABLE": table,
@@ -73,26 +73,36 @@ def two_instances(servers, azurite, make_backend_env, limits: str) -> tuple[list
     return [servers.start(app) for app in apps], [app.state.proxy for app in apps]
 
 
-def test_two_instances_on_azurite_share_one_limit(make_pool, servers, azurite) -> None:
+def test_two_instances_on_azurite_share_one_limit_and_the_other_client_is_unaffected(
+    make_pool, servers, azurite
+) -> None:
     pool = make_pool(1)
     backend_env = {"BACKEND_1_URL": pool.proxy.settings.backends[0].url, "BACKEND_1_APIKEY": "key-1"}
-    urls, proxies = two_instances(servers, azurite, backend_env, "anonymous=4rpm")
-    a, b = (openai.OpenAI(base_url=u + "/openai/v1", api_key="x", max_retries=0) for u in urls)
+    keys = f"batch:{LIMITED},chatapp:{FREE}"
+    urls, proxies = two_instances(servers, azurite, backend_env, "batch=4rpm,chatapp=100rpm", keys)
+    a, b = (openai.OpenAI(base_url=u + "/openai/v1", api_key=LIMITED, max_retries=0) for u in urls)
+    free = [openai.OpenAI(base_url=u + "/openai/v1", api_key=FREE, max_retries=0) for u in urls]
     chat(a)
     chat(a)
     chat(a)
     time.sleep(2.5)  # a share round: each instance writes its row and reads the others'
     chat(b)  # the pool's fourth call
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.RateLimitError) as refused:
         chat(b)
+    assert refused.value.code == "ClientQuotaExceeded"
     time.sleep(2.5)
     with pytest.raises(openai.RateLimitError):
         chat(a)
-    pool_report = httpx.get(urls[0] + "/lb/usage").json()["pool"]
+    for i in range(6):
+        assert chat(free[i % 2]).http_response.status_code == 200  # chatapp is under its own limit
+    time.sleep(2.5)
+    pool_report = httpx.get(urls[0] + "/lb/usage", headers={"api-key": FREE}).json()["pool"]
     assert pool_report["instances"] == 2
-    assert pool_report["clients"]["anonymous"]["last_minute"]["requests"] == 4
+    assert pool_report["clients"]["batch"]["last_minute"]["requests"] == 4
+    assert pool_report["clients"]["chatapp"]["last_minute"]["requests"] == 6
+    assert pool_report["clients"]["chatapp"]["last_minute"]["total_tokens"] > 0
     writes = proxies[0].metering.share.ops["writes"]
-    assert writes <= 8  # one row write per second at most, only when something changed
+    assert writes <= 11  # one row write per second at most, only when something changed
 
 
 def test_a_table_outage_keeps_limits_per_instance_and_logs_once(make_pool, servers, azurite, caplog) -> None:
