@@ -39,6 +39,9 @@ _GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]
 # weights times the quota each backend last reported left. `random` stays the default until the
 # throttling simulation says otherwise.
 POLICIES = ("random", "headroom")
+# LB_STREAM_USAGE: a streamed chat's client stream stays as the backend sent it (`as-sent`), or the
+# proxy asks the backend for its usage chunk (`include`), which the client then gets too (lb.metering).
+STREAM_USAGE_MODES = ("as-sent", "include")
 DEFAULT_POLICY = "random"
 
 BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|APIKEY|DEPLOYMENTS|DEPLOYMENT_NAME)$")
@@ -80,6 +83,7 @@ SETTING_NAMES = frozenset(
         "LB_LOG_LEVEL",
         "LB_POLICY",
         "LB_CLIENT_LIMITS",
+        "LB_STREAM_USAGE",
         "AZURE_CLIENT_ID",
         "AzureWebJobsStorage",
         "AzureWebJobsStorage__accountName",
@@ -226,6 +230,7 @@ class Settings:
     on_azure: bool = False
     policy: str = DEFAULT_POLICY
     client_limits: dict[str, Limit] = field(default_factory=dict)  # LB_CLIENT_LIMITS, by client name
+    stream_usage: str = "as-sent"  # LB_STREAM_USAGE: "include" asks chat streams for their usage chunk
 
     @property
     def anonymous(self) -> bool:
@@ -274,7 +279,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         on_azure=on_azure,
         policy=_policy(env),
         client_limits=_client_limits(env, client_keys, entra),
+        stream_usage=_choice(env, "LB_STREAM_USAGE", STREAM_USAGE_MODES),
     )
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (the first is the default), case-insensitive."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return choices[0]
+    if raw.lower() not in choices:
+        raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(choices)}")
+    return raw.lower()
 
 
 def _client_limits(

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
 from lb.quota import Charge, Limit, Limiter
 from lb.relay import UpstreamResponse
-from lb.usage import Usage, UsageReader
+from lb.requestinfo import RequestInfo
+from lb.usage import Usage, UsageReader, with_usage_requested
 from lb.windows import Windows
 
 if TYPE_CHECKING:
     from lb.quota_table import UsageShare
     from lb.telemetry import Telemetry
 
+STREAM_USAGE_AS_SENT, STREAM_USAGE_INCLUDE = "as-sent", "include"  # LB_STREAM_USAGE
 FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 UNKNOWN = "unknown_usage"  # answers that carried no readable usage (counted as requests, not tokens)
 _WIDTH = len(FIELDS) + 1
@@ -33,8 +36,15 @@ _RATE_HEADERS = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-remaining-reques
 class Metering:
     """This instance's token counts and client quotas; built once per process."""
 
-    def __init__(self, limits: dict[str, Limit], telemetry: Telemetry, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        limits: dict[str, Limit],
+        telemetry: Telemetry,
+        clock: Callable[[], float] = time.time,
+        stream_usage: str = STREAM_USAGE_AS_SENT,
+    ) -> None:
         self.limiter = Limiter(limits)
+        self.include_stream_usage = stream_usage == STREAM_USAGE_INCLUDE
         self.telemetry = telemetry
         self.clock = clock
         self.clients = Windows(_WIDTH)
@@ -52,6 +62,13 @@ class Metering:
             await self.share.close()
 
     # Hooks of the request path --------------------------------------------------------------
+    def prepare(self, info: RequestInfo) -> RequestInfo:
+        """With `LB_STREAM_USAGE=include`, a streamed chat asks the backend for its usage chunk."""
+        if not (info.stream and self.include_stream_usage):
+            return info
+        body = with_usage_requested(info.body)
+        return info if body is None else replace(info, body=body)
+
     def admit(self, client: str, body: bytes) -> Charge | None:
         """Charge a limited client's call on its estimate; raises ClientQuotaExceeded when over."""
         if client not in self.limiter.limits:

@@ -67,7 +67,7 @@ class Proxy:
         self.client_auth = ClientAuth(settings.client_keys, settings.entra)
         self.backend_auth = backend_auth or BackendAuth()
         self.telemetry = telemetry or Telemetry()
-        self.metering = Metering(settings.client_limits, self.telemetry)
+        self.metering = Metering(settings.client_limits, self.telemetry, stream_usage=settings.stream_usage)
         self.breaker = Breaker(settings.breaker_failures, settings.breaker_window_seconds)
         self.auth_failures = AuthFailures()
         self.objects = ObjectRouter(objects or ObjectStore(), settings)  # who holds which stored object
@@ -103,6 +103,7 @@ class Proxy:
             check_headers(request)
             client = await self._authorize(request)
             info = await read_request(request, self.settings.max_body_bytes, deadline)
+            info = self.metering.prepare(info)  # LB_STREAM_USAGE=include: a chat stream asks for its usage
             charge = self.metering.admit(client.name, info.body)  # raises ClientQuotaExceeded when over
             await self.store.sync()
             attempts: list[Attempt] = []

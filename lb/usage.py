@@ -22,6 +22,7 @@ from typing import Any
 
 MAX_JSON_BYTES = 32 * 1024 * 1024  # a JSON answer larger than this is relayed but not metered
 MAX_EVENT_BYTES = 8 * 1024 * 1024  # ... nor is a stream event larger than this
+MAX_REWRITE_BYTES = 1024 * 1024  # LB_STREAM_USAGE=include rewrites bodies up to this size
 _MARK, _MARK_SPACED = b'"usage":{', b'"usage": {'  # compact JSON (Azure OpenAI, OpenAI) and Python's default
 _KEY = b'"usage":'
 _EDGE = len(_MARK_SPACED) - 1
@@ -182,3 +183,24 @@ def _from_body(body: bytes) -> Usage | None:
     except ValueError:  # UnicodeDecodeError is one
         return None
     return from_object(obj)
+
+
+def with_usage_requested(body: bytes) -> bytes | None:
+    """A streamed chat call's body asking for the final usage chunk (`LB_STREAM_USAGE=include`),
+    or None to send the body as it is: not a chat stream, too large to rewrite on the event loop,
+    or the client said itself whether it wants usage (`include_usage` present, true or false)."""
+    if len(body) > MAX_REWRITE_BYTES:
+        return None
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or payload.get("stream") is not True or "messages" not in payload:
+        return None
+    options = payload.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or "include_usage" in options:
+        return None
+    payload["stream_options"] = {**options, "include_usage": True}
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
+import pytest
 
 from lb.metering import Metering
 from lb.telemetry import Telemetry
@@ -133,3 +136,20 @@ def test_token_metrics_carry_client_backend_deployment_and_kind_never_a_key(serv
     assert points[point("lb.metered_requests", **who, usage="known")] == 1
     assert points[point("lb.metered_requests", **who, usage="unknown")] == 1
     assert not any(CLIENT_KEY in str(v) or "key-1" in str(v) for key in points for _, v in key[1])
+
+
+def test_stream_usage_include_asks_the_backend_and_meters_every_chat_stream(make_pool) -> None:
+    pool = make_pool(1, env={"LB_STREAM_USAGE": "include"})
+    stream = pool.v1().chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}], stream=True)
+    usages = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert len(usages) == 1  # the client gets the usage chunk it did not ask for: that is the setting
+    assert json.loads(pool.backends[0].calls[-1].body)["stream_options"] == {"include_usage": True}
+    counted = usage_report(pool)["clients"]["key1"]["last_minute"]
+    assert counted["unknown_usage"] == 0 and counted["total_tokens"] == usages[0].total_tokens
+
+
+def test_stream_usage_setting_is_checked_at_start_up() -> None:
+    from lb.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match=r"^LB_STREAM_USAGE: 'always' is not one of as-sent, include"):
+        load_settings({"BACKEND_1_URL": "https://one.openai.azure.com", "LB_STREAM_USAGE": "always"})

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lb.usage import Usage, UsageReader, from_object
+from lb.usage import Usage, UsageReader, from_object, with_usage_requested
 
 
 def read(chunks: list[bytes], event_stream: bool) -> Usage | None:
@@ -108,3 +108,12 @@ def test_stream_cut_before_its_usage_is_unknown_and_malformed_usage_event_is_ski
     data = chat_stream(with_usage=True)
     assert read([data[: data.index(b'"choices":[]')]], event_stream=True) is None
     assert read([b'data: {"usage":{"prompt_tokens": oops}\n\n'], event_stream=True) is None
+
+
+def test_a_chat_stream_is_asked_for_its_usage_unless_the_client_said_either_way() -> None:
+    body = json.dumps({"model": "chat", "messages": [], "stream": True, "stream_options": {"x": 1}}).encode()
+    assert json.loads(with_usage_requested(body) or b"")["stream_options"] == {"x": 1, "include_usage": True}
+    said = {"model": "chat", "messages": [], "stream": True, "stream_options": {"include_usage": False}}
+    for untouched in (said, {"messages": [], "stream": False}, {"input": "x", "stream": True}, [1]):
+        assert with_usage_requested(json.dumps(untouched).encode()) is None
+    assert with_usage_requested(b"not json") is None
