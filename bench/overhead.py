@@ -61,13 +61,18 @@ PACINGS = ("quiet", "none", "sleep10")
 class Targets:
     """The backend and the proxies in front of it; `paths[t]` are the pids one call to `t` runs through."""
 
-    def __init__(self, chunks: int, chunk_gap: float, with_peer: bool, base: str | None = None) -> None:
+    def __init__(
+        self, chunks: int, chunk_gap: float, with_peer: bool, base: str | None = None, lb_backends: int = 1
+    ) -> None:
+        """`lb_backends`: how many backends lb is given (all the one simulated backend, so its pick
+        has a choice to make: prompt-cache affinity hashes only then)."""
         self.servers: dict[str, Server] = {}
         try:
             backend_args = ["bench.backend", "--chunks", str(chunks), "--chunk-gap", str(chunk_gap)]
             self.servers["direct"] = backend = Server("backend", backend_args)
-            lb_env = {"BACKEND_1_URL": backend.url, "BACKEND_1_APIKEY": BACKEND_KEY}
-            lb_env |= {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_LOG_LEVEL": "WARNING"}
+            lb_env = {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_LOG_LEVEL": "WARNING"}
+            for i in range(1, lb_backends + 1):
+                lb_env |= {f"BACKEND_{i}_URL": backend.url, f"BACKEND_{i}_APIKEY": BACKEND_KEY}
             self.servers["yardstick"] = Server("yardstick", ["bench.yardstick"], {"YARDSTICK_BACKEND": backend.url})
             self.servers["lb"] = Server("lb", ["lb", "serve"], lb_env)
             if base:  # the same proxy from another checkout (e.g. main), side by side with this one
@@ -230,7 +235,7 @@ def _micro(values: list[float]) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    t = Targets(args.chunks, args.chunk_gap, with_peer=not args.no_peer, base=args.base)
+    t = Targets(args.chunks, args.chunk_gap, with_peer=not args.no_peer, base=args.base, lb_backends=args.lb_backends)
     try:
         seq = sequential(t, args.calls, args.warmup, args.pacing)
         sdk = sdk_sequential(t, args.sdk_calls, 10, args.pacing)
@@ -307,6 +312,7 @@ def parser(prog: str = "python -m bench overhead") -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=2000, help="requests per target at each concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     p.add_argument("--concurrent-streams", type=int, default=256, help="streamed calls per target at each concurrency")
+    p.add_argument("--lb-backends", type=int, default=1, help="backends lb is given (all the one simulated backend)")
     p.add_argument("--out", default=None, help="default: bench/results/overhead.json (--quick: overhead.quick.json)")
     return p
 

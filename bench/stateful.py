@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         servers += backends
         env = {"LB_CLIENT_KEYS": KEY, "LB_LOG_LEVEL": "WARNING", "LB_STATE_TABLE": f"stateful{int(time.time())}"}
         env["LB_STATE_CONNECTION_STRING"] = azurite.connection_string
+        env["BACKEND_2_DEPLOYMENT_NAME"] = "gpt-4o"  # an openai-aca-lb setting, taken as it is
         for i, backend in enumerate(backends, start=1):
             env[f"BACKEND_{i}_URL"], env[f"BACKEND_{i}_APIKEY"] = backend.url, "bench-backend-key"
         serve = ["serve"] if args.code else ["lb", "serve"]

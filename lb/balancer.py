@@ -13,14 +13,24 @@ Two policies (`LB_POLICY`) differ only in the weights inside the group:
   with fewer tokens left than the request needs counts as cooling for that call while another
   (even of a worse priority) has enough, and one with no fresh reading gets its full weight so it
   is probed rather than starved.
+
+With prompt-cache affinity on (`LB_AFFINITY`, `lb.affinity`), a call that names a conversation
+is not drawn at random: the group is ranked in the conversation's own order (weighted rendezvous
+hashing over the configured weights, the same on every instance) and the first backend not over
+its fair share of recent calls takes it. Who is in the group is decided as before (cooling,
+tried, exhausted or short under `headroom`, deployment, priority), so failover, headroom's holds
+and a caller's restriction of the candidates all win over affinity; under `headroom` the fair
+share is measured by the headroom weights, so a backend short of quota passes conversations on
+sooner.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from lb.affinity import Affinity, conversation_key
 from lb.config import POLICIES, Backend
 from lb.headroom import Headroom, estimate_tokens
 from lb.state import ANY_DEPLOYMENT, CooldownStore
@@ -34,6 +44,26 @@ class NoCandidate:
     retry_at: float  # epoch second the soonest cooling candidate recovers; 0.0 if none is cooling
 
 
+@dataclass
+class Demand:
+    """What one call asks of the pool: tokens from a quota (headroom policy) and which conversation it continues.
+
+    The conversation key is worked out on first use only, so a pick that has one candidate (or
+    affinity off) never reads the body for it.
+    """
+
+    tokens: int = 0
+    body: bytes = b""
+    _key: int | None = field(default=None, init=False, repr=False)
+    _keyed: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def key(self) -> int | None:
+        if not self._keyed:
+            self._key, self._keyed = (conversation_key(self.body) if self.body else None), True
+        return self._key
+
+
 class Balancer:
     def __init__(
         self,
@@ -43,6 +73,7 @@ class Balancer:
         *,
         policy: str = "random",
         headroom: Headroom | None = None,
+        affinity: bool = False,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}")
@@ -52,15 +83,26 @@ class Balancer:
         self.headroom = headroom or Headroom()
         self._by_headroom = policy == "headroom"
         self._rng = rng or random.Random()
+        self.affinity = Affinity() if affinity else None
 
     def need(self, body: bytes) -> int:
         """Tokens the request will take from a backend's quota; 0 (not computed) under `random`."""
         return estimate_tokens(body) if self._by_headroom and body else 0
 
+    def demand(self, body: bytes) -> Demand:
+        """What the request asks of the pool: its `need` and, with affinity on, the conversation it continues."""
+        return Demand(self.need(body), body if self.affinity else b"")
+
     def pick(
-        self, deployment: str | None, now: float, tried: Collection[str] = (), need: int = 0, charge: bool = True
+        self,
+        deployment: str | None,
+        now: float,
+        tried: Collection[str] = (),
+        need: Demand | int = 0,
+        charge: bool = True,
     ) -> Backend | NoCandidate:
         """The backend for the next attempt; `charge=False` only looks (nothing is sent to it)."""
+        demand = need if isinstance(need, Demand) else Demand(need)
         key = deployment or ANY_DEPLOYMENT
         fits, short = _Group(), _Group()  # short: fewer tokens left than `need` (headroom policy only)
         served = False
@@ -78,7 +120,7 @@ class Balancer:
             if not self._by_headroom:
                 fits.add(backend, backend.weight)
                 continue
-            share, too_short = self.headroom.share(backend.name, key, need, now)
+            share, too_short = self.headroom.share(backend.name, key, demand.tokens, now)
             (short if too_short else fits).add(backend, backend.weight * share)
         # A short backend is like a cooling one for this call: the next priority group is tried first.
         # With none left that fits, short ones are still tried, most headroom first: a reading may be
@@ -86,9 +128,14 @@ class Balancer:
         group = fits if fits.members else short
         if not group.members:
             return NoCandidate(served=served, retry_at=retry_at)
-        chosen = group.members[0] if len(group.members) == 1 else self._weighted(group.members, group.weights)
+        if len(group.members) == 1:
+            chosen = group.members[0]
+        elif self.affinity is not None and (conversation := demand.key) is not None:
+            chosen = self.affinity.choose(conversation, key, group.members, group.weights, now, charge)
+        else:
+            chosen = self._weighted(group.members, group.weights)
         if self._by_headroom and charge:
-            self.headroom.charge(chosen.name, key, need)
+            self.headroom.charge(chosen.name, key, demand.tokens)
         return chosen
 
     def _weighted(self, group: list[Backend], weights: list[float]) -> Backend:

@@ -36,6 +36,13 @@ _OPEN, _CLOSE, _QUOTE = frozenset(b"[{"), frozenset(b"]}"), ord('"')
 
 async def streamed(body: bytes) -> bool:
     """Whether the body asks for a streamed answer: a `"stream": true` key anywhere in it."""
+    if len(body) <= WINDOW_BYTES:  # the usual body: one plain search, no async iteration to pay for
+        at = body.find(_STREAM)
+        while at != -1:
+            if not _escaped(body, at) and _STREAM_TRUE.match(body, at + len(_STREAM)):
+                return True
+            at = body.find(_STREAM, at + 1)
+        return False
     async for at in _occurrences(body, _STREAM):
         if _STREAM_TRUE.match(body, at + len(_STREAM)):
             return True

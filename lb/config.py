@@ -43,6 +43,11 @@ POLICIES = ("random", "headroom")
 # proxy asks the backend for its usage chunk (`include`), which the client then gets too (lb.metering).
 STREAM_USAGE_MODES = ("as-sent", "include")
 DEFAULT_POLICY = "random"
+# Prompt-cache affinity (lb.affinity): a conversation's calls prefer one backend. On by default: in
+# `python -m bench affinity` it kept the cached share of prompt tokens near the most the
+# conversations allow, at the same client success and load spread as random (docs/affinity.md).
+AFFINITY_MODES = ("on", "off")
+DEFAULT_AFFINITY = "on"
 
 BACKEND_SETTING_RE = re.compile(r"^BACKEND_([A-Za-z0-9]+)_(URL|PRIORITY|WEIGHT|APIKEY|DEPLOYMENTS|DEPLOYMENT_NAME)$")
 # Anything shaped like a backend setting: one the pattern above does not know stops start-up, because a
@@ -84,6 +89,7 @@ SETTING_NAMES = frozenset(
         "LB_POLICY",
         "LB_CLIENT_LIMITS",
         "LB_STREAM_USAGE",
+        "LB_AFFINITY",
         "AZURE_CLIENT_ID",
         "AzureWebJobsStorage",
         "AzureWebJobsStorage__accountName",
@@ -231,6 +237,7 @@ class Settings:
     policy: str = DEFAULT_POLICY
     client_limits: dict[str, Limit] = field(default_factory=dict)  # LB_CLIENT_LIMITS, by client name
     stream_usage: str = "as-sent"  # LB_STREAM_USAGE: "include" asks chat streams for their usage chunk
+    affinity: bool = DEFAULT_AFFINITY == "on"
 
     @property
     def anonymous(self) -> bool:
@@ -280,6 +287,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         policy=_policy(env),
         client_limits=_client_limits(env, client_keys, entra),
         stream_usage=_choice(env, "LB_STREAM_USAGE", STREAM_USAGE_MODES),
+        affinity=_affinity(env),
     )
 
 
@@ -326,6 +334,15 @@ def _policy(env: Mapping[str, str]) -> str:
     if raw.lower() not in POLICIES:
         raise ConfigError(f"LB_POLICY: {raw!r} is not one of {', '.join(POLICIES)}")
     return raw.lower()
+
+
+def _affinity(env: Mapping[str, str]) -> bool:
+    raw = env.get("LB_AFFINITY", "").strip()
+    if not raw:
+        return DEFAULT_AFFINITY == "on"
+    if raw.lower() not in AFFINITY_MODES:
+        raise ConfigError(f"LB_AFFINITY: {raw!r} is not one of {', '.join(AFFINITY_MODES)}")
+    return raw.lower() == "on"
 
 
 def _client_keys(env: Mapping[str, str]) -> tuple[ClientKey, ...]:

@@ -41,7 +41,9 @@ def run_demo() -> int:
     ]
     servers = Servers()
     try:
-        env = {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_MAX_COOLDOWN_SECONDS": "10"}
+        # The same short "hello" every call: with prompt-cache affinity it would stay on one backend,
+        # so these scenarios show the random spread; _cached_conversation shows affinity.
+        env = {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_MAX_COOLDOWN_SECONDS": "10", "LB_AFFINITY": "off"}
         for i, backend in enumerate(backends, start=1):
             env[f"BACKEND_{i}_URL"] = servers.start(backend)
             env[f"BACKEND_{i}_APIKEY"] = backend.api_key or ""
@@ -69,6 +71,7 @@ def run_demo() -> int:
         print(f"   backend-1 is back in rotation: served {back} of the last 10 calls")
         backends[0].requests_per_window = None  # its quota lifted: the next scenario is about routing
         conversation = _conversation(proxy_url)
+        cached_ok = _cached_conversation(servers, {k: v for k, v in env.items() if k != "LB_AFFINITY"})
     finally:
         servers.stop()
 
@@ -88,7 +91,7 @@ def run_demo() -> int:
     kinds = {kind: [sum(t.by_kind.get(kind, [0, 0])[j] for t in total) for j in (0, 1)] for kind in KINDS}
     print("   by kind:   " + ", ".join(f"{kind} {ok}/{calls}" for kind, (ok, calls) in kinds.items()))
     print(f"   client-visible failures: {failed}")
-    return 1 if failed or throttled.absorbed_429s == 0 else 0
+    return 1 if failed or throttled.absorbed_429s == 0 or not cached_ok else 0
 
 
 def _traffic(clients: dict[str, Any], backends: list[SimBackend], label: str, n: int, pause: float = 0.0) -> Tally:
@@ -147,6 +150,33 @@ def _call(clients: dict[str, Any], kind: str) -> Any:
 
 def _share(tally: Tally) -> str:
     return ", ".join(f"{name}: {count}" for name, count in sorted(tally.served.items()))
+
+
+def _cached_conversation(servers: Servers, env: dict[str, str], turns: int = 5) -> bool:
+    """A chat with a long system prompt through a second proxy with prompt-cache affinity (the default):
+    every turn goes to the backend holding the conversation's prefix, so its cached tokens rise."""
+    import openai
+
+    proxy_url = servers.start(create_app(load_settings(env)))
+    client = openai.AzureOpenAI(
+        azure_endpoint=proxy_url, api_key=CLIENT_KEY, api_version=API_VERSION, max_retries=0, timeout=10
+    )
+    print(f"\n== prompt-cache affinity: a {turns}-turn chat with a long system prompt (proxy on {proxy_url})")
+    system = "You are Contoso's support assistant. Answer from this manual:\n" + "Reset: hold the button. " * 300
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "My router is offline."}]
+    prompt = cached = 0
+    for turn in range(1, turns + 1):
+        raw = client.chat.completions.with_raw_response.create(model="chat", messages=messages)  # type: ignore[arg-type]
+        completion = raw.parse()
+        usage = completion.usage
+        hit = usage.prompt_tokens_details.cached_tokens if usage and usage.prompt_tokens_details else 0
+        tokens = usage.prompt_tokens if usage else 0
+        prompt, cached = prompt + tokens, cached + (hit or 0)
+        print(f"   turn {turn} -> backend-{raw.headers.get('x-lb-backend')}  prompt {tokens} tokens, {hit} cached")
+        reply = (completion.choices[0].message.content or "") + " Try this next. " * 40
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"Still offline ({turn})."}]
+    print(f"   cached share of prompt tokens: {cached / max(prompt, 1):.0%} ({cached} of {prompt})")
+    return cached > 0
 
 
 def _conversation(proxy_url: str, turns: int = 5) -> Tally:

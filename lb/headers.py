@@ -16,6 +16,7 @@ one at the backend's host but outside its `/openai/` paths cannot be reached thr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -83,10 +84,12 @@ def forwarded(request: Request, request_id: str | None) -> list[tuple[str, str]]
     return headers
 
 
-def returned(upstream: httpx.Headers, backend_url: str = "", own_url: str = "") -> list[tuple[bytes, bytes]]:
+def returned(
+    upstream: httpx.Headers, backend_url: str = "", own_url: Callable[[], str] = lambda: ""
+) -> list[tuple[bytes, bytes]]:
     """The backend's answer headers the client gets, as raw bytes (never re-encoded, so a value that
     is not Latin-1 passes as sent): all but hop-by-hop ones and what the host sets itself, with
-    the ones pointing at the backend pointed at us (`backend_url` -> `own_url`)."""
+    the ones pointing at the backend pointed at us (`backend_url` -> `own_url()`, asked for only then)."""
     skip = NOT_RETURNED | connection_named(upstream)
     headers = []
     for raw_name, value in upstream.raw:
@@ -94,7 +97,7 @@ def returned(upstream: httpx.Headers, backend_url: str = "", own_url: str = "") 
         if name.decode("latin-1") in skip or name.startswith(b"proxy-"):
             continue
         if name in POINTING:
-            pointed = repointed(value, backend_url, own_url)
+            pointed = repointed(value, backend_url, own_url())
             if pointed is None:
                 continue
             value = pointed

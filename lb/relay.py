@@ -42,13 +42,16 @@ class UpstreamResponse(StreamingResponse):
         attempts: int,
         on_end: Callable[[Exception | None], None],
         backend_url: str = "",
-        own_url: str = "",
+        own_url: Callable[[], str] = lambda: "",
+        deadline: float | None = None,
     ) -> None:
         self.upstream = upstream
         self.backend = backend
         self.on_end = on_end  # told how the body ended: None when whole, the error when it broke off
         self.event_stream = upstream.headers.get("content-type", "").startswith("text/event-stream")
         self.client_gone = False
+        self.deadline = deadline  # monotonic: the request's, the body's last read included
+        self.expired = False
         super().__init__(self._body(), status_code=upstream.status_code)
         self.media_type = None
         returned = headers.returned(upstream.headers, backend_url, own_url)
@@ -57,6 +60,8 @@ class UpstreamResponse(StreamingResponse):
         self.raw_headers = [*returned, (b"x-lb-backend", backend.encode()), (b"x-lb-attempts", str(attempts).encode())]
 
     async def _body(self) -> AsyncIterator[bytes]:
+        # One timer for the whole body (not one per read) closes the upstream call at the deadline.
+        timer = asyncio.get_running_loop().call_at(self.deadline, self._expire) if self.deadline else None
         try:
             async for chunk in self.upstream.aiter_raw():
                 yield chunk
@@ -64,13 +69,21 @@ class UpstreamResponse(StreamingResponse):
         except (httpx.HTTPError, httpx.StreamError) as exc:
             if self.client_gone:
                 return  # we closed the upstream ourselves: not the backend's fault
-            log.warning("backend %s failed mid-body: %s", self.backend, type(exc).__name__)
-            self.on_end(exc)
+            error = httpx.ReadTimeout("the request's deadline passed mid-body") if self.expired else exc
+            log.warning("backend %s failed mid-body: %s", self.backend, type(error).__name__)
+            self.on_end(error)
             if not self.event_stream:
-                raise UpstreamBroken(type(exc).__name__) from None
+                raise UpstreamBroken(type(error).__name__) from None
             # The openai SDK raises on an SSE event carrying "error", so the caller sees a failure.
             error = {"error": {"code": "BadGateway", "message": "The backend stream ended unexpectedly."}}
             yield f"data: {json.dumps(error)}\n\n".encode()
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._closing = asyncio.ensure_future(self.upstream.aclose())  # the pending read fails: the loop ends
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         # A stream may run for minutes, so one small task watches for the client going away and then

@@ -8,8 +8,9 @@ expects, records what it was sent, and can be told to misbehave: a requests- and
 quota (429 + Retry-After beyond it, with `x-ratelimit-remaining-*` on every answer), forced 429s
 or 5xx, latency, or never answering. Like Azure OpenAI it charges a call's tokens at admission,
 from the prompt's length (4 characters a token) plus `max_tokens` (or `max_output_tokens`), and
-sends no limit or reset header on a 200. The Responses API's `usage.input_tokens` uses the same
-4-characters rule.
+sends no limit or reset header on a 200. Usage (`prompt_tokens`, the Responses API's
+`input_tokens`) uses the same 4-characters rule, and `cached_tokens` comes from a model of Azure's
+prompt cache per backend and deployment (lb.sim_cache).
 It is a bare ASGI app so it costs little CPU next to the proxy being measured.
 """
 
@@ -23,10 +24,16 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from lb.sim_cache import PromptCache, prompt_text, tokens
 from lb.sim_objects import SimObjects
+
+# The prompt-cache hit of the call this task is answering, for the Responses API paths served by
+# lb.sim_objects (their response body is built there, from `_response`).
+_CACHED_TOKENS: ContextVar[int] = ContextVar("cached_tokens", default=0)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -65,6 +72,10 @@ class SimBackend:
     calls: list[Call] = field(default_factory=list)
     answered: dict[int, int] = field(default_factory=dict)  # status -> count
     disconnects: int = 0  # streams the caller abandoned before the end
+    cache: PromptCache = field(default_factory=PromptCache)  # prompt prefixes it served (lb.sim_cache)
+    prefill_per_1k: float = 0.0  # extra seconds before the answer per 1,000 prompt tokens not cached
+    prompt_tokens: int = 0  # totals over the calls it answered 200 (chat and responses)
+    cached_tokens: int = 0
     objects: SimObjects = field(default_factory=SimObjects)  # stored responses, files, batches: this backend's own
     _window_start: float = 0.0
     _window_used: int = 0
@@ -151,8 +162,9 @@ class SimBackend:
         allowed, reset, left, tokens_left = self._take_quota(now, self._charge(payload))
         if not allowed:
             return await self._throttled(send, reset)
-        if self.latency:
-            await asyncio.sleep(self.latency)
+        usage = self._prompt_usage(path, deployment, payload, now)
+        if self.latency or self.prefill_per_1k:
+            await asyncio.sleep(self.latency + self.prefill_per_1k * (usage[0] - usage[1]) / 1000)
         rate = [
             (b"x-ratelimit-remaining-requests", str(left).encode()),
             (b"x-ratelimit-remaining-tokens", str(tokens_left).encode()),
@@ -171,8 +183,19 @@ class SimBackend:
                 return await self._stream(receive, send, rate, _response_events(response, pieces))
             return await self._json(send, 200, response, rate)
         if stream:
-            return await self._stream(receive, send, rate, self._chat_events(deployment, payload))
-        return await self._json(send, 200, _completion(self.name, deployment, payload), rate)
+            return await self._stream(receive, send, rate, self._chat_events(deployment, payload, *usage))
+        return await self._json(send, 200, _completion(self.name, deployment, *usage), rate)
+
+    def _prompt_usage(self, path: str, deployment: str | None, payload: Any, now: float) -> tuple[int, int]:
+        """(prompt tokens, of which cached) of an admitted chat or Responses call; the cache learns its prefixes."""
+        if "embeddings" in path:
+            return 0, 0
+        text = prompt_text(payload)
+        prompt, cached = tokens(text), self.cache.serve(deployment, text, now)
+        self.prompt_tokens += prompt
+        self.cached_tokens += cached
+        _CACHED_TOKENS.set(cached)  # each ASGI call is its own task: stored-response paths read it there
+        return prompt, cached
 
     async def _json(self, send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] = ()) -> None:
         data = json.dumps(body).encode()
@@ -219,7 +242,7 @@ class SimBackend:
             await send({"type": "http.response.body", "body": event, "more_body": i < len(events) - 1})
         self.answered[200] = self.answered.get(200, 0) + 1
 
-    def _chat_events(self, deployment: str | None, payload: Any) -> list[bytes]:
+    def _chat_events(self, deployment: str | None, payload: Any, prompt: int = 20, cached: int = 0) -> list[bytes]:
         """`chunks` content chunks, then the finish chunk and `[DONE]`, as Azure OpenAI streams a chat;
         with `stream_options.include_usage` every chunk says `"usage":null` and a last one, with no
         choices, carries the usage."""
@@ -231,7 +254,7 @@ class SimBackend:
         if include_usage:
             for chunk in chunks:
                 chunk["usage"] = None
-            chunks.append({**chunks[-1], "choices": [], "usage": _chat_usage(payload, self.chunks)})
+            chunks.append({**chunks[-1], "choices": [], "usage": _chat_usage(prompt, cached, self.chunks)})
         return [*(_sse(c) for c in chunks), b"data: [DONE]\n\n"]
 
 
@@ -244,19 +267,7 @@ def _json(body: bytes) -> Any:
 
 def _prompt_chars(payload: dict[str, Any]) -> int:
     """Characters of prompt text: chat `messages`, or the Responses API's `instructions` and `input`."""
-    instructions = payload.get("instructions")
-    chars = len(instructions) if isinstance(instructions, str) else 0
-    messages = payload.get("messages", payload.get("input"))
-    if isinstance(messages, str):
-        return chars + len(messages)
-    if isinstance(messages, list):
-        for message in messages:
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                chars += len(content)
-            elif isinstance(content, list):  # content parts: {"type": "input_text", "text": ...}
-                chars += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return chars
+    return len(prompt_text(payload))
 
 
 def _deployment(path: str, payload: Any) -> str | None:
@@ -270,19 +281,17 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-def _chat_usage(payload: Any, completion: int) -> dict[str, Any]:
-    """Prompt tokens from the prompt's length (4 characters a token), as the Responses API's."""
-    prompt = max(1, math.ceil(_prompt_chars(payload) / 4)) if isinstance(payload, dict) else 20
+def _chat_usage(prompt: int, cached: int, completion: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": prompt // 2 if prompt >= 1024 else 0},
+        "prompt_tokens_details": {"cached_tokens": cached},
         "completion_tokens_details": {"reasoning_tokens": 0},
     }
 
 
-def _completion(backend: str, deployment: str | None, payload: Any = None) -> dict[str, Any]:
+def _completion(backend: str, deployment: str | None, prompt: int = 20, cached: int = 0) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
         "object": "chat.completion",
@@ -295,7 +304,7 @@ def _completion(backend: str, deployment: str | None, payload: Any = None) -> di
                 "message": {"role": "assistant", "content": f"Hello from {backend}."},
             }
         ],
-        "usage": _chat_usage(payload, 10),
+        "usage": _chat_usage(prompt, cached, 10),
     }
 
 
@@ -310,8 +319,13 @@ def _chunk(cid: str, deployment: str | None, content: str | None, finish: str | 
     }
 
 
-def _response(backend: str, deployment: str | None, payload: Any, words: int) -> tuple[dict[str, Any], list[str]]:
-    """A completed Responses API object (one assistant message) and its text as `words` stream deltas."""
+def _response(
+    backend: str, deployment: str | None, payload: Any, words: int, cached: int | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """A completed Responses API object (one assistant message) and its text as `words` stream deltas.
+
+    `cached`: the prompt-cache hit; by default the one of the call being answered (its task's)."""
+    cached = _CACHED_TOKENS.get() if cached is None else cached
     request = payload if isinstance(payload, dict) else {}
     pieces = [f"{backend if i == 0 else ''} tok{i}" for i in range(max(1, words))]
     text = "".join(pieces)
@@ -341,7 +355,7 @@ def _response(backend: str, deployment: str | None, payload: Any, words: int) ->
         "incomplete_details": None,
         "usage": {
             "input_tokens": input_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": cached},
             "output_tokens": len(pieces) * 2,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": input_tokens + len(pieces) * 2,

@@ -73,7 +73,7 @@ def test_serve_proxies_with_each_backends_key_and_logs_no_secret(servers):
     idp.url = f"http://127.0.0.1:{idp_port}"
     servers.start(idp, idp_port)
     port = free_port()
-    env = {"LB_CLIENT_KEYS": "client-secret", "LB_LOG_LEVEL": "DEBUG", **entra_env(idp)}
+    env = {"LB_CLIENT_KEYS": "client-secret", "LB_LOG_LEVEL": "DEBUG", "LB_AFFINITY": "off", **entra_env(idp)}
     for i, backend in enumerate(backends, start=1):
         env[f"BACKEND_{i}_URL"] = servers.start(backend)
         env[f"BACKEND_{i}_APIKEY"] = backend.api_key or ""

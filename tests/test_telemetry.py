@@ -309,3 +309,23 @@ def test_a_request_that_failed_over_has_one_span_per_attempt(servers: Servers, r
     recorded_values = [str(v) for s in (first, second) for v in (s.attributes or {}).values()]
     recorded_values += [str(v) for key in points for _, v in key[1]]
     assert not any(secret in v for v in recorded_values for secret in (CLIENT_KEY, "key-1", "key-2"))
+
+
+def test_object_calls_are_counted_by_outcome(servers: Servers, recorded: Recorded):
+    import openai
+
+    sims = [SimBackend(f"sim{i}", api_key=f"key-{i}") for i in (1, 2)]
+    env = {"LB_CLIENT_KEYS": f"a:{CLIENT_KEY},b:other-key"}
+    for i, sim in enumerate(sims, start=1):
+        env[f"BACKEND_{i}_URL"], env[f"BACKEND_{i}_APIKEY"] = servers.start(sim), f"key-{i}"
+    url = servers.start(create_app(proxy=Proxy(load_settings(env), telemetry=recorded.telemetry)))
+    owner = openai.OpenAI(base_url=url + "/openai/v1", api_key=CLIENT_KEY, max_retries=0)
+    response = owner.responses.create(model="chat", input="hi")
+    owner.responses.retrieve(response.id)
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url=url + "/openai/v1", api_key="other-key", max_retries=0).responses.retrieve(response.id)
+    with pytest.raises(openai.NotFoundError):
+        owner.responses.retrieve("resp_unknown")
+    points = recorded.points()
+    for outcome in ("pinned", "refused", "lookups"):
+        assert points[point("lb.object_calls", **{"lb.outcome": outcome})] == 1

@@ -133,7 +133,7 @@ class ObjectRouter:
         if isinstance(upstream, Response):
             return upstream  # connect error / timeout / refused credential: no other backend can know the object
         if upstream.status_code == 404 and call.path_id is not None:
-            self._forget(proxy, call.path_id.value)  # its holder no longer has it (deleted, expired)
+            self._forget(call.path_id.value)  # its holder no longer has it (deleted, expired)
         return self._after(proxy._relay(request, upstream, holder, info, len(tried)), call, client)
 
     # Id unknown ---------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ class ObjectRouter:
             if 200 <= upstream.status_code < 300:
                 self._count(proxy, "found")
                 for object_id in unknown:  # its creator is unknown: any client of the pool may use it
-                    await self._remember(proxy, object_id.value, object_id.kind, backend, "")
+                    await self._remember(object_id.value, object_id.kind, backend, "")
             return self._after(proxy._relay(request, upstream, backend, info, len(tried)), call, client)
         # Nobody said it is there. A "not found" is the answer only if no backend that might hold it
         # was left unheard: otherwise the client retries (429) or sees that backend's failure.
@@ -257,7 +257,7 @@ class ObjectRouter:
         if not isinstance(response, UpstreamResponse) or not 200 <= response.status_code < 300:
             return response
         if call.deletes and call.path_id is not None and len(call.ids) == 1:
-            self._forget(None, call.path_id.value)
+            self._forget(call.path_id.value)
             return response
         if call.creates or call.collection == "batches":  # a batch's output files are made as it completes
             named = {i.value for i in call.ids}
@@ -268,17 +268,17 @@ class ObjectRouter:
                 known = self.records.known(object_id)
                 if object_id not in named and (known is None or known.backend != backend.name):
                     kind = kind_of(object_id, default_kind if call.creates else "file")
-                    await self._remember(None, object_id, kind, backend, client.id)
+                    await self._remember(object_id, kind, backend, client.id)
 
             watch(response, on_id)
         return response
 
-    async def _remember(self, proxy: Proxy | None, object_id: str, kind: str, backend: Backend, client: str) -> None:
+    async def _remember(self, object_id: str, kind: str, backend: Backend, client: str) -> None:
         record = ObjectRecord(backend.name, client, kind, time.time() + RETENTION_SECONDS)
         await self.records.remember(object_id, record)
         self.counters["recorded"] += 1
 
-    def _forget(self, proxy: Proxy | None, object_id: str) -> None:
+    def _forget(self, object_id: str) -> None:
         self.records.forget(object_id)
         self.counters["forgotten"] += 1
 

@@ -40,19 +40,19 @@ async def _whole_json(chunks: AsyncIterator[bytes], on_id: OnId, encoding: str) 
     held: list[bytes] = []
     size = 0
     async for chunk in chunks:
-        if held is None:
+        if size > MAX_HEAD_BYTES:  # too big to hold: passed on as it comes
             yield chunk
             continue
         held.append(chunk)
         size += len(chunk)
-        if size > MAX_HEAD_BYTES:  # too big to hold: the id is usually the first key, look there
+        if size > MAX_HEAD_BYTES:  # the id is usually the first key: look for it there, then let go
             head = _decoded(b"".join(held), encoding)
             match = _FIRST_ID.search(head[:4096]) if head else None
             if match:
                 await on_id(match.group(1).decode())
             for part in held:
                 yield part
-            held = None  # type: ignore[assignment]
+            held = []
     if held:
         for object_id in _top_level_ids(_decoded(b"".join(held), encoding)):
             await on_id(object_id)
@@ -62,8 +62,9 @@ async def _whole_json(chunks: AsyncIterator[bytes], on_id: OnId, encoding: str) 
 
 async def _first_event(chunks: AsyncIterator[bytes], on_id: OnId) -> AsyncIterator[bytes]:
     head = b""
+    seen = False
     async for chunk in chunks:
-        if head is None:
+        if seen:
             yield chunk
             continue
         head += chunk
@@ -74,8 +75,8 @@ async def _first_event(chunks: AsyncIterator[bytes], on_id: OnId) -> AsyncIterat
         if object_id:
             await on_id(object_id)
         yield head
-        head = None  # type: ignore[assignment]
-    if head:
+        seen = True
+    if head and not seen:
         yield head
 
 

@@ -1,0 +1,269 @@
+"""Soft prompt-cache affinity: which backend a conversation prefers, and when it has to move.
+
+Azure OpenAI caches prompt prefixes (1,024 tokens and more) per resource, for 5-10 minutes idle.
+Every turn of a chat starts with the whole previous prompt, so the backend that served the last
+turn holds most of the next one; a weighted random pick finds it only by luck.
+
+The conversation is named by a key read from the body in hand: `prompt_cache_key` or `user` when
+the client sends one, else a hash of the prompt's head (the messages before the first user message
+and that message, or the Responses API's `instructions` and first user `input`), which every later
+turn repeats. Found by byte search and one bounded decode, not by parsing the body: a prompt of
+megabytes costs what its head costs.
+
+The key ranks the candidates by weighted rendezvous hashing (every instance ranks alike, with no
+shared state, and a backend leaving the group moves only its own conversations). Bounded load
+keeps hashing's chance imbalance (and a few heavy keys) off any one backend: a backend offered
+more than LOAD_FACTOR times its fair share of recent calls passes the excess on, always the same
+conversations, each to the next backend of its own order, where it settles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from lb.config import Backend
+
+HEAD_BYTES = 4096  # of the messages before the first user message, and of that message, hashed
+SCAN_BYTES = 256 * 1024  # where keys and the first user message are looked for (head, and tail for keys)
+KEY_BYTES = 256  # of a prompt_cache_key / user value
+LOAD_FACTOR = 1.05  # a backend wanted beyond this multiple of its fair share of recent calls sheds the excess
+LOAD_MIN_CALLS = 30.0  # fewer recent calls than this: shares are chance, nobody moves
+LOAD_HALF_LIFE_SECONDS = 30.0  # "recent calls": each counts half after this long
+_SHED_SALT = 0x5BD1E9955BD1E995
+
+_MASK = (1 << 64) - 1
+_DECODER = json.JSONDecoder()
+_COLON_STRING = re.compile(rb'\s*:\s*"')
+_COLON_ARRAY = re.compile(rb"\s*:\s*\[")
+_COLON_USER = re.compile(rb'\s*:\s*"user"')
+
+
+# The key -----------------------------------------------------------------------------------------
+def conversation_key(body: bytes) -> int | None:
+    """A 64-bit name for the conversation `body` belongs to; None when it names none (not a chat)."""
+    for name in (b'"prompt_cache_key"', b'"user"'):
+        value = _string_value(body, name)
+        if value:
+            return _hash(b"k" + value)
+    head = _prompt_head(body)
+    return _hash(b"h" + head) if head else None
+
+
+def _prompt_head(body: bytes) -> bytes:
+    """The prompt's first messages, bounded: identical in every turn of one conversation."""
+    messages = _array_start(body, b'"messages"')
+    if messages >= 0:
+        return _array_head(body, messages)
+    instructions = _string_value(body, b'"instructions"', HEAD_BYTES)
+    items = _array_start(body, b'"input"')
+    text = _string_value(body, b'"input"', HEAD_BYTES) if items < 0 else _array_head(body, items)
+    return instructions + b"\x00" + text if text else b""
+
+
+def _array_head(body: bytes, at: int) -> bytes:
+    """From `at` (just inside `[`): what precedes the first user message (bounded), then that message (bounded)."""
+    end = min(len(body), at + SCAN_BYTES)
+    role = _find_key(body, b'"role"', _COLON_USER, at, end)
+    if role < 0:
+        # No user message in sight: a first message longer than the scan is stable in its head; a
+        # short conversation without a user message is no chat to keep together.
+        return body[at : at + HEAD_BYTES] if end < len(body) else b""
+    start = body.rfind(b"{", at, role)
+    start = role if start < 0 else start
+    return body[at : min(start, at + HEAD_BYTES)] + b"\x00" + _message_head(body, start, role)
+
+
+def _message_head(body: bytes, start: int, role: int) -> bytes:
+    """The user message object at `start` (its role key at `role`), cut at HEAD_BYTES.
+
+    Fast path: a string `content` after the role (what the SDKs send) ends at its closing quote,
+    found by byte search. Anything else (content parts, keys in another order) is decoded.
+    """
+    limit = min(len(body), start + HEAD_BYTES)
+    content = _find_key(body, b'"content"', _COLON_STRING, role, limit)
+    if content >= 0 and body.find(b"}", role, content) < 0:  # no other object closed in between: it is ours
+        value = _COLON_STRING.match(body, content + len(b'"content"')).end()  # type: ignore[union-attr]
+        return body[start : _string_end(body, value, limit)]
+    return _value_head(body, start)
+
+
+def _value_head(body: bytes, at: int) -> bytes:
+    """The JSON value starting at `at`, or its first HEAD_BYTES when it is longer (then all of those are its own)."""
+    window = body[at : at + HEAD_BYTES]
+    text = window.decode("utf-8", "replace")
+    try:
+        _, end = _DECODER.raw_decode(text)
+    except ValueError:
+        return window
+    return text[:end].encode()
+
+
+def _array_start(body: bytes, name: bytes) -> int:
+    """Index just inside the array that key `name` holds, -1 if there is none near the start."""
+    at = _find_key(body, name, _COLON_ARRAY, 0, min(len(body), SCAN_BYTES))
+    if at < 0:
+        return -1
+    match = _COLON_ARRAY.match(body, at + len(name))
+    return match.end() if match else -1
+
+
+def _string_value(body: bytes, name: bytes, limit: int = KEY_BYTES) -> bytes:
+    """The raw (still escaped) string key `name` holds, at most `limit` bytes; b"" if absent.
+
+    Searched in the body's head and tail only: the SDKs put these keys before or after the prompt,
+    never inside it, and a bounded search is what keeps a huge prompt cheap.
+    """
+    size = len(body)
+    spans = [(0, size)] if size <= 2 * SCAN_BYTES else [(0, SCAN_BYTES), (size - SCAN_BYTES, size)]
+    for lo, hi in spans:
+        at = _find_key(body, name, _COLON_STRING, lo, hi)
+        if at >= 0:
+            start = _COLON_STRING.match(body, at + len(name)).end()  # type: ignore[union-attr]
+            return body[start : _string_end(body, start, min(size, start + limit))]
+    return b""
+
+
+def _find_key(body: bytes, name: bytes, follows: re.Pattern[bytes], lo: int, hi: int) -> int:
+    """Where `name` (quoted) stands as a key followed by `follows`: quotes inside JSON strings are
+    escaped, so an unescaped match is JSON structure, not prompt text."""
+    at = body.find(name, lo, hi)
+    while at >= 0:
+        if (at == 0 or body[at - 1] != 0x5C) and follows.match(body, at + len(name), hi):
+            return at
+        at = body.find(name, at + 1, hi)
+    return -1
+
+
+def _string_end(body: bytes, start: int, limit: int) -> int:
+    """Index of the quote closing the JSON string begun at `start`, or `limit` if it runs past it."""
+    at = body.find(b'"', start, limit)
+    while at >= 0:
+        backslashes = 0
+        while body[at - 1 - backslashes] == 0x5C:
+            backslashes += 1
+        if backslashes % 2 == 0:
+            return at
+        at = body.find(b'"', at + 1, limit)
+    return limit
+
+
+def _hash(data: bytes) -> int:
+    """64 well-mixed bits of `data`: CRC-32 runs at memory speed, and two conversations sharing a
+    value only share a backend; the length and the mix spread it over the whole word."""
+    return _mix(zlib.crc32(data) | len(data) << 32)
+
+
+# The pick ----------------------------------------------------------------------------------------
+def rank(key: int, backends: Sequence[Backend]) -> list[int]:
+    """Indexes of `backends` in the conversation's own order: weighted rendezvous hashing.
+
+    Each backend scores weight / -ln(u), u uniform in (0, 1) from (key, backend name), so backend i
+    comes first for a share weight_i / sum(weights) of keys, and removing one backend changes the
+    order of no other.
+    """
+    scores = [_score(key, b) for b in backends]
+    return sorted(range(len(backends)), key=scores.__getitem__, reverse=True)
+
+
+def _score(key: int, backend: Backend) -> float:
+    if backend.weight <= 0:
+        return 0.0
+    u = ((_mix(key ^ _seed(backend.name)) >> 11) | 1) * 2.0**-53  # in (0, 1), never 0
+    return backend.weight / -math.log(u)
+
+
+_SEEDS: dict[str, int] = {}
+
+
+def _seed(name: str) -> int:
+    seed = _SEEDS.get(name)
+    if seed is None:
+        seed = _SEEDS[name] = _mix(zlib.crc32(name.encode()) ^ 0x2545F4914F6CDD1D)
+    return seed
+
+
+def _mix(z: int) -> int:
+    """splitmix64's finalizer: every input bit flips about half the output bits."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+@dataclass
+class RecentLoad:
+    """Calls this instance sent to each (backend, deployment) lately, each counting less as it ages.
+
+    Per instance on purpose: every instance sees a fair sample of the traffic, so its own counts
+    say which backend is over its share without a Table read on the request path.
+    """
+
+    half_life: float = LOAD_HALF_LIFE_SECONDS
+    _counts: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)  # -> (count, as of)
+
+    def add(self, backend: str, deployment: str, now: float) -> None:
+        self._counts[(backend, deployment)] = (self.get(backend, deployment, now) + 1.0, now)
+
+    def get(self, backend: str, deployment: str, now: float) -> float:
+        count, since = self._counts.get((backend, deployment), (0.0, now))
+        return count * 0.5 ** ((now - since) / self.half_life) if now > since else count
+
+
+@dataclass
+class Affinity:
+    """Picks within a priority group by conversation: its own order, each backend shedding what exceeds its share.
+
+    Bounded load on what backends are *offered*, not on where calls went: each backend counts the
+    recent calls that reached it in their conversation's order (as first choice, or passed on by
+    a busier one). One offered more than `factor` times its fair share of recent calls passes the
+    excess on, as a fixed set of conversations (those whose own draw for it is lowest), each to
+    the next backend of its order. Moving the same conversations every time, not a share of every
+    conversation's calls, is what lets a moved conversation settle (and be cached) where it went;
+    counting offers, not outcomes, keeps that set still while the moves even out the load.
+    """
+
+    offered: RecentLoad = field(default_factory=RecentLoad)  # per backend: calls that reached it in order
+    calls: RecentLoad = field(default_factory=RecentLoad)  # per deployment: calls picked (backend "")
+    factor: float = LOAD_FACTOR
+    min_calls: float = LOAD_MIN_CALLS
+
+    def choose(
+        self,
+        key: int,
+        deployment: str,
+        members: Sequence[Backend],
+        fair: Sequence[float],
+        now: float,
+        charge: bool = True,
+    ) -> Backend:
+        """The first backend in `key`'s order that keeps this conversation.
+
+        `fair` are the weights a fair share is measured by (the policy's weights: configured, or
+        times the quota left under `headroom`), so a backend short of quota sheds sooner.
+        """
+        order = rank(key, members)
+        total, weight = self.calls.get("", deployment, now), sum(fair)
+        if charge:
+            self.calls.add("", deployment, now)
+        balance = total >= self.min_calls and weight > 0  # else shares are chance: nobody moves
+        for i in order:
+            backend = members[i]
+            offers = self.offered.get(backend.name, deployment, now)
+            if charge:
+                self.offered.add(backend.name, deployment, now)
+            if not balance or i == order[-1]:
+                return backend
+            cap = self.factor * total * fair[i] / weight
+            if offers <= cap or _draw(key, backend) >= 1.0 - cap / offers:
+                return backend
+        raise AssertionError("unreachable: the last backend in order always keeps the conversation")
+
+
+def _draw(key: int, backend: Backend) -> float:
+    """The conversation's own uniform number for `backend`, independent of its rank there."""
+    return (_mix(key ^ _seed(backend.name) ^ _SHED_SALT) >> 11) * 2.0**-53

@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+
+import pytest
+
+from lb.affinity import HEAD_BYTES, Affinity, RecentLoad, conversation_key, rank
+from lb.balancer import Balancer, Demand
+from lb.config import Backend
+from lb.state import MemoryStore
+
+NOW = 1_000.0
+SYSTEM = {"role": "system", "content": "You answer from the sources. " * 40}
+
+
+def chat(*turns: str, **extra: object) -> bytes:
+    """A chat body: the system message, then user / assistant turns alternating."""
+    messages = [SYSTEM]
+    for i, text in enumerate(turns):
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+    return json.dumps({"messages": messages, **extra}).encode()
+
+
+def balancer(*backends: Backend, policy: str = "random") -> Balancer:
+    return Balancer(backends, MemoryStore(), rng=random.Random(7), policy=policy, affinity=True)
+
+
+def three(**weights: float) -> tuple[Backend, ...]:
+    return tuple(Backend(n, f"https://{n}", weight=weights.get(n, 1.0)) for n in ("a", "b", "c"))
+
+
+# The key -----------------------------------------------------------------------------------------
+def test_every_turn_of_a_conversation_has_the_key_of_its_first():
+    first = conversation_key(chat("What is in the contract?"))
+    assert first is not None
+    assert conversation_key(chat("What is in the contract?", "It says ...", "And the deadline?")) == first
+    assert conversation_key(chat("What is in the invoice?")) != first
+
+
+def test_the_key_survives_compact_and_spaced_json_alike_within_one_client():
+    messages = [SYSTEM, {"role": "user", "content": "q"}]
+    compact = json.dumps({"messages": messages}, separators=(",", ":")).encode()
+    later = json.dumps({"messages": [*messages, {"role": "assistant", "content": "a"}]}, separators=(",", ":"))
+    assert conversation_key(compact) == conversation_key(later.encode())
+
+
+def test_prompt_cache_key_then_user_name_the_conversation_when_sent():
+    assert conversation_key(chat("x", prompt_cache_key="conv-1")) == conversation_key(
+        chat("y", prompt_cache_key="conv-1")
+    )
+    assert conversation_key(chat("x", user="alice")) == conversation_key(chat("y", user="alice"))
+    assert conversation_key(chat("x", user="alice", prompt_cache_key="k")) == conversation_key(
+        chat("z", user="bob", prompt_cache_key="k")
+    )
+    assert conversation_key(chat("x", user="alice")) != conversation_key(chat("x", user="bob"))
+
+
+def test_the_word_user_as_a_role_or_inside_text_is_not_a_user_field():
+    quoted = chat('He wrote "user": "mallory" in the form')
+    assert conversation_key(quoted) == conversation_key(chat('He wrote "user": "mallory" in the form', "ok"))
+    assert conversation_key(quoted) != conversation_key(chat("x", user="mallory"))
+
+
+def test_responses_api_keys_on_instructions_and_the_first_user_input():
+    def body(*items: dict, instructions: str = "Be brief.") -> bytes:
+        return json.dumps({"model": "chat", "input": list(items), "instructions": instructions}).encode()
+
+    q = {"role": "user", "content": [{"type": "input_text", "text": "Where is my parcel?"}]}
+    a = {"role": "assistant", "content": "In Lyon."}
+    assert conversation_key(body(q)) == conversation_key(body(q, a, {"role": "user", "content": "When?"}))
+    assert conversation_key(body(q)) != conversation_key(body(q, instructions="Be long."))
+    text = json.dumps({"model": "chat", "input": "Hello there", "instructions": "Be brief.", "store": False})
+    assert conversation_key(text.encode()) is not None
+
+
+def test_bodies_that_name_no_conversation_have_no_key():
+    assert conversation_key(b"") is None
+    assert conversation_key(b"not json at all") is None
+    assert conversation_key(b'{"input": ["a", "b"], "model": "embedding"}') is None  # embeddings: no user message
+    assert conversation_key(json.dumps({"messages": [{"role": "system", "content": "s"}]}).encode()) is None
+    assert conversation_key(b'{"messages": [{"role": "user", "content": "unterminated') is not None  # a head is a head
+
+
+def test_a_huge_prompt_is_keyed_by_its_head_in_bounded_time():
+    big = chat("q" * 20_000_000, user=None)  # ~20 MB, `user` null: no key field
+    other = chat("q" * 20_000_000 + "different tail")
+    elapsed = []
+    for _ in range(3):  # the best of three: the machine's other work is not the key's cost
+        started = time.perf_counter()
+        key = conversation_key(big)
+        elapsed.append(time.perf_counter() - started)
+    assert key is not None and key == conversation_key(other)  # only the head is read
+    assert min(elapsed) < 0.02  # a json.loads of these 20 MB takes about 0.1 s
+
+
+def test_the_first_user_message_is_read_only_as_far_as_its_head():
+    long_user = "u" * (3 * HEAD_BYTES)
+    assert conversation_key(chat(long_user)) == conversation_key(chat(long_user + "more"))
+
+
+# The order ---------------------------------------------------------------------------------------
+def test_rank_is_the_same_everywhere_and_removing_a_backend_moves_only_its_keys():
+    backends = three()
+    keys = range(2000)
+    before = {k: backends[rank(k, backends)[0]].name for k in keys}
+    assert before == {k: backends[rank(k, list(backends))[0]].name for k in keys}
+    without_b = (backends[0], backends[2])
+    after = {k: without_b[rank(k, without_b)[0]].name for k in keys}
+    assert all(after[k] == before[k] for k in keys if before[k] != "b")
+
+
+def test_first_choices_spread_over_keys_by_weight():
+    backends = three(a=2.0)
+    counts = Counter(backends[rank(k, backends)[0]].name for k in range(20_000))
+    assert 0.47 < counts["a"] / 20_000 < 0.53  # weight 2 of 4
+    assert 0.22 < counts["b"] / 20_000 < 0.28 and 0.22 < counts["c"] / 20_000 < 0.28
+
+
+# The pick ----------------------------------------------------------------------------------------
+def test_the_same_conversation_gets_the_same_backend_turn_after_turn():
+    lb = balancer(*three())
+    body = chat("Plan my trip")
+    picks = {lb.pick("chat", NOW + i, need=lb.demand(body)).name for i in range(5)}
+    picks |= {lb.pick("chat", NOW + 5, need=lb.demand(chat("Plan my trip", "Where to?", "Rome"))).name}
+    assert len(picks) == 1
+
+
+def test_every_instance_picks_alike_without_sharing_anything():
+    body = chat("Summarise the report")
+    first = {balancer(*three()).pick("chat", NOW, need=balancer(*three()).demand(body)).name for _ in range(10)}
+    assert len(first) == 1
+
+
+def test_a_cooling_backend_passes_the_conversation_to_its_next_and_gets_it_back():
+    lb = balancer(*three())
+    demand = lb.demand(chat("Translate this"))
+    assert demand.key is not None
+    order = [three()[i].name for i in rank(demand.key, three())]
+    assert lb.pick("chat", NOW, need=demand).name == order[0]
+    lb.store.mark(order[0], "chat", NOW + 10, "429")
+    assert {lb.pick("chat", NOW + 1 + i / 10, need=demand).name for i in range(5)} == {order[1]}
+    assert lb.pick("chat", NOW + 1, tried={order[1]}, need=demand).name == order[2]  # failover: the next in order
+    assert lb.pick("chat", NOW + 11, need=demand).name == order[0]
+
+
+def crowd(affinity: Affinity, backends: tuple[Backend, ...], first: Backend, calls: int) -> None:
+    """`calls` recent calls whose conversations all want `first`."""
+    for _ in range(calls):
+        affinity.calls.add("", "chat", NOW)
+        affinity.offered.add(first.name, "chat", NOW)
+
+
+def test_an_overloaded_backend_sheds_a_fixed_set_of_its_conversations_to_their_next():
+    backends = three()
+    hot = backends[0]
+    keys = [k for k in range(3000) if backends[rank(k, backends)[0]] is hot][:600]
+    affinity = Affinity()
+    crowd(affinity, backends, hot, 90)  # all 90 recent calls wanted `hot`: it may keep 1.05 x 30
+    moved = {k for k in keys if affinity.choose(k, "chat", backends, [1.0, 1.0, 1.0], NOW, charge=False) is not hot}
+    assert 0.55 < len(moved) / len(keys) < 0.75  # about 1 - 31.5 / 90 of them
+    for k in moved:  # each to the next in its own order
+        assert (
+            affinity.choose(k, "chat", backends, [1.0, 1.0, 1.0], NOW, charge=False) is backends[rank(k, backends)[1]]
+        )
+    again = {k for k in keys if affinity.choose(k, "chat", backends, [1.0, 1.0, 1.0], NOW, charge=False) is not hot}
+    assert again == moved  # the same ones every time: they settle where they went
+
+
+def test_a_backend_within_its_share_keeps_all_its_conversations():
+    backends = three()
+    affinity = Affinity()
+    for b in backends:
+        crowd(affinity, backends, b, 30)
+    keep = [affinity.choose(k, "chat", backends, [1.0, 1.0, 1.0], NOW, charge=False) for k in range(200)]
+    assert keep == [backends[rank(k, backends)[0]] for k in range(200)]
+
+
+def test_a_lone_busy_conversation_only_moves_down_its_own_order_and_settles():
+    lb = balancer(*three())
+    demand = lb.demand(chat("Run the agent loop"))
+    assert demand.key is not None
+    picks = [lb.pick("chat", NOW + i / 10, need=demand).name for i in range(300)]
+    visited = [name for i, name in enumerate(picks) if i == 0 or picks[i - 1] != name]
+    order = [three()[i].name for i in rank(demand.key, three())]
+    assert visited == order[: len(visited)]  # never back to a backend it left
+    assert picks[:30] == [order[0]] * 30  # too few recent calls to call anything an overload
+    assert len(set(picks[-100:])) == 1
+
+
+def test_recent_calls_fade_with_their_half_life():
+    load = RecentLoad(half_life=10.0)
+    load.add("a", "chat", NOW)
+    load.add("a", "chat", NOW)
+    assert load.get("a", "chat", NOW + 10) == pytest.approx(1.0)
+    assert load.get("b", "chat", NOW) == 0.0
+
+
+def test_many_conversations_load_backends_by_weight_within_ten_percent():
+    backends = three(a=2.0)
+    lb = balancer(*backends)
+    rng = random.Random(3)
+    counts: Counter[str] = Counter()
+    now = NOW
+    conversations = [chat(f"conversation {i}") for i in range(300)]
+    lengths = [rng.randint(3, 10) for _ in conversations]
+    for _ in range(max(lengths)):
+        for body, turns in zip(conversations, lengths, strict=True):
+            if turns:
+                now += 0.01
+                counts[lb.pick("chat", now, need=lb.demand(body)).name] += 1
+        lengths = [t - 1 if t else 0 for t in lengths]
+    total = sum(counts.values())
+    for backend in backends:
+        share = backend.weight / 4
+        assert abs(counts[backend.name] / total - share) <= 0.1 * share, counts
+
+
+def test_headroom_exhaustion_still_wins_over_affinity():
+    lb = balancer(*three(), policy="headroom")
+    demand = lb.demand(chat("Hello"))
+    home = lb.pick("chat", NOW, need=demand).name
+    lb.headroom.record(home, "chat", {"x-ratelimit-remaining-requests": "0", "x-ratelimit-remaining-tokens": "0"}, NOW)
+    assert lb.pick("chat", NOW + 0.1, need=demand).name != home
+
+
+def test_without_a_key_or_with_affinity_off_the_pick_is_weighted_random():
+    on = balancer(*three())
+    assert len({on.pick("chat", NOW, need=on.demand(b"not json")).name for _ in range(60)}) == 3
+    off = Balancer(three(), MemoryStore(), rng=random.Random(1))
+    body = chat("same conversation")
+    assert off.demand(body) == Demand(0, b"")
+    assert len({off.pick("chat", NOW, need=off.demand(body)).name for _ in range(60)}) == 3

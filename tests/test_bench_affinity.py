@@ -1,0 +1,86 @@
+"""The affinity benchmark's workload and report, without starting anything (bench/affinity*.py)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from bench.affinity_load import Turn, conversations, most_cached
+from bench.affinity_plot import figures, render
+from lb.sim_cache import prompt_text
+
+
+def test_conversations_have_3_to_10_turns_each_repeating_the_last_as_its_prefix():
+    convs = conversations(50, 10.0, (0.5, 1.5), seed=1)
+    assert {c.turns for c in convs} <= set(range(3, 11))
+    assert len({c.messages[0]["content"] for c in convs}) == 1  # one shared system prompt
+    assert len({c.messages[1]["content"] for c in convs}) == 50  # each its own sources
+    for conv in convs[:5]:
+        texts = [prompt_text(conv.body(t)) for t in range(conv.turns)]
+        assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(texts))
+    assert conversations(50, 10.0, (0.5, 1.5), seed=1)[7].body(2) == convs[7].body(2)  # seeded
+
+
+def test_the_bound_is_one_backend_holding_every_prefix():
+    conv = conversations(1, 0.0, (1.0, 1.0), seed=2)[0]
+    turns = [Turn(0, t, float(t), text=prompt_text(conv.body(t))) for t in range(conv.turns)]
+    alone = most_cached(turns[:1])
+    assert alone == 0.0  # nothing seen before the first call
+    assert 0.5 < most_cached(turns) < 1.0
+
+
+def run(routing: str, instances: int, throttled: bool, cached: float, load: dict[str, float], ok: int = 100) -> dict:
+    off = max(abs(s * 3 - 1) for s in load.values())
+    return {
+        "instances": instances,
+        "throttled": throttled,
+        "routing": routing,
+        "sent": 100,
+        "ok": ok,
+        "cached_share": cached,
+        "most_cached_share": 0.8,
+        "load": load,
+        "load_off_share_max": off,
+        "upstream_429": 3 if throttled else 0,
+        "p50_ms": 50.0,
+        "p99_ms": 90.0,
+    }
+
+
+@pytest.fixture
+def result() -> dict:
+    even, skewed = {"1": 0.33, "2": 0.34, "3": 0.33}, {"1": 0.2, "2": 0.4, "3": 0.4}
+    return {
+        "date": "2026-12-01T03:00:00+00:00",
+        "commit": "abc1234",
+        "machine": {"cpus": 2, "python": "3.11.7"},
+        "params": {"conversations": 200, "calls": 1300, "backends": 3},
+        "key_cost_us": {"hello": {"bytes": 70, "key_us": 5.0, "json_loads_us": 3.0}},
+        "runs": [
+            run("random", 1, False, 0.56, even),
+            run("affinity", 1, False, 0.78, even),
+            run("random", 4, True, 0.57, skewed),
+            run("affinity", 4, True, 0.70, skewed, ok=99),
+        ],
+    }
+
+
+def test_the_report_checks_every_goal_of_the_issue(result: dict):
+    met = {f["figure"]: f["met"] for f in figures(result)}
+    assert met["1 instance, healthy: cached share, affinity / most allowed"] is True  # 0.975x
+    assert met["1 instance, healthy: cached share, affinity / random"] is True  # 1.39x
+    assert met["1 instance, healthy: load per backend off its weighted share"] is True
+    assert met["4 instances, one backend throttling: cached share, affinity / random"] is False  # 1.23x
+    assert met["4 instances, one backend throttling: client success, affinity (random)"] is False  # 99 of 100
+    text = render(result)
+    assert "56.0% / 78.0%" in text and "commit abc1234" in text and "json.loads" in text
+
+
+def test_the_plot_is_drawn(result: dict, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    from bench.affinity_plot import plot
+
+    plot(result, tmp_path / "affinity.png")
+    assert (tmp_path / "affinity.png").stat().st_size > 10_000
