@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=20, help="SSE chunks of a streamed answer")
     parser.add_argument("--chunk-gap", type=float, default=0.02, help="seconds between chunks")
     parser.add_argument("--rpm", type=int, default=None, help="requests per minute before 429 (default: unlimited)")
+    parser.add_argument(
+        "--keep-alive", type=float, default=5.0, help="seconds an idle connection stays open (uvicorn's default: 5)"
+    )
     args = parser.parse_args(argv)
     sim = SimBackend(
         args.name,
@@ -40,7 +43,15 @@ def main(argv: list[str] | None = None) -> None:
         requests_per_window=args.rpm,
         calls=_Forget(),
     )
-    uvicorn.run(sim, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="on")
+    uvicorn.run(
+        sim,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_keep_alive=args.keep_alive,
+    )
 
 
 if __name__ == "__main__":

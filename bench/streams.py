@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -69,7 +70,12 @@ def concurrent_streams(
 
 
 async def hold_streams(
-    targets: list[str], path: str, body: bytes, headers: dict[str, str], streams: int, ramp: float
+    targets: list[str],
+    path: str,
+    body: bytes | Callable[[int], bytes],
+    headers: dict[str, str],
+    streams: int,
+    ramp: float,
 ) -> dict[str, Any]:
     """Hold `streams` long streamed calls at once, started over `ramp` seconds (round-robin over
     `targets`); the gap before each SSE event of each stream, in seconds, and how many streams broke.
@@ -77,7 +83,8 @@ async def hold_streams(
     An event is counted when its closing blank line arrives, so two events that reach the client in
     one read count as one normal gap and one zero gap: a proxy that holds events back shows up as a
     long gap, not hidden by the read size. Random start offsets spread the streams' timers over the
-    chunk interval, as independent users would.
+    chunk interval, as independent users would. `body` may be a function of the stream's number, so
+    each stream is its own conversation (prompt-cache affinity keeps one conversation on one backend).
     """
     gaps: list[float] = []
     broken: list[str] = []
@@ -89,7 +96,8 @@ async def hold_streams(
         async def one(i: int) -> None:
             await asyncio.sleep(rng.uniform(0, ramp))
             try:
-                async with session.post(targets[i % len(targets)] + path, data=body, headers=headers) as response:
+                data = body(i) if callable(body) else body
+                async with session.post(targets[i % len(targets)] + path, data=data, headers=headers) as response:
                     if response.status != 200:
                         raise RuntimeError(f"HTTP {response.status}")
                     last = time.perf_counter()

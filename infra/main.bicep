@@ -127,7 +127,7 @@ param instanceMemoryMB int = 2048
 @minValue(1)
 @maxValue(1000)
 @description('Concurrent HTTP requests per instance before Flex adds one (LB_PER_INSTANCE_CONCURRENCY).')
-param perInstanceConcurrency int = 250
+param perInstanceConcurrency int = 50
 
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = { 'azd-env-name': environmentName }

@@ -31,7 +31,10 @@ from lb.config import Backend
 HEAD_BYTES = 4096  # of the messages before the first user message, and of that message, hashed
 SCAN_BYTES = 256 * 1024  # where keys and the first user message are looked for (head, and tail for keys)
 KEY_BYTES = 256  # of a prompt_cache_key / user value
-LOAD_FACTOR = 1.05  # a backend wanted beyond this multiple of its fair share of recent calls sheds the excess
+# A backend offered more than this multiple of its fair share of recent calls sheds the excess. Under
+# 1 because offers count calls passed on by busier backends too, so they add up to more than the
+# calls: a backend at its share of offers keeps more than its share of calls (bench model, docs).
+LOAD_FACTOR = 0.95
 LOAD_MIN_CALLS = 30.0  # fewer recent calls than this: shares are chance, nobody moves
 LOAD_HALF_LIFE_SECONDS = 30.0  # "recent calls": each counts half after this long
 _SHED_SALT = 0x5BD1E9955BD1E995
@@ -164,17 +167,16 @@ def rank(key: int, backends: Sequence[Backend]) -> list[int]:
 
     Each backend scores weight / -ln(u), u uniform in (0, 1) from (key, backend name), so backend i
     comes first for a share weight_i / sum(weights) of keys, and removing one backend changes the
-    order of no other.
+    order of no other. With equal weights the order of the u alone is the same, without the logs.
     """
-    scores = [_score(key, b) for b in backends]
-    return sorted(range(len(backends)), key=scores.__getitem__, reverse=True)
-
-
-def _score(key: int, backend: Backend) -> float:
-    if backend.weight <= 0:
-        return 0.0
-    u = ((_mix(key ^ _seed(backend.name)) >> 11) | 1) * 2.0**-53  # in (0, 1), never 0
-    return backend.weight / -math.log(u)
+    draws = [_mix(key ^ _seed(b.name)) for b in backends]
+    weights = {b.weight for b in backends}
+    if len(weights) > 1 or 0 in weights:
+        draws = [
+            b.weight / -math.log(((d >> 11) | 1) * 2.0**-53) if b.weight > 0 else -1.0
+            for b, d in zip(backends, draws, strict=True)
+        ]
+    return sorted(range(len(backends)), key=draws.__getitem__, reverse=True)
 
 
 _SEEDS: dict[str, int] = {}
@@ -207,11 +209,18 @@ class RecentLoad:
     _counts: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)  # -> (count, as of)
 
     def add(self, backend: str, deployment: str, now: float) -> None:
-        self._counts[(backend, deployment)] = (self.get(backend, deployment, now) + 1.0, now)
+        self.count(backend, deployment, now, add=True)
 
     def get(self, backend: str, deployment: str, now: float) -> float:
         count, since = self._counts.get((backend, deployment), (0.0, now))
         return count * 0.5 ** ((now - since) / self.half_life) if now > since else count
+
+    def count(self, backend: str, deployment: str, now: float, add: bool) -> float:
+        """The count before this call, which is counted too when `add` (one look-up for both)."""
+        before = self.get(backend, deployment, now)
+        if add:
+            self._counts[(backend, deployment)] = (before + 1.0, now)
+        return before
 
 
 @dataclass
@@ -247,15 +256,11 @@ class Affinity:
         times the quota left under `headroom`), so a backend short of quota sheds sooner.
         """
         order = rank(key, members)
-        total, weight = self.calls.get("", deployment, now), sum(fair)
-        if charge:
-            self.calls.add("", deployment, now)
+        total, weight = self.calls.count("", deployment, now, charge), sum(fair)
         balance = total >= self.min_calls and weight > 0  # else shares are chance: nobody moves
         for i in order:
             backend = members[i]
-            offers = self.offered.get(backend.name, deployment, now)
-            if charge:
-                self.offered.add(backend.name, deployment, now)
+            offers = self.offered.count(backend.name, deployment, now, charge)
             if not balance or i == order[-1]:
                 return backend
             cap = self.factor * total * fair[i] / weight

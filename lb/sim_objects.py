@@ -2,8 +2,10 @@
 
 `SimBackend` hands every object route to `SimObjects.serve`: stored responses (create with `store`,
 `previous_response_id`, `conversation` and `background`; retrieve, delete, cancel, input items),
-conversations, files (multipart upload, retrieve, content, delete) and batches made from a file
-(polled from `validating` to `completed`, with an output file). Each backend keeps its own objects,
+conversations, files (multipart upload, retrieve, content, delete), batches made from a file
+(polled from `validating` to `completed`, with an output file), and reasoning items returned with
+`encrypted_content` (asked with `include`), which only this backend accepts back (else 400
+`invalid_encrypted_content`). Each backend keeps its own objects,
 and an id it does not hold gets the answer Azure OpenAI gives for a missing object: 400
 `previous_response_not_found` for a follow-up turn, 404 `... with id '...' not found.` otherwise.
 A background response or a batch moves one step per retrieval (`steps`), so polling ends by itself.
@@ -37,6 +39,7 @@ class SimObjects:
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     _pending: dict[str, int] = field(default_factory=dict)  # object id -> retrievals left before it is done
     _finals: dict[str, dict[str, Any]] = field(default_factory=dict)  # background response id -> its answer
+    reasoning: set[str] = field(default_factory=set)  # reasoning item ids whose encrypted_content this resource made
 
     def handles(self, path: str) -> list[str] | None:
         """The path's segments after the prefix when it is an object route, else None."""
@@ -114,7 +117,21 @@ class SimObjects:
         for file_id in _input_file_ids(request.get("input")):
             if file_id not in self.files:
                 return _missing("File", file_id, "input")
+        for item in request.get("input") if isinstance(request.get("input"), list) else []:
+            if isinstance(item, dict) and item.get("type") == "reasoning" and item.get("id") not in self.reasoning:
+                return 400, _error(
+                    f"The encrypted content for item {item.get('id')} could not be verified.",
+                    "invalid_request_error",
+                    code="invalid_encrypted_content",
+                )
         response, pieces = sim._response(backend.name, sim._deployment("", request), request, backend.chunks)
+        if "reasoning.encrypted_content" in (request.get("include") or []):
+            item_id = f"rs_{uuid.uuid4().hex}"
+            self.reasoning.add(item_id)
+            encrypted = f"gAAAAA{uuid.uuid4().hex}{backend.name}"
+            response["output"].append(
+                {"id": item_id, "type": "reasoning", "summary": [], "encrypted_content": encrypted}
+            )
         if conversation_id is not None:
             response["conversation"] = {"id": conversation_id}
         if request.get("background"):

@@ -10,6 +10,7 @@ Times are epoch seconds (`time.time()`), because buckets are compared across ins
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from operator import add
 
 MINUTE = 60
 HOUR = 3600
@@ -26,16 +27,8 @@ class Windows:
     def add(self, key: str, at: float, values: Iterable[int]) -> None:
         """Count `values` at epoch second `at` (a correction may be negative: a true-up)."""
         second, values = int(at), list(values)
-        for buckets, slot in ((self._seconds, second), (self._minutes, second // MINUTE)):
-            per_key = buckets.setdefault(key, {})
-            bucket = per_key.get(slot)
-            if bucket is None:
-                per_key[slot] = values.copy()
-                if len(per_key) > 2 * MINUTE + 2:
-                    _prune(per_key, slot - (MINUTE + 1))
-            else:
-                for i, v in enumerate(values):
-                    bucket[i] += v
+        _bump(self._seconds, key, second, values)
+        _bump(self._minutes, key, second // MINUTE, values)
 
     def minute(self, key: str, now: float) -> list[int]:
         """Sums over the last 60 seconds, this second included."""
@@ -83,6 +76,19 @@ class Windows:
                 _prune(buckets[key], oldest)
                 if not buckets[key]:
                     del buckets[key]
+
+
+def _bump(buckets: dict[str, dict[int, list[int]]], key: str, slot: int, values: list[int]) -> None:
+    per_key = buckets.get(key)
+    if per_key is None:
+        per_key = buckets[key] = {}
+    bucket = per_key.get(slot)
+    if bucket is None:
+        per_key[slot] = values.copy()
+        if len(per_key) > 2 * MINUTE + 2:  # a key counted at every slot still keeps only its windows
+            _prune(per_key, slot - MINUTE - 1)
+    else:
+        per_key[slot] = list(map(add, bucket, values))
 
 
 def _prune(per_key: dict[int, list[int]], oldest: int) -> None:

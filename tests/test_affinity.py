@@ -158,9 +158,9 @@ def test_an_overloaded_backend_sheds_a_fixed_set_of_its_conversations_to_their_n
     hot = backends[0]
     keys = [k for k in range(3000) if backends[rank(k, backends)[0]] is hot][:600]
     affinity = Affinity()
-    crowd(affinity, backends, hot, 90)  # all 90 recent calls wanted `hot`: it may keep 1.05 x 30
+    crowd(affinity, backends, hot, 90)  # all 90 recent calls wanted `hot`: it may keep 0.95 x 30
     moved = {k for k in keys if affinity.choose(k, "chat", backends, [1.0, 1.0, 1.0], NOW, charge=False) is not hot}
-    assert 0.55 < len(moved) / len(keys) < 0.75  # about 1 - 31.5 / 90 of them
+    assert 0.6 < len(moved) / len(keys) < 0.8  # about 1 - 28.5 / 90 of them
     for k in moved:  # each to the next in its own order
         assert (
             affinity.choose(k, "chat", backends, [1.0, 1.0, 1.0], NOW, charge=False) is backends[rank(k, backends)[1]]
@@ -173,7 +173,9 @@ def test_a_backend_within_its_share_keeps_all_its_conversations():
     backends = three()
     affinity = Affinity()
     for b in backends:
-        crowd(affinity, backends, b, 30)
+        crowd(affinity, backends, b, 30)  # 30 of 90 recent calls each
+    for _ in range(10):  # ... of 100 (10 went to no conversation): each is offered under 0.95 x its third
+        affinity.calls.add("", "chat", NOW)
     keep = [affinity.choose(k, "chat", backends, [1.0, 1.0, 1.0], NOW, charge=False) for k in range(200)]
     assert keep == [backends[rank(k, backends)[0]] for k in range(200)]
 

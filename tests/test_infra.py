@@ -494,3 +494,11 @@ def test_outputs_give_each_chat_app_its_url_form_and_the_embedding_dimensions():
     assert "output LB_URL string = api.outputs.uri" in main
     assert "output AZURE_OPENAI_EMB_DIMENSIONS int = embeddingDimensions" in main
     assert "output AZURE_OPENAI_CHAT_DEPLOYMENT string = chatDeploymentName" in main
+
+
+def test_per_instance_concurrency_default_is_the_measured_figure_with_margin():
+    """The default comes from `python -m bench concurrency`: below what one process held within budget."""
+    default = int(re.search(r"param perInstanceConcurrency int = (\d+)", read(INFRA / "main.bicep")).group(1))
+    assert f"`perInstanceConcurrency` = **{default}**" in read(ROOT / "docs" / "performance.md")
+    held = json.loads(read(ROOT / "bench" / "results" / "concurrency-50-75.json"))["most_streams_within_budget"]
+    assert held is not None and 1 < default < held

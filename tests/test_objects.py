@@ -296,3 +296,46 @@ def test_the_azure_client_shape_is_routed_the_same(pool):
         previous = client.responses.create(model="chat", input=f"turn {turn}", previous_response_id=previous).id
     assert client.responses.retrieve(previous).previous_response_id is not None
     assert pool.proxy.objects.counters["pinned"] == 4 and pool.proxy.objects.counters["lookups"] == 0
+
+
+def test_encrypted_reasoning_items_replayed_without_store_go_back_to_the_backend_that_made_them(pool):
+    client = pool.v1("key-a")
+    include = ["reasoning.encrypted_content"]
+    context: list = [{"role": "user", "content": "turn 0"}]
+    for turn in range(1, 5):  # store: false, the whole context replayed each turn, as stateless clients do
+        if turn % 2:
+            response = client.responses.create(model="chat", input=context, store=False, include=include)
+        else:
+            with client.responses.stream(model="chat", input=context, store=False, include=include) as stream:
+                response = stream.get_final_response()
+        reasoning = [item for item in response.output if item.type == "reasoning"]
+        assert reasoning and reasoning[0].encrypted_content
+        context += [item.model_dump(exclude_none=True) for item in reasoning]
+        context.append({"role": "user", "content": f"turn {turn}"})
+    assert pool.proxy.objects.counters["pinned"] == 3 and pool.proxy.objects.counters["lookups"] == 0
+    assert pool.proxy.objects.records.counts() == {"reasoning": 4}  # store: false: no response recorded
+
+
+def test_a_reasoning_item_unknown_to_the_balancer_is_found_by_the_look_up(pool):
+    backend = pool.backends[1]
+    made = backend.objects._create_response(backend, {"input": "x", "include": ["reasoning.encrypted_content"]})[1]
+    item = made["output"][-1]
+    raw = pool.v1("key-a").responses.with_raw_response.create(
+        model="chat", input=[item, {"role": "user", "content": "next"}], store=False
+    )
+    assert raw.headers["x-lb-backend"] == "2" and pool.proxy.objects.counters["found"] == 1
+
+
+def test_ids_split_between_two_reads_are_still_seen_once():
+    from lb.objects.ids import REASONING_ID
+    from lb.objects.watch import _every_match
+
+    seen: list[str] = []
+
+    async def on_id(object_id: str) -> None:
+        seen.append(object_id)
+
+    stream = b'data: {"item": {"id": "rs_abc123", "type": "reasoning"}}\n\ndata: {"id": "rs_abc123"}\n\n'
+    chunks = (stream[:25], stream[25:60], stream[60:])
+    assert b"".join(_relayed(_every_match(_source(*chunks), REASONING_ID, on_id))) == stream
+    assert seen == ["rs_abc123"]

@@ -472,6 +472,10 @@ class SlowRelay:
             writer.transport.abort()
             return
         up_reader, up_writer = await asyncio.open_connection(*self.target)
+        if self.down:  # cut while we were connecting upstream (a loaded machine widens that window)
+            up_writer.close()
+            writer.transport.abort()
+            return
         self._open.add(writer)
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, slow: bool) -> None:

@@ -40,12 +40,15 @@ if ($LASTEXITCODE -ne 0) {
 
 $failed = $false
 foreach ($loc in ($locations -split ',' | ForEach-Object { $_.Trim() } | Where-Object { $_ })) {
-    $raw = az cognitiveservices model list --location $loc --output json 2>&1
+    $errors = New-TemporaryFile  # az warns on stderr: keep it out of the JSON
+    $raw = az cognitiveservices model list --location $loc --output json 2>$errors
     if ($LASTEXITCODE -ne 0) {
-        Write-Output "preprovision: cannot list Azure OpenAI models in region '$loc' (LB_OPENAI_LOCATIONS): $(($raw | Select-Object -First 1))"
+        Write-Output "preprovision: cannot list Azure OpenAI models in region '$loc' (LB_OPENAI_LOCATIONS): $(Get-Content $errors | Select-Object -First 1)"
+        Remove-Item $errors
         $failed = $true
         continue
     }
+    Remove-Item $errors
     $models = @(($raw | Out-String | ConvertFrom-Json) | Where-Object { $_.model.format -eq 'OpenAI' } | ForEach-Object {
         [pscustomobject]@{ Name = $_.model.name; Version = $_.model.version
                            Skus = @($_.model.skus | ForEach-Object { $_.name })

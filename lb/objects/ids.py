@@ -24,6 +24,7 @@ PREFIXES = {
     "thread_": "thread",
     "run_": "run",
     "ftjob-": "fine_tuning_job",
+    "rs_": "reasoning",  # a reasoning item whose encrypted_content only its own resource can decrypt
 }
 # Collections whose objects live in one resource (the first path segment after /openai/[v1/]).
 COLLECTIONS = {
@@ -63,6 +64,9 @@ _ID_FIELD = re.compile(
     + rb'|\[((?:\s*"[^"\\\x00-\x1f]{1,256}"\s*,?){1,64})\s*\])'
 )
 _STRING = re.compile(_VALUE)
+_ENCRYPTED = b"encrypted_content"
+_INCLUDE_ENCRYPTED = b"reasoning.encrypted_content"
+REASONING_ID = re.compile(rb'"id"\s*:\s*"(rs_[^"\\\x00-\x1f]{1,256})"')
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class ObjectCall:
     ids: tuple[ObjectId, ...]
     creates: bool
     deletes: bool
+    reasoning: bool = False  # asks for encrypted reasoning items: their ids are read from the answer
 
     @property
     def path_id(self) -> ObjectId | None:
@@ -102,10 +107,14 @@ def classify(method: str, raw_path: str, body: bytes, content_type: str | None) 
         return None
     collection = segments[0]
     ids = _path_ids(collection, [unquote(s) for s in segments[1:]])
+    reasoning = False
     if body and method == "POST" and "json" in (content_type or "application/json"):
         ids += _body_ids(body)
+        if collection == "responses" and _ENCRYPTED in body:
+            ids += _reasoning_ids(body)
+            reasoning = _INCLUDE_ENCRYPTED in body
     creates = method == "POST" and segments[-1] != "cancel" and not (collection == "responses" and _no_store(body))
-    return ObjectCall(collection, tuple(ids), creates, deletes=method == "DELETE")
+    return ObjectCall(collection, tuple(ids), creates, deletes=method == "DELETE", reasoning=reasoning)
 
 
 def _path_ids(collection: str, rest: list[str]) -> list[ObjectId]:
@@ -142,6 +151,12 @@ def _body_ids(body: bytes) -> list[ObjectId]:
             value = raw.decode("utf-8", "replace")
             found.append(ObjectId(value, kind_of(value, BODY_FIELDS[key]), key))
     return found
+
+
+def _reasoning_ids(body: bytes) -> list[ObjectId]:
+    """Reasoning items replayed with their `encrypted_content` (store: false conversations): they
+    decrypt only in the resource that made them, so they name it like a stored object does."""
+    return [ObjectId(m.decode(), "reasoning", "encrypted_content") for m in REASONING_ID.findall(body)]
 
 
 def _no_store(body: bytes) -> bool:

@@ -29,9 +29,9 @@ from starlette.responses import Response
 from lb import errors, headers, logctx, throttle
 from lb.auth import Client
 from lb.config import Backend, Settings
-from lb.objects.ids import COLLECTIONS, ObjectCall, ObjectId, classify, kind_of
+from lb.objects.ids import COLLECTIONS, REASONING_ID, ObjectCall, ObjectId, classify, kind_of
 from lb.objects.records import RETENTION_SECONDS, ObjectRecord, ObjectStore
-from lb.objects.watch import watch
+from lb.objects.watch import watch, watch_all
 from lb.relay import UpstreamResponse
 from lb.requestinfo import RequestInfo
 from lb.state import ANY_DEPLOYMENT
@@ -271,6 +271,13 @@ class ObjectRouter:
                     await self._remember(object_id, kind, backend, client.id)
 
             watch(response, on_id)
+        if call.reasoning:  # encrypted reasoning items decrypt only where they were made
+            backend = self.backends[response.backend]
+
+            async def on_reasoning(item_id: str) -> None:
+                await self._remember(item_id, "reasoning", backend, client.id)
+
+            watch_all(response, REASONING_ID, on_reasoning)
         return response
 
     async def _remember(self, object_id: str, kind: str, backend: Backend, client: str) -> None:
@@ -288,7 +295,8 @@ class ObjectRouter:
 
 
 def _says_not_found(upstream: httpx.Response, raw: bytes) -> bool:
-    """404, or a 400 whose error code says the named object does not exist (`previous_response_not_found`)."""
+    """404, or a 400 whose error code says the named object does not exist here (`previous_response_not_found`,
+    `invalid_encrypted_content`: a reasoning item made by another resource)."""
     if upstream.status_code == 404:
         return True
     try:
@@ -296,8 +304,10 @@ def _says_not_found(upstream: httpx.Response, raw: bytes) -> bool:
     except (ValueError, AttributeError, RecursionError):
         return False
     code = str(error.get("code") or "")
-    return code.endswith("not_found") or (
-        "not found" in str(error.get("message") or "").lower() and bool(error.get("param"))
+    return (
+        code.endswith("not_found")
+        or code == "invalid_encrypted_content"
+        or ("not found" in str(error.get("message") or "").lower() and bool(error.get("param")))
     )
 
 
