@@ -9,7 +9,7 @@
      +-- MethodNotAllowed    405     a method the route does not take
      +-- PayloadTooLarge     413     body above LB_MAX_BODY_BYTES
      +-- HeadersTooLarge     431     more request headers, or longer, than any Azure OpenAI call needs
-     +-- RequestTimeout      408     the client's body did not arrive within the deadline
+     +-- RequestTimeout      408     `lb serve`: a request head or body that does not arrive in time
      +-- AllBackendsCooling  429     every candidate is throttled: Retry-After of the soonest recovery
      +-- BadGateway          502     connect error / protocol error on the last attempt
      +-- BackendAuthFailed   502     every backend refuses the proxy's own credential (401/403)

@@ -105,7 +105,7 @@ class Proxy:
                 await self.start()
             check_headers(request)
             client = await self._authorize(request)
-            info = await read_request(request, self.settings.max_body_bytes, deadline)
+            info = await read_request(request, self.settings.max_body_bytes)
             info = self.metering.prepare(info)  # LB_STREAM_USAGE=include: a chat stream asks for its usage
             charge = self.metering.admit(client.name, info.body)  # raises ClientQuotaExceeded when over
             await self.store.sync()

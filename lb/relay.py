@@ -75,8 +75,8 @@ class UpstreamResponse(StreamingResponse):
             if not self.event_stream:
                 raise UpstreamBroken(type(error).__name__) from None
             # The openai SDK raises on an SSE event carrying "error", so the caller sees a failure.
-            error = {"error": {"code": "BadGateway", "message": "The backend stream ended unexpectedly."}}
-            yield f"data: {json.dumps(error)}\n\n".encode()
+            event = {"error": {"code": "BadGateway", "message": "The backend stream ended unexpectedly."}}
+            yield f"data: {json.dumps(event)}\n\n".encode()
         finally:
             if timer is not None:
                 timer.cancel()

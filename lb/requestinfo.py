@@ -21,7 +21,6 @@ than 4,300 digits) is a 400, like any other invalid JSON.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from urllib.parse import unquote
 from starlette.requests import Request
 
 from lb import bodyscan
-from lb.errors import BadRequest, HeadersTooLarge, PayloadTooLarge, RequestTimeout, RouteNotFound
+from lb.errors import BadRequest, HeadersTooLarge, PayloadTooLarge, RouteNotFound
 
 PREFIX = "/openai/"
 # Kestrel's limits (what the Functions host enforces in front of us); uvicorn + httptools has none of its own.
@@ -52,14 +51,11 @@ class RequestInfo:
     stream: bool = False  # the body asks for a streamed answer ("stream": true)
 
 
-async def read_request(request: Request, max_body_bytes: int, deadline: float | None = None) -> RequestInfo:
-    """`deadline` (monotonic) bounds the body's upload, so a client that stalls mid-body can't hold a task."""
+async def read_request(request: Request, max_body_bytes: int) -> RequestInfo:
+    # A body that stalls is the server's to cut (`lb.serving`; Kestrel's minimum data rate behind
+    # Functions): a timer here would cost every request, for the rare slow one.
     raw_path = _checked_path(request)
-    try:
-        async with asyncio.timeout_at(deadline):
-            body = await _read_body(request, max_body_bytes)
-    except TimeoutError:
-        raise RequestTimeout("The request body did not arrive in time.") from None
+    body = await _read_body(request, max_body_bytes)
     deployment, stream = await _deployment(raw_path, body, request)
     return RequestInfo(raw_path=raw_path, deployment=deployment, body=body, stream=stream)
 

@@ -12,8 +12,10 @@ OpenAI's error shape:
   as the bytes arrive, so nothing past the limit is parsed or kept;
 - a head not complete within `LB_SERVE_HEAD_TIMEOUT_SECONDS` of the connection opening (or of the
   previous answer, on a kept-alive connection): 408 and closed (an idle one is just closed);
+- a body not complete within `HTTP_TIMEOUT_SECONDS` of its head: 408 and closed. The timer is set
+  only when a read ends with the body incomplete: the usual request, head and body in one read,
+  costs nothing (behind Functions, Kestrel's minimum body data rate does this);
 - more than `LB_SERVE_MAX_CONNECTIONS` open connections: 503 with Retry-After, closed.
-A body that stalls is the handler's business: its read is bounded by `HTTP_TIMEOUT_SECONDS`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from lb import errors
 from lb.config import Settings
 from lb.requestinfo import MAX_HEADER_BYTES, MAX_HEADER_COUNT
 
@@ -31,12 +34,12 @@ KEEP_ALIVE_SECONDS = 5  # uvicorn's default, said here: an idle kept-alive conne
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
 
 
-def error_bytes(status: int, code: str, message: str, extra: bytes = b"") -> bytes:
+def error_bytes(error: errors.ProxyError, extra: bytes = b"") -> bytes:
     """A whole HTTP/1.1 error answer that closes the connection, in Azure OpenAI's JSON shape."""
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n%s\r\n"
-        % (status, _REASONS[status], len(body), extra)
+        % (error.status, _REASONS[error.status], len(body), extra)
     ) + body
 
 
@@ -44,16 +47,17 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
     head_timeout = settings.serve_head_timeout_seconds
     max_connections = settings.serve_max_connections
     too_large = error_bytes(
-        431,
-        "RequestHeaderFieldsTooLarge",
-        f"The request head is larger than {MAX_HEADER_BYTES} bytes or has more than {MAX_HEADER_COUNT} headers.",
+        errors.HeadersTooLarge(
+            f"The request head is larger than {MAX_HEADER_BYTES} bytes or has more than {MAX_HEADER_COUNT} headers."
+        )
     )
-    too_slow = error_bytes(408, "RequestTimeout", f"The request head did not arrive within {head_timeout:g} seconds.")
+    too_slow = error_bytes(errors.RequestTimeout(f"The request head did not arrive within {head_timeout:g} seconds."))
+    body_timeout = settings.timeout_seconds
+    body_too_slow = error_bytes(
+        errors.RequestTimeout(f"The request body did not arrive within {body_timeout:g} seconds.")
+    )
     too_many = error_bytes(
-        503,
-        "ServiceUnavailable",
-        "The load balancer has too many open connections; retry shortly.",
-        b"retry-after: 1\r\n",
+        errors.Overloaded("The load balancer has too many open connections; retry shortly."), b"retry-after: 1\r\n"
     )
 
     class GuardedProtocol(HttpToolsProtocol):
@@ -65,6 +69,7 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
             self._header_count = 0
             self._in_head = True
             self._head_timer: asyncio.TimerHandle | None = None
+            self._body_timer: asyncio.TimerHandle | None = None
             # Over the cap: answered once the request is in (closing on an unread request would
             # reset the connection, and the client might never read the 503).
             self._over_cap = len(self.connections) > max_connections
@@ -72,6 +77,7 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_head_timer()
+            self._disarm_body_timer()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
@@ -87,6 +93,12 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
             # at most one read (<= 256 KiB) beyond the limit is ever looked at.
             if self._in_head and self._head_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
                 self._refuse(too_large)
+            elif self._body_timer is None and not self._in_head and self.cycle is not None and self.cycle.more_body:
+                self._body_timer = self.loop.call_later(body_timeout, self._body_timed_out)
+
+        def on_message_complete(self) -> None:
+            self._disarm_body_timer()
+            super().on_message_complete()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -134,6 +146,23 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
                     self._refuse(too_slow)
                 else:
                     self.transport.close()  # idle: nothing was asked, nothing to answer
+
+        def _disarm_body_timer(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
+        def _body_timed_out(self) -> None:
+            self._body_timer = None
+            cycle = self.cycle
+            if cycle is None or not cycle.more_body or self.transport.is_closing():
+                return
+            if cycle.response_started:
+                self.transport.close()
+            else:
+                cycle.disconnected = True  # the handler reads the end of the body, and its answer goes nowhere
+                cycle.message_event.set()
+                self._refuse(body_too_slow)
 
         def _refuse(self, answer: bytes) -> None:
             self._disarm_head_timer()

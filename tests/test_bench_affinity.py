@@ -84,3 +84,13 @@ def test_the_plot_is_drawn(result: dict, tmp_path: Path):
 
     plot(result, tmp_path / "affinity.png")
     assert (tmp_path / "affinity.png").stat().st_size > 10_000
+
+
+def test_the_offline_model_replays_the_pick_and_affinity_beats_random():
+    from bench.affinity_model import most, replay
+
+    convs = conversations(30, 5.0, (0.5, 1.5), seed=3)
+    with_affinity, load = replay(convs, 1, 0.95)
+    at_random, _ = replay(convs, 1, None)
+    assert at_random < with_affinity <= most(convs) + 1e-9
+    assert abs(sum(load) - 1) < 1e-9

@@ -160,3 +160,14 @@ def test_the_hook_is_posix_sh_not_bash():
     result = subprocess.run([dash, "-n", str(HOOK)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert os.access(HOOK, os.X_OK)
+
+
+def test_the_example_line_in_the_deployment_docs_is_what_the_hook_prints(world: World):
+    docs = (HOOK.parents[2] / "docs" / "deployment.md").read_text()
+    example = " ".join(docs.split("`preprovision: chat model gpt-4o-mini", 1)[1].split("...`", 1)[0].split())
+    result = world.run(
+        AZURE_OPENAI_CHATGPT_MODEL="gpt-4o-mini",
+        AZURE_OPENAI_CHATGPT_DEPLOYMENT_VERSION="2024-07-18",
+        LB_OPENAI_LOCATIONS="eastus",
+    )
+    assert result.stdout.startswith("preprovision: chat model gpt-4o-mini " + example)

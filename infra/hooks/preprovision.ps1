@@ -59,7 +59,7 @@ foreach ($loc in ($locations -split ',' | ForEach-Object { $_.Trim() } | Where-O
         $exact = @($same | Where-Object { $_.Version -eq $w.Version })
         $withSku = @($exact | Where-Object { $_.Skus -contains $w.Sku })
         if (@($withSku | Where-Object { -not $_.Gone }).Count -gt 0) { continue }
-        if ($withSku.Count -gt 0) { $why = 'deprecated there (no new deployments)' }
+        if ($withSku.Count -gt 0) { $why = 'deprecated there: no new deployments' }
         elseif ($exact.Count -gt 0) { $why = "not offered as $($w.Sku) there" }
         elseif ($same.Count -gt 0) { $why = "version $($w.Version) not offered there" }
         else { $why = 'model not offered there' }

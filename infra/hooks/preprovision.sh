@@ -77,7 +77,7 @@ for loc in $(printf '%s' "$locations" | tr ',' ' '); do
     result=$(status "$list" "$name" "$version" "$sku")
     [ "$result" = ok ] && continue
     case $result in
-      deprecated) why="deprecated there (no new deployments)" ;;
+      deprecated) why="deprecated there: no new deployments" ;;
       no-sku) why="not offered as $sku there" ;;
       no-version) why="version $version not offered there" ;;
       *) why="model not offered there" ;;

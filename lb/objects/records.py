@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 RETENTION_SECONDS = 30 * 24 * 3600.0
-MAX_RECORDS = 200_000  # per instance, least recently used dropped first (a dropped one is looked up again)
+# Per instance, least recently used dropped first: about 16 MB at the cap. A dropped record costs a
+# point read (Table) or a look-up (memory only) the next time its object is named.
+MAX_RECORDS = 50_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectRecord:
     backend: str
     client: str  # Client.id of its creator; "" when unknown (found by the look-up, not seen created)
