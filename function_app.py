@@ -33,6 +33,11 @@ async def lb_status(req: Request) -> JSONResponse:
     return await shared_proxy().status(req)
 
 
+@app.route(route="lb/usage", methods=["GET"])
+async def lb_usage(req: Request) -> JSONResponse:
+    return await shared_proxy().usage(req)
+
+
 # Anything else (e.g. /chat/completions from an OpenAI client given the bare host as base_url) gets
 # the proxy's JSON 404 naming the URL forms served, not the host's empty one. Literal routes above win.
 @app.route(route="{*path}", methods=ALL_METHODS)

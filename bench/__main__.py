@@ -25,13 +25,20 @@ BENCHMARKS = {
     "concurrency": "bench.concurrency",  # long streams held at once by one lb process: sets perInstanceConcurrency
     "responses": "bench.responses",  # Responses API: success with a throttling backend, first event added
     "pacing": "bench.pacing",  # why sequential calls wait for a quiet path (evidence, not in `all`)
+    "quota": "bench.quota",  # metering exactness, per-client limits over 4 instances, hot path vs main (issue 15)
     "peer": "bench.peer",  # only builds LiteLLM's venv and prints its version
     "stateful": "bench.stateful",  # stored responses, files, batches over 3 backends and 2 instances
     "redteam": "bench.redteam",  # issue 17's figures: abusive client, wrong key, hanging backends, huge bodies
     "report": "bench.docs",  # docs/benchmarks.md + PNG plots from bench/results/*.json
 }
 QUICK = {"overhead", "memory", "profile", "throttle", "concurrency", "responses", "affinity"}  # these take --quick
-NOT_IN_ALL = {"peer", "pacing", "stateful", "redteam"}  # `overhead` builds the venv anyway; pacing is a one-off check
+NOT_IN_ALL = {  # `overhead` builds the venv anyway; pacing is a one-off check; quota: 4+ min
+    "peer",
+    "pacing",
+    "stateful",
+    "redteam",
+    "quota",
+}
 SKIPPED_BY = {"load": ("--no-load", "--quick")}  # any of these flags skips it
 
 

@@ -34,7 +34,7 @@ _shared: Proxy | None = None
 SERVED_URL_FORMS = (
     "The balancer serves /openai/deployments/{deployment}/...?api-version=... (AzureOpenAI client:"
     " endpoint = the balancer's base URL) and /openai/v1/... (OpenAI client: base_url ="
-    " <balancer URL>/openai/v1), plus /healthz and /lb/status."
+    " <balancer URL>/openai/v1), plus /healthz, /lb/status and /lb/usage."
 )
 
 
@@ -66,9 +66,13 @@ def create_proxy(settings: Settings) -> Proxy:
             settings.entra.tenant_id,
             ", ".join(settings.entra.audiences),
         )
-    return Proxy(
-        settings, store=create_store(settings), telemetry=create_telemetry(), objects=create_object_store(settings)
-    )
+    store = create_store(settings)
+    proxy = Proxy(settings, store=store, telemetry=create_telemetry(), objects=create_object_store(settings))
+    if settings.state.kind == "table":  # counts are shared where cooldowns are: the pool's quotas and totals
+        from lb.quota_table import UsageShare
+
+        proxy.metering.share = UsageShare(settings.state, proxy.metering, store.instance_id)
+    return proxy
 
 
 def shared_proxy() -> Proxy:
@@ -96,6 +100,7 @@ def create_app(settings: Settings | None = None, proxy: Proxy | None = None) -> 
             Route("/openai/{path:path}", proxy.handle, methods=METHODS),
             Route("/healthz", proxy.healthz, methods=["GET"]),
             Route("/lb/status", proxy.status, methods=["GET"]),
+            Route("/lb/usage", proxy.usage, methods=["GET"]),
         ],
         lifespan=lifespan,
         exception_handlers={HTTPException: _routing_error},

@@ -12,7 +12,11 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from lb.quota import Limit
 
 DEFAULT_TIMEOUT_SECONDS = 100.0
 DEFAULT_COOLDOWN_SECONDS = 10.0
@@ -35,6 +39,9 @@ _GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]
 # weights times the quota each backend last reported left. `random` stays the default until the
 # throttling simulation says otherwise.
 POLICIES = ("random", "headroom")
+# LB_STREAM_USAGE: a streamed chat's client stream stays as the backend sent it (`as-sent`), or the
+# proxy asks the backend for its usage chunk (`include`), which the client then gets too (lb.metering).
+STREAM_USAGE_MODES = ("as-sent", "include")
 DEFAULT_POLICY = "random"
 # Prompt-cache affinity (lb.affinity): a conversation's calls prefer one backend. On by default: in
 # `python -m bench affinity` it kept the cached share of prompt tokens near the most the
@@ -80,6 +87,8 @@ SETTING_NAMES = frozenset(
         "LB_STATE_CONFIRM_MS",
         "LB_LOG_LEVEL",
         "LB_POLICY",
+        "LB_CLIENT_LIMITS",
+        "LB_STREAM_USAGE",
         "LB_AFFINITY",
         "AZURE_CLIENT_ID",
         "AzureWebJobsStorage",
@@ -226,6 +235,8 @@ class Settings:
     state: StateSettings = field(default_factory=StateSettings)
     on_azure: bool = False
     policy: str = DEFAULT_POLICY
+    client_limits: dict[str, Limit] = field(default_factory=dict)  # LB_CLIENT_LIMITS, by client name
+    stream_usage: str = "as-sent"  # LB_STREAM_USAGE: "include" asks chat streams for their usage chunk
     affinity: bool = DEFAULT_AFFINITY == "on"
 
     @property
@@ -274,8 +285,46 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         state=_load_state(env),
         on_azure=on_azure,
         policy=_policy(env),
+        client_limits=_client_limits(env, client_keys, entra),
+        stream_usage=_choice(env, "LB_STREAM_USAGE", STREAM_USAGE_MODES),
         affinity=_affinity(env),
     )
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (the first is the default), case-insensitive."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return choices[0]
+    if raw.lower() not in choices:
+        raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(choices)}")
+    return raw.lower()
+
+
+def _client_limits(
+    env: Mapping[str, str], client_keys: tuple[Any, ...], entra: EntraSettings | None
+) -> dict[str, Limit]:
+    """LB_CLIENT_LIMITS, each name one a configured key or an accepted Entra client could have."""
+    from lb.quota import parse_limits  # here, not at the top: lb.quota imports this module
+
+    limits = parse_limits(env.get("LB_CLIENT_LIMITS", ""))
+    key_names = {getattr(k, "name", None) or f"key{i}" for i, k in enumerate(client_keys, start=1)}
+    checked: dict[str, Limit] = {}
+    for name, limit in limits.items():
+        if name in key_names:
+            checked[name] = limit
+        elif entra is not None and _GUID_RE.fullmatch(name):  # Entra app ids come lower-cased
+            if entra.allowed_clients is not None and name.lower() not in entra.allowed_clients:
+                raise ConfigError(f"LB_CLIENT_LIMITS: {name!r} is not one of LB_ENTRA_ALLOWED_CLIENTS")
+            checked[name.lower()] = limit
+        elif not client_keys and entra is None and name == "anonymous":  # local runs without keys
+            checked[name] = limit
+        else:
+            raise ConfigError(
+                f"LB_CLIENT_LIMITS: no client can be named {name!r} (not a key name of LB_CLIENT_KEYS"
+                " nor an Entra app id LB_ENTRA_ALLOWED_CLIENTS accepts)"
+            )
+    return checked
 
 
 def _policy(env: Mapping[str, str]) -> str:

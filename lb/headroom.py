@@ -35,14 +35,15 @@ NEAR_LIMIT_FRACTION = 0.25  # a backend with this little quota left may throttle
 PEAK_MEMORY_SECONDS = 120.0  # the limit's stand-in is the most seen over the last 120-240 s
 DRAIN_MIN_INTERVAL = 0.05  # readings closer than this are too noisy to tell a consumption rate
 
-_MAX_TOKENS_KEYS = (b'"max_tokens"', b'"max_completion_tokens"')
+_MAX_TOKENS_KEYS = (b'"max_tokens"', b'"max_completion_tokens"', b'"max_output_tokens"')  # the last: Responses API
 _COLON_NUMBER = re.compile(rb"\s*:\s*(\d+)")
 
 
 def estimate_tokens(body: bytes) -> int:
     """What Azure OpenAI will charge against the tokens quota at admission, roughly.
 
-    Azure counts the prompt (about 4 characters per token) plus `max_tokens` up front. The body's
+    Azure counts the prompt (about 4 characters per token) plus `max_tokens` up front (per-client
+    quotas, lb.quota, charge the same estimate). The body's
     length stands in for the prompt (JSON syntax and tool definitions make it an overestimate, which
     errs on the safe side) and a byte search finds `max_tokens` / `max_completion_tokens`, so no
     JSON is parsed a second time.

@@ -29,6 +29,7 @@ from lb.breaker import AuthFailures, Breaker
 from lb.config import Backend, Settings
 from lb.deployments import upstream_call
 from lb.headers import forwarded as forwarded_headers
+from lb.metering import Metering
 from lb.objects.records import ObjectStore
 from lb.objects.router import ObjectRouter
 from lb.relay import UpstreamResponse
@@ -68,6 +69,7 @@ class Proxy:
         self.client_auth = ClientAuth(settings.client_keys, settings.entra)
         self.backend_auth = backend_auth or BackendAuth()
         self.telemetry = telemetry or Telemetry()
+        self.metering = Metering(settings.client_limits, self.telemetry, stream_usage=settings.stream_usage)
         self.breaker = Breaker(settings.breaker_failures, settings.breaker_window_seconds)
         self.auth_failures = AuthFailures()
         self.objects = ObjectRouter(objects or ObjectStore(), settings)  # who holds which stored object
@@ -78,11 +80,13 @@ class Proxy:
         async with self._start_lock:
             if not self._started:
                 await self.store.start()
+                await self.metering.start()
                 await self.objects.records.start()
                 self._started = True
 
     async def close(self) -> None:
         await self.store.close()
+        await self.metering.close()
         await self.objects.records.close()
         await self.client.aclose()
         await self.backend_auth.close()
@@ -93,6 +97,7 @@ class Proxy:
         """`/openai/{path}`: never raises; every request gets exactly one answer, carrying its request id."""
         request_id = logctx.request_id_from(request.headers)
         logctx.bind(request_id)
+        client, charge, info = None, None, None  # for metering: who asked, their quota's charge
         deadline = time.monotonic() + self.settings.timeout_seconds  # the client's whole call, body upload included
         _deadline.set(deadline)  # for the relay, however the answer is reached
         try:
@@ -101,6 +106,8 @@ class Proxy:
             check_headers(request)
             client = await self._authorize(request)
             info = await read_request(request, self.settings.max_body_bytes)
+            info = self.metering.prepare(info)  # LB_STREAM_USAGE=include: a chat stream asks for its usage
+            charge = self.metering.admit(client.name, info.body)  # raises ClientQuotaExceeded when over
             await self.store.sync()
             attempts: list[Attempt] = []
             call = self.objects.classify(request, info)  # None unless the call can name or create an object
@@ -121,6 +128,8 @@ class Proxy:
         except Exception:  # a bug must still produce an answer, without leaking details
             log.exception("unexpected error while proxying %s %s", request.method, request.url.path)
             response = errors.ProxyError("The load balancer failed to handle the request.").response()
+        if client is not None:
+            response = self.metering.observe(response, client.name, info and info.deployment, charge)
         if "x-request-id" not in response.headers:
             response.headers["x-request-id"] = request_id
         return response
@@ -143,6 +152,16 @@ class Proxy:
         if not self._started:
             await self.start()
         return JSONResponse(self.status_report())
+
+    async def usage(self, request: Request) -> Response:
+        """`GET /lb/usage`: tokens and requests per client and per backend (see lb.metering)."""
+        try:
+            await self._authorize(request)
+        except errors.ProxyError as exc:
+            return exc.response()
+        if not self._started:
+            await self.start()
+        return JSONResponse(self.metering.report())
 
     def status_report(self) -> dict[str, Any]:
         now = time.time()

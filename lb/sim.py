@@ -183,7 +183,7 @@ class SimBackend:
                 return await self._stream(receive, send, rate, _response_events(response, pieces))
             return await self._json(send, 200, response, rate)
         if stream:
-            return await self._stream(receive, send, rate, self._chat_events(deployment))
+            return await self._stream(receive, send, rate, self._chat_events(deployment, payload, *usage))
         return await self._json(send, 200, _completion(self.name, deployment, *usage), rate)
 
     def _prompt_usage(self, path: str, deployment: str | None, payload: Any, now: float) -> tuple[int, int]:
@@ -242,13 +242,20 @@ class SimBackend:
             await send({"type": "http.response.body", "body": event, "more_body": i < len(events) - 1})
         self.answered[200] = self.answered.get(200, 0) + 1
 
-    def _chat_events(self, deployment: str | None) -> list[bytes]:
-        """`chunks` content chunks, then the finish chunk and `[DONE]`, as Azure OpenAI streams a chat."""
+    def _chat_events(self, deployment: str | None, payload: Any, prompt: int = 20, cached: int = 0) -> list[bytes]:
+        """`chunks` content chunks, then the finish chunk and `[DONE]`, as Azure OpenAI streams a chat;
+        with `stream_options.include_usage` every chunk says `"usage":null` and a last one, with no
+        choices, carries the usage."""
         cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
-        events = [
-            _sse(_chunk(cid, deployment, f"{self.name if i == 0 else ''} tok{i}", None)) for i in range(self.chunks)
-        ]
-        return [*events, _sse(_chunk(cid, deployment, None, "stop")), b"data: [DONE]\n\n"]
+        options = payload.get("stream_options") if isinstance(payload, dict) else None
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        chunks = [_chunk(cid, deployment, f"{self.name if i == 0 else ''} tok{i}", None) for i in range(self.chunks)]
+        chunks.append(_chunk(cid, deployment, None, "stop"))
+        if include_usage:
+            for chunk in chunks:
+                chunk["usage"] = None
+            chunks.append({**chunks[-1], "choices": [], "usage": _chat_usage(prompt, cached, self.chunks)})
+        return [*(_sse(c) for c in chunks), b"data: [DONE]\n\n"]
 
 
 def _json(body: bytes) -> Any:
@@ -274,6 +281,16 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
+def _chat_usage(prompt: int, cached: int, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
 def _completion(backend: str, deployment: str | None, prompt: int = 20, cached: int = 0) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
@@ -287,12 +304,7 @@ def _completion(backend: str, deployment: str | None, prompt: int = 20, cached: 
                 "message": {"role": "assistant", "content": f"Hello from {backend}."},
             }
         ],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": 10,
-            "total_tokens": prompt + 10,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        },
+        "usage": _chat_usage(prompt, cached, 10),
     }
 
 

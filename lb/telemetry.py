@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lb.usage import Usage
 
 
 class Telemetry:
@@ -28,6 +32,9 @@ class Telemetry:
 
     def all_cooling(self, deployment: str | None) -> None:
         """A request answered 429 at once because every candidate was cooling."""
+
+    def tokens(self, client: str, backend: str, deployment: str | None, usage: Usage | None) -> None:
+        """One backend answer's tokens (`usage` None: it carried no readable usage); names only, never keys."""
 
     def object_call(self, outcome: str) -> None:
         """A call naming a stored object: `pinned` to its holder, `lookups` for an unknown id, `found`

@@ -4,6 +4,9 @@ Imported only when `APPLICATIONINSIGHTS_CONNECTION_STRING` is set (see `lb.telem
 distro costs about a third of a second to import. Each upstream attempt becomes a CLIENT span
 ("lb.attempt", a dependency in Application Insights, its target the backend's name) and four counters
 give the totals: requests, attempts, 429s absorbed by failover, answers made while every backend cooled.
+Two more meter tokens (`lb.tokens`, one point per kind: prompt, completion, total, cached,
+reasoning) and answers (`lb.metered_requests`, usage known or unknown) per client, backend and
+deployment, so a workbook can chart who spends what where (docs/metering.md has the Kusto query).
 
 The distro's library instrumentations stay off: they would patch httpx, requests and the Azure SDK,
 adding a span and a cost to every upstream call and every cooldown-table refresh, which the attempt
@@ -28,6 +31,8 @@ from lb.telemetry import Telemetry
 if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
     from opentelemetry.util.types import Attributes
+
+    from lb.usage import Usage
 
 log = logging.getLogger("lb")
 
@@ -66,6 +71,12 @@ class AzureMonitorTelemetry(Telemetry):
         )
         self._all_cooling = meter.create_counter(
             "lb.all_cooling", unit="{request}", description="Requests answered 429 at once: every backend cooling"
+        )
+        self._tokens = meter.create_counter(
+            "lb.tokens", unit="{token}", description="Tokens answers used, by client, backend, deployment and kind"
+        )
+        self._metered = meter.create_counter(
+            "lb.metered_requests", unit="{request}", description="Backend answers by client; usage=unknown: no usage"
         )
         self._objects = meter.create_counter(
             "lb.object_calls",
@@ -109,6 +120,21 @@ class AzureMonitorTelemetry(Telemetry):
 
     def all_cooling(self, deployment: str | None) -> None:
         self._all_cooling.add(1, _attrs(deployment))
+
+    def tokens(self, client: str, backend: str, deployment: str | None, usage: Usage | None) -> None:
+        known = "known" if usage is not None else "unknown"
+        self._metered.add(1, _attrs(deployment, client=client, backend=backend, usage=known))
+        if usage is None:
+            return
+        for kind, count in (
+            ("prompt", usage.prompt),
+            ("completion", usage.completion),
+            ("total", usage.total),
+            ("cached", usage.cached),
+            ("reasoning", usage.reasoning),
+        ):
+            if count:
+                self._tokens.add(count, _attrs(deployment, client=client, backend=backend, kind=kind))
 
     def object_call(self, outcome: str) -> None:
         self._objects.add(1, {"lb.outcome": outcome})

@@ -26,12 +26,13 @@ def load_function_app(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]):
 def test_registered_functions_routes_methods_and_auth(monkeypatch):
     module = load_function_app(monkeypatch, {"BACKEND_1_URL": "https://one.openai.azure.com"})
     triggers = {f.get_function_name(): f.get_trigger() for f in module.app.get_functions()}
-    assert set(triggers) == {"openai_proxy", "healthz", "lb_status", "not_served"}
+    assert set(triggers) == {"openai_proxy", "healthz", "lb_status", "lb_usage", "not_served"}
     proxy = triggers["openai_proxy"]
     assert proxy.route == "openai/{*path}"
     assert {str(m.value) for m in proxy.methods} >= {"GET", "POST", "PUT", "PATCH", "DELETE"}
     assert triggers["healthz"].route == "healthz" and [m.value for m in triggers["healthz"].methods] == ["GET"]
     assert triggers["lb_status"].route == "lb/status"
+    assert triggers["lb_usage"].route == "lb/usage" and [m.value for m in triggers["lb_usage"].methods] == ["GET"]
     assert triggers["not_served"].route == "{*path}"  # a catch-all: the literal routes above take precedence
     assert all(t.auth_level == func.AuthLevel.ANONYMOUS for t in triggers.values())
 

@@ -1,0 +1,249 @@
+"""Token and request counts shared by every instance through Table Storage, so quotas hold over the pool.
+
+Why it is built this way:
+- Never a Table call per request. Each instance counts in memory (`lb.metering`) and, once a
+  second at most and only when something changed, writes its own row: its live buckets (the last
+  60 one-second and 60 one-minute buckets per client and backend, `lb.windows`). It then reads the
+  partition (one query) and sums the other instances' rows into the limiter's `others` and the
+  pool's totals. The limit is thus enforced on a view about a second old: a client can overshoot
+  by what the pool admits for it in that second, which is what one write per second buys.
+- One row per instance, written only by that instance: an unconditional upsert, no ETag races.
+  Buckets carry their own times, so a row of a stopped instance simply ages out of the windows;
+  rows silent for `FORGET_SECONDS` are deleted by whichever instance sees them.
+- The counts live in their own partition (`{LB_POOL}.usage`) of the cooldown table, so the
+  cooldown store's partition query never sees them.
+- A Table outage keeps every limit per instance (the other instances' counts are dropped rather
+  than trusted while they age), logged once; recovery is logged too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.data.tables import UpdateMode
+from azure.data.tables.aio import TableClient
+
+from lb.config import ConfigError, StateSettings
+from lb.windows import Windows
+
+if TYPE_CHECKING:
+    from lb.metering import Metering
+
+log = logging.getLogger("lb.usage")  # apart from lb.state: its outage is the same Table's, its meaning not
+
+SHARE_INTERVAL_SECONDS = 1.0
+OP_TIMEOUT_SECONDS = 2.0
+FIRST_LOAD_SECONDS = 2.0  # start-up waits this long at most for the pool's counts
+FORGET_SECONDS = 2 * 3600.0  # a row this old holds nothing for the hour window: delete it
+PART_CHARS = 30_000  # a Table string property holds 32K UTF-16 characters; the JSON is cut into parts
+MAX_PARTS = 30
+
+
+class UsageShare:
+    """This instance's row in the shared usage partition, and the sums of everyone else's."""
+
+    def __init__(
+        self,
+        settings: StateSettings,
+        metering: Metering,
+        instance_id: str,
+        *,
+        interval: float = SHARE_INTERVAL_SECONDS,
+        op_timeout: float = OP_TIMEOUT_SECONDS,
+    ) -> None:
+        self.settings = settings
+        self.metering = metering
+        self.instance_id = instance_id
+        self.interval = interval
+        self.op_timeout = op_timeout
+        self.partition = f"{settings.pool}.usage"
+        self.ops = {"queries": 0, "writes": 0, "deletes": 0}  # HTTP requests sent: what the figures count
+        self.healthy = True
+        self.last_error: str | None = None
+        self.pool_clients = Windows(metering.clients.width)  # the other instances' counts, as last read
+        self.pool_backends = Windows(metering.backends.width)
+        self.instances = 0  # rows with counts seen at the last read, this one's included
+        self._credential: Any = None
+        self._client = self._make_client(settings)
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._deleting: set[asyncio.Task[None]] = set()
+        self._written_version = 0  # the row is first written once something was counted
+
+    def _make_client(self, settings: StateSettings) -> TableClient:
+        options: dict[str, Any] = {
+            "connection_timeout": self.op_timeout,
+            "read_timeout": self.op_timeout,
+            "retry_total": 0,  # the next round is the retry
+            "raw_request_hook": self._count,
+        }
+        if settings.connection_string:
+            try:
+                return TableClient.from_connection_string(settings.connection_string, settings.table, **options)
+            except ValueError:
+                raise ConfigError("LB_STATE_CONNECTION_STRING: not a valid Storage connection string") from None
+        from azure.identity.aio import DefaultAzureCredential
+
+        self._credential = DefaultAzureCredential()
+        return TableClient(str(settings.table_endpoint), settings.table, credential=self._credential, **options)
+
+    def _count(self, request: Any) -> None:
+        method = request.http_request.method
+        self.ops["queries" if method == "GET" else "deletes" if method == "DELETE" else "writes"] += 1
+
+    # Lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None and not self._closed:
+            try:  # the pool's counts before the first request, if the Table answers quickly
+                await asyncio.wait_for(self.round(), FIRST_LOAD_SECONDS)
+            except asyncio.TimeoutError as exc:
+                self._fault(exc)
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        with contextlib.suppress(Exception):  # the last counts, so the pool's view is complete
+            await self._write(time.time())
+        await self._client.close()
+        if self._credential is not None:
+            await self._credential.close()
+
+    async def _run(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.interval)
+            await self.round()
+
+    async def round(self) -> None:
+        """One write of this row (if anything changed) and one read of the partition."""
+        now = time.time()
+        try:
+            if self.metering.version != self._written_version:
+                await self._write(now)
+            rows = await self._query()
+        except Exception as exc:
+            self._fault(exc)
+            return
+        self._load(rows, now)
+        if not self.healthy:
+            self.healthy = True
+            log.info("usage table reachable again: client limits hold over the pool")
+
+    # Table calls ------------------------------------------------------------------------------
+    async def _write(self, now: float) -> None:
+        version = self.metering.version
+        data = json.dumps(
+            {
+                "q": self.metering.limiter.local.buckets(now),
+                "c": self.metering.clients.buckets(now),
+                "b": self.metering.backends.buckets(now),
+            },
+            separators=(",", ":"),
+        )
+        parts = [data[i : i + PART_CHARS] for i in range(0, len(data), PART_CHARS)][:MAX_PARTS]
+        entity: dict[str, Any] = {
+            "PartitionKey": self.partition,
+            "RowKey": self.instance_id,
+            "updated": now,
+            "parts": len(parts),
+            **{f"d{i}": part for i, part in enumerate(parts)},
+        }
+        try:
+            await self._call(self._client.upsert_entity(entity, mode=UpdateMode.REPLACE))
+        except ResourceNotFoundError:  # the table is not there yet (or Azurite restarted)
+            with contextlib.suppress(ResourceExistsError):
+                await self._call(self._client.create_table())
+            await self._call(self._client.upsert_entity(entity, mode=UpdateMode.REPLACE))
+        self._written_version = version
+
+    async def _query(self) -> list[Any]:
+        async def run() -> list[Any]:
+            pages = self._client.query_entities("PartitionKey eq @pk", parameters={"pk": self.partition})
+            return [row async for row in pages]
+
+        try:
+            return await self._call(run())
+        except ResourceNotFoundError:
+            return []
+
+    async def _call(self, operation: Any) -> Any:
+        return await asyncio.wait_for(operation, self.op_timeout)
+
+    def _load(self, rows: list[Any], now: float) -> None:
+        """Sum the other instances' rows into fresh windows (a stopped instance's counts age out)."""
+        quota, clients, backends = Windows(2), Windows(self.pool_clients.width), Windows(self.pool_backends.width)
+        seen = 1
+        for row in rows:
+            if row.get("RowKey") == self.instance_id:
+                continue
+            updated = row.get("updated")
+            if isinstance(updated, int | float) and now - updated > FORGET_SECONDS:
+                task = asyncio.get_running_loop().create_task(self._delete(row))
+                self._deleting.add(task)  # held until done: the loop keeps only weak references
+                task.add_done_callback(self._deleting.discard)
+                continue
+            try:
+                data = json.loads("".join(str(row.get(f"d{i}", "")) for i in range(int(row.get("parts", 0)))))
+                quota.load(data.get("q", {}))
+                clients.load(data.get("c", {}))
+                backends.load(data.get("b", {}))
+            except (ValueError, TypeError, AttributeError, IndexError):
+                log.debug("usage row %s unreadable: skipped", row.get("RowKey"))
+                continue
+            seen += 1
+        self.metering.limiter.others = quota
+        self.pool_clients, self.pool_backends, self.instances = clients, backends, seen
+
+    async def _delete(self, row: Any) -> None:
+        """ETag-guarded: a row its instance rewrote meanwhile stays (a lost race is no fault)."""
+        with contextlib.suppress(Exception):
+            etag = row.metadata["etag"]
+            await self._call(
+                self._client.delete_entity(
+                    row["PartitionKey"], row["RowKey"], etag=etag, match_condition=MatchConditions.IfNotModified
+                )
+            )
+
+    # Health -----------------------------------------------------------------------------------
+    def _fault(self, exc: BaseException) -> None:
+        """Limits fall back to this instance's counts; only the first fault of an outage is logged."""
+        self.metering.limiter.others = Windows(2)
+        status = getattr(exc, "status_code", None)
+        first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
+        self.last_error = f"{type(exc).__name__}{f' {status}' if status else ''}: {first_line}".rstrip(": ")
+        if self.healthy:
+            self.healthy = False
+            log.warning(
+                "usage table unreachable, client limits hold per instance meanwhile (instance %s): %s",
+                self.instance_id,
+                self.last_error,
+            )
+
+    def pool_report(self, now: float) -> dict[str, Any]:
+        """The pool's counts: this instance's own plus the others' as last read (about a second old)."""
+        from lb.metering import table  # lb.metering imports this module for typing only
+
+        clients, backends = Windows(self.pool_clients.width), Windows(self.pool_backends.width)
+        for target, mine, theirs in (
+            (clients, self.metering.clients, self.pool_clients),
+            (backends, self.metering.backends, self.pool_backends),
+        ):
+            target.load(mine.buckets(now))
+            target.load(theirs.buckets(now))
+        return {
+            "instances": self.instances,
+            "healthy": self.healthy,
+            "ops": dict(self.ops),
+            "clients": table(clients, now),
+            "backends": table(backends, now),
+        }

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lb.config import ConfigError, load_settings
+from lb.quota import ClientQuotaExceeded, Limit, Limiter, parse_limits
+
+GUID = "0b3c5a6e-1f2d-4c8b-9a7e-2d4f6b8c0a1e"
+BACKEND = {"BACKEND_1_URL": "https://one.openai.azure.com"}
+
+
+def body(prompt_chars: int = 0, max_tokens: int | None = None) -> bytes:
+    payload: dict = {"model": "chat", "messages": [{"role": "user", "content": "x" * prompt_chars}]}
+    if max_tokens is not None:
+        payload["max_tokens"] = max_tokens
+    return json.dumps(payload).encode()
+
+
+def test_limits_parse_tokens_and_requests_per_minute() -> None:
+    assert parse_limits("chatapp=200000tpm/600rpm, batch=50000TPM,ops=5rpm") == {
+        "chatapp": Limit(200000, 600),
+        "batch": Limit(50000, None),
+        "ops": Limit(None, 5),
+    }
+    assert parse_limits("") == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("chatapp", "is not client="),
+        ("chatapp=fast", "'fast'"),
+        ("chatapp=10tpm/5tpm", "two tpm"),
+        ("chatapp=0rpm", "at least 1"),
+        ("a=1rpm,a=2rpm", "listed twice"),
+        ("=5rpm", "is not client="),
+    ],
+)
+def test_unparseable_limit_stops_start_up_naming_the_setting(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^LB_CLIENT_LIMITS: .*{message}"):
+        load_settings({**BACKEND, "LB_CLIENT_LIMITS": text})
+
+
+def test_limit_for_a_client_nobody_can_be_stops_start_up() -> None:
+    with pytest.raises(ConfigError, match=r"^LB_CLIENT_LIMITS: no client can be named 'ghost'"):
+        load_settings({**BACKEND, "LB_CLIENT_KEYS": "k1", "LB_CLIENT_LIMITS": "ghost=5rpm"})
+    entra = {**BACKEND, "LB_ENTRA_TENANT_ID": GUID, "LB_ENTRA_ALLOWED_CLIENTS": GUID}
+    other = "1b3c5a6e-1f2d-4c8b-9a7e-2d4f6b8c0a1e"
+    with pytest.raises(ConfigError, match=r"^LB_CLIENT_LIMITS: '1b3c.*' is not one of LB_ENTRA_ALLOWED_CLIENTS"):
+        load_settings({**entra, "LB_CLIENT_LIMITS": f"{other}=5rpm"})
+    limits = load_settings({**entra, "LB_CLIENT_LIMITS": f"{GUID.upper()}=5rpm"}).client_limits
+    assert limits == {GUID: Limit(None, 5)}  # app ids are compared lower-cased, as tokens name them
+    keyed = load_settings({**BACKEND, "LB_CLIENT_KEYS": "k1,k2", "LB_CLIENT_LIMITS": "key2=5rpm"}).client_limits
+    assert keyed == {"key2": Limit(None, 5)}  # an unnamed key is named by its position
+
+
+def test_requests_per_minute_refuse_until_the_oldest_call_leaves_the_window() -> None:
+    limiter = Limiter({"app": Limit(None, 3)})
+    for t in (1000.0, 1010.0, 1020.0):
+        assert limiter.admit("app", b"", t) is not None
+    with pytest.raises(ClientQuotaExceeded) as refused:
+        limiter.admit("app", b"", 1030.5)
+    exc = refused.value
+    assert exc.status == 429 and exc.code == "ClientQuotaExceeded"
+    assert exc.headers["retry-after-ms"] == "29500"  # the call of second 1000 leaves at 1060
+    assert exc.headers["Retry-After"] == "30"
+    assert exc.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(ClientQuotaExceeded):
+        limiter.admit("app", b"", 1059.999)  # window edge: still in
+    assert limiter.admit("app", b"", 1060.0) is not None  # ... and out one second later
+
+
+def test_a_client_without_limit_is_never_charged_and_unaffected_by_another() -> None:
+    limiter = Limiter({"app": Limit(None, 1)})
+    limiter.admit("app", b"", 5.0)
+    with pytest.raises(ClientQuotaExceeded):
+        limiter.admit("app", b"", 6.0)
+    assert limiter.admit("other", b"", 6.0) is None
+
+
+def test_tokens_are_charged_on_the_estimate_and_trued_up_from_usage() -> None:
+    limiter = Limiter({"app": Limit(1000, None)})
+    charge = limiter.admit("app", body(400, max_tokens=500), 100.0)
+    assert charge is not None and charge.tokens > 500
+    estimate = charge.tokens
+    assert charge.headers["x-ratelimit-remaining-tokens"] == str(1000 - estimate)
+    with pytest.raises(ClientQuotaExceeded, match="1000 tokens per minute"):  # the estimate does not fit
+        limiter.admit("app", body(400, max_tokens=500), 101.0)
+    limiter.settle(charge, 120)  # the answer's usage said 120
+    assert limiter.used("app", 101.0) == [1, 120]
+    assert limiter.admit("app", body(400, max_tokens=500), 101.0) is not None
+
+
+def test_a_call_larger_than_the_whole_limit_passes_alone_on_an_empty_window() -> None:
+    limiter = Limiter({"app": Limit(100, None)})
+    assert limiter.admit("app", body(4000), 0.0) is not None
+    with pytest.raises(ClientQuotaExceeded):
+        limiter.admit("app", body(0), 1.0)
+
+
+def test_refund_gives_back_request_and_tokens() -> None:
+    limiter = Limiter({"app": Limit(1000, 1)})
+    charge = limiter.admit("app", body(40), 10.0)
+    limiter.settle(charge, 0, requests=0)
+    assert limiter.used("app", 10.0) == [0, 0]
+    assert limiter.admit("app", body(40), 10.0) is not None
+
+
+def test_other_instances_counts_share_the_window() -> None:
+    limiter = Limiter({"app": Limit(None, 4)})
+    limiter.others.add("app", 50.0, (3, 0))
+    limiter.admit("app", b"", 55.0)
+    with pytest.raises(ClientQuotaExceeded) as refused:
+        limiter.admit("app", b"", 56.0)
+    assert refused.value.headers["Retry-After"] == "54"  # the others' calls of second 50 free first
