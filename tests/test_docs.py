@@ -34,7 +34,7 @@ def test_readme_is_short_and_keeps_the_two_commands():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 260
     assert "make demo" in text and "make test" in text
-    for heading in ("## Run locally", "## Deploy to Azure", "## Connect a chat app", "### More"):
+    for heading in ("## Run locally", "## Deploy to Azure", "## Connect a chat app", "## Documentation"):
         assert heading in text, heading
 
 
