@@ -6,7 +6,7 @@ Not a test: it writes bench/results/affinity.json, docs/affinity.png and prints 
     python -m bench affinity --quick    # 40 conversations, shorter waits: a smoke run (affinity.quick.json)
 
 Setup: 3 simulated Azure OpenAI backends (weights 1:1:1) modelling the prompt cache
-(lb.sim_cache: 1,024 tokens, then 128-token steps, per backend and deployment, 4 characters a
+(lb.sim.cache: 1,024 tokens, then 128-token steps, per backend and deployment, 4 characters a
 token) and a prefill time per uncached token, so a cache hit is also faster. 200 conversations of
 3-10 turns (bench.affinity_load: a 1,100-token system prompt shared by all, 1,000-2,000 tokens
 of sources retrieved for the first question, 150-400-token answers, 500-1,000 tokens of fresh
@@ -40,7 +40,7 @@ from bench.affinity_load import Turn, conversations, converse, most_cached, thro
 from bench.affinity_plot import plot, render  # noqa: E402
 from bench.procs import percentile_ms  # noqa: E402
 from bench.throttle_instances import CLIENT_KEY, Instances, proxy_env  # noqa: E402
-from lb.affinity import conversation_key  # noqa: E402
+from lb.routing.affinity import conversation_key  # noqa: E402
 from lb.sim import Servers, SimBackend  # noqa: E402
 
 BACKENDS = 3

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from lb.sim_cache import PromptCache, prompt_text, tokens
+from lb.sim.cache import PromptCache, prompt_text, tokens
 
 API_VERSION = "2024-10-21"
 PATH = f"/openai/deployments/chat/chat/completions?api-version={API_VERSION}"

@@ -2,9 +2,9 @@
 
     python -m bench.affinity_model [--factors 0.95 1.0 1.05] [--seeds 16 17 18 19] [--instances 1 4]
 
-No server, no socket: each call's key is computed from its body, `lb.affinity.Affinity.choose` (one
+No server, no socket: each call's key is computed from its body, `lb.routing.affinity.Affinity.choose` (one
 per instance, each call to a random instance) picks among 3 equal backends at the call's simulated
-time, and one `lb.sim_cache.PromptCache` per backend says what was cached. This is how the bounded
+time, and one `lb.sim.cache.PromptCache` per backend says what was cached. This is how the bounded
 load's factor was chosen (docs/affinity.md); `python -m bench affinity` then measures the chosen
 one through real `lb serve` processes.
 """
@@ -18,9 +18,9 @@ import random
 import sys
 
 from bench.affinity_load import Conversation, conversations
-from lb.affinity import Affinity, conversation_key
 from lb.config import Backend
-from lb.sim_cache import PromptCache, prompt_text, tokens
+from lb.routing.affinity import Affinity, conversation_key
+from lb.sim.cache import PromptCache, prompt_text, tokens
 
 ANSWER_SECONDS = 0.05  # simulated time a call takes
 

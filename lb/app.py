@@ -40,7 +40,7 @@ SERVED_URL_FORMS = (
 
 def create_store(settings: Settings) -> CooldownStore:
     if settings.state.kind == "table":
-        from lb.state_table import TableStore  # azure-data-tables is imported only when used
+        from lb.state.table import TableStore  # azure-data-tables is imported only when used
 
         return TableStore(settings.state)
     return MemoryStore()
@@ -69,7 +69,7 @@ def create_proxy(settings: Settings) -> Proxy:
     store = create_store(settings)
     proxy = Proxy(settings, store=store, telemetry=create_telemetry(), objects=create_object_store(settings))
     if settings.state.kind == "table":  # counts are shared where cooldowns are: the pool's quotas and totals
-        from lb.quota_table import UsageShare
+        from lb.metering.table import UsageShare
 
         proxy.metering.share = UsageShare(settings.state, proxy.metering, store.instance_id)
     return proxy

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from lb.quota import Limit
+    from lb.metering.quota import Limit
 
 DEFAULT_TIMEOUT_SECONDS = 100.0
 DEFAULT_COOLDOWN_SECONDS = 10.0
@@ -35,7 +35,7 @@ DEFAULT_SERVE_HEAD_TIMEOUT_SECONDS = 10.0  # `lb serve` only: time to send a com
 DEFAULT_ENTRA_AUDIENCES = ("https://cognitiveservices.azure.com",)  # what azure-search-openai-demo asks a token for
 DEFAULT_ENTRA_AUTHORITY = "https://login.microsoftonline.com"
 _GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-# How the balancer weighs backends inside a priority group (lb.balancer): configured weights only, or
+# How the balancer weighs backends inside a priority group (lb.routing.balancer): configured weights only, or
 # weights times the quota each backend last reported left. `random` stays the default until the
 # throttling simulation says otherwise.
 POLICIES = ("random", "headroom")
@@ -43,7 +43,7 @@ POLICIES = ("random", "headroom")
 # proxy asks the backend for its usage chunk (`include`), which the client then gets too (lb.metering).
 STREAM_USAGE_MODES = ("as-sent", "include")
 DEFAULT_POLICY = "random"
-# Prompt-cache affinity (lb.affinity): a conversation's calls prefer one backend. On by default: in
+# Prompt-cache affinity (lb.routing.affinity): a conversation's calls prefer one backend. On by default: in
 # `python -m bench affinity` it kept the cached share of prompt tokens near the most the
 # conversations allow, at the same client success and load spread as random (docs/affinity.md).
 AFFINITY_MODES = ("on", "off")
@@ -305,7 +305,7 @@ def _client_limits(
     env: Mapping[str, str], client_keys: tuple[Any, ...], entra: EntraSettings | None
 ) -> dict[str, Limit]:
     """LB_CLIENT_LIMITS, each name one a configured key or an accepted Entra client could have."""
-    from lb.quota import parse_limits  # here, not at the top: lb.quota imports this module
+    from lb.metering.quota import parse_limits  # here, not at the top: lb.metering.quota imports this module
 
     limits = parse_limits(env.get("LB_CLIENT_LIMITS", ""))
     key_names = {getattr(k, "name", None) or f"key{i}" for i, k in enumerate(client_keys, start=1)}

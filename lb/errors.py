@@ -5,7 +5,7 @@
      +-- BadRequest          400     unreadable body, missing "model" on the v1 shape
      +-- NotFound            404     no backend serves the deployment
      +-- RouteNotFound       404     not /openai/..., /healthz, /lb/status or /lb/usage
-     +-- ClientQuotaExceeded 429     (lb.quota) the client's own LB_CLIENT_LIMITS quota is used up
+     +-- ClientQuotaExceeded 429     (lb.metering.quota) the client's own LB_CLIENT_LIMITS quota is used up
      +-- MethodNotAllowed    405     a method the route does not take
      +-- PayloadTooLarge     413     body above LB_MAX_BODY_BYTES
      +-- HeadersTooLarge     431     more request headers, or longer, than any Azure OpenAI call needs

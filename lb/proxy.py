@@ -22,18 +22,19 @@ import httpx
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from lb import errors, logctx, throttle
+from lb import errors, logctx
 from lb.auth import BackendAuth, Client, ClientAuth
-from lb.balancer import Balancer, Demand, NoCandidate
-from lb.breaker import AuthFailures, Breaker
 from lb.config import Backend, Settings
-from lb.deployments import upstream_call
 from lb.headers import forwarded as forwarded_headers
 from lb.metering import Metering
 from lb.objects.records import ObjectStore
 from lb.objects.router import ObjectRouter
 from lb.relay import UpstreamResponse
 from lb.requestinfo import RequestInfo, check_headers, read_request
+from lb.routing import throttle
+from lb.routing.balancer import Balancer, Demand, NoCandidate
+from lb.routing.breaker import AuthFailures, Breaker
+from lb.routing.deployments import upstream_call
 from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
 from lb.telemetry import Telemetry
 from lb.upstream import create_client
@@ -211,7 +212,7 @@ class Proxy:
 
         Only the backend's own words cool it at once: a 429 or a 503 with Retry-After (busy), a
         401/403 (our credential is refused), a refused connection. A timeout or another 5xx lets
-        this request fail over, and becomes evidence against that backend (`lb.breaker`) only if
+        this request fail over, and becomes evidence against that backend (`lb.routing.breaker`) only if
         the request then succeeds elsewhere.
         """
         settings = self.settings

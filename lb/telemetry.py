@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lb.usage import Usage
+    from lb.metering.usage import Usage
 
 
 class Telemetry:

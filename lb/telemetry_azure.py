@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
     from opentelemetry.util.types import Attributes
 
-    from lb.usage import Usage
+    from lb.metering.usage import Usage
 
 log = logging.getLogger("lb")
 

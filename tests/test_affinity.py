@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from lb.affinity import HEAD_BYTES, Affinity, RecentLoad, conversation_key, rank
-from lb.balancer import Balancer, Demand
 from lb.config import Backend
+from lb.routing.affinity import HEAD_BYTES, Affinity, RecentLoad, conversation_key, rank
+from lb.routing.balancer import Balancer, Demand
 from lb.state import MemoryStore
 
 NOW = 1_000.0
@@ -224,7 +224,9 @@ def test_headroom_exhaustion_still_wins_over_affinity():
     lb = balancer(*three(), policy="headroom")
     demand = lb.demand(chat("Hello"))
     home = lb.pick("chat", NOW, need=demand).name
-    lb.headroom.record(home, "chat", {"x-ratelimit-remaining-requests": "0", "x-ratelimit-remaining-tokens": "0"}, NOW)
+    lb.routing.headroom.record(
+        home, "chat", {"x-ratelimit-remaining-requests": "0", "x-ratelimit-remaining-tokens": "0"}, NOW
+    )
     assert lb.pick("chat", NOW + 0.1, need=demand).name != home
 
 

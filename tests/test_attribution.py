@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from lb.breaker import Breaker
+from lb.routing.breaker import Breaker
 from tests.conftest import CLIENT_KEY
 from tests.test_faults import MESSAGES, post
 

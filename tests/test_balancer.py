@@ -3,9 +3,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from lb.balancer import Balancer, NoCandidate
 from lb.config import Backend
-from lb.headroom import Headroom
+from lb.routing.balancer import Balancer, NoCandidate
+from lb.routing.headroom import Headroom
 from lb.state import ANY_DEPLOYMENT, MemoryStore
 
 NOW = 1_000.0

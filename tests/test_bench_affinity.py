@@ -9,7 +9,7 @@ import pytest
 
 from bench.affinity_load import Turn, conversations, most_cached
 from bench.affinity_plot import figures, render
-from lb.sim_cache import prompt_text
+from lb.sim.cache import prompt_text
 
 
 def test_conversations_have_3_to_10_turns_each_repeating_the_last_as_its_prefix():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from lb.config import Backend
-from lb.deployments import upstream_call
 from lb.requestinfo import RequestInfo
+from lb.routing.deployments import upstream_call
 
 CHAT_PATH = "/openai/deployments/chat/chat/completions?api-version=2024-10-21"
 

@@ -11,8 +11,8 @@ import jwt
 import openai
 import pytest
 
+from lb.auth.entra import EntraValidator, InvalidToken, looks_like_jwt
 from lb.config import load_settings
-from lb.entra import EntraValidator, InvalidToken, looks_like_jwt
 from lb.sim import free_port
 from tests.conftest import API_VERSION, CLIENT_KEY
 from tests.idp import APP_ID, AUDIENCE, OTHER_TENANT, TENANT, LocalIdP, SigningKey, entra_env

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from lb.config import ConfigError, load_settings
-from lb.headroom import (
+from lb.routing.headroom import (
     EXHAUSTED_HOLD_SECONDS,
     MAX_EXHAUSTED_HOLD_SECONDS,
     MIN_SHARE,

@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from lb.metering import Metering
+from lb.metering.usage import Usage
 from lb.telemetry import Telemetry
-from lb.usage import Usage
 from tests.conftest import CLIENT_KEY
 
 

@@ -1,7 +1,7 @@
 """Stateful objects through the pool (one instance, records in memory): the real openai SDK over sockets.
 
 Three simulated backends, each keeping its own stored responses, conversations, files and batches
-(lb.sim_objects) and answering as Azure does for an id it does not hold; without the routing, two
+(lb.sim.objects) and answering as Azure does for an id it does not hold; without the routing, two
 calls in three would reach a backend that answers 400 `previous_response_not_found` or 404.
 """
 

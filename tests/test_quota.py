@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lb.config import ConfigError, load_settings
-from lb.quota import ClientQuotaExceeded, Limit, Limiter, parse_limits
+from lb.metering.quota import ClientQuotaExceeded, Limit, Limiter, parse_limits
 
 GUID = "0b3c5a6e-1f2d-4c8b-9a7e-2d4f6b8c0a1e"
 BACKEND = {"BACKEND_1_URL": "https://one.openai.azure.com"}

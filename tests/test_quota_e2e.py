@@ -108,7 +108,7 @@ def test_two_instances_on_azurite_share_one_limit_and_the_other_client_is_unaffe
 def test_a_table_outage_keeps_limits_per_instance_and_logs_once(make_pool, servers, azurite, caplog) -> None:
     if azurite.external_url:
         pytest.skip("cannot stop an Azurite we did not start (AZURITE_TABLE_URL is set)")
-    caplog.set_level(logging.INFO, logger="lb.usage")
+    caplog.set_level(logging.INFO, logger="lb.metering.usage")
     pool = make_pool(1)
     backend_env = {"BACKEND_1_URL": pool.proxy.settings.backends[0].url, "BACKEND_1_APIKEY": "key-1"}
     urls, proxies = two_instances(servers, azurite, backend_env, "anonymous=3rpm")
@@ -132,7 +132,7 @@ def test_a_table_outage_keeps_limits_per_instance_and_logs_once(make_pool, serve
     while not any("reachable again" in r.getMessage() for r in caplog.records):
         assert time.monotonic() < deadline, "the usage share did not recover"
         time.sleep(0.2)
-    warnings = [r for r in caplog.records if r.name == "lb.usage" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "lb.metering.usage" and r.levelno == logging.WARNING]
     for instance in ids:  # once per instance, however many rounds failed
         assert sum(instance in r.getMessage() for r in warnings) == 1
     assert all("per instance" in r.getMessage() and "AccountKey" not in r.getMessage() for r in warnings)

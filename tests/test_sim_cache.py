@@ -1,11 +1,11 @@
-"""The simulated backends' prompt cache follows Azure OpenAI's rules (lb.sim_cache)."""
+"""The simulated backends' prompt cache follows Azure OpenAI's rules (lb.sim.cache)."""
 
 from __future__ import annotations
 
 import openai
 
 from lb.sim import Servers, SimBackend
-from lb.sim_cache import PromptCache, prompt_text, tokens
+from lb.sim.cache import PromptCache, prompt_text, tokens
 
 T0 = 100.0
 

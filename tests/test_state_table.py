@@ -27,7 +27,7 @@ from lb.config import StateSettings, load_settings
 from lb.proxy import Proxy
 from lb.sim import Servers, SimBackend
 from lb.state import Cooldown
-from lb.state_table import TableStore, row_key
+from lb.state.table import TableStore, row_key
 from tests.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, azurite_fixture, connection_string  # noqa: F401
 
 API_VERSION = "2024-10-21"

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lb.throttle import MIN_COOLDOWN_SECONDS, MIN_HINTED_COOLDOWN_SECONDS, cooldown_seconds, parse_duration
+from lb.routing.throttle import MIN_COOLDOWN_SECONDS, MIN_HINTED_COOLDOWN_SECONDS, cooldown_seconds, parse_duration
 
 NOW = 1_700_000_000.0
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lb.usage import Usage, UsageReader, from_object, with_usage_requested
+from lb.metering.usage import Usage, UsageReader, from_object, with_usage_requested
 
 
 def read(chunks: list[bytes], event_stream: bool) -> Usage | None:

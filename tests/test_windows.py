@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from lb.windows import Windows
+from lb.metering.windows import Windows
 
 
 def test_minute_is_the_last_sixty_seconds_and_hour_the_last_sixty_minutes() -> None:

@@ -26,7 +26,7 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import Response
 
-from lb import errors, headers, logctx, throttle
+from lb import errors, headers, logctx
 from lb.auth import Client
 from lb.config import Backend, Settings
 from lb.objects.ids import COLLECTIONS, REASONING_ID, ObjectCall, ObjectId, classify, kind_of
@@ -34,6 +34,7 @@ from lb.objects.records import RETENTION_SECONDS, ObjectRecord, ObjectStore
 from lb.objects.watch import watch, watch_all
 from lb.relay import UpstreamResponse
 from lb.requestinfo import RequestInfo
+from lb.routing import throttle
 from lb.state import ANY_DEPLOYMENT
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from azure.data.tables import UpdateMode
 
 from lb.config import StateSettings
 from lb.objects.records import MAX_RECORDS, ObjectRecord, ObjectStore
-from lb.state_table import make_table_client, row_key
+from lb.state.table import make_table_client, row_key
 
 log = logging.getLogger("lb.state")
 

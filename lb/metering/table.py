@@ -3,7 +3,7 @@
 Why it is built this way:
 - Never a Table call per request. Each instance counts in memory (`lb.metering`) and, once a
   second at most and only when something changed, writes its own row: its live buckets (the last
-  60 one-second and 60 one-minute buckets per client and backend, `lb.windows`). It then reads the
+  60 one-second and 60 one-minute buckets per client and backend, `lb.metering.windows`). It then reads the
   partition (one query) and sums the other instances' rows into the limiter's `others` and the
   pool's totals. The limit is thus enforced on a view about a second old: a client can overshoot
   by what the pool admits for it in that second, which is what one write per second buys.
@@ -31,12 +31,12 @@ from azure.data.tables import UpdateMode
 from azure.data.tables.aio import TableClient
 
 from lb.config import ConfigError, StateSettings
-from lb.windows import Windows
+from lb.metering.windows import Windows
 
 if TYPE_CHECKING:
     from lb.metering import Metering
 
-log = logging.getLogger("lb.usage")  # apart from lb.state: its outage is the same Table's, its meaning not
+log = logging.getLogger("lb.metering.usage")  # apart from lb.state: its outage is the same Table's, its meaning not
 
 SHARE_INTERVAL_SECONDS = 1.0
 OP_TIMEOUT_SECONDS = 2.0

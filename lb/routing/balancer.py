@@ -8,13 +8,13 @@ drained first.
 Two policies (`LB_POLICY`) differ only in the weights inside the group:
 - `random`: the configured weights. Nothing is estimated per request.
 - `headroom`: the configured weights times the share of quota each backend last reported left
-  (`lb.headroom`), so load drifts away from a backend before it answers 429. A backend that
+  (`lb.routing.headroom`), so load drifts away from a backend before it answers 429. A backend that
   reported 0 left counts as cooling until its quota refills (the 429 round trip is skipped), one
   with fewer tokens left than the request needs counts as cooling for that call while another
   (even of a worse priority) has enough, and one with no fresh reading gets its full weight so it
   is probed rather than starved.
 
-With prompt-cache affinity on (`LB_AFFINITY`, `lb.affinity`), a call that names a conversation
+With prompt-cache affinity on (`LB_AFFINITY`, `lb.routing.affinity`), a call that names a conversation
 is not drawn at random: the group is ranked in the conversation's own order (weighted rendezvous
 hashing over the configured weights, the same on every instance) and the first backend not over
 its fair share of recent calls takes it. Who is in the group is decided as before (cooling,
@@ -30,9 +30,9 @@ import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from lb.affinity import Affinity, conversation_key
 from lb.config import POLICIES, Backend
-from lb.headroom import Headroom, estimate_tokens
+from lb.routing.affinity import Affinity, conversation_key
+from lb.routing.headroom import Headroom, estimate_tokens
 from lb.state import ANY_DEPLOYMENT, CooldownStore
 
 

@@ -1,9 +1,9 @@
 """Per-client quotas (`LB_CLIENT_LIMITS`): tokens and requests per minute, over the pool.
 
 Why it works this way:
-- A sliding 60-second window in one-second buckets (`lb.windows`), not a fixed minute: a fixed
+- A sliding 60-second window in one-second buckets (`lb.metering.windows`), not a fixed minute: a fixed
   window lets a client spend two minutes' worth around each boundary.
-- A call is charged at admission on its estimate (`lb.headroom.estimate_tokens`: body size / 4
+- A call is charged at admission on its estimate (`lb.routing.headroom.estimate_tokens`: body size / 4
   plus `max_tokens`, `max_completion_tokens` or `max_output_tokens`), as Azure OpenAI and API Management's
   token-limit policy do, so a burst of concurrent calls cannot all pass before any answer is
   counted; the charge is trued up to the answer's `usage` when it ends (to 0 tokens when the
@@ -11,7 +11,7 @@ Why it works this way:
 - A call is refused while the window is full (requests), or while its estimate does not fit in
   what is left (tokens). A call larger than the whole limit still passes on an empty window, as
   it would otherwise never pass. The 429 says when enough of the window frees.
-- Other instances' charges come in through `others` (see `lb.quota_table`), about a second old;
+- Other instances' charges come in through `others` (see `lb.metering.table`), about a second old;
   without a shared table, or while it is away, the limits hold per instance.
 """
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from lb.config import ConfigError
 from lb.errors import ProxyError
-from lb.headroom import estimate_tokens
-from lb.windows import MINUTE, Windows
+from lb.metering.windows import MINUTE, Windows
+from lb.routing.headroom import estimate_tokens
 
 REQUESTS, TOKENS = 0, 1
 _LIMIT_RE = re.compile(r"(\d+)\s*(tpm|rpm)", re.IGNORECASE)

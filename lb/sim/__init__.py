@@ -10,7 +10,7 @@ or 5xx, latency, or never answering. Like Azure OpenAI it charges a call's token
 from the prompt's length (4 characters a token) plus `max_tokens` (or `max_output_tokens`), and
 sends no limit or reset header on a 200. Usage (`prompt_tokens`, the Responses API's
 `input_tokens`) uses the same 4-characters rule, and `cached_tokens` comes from a model of Azure's
-prompt cache per backend and deployment (lb.sim_cache).
+prompt cache per backend and deployment (lb.sim.cache).
 It is a bare ASGI app so it costs little CPU next to the proxy being measured.
 """
 
@@ -28,11 +28,11 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from lb.sim_cache import PromptCache, prompt_text, tokens
-from lb.sim_objects import SimObjects
+from lb.sim.cache import PromptCache, prompt_text, tokens
+from lb.sim.objects import SimObjects
 
 # The prompt-cache hit of the call this task is answering, for the Responses API paths served by
-# lb.sim_objects (their response body is built there, from `_response`).
+# lb.sim.objects (their response body is built there, from `_response`).
 _CACHED_TOKENS: ContextVar[int] = ContextVar("cached_tokens", default=0)
 
 Scope = dict[str, Any]
@@ -72,7 +72,7 @@ class SimBackend:
     calls: list[Call] = field(default_factory=list)
     answered: dict[int, int] = field(default_factory=dict)  # status -> count
     disconnects: int = 0  # streams the caller abandoned before the end
-    cache: PromptCache = field(default_factory=PromptCache)  # prompt prefixes it served (lb.sim_cache)
+    cache: PromptCache = field(default_factory=PromptCache)  # prompt prefixes it served (lb.sim.cache)
     prefill_per_1k: float = 0.0  # extra seconds before the answer per 1,000 prompt tokens not cached
     prompt_tokens: int = 0  # totals over the calls it answered 200 (chat and responses)
     cached_tokens: int = 0

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lb.routing.throttle import parse_duration
 from lb.state import ANY_DEPLOYMENT
-from lb.throttle import parse_duration
 
 STALE_AFTER_SECONDS = 10.0  # Azure evaluates RPM per 10 s: older readings say little about now
 MAX_EXHAUSTED_HOLD_SECONDS = 60.0  # a reset header is believed this far at most (like LB_MAX_COOLDOWN_SECONDS)
@@ -43,7 +43,7 @@ def estimate_tokens(body: bytes) -> int:
     """What Azure OpenAI will charge against the tokens quota at admission, roughly.
 
     Azure counts the prompt (about 4 characters per token) plus `max_tokens` up front (per-client
-    quotas, lb.quota, charge the same estimate). The body's
+    quotas, lb.metering.quota, charge the same estimate). The body's
     length stands in for the prompt (JSON syntax and tool definitions make it an overestimate, which
     errs on the safe side) and a byte search finds `max_tokens` / `max_completion_tokens`, so no
     JSON is parsed a second time.

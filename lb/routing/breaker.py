@@ -1,7 +1,7 @@
 """Which failures say something about a backend, rather than about one request.
 
 A 429, or a 503 with Retry-After, is the backend itself saying it is busy: the proxy cools it at
-once (`lb.throttle`). A timeout or a 5xx is only one request's outcome: a prompt that makes every
+once (`lb.routing.throttle`). A timeout or a 5xx is only one request's outcome: a prompt that makes every
 model slow, or that every backend answers with 500, says nothing about any backend. So such a
 failure only lets that request fail over, and it becomes evidence against the backend only when
 the same request then succeeded on another backend (the request was fine; this backend was not).

@@ -2,7 +2,7 @@
 
 The request path only ever reads the in-memory view (`cooling_until`), so it costs a dict lookup.
 `CooldownStore` is the interface; `MemoryStore` keeps the view for one process. A shared store
-(Table Storage, `lb.state_table`) extends the same view: it publishes `mark()` in the background
+(Table Storage, `lb.state.table`) extends the same view: it publishes `mark()` in the background
 and refreshes the view from the shared table, so instances learn of each other's 429s.
 
 Times are wall-clock (`time.time()`) seconds, because they are compared across instances.

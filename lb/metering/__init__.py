@@ -1,8 +1,8 @@
 """Who spent the tokens, on which backend: the counts behind `GET /lb/usage` and the token metrics.
 
 The proxy calls two hooks around its failover loop and nothing else: `admit()` before (the
-client's quota, `lb.quota`) and `observe()` on the answer, which watches its body go by
-(`lb.usage.UsageReader`) and, when the body ends, counts its usage per client and per backend,
+client's quota, `lb.metering.quota`) and `observe()` on the answer, which watches its body go by
+(`lb.metering.usage.UsageReader`) and, when the body ends, counts its usage per client and per backend,
 exports it (`Telemetry.tokens`) and trues the quota charge up. The body is wrapped, not copied:
 each read leaves for the client as it came.
 """
@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
-from lb.quota import Charge, Limit, Limiter
+from lb.metering.quota import Charge, Limit, Limiter
+from lb.metering.usage import Usage, UsageReader, with_usage_requested
+from lb.metering.windows import Windows
 from lb.relay import UpstreamResponse
 from lb.requestinfo import RequestInfo
-from lb.usage import Usage, UsageReader, with_usage_requested
-from lb.windows import Windows
 
 if TYPE_CHECKING:
-    from lb.quota_table import UsageShare
+    from lb.metering.table import UsageShare
     from lb.telemetry import Telemetry
 
 STREAM_USAGE_AS_SENT, STREAM_USAGE_INCLUDE = "as-sent", "include"  # LB_STREAM_USAGE

@@ -3,7 +3,7 @@
 Inbound: a client sends one of `LB_CLIENT_KEYS` as `api-key` or `Authorization: Bearer` (the two
 ways the openai SDK sends a key), compared in constant time; or, with `LB_ENTRA_TENANT_ID`, an
 Entra ID token as `Authorization: Bearer` (what the openai SDK sends with `azure_ad_token_provider`),
-checked by `lb.entra`. A bearer that looks like a JWT is validated as a token, anything else as a
+checked by `lb.auth.entra`. A bearer that looks like a JWT is validated as a token, anything else as a
 key. Whatever was presented is never forwarded, logged or echoed.
 
 Outbound: a backend with `BACKEND_X_APIKEY` gets that key as `api-key`; the others get an Entra ID
@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lb.auth.entra import EntraValidator, InvalidToken, looks_like_jwt
 from lb.config import Backend, ClientKey, EntraSettings
-from lb.entra import EntraValidator, InvalidToken, looks_like_jwt
 from lb.errors import Unauthorized
 
 if TYPE_CHECKING:
