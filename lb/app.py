@@ -69,7 +69,7 @@ def create_proxy(settings: Settings) -> Proxy:
     store = create_store(settings)
     proxy = Proxy(settings, store=store, telemetry=create_telemetry(), objects=create_object_store(settings))
     if settings.state.kind == "table":  # counts are shared where cooldowns are: the pool's quotas and totals
-        from lb.metering.table import UsageShare
+        from lb.metering.share import UsageShare
 
         proxy.metering.share = UsageShare(settings.state, proxy.metering, store.instance_id)
     return proxy

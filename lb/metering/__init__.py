@@ -23,7 +23,7 @@ from lb.relay import UpstreamResponse
 from lb.requestinfo import RequestInfo
 
 if TYPE_CHECKING:
-    from lb.metering.table import UsageShare
+    from lb.metering.share import UsageShare
     from lb.telemetry import Telemetry
 
 STREAM_USAGE_AS_SENT, STREAM_USAGE_INCLUDE = "as-sent", "include"  # LB_STREAM_USAGE

@@ -11,7 +11,7 @@ Why it works this way:
 - A call is refused while the window is full (requests), or while its estimate does not fit in
   what is left (tokens). A call larger than the whole limit still passes on an empty window, as
   it would otherwise never pass. The 429 says when enough of the window frees.
-- Other instances' charges come in through `others` (see `lb.metering.table`), about a second old;
+- Other instances' charges come in through `others` (see `lb.metering.share`), about a second old;
   without a shared table, or while it is away, the limits hold per instance.
 """
 

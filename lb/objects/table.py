@@ -30,7 +30,7 @@ from azure.data.tables import UpdateMode
 
 from lb.config import StateSettings
 from lb.objects.records import MAX_RECORDS, ObjectRecord, ObjectStore
-from lb.state.table import make_table_client, row_key
+from lb.state.table import TableOps, make_table_client, row_key
 
 log = logging.getLogger("lb.state")
 
@@ -52,7 +52,7 @@ class TableObjectStore(ObjectStore):
         self.settings = settings
         self.partition = f"{settings.pool}|objects"
         self.op_timeout = op_timeout
-        self.ops = {"reads": 0, "queries": 0, "writes": 0, "deletes": 0}  # HTTP requests sent
+        self.ops = TableOps()
         self.healthy = True
         self.last_error: str | None = None
         self._retry_at = 0.0  # monotonic; before it, a faulty table is not asked
@@ -60,14 +60,7 @@ class TableObjectStore(ObjectStore):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
-        self._client, self._credential = make_table_client(settings, op_timeout, self._count)
-
-    def _count(self, request: Any) -> None:
-        http = request.http_request
-        if http.method == "GET":
-            self.ops["reads" if "RowKey=" in http.url.split("?")[0] else "queries"] += 1
-        else:
-            self.ops["deletes" if http.method == "DELETE" else "writes"] += 1
+        self._client, self._credential = make_table_client(settings, op_timeout, self.ops)
 
     # Lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -73,6 +73,21 @@ def default_instance_id() -> str:
     return f"{site or socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+class TableOps(dict):
+    """The HTTP requests a Table client sent, by kind: its `raw_request_hook`, so tests, figures and
+    `/lb/status` count what went on the wire (SDK retries included)."""
+
+    def __init__(self) -> None:
+        super().__init__(queries=0, reads=0, writes=0, deletes=0)
+
+    def __call__(self, request: Any) -> None:
+        http = request.http_request
+        if http.method == "GET":
+            self["reads" if "RowKey=" in http.url.split("?")[0] else "queries"] += 1
+        else:
+            self["deletes" if http.method == "DELETE" else "writes"] += 1
+
+
 def make_table_client(settings: StateSettings, op_timeout: float, hook: Any) -> tuple[TableClient, Any]:
     """A client of the state table (and its Entra ID credential, None with a connection string); every
     call bounded by `op_timeout`, never retried by the SDK, each HTTP request shown to `hook`."""
@@ -112,7 +127,7 @@ class TableStore(CooldownStore):
         self.instance_id = instance_id or default_instance_id()
         self.op_timeout = op_timeout
         self.keep_expired_seconds = keep_expired_seconds
-        self.ops = {"queries": 0, "reads": 0, "writes": 0, "deletes": 0}  # HTTP requests sent, retries included
+        self.ops = TableOps()
         self.healthy = True
         self.last_error: str | None = None
         self._credential: Any = None
@@ -132,16 +147,8 @@ class TableStore(CooldownStore):
         self._rows: dict[tuple[str, str], Known] = {}  # what the table holds, as last listed or written
 
     def _make_client(self, settings: StateSettings) -> TableClient:
-        client, self._credential = make_table_client(settings, self.op_timeout, self._count)
+        client, self._credential = make_table_client(settings, self.op_timeout, self.ops)
         return client
-
-    def _count(self, request: Any) -> None:
-        """raw_request_hook: runs for every HTTP request the SDK sends, so tests count what goes on the wire."""
-        http = request.http_request
-        if http.method == "GET":
-            self.ops["reads" if "RowKey=" in http.url.split("?")[0] else "queries"] += 1
-        else:
-            self.ops["deletes" if http.method == "DELETE" else "writes"] += 1
 
     # Lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
-from azure.data.tables.aio import TableClient
 
-from lb.config import ConfigError, StateSettings
+from lb.config import StateSettings
 from lb.metering.windows import Windows
+from lb.state.table import TableOps, make_table_client
 
 if TYPE_CHECKING:
     from lb.metering import Metering
@@ -64,39 +64,17 @@ class UsageShare:
         self.interval = interval
         self.op_timeout = op_timeout
         self.partition = f"{settings.pool}.usage"
-        self.ops = {"queries": 0, "writes": 0, "deletes": 0}  # HTTP requests sent: what the figures count
+        self.ops = TableOps()  # HTTP requests sent: what the figures count
         self.healthy = True
         self.last_error: str | None = None
         self.pool_clients = Windows(metering.clients.width)  # the other instances' counts, as last read
         self.pool_backends = Windows(metering.backends.width)
         self.instances = 0  # rows with counts seen at the last read, this one's included
-        self._credential: Any = None
-        self._client = self._make_client(settings)
+        self._client, self._credential = make_table_client(settings, op_timeout, self.ops)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._deleting: set[asyncio.Task[None]] = set()
         self._written_version = 0  # the row is first written once something was counted
-
-    def _make_client(self, settings: StateSettings) -> TableClient:
-        options: dict[str, Any] = {
-            "connection_timeout": self.op_timeout,
-            "read_timeout": self.op_timeout,
-            "retry_total": 0,  # the next round is the retry
-            "raw_request_hook": self._count,
-        }
-        if settings.connection_string:
-            try:
-                return TableClient.from_connection_string(settings.connection_string, settings.table, **options)
-            except ValueError:
-                raise ConfigError("LB_STATE_CONNECTION_STRING: not a valid Storage connection string") from None
-        from azure.identity.aio import DefaultAzureCredential
-
-        self._credential = DefaultAzureCredential()
-        return TableClient(str(settings.table_endpoint), settings.table, credential=self._credential, **options)
-
-    def _count(self, request: Any) -> None:
-        method = request.http_request.method
-        self.ops["queries" if method == "GET" else "deletes" if method == "DELETE" else "writes"] += 1
 
     # Lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
