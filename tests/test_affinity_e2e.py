@@ -134,3 +134,37 @@ def test_the_demo_conversation_shows_cached_tokens_rising(servers, capsys):
     assert cached[0] == 0 and cached == sorted(cached) and cached[-1] > 0
     assert len(set(re.findall(r"-> backend-(\d)", out))) == 1
     assert "cached share of prompt tokens:" in out
+
+
+def test_lb_serve_keeps_a_conversation_on_one_backend_by_default(servers):
+    """As a user starts it: a `python -m lb serve` process, no LB_AFFINITY set, the real SDK."""
+    import time
+
+    import openai
+
+    from lb.sim import SimBackend, free_port
+
+    port = free_port()
+    env = {"LB_CLIENT_KEYS": CLIENT_KEY}
+    for i in (1, 2, 3):
+        env[f"BACKEND_{i}_URL"] = servers.start(SimBackend(f"s{i}", api_key=f"key-{i}"))
+        env[f"BACKEND_{i}_APIKEY"] = f"key-{i}"
+    process = run_lb(env, "serve", "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(url + "/healthz")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and process.poll() is None, "lb serve did not start"
+                time.sleep(0.1)
+        client = openai.AzureOpenAI(azure_endpoint=url, api_key=CLIENT_KEY, api_version=API_VERSION, max_retries=0)
+        turns = converse(client, "Why is my bill higher this month?", 4)
+        status = httpx.get(url + "/lb/status", headers={"api-key": CLIENT_KEY}).json()
+    finally:
+        process.terminate()
+        process.communicate(timeout=20)
+    assert status["affinity"] == "on"
+    assert len({backend for backend, *_ in turns}) == 1 and turns[-1][2] > 0

@@ -94,3 +94,10 @@ def test_the_offline_model_replays_the_pick_and_affinity_beats_random():
     at_random, _ = replay(convs, 1, None)
     assert at_random < with_affinity <= most(convs) + 1e-9
     assert abs(sum(load) - 1) < 1e-9
+
+
+def test_the_on_off_cost_run_measures_both_processes():
+    from bench.affinity_cost import measure
+
+    cpu = measure(calls=40, backends=2, blocks=2)
+    assert set(cpu) == {"on", "off"} and all(v >= 0 for v in cpu.values())
