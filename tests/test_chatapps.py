@@ -56,9 +56,11 @@ def token_provider(idp: LocalIdP) -> Callable[[], Awaitable[str]]:
     return provide
 
 
-def keyless_pool(make_pool, idp: LocalIdP, n: int = 2, **backend_kwargs: object):
+def keyless_pool(
+    make_pool, idp: LocalIdP, n: int = 2, extra_env: dict[str, str] | None = None, **backend_kwargs: object
+):
     """Balancer accepting only the chat app's Entra identity: LB_ENTRA_ALLOWED_CLIENTS, no client keys."""
-    env = entra_env(idp, LB_ENTRA_ALLOWED_CLIENTS=APP_ID, LB_CLIENT_KEYS="")
+    env = entra_env(idp, LB_ENTRA_ALLOWED_CLIENTS=APP_ID, LB_CLIENT_KEYS="", **(extra_env or {}))
     return make_pool(n, env=env, **backend_kwargs)
 
 
@@ -115,14 +117,15 @@ def test_quickstart_with_a_token_of_another_identity_gets_401(make_pool, idp):
 
 
 def test_quickstart_stream_survives_a_throttled_backend(make_pool, idp):
-    pool = keyless_pool(make_pool, idp, n=3)
+    # Backend 3 is the fallback group, so the first call meets both throttled ones before it.
+    pool = keyless_pool(make_pool, idp, n=3, extra_env={"BACKEND_3_PRIORITY": "2"})
     for backend in pool.backends[:2]:
-        backend.throttle_next = 1  # whichever of these two is picked first answers 429
+        backend.throttle_next = 1
     provider = token_provider(idp)
     for _ in range(4):
         lines = run(quickstart_chat(pool.url, provider, CHAT))
         assert lines[-1]["type"] == "response.completed"
-    assert sum(b.count(429) for b in pool.backends) >= 1
+    assert [b.count(429) for b in pool.backends] == [1, 1, 0]
 
 
 # ---- azure-search-openai-demo (OPENAI_HOST=azure_custom) ----
