@@ -24,8 +24,10 @@ from starlette.responses import JSONResponse, Response
 
 from lb import errors, logctx
 from lb.auth import BackendAuth, Client, ClientAuth
+from lb.auth.refusals import refuses_our_credential
 from lb.config import Backend, Settings
 from lb.headers import forwarded as forwarded_headers
+from lb.headers import returned as returned_headers
 from lb.metering import Metering
 from lb.objects.records import ObjectStore
 from lb.objects.router import ObjectRouter
@@ -43,7 +45,7 @@ log = logging.getLogger("lb")
 _deadline: ContextVar[float | None] = ContextVar("lb_deadline", default=None)  # this request's, monotonic
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-AUTH_REFUSED = frozenset({401, 403})  # the backend refuses our credential: fail over, cool long
+AUTH_REFUSED = frozenset({401, 403})  # ours refused (fail over, cool long) or the client's answer: lb.auth.refusals
 AUTH_REASON = "auth"  # cooldown reasons that start with this mean "refuses our credential"
 DISCARD_READ_SECONDS = 0.5  # how long a failed-over answer's body may take to drain
 CAUSE_CHARS = 200
@@ -262,7 +264,11 @@ class Proxy:
                     if reading is not None and reading.near_limit(now):
                         self.store.expect_throttling(now)  # before the first 429, not after it
                 if status in AUTH_REFUSED:
-                    seconds = await self._refused(backend, info, upstream)
+                    refusal = await _discard(upstream)
+                    if not refuses_our_credential(info.raw_path, refusal):  # about what the client asked
+                        self._attempted(attempt, info, status, None)
+                        return _refusal_relayed(upstream, refusal, backend, len(tried))
+                    seconds = self._refused(backend, info, status, refusal)
                     self._attempted(attempt, info, status, seconds)
                     choice = self._next(info, tried, need)
                     continue
@@ -300,7 +306,7 @@ class Proxy:
         if isinstance(choice, NoCandidate) and not choice.served:
             raise errors.NotFound(f"No backend serves deployment '{info.deployment}'.")
         if self._all_refuse_us(info):
-            raise errors.BackendAuthFailed(info.deployment)
+            return errors.BackendAuthFailed(info.deployment).response({"x-lb-attempts": str(len(tried))})
         if failure is not None:
             return failure.response({"x-lb-attempts": str(len(tried))})
         return self._all_cooling(info, tried)
@@ -328,11 +334,11 @@ class Proxy:
                 seconds,
             )
 
-    async def _refused(self, backend: Backend, info: RequestInfo, upstream: httpx.Response) -> float:
-        """The backend refuses our credential: out of rotation for long, said once in the log and in
-        /lb/status, with its own words as the cause (a wrong key is never the client's problem)."""
-        status = upstream.status_code
-        cause = _cause(await _discard(upstream), backend)
+    def _refused(self, backend: Backend, info: RequestInfo, status: int, refusal: bytes) -> float:
+        """The backend refuses our credential (`lb.auth.refusals`): out of rotation for long, said
+        once in the log and in /lb/status, with its own words as the cause (a wrong key is never the
+        client's problem)."""
+        cause = _cause(refusal, backend)
         seconds = self.settings.auth_cooldown_seconds
         self._cool(backend, info.deployment, seconds, f"{AUTH_REASON} {status}: {cause}")
         if self.auth_failures.record(backend.name, status, cause):
@@ -458,10 +464,25 @@ async def _discard(upstream: httpx.Response) -> bytes:
         await upstream.aclose()
 
 
+def _refusal_relayed(upstream: httpx.Response, body: bytes, backend: Backend, attempts: int) -> Response:
+    """A 401/403 about what the client asked (read to be judged, so relayed as read: decoded)."""
+    response = Response(body, status_code=upstream.status_code)
+    skip = {b"content-length", b"content-encoding"}
+    returned = [(k, v) for k, v in returned_headers(upstream.headers, backend.url) if k not in skip]
+    response.raw_headers = [
+        *returned,
+        (b"content-length", str(len(body)).encode()),
+        (b"x-lb-backend", backend.name.encode()),
+        (b"x-lb-attempts", str(attempts).encode()),
+    ]
+    return response
+
+
 def _cause(body: bytes, backend: Backend) -> str:
     """The backend's own reason for refusing us, short and on one line, never with our key in it."""
     try:
-        error = json.loads(body)["error"]
+        data = json.loads(body)
+        error = data["error"] if isinstance(data.get("error"), dict) else data  # or {"statusCode", "message"}
         cause = f"{error.get('code', '')}: {error.get('message', '')}".strip(": ")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         cause = ""
