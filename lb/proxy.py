@@ -213,9 +213,10 @@ class Proxy:
         """Try backends until one answers for good; `tried` collects every attempt made.
 
         Only the backend's own words cool it at once: a 429 or a 503 with Retry-After (busy), a
-        401/403 (our credential is refused), a refused connection. A timeout or another 5xx lets
-        this request fail over, and becomes evidence against that backend (`lb.routing.breaker`) only if
-        the request then succeeds elsewhere.
+        401/403 refusing our credential (any other 401/403 is the client's answer), a refused
+        connection. No token of our own (`BackendCredentialUnavailable`) blames no backend. A
+        timeout or another 5xx lets this request fail over, and becomes evidence against that
+        backend (`lb.routing.breaker`) only if the request then succeeds elsewhere.
         """
         settings = self.settings
         headers = forwarded_headers(request, logctx.current_request_id.get())
@@ -241,6 +242,11 @@ class Proxy:
                     first_byte = settings.attempt_timeout_seconds
             try:
                 upstream = await self._send(backend, request.method, info, headers, remaining, connect, first_byte)
+            except errors.BackendCredentialUnavailable as exc:  # our token, not the backend: nothing blamed
+                failure = exc
+                self._attempted(attempt, info, "error BackendCredentialUnavailable", None)
+                choice = self._next(info, tried, need)
+                continue
             except Exception as exc:
                 failure = errors.upstream_error(exc, backend.name)
                 seconds = None
@@ -436,7 +442,7 @@ class Proxy:
         `connect` bounds the pool wait and connect, `first_byte` the wait for the head. The relay
         bounds the body's reads by the request's deadline."""
         deadline = time.monotonic() + total
-        auth = await self.backend_auth.headers(backend)
+        auth = await self.backend_auth.headers(backend, deadline)  # waits only for a first token, to the deadline
         path, body = upstream_call(backend, info)  # this backend's deployment name
         connect = total if connect is None else min(connect, total)
         # A bare httpx.Request, not client.build_request(): the client's default headers (its own

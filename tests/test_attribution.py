@@ -11,9 +11,11 @@ import httpx
 import openai
 import pytest
 
+from lb.auth import BackendAuth
 from lb.routing.breaker import Breaker
 from lb.sim import SimBackend
 from tests.conftest import CLIENT_KEY
+from tests.test_auth import FakeCredential
 from tests.test_faults import MESSAGES, post
 
 
@@ -208,3 +210,25 @@ def test_the_all_refused_502_says_how_many_attempts_it_took(make_pool):
     pool = make_pool(2, env={"BACKEND_1_APIKEY": "wrong-1", "BACKEND_2_APIKEY": "wrong-2"})
     answer = post(pool.url)
     assert answer.status_code == 502 and answer.headers["x-lb-attempts"] == "2"
+
+
+def test_a_failing_token_fetch_is_the_balancers_own_503_and_cools_no_backend(make_pool, caplog):
+    pool = make_pool(1, env={"BACKEND_1_APIKEY": ""})  # keyless: an Entra ID token is sent
+    pool.proxy.backend_auth = BackendAuth(FakeCredential(fail=True))
+    with caplog.at_level(logging.ERROR, logger="lb"):
+        for _ in range(3):
+            answer = post(pool.url)
+            assert answer.status_code == 503 and answer.headers["x-lb-attempts"] == "1"
+            assert answer.json()["error"]["code"] == "BackendCredentialUnavailable"
+    assert pool.proxy.store.active() == [] and pool.backends[0].calls == []
+    assert sum("could not be fetched" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_slow_first_token_fetch_ends_at_the_request_deadline(make_pool):
+    pool = make_pool(1, env={"BACKEND_1_APIKEY": "", "HTTP_TIMEOUT_SECONDS": "1"})
+    pool.proxy.backend_auth = BackendAuth(FakeCredential(delay=5))
+    started = time.monotonic()
+    answer = post(pool.url)
+    assert time.monotonic() - started < 3
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "BackendCredentialUnavailable"
+    assert pool.proxy.store.active() == []

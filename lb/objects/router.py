@@ -231,6 +231,9 @@ class ObjectRouter:
                 first_byte = settings.attempt_timeout_seconds
         try:
             upstream = await proxy._send(backend, request.method, info, forwarded, remaining, connect, first_byte)
+        except errors.BackendCredentialUnavailable as exc:  # our token, not the backend: nothing blamed
+            proxy._attempted(attempt, info, "error BackendCredentialUnavailable", None)
+            return exc.response({"x-lb-attempts": str(len(tried))})
         except Exception as exc:
             seconds = None
             if isinstance(exc, httpx.ConnectError):
