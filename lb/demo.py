@@ -81,9 +81,12 @@ def run_demo() -> int:
     print(f"   normal:    {normal.ok}/{normal.calls} calls answered 200, served by backends {_share(normal)}")
     print(
         f"   throttled: {throttled.ok}/{throttled.calls} calls answered 200, "
-        f"{throttled.absorbed_429s} upstream 429s absorbed, served by backends {_share(throttled)}"
+        f"{_absorbed(throttled.absorbed_429s)}, served by backends {_share(throttled)}"
     )
-    print(f"   recovered: {after.ok}/{after.calls} calls answered 200, served by backends {_share(after)}")
+    print(
+        f"   recovered: {after.ok}/{after.calls} calls answered 200, "
+        f"{_absorbed(after.absorbed_429s)}, served by backends {_share(after)}"
+    )
     print(
         f"   stateful:  {conversation.ok}/{conversation.calls} Responses calls answered,"
         f" served by backend {_share(conversation)}"
@@ -92,6 +95,10 @@ def run_demo() -> int:
     print("   by kind:   " + ", ".join(f"{kind} {ok}/{calls}" for kind, (ok, calls) in kinds.items()))
     print(f"   client-visible failures: {failed}")
     return 1 if failed or throttled.absorbed_429s == 0 or not cached_ok else 0
+
+
+def _absorbed(n: int) -> str:
+    return f"{n} upstream 429{'' if n == 1 else 's'} absorbed"
 
 
 def _traffic(clients: dict[str, Any], backends: list[SimBackend], label: str, n: int, pause: float = 0.0) -> Tally:

@@ -14,6 +14,7 @@
      +-- BadGateway          502     connect error / protocol error on the last attempt
      +-- BackendAuthFailed   502     every backend refuses the proxy's own credential (401/403)
      +-- Overloaded          503     `lb serve` holds LB_SERVE_MAX_CONNECTIONS connections already
+     +-- BackendCredentialUnavailable 503  no Entra ID token of its own for keyless backends (fetch failed, slow)
      +-- GatewayTimeout      504     deadline (HTTP_TIMEOUT_SECONDS) spent
 
 `upstream_error()` is the one place that maps httpx's exceptions onto these.
@@ -122,6 +123,13 @@ class BackendAuthFailed(ProxyError):
             f"The load balancer could not authenticate to any backend for {what}: they refuse its own"
             " credential (its operator can see why in /lb/status). Your key was accepted."
         )
+
+
+class BackendCredentialUnavailable(ProxyError):
+    """Not the client's key, nor the backend: the proxy could not get its own Entra ID token for them."""
+
+    status = 503
+    code = "BackendCredentialUnavailable"
 
 
 class Overloaded(ProxyError):

@@ -24,8 +24,10 @@ from starlette.responses import JSONResponse, Response
 
 from lb import errors, logctx
 from lb.auth import BackendAuth, Client, ClientAuth
+from lb.auth.refusals import refuses_our_credential
 from lb.config import Backend, Settings
 from lb.headers import forwarded as forwarded_headers
+from lb.headers import returned as returned_headers
 from lb.metering import Metering
 from lb.objects.records import ObjectStore
 from lb.objects.router import ObjectRouter
@@ -43,7 +45,7 @@ log = logging.getLogger("lb")
 _deadline: ContextVar[float | None] = ContextVar("lb_deadline", default=None)  # this request's, monotonic
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-AUTH_REFUSED = frozenset({401, 403})  # the backend refuses our credential: fail over, cool long
+AUTH_REFUSED = frozenset({401, 403})  # ours refused (fail over, cool long) or the client's answer: lb.auth.refusals
 AUTH_REASON = "auth"  # cooldown reasons that start with this mean "refuses our credential"
 DISCARD_READ_SECONDS = 0.5  # how long a failed-over answer's body may take to drain
 CAUSE_CHARS = 200
@@ -211,9 +213,10 @@ class Proxy:
         """Try backends until one answers for good; `tried` collects every attempt made.
 
         Only the backend's own words cool it at once: a 429 or a 503 with Retry-After (busy), a
-        401/403 (our credential is refused), a refused connection. A timeout or another 5xx lets
-        this request fail over, and becomes evidence against that backend (`lb.routing.breaker`) only if
-        the request then succeeds elsewhere.
+        401/403 refusing our credential (any other 401/403 is the client's answer), a refused
+        connection. No token of our own (`BackendCredentialUnavailable`) blames no backend. A
+        timeout or another 5xx lets this request fail over, and becomes evidence against that
+        backend (`lb.routing.breaker`) only if the request then succeeds elsewhere.
         """
         settings = self.settings
         headers = forwarded_headers(request, logctx.current_request_id.get())
@@ -239,6 +242,11 @@ class Proxy:
                     first_byte = settings.attempt_timeout_seconds
             try:
                 upstream = await self._send(backend, request.method, info, headers, remaining, connect, first_byte)
+            except errors.BackendCredentialUnavailable as exc:  # our token, not the backend: nothing blamed
+                failure = exc
+                self._attempted(attempt, info, "error BackendCredentialUnavailable", None)
+                choice = self._next(info, tried, need)
+                continue
             except Exception as exc:
                 failure = errors.upstream_error(exc, backend.name)
                 seconds = None
@@ -262,7 +270,11 @@ class Proxy:
                     if reading is not None and reading.near_limit(now):
                         self.store.expect_throttling(now)  # before the first 429, not after it
                 if status in AUTH_REFUSED:
-                    seconds = await self._refused(backend, info, upstream)
+                    refusal = await _discard(upstream)
+                    if not refuses_our_credential(info.raw_path, refusal):  # about what the client asked
+                        self._attempted(attempt, info, status, None)
+                        return _refusal_relayed(upstream, refusal, backend, len(tried))
+                    seconds = self._refused(backend, info, status, refusal)
                     self._attempted(attempt, info, status, seconds)
                     choice = self._next(info, tried, need)
                     continue
@@ -300,7 +312,7 @@ class Proxy:
         if isinstance(choice, NoCandidate) and not choice.served:
             raise errors.NotFound(f"No backend serves deployment '{info.deployment}'.")
         if self._all_refuse_us(info):
-            raise errors.BackendAuthFailed(info.deployment)
+            return errors.BackendAuthFailed(info.deployment).response({"x-lb-attempts": str(len(tried))})
         if failure is not None:
             return failure.response({"x-lb-attempts": str(len(tried))})
         return self._all_cooling(info, tried)
@@ -328,11 +340,11 @@ class Proxy:
                 seconds,
             )
 
-    async def _refused(self, backend: Backend, info: RequestInfo, upstream: httpx.Response) -> float:
-        """The backend refuses our credential: out of rotation for long, said once in the log and in
-        /lb/status, with its own words as the cause (a wrong key is never the client's problem)."""
-        status = upstream.status_code
-        cause = _cause(await _discard(upstream), backend)
+    def _refused(self, backend: Backend, info: RequestInfo, status: int, refusal: bytes) -> float:
+        """The backend refuses our credential (`lb.auth.refusals`): out of rotation for long, said
+        once in the log and in /lb/status, with its own words as the cause (a wrong key is never the
+        client's problem)."""
+        cause = _cause(refusal, backend)
         seconds = self.settings.auth_cooldown_seconds
         self._cool(backend, info.deployment, seconds, f"{AUTH_REASON} {status}: {cause}")
         if self.auth_failures.record(backend.name, status, cause):
@@ -430,7 +442,7 @@ class Proxy:
         `connect` bounds the pool wait and connect, `first_byte` the wait for the head. The relay
         bounds the body's reads by the request's deadline."""
         deadline = time.monotonic() + total
-        auth = await self.backend_auth.headers(backend)
+        auth = await self.backend_auth.headers(backend, deadline)  # waits only for a first token, to the deadline
         path, body = upstream_call(backend, info)  # this backend's deployment name
         connect = total if connect is None else min(connect, total)
         # A bare httpx.Request, not client.build_request(): the client's default headers (its own
@@ -458,10 +470,25 @@ async def _discard(upstream: httpx.Response) -> bytes:
         await upstream.aclose()
 
 
+def _refusal_relayed(upstream: httpx.Response, body: bytes, backend: Backend, attempts: int) -> Response:
+    """A 401/403 about what the client asked (read to be judged, so relayed as read: decoded)."""
+    response = Response(body, status_code=upstream.status_code)
+    skip = {b"content-length", b"content-encoding"}
+    returned = [(k, v) for k, v in returned_headers(upstream.headers, backend.url) if k not in skip]
+    response.raw_headers = [
+        *returned,
+        (b"content-length", str(len(body)).encode()),
+        (b"x-lb-backend", backend.name.encode()),
+        (b"x-lb-attempts", str(attempts).encode()),
+    ]
+    return response
+
+
 def _cause(body: bytes, backend: Backend) -> str:
     """The backend's own reason for refusing us, short and on one line, never with our key in it."""
     try:
-        error = json.loads(body)["error"]
+        data = json.loads(body)
+        error = data["error"] if isinstance(data.get("error"), dict) else data  # or {"statusCode", "message"}
         cause = f"{error.get('code', '')}: {error.get('message', '')}".strip(": ")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         cause = ""

@@ -11,8 +11,11 @@ import httpx
 import openai
 import pytest
 
+from lb.auth import BackendAuth
 from lb.routing.breaker import Breaker
+from lb.sim import SimBackend
 from tests.conftest import CLIENT_KEY
+from tests.test_auth import FakeCredential
 from tests.test_faults import MESSAGES, post
 
 
@@ -147,3 +150,85 @@ def test_when_every_backend_refuses_our_key_the_client_hears_it_is_not_its_key(m
         error = exc.value.response.json()["error"]
         assert error["code"] == "BackendAuthenticationFailed" and "Your key was accepted" in error["message"]
         assert sum(len(b.calls) for b in pool.backends) == calls
+
+
+FINE_TUNING_DENIED = {
+    "error": {
+        "code": "PermissionDenied",
+        "message": "The principal `0000` lacks the required data action `Microsoft.CognitiveServices/accounts/"
+        "OpenAI/fine-tunes/write` to perform `POST /openai/v1/fine_tuning/jobs` operation.",
+    }
+}
+
+
+def denying_fine_tuning(sim: SimBackend):
+    """Azure with only the "Cognitive Services OpenAI User" role: chat is allowed, fine-tuning is not."""
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http" or "fine_tuning" not in scope["path"]:
+            return await sim(scope, receive, send)
+        while (await receive()).get("more_body"):
+            pass
+        body = json.dumps(FINE_TUNING_DENIED).encode()
+        await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def test_a_permission_denied_on_fine_tuning_is_the_callers_answer_and_shuts_nothing(make_pool, servers):
+    pool = make_pool(1, env={"BACKEND_1_URL": servers.start(denying_fine_tuning(SimBackend("rbac", api_key="key-1")))})
+    with pytest.raises(openai.AuthenticationError) as exc:
+        pool.v1().fine_tuning.jobs.create(model="chat", training_file="file-abc")  # "chat": the deployment
+    assert exc.value.response.json() == FINE_TUNING_DENIED
+    assert exc.value.response.headers["x-lb-attempts"] == "1"
+    assert pool.proxy.store.active() == []  # nothing cooled
+    assert pool.azure().chat.completions.create(model="chat", messages=MESSAGES).choices
+    status = httpx.get(f"{pool.url}/lb/status", headers={"api-key": CLIENT_KEY}).json()
+    assert status["backends"][0]["auth_failure"] is None
+
+
+def test_a_permission_denied_on_chat_is_our_identity_lacking_the_role_and_fails_over(make_pool, servers):
+    async def no_role(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        body = json.dumps(
+            {"error": {"code": "PermissionDenied", "message": "Principal does not have access to API/Operation."}}
+        )
+        await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    pool = make_pool(
+        1, env={"BACKEND_1_PRIORITY": "2", "BACKEND_9_URL": servers.start(no_role), "BACKEND_9_APIKEY": "k"}
+    )
+    answer = post(pool.url)
+    assert answer.status_code == 200 and answer.headers["x-lb-attempts"] == "2"
+    assert pool.proxy.store.active()[0].reason.startswith("auth 401: PermissionDenied")
+
+
+def test_the_all_refused_502_says_how_many_attempts_it_took(make_pool):
+    pool = make_pool(2, env={"BACKEND_1_APIKEY": "wrong-1", "BACKEND_2_APIKEY": "wrong-2"})
+    answer = post(pool.url)
+    assert answer.status_code == 502 and answer.headers["x-lb-attempts"] == "2"
+
+
+def test_a_failing_token_fetch_is_the_balancers_own_503_and_cools_no_backend(make_pool, caplog):
+    pool = make_pool(1, env={"BACKEND_1_APIKEY": ""})  # keyless: an Entra ID token is sent
+    pool.proxy.backend_auth = BackendAuth(FakeCredential(fail=True))
+    with caplog.at_level(logging.ERROR, logger="lb"):
+        for _ in range(3):
+            answer = post(pool.url)
+            assert answer.status_code == 503 and answer.headers["x-lb-attempts"] == "1"
+            assert answer.json()["error"]["code"] == "BackendCredentialUnavailable"
+    assert pool.proxy.store.active() == [] and pool.backends[0].calls == []
+    assert sum("could not be fetched" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_slow_first_token_fetch_ends_at_the_request_deadline(make_pool):
+    pool = make_pool(1, env={"BACKEND_1_APIKEY": "", "HTTP_TIMEOUT_SECONDS": "1"})
+    pool.proxy.backend_auth = BackendAuth(FakeCredential(delay=5))
+    started = time.monotonic()
+    answer = post(pool.url)
+    assert time.monotonic() - started < 3
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "BackendCredentialUnavailable"
+    assert pool.proxy.store.active() == []

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
 from azure.core.credentials import AccessToken
+from azure.core.exceptions import ClientAuthenticationError
 
 from lb.auth import BackendAuth, ClientAuth
 from lb.config import Backend, ClientKey
-from lb.errors import Unauthorized
+from lb.errors import BackendCredentialUnavailable, Unauthorized
 
 
 class CountingCredential:
@@ -86,3 +88,68 @@ def test_the_client_is_named_by_the_key_it_sent():
     assert asyncio.run(auth.check(None, "Bearer k2")).name == "batch"
     assert asyncio.run(auth.check("k3", None)).name == "key3"
     assert asyncio.run(ClientAuth(()).check(None, None)).id == "anonymous:anonymous"
+
+
+class FakeCredential:
+    """An AsyncTokenCredential whose fetches take `delay` seconds, and fail while `fail` is set."""
+
+    def __init__(self, lifetime: float = 3600, delay: float = 0.0, fail: bool = False) -> None:
+        self.lifetime, self.delay, self.fail = lifetime, delay, fail
+        self.fetches = 0
+
+    async def get_token(self, *scopes: str) -> AccessToken:
+        self.fetches += 1
+        await asyncio.sleep(self.delay)
+        if self.fail:
+            raise ClientAuthenticationError("ManagedIdentityCredential: no identity assigned")
+        return AccessToken(f"token-{self.fetches}", int(time.time() + self.lifetime))
+
+    async def close(self) -> None:
+        pass
+
+
+KEYLESS = Backend("a", "https://a")
+
+
+def test_a_token_near_expiry_is_served_at_once_while_a_new_one_is_fetched_in_the_background():
+    credential = FakeCredential(lifetime=200)  # inside the 5-minute refresh margin
+
+    async def run() -> None:
+        auth = BackendAuth(credential)
+        assert await auth.headers(KEYLESS) == {"authorization": "Bearer token-1"}  # the first fetch is waited on
+        credential.delay = 5
+        started = time.monotonic()
+        assert await auth.headers(KEYLESS) == {"authorization": "Bearer token-1"}  # not waiting on the refresh
+        await asyncio.sleep(0)  # the refresh task starts
+        assert time.monotonic() - started < 0.5 and credential.fetches == 2
+        credential.delay = 0
+        await auth.close()
+
+    asyncio.run(run())
+
+
+def test_the_first_token_fetch_is_bounded_by_the_request_deadline():
+    async def run() -> float:
+        auth = BackendAuth(FakeCredential(delay=5))
+        started = time.monotonic()
+        with pytest.raises(BackendCredentialUnavailable):
+            await auth.headers(KEYLESS, deadline=started + 0.2)
+        await auth.close()
+        return time.monotonic() - started
+
+    assert asyncio.run(run()) < 1
+
+
+def test_a_failing_fetch_is_logged_once_and_retried_only_after_a_pause(caplog):
+    credential = FakeCredential(fail=True)
+
+    async def run() -> None:
+        auth = BackendAuth(credential)
+        for _ in range(5):
+            with pytest.raises(BackendCredentialUnavailable, match="ClientAuthenticationError"):
+                await auth.headers(KEYLESS, deadline=time.monotonic() + 1)
+
+    with caplog.at_level(logging.ERROR, logger="lb"):
+        asyncio.run(run())
+    assert credential.fetches == 1  # the calls after it fail at once instead of each waiting on Entra
+    assert sum("Entra ID token for the backends could not be fetched" in r.getMessage() for r in caplog.records) == 1

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lb.demo import _absorbed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,4 +26,14 @@ def test_demo_shows_responses_api_calls_beside_chat_and_embeddings_and_exits_zer
         "responses (streamed)": "10/10",
     }
     assert re.search(r"\[throttled\] #\d+ +responses \(streamed\) +-> backend-\d  200", out)
-    assert "upstream 429s absorbed" in out and "client-visible failures: 0" in out
+    assert re.search(r"throttled: \d+/\d+ calls answered 200, [1-9]\d* upstream 429s? absorbed", out)
+    assert re.search(r"recovered: \d+/\d+ calls answered 200, \d+ upstream 429s? absorbed", out)
+    assert "client-visible failures: 0" in out
+
+
+def test_the_summary_counts_429s_in_good_english():
+    assert [_absorbed(n) for n in (0, 1, 2)] == [
+        "0 upstream 429s absorbed",
+        "1 upstream 429 absorbed",
+        "2 upstream 429s absorbed",
+    ]

@@ -46,3 +46,23 @@ def test_no_unfilled_placeholders_and_urls_with_a_query_are_quoted_for_the_shell
     for line in text.splitlines():
         if re.match(r"\s*curl\s", line) and "?" in line:
             assert re.search(r"curl\s+(-\S+\s+)*[\"']https?://[^\"']*\?", line), f"unquoted URL: {line.strip()}"
+
+
+def test_the_code_map_names_every_module_and_package_of_lb():
+    page = (ROOT / "docs" / "how-a-call-is-handled.md").read_text(encoding="utf-8")
+    lb = ROOT / "lb"
+    modules = [f"lb.{p.stem}" for p in lb.glob("*.py") if not p.stem.startswith("__")]
+    packages = [f"lb/{p.name}/" for p in lb.iterdir() if (p / "__init__.py").exists()]
+    missing = [name for name in (*modules, *packages) if name not in page]
+    assert not missing, f"docs/how-a-call-is-handled.md's code map misses {missing}"
+
+
+def test_no_page_says_a_silent_backend_is_cooled_at_the_attempt_timeout():
+    security = (ROOT / "docs" / "security.md").read_text(encoding="utf-8")
+    assert "above your longest legitimate generation" not in security
+    assert "robustness.md" in security
+    handled = (ROOT / "docs" / "how-a-call-is-handled.md").read_text(encoding="utf-8")
+    assert "circuit-breaker evidence" in handled and "pinned" in handled
+    configuration = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    row = next(line for line in configuration.splitlines() if line.startswith("| `BACKEND_{X}_DEPLOYMENT_NAME`"))
+    assert "not mapped explicitly" in row and "bare name" in row

@@ -8,27 +8,33 @@ key. Whatever was presented is never forwarded, logged or echoed.
 
 Outbound: a backend with `BACKEND_X_APIKEY` gets that key as `api-key`; the others get an Entra ID
 token for Cognitive Services from DefaultAzureCredential (managed identity on Azure, `az login`
-locally). The token is cached and refreshed shortly before it expires, so no request waits on
-Entra except the very first.
+locally). The token is cached and refreshed in the background shortly before it expires, so no
+request waits on Entra except the very first (bounded by its deadline); see `BackendAuth`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lb.auth.entra import EntraValidator, InvalidToken, looks_like_jwt
 from lb.config import Backend, ClientKey, EntraSettings
-from lb.errors import Unauthorized
+from lb.errors import BackendCredentialUnavailable, Unauthorized
 
 if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential
 
 COGNITIVE_SCOPE = "https://cognitiveservices.azure.com/.default"
 REFRESH_MARGIN_SECONDS = 300.0  # refresh this long before expiry, as azure-identity's own policy does
+USABLE_MARGIN_SECONDS = 30.0  # a token closer to its expiry than this is not sent (it could lapse in flight)
+RETRY_SECONDS = 10.0  # after a failed fetch, calls fail at once for this long instead of each waiting on Entra
+
+log = logging.getLogger("lb")
 
 # Headers that carry the client's credentials: checked here, never sent upstream.
 CREDENTIAL_HEADERS = frozenset({"api-key", "authorization", "x-functions-key", "ocp-apim-subscription-key"})
@@ -108,32 +114,86 @@ class ClientAuth:
 
 
 class BackendAuth:
-    """Outbound credential headers per backend; one cached Entra token for all keyless backends."""
+    """Outbound credential headers per backend; one cached Entra token for all keyless backends.
+
+    No request waits on Entra once a token is in hand: `REFRESH_MARGIN_SECONDS` before it expires a
+    request starts a refresh in the background and is served with the token it has. Only the first
+    fetch (or one after the token expired) is waited on, and only until the request's deadline. A
+    failing fetch is logged once per outage, kept for `RETRY_SECONDS` (the calls in between fail at
+    once rather than each waiting on Entra) and answered as `BackendCredentialUnavailable`: it is the
+    balancer's credential, not the backend, so no backend is cooled or suspected for it.
+    """
 
     def __init__(self, credential: AsyncTokenCredential | None = None) -> None:
         self._credential = credential
         self._token: str | None = None
         self._expires_on = 0.0
-        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None  # the fetch in flight, shared by every caller
+        self._error: str | None = None  # the last fetch's failure, while the outage lasts
+        self._failed_at = -math.inf  # monotonic
 
-    async def headers(self, backend: Backend) -> dict[str, str]:
+    async def headers(self, backend: Backend, deadline: float | None = None) -> dict[str, str]:
+        """`deadline` (monotonic): how long a request may wait for a token it has none of."""
         if backend.api_key:
             return {"api-key": backend.api_key}
-        return {"authorization": f"Bearer {await self._bearer()}"}
+        return {"authorization": f"Bearer {await self._bearer(deadline)}"}
 
-    async def _bearer(self) -> str:
-        if self._token is not None and time.time() < self._expires_on - REFRESH_MARGIN_SECONDS:
+    async def _bearer(self, deadline: float | None) -> str:
+        now = time.time()
+        if self._token is not None and now < self._expires_on - USABLE_MARGIN_SECONDS:
+            if now >= self._expires_on - REFRESH_MARGIN_SECONDS and self._may_fetch():
+                self._refresh()  # in the background: this request goes on with the token in hand
             return self._token
-        async with self._lock:  # one fetch at a time; the others reuse its result
-            if self._token is None or time.time() >= self._expires_on - REFRESH_MARGIN_SECONDS:
-                if self._credential is None:
-                    from azure.identity.aio import DefaultAzureCredential  # only keyless pools pay for the import
+        if self._may_fetch():
+            self._refresh()
+        if self._task is not None and not self._task.done():
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except TimeoutError:
+                raise BackendCredentialUnavailable(
+                    "The load balancer got no Entra ID token for the backends in time. Your key was accepted."
+                ) from None
+        if self._token is not None and time.time() < self._expires_on - USABLE_MARGIN_SECONDS:
+            return self._token
+        raise BackendCredentialUnavailable(
+            "The load balancer could not get its own Entra ID token for the backends (its operator can see"
+            f" why in its log: {self._error or 'no token'}). Your key was accepted."
+        )
 
-                    self._credential = DefaultAzureCredential()
-                token = await self._credential.get_token(COGNITIVE_SCOPE)
-                self._token, self._expires_on = token.token, float(token.expires_on)
-        return self._token
+    def _may_fetch(self) -> bool:
+        in_flight = self._task is not None and not self._task.done()
+        return not in_flight and time.monotonic() - self._failed_at >= RETRY_SECONDS
+
+    def _refresh(self) -> None:
+        self._task = asyncio.ensure_future(self._fetch())
+
+    async def _fetch(self) -> None:
+        try:
+            if self._credential is None:
+                from azure.identity.aio import DefaultAzureCredential  # only keyless pools pay for the import
+
+                self._credential = DefaultAzureCredential()
+            token = await self._credential.get_token(COGNITIVE_SCOPE)
+        except Exception as exc:  # never raised into a task nobody awaits: kept and logged once
+            self._failed_at = time.monotonic()
+            first = self._error is None
+            self._error = type(exc).__name__
+            if first:
+                log.error(
+                    "the load balancer's Entra ID token for the backends could not be fetched (%s: %s); keyless"
+                    " backends are called with the token in hand until it expires, then answered 503",
+                    type(exc).__name__,
+                    str(exc)[:200],
+                )
+            return
+        if self._error is not None:
+            log.warning("the load balancer's Entra ID token for the backends is fetched again")
+        self._token, self._expires_on = token.token, float(token.expires_on)
+        self._error, self._failed_at = None, -math.inf
 
     async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
         if self._credential is not None and hasattr(self._credential, "close"):
             await self._credential.close()

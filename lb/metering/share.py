@@ -209,7 +209,7 @@ class UsageShare:
 
     def pool_report(self, now: float) -> dict[str, Any]:
         """The pool's counts: this instance's own plus the others' as last read (about a second old)."""
-        from lb.metering import table  # lb.metering imports this module for typing only
+        from lb.metering import windows_table  # lb.metering imports this module for typing only
 
         clients, backends = Windows(self.pool_clients.width), Windows(self.pool_backends.width)
         for target, mine, theirs in (
@@ -222,6 +222,6 @@ class UsageShare:
             "instances": self.instances,
             "healthy": self.healthy,
             "ops": dict(self.ops),
-            "clients": table(clients, now),
-            "backends": table(backends, now),
+            "clients": windows_table(clients, now),
+            "backends": windows_table(backends, now),
         }

@@ -28,6 +28,7 @@ from starlette.responses import Response
 
 from lb import errors, headers, logctx
 from lb.auth import Client
+from lb.auth.refusals import refuses_our_credential
 from lb.config import Backend, Settings
 from lb.objects.ids import COLLECTIONS, REASONING_ID, ObjectCall, ObjectId, classify, kind_of
 from lb.objects.records import RETENTION_SECONDS, ObjectRecord, ObjectStore
@@ -216,7 +217,7 @@ class ObjectRouter:
         retry hint, an unreachable backend, a refused credential). An error, or a backend refusing
         our credential, comes back as the proxy's own answer (502 / 504). `alone`: no other backend
         could answer instead, so a long generation is never cut by the attempt timeout."""
-        from lb.proxy import AUTH_REFUSED, Attempt, _retry_hint
+        from lb.proxy import AUTH_REFUSED, Attempt, _discard, _refusal_relayed, _retry_hint
 
         settings = self.settings
         attempt = Attempt(backend.name, time.time(), time.perf_counter())
@@ -230,6 +231,9 @@ class ObjectRouter:
                 first_byte = settings.attempt_timeout_seconds
         try:
             upstream = await proxy._send(backend, request.method, info, forwarded, remaining, connect, first_byte)
+        except errors.BackendCredentialUnavailable as exc:  # our token, not the backend: nothing blamed
+            proxy._attempted(attempt, info, "error BackendCredentialUnavailable", None)
+            return exc.response({"x-lb-attempts": str(len(tried))})
         except Exception as exc:
             seconds = None
             if isinstance(exc, httpx.ConnectError):
@@ -237,8 +241,13 @@ class ObjectRouter:
             proxy._attempted(attempt, info, f"error {type(exc).__name__}", seconds)
             return errors.upstream_error(exc, backend.name).response({"x-lb-attempts": str(len(tried))})
         status = upstream.status_code
-        if status in AUTH_REFUSED:  # our credential, not the client's: never relayed as the client's 401
-            proxy._attempted(attempt, info, status, await proxy._refused(backend, info, upstream))
+        if status in AUTH_REFUSED:
+            refusal = await _discard(upstream)
+            if not refuses_our_credential(info.raw_path, refusal):  # about what the client asked: its answer
+                proxy._attempted(attempt, info, status, None)
+                return _refusal_relayed(upstream, refusal, backend, len(tried))
+            # our credential, not the client's: never relayed as the client's 401
+            proxy._attempted(attempt, info, status, proxy._refused(backend, info, status, refusal))
             return errors.BackendAuthFailed(info.deployment).response({"x-lb-attempts": str(len(tried))})
         cooled = None
         if status == 429 or (status == 503 and _retry_hint(upstream.headers)):
