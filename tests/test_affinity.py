@@ -224,9 +224,7 @@ def test_headroom_exhaustion_still_wins_over_affinity():
     lb = balancer(*three(), policy="headroom")
     demand = lb.demand(chat("Hello"))
     home = lb.pick("chat", NOW, need=demand).name
-    lb.routing.headroom.record(
-        home, "chat", {"x-ratelimit-remaining-requests": "0", "x-ratelimit-remaining-tokens": "0"}, NOW
-    )
+    lb.headroom.record(home, "chat", {"x-ratelimit-remaining-requests": "0", "x-ratelimit-remaining-tokens": "0"}, NOW)
     assert lb.pick("chat", NOW + 0.1, need=demand).name != home
 
 

@@ -134,8 +134,8 @@ class Metering:
         now = self.clock()
         report: dict[str, Any] = {
             "scope": "instance",
-            "clients": table(self.clients, now),
-            "backends": table(self.backends, now),
+            "clients": usage_table(self.clients, now),
+            "backends": usage_table(self.backends, now),
         }
         if self.limiter.limits:
             report["limits"] = {
@@ -151,7 +151,7 @@ class Metering:
         return report
 
 
-def table(windows: Windows, now: float) -> dict[str, dict[str, dict[str, int]]]:
+def usage_table(windows: Windows, now: float) -> dict[str, dict[str, dict[str, int]]]:
     names = (*FIELDS, UNKNOWN)
     return {
         key: {

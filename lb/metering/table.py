@@ -231,7 +231,7 @@ class UsageShare:
 
     def pool_report(self, now: float) -> dict[str, Any]:
         """The pool's counts: this instance's own plus the others' as last read (about a second old)."""
-        from lb.metering import table  # lb.metering imports this module for typing only
+        from lb.metering import usage_table  # lb.metering imports this module for typing only
 
         clients, backends = Windows(self.pool_clients.width), Windows(self.pool_backends.width)
         for target, mine, theirs in (
@@ -244,6 +244,6 @@ class UsageShare:
             "instances": self.instances,
             "healthy": self.healthy,
             "ops": dict(self.ops),
-            "clients": table(clients, now),
-            "backends": table(backends, now),
+            "clients": usage_table(clients, now),
+            "backends": usage_table(backends, now),
         }
