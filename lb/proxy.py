@@ -111,7 +111,7 @@ class Proxy:
             charge = self.metering.admit(client.name, info.body)  # raises ClientQuotaExceeded when over
             await self.store.sync()
             attempts: list[Attempt] = []
-            call = self.objects.classify(request, info)  # None unless the call can name or create an object
+            call = await self.objects.classify(request, info)  # None unless the call can name or create an object
             if call is None:
                 response = await self._forward(request, info, attempts, deadline)
             else:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
@@ -29,11 +30,20 @@ from starlette.responses import Response
 from lb import errors, headers, logctx
 from lb.auth import Client
 from lb.config import Backend, Settings
-from lb.objects.ids import COLLECTIONS, REASONING_ID, ObjectCall, ObjectId, classify, kind_of
+from lb.objects.ids import (
+    COLLECTIONS,
+    REASONING_ID,
+    ObjectCall,
+    ObjectId,
+    classify,
+    is_object_route,
+    kind_of,
+    needs_decode,
+)
 from lb.objects.records import RETENTION_SECONDS, ObjectRecord, ObjectStore
 from lb.objects.watch import watch, watch_all
 from lb.relay import UpstreamResponse
-from lb.requestinfo import RequestInfo
+from lb.requestinfo import NOT_PARSED, PARSE_LIMIT_BYTES, RequestInfo, parse_json
 from lb.routing import throttle
 from lb.state import ANY_DEPLOYMENT
 
@@ -78,9 +88,23 @@ class ObjectRouter:
         self.counters: Counter[str] = Counter()  # pinned, lookups, found, refused, recorded, forgotten
         self._rng = rng or random.Random()
 
-    def classify(self, request: Request, info: RequestInfo) -> ObjectCall | None:
-        """None (the cost of a chat or embeddings call: a path split and a set lookup) or the object call."""
-        return classify(request.method, info.raw_path, info.body, request.headers.get("content-type"))
+    async def classify(self, request: Request, info: RequestInfo) -> ObjectCall | None:
+        """None (the cost of a chat or embeddings call: a path split and a set lookup) or the object call.
+
+        A body the byte search can't read is decoded: the payload routing already parsed if there is
+        one, inline up to `PARSE_LIMIT_BYTES`, in a thread above it (once per request)."""
+        content_type = request.headers.get("content-type")
+        payload = info.payload
+        if (
+            payload is NOT_PARSED
+            and len(info.body) > PARSE_LIMIT_BYTES
+            and request.method == "POST"
+            and "json" in (content_type or "application/json")
+            and is_object_route(info.raw_path)
+            and needs_decode(info.body)
+        ):
+            payload = await asyncio.to_thread(parse_json, info.body)
+        return classify(request.method, info.raw_path, info.body, content_type, payload)
 
     def report(self) -> dict[str, Any]:
         return {"records": self.records.counts(), "calls": dict(self.counters), "store": self.records.health()}
