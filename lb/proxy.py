@@ -34,7 +34,7 @@ from lb.requestinfo import RequestInfo, check_headers, read_request
 from lb.routing import throttle
 from lb.routing.balancer import Balancer, Demand, NoCandidate
 from lb.routing.breaker import AuthFailures, Breaker
-from lb.routing.deployments import upstream_call
+from lb.routing.deployments import located, upstream_call
 from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
 from lb.telemetry import Telemetry
 from lb.upstream import create_client
@@ -108,6 +108,7 @@ class Proxy:
             client = await self._authorize(request)
             info = await read_request(request, self.settings.max_body_bytes)
             info = self.metering.prepare(info)  # LB_STREAM_USAGE=include: a chat stream asks for its usage
+            info = await located(info, self.settings.backends)  # where a renamed deployment's body names it
             charge = self.metering.admit(client.name, info.body)  # raises ClientQuotaExceeded when over
             await self.store.sync()
             attempts: list[Attempt] = []
@@ -237,8 +238,9 @@ class Proxy:
                 connect = settings.attempt_timeout_seconds
                 if info.stream or not info.body:
                     first_byte = settings.attempt_timeout_seconds
+            call = upstream_call(backend, info)  # ours, before the catch-all: never booked against the backend
             try:
-                upstream = await self._send(backend, request.method, info, headers, remaining, connect, first_byte)
+                upstream = await self._send(backend, request.method, call, headers, remaining, connect, first_byte)
             except Exception as exc:
                 failure = errors.upstream_error(exc, backend.name)
                 seconds = None
@@ -419,7 +421,7 @@ class Proxy:
         self,
         backend: Backend,
         method: str,
-        info: RequestInfo,
+        call: tuple[str, bytes],
         headers: list[tuple[str, str]],
         total: float,
         connect: float | None,
@@ -431,7 +433,7 @@ class Proxy:
         bounds the body's reads by the request's deadline."""
         deadline = time.monotonic() + total
         auth = await self.backend_auth.headers(backend)
-        path, body = upstream_call(backend, info)  # this backend's deployment name
+        path, body = call  # this backend's deployment name (`upstream_call`)
         connect = total if connect is None else min(connect, total)
         # A bare httpx.Request, not client.build_request(): the client's default headers (its own
         # User-Agent, Accept-Encoding) have no place in a forwarded call, and merging them costs.

@@ -53,6 +53,9 @@ class RequestInfo:
     # The body as parsed while routing it (bodies up to PARSE_LIMIT_BYTES on /openai/v1/), for
     # whoever needs it next: parsed once per request, never again.
     payload: object = field(default=NOT_PARSED, compare=False, repr=False)
+    # Where the body's top-level "model" string is (quotes included), found once per request when a
+    # backend calls the deployment by another name (`lb.routing.deployments.located`).
+    model_spans: tuple[tuple[int, int], ...] = field(default=(), compare=False, repr=False)
 
 
 async def read_request(request: Request, max_body_bytes: int) -> RequestInfo:

@@ -67,7 +67,7 @@ class Metering:
         if not (info.stream and self.include_stream_usage):
             return info
         body = with_usage_requested(info.body)
-        return info if body is None else replace(info, body=body, payload=NOT_PARSED)
+        return info if body is None else replace(info, body=body, payload=NOT_PARSED, model_spans=())
 
     def admit(self, client: str, body: bytes) -> Charge | None:
         """Charge a limited client's call on its estimate; raises ClientQuotaExceeded when over."""

@@ -45,6 +45,7 @@ from lb.objects.watch import watch, watch_all
 from lb.relay import UpstreamResponse
 from lb.requestinfo import NOT_PARSED, PARSE_LIMIT_BYTES, RequestInfo, parse_json
 from lb.routing import throttle
+from lb.routing.deployments import upstream_call
 from lb.state import ANY_DEPLOYMENT
 
 if TYPE_CHECKING:
@@ -252,8 +253,9 @@ class ObjectRouter:
             connect = settings.attempt_timeout_seconds
             if info.stream or not info.body:
                 first_byte = settings.attempt_timeout_seconds
+        call = upstream_call(backend, info)  # ours, before the catch-all: never booked against the backend
         try:
-            upstream = await proxy._send(backend, request.method, info, forwarded, remaining, connect, first_byte)
+            upstream = await proxy._send(backend, request.method, call, forwarded, remaining, connect, first_byte)
         except Exception as exc:
             seconds = None
             if isinstance(exc, httpx.ConnectError):
