@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 from starlette.requests import Request
 
@@ -40,7 +40,6 @@ PARSE_LIMIT_BYTES = 64 * 1024  # bodies up to this are parsed whole on the loop 
 _LINE_BREAKS = r"\x80-\x9f\u2028\u2029"  # C1 controls (U+0085 NEL among them), Unicode line/paragraph separators
 _BAD_CHARS = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}\\#]")
 _CONTROL = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}]")
-_API_KEY_PARAM = re.compile(r"(?:^|&)api-key=[^&]*", re.IGNORECASE)
 NOT_PARSED = object()  # RequestInfo.payload when the body was not parsed (too large, not JSON, not needed)
 
 
@@ -103,9 +102,16 @@ def _checked_path(request: Request) -> str:
     path = raw.decode("latin-1").split("?", 1)[0]
     check_path(path)
     query = request.scope.get("query_string", b"").decode("latin-1")
-    if "api-key" in query.lower():  # a key in the URL is the client's credential: never forwarded
-        query = _API_KEY_PARAM.sub("", query).lstrip("&")
+    if "%" in query or "api-key" in query.lower():  # a key in the URL is the client's credential: never forwarded
+        query = _without_api_key(query)
     return f"{path}?{query}" if query else path
+
+
+def _without_api_key(query: str) -> str:
+    """The query without its `api-key` parameters, however their name is encoded (`api%2Dkey`,
+    `%61pi-key`): the backend decodes the name before it matches it, so we do too."""
+    kept = [p for p in query.split("&") if unquote_plus(p.split("=", 1)[0]).lower() != "api-key"]
+    return "&".join(p for p in kept if p)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

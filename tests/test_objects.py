@@ -380,3 +380,27 @@ def test_a_body_too_deeply_nested_to_decode_is_a_400_in_azures_shape(pool):
             )
             assert answer.status_code == 400 and answer.json()["error"]["code"] == "BadRequest"
     assert sum(len(b.calls) for b in pool.backends) == 0
+
+
+def test_object_routes_are_matched_whatever_their_case(pool):
+    call = classify("GET", "/openai/V1/Responses/resp_1/Input_Items", b"", None)
+    assert call is not None and [i.value for i in call.ids] == ["resp_1"]
+    response = pool.v1("key-a").responses.create(model="chat", input="private")
+    calls = sum(len(b.calls) for b in pool.backends)
+    with httpx.Client(base_url=pool.url, headers={"api-key": "key-b"}, timeout=10) as http:
+        for path in (f"/openai/v1/RESPONSES/{response.id}", f"/openai/Responses/{response.id}?api-version=1"):
+            assert http.get(path).status_code == 404
+    assert sum(len(b.calls) for b in pool.backends) == calls  # refused, not balanced to the holder
+
+
+def test_a_looked_up_answer_points_its_location_at_the_proxy_not_the_backend():
+    from lb.config import Backend
+    from lb.objects.router import _buffered
+
+    base = "https://acct.openai.azure.com"
+    upstream = httpx.Response(
+        404, headers={"location": f"{base}/openai/v1/files/file-1", "operation-location": f"{base}/openai/ops/1"}
+    )
+    response = _buffered(upstream, b"{}", Backend("b", base), 1, lambda: "https://lb.example")
+    assert response.headers["location"] == "https://lb.example/openai/v1/files/file-1"
+    assert response.headers["operation-location"] == "https://lb.example/openai/ops/1"

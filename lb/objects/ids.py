@@ -121,7 +121,7 @@ def classify(
     if collection is None:
         return None
     segments = raw_path.split("?", 1)[0].split("/")[2:]
-    if segments[0] == "v1":
+    if segments[0].lower() == "v1":
         segments = segments[1:]
     ids = _path_ids(collection, [unquote(s) for s in segments[1:]])
     reasoning = False
@@ -138,7 +138,9 @@ def classify(
             if collection == "responses" and _ENCRYPTED in body:
                 ids += _reasoning_ids(body)
                 reasoning = _INCLUDE_ENCRYPTED in body
-    creates = method == "POST" and segments[-1] != "cancel" and not (collection == "responses" and _no_store(body))
+    creates = (
+        method == "POST" and segments[-1].lower() != "cancel" and not (collection == "responses" and _no_store(body))
+    )
     return ObjectCall(collection, tuple(ids), creates, deletes=method == "DELETE", reasoning=reasoning)
 
 
@@ -147,12 +149,12 @@ def is_object_route(raw_path: str) -> bool:
 
 
 def _collection(raw_path: str) -> str | None:
+    """The collection (lower case: Azure matches routes whatever their case, so must we), if any."""
     segments = raw_path.split("?", 1)[0].split("/")[2:]  # after "", "openai"
-    if segments and segments[0] == "v1":
+    if segments and segments[0].lower() == "v1":
         segments = segments[1:]
-    if not segments or segments[0] not in COLLECTIONS:
-        return None
-    return segments[0]
+    collection = segments[0].lower() if segments else None
+    return collection if collection in COLLECTIONS else None
 
 
 def needs_decode(body: bytes) -> bool:
@@ -172,9 +174,9 @@ def _path_ids(collection: str, rest: list[str]) -> list[ObjectId]:
     default = COLLECTIONS[collection]
     for i, segment in enumerate(rest):
         kind = kind_of(segment, "")
-        if not kind and i == 0 and segment not in NOT_IDS:
+        if not kind and i == 0 and segment.lower() not in NOT_IDS:
             kind = default  # an id of a shape we don't know is still the collection's object
-        elif not kind and i == 1 and collection == "fine_tuning" and rest[0] == "jobs":
+        elif not kind and i == 1 and collection == "fine_tuning" and rest[0].lower() == "jobs":
             kind = default
         if kind:
             found.append(ObjectId(segment, kind, None))

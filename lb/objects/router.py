@@ -21,6 +21,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -174,6 +175,11 @@ class ObjectRouter:
         unknown: list[ObjectId],
         deadline: float,
     ) -> Response:
+        from lb.proxy import _own_url
+
+        def own_url() -> str:
+            return _own_url(request)
+
         candidates = self._in_turn(info.deployment)
         if not candidates:
             return await proxy._forward(request, info, tried, deadline)  # no backend serves it: the usual 404
@@ -196,14 +202,14 @@ class ObjectRouter:
                 until = proxy.store.cooling_until(backend.name, key, time.time())
                 retry_at = min(retry_at or until, until) if until else retry_at
                 raw = await _read_raw(upstream)
-                unsure = _buffered(upstream, raw, backend, len(tried))
+                unsure = _buffered(upstream, raw, backend, len(tried), own_url)
                 continue
             if upstream.status_code in (400, 404):
                 raw = await _read_raw(upstream)
                 if _says_not_found(upstream, raw):
-                    answer = _buffered(upstream, raw, backend, len(tried))
+                    answer = _buffered(upstream, raw, backend, len(tried), own_url)
                     continue
-                return _buffered(upstream, raw, backend, len(tried))
+                return _buffered(upstream, raw, backend, len(tried), own_url)
             if 200 <= upstream.status_code < 300:
                 self._count(proxy, "found")
                 for object_id in unknown:  # its creator is unknown: any client of the pool may use it
@@ -354,10 +360,14 @@ async def _read_raw(upstream: httpx.Response) -> bytes:
     return b"".join(chunks)
 
 
-def _buffered(upstream: httpx.Response, raw: bytes, backend: Backend, attempts: int) -> Response:
-    """An answer already read whole, relayed with the backend's own headers (and the proxy's two)."""
+def _buffered(
+    upstream: httpx.Response, raw: bytes, backend: Backend, attempts: int, own_url: Callable[[], str]
+) -> Response:
+    """An answer already read whole, relayed with the backend's own headers (and the proxy's two);
+    those pointing at the backend (Location, operation-location) point at us, as on the main path."""
     response = Response(raw, status_code=upstream.status_code)
-    kept = [(k, v) for k, v in headers.returned(upstream.headers) if k not in (b"content-length", b"content-encoding")]
+    returned = headers.returned(upstream.headers, backend.url, own_url)
+    kept = [(k, v) for k, v in returned if k not in (b"content-length", b"content-encoding")]
     response.raw_headers = [
         *kept,
         (b"content-length", str(len(raw)).encode()),
