@@ -66,6 +66,67 @@ async def top_level_string(body: bytes, key: bytes) -> str | None:
     return values.pop().decode("utf-8", "replace") if values else None
 
 
+async def top_level_spans(body: bytes, key: bytes) -> list[tuple[int, int]]:
+    """Where the string value(s) of `key` in the body's top-level object are, quotes included (a
+    duplicated key: each, the last being the one json.loads keeps); [] if absent or not a string.
+    Found like `top_level_string`, so the span replaced is the value the balancer routed on."""
+    needle = b'"' + key + b'"'
+    spans: list[tuple[int, int]] = []
+    async for at in _occurrences(body, needle):
+        if len(spans) >= 1 or not _ANY_VALUE.match(body, at + len(needle)):
+            break  # a second occurrence (nested, or a string that reads like it): let the tokenizer say
+        short = _SHORT_STRING_VALUE.match(body, at + len(needle))
+        if short is None:
+            break
+        spans.append((short.start(1) - 1, short.end(1) + 1))
+    else:
+        if spans:
+            return spans
+    return await _tokenize_spans(body, needle)
+
+
+async def _tokenize_spans(body: bytes, needle: bytes) -> list[tuple[int, int]]:
+    """Every depth-1 `needle` key's string value span, walking strings and brackets in slices."""
+    start = _SPACE.match(body).end()
+    if body[start : start + 1] != b"{":
+        return []
+    spans: list[tuple[int, int]] = []
+    depth = 0
+    count = 0
+    slice_started = time.perf_counter()
+    for token in _TOKEN.finditer(body, start):
+        first = body[token.start()]
+        if first == _QUOTE:
+            if depth == 1 and _is_key(body, token.start(), token.end(), needle):
+                colon = _ANY_VALUE.match(body, token.end())
+                value = _TOKEN.match(body, _SPACE.match(body, colon.end()).end()) if colon else None
+                if value is not None and body[value.start()] == _QUOTE:
+                    spans.append((value.start(), value.end()))
+        elif first in _OPEN:
+            depth += 1
+        elif first in _CLOSE:
+            depth -= 1
+            if depth == 0:
+                break
+        count += 1
+        if not count & 1023 and time.perf_counter() - slice_started > SLICE_SECONDS:
+            await asyncio.sleep(0)  # let other requests run
+            slice_started = time.perf_counter()
+    return spans
+
+
+def _is_key(body: bytes, start: int, end: int, needle: bytes) -> bool:
+    """Whether the string token body[start:end] is `needle`, escapes decoded (`"mod\\u0065l"` is "model")."""
+    if end - start == len(needle):
+        return body.startswith(needle, start)
+    if b"\\" not in body[start:end] or end - start > 8 * len(needle):
+        return False
+    try:
+        return json.loads(body[start:end]) == json.loads(needle)
+    except ValueError:
+        return False
+
+
 async def _occurrences(body: bytes, needle: bytes) -> AsyncIterator[int]:
     """Where `needle` starts with an unescaped quote, found window by window: a `find` over 26 MiB
     takes ~15 ms, which the loop gets back every `WINDOW_BYTES`."""

@@ -36,7 +36,7 @@ from lb.requestinfo import RequestInfo, check_headers, read_request
 from lb.routing import throttle
 from lb.routing.balancer import Balancer, Demand, NoCandidate
 from lb.routing.breaker import AuthFailures, Breaker
-from lb.routing.deployments import upstream_call
+from lb.routing.deployments import located, upstream_call
 from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
 from lb.telemetry import Telemetry
 from lb.upstream import create_client
@@ -110,10 +110,11 @@ class Proxy:
             client = await self._authorize(request)
             info = await read_request(request, self.settings.max_body_bytes)
             info = self.metering.prepare(info)  # LB_STREAM_USAGE=include: a chat stream asks for its usage
+            info = await located(info, self.settings.backends)  # where a renamed deployment's body names it
             charge = self.metering.admit(client.name, info.body)  # raises ClientQuotaExceeded when over
             await self.store.sync()
             attempts: list[Attempt] = []
-            call = self.objects.classify(request, info)  # None unless the call can name or create an object
+            call = await self.objects.classify(request, info)  # None unless the call can name or create an object
             if call is None:
                 response = await self._forward(request, info, attempts, deadline)
             else:
@@ -240,8 +241,9 @@ class Proxy:
                 connect = settings.attempt_timeout_seconds
                 if info.stream or not info.body:
                     first_byte = settings.attempt_timeout_seconds
+            call = upstream_call(backend, info)  # ours, before the catch-all: never booked against the backend
             try:
-                upstream = await self._send(backend, request.method, info, headers, remaining, connect, first_byte)
+                upstream = await self._send(backend, request.method, call, headers, remaining, connect, first_byte)
             except errors.BackendCredentialUnavailable as exc:  # our token, not the backend: nothing blamed
                 failure = exc
                 self._attempted(attempt, info, "error BackendCredentialUnavailable", None)
@@ -431,7 +433,7 @@ class Proxy:
         self,
         backend: Backend,
         method: str,
-        info: RequestInfo,
+        call: tuple[str, bytes],
         headers: list[tuple[str, str]],
         total: float,
         connect: float | None,
@@ -443,7 +445,7 @@ class Proxy:
         bounds the body's reads by the request's deadline."""
         deadline = time.monotonic() + total
         auth = await self.backend_auth.headers(backend, deadline)  # waits only for a first token, to the deadline
-        path, body = upstream_call(backend, info)  # this backend's deployment name
+        path, body = call  # this backend's deployment name (`upstream_call`)
         connect = total if connect is None else min(connect, total)
         # A bare httpx.Request, not client.build_request(): the client's default headers (its own
         # User-Agent, Accept-Encoding) have no place in a forwarded call, and merging them costs.

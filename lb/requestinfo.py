@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from urllib.parse import unquote
+from dataclasses import dataclass, field
+from urllib.parse import unquote, unquote_plus
 
 from starlette.requests import Request
 
@@ -40,7 +40,7 @@ PARSE_LIMIT_BYTES = 64 * 1024  # bodies up to this are parsed whole on the loop 
 _LINE_BREAKS = r"\x80-\x9f\u2028\u2029"  # C1 controls (U+0085 NEL among them), Unicode line/paragraph separators
 _BAD_CHARS = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}\\#]")
 _CONTROL = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}]")
-_API_KEY_PARAM = re.compile(r"(?:^|&)api-key=[^&]*", re.IGNORECASE)
+NOT_PARSED = object()  # RequestInfo.payload when the body was not parsed (too large, not JSON, not needed)
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,12 @@ class RequestInfo:
     deployment: str | None
     body: bytes
     stream: bool = False  # the body asks for a streamed answer ("stream": true)
+    # The body as parsed while routing it (bodies up to PARSE_LIMIT_BYTES on /openai/v1/), for
+    # whoever needs it next: parsed once per request, never again.
+    payload: object = field(default=NOT_PARSED, compare=False, repr=False)
+    # Where the body's top-level "model" string is (quotes included), found once per request when a
+    # backend calls the deployment by another name (`lb.routing.deployments.located`).
+    model_spans: tuple[tuple[int, int], ...] = field(default=(), compare=False, repr=False)
 
 
 async def read_request(request: Request, max_body_bytes: int) -> RequestInfo:
@@ -56,8 +62,8 @@ async def read_request(request: Request, max_body_bytes: int) -> RequestInfo:
     # Functions): a timer here would cost every request, for the rare slow one.
     raw_path = _checked_path(request)
     body = await _read_body(request, max_body_bytes)
-    deployment, stream = await _deployment(raw_path, body, request)
-    return RequestInfo(raw_path=raw_path, deployment=deployment, body=body, stream=stream)
+    deployment, stream, payload = await _deployment(raw_path, body, request)
+    return RequestInfo(raw_path=raw_path, deployment=deployment, body=body, stream=stream, payload=payload)
 
 
 def check_headers(request: Request) -> None:
@@ -96,9 +102,16 @@ def _checked_path(request: Request) -> str:
     path = raw.decode("latin-1").split("?", 1)[0]
     check_path(path)
     query = request.scope.get("query_string", b"").decode("latin-1")
-    if "api-key" in query.lower():  # a key in the URL is the client's credential: never forwarded
-        query = _API_KEY_PARAM.sub("", query).lstrip("&")
+    if "%" in query or "api-key" in query.lower():  # a key in the URL is the client's credential: never forwarded
+        query = _without_api_key(query)
     return f"{path}?{query}" if query else path
+
+
+def _without_api_key(query: str) -> str:
+    """The query without its `api-key` parameters, however their name is encoded (`api%2Dkey`,
+    `%61pi-key`): the backend decodes the name before it matches it, so we do too."""
+    kept = [p for p in query.split("&") if unquote_plus(p.split("=", 1)[0]).lower() != "api-key"]
+    return "&".join(p for p in kept if p)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -115,25 +128,26 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _deployment(raw_path: str, body: bytes, request: Request) -> tuple[str | None, bool]:
-    """The deployment the call names, and whether it asks for a stream."""
+async def _deployment(raw_path: str, body: bytes, request: Request) -> tuple[str | None, bool, object]:
+    """The deployment the call names, whether it asks for a stream, and the body if it was parsed."""
     segments = raw_path.split("?", 1)[0].split("/")  # ["", "openai", ...]
     if len(segments) > 3 and segments[2] == "deployments":
-        return unquote(segments[3]) or None, await bodyscan.streamed(body)
+        return unquote(segments[3]) or None, await bodyscan.streamed(body), NOT_PARSED
     if len(segments) > 2 and segments[2] == "v1" and body:
         if "json" not in request.headers.get("content-type", "application/json"):
-            return None, False  # multipart uploads (audio, files): any backend may take them
+            return None, False, NOT_PARSED  # multipart uploads (audio, files): any backend may take them
         if len(body) > PARSE_LIMIT_BYTES:
             model = await bodyscan.top_level_string(body, b"model")
-            return _checked_model(model), await bodyscan.streamed(body)
-        payload = _parse(body)
+            return _checked_model(model), await bodyscan.streamed(body), NOT_PARSED
+        payload = parse_json(body)
         if not isinstance(payload, dict):
-            return None, False
-        return _checked_model(payload.get("model")), payload.get("stream") is True
-    return None, await bodyscan.streamed(body)
+            return None, False, payload
+        return _checked_model(payload.get("model")), payload.get("stream") is True, payload
+    return None, await bodyscan.streamed(body), NOT_PARSED
 
 
-def _parse(body: bytes) -> object:
+def parse_json(body: bytes) -> object:
+    """The body parsed, or a 400 in Azure OpenAI's shape: anything Python refuses to build included."""
     try:
         return json.loads(body)
     except json.JSONDecodeError as exc:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
-from lb.config import Backend
+import httpx
+from starlette.requests import Request
+
+from lb.config import Backend, load_settings
+from lb.proxy import Proxy
 from lb.requestinfo import RequestInfo
-from lb.routing.deployments import upstream_call
+from lb.routing.deployments import located, upstream_call
 
 CHAT_PATH = "/openai/deployments/chat/chat/completions?api-version=2024-10-21"
 
@@ -27,19 +33,110 @@ def test_the_path_segment_is_renamed_and_the_query_kept():
     assert path == "/openai/deployments/gpt4o-eastus/chat/completions?api-version=2024-10-21" and body == b"{}"
 
 
+def _located(backend: Backend, body: bytes) -> RequestInfo:
+    return asyncio.run(located(RequestInfo("/openai/v1/responses", "chat", body), [backend]))
+
+
 def test_the_v1_body_model_is_renamed_and_everything_else_kept():
     backend = Backend("a", "https://a", deployment_name="gpt-4o")
     original = {"model": "chat", "input": [{"role": "user", "content": "héllo"}], "stream": True}
-    path, body = upstream_call(backend, RequestInfo("/openai/v1/responses", "chat", json.dumps(original).encode()))
+    path, body = upstream_call(backend, _located(backend, json.dumps(original).encode()))
     assert path == "/openai/v1/responses" and json.loads(body) == {**original, "model": "gpt-4o"}
 
 
 def test_a_large_v1_body_gets_its_model_replaced_in_place():
     backend = Backend("a", "https://a", deployments={"chat": "gpt4o-eastus"})
-    big = {"model": "chat", "input": "x" * 100_000, "tools": [{"model": "other"}]}
-    body = json.dumps(big).encode()
-    _, sent = upstream_call(backend, RequestInfo("/openai/v1/responses", "chat", body))
-    assert json.loads(sent) == {**big, "model": "gpt4o-eastus"} and len(sent) == len(body) + len("gpt4o-eastus") - 4
+    for big in (
+        {"model": "chat", "input": "x" * 100_000, "tools": [{"model": "other"}]},
+        {"tools": [{"model": "chat"}], "input": "x" * 100_000, "model": "chat"},  # found by the tokenizer
+    ):
+        body = json.dumps(big).encode()
+        _, sent = upstream_call(backend, _located(backend, body))
+        assert json.loads(sent) == {**big, "model": "gpt4o-eastus"} and len(sent) == len(body) + len("gpt4o-eastus") - 4
+    escaped = b'{"mod\\u0065l": "ch\\u0061t", "input": "hi"}'
+    _, sent = upstream_call(backend, _located(backend, escaped))
+    assert json.loads(sent) == {"model": "gpt4o-eastus", "input": "hi"}
+
+
+def _proxy_with_renaming_backend(answer: httpx.Response, seen: list[bytes]) -> Proxy:
+    async def backend(request: httpx.Request) -> httpx.Response:
+        seen.append(request.content[:64])  # a slice: the test must not block the loop itself
+        return answer
+
+    settings = load_settings(
+        {"BACKEND_1_URL": "https://one.example", "BACKEND_1_APIKEY": "k", "BACKEND_1_DEPLOYMENTS": "chat=gpt4o"}
+    )
+    return Proxy(settings, client=httpx.AsyncClient(transport=httpx.MockTransport(backend)))
+
+
+def _request(body: bytes) -> Request:
+    chunks = [body[i : i + 1024 * 1024] for i in range(0, len(body), 1024 * 1024)]
+
+    async def receive() -> dict:
+        chunk = chunks.pop(0) if chunks else b""
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "method": "POST", "path": "/openai/v1/responses", "raw_path": b"/openai/v1/responses"}
+    return Request({**scope, "query_string": b"", "headers": headers, "scheme": "http"}, receive)
+
+
+async def _longest_stall(work) -> tuple[object, float]:
+    """Run `work` while a ticker measures the longest the event loop went without running it."""
+    longest = 0.0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal longest
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.002)
+            now = time.perf_counter()
+            longest, last = max(longest, now - last), now
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    try:
+        return await work, longest
+    finally:
+        done.set()
+        await task
+
+
+def test_renaming_a_25_mb_body_never_holds_the_event_loop():
+    seen: list[bytes] = []
+    proxy = _proxy_with_renaming_backend(httpx.Response(200, json={"id": "r"}), seen)
+    message = {"role": "user", "content": "x" * 1000}
+    # a nested "model" of the same name: the byte search can't tell which is on top, the tokenizer can
+    body = json.dumps({"tools": [{"model": "chat"}], "input": [message] * 25_000, "model": "chat"}).encode()
+    assert len(body) > 25_000_000
+
+    async def run() -> tuple[object, float]:
+        try:
+            return await _longest_stall(proxy.handle(_request(body)))
+        finally:
+            await proxy.close()
+
+    response, longest = asyncio.run(run())
+    assert response.status_code == 200 and seen == [body[:64]]  # the model at the end, renamed in place
+    assert longest < 0.05, f"the event loop was held {longest * 1000:.0f} ms"
+
+
+def test_a_body_too_deeply_nested_for_python_is_the_backends_400_never_a_502():
+    seen: list[bytes] = []
+    invalid = httpx.Response(400, json={"error": {"code": "invalid_request_error", "message": "too deep"}})
+    proxy = _proxy_with_renaming_backend(invalid, seen)
+    deep = b'{"model": "chat", "tools": [{"model": "chat"}], "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+    async def run():
+        try:
+            return await proxy.handle(_request(deep))
+        finally:
+            await proxy.close()
+
+    response = asyncio.run(run())
+    assert response.status_code == 400 and seen == [deep.replace(b"chat", b"gpt4o", 1)[:64]]
+    assert response.headers["x-lb-backend"] == "1" and not proxy.store.active(time.time())  # the backend's own answer
 
 
 def _names(backend) -> list[str | None]:

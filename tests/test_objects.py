@@ -339,3 +339,68 @@ def test_ids_split_between_two_reads_are_still_seen_once():
     chunks = (stream[:25], stream[25:60], stream[60:])
     assert b"".join(_relayed(_every_match(_source(*chunks), REASONING_ID, on_id))) == stream
     assert seen == ["rs_abc123"]
+
+
+def test_another_clients_id_spelled_with_json_escapes_is_still_refused_without_a_backend_call(pool):
+    response = pool.v1("key-a").responses.create(model="chat", input="private")
+    escaped_id = response.id.replace("_", "\\u005f", 1)
+    alice, large = response.id, "y" * 100_000  # a large body is decoded in a thread
+    bodies = [
+        f'{{"model": "chat", "input": "x", "previous_response_id": "{escaped_id}"}}',
+        f'{{"model": "chat", "input": "x", "previous_response\\u005fid": "{alice}"}}',
+        f'{{"model": "chat", "input": "x", "previous_respons\\u0065_id": "{escaped_id}"}}',
+        f'{{"model": "chat", "input": "{large}", "previous_response\\u005fid": "{alice}"}}',
+    ]
+    calls = sum(len(b.calls) for b in pool.backends)
+    with httpx.Client(base_url=pool.url, headers={"api-key": "key-b"}, timeout=10) as http:
+        for body in bodies:
+            for path in ("/openai/v1/responses", f"/openai/responses?api-version={API_VERSION}"):
+                answer = http.post(path, content=body.encode(), headers={"content-type": "application/json"})
+                assert answer.status_code == 404, (path, body[:120], answer.text)
+                assert answer.json()["error"]["code"] == "previous_response_not_found"
+    assert sum(len(b.calls) for b in pool.backends) == calls  # refused without a backend call
+    assert pool.proxy.objects.counters["refused"] == len(bodies) * 2
+
+
+def test_an_id_field_the_byte_search_cannot_read_is_decoded():
+    body = json.dumps({"conversation": {"type": "x", "id": "conv_1"}, "file_ids": [f"file-{i}" for i in range(70)]})
+    call = classify("POST", "/openai/v1/responses", body.encode(), "application/json")
+    assert {i.value for i in call.ids} == {"conv_1", *(f"file-{i}" for i in range(70))}
+    assert classify("POST", "/openai/v1/responses", b'{"previous_response_id": null}', None).ids == ()
+
+
+def test_a_body_too_deeply_nested_to_decode_is_a_400_in_azures_shape(pool):
+    deep = b'{"previous_response\\u005fid": "resp_1", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with httpx.Client(base_url=pool.url, headers={"api-key": "key-a"}, timeout=10) as http:
+        for body in (deep, deep[:60_000] + b"\\u0041"):  # too deep; not JSON at all
+            answer = http.post(
+                f"/openai/responses?api-version={API_VERSION}",
+                content=body,
+                headers={"content-type": "application/json"},
+            )
+            assert answer.status_code == 400 and answer.json()["error"]["code"] == "BadRequest"
+    assert sum(len(b.calls) for b in pool.backends) == 0
+
+
+def test_object_routes_are_matched_whatever_their_case(pool):
+    call = classify("GET", "/openai/V1/Responses/resp_1/Input_Items", b"", None)
+    assert call is not None and [i.value for i in call.ids] == ["resp_1"]
+    response = pool.v1("key-a").responses.create(model="chat", input="private")
+    calls = sum(len(b.calls) for b in pool.backends)
+    with httpx.Client(base_url=pool.url, headers={"api-key": "key-b"}, timeout=10) as http:
+        for path in (f"/openai/v1/RESPONSES/{response.id}", f"/openai/Responses/{response.id}?api-version=1"):
+            assert http.get(path).status_code == 404
+    assert sum(len(b.calls) for b in pool.backends) == calls  # refused, not balanced to the holder
+
+
+def test_a_looked_up_answer_points_its_location_at_the_proxy_not_the_backend():
+    from lb.config import Backend
+    from lb.objects.router import _buffered
+
+    base = "https://acct.openai.azure.com"
+    upstream = httpx.Response(
+        404, headers={"location": f"{base}/openai/v1/files/file-1", "operation-location": f"{base}/openai/ops/1"}
+    )
+    response = _buffered(upstream, b"{}", Backend("b", base), 1, lambda: "https://lb.example")
+    assert response.headers["location"] == "https://lb.example/openai/v1/files/file-1"
+    assert response.headers["operation-location"] == "https://lb.example/openai/ops/1"

@@ -402,9 +402,15 @@ def test_an_api_key_in_the_query_is_not_forwarded(servers):
 
     app = create_app(load_settings({"BACKEND_1_URL": servers.start(backend), "BACKEND_1_APIKEY": "k"}))
     url = servers.start(app)
-    for query in ("api-key=leak&api-version=1", "api-version=1&API-KEY=leak", "api-version=1&api-key=leak&x=2"):
+    encoded = ("api%2Dkey=leak&api-version=1", "api-version=1&%61pi-key=leak", "api-version=1&API%2dKEY=leak")
+    for query in (
+        "api-key=leak&api-version=1",
+        "api-version=1&API-KEY=leak",
+        "api-version=1&api-key=leak&x=2",
+        *encoded,
+    ):
         assert httpx.post(f"{url}/openai/deployments/chat/chat/completions?{query}", content=BODY).status_code == 200
-    assert queries == [b"api-version=1", b"api-version=1", b"api-version=1&x=2"]
+    assert queries == [b"api-version=1", b"api-version=1", b"api-version=1&x=2", *[b"api-version=1"] * 3]
 
 
 def test_routing_override_headers_are_not_forwarded_and_forwarded_proto_is_ours(make_pool):

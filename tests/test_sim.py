@@ -62,3 +62,12 @@ def test_a_streamed_chat_still_ends_with_a_finish_chunk_and_done(backend) -> Non
         client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], stream=True)
     )
     assert [c.choices[0].finish_reason for c in chunks] == [None, None, None, "stop"]
+
+
+def test_a_body_nested_too_deeply_for_python_is_not_json_to_the_sim_not_a_crash(backend) -> None:
+    import httpx
+
+    sim, client = backend
+    deep = b'{"model": "chat", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    answer = httpx.post(f"{client.base_url}responses", content=deep, headers={"api-key": "k"}, timeout=10)
+    assert answer.status_code < 500 and sim.calls[-1].body == deep

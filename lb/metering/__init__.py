@@ -20,7 +20,7 @@ from lb.metering.quota import Charge, Limit, Limiter
 from lb.metering.usage import Usage, UsageReader, with_usage_requested
 from lb.metering.windows import Windows
 from lb.relay import UpstreamResponse
-from lb.requestinfo import RequestInfo
+from lb.requestinfo import NOT_PARSED, RequestInfo
 
 if TYPE_CHECKING:
     from lb.metering.share import UsageShare
@@ -67,7 +67,7 @@ class Metering:
         if not (info.stream and self.include_stream_usage):
             return info
         body = with_usage_requested(info.body)
-        return info if body is None else replace(info, body=body)
+        return info if body is None else replace(info, body=body, payload=NOT_PARSED, model_spans=())
 
     def admit(self, client: str, body: bytes) -> Charge | None:
         """Charge a limited client's call on its estimate; raises ClientQuotaExceeded when over."""

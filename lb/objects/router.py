@@ -15,11 +15,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -30,12 +32,22 @@ from lb import errors, headers, logctx
 from lb.auth import Client
 from lb.auth.refusals import refuses_our_credential
 from lb.config import Backend, Settings
-from lb.objects.ids import COLLECTIONS, REASONING_ID, ObjectCall, ObjectId, classify, kind_of
+from lb.objects.ids import (
+    COLLECTIONS,
+    REASONING_ID,
+    ObjectCall,
+    ObjectId,
+    classify,
+    is_object_route,
+    kind_of,
+    needs_decode,
+)
 from lb.objects.records import RETENTION_SECONDS, ObjectRecord, ObjectStore
 from lb.objects.watch import watch, watch_all
 from lb.relay import UpstreamResponse
-from lb.requestinfo import RequestInfo
+from lb.requestinfo import NOT_PARSED, PARSE_LIMIT_BYTES, RequestInfo, parse_json
 from lb.routing import throttle
+from lb.routing.deployments import upstream_call
 from lb.state import ANY_DEPLOYMENT
 
 if TYPE_CHECKING:
@@ -79,9 +91,23 @@ class ObjectRouter:
         self.counters: Counter[str] = Counter()  # pinned, lookups, found, refused, recorded, forgotten
         self._rng = rng or random.Random()
 
-    def classify(self, request: Request, info: RequestInfo) -> ObjectCall | None:
-        """None (the cost of a chat or embeddings call: a path split and a set lookup) or the object call."""
-        return classify(request.method, info.raw_path, info.body, request.headers.get("content-type"))
+    async def classify(self, request: Request, info: RequestInfo) -> ObjectCall | None:
+        """None (the cost of a chat or embeddings call: a path split and a set lookup) or the object call.
+
+        A body the byte search can't read is decoded: the payload routing already parsed if there is
+        one, inline up to `PARSE_LIMIT_BYTES`, in a thread above it (once per request)."""
+        content_type = request.headers.get("content-type")
+        payload = info.payload
+        if (
+            payload is NOT_PARSED
+            and len(info.body) > PARSE_LIMIT_BYTES
+            and request.method == "POST"
+            and "json" in (content_type or "application/json")
+            and is_object_route(info.raw_path)
+            and needs_decode(info.body)
+        ):
+            payload = await asyncio.to_thread(parse_json, info.body)
+        return classify(request.method, info.raw_path, info.body, content_type, payload)
 
     def report(self) -> dict[str, Any]:
         return {"records": self.records.counts(), "calls": dict(self.counters), "store": self.records.health()}
@@ -150,6 +176,11 @@ class ObjectRouter:
         unknown: list[ObjectId],
         deadline: float,
     ) -> Response:
+        from lb.proxy import _own_url
+
+        def own_url() -> str:
+            return _own_url(request)
+
         candidates = self._in_turn(info.deployment)
         if not candidates:
             return await proxy._forward(request, info, tried, deadline)  # no backend serves it: the usual 404
@@ -172,14 +203,14 @@ class ObjectRouter:
                 until = proxy.store.cooling_until(backend.name, key, time.time())
                 retry_at = min(retry_at or until, until) if until else retry_at
                 raw = await _read_raw(upstream)
-                unsure = _buffered(upstream, raw, backend, len(tried))
+                unsure = _buffered(upstream, raw, backend, len(tried), own_url)
                 continue
             if upstream.status_code in (400, 404):
                 raw = await _read_raw(upstream)
                 if _says_not_found(upstream, raw):
-                    answer = _buffered(upstream, raw, backend, len(tried))
+                    answer = _buffered(upstream, raw, backend, len(tried), own_url)
                     continue
-                return _buffered(upstream, raw, backend, len(tried))
+                return _buffered(upstream, raw, backend, len(tried), own_url)
             if 200 <= upstream.status_code < 300:
                 self._count(proxy, "found")
                 for object_id in unknown:  # its creator is unknown: any client of the pool may use it
@@ -229,8 +260,9 @@ class ObjectRouter:
             connect = settings.attempt_timeout_seconds
             if info.stream or not info.body:
                 first_byte = settings.attempt_timeout_seconds
+        call = upstream_call(backend, info)  # ours, before the catch-all: never booked against the backend
         try:
-            upstream = await proxy._send(backend, request.method, info, forwarded, remaining, connect, first_byte)
+            upstream = await proxy._send(backend, request.method, call, forwarded, remaining, connect, first_byte)
         except errors.BackendCredentialUnavailable as exc:  # our token, not the backend: nothing blamed
             proxy._attempted(attempt, info, "error BackendCredentialUnavailable", None)
             return exc.response({"x-lb-attempts": str(len(tried))})
@@ -337,10 +369,14 @@ async def _read_raw(upstream: httpx.Response) -> bytes:
     return b"".join(chunks)
 
 
-def _buffered(upstream: httpx.Response, raw: bytes, backend: Backend, attempts: int) -> Response:
-    """An answer already read whole, relayed with the backend's own headers (and the proxy's two)."""
+def _buffered(
+    upstream: httpx.Response, raw: bytes, backend: Backend, attempts: int, own_url: Callable[[], str]
+) -> Response:
+    """An answer already read whole, relayed with the backend's own headers (and the proxy's two);
+    those pointing at the backend (Location, operation-location) point at us, as on the main path."""
     response = Response(raw, status_code=upstream.status_code)
-    kept = [(k, v) for k, v in headers.returned(upstream.headers) if k not in (b"content-length", b"content-encoding")]
+    returned = headers.returned(upstream.headers, backend.url, own_url)
+    kept = [(k, v) for k, v in returned if k not in (b"content-length", b"content-encoding")]
     response.raw_headers = [
         *kept,
         (b"content-length", str(len(raw)).encode()),

@@ -6,19 +6,33 @@ sits in the path on `/openai/deployments/{name}/...` calls and in the JSON body'
 `/openai/v1/...` calls, so exactly that part is replaced, per attempt (a failover may go to a backend
 with another name). When the name does not change, the path and the body's bytes pass untouched: the
 stateless path pays one attribute read.
+
+The body is never parsed for it: `located` finds the top-level `model` value's bytes once per
+request, before any attempt (in slices that yield to the loop, `lb.bodyscan`), and each attempt
+splices the backend's name in. Nothing here can fail inside an attempt, so nothing of ours is ever
+booked against a backend.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from typing import Any
+from dataclasses import replace
 from urllib.parse import quote
 
+from lb import bodyscan
 from lb.config import Backend
 from lb.requestinfo import RequestInfo
 
-PARSE_LIMIT_BYTES = 64 * 1024  # above this a body's model is replaced in place, not by a parse
+
+async def located(info: RequestInfo, backends: list[Backend]) -> RequestInfo:
+    """`info` with its body's `model` spans found, when a backend renames this v1 call's deployment."""
+    deployment = info.deployment
+    if deployment is None or info.model_spans or not _in_body(info.raw_path):
+        return info
+    if all(b.upstream_name(deployment) == deployment for b in backends if b.serves(deployment)):
+        return info
+    spans = await bodyscan.top_level_spans(info.body, b"model")
+    return replace(info, model_spans=tuple(spans)) if spans else info
 
 
 def upstream_call(backend: Backend, info: RequestInfo) -> tuple[str, bytes]:
@@ -34,24 +48,21 @@ def upstream_call(backend: Backend, info: RequestInfo) -> tuple[str, bytes]:
     if len(segments) > 3 and segments[2] == "deployments":
         segments[3] = quote(name, safe="")
         return "/".join(segments) + sep + query, info.body
-    return info.raw_path, _with_model(info.body, deployment, name)
+    return info.raw_path, _with_model(info.body, info.model_spans, name)
 
 
-def _with_model(body: bytes, deployment: str, name: str) -> bytes:
-    """The JSON body with `model` replaced; anything else (not JSON, no `model`) is sent as it came.
+def _in_body(raw_path: str) -> bool:
+    segments = raw_path.split("?", 1)[0].split("/")
+    return not (len(segments) > 3 and segments[2] == "deployments")
 
-    A large body is not parsed on the event loop (see `lb.bodyscan`): when `"model": "<deployment>"`
-    occurs exactly once, that value is replaced in place; only otherwise is the body parsed."""
-    if len(body) > PARSE_LIMIT_BYTES:
-        pattern = re.compile(rb'("model"\s*:\s*")' + re.escape(json.dumps(deployment)[1:-1].encode()) + rb'"')
-        matches = pattern.findall(body, 0, len(body))
-        if len(matches) == 1:
-            return pattern.sub(lambda m: m.group(1) + name.encode() + b'"', body, count=1)
-    try:
-        payload: Any = json.loads(body)
-    except ValueError:
-        return body
-    if not isinstance(payload, dict) or not isinstance(payload.get("model"), str):
-        return body
-    payload["model"] = name
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+def _with_model(body: bytes, spans: tuple[tuple[int, int], ...], name: str) -> bytes:
+    """The body with each located `model` value replaced by `name`; sent as it came when there is none
+    (not JSON, no top-level `model` string: the backend answers that with its own 400)."""
+    value = json.dumps(name).encode()
+    parts: list[bytes] = []
+    at = 0
+    for start, end in spans:
+        parts += (body[at:start], value)
+        at = end
+    return b"".join([*parts, body[at:]]) if spans else body

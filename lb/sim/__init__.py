@@ -261,7 +261,7 @@ class SimBackend:
 def _json(body: bytes) -> Any:
     try:
         return json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):  # nested deeper than Python builds: not JSON to us, not a crash
         return None
 
 
