@@ -30,7 +30,7 @@ import openai
 import uvicorn
 
 from bench.procs import ROOT, cpu_seconds, free_port
-from lb.sim import Servers, SimBackend
+from lb.sim import Servers, SimBackend, read_body
 
 KEY = "redteam-client-key"
 API_VERSION = "2024-10-21"
@@ -91,12 +91,7 @@ def provoked():
     async def app(scope, receive, send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         if b"poison" in body:
             status, answer = 500, {"error": {"code": "InternalServerError", "message": "The server had an error."}}
         else:

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -149,23 +150,21 @@ class Proxy:
         return JSONResponse({"status": "ok"})
 
     async def status(self, request: Request) -> Response:
-        try:
-            await self._authorize(request)
-        except errors.ProxyError as exc:
-            return exc.response()
-        if not self._started:
-            await self.start()
-        return JSONResponse(self.status_report())
+        return await self._report(request, self.status_report)
 
     async def usage(self, request: Request) -> Response:
         """`GET /lb/usage`: tokens and requests per client and per backend (see lb.metering)."""
+        return await self._report(request, self.metering.report)
+
+    async def _report(self, request: Request, report: Callable[[], dict[str, Any]]) -> Response:
+        """The `/lb/...` reports: a client key or token first, like every proxied call."""
         try:
             await self._authorize(request)
         except errors.ProxyError as exc:
             return exc.response()
         if not self._started:
             await self.start()
-        return JSONResponse(self.metering.report())
+        return JSONResponse(report())
 
     def status_report(self) -> dict[str, Any]:
         now = time.time()

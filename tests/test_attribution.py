@@ -13,7 +13,7 @@ import pytest
 
 from lb.auth import BackendAuth
 from lb.routing.breaker import Breaker
-from lb.sim import SimBackend
+from lb.sim import SimBackend, read_body
 from tests.conftest import CLIENT_KEY
 from tests.test_auth import FakeCredential
 from tests.test_faults import MESSAGES, post
@@ -42,12 +42,7 @@ def request_provoked(trigger: bytes, *, status: int = 500, delay: float = 0.0):
     async def app(scope, receive, send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         if trigger in body:
             await asyncio.sleep(delay)
             answer, code = {"error": {"code": "InternalServerError", "message": "The server had an error."}}, status

@@ -137,12 +137,7 @@ class SimBackend:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             return await lifespan(receive, send)
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"]
         payload = _json(body)
@@ -456,6 +451,16 @@ class Servers:
                 pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+
+
+async def read_body(receive: Receive) -> bytes:
+    """A request's whole body, from the ASGI messages it came in (simulated backends are small)."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
 
 
 async def lifespan(receive: Receive, send: Send) -> None:
