@@ -86,32 +86,11 @@ async def top_level_spans(body: bytes, key: bytes) -> list[tuple[int, int]]:
 
 
 async def _tokenize_spans(body: bytes, needle: bytes) -> list[tuple[int, int]]:
-    """Every depth-1 `needle` key's string value span, walking strings and brackets in slices."""
-    start = _SPACE.match(body).end()
-    if body[start : start + 1] != b"{":
-        return []
+    """Every depth-1 `needle` key's string value span (the key's escapes decoded)."""
     spans: list[tuple[int, int]] = []
-    depth = 0
-    count = 0
-    slice_started = time.perf_counter()
-    for token in _TOKEN.finditer(body, start):
-        first = body[token.start()]
-        if first == _QUOTE:
-            if depth == 1 and _is_key(body, token.start(), token.end(), needle):
-                colon = _ANY_VALUE.match(body, token.end())
-                value = _TOKEN.match(body, _SPACE.match(body, colon.end()).end()) if colon else None
-                if value is not None and body[value.start()] == _QUOTE:
-                    spans.append((value.start(), value.end()))
-        elif first in _OPEN:
-            depth += 1
-        elif first in _CLOSE:
-            depth -= 1
-            if depth == 0:
-                break
-        count += 1
-        if not count & 1023 and time.perf_counter() - slice_started > SLICE_SECONDS:
-            await asyncio.sleep(0)  # let other requests run
-            slice_started = time.perf_counter()
+    async for start, end in _top_level_strings(body):
+        if _is_key(body, start, end, needle) and (span := _string_value_span(body, end)) is not None:
+            spans.append(span)
     return spans
 
 
@@ -144,18 +123,27 @@ async def _occurrences(body: bytes, needle: bytes) -> AsyncIterator[int]:
 
 
 async def _tokenize(body: bytes, needle: bytes) -> str | None:
+    found: str | None = None
+    async for start, end in _top_level_strings(body):
+        if end - start == len(needle) and body.startswith(needle, start):
+            found = _value_after(body, end)  # a later duplicate wins, as in json.loads
+    return found
+
+
+async def _top_level_strings(body: bytes) -> AsyncIterator[tuple[int, int]]:
+    """Where each string of the body's top-level object is (keys and string values), walking strings
+    and brackets and handing the loop back every `SLICE_SECONDS`; nothing if the body is no object."""
     start = _SPACE.match(body).end()
     if body[start : start + 1] != b"{":
-        return None
-    found: str | None = None
+        return
     depth = 0
     count = 0
     slice_started = time.perf_counter()
     for token in _TOKEN.finditer(body, start):
         first = body[token.start()]
         if first == _QUOTE:
-            if depth == 1 and token.end() - token.start() == len(needle) and body.startswith(needle, token.start()):
-                found = _value_after(body, token.end())  # a later duplicate wins, as in json.loads
+            if depth == 1:
+                yield token.start(), token.end()
         elif first in _OPEN:
             depth += 1
         elif first in _CLOSE:
@@ -166,18 +154,26 @@ async def _tokenize(body: bytes, needle: bytes) -> str | None:
         if not count & 1023 and time.perf_counter() - slice_started > SLICE_SECONDS:
             await asyncio.sleep(0)  # let other requests run
             slice_started = time.perf_counter()
-    return found
 
 
-def _value_after(body: bytes, end: int) -> str | None:
+def _string_value_span(body: bytes, end: int) -> tuple[int, int] | None:
+    """The span of the string value after a key ending at `end`, quotes included; None if the string
+    there is no key (no colon after it: a value that reads like the key) or its value is no string."""
     colon = _ANY_VALUE.match(body, end)
     if colon is None:
-        return None  # a string value that happens to read "model", not the key
+        return None
     value = _TOKEN.match(body, _SPACE.match(body, colon.end()).end())
     if value is None or body[value.start()] != _QUOTE:
         return None
+    return value.start(), value.end()
+
+
+def _value_after(body: bytes, end: int) -> str | None:
+    span = _string_value_span(body, end)
+    if span is None:
+        return None
     try:
-        decoded = json.loads(body[value.start() : value.end()])
+        decoded = json.loads(body[span[0] : span[1]])
     except ValueError:
         return None
     return decoded if isinstance(decoded, str) else None
