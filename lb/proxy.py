@@ -233,13 +233,9 @@ class Proxy:
                 break
             attempt = Attempt(backend.name, time.time(), time.perf_counter())
             tried.append(attempt)
-            connect = first_byte = None
-            if remaining > settings.attempt_timeout_seconds and self._has_alternative(info, tried, need):
-                # A silent backend must leave time for another; but a non-streamed generation sends
-                # nothing until it is done, so it is never abandoned (and billed twice) for being long.
-                connect = settings.attempt_timeout_seconds
-                if info.stream or not info.body:
-                    first_byte = settings.attempt_timeout_seconds
+            connect, first_byte = self._attempt_timeouts(
+                info, remaining, lambda: self._has_alternative(info, tried, need)
+            )
             call = upstream_call(backend, info)  # ours, before the catch-all: never booked against the backend
             try:
                 upstream = await self._send(backend, request.method, call, headers, remaining, connect, first_byte)
@@ -285,16 +281,8 @@ class Proxy:
                         self._succeeded(backend, info, suspects)
                     return self._relay(request, upstream, backend, info, len(tried))
 
-                seconds = None
-                if status == 429 or (status == 503 and _retry_hint(upstream.headers)):
-                    seconds, source = throttle.cooldown_seconds(
-                        upstream.headers,
-                        default=settings.default_cooldown_seconds,
-                        maximum=settings.max_cooldown_seconds,
-                        throttled=status == 429,
-                    )
-                    self._cool(backend, info.deployment, seconds, f"{status} ({source})")
-                else:
+                seconds = self._cool_if_busy(backend, info, upstream)
+                if seconds is None:
                     suspects.append((backend, str(status)))
                 self._attempted(attempt, info, status, seconds)
                 choice = self._next(info, tried, need)
@@ -370,6 +358,31 @@ class Proxy:
         if not refusing:
             return False
         return all(b.name in refusing for b in self.settings.backends if b.serves(info.deployment))
+
+    def _attempt_timeouts(
+        self, info: RequestInfo, remaining: float, may_fail_over: Callable[[], bool]
+    ) -> tuple[float | None, float | None]:
+        """(connect, first byte) bounds of one attempt; None: the request's deadline. A silent backend
+        must leave time for another; but a non-streamed generation sends nothing until it is done, so
+        it is never abandoned (and billed twice) for being long."""
+        limit = self.settings.attempt_timeout_seconds
+        if remaining <= limit or not may_fail_over():
+            return None, None
+        return limit, limit if info.stream or not info.body else None
+
+    def _cool_if_busy(self, backend: Backend, info: RequestInfo, upstream: httpx.Response) -> float | None:
+        """Cool `backend` when its answer says it is busy (a 429, or a 503 with a retry hint): the
+        seconds, or None when the answer says nothing about the backend."""
+        status = upstream.status_code
+        if status != 429 and not (status == 503 and _retry_hint(upstream.headers)):
+            return None
+        seconds, source = throttle.cooldown_seconds(
+            upstream.headers,
+            default=self.settings.default_cooldown_seconds,
+            maximum=self.settings.max_cooldown_seconds,
+            throttled=status == 429,
+        )
+        return self._cool(backend, info.deployment, seconds, f"{status} ({source})")
 
     def _has_alternative(self, info: RequestInfo, tried: list[Attempt], need: Demand) -> bool:
         """Whether another backend could still be tried if the current attempt fails (only looks)."""

@@ -46,7 +46,6 @@ from lb.objects.records import RETENTION_SECONDS, ObjectRecord, ObjectStore
 from lb.objects.watch import watch, watch_all
 from lb.relay import UpstreamResponse
 from lb.requestinfo import NOT_PARSED, PARSE_LIMIT_BYTES, RequestInfo, parse_json
-from lb.routing import throttle
 from lb.routing.deployments import upstream_call
 from lb.state import ANY_DEPLOYMENT
 
@@ -248,18 +247,14 @@ class ObjectRouter:
         retry hint, an unreachable backend, a refused credential). An error, or a backend refusing
         our credential, comes back as the proxy's own answer (502 / 504). `alone`: no other backend
         could answer instead, so a long generation is never cut by the attempt timeout."""
-        from lb.proxy import AUTH_REFUSED, Attempt, _discard, _refusal_relayed, _retry_hint
+        from lb.proxy import AUTH_REFUSED, Attempt, _discard, _refusal_relayed
 
         settings = self.settings
         attempt = Attempt(backend.name, time.time(), time.perf_counter())
         tried.append(attempt)
         forwarded = headers.forwarded(request, logctx.current_request_id.get())
         remaining = max(0.001, deadline - time.monotonic())
-        connect = first_byte = None
-        if not alone and remaining > settings.attempt_timeout_seconds:
-            connect = settings.attempt_timeout_seconds
-            if info.stream or not info.body:
-                first_byte = settings.attempt_timeout_seconds
+        connect, first_byte = proxy._attempt_timeouts(info, remaining, lambda: not alone)
         call = upstream_call(backend, info)  # ours, before the catch-all: never booked against the backend
         try:
             upstream = await proxy._send(backend, request.method, call, forwarded, remaining, connect, first_byte)
@@ -281,16 +276,7 @@ class ObjectRouter:
             # our credential, not the client's: never relayed as the client's 401
             proxy._attempted(attempt, info, status, proxy._refused(backend, info, status, refusal))
             return errors.BackendAuthFailed(info.deployment).response({"x-lb-attempts": str(len(tried))})
-        cooled = None
-        if status == 429 or (status == 503 and _retry_hint(upstream.headers)):
-            seconds, source = throttle.cooldown_seconds(
-                upstream.headers,
-                default=settings.default_cooldown_seconds,
-                maximum=settings.max_cooldown_seconds,
-                throttled=status == 429,
-            )
-            cooled = proxy._cool(backend, info.deployment, seconds, f"{status} ({source})")
-        proxy._attempted(attempt, info, status, cooled)
+        proxy._attempted(attempt, info, status, proxy._cool_if_busy(backend, info, upstream))
         return upstream
 
     # Records ------------------------------------------------------------------------------------
