@@ -62,25 +62,38 @@ POINTING = frozenset({b"location", b"content-location", b"operation-location"})
 
 
 def connection_named(headers: Any) -> set[str]:
-    """Names listed by every Connection header (Starlette and httpx headers both take `.items()`)."""
-    values = [v for k, v in headers.items() if k.lower() == "connection"]
+    """Names listed by every Connection header (Starlette or httpx headers, or (name, value) pairs)."""
+    values = [v for k, v in (headers.items() if hasattr(headers, "items") else headers) if k.lower() == "connection"]
     return {t.strip().lower() for value in values for t in value.split(",") if t.strip()}
 
 
 def forwarded(request: Request, request_id: str | None) -> list[tuple[str, str]]:
-    """The client's headers minus its credentials, hop-by-hop ones and what httpx sets itself."""
-    skip = NOT_FORWARDED | connection_named(request.headers)
-    headers = [(k, v) for k, v in request.headers.items() if k not in skip and not k.startswith(HOP_BY_HOP_PREFIX)]
-    if request_id and "x-request-id" not in request.headers:
+    """The client's headers minus its credentials, hop-by-hop ones and what httpx sets itself.
+    One pass over the raw headers: this runs for every attempt."""
+    raw = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.scope["headers"]]
+    named = connection_named(raw)
+    skip = NOT_FORWARDED | named if named else NOT_FORWARDED
+    headers = []
+    seen_id = seen_encoding = False
+    prior = None
+    for k, v in raw:
+        if k == "x-forwarded-for":
+            prior = v if prior is None else prior  # the first one, as Starlette's .get() reads it
+            continue
+        seen_id = seen_id or k == "x-request-id"
+        seen_encoding = seen_encoding or k == "accept-encoding"
+        if k not in skip and not k.startswith(HOP_BY_HOP_PREFIX):
+            headers.append((k, v))
+    if request_id and not seen_id:
         headers.append(("x-request-id", request_id))  # the backend's logs can be matched with ours
-    if "accept-encoding" not in request.headers:  # don't ask for a compression the client can't read
+    if not seen_encoding:  # don't ask for a compression the client can't read
         headers.append(("accept-encoding", "identity"))
-    client = request.client
-    if client is not None:
-        prior = request.headers.get("x-forwarded-for")
-        headers = [(k, v) for k, v in headers if k != "x-forwarded-for"]
-        headers.append(("x-forwarded-for", f"{prior}, {client.host}" if prior else client.host))
-    headers.append(("x-forwarded-proto", request.url.scheme))
+    client = request.scope.get("client")
+    if client:
+        headers.append(("x-forwarded-for", f"{prior}, {client[0]}" if prior else client[0]))
+    elif prior is not None:
+        headers.append(("x-forwarded-for", prior))
+    headers.append(("x-forwarded-proto", request.scope.get("scheme", "http")))
     return headers
 
 

@@ -33,14 +33,14 @@ from lb.metering import Metering
 from lb.objects.records import ObjectStore
 from lb.objects.router import ObjectRouter
 from lb.relay import UpstreamResponse
-from lb.requestinfo import RequestInfo, check_headers, read_request
+from lb.requestinfo import RequestInfo, arrived, check_headers, read_request
 from lb.routing import throttle
 from lb.routing.balancer import Balancer, Demand, NoCandidate
 from lb.routing.breaker import AuthFailures, Breaker
 from lb.routing.deployments import located, upstream_call
 from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
 from lb.telemetry import Telemetry
-from lb.upstream import create_client
+from lb.upstream import AiohttpTransport, parsed_url
 
 log = logging.getLogger("lb")
 _deadline: ContextVar[float | None] = ContextVar("lb_deadline", default=None)  # this request's, monotonic
@@ -61,7 +61,7 @@ class Proxy:
         settings: Settings,
         *,
         store: CooldownStore | None = None,
-        client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
         backend_auth: BackendAuth | None = None,
         telemetry: Telemetry | None = None,
         objects: ObjectStore | None = None,
@@ -69,7 +69,7 @@ class Proxy:
         self.settings = settings
         self.store = store or MemoryStore()
         self.balancer = Balancer(settings.backends, self.store, policy=settings.policy, affinity=settings.affinity)
-        self.client = client or create_client(settings)
+        self.transport = transport or AiohttpTransport()  # one pool for every upstream call
         self.client_auth = ClientAuth(settings.client_keys, settings.entra)
         self.backend_auth = backend_auth or BackendAuth()
         self.telemetry = telemetry or Telemetry()
@@ -92,7 +92,7 @@ class Proxy:
         await self.store.close()
         await self.metering.close()
         await self.objects.records.close()
-        await self.client.aclose()
+        await self.transport.aclose()
         await self.backend_auth.close()
         self.telemetry.close()
 
@@ -102,7 +102,7 @@ class Proxy:
         request_id = logctx.request_id_from(request.headers)
         logctx.bind(request_id)
         client, charge, info = None, None, None  # for metering: who asked, their quota's charge
-        deadline = time.monotonic() + self.settings.timeout_seconds  # the client's whole call, body upload included
+        deadline = arrived(request) + self.settings.timeout_seconds  # the client's whole call, body upload included
         _deadline.set(deadline)  # for the relay, however the answer is reached
         try:
             if not self._started:
@@ -459,18 +459,18 @@ class Proxy:
         auth = await self.backend_auth.headers(backend, deadline)  # waits only for a first token, to the deadline
         path, body = call  # this backend's deployment name (`upstream_call`)
         connect = total if connect is None else min(connect, total)
-        # A bare httpx.Request, not client.build_request(): the client's default headers (its own
-        # User-Agent, Accept-Encoding) have no place in a forwarded call, and merging them costs.
+        # A bare httpx.Request, sent by the transport itself: no client's default headers (its own
+        # User-Agent, Accept-Encoding), cookies or redirects have a place in a forwarded call.
         request = httpx.Request(
             method,
-            backend.url + path,
+            parsed_url(backend.url + path),
             headers=[*headers, *auth.items()],
             content=body,
             extensions={"timeout": {"connect": connect, "pool": connect, "read": None, "write": None}},
         )
         until = deadline if first_byte is None else min(deadline, time.monotonic() + first_byte)
         async with asyncio.timeout_at(until):
-            return await self.client.send(request, stream=True)
+            return await self.transport.handle_async_request(request)
 
 
 async def _discard(upstream: httpx.Response) -> bytes:

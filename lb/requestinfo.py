@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote, unquote_plus
 
@@ -40,6 +41,7 @@ PARSE_LIMIT_BYTES = 64 * 1024  # bodies up to this are parsed whole on the loop 
 _LINE_BREAKS = r"\x80-\x9f\u2028\u2029"  # C1 controls (U+0085 NEL among them), Unicode line/paragraph separators
 _BAD_CHARS = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}\\#]")
 _CONTROL = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}]")
+ARRIVED = "lb.arrived"  # scope key: time.monotonic() when `lb serve` read the request's first byte
 NOT_PARSED = object()  # RequestInfo.payload when the body was not parsed (too large, not JSON, not needed)
 
 
@@ -55,6 +57,13 @@ class RequestInfo:
     # Where the body's top-level "model" string is (quotes included), found once per request when a
     # backend calls the deployment by another name (`lb.routing.deployments.located`).
     model_spans: tuple[tuple[int, int], ...] = field(default=(), compare=False, repr=False)
+
+
+def arrived(request: Request) -> float:
+    """When the request began, on the monotonic clock: its first byte as `lb serve` read it, else
+    now (the Functions host passes no such time). A burst of requests waits in the event loop before
+    each handler runs; the client's wait started at its first byte, so its deadline does too."""
+    return request.scope.get(ARRIVED) or time.monotonic()
 
 
 async def read_request(request: Request, max_body_bytes: int) -> RequestInfo:

@@ -16,19 +16,23 @@ OpenAI's error shape:
   only when a read ends with the body incomplete: the usual request, head and body in one read,
   costs nothing (behind Functions, Kestrel's minimum body data rate does this);
 - more than `LB_SERVE_MAX_CONNECTIONS` open connections: 503 with Retry-After, closed.
+
+Each request's scope carries the moment its first byte was read (`lb.requestinfo.ARRIVED`): the
+proxy's deadline starts there, not when the handler gets its turn after a burst of others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from lb import errors
 from lb.config import Settings
-from lb.requestinfo import MAX_HEADER_BYTES, MAX_HEADER_COUNT
+from lb.requestinfo import ARRIVED, MAX_HEADER_BYTES, MAX_HEADER_COUNT
 
 KEEP_ALIVE_SECONDS = 5  # uvicorn's default, said here: an idle kept-alive connection is closed after it
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}
@@ -102,6 +106,7 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self.scope[ARRIVED] = time.monotonic()  # type: ignore[literal-required]  # the deadline's start
             self._in_head = True
             self._header_count = 0
             if self._head_timer is None:
@@ -123,6 +128,8 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
             self._head_bytes = 0
             self._disarm_head_timer()
             super().on_headers_complete()
+            if self.cycle is not None and self.cycle.transport is self.transport:  # the answer's head waits
+                self.cycle.transport = HeldHead(self.transport, self.loop)  # for what follows it this turn
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -170,6 +177,46 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
             self.transport.close()
 
     return GuardedProtocol
+
+
+class HeldHead:
+    """One answer's writes, with the first (its head) held to the end of the event loop's turn: a
+    JSON answer's head and body, or a stream's head and a first event already read, leave in one
+    send. On loopback each send costs ~0.1-0.3 ms, most of it waking the reader, so this takes that
+    much off a streamed answer's first event, and a syscall off every answer. Every write after
+    the first goes out at once, behind the head."""
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._loop is None:  # the head has gone: pass through
+            self._transport.write(data)
+        elif self._held is None:
+            self._held = data
+            self._loop.call_soon(self.flush)
+        else:
+            self._held += data
+            self.flush()
+
+    def flush(self) -> None:
+        held, self._held, self._loop = self._held, None, None
+        if held and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def serve_options(settings: Settings) -> dict[str, Any]:

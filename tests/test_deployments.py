@@ -66,7 +66,7 @@ def _proxy_with_renaming_backend(answer: httpx.Response, seen: list[bytes]) -> P
     settings = load_settings(
         {"BACKEND_1_URL": "https://one.example", "BACKEND_1_APIKEY": "k", "BACKEND_1_DEPLOYMENTS": "chat=gpt4o"}
     )
-    return Proxy(settings, client=httpx.AsyncClient(transport=httpx.MockTransport(backend)))
+    return Proxy(settings, transport=httpx.MockTransport(backend))
 
 
 def _request(body: bytes) -> Request:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from lb.serving import HeldHead
 from lb.sim import SimBackend, free_port
 from tests.conftest import API_VERSION, CLIENT_KEY
 from tests.test_cli import run_lb
@@ -19,7 +21,6 @@ HEAD = f"POST /openai/deployments/chat/chat/completions?api-version={API_VERSION
 
 @pytest.fixture(scope="module")
 def lb_url(servers) -> Iterator[tuple[str, int, int]]:
-    port = free_port()
     env = {
         "BACKEND_1_URL": servers.start(SimBackend("a", api_key="k")),
         "BACKEND_1_APIKEY": "k",
@@ -28,6 +29,11 @@ def lb_url(servers) -> Iterator[tuple[str, int, int]]:
         "LB_SERVE_HEAD_TIMEOUT_SECONDS": "0.5",
         "LB_SERVE_MAX_CONNECTIONS": "20",
     }
+    yield from lb_serve(env)
+
+
+def lb_serve(env: dict[str, str]) -> Iterator[tuple[str, int, int]]:
+    port = free_port()
     process = run_lb(env, "serve", "--port", str(port))
     deadline = time.monotonic() + 20
     while True:
@@ -124,3 +130,86 @@ def test_connections_past_the_cap_get_a_503_and_the_rest_are_served(lb_url):
     sock.sendall(HEAD.encode() + f"api-key: {CLIENT_KEY}\r\ncontent-length: {len(request)}\r\n\r\n".encode() + request)
     status, body = answer(sock)
     assert status == 200 and body["choices"]
+
+
+def test_the_deadline_runs_from_the_request_s_first_byte_not_from_its_handler():
+    """A request waits in the event loop (behind a burst of others, or for its head to come in)
+    before its handler runs; the client has been waiting since its first byte, so the deadline
+    counts from there. Here the head takes 0.8 s of a 1.5 s deadline to arrive."""
+    hanging = socket.create_server(("127.0.0.1", 0), backlog=16)  # connections queue; nothing ever answers
+    env = {
+        "BACKEND_1_URL": f"http://127.0.0.1:{hanging.getsockname()[1]}",
+        "BACKEND_1_APIKEY": "k",
+        "LB_CLIENT_KEYS": CLIENT_KEY,
+        "HTTP_TIMEOUT_SECONDS": "1.5",
+        "LB_SERVE_HEAD_TIMEOUT_SECONDS": "5",
+    }
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = HEAD.encode() + f"api-key: {CLIENT_KEY}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+    try:
+        for url in lb_serve(env):
+            sock = connect(url)
+            started = time.monotonic()
+            sock.sendall(request[:20])
+            time.sleep(0.8)
+            sock.sendall(request[20:])
+            status, answered = answer(sock)
+            elapsed = time.monotonic() - started
+            assert status == 504 and answered["error"]["code"] == "GatewayTimeout"
+            assert 1.5 <= elapsed < 2.1  # from the handler's start it would be 2.3 s
+    finally:
+        hanging.close()
+
+
+class Transport:
+    """Records what goes out, one entry per send."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str) -> str:
+        return f"extra {name}"
+
+
+def test_an_answer_s_head_leaves_with_what_follows_it_in_one_send():
+    asyncio.run(_head_held())
+
+
+async def _head_held() -> None:
+    loop = asyncio.get_running_loop()
+    transport = Transport()
+    held = HeldHead(transport, loop)  # a JSON answer: head, then body, in one turn of the loop
+    held.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert transport.sent == []
+    held.write(b"{}")
+    held.write(b"more")  # after the head, writes pass straight through
+    assert transport.sent == [b"HTTP/1.1 200 OK\r\n\r\n{}", b"more"]
+    await asyncio.sleep(0)  # the scheduled flush finds nothing left to send
+    assert transport.sent == [b"HTTP/1.1 200 OK\r\n\r\n{}", b"more"]
+
+    transport = Transport()
+    held = HeldHead(transport, loop)  # a stream whose first event is not in yet: the head goes at the turn's end
+    held.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    await asyncio.sleep(0)
+    assert transport.sent == [b"HTTP/1.1 200 OK\r\n\r\n"]
+    held.write(b"data: 1\n\n")
+    assert transport.sent == [b"HTTP/1.1 200 OK\r\n\r\n", b"data: 1\n\n"]
+    assert held.get_extra_info("peername") == "extra peername"
+
+    transport = Transport()
+    held = HeldHead(transport, loop)  # closed at once: what was held goes first
+    held.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
+    held.close()
+    assert transport.sent == [b"HTTP/1.1 500 Internal Server Error\r\n\r\n"] and transport.closed
+    await asyncio.sleep(0)
+    assert len(transport.sent) == 1
