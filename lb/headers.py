@@ -63,37 +63,40 @@ POINTING = frozenset({b"location", b"content-location", b"operation-location"})
 
 def connection_named(headers: Any) -> set[str]:
     """Names listed by every Connection header (Starlette or httpx headers, or (name, value) pairs)."""
-    values = [v for k, v in (headers.items() if hasattr(headers, "items") else headers) if k.lower() == "connection"]
+    pairs = headers.items() if hasattr(headers, "items") else headers
+    values = [v for k, v in pairs if k.lower() == "connection"]
     return {t.strip().lower() for value in values for t in value.split(",") if t.strip()}
 
 
-def forwarded(request: Request, request_id: str | None) -> list[tuple[str, str]]:
-    """The client's headers minus its credentials, hop-by-hop ones and what httpx sets itself.
-    One pass over the raw headers: this runs for every attempt."""
-    raw = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in request.scope["headers"]]
-    named = connection_named(raw)
+def forwarded(request: Request, request_id: str | None) -> list[tuple[bytes, bytes]]:
+    """The client's headers, as raw bytes, minus its credentials, hop-by-hop ones and the body's
+    length (the transport sets it). One pass over the raw headers: this runs for every attempt."""
+    raw: list[tuple[bytes, bytes]] = request.scope["headers"]
+    named = connection_named((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k.lower() == b"connection")
     skip = NOT_FORWARDED | named if named else NOT_FORWARDED
     headers = []
     seen_id = seen_encoding = False
     prior = None
     for k, v in raw:
-        if k == "x-forwarded-for":
+        k = k.lower()
+        if k == b"x-forwarded-for":
             prior = v if prior is None else prior  # the first one, as Starlette's .get() reads it
             continue
-        seen_id = seen_id or k == "x-request-id"
-        seen_encoding = seen_encoding or k == "accept-encoding"
-        if k not in skip and not k.startswith(HOP_BY_HOP_PREFIX):
+        seen_id = seen_id or k == b"x-request-id"
+        seen_encoding = seen_encoding or k == b"accept-encoding"
+        if k.decode("latin-1") not in skip and not k.startswith(b"proxy-"):
             headers.append((k, v))
     if request_id and not seen_id:
-        headers.append(("x-request-id", request_id))  # the backend's logs can be matched with ours
+        headers.append((b"x-request-id", request_id.encode()))  # the backend's logs can be matched with ours
     if not seen_encoding:  # don't ask for a compression the client can't read
-        headers.append(("accept-encoding", "identity"))
+        headers.append((b"accept-encoding", b"identity"))
     client = request.scope.get("client")
     if client:
-        headers.append(("x-forwarded-for", f"{prior}, {client[0]}" if prior else client[0]))
+        host = client[0].encode("latin-1")
+        headers.append((b"x-forwarded-for", prior + b", " + host if prior else host))
     elif prior is not None:
-        headers.append(("x-forwarded-for", prior))
-    headers.append(("x-forwarded-proto", request.scope.get("scheme", "http")))
+        headers.append((b"x-forwarded-for", prior))
+    headers.append((b"x-forwarded-proto", request.scope.get("scheme", "http").encode("latin-1")))
     return headers
 
 

@@ -454,7 +454,7 @@ def test_the_clients_forwarded_proto_is_replaced_by_how_it_reached_us():
         "client": ("10.0.0.1", 1234),
         "server": ("lb", 80),
     }
-    assert [v for k, v in forwarded(Request(scope), None) if k == "x-forwarded-proto"] == ["http"]
+    assert [v for k, v in forwarded(Request(scope), None) if k == b"x-forwarded-proto"] == [b"http"]
 
 
 def _pointing_backend(base: list[str]):
