@@ -458,7 +458,9 @@ class Proxy:
         deadline = time.monotonic() + total
         auth = await self.backend_auth.headers(backend, deadline)  # waits only for a first token, to the deadline
         path, body = call  # this backend's deployment name (`upstream_call`)
-        connect = total if connect is None else min(connect, total)
+        # A connect bound shorter than the deadline is aiohttp's to enforce (its timer maps to
+        # ConnectTimeout); one as long is already the timer below: one timer per call, not two.
+        connect = None if connect is None or connect >= total else connect
         # A bare httpx.Request, sent by the transport itself: no client's default headers (its own
         # User-Agent, Accept-Encoding), cookies or redirects have a place in a forwarded call. Raw
         # headers and the body as a stream skip httpx's normalising and merging (~40 us): the
