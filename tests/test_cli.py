@@ -100,6 +100,11 @@ def test_serve_proxies_with_each_backends_key_and_logs_no_secret(servers):
         )
         assert "tok4" in text
         client.embeddings.create(model="embedding", input="x")
+        v1 = openai.OpenAI(base_url=url + "/openai/v1", api_key="client-secret", max_retries=0)
+        assert v1.responses.create(model="chat", input="hi").status == "completed"
+        with v1.responses.stream(model="chat", input="hi", store=False) as stream:  # head and first event: one send
+            types = [event.type for event in stream]
+        assert types[0] == "response.created" and types[-1] == "response.completed"
         token = idp.token()
         with_token = openai.AzureOpenAI(
             azure_endpoint=url, azure_ad_token=token, api_version=API_VERSION, max_retries=0
