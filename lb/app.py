@@ -116,7 +116,7 @@ def create_app(settings: Settings | None = None, proxy: Proxy | None = None) -> 
 class ProxyApp(Starlette):
     """The local runner's app. `/openai/...` goes straight to `Proxy.handle`, as the Functions host
     calls it: the handler never raises and answers every method itself, so the router, Starlette's
-    two exception middlewares and the endpoint wrapper would only add ~40 us to every call. Every
+    two exception middlewares and the endpoint wrapper would only add work to every call. Every
     other path goes through Starlette's routing."""
 
     def __init__(self, proxy: Proxy, **kwargs: Any) -> None:

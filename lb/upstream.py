@@ -3,7 +3,8 @@
 The API is httpx's (its requests, responses and exceptions), and the transport is the seam: tests
 can pass any `httpx.AsyncBaseTransport`. The proxy calls the transport itself, not through an
 `httpx.AsyncClient`: redirects, cookies, auth and event hooks are all off for a forwarded call,
-and the client's layers around them cost ~60 us per call. The default transport sends through
+and the client's layers around them added 0.25-0.35 ms to a streamed answer's first event through
+`lb serve` (measured side by side, 2026-12-01). The default transport sends through
 aiohttp, whose C-accelerated HTTP parser and connection pool cost about a third less CPU per
 request than httpcore's, and about 2x the throughput per process (README, "Performance"). aiohttp
 is already required by azure's async clients, so this adds no dependency.
