@@ -346,6 +346,10 @@ def huge_head(servers: Servers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        print("\nOptions: --only SCENARIOS (comma-separated), --lb-root DIR, --hanging-calls N (default 1500).")
+        return 0
     if argv[:1] == ["--raw-backend"]:
         run_loop(_serve_raw(argv[1], int(argv[2])))
         return 0

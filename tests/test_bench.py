@@ -104,3 +104,11 @@ def test_all_skips_a_benchmark_whose_module_is_missing(monkeypatch, capsys) -> N
     monkeypatch.setattr(bench_main, "BENCHMARKS", {"load": "bench.not_there_yet"})
     assert bench_main.run_all([]) == 0
     assert "not there yet, skipped" in capsys.readouterr().out
+
+
+def test_redteam_help_prints_its_options_and_runs_nothing(capsys):
+    from bench import redteam
+
+    assert redteam.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--only" in out and "--hanging-calls" in out
