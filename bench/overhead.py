@@ -36,6 +36,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -66,19 +67,28 @@ class Targets:
     ) -> None:
         """`lb_backends`: how many backends lb is given (all the one simulated backend, so its pick
         has a choice to make: prompt-cache affinity hashes only then)."""
+
+        def start(servers: dict[str, Server], backend: Server) -> None:
+            lb_env = {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_LOG_LEVEL": "WARNING"}
+            for i in range(1, lb_backends + 1):
+                lb_env |= {f"BACKEND_{i}_URL": backend.url, f"BACKEND_{i}_APIKEY": BACKEND_KEY}
+            servers["yardstick"] = Server("yardstick", ["bench.yardstick"], {"YARDSTICK_BACKEND": backend.url})
+            servers["lb"] = Server("lb", ["lb", "serve"], lb_env)
+            if base:  # the same proxy from another checkout (e.g. main), side by side with this one
+                servers["lb-base"] = Server("lb-base", ["serve"], lb_env, command=lb_command(base))
+            if with_peer:
+                servers["litellm"] = peer.start(backend.url, BACKEND_KEY)
+
+        self._start(chunks, chunk_gap, start)
+
+    def _start(self, chunks: int, chunk_gap: float, start: Callable[[dict[str, Server], Server], None]) -> None:
+        """The backend ("direct"), then what `start` puts in front of it; if any fails to start,
+        every one started is stopped."""
         self.servers: dict[str, Server] = {}
         try:
             backend_args = ["bench.backend", "--chunks", str(chunks), "--chunk-gap", str(chunk_gap)]
             self.servers["direct"] = backend = Server("backend", backend_args)
-            lb_env = {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_LOG_LEVEL": "WARNING"}
-            for i in range(1, lb_backends + 1):
-                lb_env |= {f"BACKEND_{i}_URL": backend.url, f"BACKEND_{i}_APIKEY": BACKEND_KEY}
-            self.servers["yardstick"] = Server("yardstick", ["bench.yardstick"], {"YARDSTICK_BACKEND": backend.url})
-            self.servers["lb"] = Server("lb", ["lb", "serve"], lb_env)
-            if base:  # the same proxy from another checkout (e.g. main), side by side with this one
-                self.servers["lb-base"] = Server("lb-base", ["serve"], lb_env, command=lb_command(base))
-            if with_peer:
-                self.servers["litellm"] = peer.start(backend.url, BACKEND_KEY)
+            start(self.servers, backend)
         except BaseException:
             self.stop()
             raise

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from bench import overhead
-from bench.procs import ROOT, Server, markdown_table, percentiles, write_json
+from bench.procs import ROOT, Server, lb_command, markdown_table, percentiles, write_json
 from tests.azurite import start_azurite
 
 LIMITED_KEY, FREE_KEY = "limited-client-key", "free-client-key"
@@ -161,14 +161,11 @@ def limit(instances: int, rpm: int, minutes: int) -> dict[str, Any]:
 
 
 # overhead ---------------------------------------------------------------------------------------
-class Targets:
+class Targets(overhead.Targets):
     """bench.overhead's targets, with `lb` from this branch, another checkout's, and this one limited."""
 
     def __init__(self, main: Path, azurite_cs: str) -> None:
-        self.servers: dict[str, Server] = {}
-        try:
-            backend = Server("backend", ["bench.backend", "--chunks", "20", "--chunk-gap", "0.02"])
-            self.servers["direct"] = backend
+        def start(servers: dict[str, Server], backend: Server) -> None:
             base = {"BACKEND_1_URL": backend.url, "BACKEND_1_APIKEY": BACKEND_KEY, "LB_LOG_LEVEL": "WARNING"}
             plain = {**base, "LB_CLIENT_KEYS": overhead.CLIENT_KEY}
             limited = {
@@ -178,20 +175,11 @@ class Targets:
                 "LB_STATE_CONNECTION_STRING": azurite_cs,
                 "LB_STATE_TABLE": f"benchover{int(time.time())}",
             }
-            self.servers["lb"] = Server("lb", ["lb", "serve"], plain)
-            code = f"import runpy, sys; sys.path.insert(0, {str(main)!r}); runpy.run_module('lb', run_name='__main__')"
-            self.servers["lb@main"] = Server("lb@main", ["serve"], plain, command=[sys.executable, "-c", code])
-            self.servers["lb+limit"] = Server("lb+limit", ["lb", "serve"], limited)
-        except BaseException:
-            self.stop()
-            raise
-        self.urls = {t: s.url for t, s in self.servers.items()}
-        self.proxies = [t for t in self.servers if t != "direct"]
-        self.paths = {t: sorted({*backend.pids(), *s.pids()}) for t, s in self.servers.items()}
+            servers["lb"] = Server("lb", ["lb", "serve"], plain)
+            servers["lb@main"] = Server("lb@main", ["serve"], plain, command=lb_command(str(main)))
+            servers["lb+limit"] = Server("lb+limit", ["lb", "serve"], limited)
 
-    def stop(self) -> None:
-        for server in self.servers.values():
-            server.stop()
+        self._start(20, 0.02, start)
 
 
 def hot_path(main: Path, calls: int, cpu_calls: int, stream_calls: int) -> dict[str, Any]:
