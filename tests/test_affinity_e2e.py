@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import API_VERSION, CLIENT_KEY
-from tests.test_cli import run_lb
+from tests.test_cli import run_lb, serve_lb
 
 ON = {"LB_AFFINITY": "on"}
 SYSTEM = "You are the support assistant of Contoso. Answer from the manual below.\n" + "Manual text. " * 500
@@ -138,28 +138,16 @@ def test_the_demo_conversation_shows_cached_tokens_rising(servers, capsys):
 
 def test_lb_serve_keeps_a_conversation_on_one_backend_by_default(servers):
     """As a user starts it: a `python -m lb serve` process, no LB_AFFINITY set, the real SDK."""
-    import time
-
     import openai
 
-    from lb.sim import SimBackend, free_port
+    from lb.sim import SimBackend
 
-    port = free_port()
     env = {"LB_CLIENT_KEYS": CLIENT_KEY}
     for i in (1, 2, 3):
         env[f"BACKEND_{i}_URL"] = servers.start(SimBackend(f"s{i}", api_key=f"key-{i}"))
         env[f"BACKEND_{i}_APIKEY"] = f"key-{i}"
-    process = run_lb(env, "serve", "--port", str(port))
-    url = f"http://127.0.0.1:{port}"
+    process, url = serve_lb(env)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(url + "/healthz")
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and process.poll() is None, "lb serve did not start"
-                time.sleep(0.1)
         client = openai.AzureOpenAI(azure_endpoint=url, api_key=CLIENT_KEY, api_version=API_VERSION, max_retries=0)
         turns = converse(client, "Why is my bill higher this month?", 4)
         status = httpx.get(url + "/lb/status", headers={"api-key": CLIENT_KEY}).json()

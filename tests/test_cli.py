@@ -31,6 +31,23 @@ def run_lb(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     )
 
 
+def serve_lb(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    """`python -m lb serve` on a free port, once it answers `/healthz`: the process and its URL."""
+    port = free_port()
+    process = run_lb(env, "serve", "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            assert httpx.get(url + "/healthz").json() == {"status": "ok"}
+            return process, url
+        except httpx.TransportError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError(f"lb serve did not start: {process.communicate()[1]}") from None
+            time.sleep(0.1)
+
+
 @pytest.mark.parametrize(
     ("env", "line"),
     [
@@ -72,22 +89,12 @@ def test_serve_proxies_with_each_backends_key_and_logs_no_secret(servers):
     idp_port = free_port()
     idp.url = f"http://127.0.0.1:{idp_port}"
     servers.start(idp, idp_port)
-    port = free_port()
     env = {"LB_CLIENT_KEYS": "client-secret", "LB_LOG_LEVEL": "DEBUG", "LB_AFFINITY": "off", **entra_env(idp)}
     for i, backend in enumerate(backends, start=1):
         env[f"BACKEND_{i}_URL"] = servers.start(backend)
         env[f"BACKEND_{i}_APIKEY"] = backend.api_key or ""
-    process = run_lb(env, "serve", "--port", str(port))
-    url = f"http://127.0.0.1:{port}"
+    process, url = serve_lb(env)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                assert httpx.get(url + "/healthz").json() == {"status": "ok"}
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and process.poll() is None, "lb serve did not start"
-                time.sleep(0.1)
         client = openai.AzureOpenAI(azure_endpoint=url, api_key="client-secret", api_version=API_VERSION, max_retries=0)
         for _ in range(6):
             client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])

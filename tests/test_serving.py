@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from lb.serving import HeldHead
-from lb.sim import SimBackend, free_port
+from lb.sim import SimBackend
 from tests.conftest import API_VERSION, CLIENT_KEY
-from tests.test_cli import run_lb
+from tests.test_cli import serve_lb
 
 HEAD = f"POST /openai/deployments/chat/chat/completions?api-version={API_VERSION} HTTP/1.1\r\nhost: lb\r\n"
 
@@ -33,17 +33,8 @@ def lb_url(servers) -> Iterator[tuple[str, int, int]]:
 
 
 def lb_serve(env: dict[str, str]) -> Iterator[tuple[str, int, int]]:
-    port = free_port()
-    process = run_lb(env, "serve", "--port", str(port))
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
-            time.sleep(0.1)
-    yield "127.0.0.1", port, process.pid
+    process, url = serve_lb(env)
+    yield "127.0.0.1", int(url.rsplit(":", 1)[1]), process.pid
     process.terminate()
     out, err = process.communicate(timeout=10)
     assert "Traceback" not in out + err
