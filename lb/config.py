@@ -238,10 +238,16 @@ class Settings:
     client_limits: dict[str, Limit] = field(default_factory=dict)  # LB_CLIENT_LIMITS, by client name
     stream_usage: str = "as-sent"  # LB_STREAM_USAGE: "include" asks chat streams for their usage chunk
     affinity: bool = DEFAULT_AFFINITY == "on"
+    object_lookup: bool = False  # LB_OBJECT_LOOKUP: with several clients, ids without a record are looked up
 
     @property
     def anonymous(self) -> bool:
         return not self.client_keys and self.entra is None
+
+    @property
+    def isolating(self) -> bool:
+        """Several clients share the pool, so each one's stored objects must be its own."""
+        return len(self.client_keys) > 1 or self.entra is not None
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -288,6 +294,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         client_limits=_client_limits(env, client_keys, entra),
         stream_usage=_choice(env, "LB_STREAM_USAGE", STREAM_USAGE_MODES),
         affinity=_affinity(env),
+        object_lookup=_choice(env, "LB_OBJECT_LOOKUP", ("off", "on")) == "on",
     )
 
 
