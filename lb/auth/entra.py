@@ -105,7 +105,7 @@ class EntraValidator:
             raise InvalidToken("The bearer token was issued for another tenant.")
         allowed = self.settings.allowed_clients
         if allowed is not None and principal(claims) not in allowed:
-            apps = {str(claims[c]).lower() for c in ("appid", "azp") if c in claims}  # v1 / v2 name the app so
+            apps = {str(claims[c]).lower() for c in ("appid", "azp") if c in claims}  # v1: appid, v2: azp
             hint = " (its app id is: list the identity's object id, oid, instead)" if apps & allowed else ""
             raise InvalidToken(f"The bearer token's object id (oid) is not in LB_ENTRA_ALLOWED_CLIENTS{hint}.")
         return claims
