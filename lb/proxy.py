@@ -134,21 +134,31 @@ class Proxy:
         return JSONResponse({"status": "ok"})
 
     async def status(self, request: Request) -> Response:
-        return await self._report(request, self.status_report)
+        """`GET /lb/status`: backends, hosts, cooldowns and state: for operators (`LB_ADMIN_CLIENTS`) only."""
+        return await self._report(request, lambda client: self.status_report(), operators_only=True)
 
     async def usage(self, request: Request) -> Response:
-        """`GET /lb/usage`: tokens and requests per client and per backend (see lb.metering)."""
-        return await self._report(request, self.metering.report)
+        """`GET /lb/usage`: tokens and requests per client and per backend (see lb.metering); a client
+        not in `LB_ADMIN_CLIENTS` sees only its own counts and limit."""
+        return await self._report(request, lambda client: self.metering.report(client=client))
 
-    async def _report(self, request: Request, report: Callable[[], dict[str, Any]]) -> Response:
-        """The `/lb/...` reports: a client key or token first, like every proxied call."""
+    async def _report(
+        self, request: Request, report: Callable[[str | None], dict[str, Any]], *, operators_only: bool = False
+    ) -> Response:
+        """The `/lb/...` reports: a client key or token first, like every proxied call. `report` gets
+        None for an operator (the whole pool), else the caller's name (only what is its own)."""
         try:
-            await self._authorize(request)
+            client = await self._authorize(request)
+            operator = client.kind == "anonymous" or client.name in self.settings.admin_clients
+            if operators_only and not operator:
+                raise errors.Forbidden(
+                    f"{request.url.path} is for operators: this client ({client.name}) is not in LB_ADMIN_CLIENTS."
+                )
         except errors.ProxyError as exc:
             return exc.response()
         if not self._started:
             await self.start()
-        return JSONResponse(report())
+        return JSONResponse(report(None if operator else client.name))
 
     def status_report(self) -> dict[str, Any]:
         now = time.time()

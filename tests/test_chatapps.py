@@ -26,7 +26,7 @@ from openai import AsyncOpenAI
 
 from lb.sim import free_port
 from tests.conftest import CLIENT_KEY
-from tests.idp import APP_ID, LocalIdP, entra_env
+from tests.idp import OBJECT_ID, LocalIdP, entra_env
 
 DIMENSIONS = 3072  # the RAG app's default AZURE_OPENAI_EMB_DIMENSIONS, and our text-embedding-3-large default
 CHAT, EMBEDDING = "chat", "embedding"  # the deployment names infra/main.bicep creates
@@ -50,7 +50,7 @@ def token_provider(idp: LocalIdP) -> Callable[[], Awaitable[str]]:
 
     async def provide() -> str:
         calls["n"] += 1
-        return idp.token()  # v1 token of a managed identity: appid = APP_ID, aud = cognitiveservices
+        return idp.token()  # v1 token of a managed identity: oid = OBJECT_ID, aud = cognitiveservices
 
     provide.calls = calls  # type: ignore[attr-defined]
     return provide
@@ -60,7 +60,7 @@ def keyless_pool(
     make_pool, idp: LocalIdP, n: int = 2, extra_env: dict[str, str] | None = None, **backend_kwargs: object
 ):
     """Balancer accepting only the chat app's Entra identity: LB_ENTRA_ALLOWED_CLIENTS, no client keys."""
-    env = entra_env(idp, LB_ENTRA_ALLOWED_CLIENTS=APP_ID, LB_CLIENT_KEYS="", **(extra_env or {}))
+    env = entra_env(idp, LB_ENTRA_ALLOWED_CLIENTS=OBJECT_ID, LB_CLIENT_KEYS="", **(extra_env or {}))
     return make_pool(n, env=env, **backend_kwargs)
 
 
@@ -179,7 +179,7 @@ def test_rag_app_chat_and_embeddings_with_dimensions(make_pool, idp, auth):
 
 def test_rag_app_ingestion_with_the_developers_token_is_refused_without_the_key_override(make_pool, idp):
     """prepdocs runs on the developer's machine with their own Entra token unless the key override is set."""
-    pool = make_pool(1, env=entra_env(idp, LB_ENTRA_ALLOWED_CLIENTS=APP_ID))
+    pool = make_pool(1, env=entra_env(idp, LB_ENTRA_ALLOWED_CLIENTS=OBJECT_ID))
 
     async def developer() -> str:
         return idp.token(appid="04b07795-8ddb-461a-bbee-02f9e1bf7b46", oid="33333333-0000-0000-0000-000000000000")
