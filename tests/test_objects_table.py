@@ -176,6 +176,29 @@ def test_an_expired_row_is_absent_and_the_sweep_deletes_expired_rows(azurite, ta
     asyncio.run(run())
 
 
+def test_a_record_is_inserted_once_and_no_instance_can_replace_its_owner(azurite, table):
+    async def run() -> None:
+        settings = StateSettings(connection_string=azurite.connection_string, table=table)
+        first, second, third = (TableObjectStore(settings) for _ in range(3))
+        try:
+            later = time.time() + 60
+            owned = await first.create("resp_1", ObjectRecord("1", "key:alice", "response", later))
+            held = await second.create("resp_1", ObjectRecord("2", "", "response", later))  # a look-up's, ownerless
+            assert owned.client == held.client == "key:alice" and held.backend == "1"
+            assert (await third.find("resp_1")).client == "key:alice"
+            await first.create("file-2", ObjectRecord("1", "key:alice", "file", later))
+            await second.create("file-3", ObjectRecord("2", "key:bob", "file", later))
+            assert await third.owned("key:alice", "file") == {"file-2"}
+            assert await third.owned("key:bob", "file") == {"file-3"}
+            for store in (first, second, third):
+                assert store.health()["healthy"] is True
+        finally:
+            for store in (first, second, third):
+                await store.close()
+
+    asyncio.run(run())
+
+
 def test_the_stateful_benchmarks_mix_fails_no_call_through_two_instances(servers, azurite, table):
     from bench.stateful import run
 

@@ -304,7 +304,7 @@ class ObjectRouter:
         if objects.deletes and objects.path_id is not None and len(objects.ids) == 1:
             self._forget(objects.path_id.value)
             return response
-        fields = ("id",) if objects.creates else objects.made_fields
+        fields = ("id", *objects.made_fields) if objects.creates else objects.made_fields
         if fields and objects.collection is not None:
             named = {i.value for i in objects.ids}
             default = objects.collection.kind if objects.creates else "file"

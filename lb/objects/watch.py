@@ -32,7 +32,7 @@ def watch(response: UpstreamResponse, on_id: OnId, fields: tuple[str, ...] = CRE
     is read from the head of an answer too big to hold, or from a stream's first event."""
     encoding = response.upstream.headers.get("content-encoding", "identity").lower()
     if response.event_stream:
-        if fields == CREATED:
+        if fields[:1] == CREATED:
             response.body_iterator = _first_event(response.body_iterator, on_id)
     else:
         response.body_iterator = _whole_json(response.body_iterator, on_id, encoding, fields)
@@ -51,7 +51,7 @@ async def _whole_json(
         held.append(chunk)
         size += len(chunk)
         if size > MAX_HEAD_BYTES:  # the id is usually the first key: look for it there, then let go
-            head = _decoded(b"".join(held), encoding) if fields == CREATED else None
+            head = _decoded(b"".join(held), encoding) if fields[:1] == CREATED else None
             match = _FIRST_ID.search(head[:4096]) if head else None
             if match:
                 await on_id(match.group(1).decode())
