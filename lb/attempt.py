@@ -168,9 +168,9 @@ class Attempts:
             if status not in RETRYABLE_STATUS:
                 self._booked(attempt, info, status, None)
                 return Outcome("answer", backend, upstream)
-            seconds = self._cool_if_busy(backend, info, upstream)
-            self._booked(attempt, info, status, seconds)
-            if seconds is not None:
+            cooled = self._cool_if_busy(backend, info, upstream)
+            self._booked(attempt, info, status, cooled)
+            if cooled is not None:
                 return Outcome("busy", backend, upstream)
             return Outcome("failed", backend, upstream, suspect=str(status))
         except BaseException:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from lb.relay import UpstreamResponse
@@ -23,6 +23,7 @@ TAIL_BYTES = 300  # longer than any id match, so one split across two reads is f
 _FIRST_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
 
 OnId = Callable[[str], Awaitable[None]]
+Chunks = AsyncIterable[Any]  # an UpstreamResponse's body: bytes, though Starlette types it wider
 CREATED = ("id",)  # a creation's answer: the new object's own id
 
 
@@ -40,7 +41,7 @@ def watch(response: UpstreamResponse, on_id: OnId, fields: tuple[str, ...] = CRE
 
 
 async def _whole_json(
-    chunks: AsyncIterator[bytes], on_id: OnId, encoding: str, fields: tuple[str, ...] = CREATED
+    chunks: Chunks, on_id: OnId, encoding: str, fields: tuple[str, ...] = CREATED
 ) -> AsyncIterator[bytes]:
     held: list[bytes] = []
     size = 0
@@ -65,7 +66,7 @@ async def _whole_json(
             yield part
 
 
-async def _first_event(chunks: AsyncIterator[bytes], on_id: OnId) -> AsyncIterator[bytes]:
+async def _first_event(chunks: Chunks, on_id: OnId) -> AsyncIterator[bytes]:
     head = b""
     seen = False
     async for chunk in chunks:
@@ -93,7 +94,7 @@ def watch_all(response: UpstreamResponse, pattern: re.Pattern[bytes], on_id: OnI
     return response
 
 
-async def _every_match(chunks: AsyncIterator[bytes], pattern: re.Pattern[bytes], on_id: OnId) -> AsyncIterator[bytes]:
+async def _every_match(chunks: Chunks, pattern: re.Pattern[bytes], on_id: OnId) -> AsyncIterator[bytes]:
     tail = b""
     seen: set[bytes] = set()
     async for chunk in chunks:
