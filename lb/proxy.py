@@ -32,7 +32,7 @@ from lb.headers import returned as returned_headers
 from lb.metering import Metering
 from lb.objects.records import ObjectStore
 from lb.objects.router import ObjectRouter
-from lb.relay import UpstreamResponse
+from lb.relay import BodyLimits, UpstreamResponse
 from lb.requestinfo import RequestInfo, arrived, check_headers, read_request
 from lb.routing import throttle
 from lb.routing.balancer import Balancer, Demand, NoCandidate
@@ -102,7 +102,7 @@ class Proxy:
         request_id = logctx.request_id_from(request.headers)
         logctx.bind(request_id)
         client, charge, info = None, None, None  # for metering: who asked, their quota's charge
-        deadline = arrived(request) + self.settings.timeout_seconds  # the client's whole call, body upload included
+        deadline = arrived(request) + self.settings.timeout_seconds  # up to the answer's head, upload included
         _deadline.set(deadline)  # for the relay, however the answer is reached
         try:
             if not self._started:
@@ -416,16 +416,16 @@ class Proxy:
         self, request: Request, upstream: httpx.Response, backend: Backend, info: RequestInfo, attempts: int
     ) -> Response:
         def on_end(exc: Exception | None) -> None:
-            # A whole body closes the backend's circuit. One cut at the deadline is this request's
-            # length, not the backend's fault; a reset or a truncated body counts against it.
+            # A whole body closes the backend's circuit. One cut by our limits (silence, total) is this
+            # request's length, not the backend's fault; a reset or a truncated body counts against it.
             if exc is None:
                 self.breaker.success(backend.name, info.deployment or ANY_DEPLOYMENT)
             elif not isinstance(exc, httpx.TimeoutException):
                 self._suspect(backend, info.deployment, f"broken body ({type(exc).__name__})")
 
-        deadline = _deadline.get()
+        limits = BodyLimits.of(self.settings, _deadline.get())  # silence, and the optional total
         return UpstreamResponse(
-            upstream, backend.name, attempts, on_end, backend.url, lambda: _own_url(request), deadline
+            upstream, backend.name, attempts, on_end, backend.url, lambda: _own_url(request), limits
         )
 
     def _cool(self, backend: Backend, deployment: str | None, seconds: float, reason: str) -> float:
@@ -454,7 +454,7 @@ class Proxy:
         """One upstream call up to its answer's head: `total` seconds bound all of it, wall-clock,
         with one timer (aiohttp's own per-read and `total` timers cost ~0.1 ms per stream);
         `connect` bounds the pool wait and connect, `first_byte` the wait for the head. The relay
-        bounds the body's reads by the request's deadline."""
+        bounds the body by silence (`lb.relay.BodyLimits`)."""
         deadline = time.monotonic() + total
         auth = await self.backend_auth.headers(backend, deadline)  # waits only for a first token, to the deadline
         path, body = call  # this backend's deployment name (`upstream_call`)
