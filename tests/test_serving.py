@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from lb.serving import HeldHead
@@ -150,6 +151,27 @@ def test_the_deadline_runs_from_the_request_s_first_byte_not_from_its_handler():
             assert 1.5 <= elapsed < 2.1  # from the handler's start it would be 2.3 s
     finally:
         hanging.close()
+
+
+def test_a_stream_flowing_longer_than_http_timeout_seconds_passes_whole_through_lb_serve(servers):
+    """Neither the guard's timers nor the relay cut an answer that keeps coming: 1.5 s of events
+    0.25 s apart under HTTP_TIMEOUT_SECONDS=0.5, last one and [DONE] included."""
+    backend = SimBackend("a", api_key="k", chunks=7, chunk_gap=0.25)
+    env = {"BACKEND_1_URL": servers.start(backend), "BACKEND_1_APIKEY": "k", "LB_CLIENT_KEYS": CLIENT_KEY}
+    env |= {"HTTP_TIMEOUT_SECONDS": "0.5", "LB_SERVE_HEAD_TIMEOUT_SECONDS": "0.5"}
+    for host, port, _ in lb_serve(env):
+        started = time.monotonic()
+        with httpx.stream(
+            "POST",
+            f"http://{host}:{port}/openai/deployments/chat/chat/completions?api-version={API_VERSION}",
+            headers={"api-key": CLIENT_KEY},
+            json={"messages": [{"role": "user", "content": "hi"}], "stream": True},
+            timeout=10,
+        ) as response:
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert time.monotonic() - started >= 1.5
+        assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events)
+        assert len(events) >= 8 and backend.disconnects == 0
 
 
 class Transport:
