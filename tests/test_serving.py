@@ -174,6 +174,45 @@ def test_a_stream_flowing_longer_than_http_timeout_seconds_passes_whole_through_
         assert len(events) >= 8 and backend.disconnects == 0
 
 
+def test_a_client_that_stops_reading_its_answer_is_cut_off_and_the_upstream_call_closed(servers):
+    """The relay bounds a backend's silence; this bounds the client's: a stream nobody reads would
+    otherwise hold its backend connection for ever, since its relay waits on the client."""
+    closed: list[float] = []
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        event = b"data: " + b"x" * 65536 + b"\n\n"
+        try:
+            while True:
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+        except ConnectionError:
+            closed.append(time.monotonic())
+        finally:
+            writer.close()
+
+    async def start() -> int:
+        server = await asyncio.start_server(firehose, "127.0.0.1", 0)
+        return server.sockets[0].getsockname()[1]
+
+    env = {"BACKEND_1_URL": f"http://127.0.0.1:{servers.run(start())}", "BACKEND_1_APIKEY": "k"}
+    env |= {"LB_CLIENT_KEYS": CLIENT_KEY, "HTTP_TIMEOUT_SECONDS": "1"}
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    request = HEAD.encode() + f"api-key: {CLIENT_KEY}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+    for host, port, _ in lb_serve(env):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, port))
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        stopped = time.monotonic()  # and reads no more
+        while not closed and time.monotonic() - stopped < 10:
+            time.sleep(0.05)
+        assert closed and closed[0] - stopped < 1 + 1.5
+        sock.close()
+
+
 class Transport:
     """Records what goes out, one entry per send."""
 
