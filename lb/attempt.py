@@ -36,7 +36,7 @@ from lb.auth import BackendAuth
 from lb.auth.refusals import refuses_our_credential
 from lb.config import Backend, Settings
 from lb.headers import returned as returned_headers
-from lb.relay import UpstreamResponse
+from lb.relay import BodyLimits, UpstreamResponse
 from lb.requestinfo import RequestInfo
 from lb.routing import throttle
 from lb.routing.breaker import AuthFailures, Breaker
@@ -182,16 +182,15 @@ class Attempts:
         deployment = call.info.deployment
 
         def on_end(exc: Exception | None) -> None:
-            # A whole body closes the backend's circuit. One cut at the deadline is this request's
-            # length, not the backend's fault; a reset or a truncated body counts against it.
+            # A whole body closes the backend's circuit. One cut by our limits (silence, total) is this
+            # request's length, not the backend's fault; a reset or a truncated body counts against it.
             if exc is None:
                 self.breaker.success(backend.name, deployment or ANY_DEPLOYMENT)
             elif not isinstance(exc, httpx.TimeoutException):
                 self.suspect(backend, deployment, f"broken body ({type(exc).__name__})")
 
-        return UpstreamResponse(
-            upstream, backend.name, len(call.tried), on_end, backend.url, call.own_url, call.deadline
-        )
+        limits = BodyLimits.of(self.settings, call.deadline)  # silence, and the optional total
+        return UpstreamResponse(upstream, backend.name, len(call.tried), on_end, backend.url, call.own_url, limits)
 
     def succeeded(self, backend: Backend, info: RequestInfo, suspects: list[tuple[Backend, str]]) -> None:
         """A good answer (its head): the backends this request failed on before get one failure
@@ -311,7 +310,7 @@ class Attempts:
         """One upstream call up to its answer's head: `total` seconds bound all of it, wall-clock,
         with one timer (aiohttp's own per-read and `total` timers cost ~0.1 ms per stream);
         `connect` bounds the pool wait and connect, `first_byte` the wait for the head. The relay
-        bounds the body's reads by the request's deadline."""
+        bounds the body by silence (`lb.relay.BodyLimits`)."""
         deadline = time.monotonic() + total
         auth = await self.backend_auth.headers(backend, deadline)  # waits only for a first token, to the deadline
         path, body = call  # this backend's deployment name (`upstream_call`)

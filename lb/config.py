@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from lb.metering.quota import Limit
 
-DEFAULT_TIMEOUT_SECONDS = 100.0
+DEFAULT_TIMEOUT_SECONDS = 100.0  # the wait for an answer's head, then the longest silence in its body
 DEFAULT_COOLDOWN_SECONDS = 10.0
 MAX_COOLDOWN_SECONDS = 60.0
 DEFAULT_STATE_TABLE = "lbcooldowns"
@@ -62,6 +62,7 @@ _CLIENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 SETTING_NAMES = frozenset(
     {
         "HTTP_TIMEOUT_SECONDS",
+        "LB_TOTAL_TIMEOUT_SECONDS",
         "LB_ATTEMPT_TIMEOUT_SECONDS",
         "LB_MAX_ATTEMPTS",
         "LB_DEFAULT_COOLDOWN_SECONDS",
@@ -225,7 +226,8 @@ class EntraSettings:
 @dataclass(frozen=True)
 class Settings:
     backends: tuple[Backend, ...]
-    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS  # head: wall-clock from the first byte; body: silence
+    total_timeout_seconds: float | None = None  # LB_TOTAL_TIMEOUT_SECONDS: a whole call, last byte included; off
     attempt_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS / 2  # while another backend could still answer
     max_attempts: int = 1
     default_cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS
@@ -285,6 +287,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         backends=backends,
         timeout_seconds=timeout,
+        total_timeout_seconds=_total_timeout(env, timeout),
         attempt_timeout_seconds=_number(env, "LB_ATTEMPT_TIMEOUT_SECONDS", timeout / 2, minimum=0.001),
         max_attempts=int(_number(env, "LB_MAX_ATTEMPTS", len(backends), minimum=1, integer=True)),
         default_cooldown_seconds=default_cooldown,
@@ -310,6 +313,20 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         affinity=_affinity(env),
         object_lookup=_choice(env, "LB_OBJECT_LOOKUP", ("off", "on")) == "on",
     )
+
+
+def _total_timeout(env: Mapping[str, str], timeout: float) -> float | None:
+    """LB_TOTAL_TIMEOUT_SECONDS: unset or 0 is off (a flowing answer is never cut). It can't be below
+    HTTP_TIMEOUT_SECONDS, which the wait for an answer's head alone may take."""
+    total = _number(env, "LB_TOTAL_TIMEOUT_SECONDS", 0.0, minimum=0.0)
+    if not total:
+        return None
+    if total < timeout:
+        raise ConfigError(
+            f"LB_TOTAL_TIMEOUT_SECONDS: {total:g} is below HTTP_TIMEOUT_SECONDS ({timeout:g}), which the wait"
+            " for an answer's head alone may take"
+        )
+    return total
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:

@@ -13,12 +13,18 @@
      +-- RequestTimeout      408     `lb serve`: a request head or body that does not arrive in time
      +-- AllBackendsCooling  429     every candidate is throttled: Retry-After of the soonest recovery
      +-- BadGateway          502     connect error / protocol error on the last attempt
+          +-- BackendBrokeOff    --     mid-body, the backend's answer broke off (reset, truncated)
      +-- BackendAuthFailed   502     every backend refuses the proxy's own credential (401/403)
      +-- Overloaded          503     `lb serve` holds LB_SERVE_MAX_CONNECTIONS connections already
      +-- BackendCredentialUnavailable 503  no Entra ID token of its own for keyless backends (fetch failed, slow)
-     +-- GatewayTimeout      504     deadline (HTTP_TIMEOUT_SECONDS) spent
+     +-- GatewayTimeout      504     no answer's head within the deadline (HTTP_TIMEOUT_SECONDS)
+          +-- AnswerCut          --     mid-body, the balancer's own limit ended the answer: silence
+                                        (HTTP_TIMEOUT_SECONDS) or the optional total (LB_TOTAL_TIMEOUT_SECONDS)
 
-`upstream_error()` is the one place that maps httpx's exceptions onto these.
+`upstream_error()` is the one place that maps httpx's exceptions onto these. The two mid-body
+errors reach the client as the last event of an SSE answer (`sse_event()`), since its head has gone
+out already: the openai SDK raises `openai.APIError` on an event whose data carries "error", with
+its message. Any other answer can only be closed short.
 """
 
 from __future__ import annotations
@@ -146,6 +152,36 @@ class Overloaded(ProxyError):
 class GatewayTimeout(ProxyError):
     status = 504
     code = "GatewayTimeout"
+
+
+class AnswerCut(GatewayTimeout):
+    """The balancer, not the backend, ended an answer mid-body: the message names the limit and its setting."""
+
+    @classmethod
+    def silence(cls, seconds: float) -> AnswerCut:
+        return cls(
+            f"The load balancer ended this answer: the backend sent nothing for {seconds:g} seconds"
+            " (its limit on silence, HTTP_TIMEOUT_SECONDS)."
+        )
+
+    @classmethod
+    def total(cls, seconds: float) -> AnswerCut:
+        return cls(
+            f"The load balancer ended this answer at its limit of {seconds:g} seconds per call"
+            " (LB_TOTAL_TIMEOUT_SECONDS)."
+        )
+
+
+class BackendBrokeOff(BadGateway):
+    """The backend's answer broke off mid-body (a reset, a truncated body): the backend's failure, named so."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(f"The backend stream ended unexpectedly ({cause}).")
+
+
+def sse_event(error: ProxyError) -> bytes:
+    """`error` as an SSE event in Azure OpenAI's error shape, the last of a stream that was cut."""
+    return b"data: %s\n\n" % json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
 
 
 def upstream_error(exc: Exception, backend: str) -> ProxyError:

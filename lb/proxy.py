@@ -87,7 +87,7 @@ class Proxy:
         request_id = logctx.request_id_from(request.headers)
         logctx.bind(request_id)
         client, charge, info = None, None, None  # for metering: who asked, their quota's charge
-        deadline = arrived(request) + self.settings.timeout_seconds  # the client's whole call, body upload included
+        deadline = arrived(request) + self.settings.timeout_seconds  # up to the answer's head, upload included
         try:
             if not self._started:
                 await self.start()

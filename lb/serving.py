@@ -15,7 +15,12 @@ OpenAI's error shape:
 - a body not complete within `HTTP_TIMEOUT_SECONDS` of its head: 408 and closed. The timer is set
   only when a read ends with the body incomplete: the usual request, head and body in one read,
   costs nothing (behind Functions, Kestrel's minimum body data rate does this);
-- more than `LB_SERVE_MAX_CONNECTIONS` open connections: 503 with Retry-After, closed.
+- more than `LB_SERVE_MAX_CONNECTIONS` open connections: 503 with Retry-After, closed;
+- an answer the client stops reading: once its send buffer is full, `HTTP_TIMEOUT_SECONDS` more
+  without the client taking any of it and the connection is aborted (the relay then closes the
+  upstream call). The timer is set only when the buffer fills (behind Functions, Kestrel's minimum
+  response data rate does this). So the relay's limit on a backend's silence is matched by one on
+  the client's: a call that makes no progress either way ends.
 
 Each request's scope carries the moment its first byte was read (`lb.requestinfo.ARRIVED`): the
 proxy's deadline starts there, not when the handler gets its turn after a burst of others.
@@ -57,6 +62,7 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
     )
     too_slow = error_bytes(errors.RequestTimeout(f"The request head did not arrive within {head_timeout:g} seconds."))
     body_timeout = settings.timeout_seconds
+    write_timeout = settings.timeout_seconds  # a client that takes none of its answer for this long
     body_too_slow = error_bytes(
         errors.RequestTimeout(f"The request body did not arrive within {body_timeout:g} seconds.")
     )
@@ -74,6 +80,7 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
             self._in_head = True
             self._head_timer: asyncio.TimerHandle | None = None
             self._body_timer: asyncio.TimerHandle | None = None
+            self._write_timer: asyncio.TimerHandle | None = None
             # Over the cap: answered once the request is in (closing on an unread request would
             # reset the connection, and the client might never read the 503).
             self._over_cap = len(self.connections) > max_connections
@@ -82,7 +89,27 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm_head_timer()
             self._disarm_body_timer()
+            self._disarm_write_timer()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(write_timeout, self._write_timed_out)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._disarm_write_timer()
+
+        def _disarm_write_timer(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+
+        def _write_timed_out(self) -> None:
+            self._write_timer = None
+            if not self.transport.is_closing():
+                self.transport.abort()  # close() would wait for a buffer that never drains
 
         def data_received(self, data: bytes) -> None:
             if self.transport.is_closing():

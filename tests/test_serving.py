@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from lb.serving import HeldHead
@@ -150,6 +151,66 @@ def test_the_deadline_runs_from_the_request_s_first_byte_not_from_its_handler():
             assert 1.5 <= elapsed < 2.1  # from the handler's start it would be 2.3 s
     finally:
         hanging.close()
+
+
+def test_a_stream_flowing_longer_than_http_timeout_seconds_passes_whole_through_lb_serve(servers):
+    """Neither the guard's timers nor the relay cut an answer that keeps coming: 1.5 s of events
+    0.25 s apart under HTTP_TIMEOUT_SECONDS=0.5, last one and [DONE] included."""
+    backend = SimBackend("a", api_key="k", chunks=7, chunk_gap=0.25)
+    env = {"BACKEND_1_URL": servers.start(backend), "BACKEND_1_APIKEY": "k", "LB_CLIENT_KEYS": CLIENT_KEY}
+    env |= {"HTTP_TIMEOUT_SECONDS": "0.5", "LB_SERVE_HEAD_TIMEOUT_SECONDS": "0.5"}
+    for host, port, _ in lb_serve(env):
+        started = time.monotonic()
+        with httpx.stream(
+            "POST",
+            f"http://{host}:{port}/openai/deployments/chat/chat/completions?api-version={API_VERSION}",
+            headers={"api-key": CLIENT_KEY},
+            json={"messages": [{"role": "user", "content": "hi"}], "stream": True},
+            timeout=10,
+        ) as response:
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert time.monotonic() - started >= 1.5
+        assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events)
+        assert len(events) >= 8 and backend.disconnects == 0
+
+
+def test_a_client_that_stops_reading_its_answer_is_cut_off_and_the_upstream_call_closed(servers):
+    """The relay bounds a backend's silence; this bounds the client's: a stream nobody reads would
+    otherwise hold its backend connection for ever, since its relay waits on the client."""
+    closed: list[float] = []
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        event = b"data: " + b"x" * 65536 + b"\n\n"
+        try:
+            while True:
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+        except ConnectionError:
+            closed.append(time.monotonic())
+        finally:
+            writer.close()
+
+    async def start() -> int:
+        server = await asyncio.start_server(firehose, "127.0.0.1", 0)
+        return server.sockets[0].getsockname()[1]
+
+    env = {"BACKEND_1_URL": f"http://127.0.0.1:{servers.run(start())}", "BACKEND_1_APIKEY": "k"}
+    env |= {"LB_CLIENT_KEYS": CLIENT_KEY, "HTTP_TIMEOUT_SECONDS": "1"}
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    request = HEAD.encode() + f"api-key: {CLIENT_KEY}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+    for host, port, _ in lb_serve(env):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((host, port))
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        stopped = time.monotonic()  # and reads no more
+        while not closed and time.monotonic() - stopped < 10:
+            time.sleep(0.05)
+        assert closed and closed[0] - stopped < 1 + 1.5
+        sock.close()
 
 
 class Transport:
