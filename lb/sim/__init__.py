@@ -167,8 +167,9 @@ class SimBackend:
         ]
         stream = isinstance(payload, dict) and payload.get("stream") is True
         if (segments := self.objects.handles(path)) is not None:
+            query = scope.get("query_string", b"").decode("latin-1")
             return await self.objects.serve(
-                self, scope["method"], segments, headers, body, payload, rate, receive, send
+                self, scope["method"], segments, headers, body, payload, rate, receive, send, query
             )
         if "embeddings" in path:
             return await self._json(send, 200, _embedding(deployment, payload), rate)
@@ -177,9 +178,14 @@ class SimBackend:
             if stream:
                 return await self._stream(receive, send, rate, _response_events(response, pieces))
             return await self._json(send, 200, response, rate)
+        refusal, note = self.objects.chat_files(payload)  # file inputs: only this backend's own files
+        if refusal is not None:
+            return await self._json(send, *refusal, rate)
         if stream:
             return await self._stream(receive, send, rate, self._chat_events(deployment, payload, *usage))
-        return await self._json(send, 200, _completion(self.name, deployment, *usage), rate)
+        completion = _completion(self.name, deployment, *usage)
+        completion["choices"][0]["message"]["content"] += note
+        return await self._json(send, 200, completion, rate)
 
     def _prompt_usage(self, path: str, deployment: str | None, payload: Any, now: float) -> tuple[int, int]:
         """(prompt tokens, of which cached) of an admitted chat or Responses call; the cache learns its prefixes."""
