@@ -220,6 +220,8 @@ def test_a_chat_completion_never_reads_alices_file_for_bob(pool, clients):
             answer(chat.create, model="chat", messages=messages),
             [file_id],
         )
+        streamed = answer(chat.create, model="chat", messages=messages, stream=True)
+        watch.bob(f"bob's streamed chat on alice's file via {via}", streamed, [file_id])
         with bob.http(turn % 2) as http:
             path = f"/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
             watch.bob(
