@@ -167,8 +167,9 @@ class SimBackend:
         ]
         stream = isinstance(payload, dict) and payload.get("stream") is True
         if (segments := self.objects.handles(path)) is not None:
+            query = scope.get("query_string", b"").decode("latin-1")
             return await self.objects.serve(
-                self, scope["method"], segments, headers, body, payload, rate, receive, send
+                self, scope["method"], segments, headers, body, payload, rate, receive, send, query
             )
         if "embeddings" in path:
             return await self._json(send, 200, _embedding(deployment, payload), rate)
@@ -177,9 +178,14 @@ class SimBackend:
             if stream:
                 return await self._stream(receive, send, rate, _response_events(response, pieces))
             return await self._json(send, 200, response, rate)
+        refusal, note = self.objects.chat_files(payload)  # file inputs: only this backend's own files
+        if refusal is not None:
+            return await self._json(send, *refusal, rate)
         if stream:
-            return await self._stream(receive, send, rate, self._chat_events(deployment, payload, *usage))
-        return await self._json(send, 200, _completion(self.name, deployment, *usage), rate)
+            return await self._stream(receive, send, rate, self._chat_events(deployment, payload, *usage, note=note))
+        completion = _completion(self.name, deployment, *usage)
+        completion["choices"][0]["message"]["content"] += note
+        return await self._json(send, 200, completion, rate)
 
     def _prompt_usage(self, path: str, deployment: str | None, payload: Any, now: float) -> tuple[int, int]:
         """(prompt tokens, of which cached) of an admitted chat or Responses call; the cache learns its prefixes."""
@@ -237,7 +243,9 @@ class SimBackend:
             await send({"type": "http.response.body", "body": event, "more_body": i < len(events) - 1})
         self.answered[200] = self.answered.get(200, 0) + 1
 
-    def _chat_events(self, deployment: str | None, payload: Any, prompt: int = 20, cached: int = 0) -> list[bytes]:
+    def _chat_events(
+        self, deployment: str | None, payload: Any, prompt: int = 20, cached: int = 0, note: str = ""
+    ) -> list[bytes]:
         """`chunks` content chunks, then the finish chunk and `[DONE]`, as Azure OpenAI streams a chat;
         with `stream_options.include_usage` every chunk says `"usage":null` and a last one, with no
         choices, carries the usage."""
@@ -245,6 +253,8 @@ class SimBackend:
         options = payload.get("stream_options") if isinstance(payload, dict) else None
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         chunks = [_chunk(cid, deployment, f"{self.name if i == 0 else ''} tok{i}", None) for i in range(self.chunks)]
+        if note:  # what it read of the chat's files, after the first words
+            chunks.insert(1, _chunk(cid, deployment, note, None))
         chunks.append(_chunk(cid, deployment, None, "stop"))
         if include_usage:
             for chunk in chunks:

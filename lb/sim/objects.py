@@ -2,13 +2,29 @@
 
 `SimBackend` hands every object route to `SimObjects.serve`: stored responses (create with `store`,
 `previous_response_id`, `conversation` and `background`; retrieve, delete, cancel, input items),
-conversations, files (multipart upload, retrieve, content, delete), batches made from a file
-(polled from `validating` to `completed`, with an output file), and reasoning items returned with
-`encrypted_content` (asked with `include`), which only this backend accepts back (else 400
-`invalid_encrypted_content`). Each backend keeps its own objects,
+conversations, files (multipart upload, list, retrieve, content, delete), batches made from a file
+(create, list, retrieve, cancel; polled from `validating` to `completed`, with an output file),
+fine-tuning jobs made from a training (and validation) file (create, list, retrieve, cancel), and
+reasoning items returned with `encrypted_content` (asked with `include`), which only this backend
+accepts back (else 400 `invalid_encrypted_content`). Each backend keeps its own objects,
 and an id it does not hold gets the answer Azure OpenAI gives for a missing object: 400
 `previous_response_not_found` for a follow-up turn, 404 `... with id '...' not found.` otherwise.
+A chat completion's file inputs (`{"type": "file", "file": {"file_id": ...}}`) are read here too
+(`chat_files`): a file this backend does not hold is that 404, one it holds is named in the answer.
 A background response or a batch moves one step per retrieval (`steps`), so polling ends by itself.
+
+Lists are OpenAI's cursor pages: `{"object": "list", "data", "first_id", "last_id", "has_more"}`,
+newest first unless `order=asc`, `limit` items after the `after` id (files: 1-10,000, default
+10,000, and `purpose`; batches and fine-tuning jobs: 1-100, default 20), as Azure documents
+GET /openai/v1/files and /openai/v1/batches (learn.microsoft.com/azure/foundry/reference/rest/
+files-list-files, batches-list-batches). An `after` this backend does not hold is a 400 here (what
+Azure answers is not documented): a list merged from several backends must not pass one backend's
+cursor to another.
+
+Routes are matched on the decoded path (uvicorn's `scope["path"]`), so an encoded slash in an id
+(`resp_1%2Finput_items`) is a path separator here, as it is to Azure's router. Bodies are read as a
+lenient backend reads them: `json.loads` on the bytes, whatever the Content-Type, so UTF-16 or
+UTF-32 JSON (which Python detects) is understood too.
 """
 
 from __future__ import annotations
@@ -18,6 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 from lb import sim
 
@@ -25,7 +42,9 @@ if TYPE_CHECKING:
     from lb.sim import Receive, Send, SimBackend
 
 PREFIXES = ("/openai/v1/", "/openai/")
-COLLECTIONS = ("responses", "conversations", "files", "batches")
+COLLECTIONS = ("responses", "conversations", "files", "batches", "fine_tuning")
+FILES_LIMIT = (10_000, 10_000)  # (default, max) items of a files list page
+PAGE_LIMIT = (20, 100)  # batches and fine-tuning jobs
 
 
 @dataclass
@@ -37,6 +56,7 @@ class SimObjects:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     contents: dict[str, bytes] = field(default_factory=dict)
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # fine-tuning jobs
     _pending: dict[str, int] = field(default_factory=dict)  # object id -> retrievals left before it is done
     _finals: dict[str, dict[str, Any]] = field(default_factory=dict)  # background response id -> its answer
     reasoning: set[str] = field(default_factory=set)  # reasoning item ids whose encrypted_content this resource made
@@ -60,9 +80,11 @@ class SimObjects:
         rate: list[tuple[bytes, bytes]],
         receive: Receive,
         send: Send,
+        query: str = "",
     ) -> None:
         collection, rest = segments[0], segments[1:]
-        answer = getattr(self, f"_{collection}")(backend, method, rest, headers, body, payload)
+        params = dict(parse_qsl(query))
+        answer = getattr(self, f"_{collection}")(backend, method, rest, headers, body, payload, params)
         if isinstance(answer, Stream):
             return await backend._stream(receive, send, rate, answer.events)
         status, content = answer
@@ -74,7 +96,7 @@ class SimObjects:
         await backend._json(send, status, content, rate)
 
     # Responses ----------------------------------------------------------------------------------
-    def _responses(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload) -> Any:
+    def _responses(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload, params) -> Any:
         if not rest:
             if not isinstance(payload, dict):
                 return 400, _error("We could not parse the JSON body of your request.", "invalid_request_error")
@@ -146,7 +168,7 @@ class SimObjects:
         return 200, response
 
     # Conversations ------------------------------------------------------------------------------
-    def _conversations(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload) -> Any:
+    def _conversations(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload, params) -> Any:
         if not rest and method == "POST":
             cid = f"conv_{uuid.uuid4().hex}"
             metadata = payload.get("metadata") if isinstance(payload, dict) else None
@@ -166,7 +188,7 @@ class SimObjects:
         return 200, self.conversations[cid]
 
     # Files --------------------------------------------------------------------------------------
-    def _files(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload) -> Any:
+    def _files(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload, params) -> Any:
         if not rest and method == "POST":
             fields = _multipart(headers.get("content-type", ""), body)
             if "file" not in fields:
@@ -175,7 +197,9 @@ class SimObjects:
             purpose = fields.get("purpose", ("", b""))[1].decode() or "batch"
             return 200, self._add_file(filename or "upload.jsonl", content, purpose)
         if not rest:
-            return 200, {"object": "list", "data": list(self.files.values()), "has_more": False}
+            purpose = params.get("purpose")
+            files = [f for f in self.files.values() if purpose is None or f["purpose"] == purpose]
+            return _page(files, params, *FILES_LIMIT)
         fid = rest[0]
         if fid not in self.files:
             return _missing("File", fid)
@@ -202,7 +226,7 @@ class SimObjects:
         return self.files[fid]
 
     # Batches ------------------------------------------------------------------------------------
-    def _batches(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload) -> Any:
+    def _batches(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload, params) -> Any:
         if not rest and method == "POST":
             request = payload if isinstance(payload, dict) else {}
             input_file = request.get("input_file_id")
@@ -226,7 +250,9 @@ class SimObjects:
             }
             self._pending[bid] = self.steps
             return 200, self.batches[bid]
-        bid = rest[0] if rest else ""
+        if not rest:
+            return _page(list(self.batches.values()), params, *PAGE_LIMIT)
+        bid = rest[0]
         batch = self.batches.get(bid)
         if batch is None:
             return _missing("Batch", bid)
@@ -237,6 +263,61 @@ class SimObjects:
             return 200, batch
         self._step(bid, batch, backend)
         return 200, batch
+
+    # Fine-tuning jobs ---------------------------------------------------------------------------
+    def _fine_tuning(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload, params) -> Any:
+        if not rest or rest[0] != "jobs":
+            return 404, _error("Resource not found.", "invalid_request_error")
+        rest = rest[1:]
+        if not rest and method == "POST":
+            request = payload if isinstance(payload, dict) else {}
+            for name in ("training_file", "validation_file"):
+                fid = request.get(name)
+                if (name == "training_file" or fid is not None) and fid not in self.files:
+                    return _missing("File", str(fid), name)
+            jid = f"ftjob-{uuid.uuid4().hex}"
+            self.jobs[jid] = {
+                "id": jid,
+                "object": "fine_tuning.job",
+                "model": request.get("model"),
+                "created_at": int(time.time()),
+                "finished_at": None,
+                "fine_tuned_model": None,
+                "organization_id": backend.name,
+                "result_files": [],
+                "status": "validating_files",
+                "training_file": request["training_file"],
+                "validation_file": request.get("validation_file"),
+                "hyperparameters": request.get("hyperparameters") or {"n_epochs": "auto"},
+                "trained_tokens": None,
+                "error": None,
+                "seed": request.get("seed", 42),
+                "metadata": request.get("metadata"),
+            }
+            return 200, self.jobs[jid]
+        if not rest:
+            return _page(list(self.jobs.values()), params, *PAGE_LIMIT)
+        job = self.jobs.get(rest[0])
+        if job is None:
+            return _missing("Fine-tuning job", rest[0])
+        if len(rest) > 1 and rest[1] == "cancel":
+            if job["status"] not in ("succeeded", "failed", "cancelled"):
+                job["status"] = "cancelled"
+            return 200, job
+        return 200, job
+
+    # Chat completions' file inputs --------------------------------------------------------------
+    def chat_files(self, payload: Any) -> tuple[tuple[int, dict[str, Any]] | None, str]:
+        """(the refusal of a chat naming a file this backend does not hold, else None; the note its answer
+        carries about the files it read), so a chat reaching the wrong backend, or another client's file, shows."""
+        notes = []
+        for fid in _chat_file_ids(payload):
+            if fid not in self.files:
+                return _missing("File", fid, "messages"), ""
+            notes.append(
+                f" Read {fid} ({self.files[fid]['filename']}): {self.contents[fid][:80].decode(errors='replace')}"
+            )
+        return None, "".join(notes)
 
     # Progress -----------------------------------------------------------------------------------
     def _step(self, oid: str, obj: dict[str, Any], backend: SimBackend | None = None) -> None:
@@ -271,6 +352,48 @@ def _error(message: str, kind: str, *, param: str | None = None, code: str | Non
 
 def _missing(kind: str, oid: str, param: str | None = None) -> tuple[int, dict[str, Any]]:
     return 404, _error(f"{kind} with id '{oid}' not found.", "invalid_request_error", param=param)
+
+
+def _page(items: list[dict[str, Any]], params: dict[str, str], default: int, most: int) -> tuple[int, Any]:
+    """One cursor page of `items` (oldest first, as made): newest first unless `order=asc`."""
+    order = params.get("order", "desc")
+    limit = params.get("limit", str(default))
+    if order not in ("asc", "desc"):
+        return 400, _error(
+            f"Invalid 'order': '{order}' is not one of 'asc', 'desc'.", "invalid_request_error", param="order"
+        )
+    if not limit.isdigit() or not 1 <= int(limit) <= most:
+        message = f"Invalid 'limit': '{limit}' is not an integer between 1 and {most}."
+        return 400, _error(message, "invalid_request_error", param="limit")
+    ordered = items if order == "asc" else items[::-1]
+    after = params.get("after")
+    if after is not None:
+        at = next((i for i, item in enumerate(ordered) if item["id"] == after), None)
+        if at is None:
+            return 400, _error(f"Invalid 'after': no object with id '{after}'.", "invalid_request_error", param="after")
+        ordered = ordered[at + 1 :]
+    data = ordered[: int(limit)]
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return 200, {
+        "object": "list",
+        "data": data,
+        "first_id": first,
+        "last_id": last,
+        "has_more": len(ordered) > len(data),
+    }
+
+
+def _chat_file_ids(payload: Any) -> list[str]:
+    """`file_id`s of a chat's `{"type": "file", "file": {"file_id": ...}}` content parts."""
+    messages = payload.get("messages") if isinstance(payload, dict) else None
+    found = []
+    for message in messages if isinstance(messages, list) else []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            file = part.get("file") if isinstance(part, dict) and part.get("type") == "file" else None
+            if isinstance(file, dict) and isinstance(file.get("file_id"), str):
+                found.append(file["file_id"])
+    return found
 
 
 def _input_items(value: Any) -> list[dict[str, Any]]:
