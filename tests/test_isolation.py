@@ -20,6 +20,7 @@ import pytest
 from lb.objects.records import ObjectRecord, ObjectStore
 
 KEYS = {"LB_CLIENT_KEYS": "alice:key-a,bob:key-b"}
+JSON_TYPE = "application/json"
 
 
 @pytest.fixture
@@ -126,3 +127,15 @@ def test_lists_show_the_callers_objects_from_the_whole_pool_paged_in_azures_shap
         assert {f["id"] for f in first["data"] + rest["data"]} == set(mine)
         assert http.get("/openai/v1/files", params={"limit": 1000}).status_code == 400
         assert http.get("/openai/v1/files", params={"after": "../x"}).status_code == 400
+
+
+def test_a_large_body_is_read_to_its_end_for_the_ids_it_names(pool):
+    response = pool.v1("key-a").responses.create(model="chat", input="alice's secret")
+    filler = [{"role": "user", "content": "x" * 1000}] * 300  # ~300 KB: scanned in slices, parsed off the loop
+    calls = backend_calls(pool)
+    with httpx.Client(base_url=pool.url, headers={"api-key": "key-b"}, timeout=10) as http:
+        for key in ("previous_response_id", "Previous_Response_ID", "previous_response\\u005fid"):
+            raw = f'{{"model": "chat", "input": {json.dumps(filler)}, "{key}": "{response.id}"}}'
+            answer = http.post("/openai/v1/responses", content=raw.encode(), headers={"content-type": JSON_TYPE})
+            assert answer.status_code == 404 and "alice's secret" not in answer.text, key
+    assert backend_calls(pool) == calls

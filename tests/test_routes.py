@@ -201,3 +201,35 @@ def test_a_get_on_a_listable_collection_is_a_list():
     assert classify("GET", "/openai/v1/files?purpose=batch", b"", None).lists
     assert classify("GET", "/openai/v1/batches", b"", None).lists
     assert not classify("GET", "/openai/v1/batches/batch_1", b"", None).lists
+
+
+def test_a_field_name_in_another_case_is_read_as_a_case_insensitive_backend_would():
+    raw = b'{"model": "m", "Previous_Response_ID": "resp_1", "input": [{"TYPE": "Item_Reference", "Id": "msg_2"}]}'
+    assert ids(classify("POST", "/openai/v1/responses", raw, JSON)) == {("resp_1", "response"), ("msg_2", "item")}
+    chat = b'{"model": "m", "messages": [{"content": [{"type": "file", "file": {"FILE_ID": "file-3"}}]}]}'
+    assert ids(classify("POST", "/openai/v1/chat/completions", chat, JSON)) == {("file-3", "file")}
+
+
+def test_an_id_field_given_twice_in_one_object_is_a_400():
+    # parsers differ on which of two equal keys counts: the balancer must not read one and the backend the other
+    for raw in (
+        b'{"model": "m", "previous_response_id": "resp_1", "previous_response_id": "resp_2"}',
+        b'{"model": "m", "previous_response_id": "resp_1", "PREVIOUS_RESPONSE_ID": "resp_2"}',
+        b'{"input": [{"type": "reasoning", "id": "rs_1", "id": "rs_2"}]}',
+    ):
+        with pytest.raises(InvalidObjectId, match="twice"):
+            classify("POST", "/openai/v1/responses", raw, JSON)
+
+
+def test_a_body_without_an_id_field_is_not_parsed_but_still_must_be_utf8_json_by_type():
+    assert classify("POST", "/openai/v1/responses", b'{"model": "m", "input": "hi"}', JSON).ids == ()
+    with pytest.raises(UnsupportedMediaType):
+        classify("POST", "/openai/v1/responses", b'{"model": "m", "input": "hi"}', "application/x-www-form-urlencoded")
+    with pytest.raises(BadRequest):
+        classify("POST", "/openai/v1/responses", '{"model": "m"}'.encode("utf-16"), JSON)
+
+
+def test_a_body_naming_an_object_that_python_cannot_build_is_a_400():
+    deep = b'{"previous_response_id": "resp_1", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        classify("POST", "/openai/v1/responses", deep, JSON)

@@ -43,6 +43,7 @@ from lb.objects.watch import watch, watch_all
 from lb.relay import UpstreamResponse
 from lb.requestinfo import PARSE_LIMIT_BYTES, RequestInfo
 
+SCAN_SLICE_BYTES = 1024 * 1024  # a large body is searched for id fields a slice per turn of the loop
 MAX_ERROR_BYTES = 64 * 1024  # a "not found" answer is read whole to tell it from another 400
 MAX_LIST_BYTES = 8 * 1024 * 1024  # one backend's page of a list
 LIST_PAGE = 100  # objects asked of each backend per page (the most Azure's lists give)
@@ -114,10 +115,16 @@ class ObjectRouter:
         the balancer can't read the way the backend will is refused (`lb.objects.routes`). A large
         body that must be parsed is parsed off the event loop."""
         content_type = request.headers.get("content-type")
-        args = (request.method, info.raw_path, info.body, content_type, info.payload, self.isolating)
-        if len(info.body) > PARSE_LIMIT_BYTES and routes.body_is_read(*args[:4]):
-            return await asyncio.to_thread(routes.classify, *args)  # a large body is read off the loop
-        return routes.classify(*args)
+        body = info.body
+        if len(body) <= PARSE_LIMIT_BYTES:
+            return routes.classify(request.method, info.raw_path, body, content_type, self.isolating)
+        markers = routes.body_markers(request.method, info.raw_path, body, content_type)
+        named = markers is not None and await _names_objects(body, markers)
+        if not named:
+            return routes.classify(request.method, info.raw_path, body, content_type, self.isolating, named=False)
+        # a large body that may name objects is parsed off the loop
+        args = (request.method, info.raw_path, body, content_type, self.isolating, True)
+        return await asyncio.to_thread(routes.classify, *args)
 
     def report(self) -> dict[str, Any]:
         return {"records": self.records.counts(), "calls": dict(self.counters), "store": self.records.health()}
@@ -352,6 +359,16 @@ def _page(raw: bytes) -> tuple[list[dict[str, Any]], bool]:
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
         return [], False
     return [o for o in payload["data"] if isinstance(o, dict)], payload.get("has_more") is True
+
+
+async def _names_objects(body: bytes, markers: tuple[bytes, ...]) -> bool:
+    """`routes.names_objects` over a large body in slices, yielding to the loop between them."""
+    overlap = max(len(m) for m in markers)
+    for start in range(0, len(body), SCAN_SLICE_BYTES):
+        if routes.names_objects(body[max(0, start - overlap) : start + SCAN_SLICE_BYTES], markers):
+            return True
+        await asyncio.sleep(0)
+    return False
 
 
 def _says_not_found(status: int, raw: bytes) -> bool:

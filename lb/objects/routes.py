@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from lb.errors import BadRequest, ProxyError
-from lb.requestinfo import NOT_PARSED
 
 # Collections whose objects live in one resource: path (after /openai/ or /openai/v1/) -> spec.
 # `words`: segments allowed where an id would be (actions on the collection, not objects).
@@ -141,6 +140,8 @@ _ID_BODY = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_CHARS}}}")
 _ITEM_ID = re.compile(rf"[a-z]{{1,16}}_[A-Za-z0-9_-]{{1,{MAX_ID_CHARS}}}")  # msg_, fc_, ... (any item)
 _SEGMENT = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")
 CHAT_MARKERS = (b"file_id", b"\\u00")  # a chat body names a file only if one of these is in its bytes
+# An object route's body is parsed for ids only if its lower-cased bytes hold one of these.
+MARKERS = (*(k.encode() for k in BODY_FIELDS), *(t.encode() for t in TYPED_IDS), b"\\u00")
 _BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
 _STORE_FALSE = re.compile(rb'"store"\s*:\s*false')
 
@@ -188,13 +189,14 @@ def classify(
     raw_path: str,
     body: bytes,
     content_type: str | None,
-    payload: object = NOT_PARSED,
     isolating: bool = False,
+    named: bool | None = None,
 ) -> ObjectCall | None:
     """The object call this is, or None for a call that can neither name nor create an object.
-    `payload`: the body already parsed as UTF-8 JSON, if it was. Raises a 4xx for a call the
-    balancer can't read the way the backend will; with `isolating` (several clients), also for a
-    route that is neither stateless nor in the table."""
+    Raises a 4xx for a call the balancer can't read the way the backend will; with `isolating`
+    (several clients), also for a route that is neither stateless nor in the table. `named`:
+    whether the body's bytes may name an object (`names_objects`), when the caller scanned them
+    already (a large body, in slices); None: scanned here."""
     collection, rest, name = route(raw_path)
     if collection is None:
         if not stateless(raw_path):
@@ -204,20 +206,24 @@ def classify(
                     " per client, so it is refused while several clients share the pool."
                 )
             return None
-        if not body_is_read(method, raw_path, body, content_type):
+        markers = body_markers(method, raw_path, body, content_type)
+        if markers is None or not (names_objects(body, markers) if named is None else named):
             return None
-        ids = body_ids(_parsed(body, content_type, payload))
+        ids = body_ids(parse_body(body, content_type))
         return ObjectCall(None, tuple(ids), creates=False, deletes=False) if ids else None
     if "%" in raw_path.split("?", 1)[0]:
         raise InvalidObjectId("An object's path must not be percent-encoded.")
     ids, creates = path_ids(method, collection, rest)
     if method == "GET" and not rest and collection.lists:
         return ObjectCall(collection, (), creates=False, deletes=False, lists=True)
-    if body_is_read(method, raw_path, body, content_type):
-        ids += body_ids(_parsed(body, content_type, payload))
+    markers = body_markers(method, raw_path, body, content_type)
+    if markers is not None:
+        check_encoding(body, content_type)
+        if names_objects(body, markers) if named is None else named:
+            ids += body_ids(parse_body(body, content_type))
     responses = collection.kind == "response" and creates
-    if responses and _STORE_FALSE.search(body) is not None and not _stores(body, content_type, payload):
-        creates = False
+    if responses and b'"store"' in body and _STORE_FALSE.search(body) is not None:
+        creates = False  # nothing is kept, so nothing is recorded
     made: tuple[str, ...] = ()
     if method == "GET" and collection.kind == "batch" and len(rest) == 1:
         made = ("output_file_id", "error_file_id")  # a finished batch's files are its owner's
@@ -230,46 +236,56 @@ def classify(
     )
 
 
-def body_is_read(method: str, raw_path: str, body: bytes, content_type: str | None) -> bool:
-    """Whether the body must be parsed for ids: any body sent to an object route (but an upload's
-    multipart), a chat call's only when its bytes may name a file."""
+def body_markers(method: str, raw_path: str, body: bytes, content_type: str | None) -> tuple[bytes, ...] | None:
+    """What to look for in the body's (lower-cased) bytes before parsing it for ids; None when the
+    body is never read: no body, an upload's multipart, a route whose body names no object."""
     if not body or method not in ("POST", "PUT", "PATCH"):
-        return False
+        return None
     collection, _, _ = route(raw_path)
     if collection is None:
-        if not raw_path.split("?", 1)[0].lower().endswith("/chat/completions"):
-            return False
-        return any(m in body for m in CHAT_MARKERS) or b"\x00" in body or body.startswith(_BOMS)
-    return not (collection.multipart and (content_type or "").lower().startswith("multipart/form-data"))
+        return CHAT_MARKERS if raw_path.split("?", 1)[0].lower().endswith("/chat/completions") else None
+    if collection.multipart and (content_type or "").lower().startswith("multipart/form-data"):
+        return None
+    return MARKERS
 
 
-def parse_body(body: bytes, content_type: str | None) -> Any:
-    """The body as the backend will read it: UTF-8 JSON only, or a 400 / 415 in Azure's shape."""
+def names_objects(body: bytes, markers: tuple[bytes, ...]) -> bool:
+    """Whether the body may name an object: a field name of the table in any case (a backend may
+    match keys case-insensitively), an escape that could spell one, or bytes that are no UTF-8."""
+    if b"\x00" in body or body.startswith(_BOMS):
+        return True  # UTF-16/32 hides every name from a byte search: parsed, and refused
+    lowered = body.lower()
+    return any(marker in lowered for marker in markers)
+
+
+def check_encoding(body: bytes, content_type: str | None) -> None:
+    """A body on an object route is UTF-8 JSON, or refused: the backend must read what we read."""
     if "json" not in (content_type or "application/json").lower():
         raise UnsupportedMediaType("A call naming stored objects must send its body as application/json.")
     if body.startswith(_BOMS) or b"\x00" in body:
         raise BadRequest("The request body must be UTF-8 JSON (no byte order mark, no UTF-16 or UTF-32).")
+
+
+def parse_body(body: bytes, content_type: str | None) -> Any:
+    """The body as the backend will read it, for its ids: UTF-8 JSON only, keys lower-cased, and an
+    id field given twice in one object refused (parsers differ on which one counts)."""
+    check_encoding(body, content_type)
     try:
-        return json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"), object_pairs_hook=_keys)
     except UnicodeDecodeError:
         raise BadRequest("The request body must be UTF-8 JSON.") from None
     except (ValueError, RecursionError):
         raise BadRequest("The request body is not valid JSON.") from None
 
 
-def _parsed(body: bytes, content_type: str | None, payload: object) -> Any:
-    """`payload` when routing already parsed the body (and it is UTF-8: no NUL, no BOM), else parsed now."""
-    if payload is NOT_PARSED or body.startswith(_BOMS) or b"\x00" in body:
-        return parse_body(body, content_type)
-    if "json" not in (content_type or "application/json").lower():
-        raise UnsupportedMediaType("A call naming stored objects must send its body as application/json.")
-    return payload
-
-
-def _stores(body: bytes, content_type: str | None, payload: object) -> bool:
-    """Whether a Responses create keeps what it makes (`"store": false` says it does not)."""
-    decoded = _parsed(body, content_type, payload)
-    return not (isinstance(decoded, dict) and decoded.get("store") is False)
+def _keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    node: dict[str, Any] = {}
+    for key, value in pairs:
+        lowered = key.lower()
+        if lowered in node and (lowered in BODY_FIELDS or lowered in ("id", "type")):
+            raise InvalidObjectId(f"The body gives '{_shown(key)}' twice in one object.")
+        node[lowered] = value
+    return node
 
 
 def is_id(value: str, kind: str | None = None) -> bool:
@@ -338,11 +354,12 @@ def path_ids(method: str, collection: Collection, rest: list[str]) -> tuple[list
 
 
 def body_ids(payload: Any) -> list[ObjectId]:
-    """Every object the parsed body names, at any depth. A value in an id field that is not an id
-    is a 400: the backend would read it as one, and we can't route what we can't read."""
+    """Every object the parsed body (keys lower-cased: `parse_body`) names, at any depth. A value
+    in an id field that is not an id is a 400: the backend would read it as one, and we can't route
+    what we can't read."""
     found: list[ObjectId] = []
     for node in _objects(payload):
-        kind = TYPED_IDS.get(node["type"]) if isinstance(node.get("type"), str) else None
+        kind = TYPED_IDS.get(node["type"].lower()) if isinstance(node.get("type"), str) else None
         if kind is not None and "id" in node:
             found.extend(_ids(node["id"], kind, f"{node['type']}.id"))
         for key, value in node.items():
