@@ -300,7 +300,8 @@ def test_a_token_sent_as_both_api_key_and_bearer_is_a_token_and_the_key_check_is
         assert sent["api-key"] == token and sent["authorization"] == f"Bearer {token}"  # the shape under test
         assert answer.status_code == 200
         assert llamaindex_like.responses.create(model="chat", input="hi").status == "completed"
-        v1_token = openai.OpenAI(base_url=url + "/openai/v1", api_key=idp.token(aud="https://ai.azure.com"), max_retries=0)
+        learn_v1 = idp.token(aud="https://ai.azure.com")
+        v1_token = openai.OpenAI(base_url=url + "/openai/v1", api_key=learn_v1, max_retries=0)
         assert v1_token.embeddings.create(model="embedding", input="x").data  # Learn's v1 samples' audience
         refused = {
             "the same expired token twice": {"api-key": (old := idp.token(exp=int(time.time()) - 600)), "bearer": old},

@@ -3,9 +3,9 @@
 Clients name a deployment once (`chat`); each backend may know it by its own name
 (`BACKEND_X_DEPLOYMENTS=chat=gpt4o-eastus`, or openai-aca-lb's `BACKEND_X_DEPLOYMENT_NAME`). The name
 sits in the path on `/openai/deployments/{name}/...` calls and in the JSON body's `model` on
-`/openai/v1/...` and `/openai/responses` calls, so exactly that part is replaced, per attempt (a failover may go to a backend
-with another name). When the name does not change, the path and the body's bytes pass untouched: the
-stateless path pays one attribute read.
+`/openai/v1/...` and `/openai/responses` calls, so exactly that part is replaced, per attempt (a
+failover may go to a backend with another name). When the name does not change, the path and the
+body's bytes pass untouched: the stateless path pays one attribute read.
 
 The body is never parsed for it: `located` finds the top-level `model` value's bytes once per
 request, before any attempt (in slices that yield to the loop, `lb.bodyscan`), and each attempt
