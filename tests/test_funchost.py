@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import threading
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pathspec
 import pytest
 
 from lb.sim import Servers, SimBackend, free_port
@@ -56,13 +58,30 @@ class FunctionApp:
             backend.throttle_next = 0
 
 
+def deployment_files(root: Path = ROOT) -> list[Path]:
+    """The files `azd deploy` / `func azure functionapp publish` put in the package: everything under
+    `root` but what `.funcignore` (gitignore syntax) leaves out, relative to `root`."""
+    spec = pathspec.GitIgnoreSpec.from_lines((root / ".funcignore").read_text().splitlines())
+    files: list[Path] = []
+    for folder, dirs, names in os.walk(root):
+        here = Path(folder).relative_to(root)
+        dirs[:] = [d for d in dirs if not spec.match_file(f"{(here / d).as_posix()}/")]
+        files += [here / n for n in names if not spec.match_file((here / n).as_posix())]
+    return sorted(files)
+
+
 def _lines(stream, into: queue.Queue[str]) -> None:
     for line in iter(stream.readline, ""):
         into.put(line.rstrip("\n"))
 
 
 @pytest.fixture(scope="module")
-def function_app() -> Iterator[FunctionApp]:
+def function_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FunctionApp]:
+    """The deployment package (this checkout minus `.funcignore`), served: what runs on Azure is what ships."""
+    package = tmp_path_factory.mktemp("package")
+    for name in deployment_files():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, package / name)
     servers = Servers()
     backends = [SimBackend(f"fn{i}", api_key=f"backend-key-{i}", chunks=6, chunk_gap=0.15) for i in (1, 2)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "LB_", "AzureWebJobs", "WEBSITE_"))}
@@ -72,7 +91,7 @@ def function_app() -> Iterator[FunctionApp]:
         env[f"BACKEND_{i}_APIKEY"] = backend.api_key or ""
     port = free_port()
     process = subprocess.Popen(
-        [str(FUNCHOST / "start"), str(port), str(ROOT)],
+        [str(FUNCHOST / "start"), str(port), str(package)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -348,6 +348,30 @@ def test_funcignore_ships_only_the_runtime():
     assert {"requirements-bench.txt", "requirements-dev.txt", "docs", "bench", "tests", "node_modules"} <= ignored
 
 
+def test_the_deployment_package_is_what_the_function_imports_and_nothing_else(tmp_path: Path):
+    """Built as azd and Core Tools build it (the folder minus `.funcignore`), then imported on its own."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.test_funchost import deployment_files
+
+    files = deployment_files()
+    assert {f.parts[0] for f in files} == {"function_app.py", "host.json", "requirements.txt", "lb"}
+    shipped = {f.as_posix() for f in files}
+    assert not {f for f in shipped if f.startswith("lb/sim/") or "__pycache__" in f or f.endswith(".pyc")}
+    assert "lb/demo.py" not in shipped and "lb/proxy.py" in shipped
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tmp_path / name)
+    probe = "import json, sys, function_app; print(json.dumps([m for m in sys.modules if m.split('.')[0] == 'lb']))"
+    env = {"PATH": "/usr/bin:/bin", "BACKEND_1_URL": "https://one.openai.azure.com", "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    imported = {m.replace(".", "/") for m in json.loads(result.stdout)}
+    assert all(f"{m}.py" in shipped or f"{m}/__init__.py" in shipped for m in imported)
+
+
 # ---- azd: parameters settable with `azd env set`, hooks, versions ----
 
 AZD_VARIABLES = {  # main.bicep parameter -> the azd environment variable main.parameters.json maps to it
