@@ -390,6 +390,7 @@ AZD_VARIABLES = {  # main.bicep parameter -> the azd environment variable main.p
     "maximumInstanceCount": "LB_MAXIMUM_INSTANCE_COUNT",
     "instanceMemoryMB": "LB_INSTANCE_MEMORY_MB",
     "perInstanceConcurrency": "LB_PER_INSTANCE_CONCURRENCY",
+    "alwaysReadyInstances": "LB_ALWAYS_READY_INSTANCES",
     "existingOpenAiEndpointsCsv": "LB_EXISTING_OPENAI_ENDPOINTS",
     "entraAllowedClients": "LB_ENTRA_ALLOWED_CLIENTS",
     "clientKey": "LB_CLIENT_KEY",
@@ -498,6 +499,22 @@ def test_maximum_instance_count_is_bounded_to_what_flex_accepts():
     assert re.search(
         r"@minValue\(40\)\s*@maxValue\(1000\)\s*(@description\(.*\)\s*)?param maximumInstanceCount int", main
     )
+
+
+def test_always_ready_instances_are_an_azd_setting_off_by_default():
+    """0 keeps scale-to-zero; any other count pins that many instances to the HTTP group (billed while idle)."""
+    main = read(INFRA / "main.bicep")
+    declared = r"@minValue\(0\)\s*@maxValue\(1000\)\s*(@description\(.*\)\s*)?param alwaysReadyInstances int = 0"
+    assert re.search(declared, main)
+    assert "alwaysReadyInstances: alwaysReadyInstances" in main
+    api = strip_bicep(read(INFRA / "app" / "api.bicep"), keep_strings=True)
+    assert "alwaysReady: alwaysReadyInstances > 0 ? [{ name: 'http', instanceCount: alwaysReadyInstances }] : []" in api
+
+
+def test_microsoft_web_resources_use_one_current_ga_api_version():
+    api = read(INFRA / "app" / "api.bicep")
+    versions = set(re.findall(r"'Microsoft\.Web/\w+@([\d-]+)'", api))
+    assert versions == {"2026-03-15"}, versions
 
 
 def test_location_is_limited_to_flex_consumption_regions():
