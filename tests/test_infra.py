@@ -476,6 +476,11 @@ def test_powershell_hook_checks_the_same_things():
         "skipped",
         "exit 1",
         "offered instead",
+        "AZURE_SUBSCRIPTION_ID",
+        "@subscriptionArgs",
+        "'Deprecating'",
+        "$warnDays = 90",
+        "model.deprecation.inference",
     ):
         assert needle in ps, needle
 
