@@ -220,14 +220,14 @@ def test_an_unknown_id_is_looked_for_at_most_max_attempts_then_the_backends_answ
     assert pool.proxy.objects.records.counts() == {}
 
 
-def test_a_body_that_is_not_json_is_refused_as_on_v1_and_nothing_is_recorded(pool):
+def test_a_body_that_is_not_json_is_refused_and_reaches_no_backend(pool):
     body = b"previous_response_id=resp_1 & not json"
     with httpx.Client(base_url=pool.url, headers={"api-key": "key-a"}, timeout=10) as http:
         answer = http.post(
             f"/openai/responses?api-version={API_VERSION}", content=body, headers={"content-type": "application/json"}
         )
     sent = [c.body for b in pool.backends for c in b.calls]
-    assert answer.status_code == 400 and sent == []  # its deployment is the body's `model`: unreadable is a 400
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "BadRequest" and sent == []
     assert pool.proxy.objects.records.counts() == {}
 
 
