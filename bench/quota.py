@@ -41,6 +41,7 @@ def accuracy(calls: int) -> dict[str, Any]:
 
     with Server("backend", ["bench.backend", "--chunks", "8", "--chunk-gap", "0"]) as backend:
         env = {"BACKEND_1_URL": backend.url, "BACKEND_1_APIKEY": BACKEND_KEY, "LB_CLIENT_KEYS": FREE_KEY}
+        env["LB_ADMIN_CLIENTS"] = "key1"  # the one key reads every count of /lb/usage
         with Server("lb", ["lb", "serve"], {**env, "LB_LOG_LEVEL": "WARNING"}) as lb:
             client = OpenAI(base_url=lb.url + "/openai/v1", api_key=FREE_KEY, max_retries=0)
             rng = random.Random(15)
@@ -117,6 +118,7 @@ def limit(instances: int, rpm: int, minutes: int) -> dict[str, Any]:
             "BACKEND_1_URL": backend.url,
             "BACKEND_1_APIKEY": BACKEND_KEY,
             "LB_CLIENT_KEYS": KEYS,
+            "LB_ADMIN_CLIENTS": "free",  # reads both clients' pool counts
             "LB_CLIENT_LIMITS": f"limited={rpm}rpm,free={10 * rpm}rpm",
             "LB_STATE_CONNECTION_STRING": azurite.connection_string,
             "LB_STATE_TABLE": f"benchquota{int(time.time())}",
@@ -171,6 +173,7 @@ class Targets(overhead.Targets):
             limited = {
                 **base,
                 "LB_CLIENT_KEYS": f"bench:{overhead.CLIENT_KEY}",
+                "LB_ADMIN_CLIENTS": "bench",
                 "LB_CLIENT_LIMITS": "bench=1000000000tpm/1000000rpm",
                 "LB_STATE_CONNECTION_STRING": azurite_cs,
                 "LB_STATE_TABLE": f"benchover{int(time.time())}",

@@ -42,13 +42,16 @@ HANGING_CALLS = [1500]
 LB_ROOT = [str(ROOT)]  # --lb-root: another checkout's lb (e.g. `git archive main lb | tar -x -C /tmp/main`)
 
 
+OPERATOR_KEY = {"LB_CLIENT_KEYS": KEY, "LB_ADMIN_CLIENTS": "key1"}  # the one key reads /lb/status
+
+
 @contextmanager
 def lb_serve(env: dict[str, str]) -> Iterator[tuple[str, int]]:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "lb", "serve", "--port", str(port)],
         cwd=LB_ROOT[0],
-        env={**_clean_env(), "PYTHONPATH": LB_ROOT[0], "LB_CLIENT_KEYS": KEY, "LB_LOG_LEVEL": "ERROR", **env},
+        env={**_clean_env(), "PYTHONPATH": LB_ROOT[0], **OPERATOR_KEY, "LB_LOG_LEVEL": "ERROR", **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

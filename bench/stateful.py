@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backends = [Server(f"backend{i}", ["bench.backend", "--name", f"sim{i}"]) for i in (1, 2, 3)]
         servers += backends
-        env = {"LB_CLIENT_KEYS": KEY, "LB_LOG_LEVEL": "WARNING", "LB_STATE_TABLE": f"stateful{int(time.time())}"}
+        env = {"LB_CLIENT_KEYS": KEY, "LB_ADMIN_CLIENTS": "key1", "LB_LOG_LEVEL": "WARNING"}
+        env["LB_STATE_TABLE"] = f"stateful{int(time.time())}"
         env["LB_STATE_CONNECTION_STRING"] = azurite.connection_string
         env["BACKEND_2_DEPLOYMENT_NAME"] = "gpt-4o"  # an openai-aca-lb setting, taken as it is
         for i, backend in enumerate(backends, start=1):

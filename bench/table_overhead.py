@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                 "BACKEND_1_URL": backend.url,
                 "BACKEND_1_APIKEY": "b",
                 "LB_CLIENT_KEYS": "k",
+                "LB_ADMIN_CLIENTS": "key1",
                 "LB_LOG_LEVEL": "WARNING",
             }
             table = {**base, "LB_STATE_CONNECTION_STRING": azurite.connection_string, "LB_STATE_TABLE": "benchhappy"}

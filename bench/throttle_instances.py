@@ -24,7 +24,7 @@ _SCRUBBED = ("BACKEND_", "LB_", "AzureWebJobsStorage", "HTTP_TIMEOUT_SECONDS", "
 def proxy_env(backend_urls: list[str], extra: dict[str, str]) -> dict[str, str]:
     """A clean environment: nothing from the developer's BACKEND_* / LB_* / AzureWebJobsStorage leaks in."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED)}
-    env.update({"LB_CLIENT_KEYS": CLIENT_KEY, "LB_LOG_LEVEL": "WARNING", **extra})
+    env.update({"LB_CLIENT_KEYS": CLIENT_KEY, "LB_ADMIN_CLIENTS": "key1", "LB_LOG_LEVEL": "WARNING", **extra})
     for i, url in enumerate(backend_urls, start=1):
         env[f"BACKEND_{i}_URL"] = url
         env[f"BACKEND_{i}_APIKEY"] = f"key-{i}"

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ SETTING_NAMES = frozenset(
         "LB_ENTRA_AUDIENCES",
         "LB_ENTRA_ALLOWED_CLIENTS",
         "LB_ENTRA_AUTHORITY",
+        "LB_ADMIN_CLIENTS",
         "LB_STATE_CONNECTION_STRING",
         "LB_STATE_TABLE_ENDPOINT",
         "LB_STATE_TABLE",
@@ -106,6 +107,11 @@ SETTING_NAMES = frozenset(
         "WEBSITE_INSTANCE_ID",
     }
 )
+
+
+def is_guid(text: str) -> bool:
+    """Entra names tenants, apps and principals (`oid`) by GUIDs."""
+    return _GUID_RE.fullmatch(text) is not None
 
 
 class ConfigError(Exception):
@@ -202,7 +208,7 @@ class EntraSettings:
 
     tenant_id: str
     audiences: tuple[str, ...] = DEFAULT_ENTRA_AUDIENCES
-    allowed_clients: frozenset[str] | None = None  # app / object ids; None = any identity of the tenant
+    allowed_clients: frozenset[str] | None = None  # object ids (`oid`), lower-cased; None = any identity of the tenant
     authority: str = DEFAULT_ENTRA_AUTHORITY
 
     @property
@@ -238,12 +244,19 @@ class Settings:
     on_azure: bool = False
     policy: str = DEFAULT_POLICY
     client_limits: dict[str, Limit] = field(default_factory=dict)  # LB_CLIENT_LIMITS, by client name
+    admin_clients: frozenset[str] = frozenset()  # LB_ADMIN_CLIENTS: names that may read /lb/status, all /lb/usage
     stream_usage: str = "as-sent"  # LB_STREAM_USAGE: "include" asks chat streams for their usage chunk
     affinity: bool = DEFAULT_AFFINITY == "on"
+    object_lookup: bool = False  # LB_OBJECT_LOOKUP: with several clients, ids without a record are looked up
 
     @property
     def anonymous(self) -> bool:
         return not self.client_keys and self.entra is None
+
+    @property
+    def isolating(self) -> bool:
+        """Several clients share the pool, so each one's stored objects must be its own."""
+        return len(self.client_keys) > 1 or self.entra is not None
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -253,6 +266,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     on_azure = bool(env.get("WEBSITE_INSTANCE_ID"))
     client_keys = _client_keys(env)
     entra = _load_entra(env)
+    for key in client_keys if entra is not None else ():
+        if _GUID_RE.fullmatch(key.name):  # limits, operators and usage name clients by name alone
+            raise ConfigError(
+                f"LB_CLIENT_KEYS: the name {key.name!r} is shaped like an Entra object id; with LB_ENTRA_TENANT_ID"
+                " set, give keys names that are not GUIDs"
+            )
     if on_azure and not client_keys and entra is None and not _flag(env, "LB_ALLOW_ANONYMOUS"):
         raise ConfigError(
             "LB_CLIENT_KEYS: required when running on Azure (set it or LB_ENTRA_TENANT_ID,"
@@ -288,8 +307,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         on_azure=on_azure,
         policy=_policy(env),
         client_limits=_client_limits(env, client_keys, entra),
+        admin_clients=frozenset(_client_name("LB_ADMIN_CLIENTS", n, client_keys, entra) for n in _admin_names(env)),
         stream_usage=_choice(env, "LB_STREAM_USAGE", STREAM_USAGE_MODES),
         affinity=_affinity(env),
+        object_lookup=_choice(env, "LB_OBJECT_LOOKUP", ("off", "on")) == "on",
     )
 
 
@@ -304,29 +325,48 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
 
 
 def _client_limits(
-    env: Mapping[str, str], client_keys: tuple[Any, ...], entra: EntraSettings | None
+    env: Mapping[str, str], client_keys: tuple[ClientKey, ...], entra: EntraSettings | None
 ) -> dict[str, Limit]:
     """LB_CLIENT_LIMITS, each name one a configured key or an accepted Entra client could have."""
     from lb.metering.quota import parse_limits  # here, not at the top: lb.metering.quota imports this module
 
     limits = parse_limits(env.get("LB_CLIENT_LIMITS", ""))
-    key_names = {getattr(k, "name", None) or f"key{i}" for i, k in enumerate(client_keys, start=1)}
+    anonymous = not client_keys and entra is None
     checked: dict[str, Limit] = {}
     for name, limit in limits.items():
-        if name in key_names:
-            checked[name] = limit
-        elif entra is not None and _GUID_RE.fullmatch(name):  # Entra app ids come lower-cased
-            if entra.allowed_clients is not None and name.lower() not in entra.allowed_clients:
-                raise ConfigError(f"LB_CLIENT_LIMITS: {name!r} is not one of LB_ENTRA_ALLOWED_CLIENTS")
-            checked[name.lower()] = limit
-        elif not client_keys and entra is None and name == "anonymous":  # local runs without keys
+        if anonymous and name == "anonymous":  # local runs without keys
             checked[name] = limit
         else:
-            raise ConfigError(
-                f"LB_CLIENT_LIMITS: no client can be named {name!r} (not a key name of LB_CLIENT_KEYS"
-                " nor an Entra app id LB_ENTRA_ALLOWED_CLIENTS accepts)"
-            )
+            checked[_client_name("LB_CLIENT_LIMITS", name, client_keys, entra)] = limit
     return checked
+
+
+def _client_name(variable: str, name: str, client_keys: tuple[ClientKey, ...], entra: EntraSettings | None) -> str:
+    """The name a client can be called by, as lb.auth names it, or ConfigError naming `variable`.
+
+    A key is named by `LB_CLIENT_KEYS` (`key<n>` when unnamed), an Entra client by its token's `oid`
+    (lower-cased). A name neither could ever be stops start-up: a limit or an operator right given
+    to nobody is a setting that silently does nothing.
+    """
+    if any(k.name == name for k in client_keys):
+        return name
+    if entra is not None and _GUID_RE.fullmatch(name):
+        if entra.allowed_clients is not None and name.lower() not in entra.allowed_clients:
+            raise ConfigError(
+                f"{variable}: {name!r} is not one of LB_ENTRA_ALLOWED_CLIENTS (whose tokens alone are accepted)"
+            )
+        return name.lower()
+    if not client_keys and entra is None:
+        why = "LB_CLIENT_KEYS and LB_ENTRA_TENANT_ID are unset: every caller is anonymous"
+    elif entra is None:
+        why = "not a key name of LB_CLIENT_KEYS"
+    else:
+        why = "neither a key name of LB_CLIENT_KEYS nor an Entra object id, oid"
+    raise ConfigError(f"{variable}: no client can be named {name!r} ({why})")
+
+
+def _admin_names(env: Mapping[str, str]) -> list[str]:
+    return [n.strip() for n in env.get("LB_ADMIN_CLIENTS", "").split(",") if n.strip()]
 
 
 def _policy(env: Mapping[str, str]) -> str:
@@ -440,7 +480,7 @@ def _load_entra(env: Mapping[str, str]) -> EntraSettings | None:
     clients = frozenset(c.strip().lower() for c in env.get("LB_ENTRA_ALLOWED_CLIENTS", "").split(",") if c.strip())
     for client in clients:
         if not _GUID_RE.fullmatch(client):
-            raise ConfigError(f"LB_ENTRA_ALLOWED_CLIENTS: {client!r} is not an app or object id (a GUID)")
+            raise ConfigError(f"LB_ENTRA_ALLOWED_CLIENTS: {client!r} is not an object id (oid, a GUID)")
     authority = DEFAULT_ENTRA_AUTHORITY
     if env.get("LB_ENTRA_AUTHORITY", "").strip():
         authority = _url(env, "LB_ENTRA_AUTHORITY")

@@ -2,6 +2,7 @@
 
     ProxyError                      -> {"error": {"code", "message"}} with .status
      +-- Unauthorized        401     missing / wrong client key, invalid Entra ID token
+     +-- Forbidden           403     a client not in LB_ADMIN_CLIENTS asks for an operator view (/lb/status)
      +-- BadRequest          400     unreadable body, missing "model" on the v1 shape
      +-- NotFound            404     no backend serves the deployment
      +-- RouteNotFound       404     not /openai/..., /healthz, /lb/status or /lb/usage
@@ -55,6 +56,11 @@ class Unauthorized(ProxyError):
             description = message.replace("\\", "").replace('"', "'")
             challenge += f', error="{error}", error_description="{description}"'
         super().__init__(message, {"WWW-Authenticate": challenge})
+
+
+class Forbidden(ProxyError):
+    status = 403
+    code = "PermissionDenied"  # what Azure OpenAI answers a principal its role does not allow
 
 
 class BadRequest(ProxyError):

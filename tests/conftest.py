@@ -56,6 +56,8 @@ class Pool:
 def make_pool(servers: Servers) -> Callable[..., Pool]:
     """Start n simulated backends (keys key-1..key-n) and a proxy in front of them.
 
+    Its one client key, CLIENT_KEY (`key1`), is an operator (LB_ADMIN_CLIENTS) unless `env` names keys.
+
     The proxy picks at random by weight (LB_AFFINITY=off) unless `env` turns affinity on: most
     tests send one prompt again and again and count where it went, and under prompt-cache
     affinity one prompt is one conversation that stays put (tests/test_affinity_e2e.py).
@@ -63,10 +65,12 @@ def make_pool(servers: Servers) -> Callable[..., Pool]:
 
     def make(n: int = 2, env: dict[str, str] | None = None, **backend_kwargs: object) -> Pool:
         backends = [SimBackend(f"sim{i}", api_key=f"key-{i}", **backend_kwargs) for i in range(1, n + 1)]
-        settings_env = {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_AFFINITY": "off"}
+        settings_env = {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_ADMIN_CLIENTS": "key1", "LB_AFFINITY": "off"}
         for i, backend in enumerate(backends, start=1):
             settings_env[f"BACKEND_{i}_URL"] = servers.start(backend)
             settings_env[f"BACKEND_{i}_APIKEY"] = backend.api_key or ""
+        if "LB_CLIENT_KEYS" in (env or {}):
+            del settings_env["LB_ADMIN_CLIENTS"]  # the default key (key1) is the operator; other keys name their own
         settings_env.update(env or {})
         app = create_app(load_settings(settings_env))
         return Pool(backends, servers.start(app), app.state.proxy)

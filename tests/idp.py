@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 OTHER_TENANT = "11111111-2222-3333-4444-555555555555"
 APP_ID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+OBJECT_ID = str(uuid.uuid5(uuid.NAMESPACE_OID, "identity"))  # `oid` of the default token: the client's name
 AUDIENCE = "https://cognitiveservices.azure.com"
 V1_ISSUER = f"https://sts.windows.net/{TENANT}/"
 V2_ISSUER = f"https://login.microsoftonline.com/{TENANT}/v2.0"
@@ -51,7 +52,7 @@ class LocalIdP:
             "nbf": now - 10,
             "exp": now + 3600,
             "tid": TENANT,
-            "oid": str(uuid.uuid5(uuid.NAMESPACE_OID, "identity")),
+            "oid": OBJECT_ID,
             "sub": "subject",
             ("azp" if v2 else "appid"): APP_ID,
         }

@@ -142,7 +142,7 @@ def test_lb_serve_keeps_a_conversation_on_one_backend_by_default(servers):
 
     from lb.sim import SimBackend
 
-    env = {"LB_CLIENT_KEYS": CLIENT_KEY}
+    env = {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_ADMIN_CLIENTS": "key1"}
     for i in (1, 2, 3):
         env[f"BACKEND_{i}_URL"] = servers.start(SimBackend(f"s{i}", api_key=f"key-{i}"))
         env[f"BACKEND_{i}_APIKEY"] = f"key-{i}"

@@ -28,7 +28,7 @@ from openai import AsyncOpenAI
 
 from lb.sim import free_port
 from tests.conftest import CLIENT_KEY
-from tests.idp import APP_ID, LocalIdP, entra_env
+from tests.idp import OBJECT_ID, LocalIdP, entra_env
 
 DIMENSIONS = 3072  # the RAG app's default AZURE_OPENAI_EMB_DIMENSIONS, and our text-embedding-3-large default
 CHAT, EMBEDDING = "chat", "embedding"  # the deployment names infra/main.bicep creates
@@ -52,7 +52,7 @@ def token_provider(idp: LocalIdP) -> Callable[[], Awaitable[str]]:
 
     async def provide() -> str:
         calls["n"] += 1
-        return idp.token()  # v1 token of a managed identity: appid = APP_ID, aud = cognitiveservices
+        return idp.token()  # v1 token of a managed identity: oid = OBJECT_ID, aud = cognitiveservices
 
     provide.calls = calls  # type: ignore[attr-defined]
     return provide
@@ -62,7 +62,7 @@ def keyless_pool(
     make_pool, idp: LocalIdP, n: int = 2, extra_env: dict[str, str] | None = None, **backend_kwargs: object
 ):
     """Balancer accepting only the chat app's Entra identity: LB_ENTRA_ALLOWED_CLIENTS, no client keys."""
-    env = entra_env(idp, LB_ENTRA_ALLOWED_CLIENTS=APP_ID, LB_CLIENT_KEYS="", **(extra_env or {}))
+    env = entra_env(idp, LB_ENTRA_ALLOWED_CLIENTS=OBJECT_ID, LB_CLIENT_KEYS="", **(extra_env or {}))
     return make_pool(n, env=env, **backend_kwargs)
 
 

@@ -171,3 +171,61 @@ def test_one_attempt_may_take_half_the_deadline_unless_configured():
     assert load_settings({**ONE, "HTTP_TIMEOUT_SECONDS": "30"}).attempt_timeout_seconds == 15
     settings = load_settings({**ONE, "HTTP_TIMEOUT_SECONDS": "30", "LB_ATTEMPT_TIMEOUT_SECONDS": "20"})
     assert settings.attempt_timeout_seconds == 20
+
+
+OID = "aaaaaaaa-0000-4000-8000-000000000001"  # an Entra object id (a managed identity's principal id)
+OTHER_OID = "bbbbbbbb-0000-4000-8000-000000000002"
+ENTRA = {**ONE, "LB_ENTRA_TENANT_ID": TENANT, "LB_ENTRA_ALLOWED_CLIENTS": OID}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"LB_CLIENT_KEYS": "ops:k1", "LB_ADMIN_CLIENTS": "ops,ghost"},
+            r"^LB_ADMIN_CLIENTS: no client can be named 'ghost' \(not a key name of LB_CLIENT_KEYS\)$",
+        ),
+        (
+            {"LB_CLIENT_KEYS": "k1", "LB_ADMIN_CLIENTS": OID},
+            r"^LB_ADMIN_CLIENTS: no client can be named 'aaaa.*' \(not a key name",  # Entra is off
+        ),
+        (
+            {"LB_ADMIN_CLIENTS": "ops"},
+            r"^LB_ADMIN_CLIENTS: no client can be named 'ops' \(.*every caller is anonymous\)$",
+        ),
+        (
+            {**ENTRA, "LB_ADMIN_CLIENTS": OTHER_OID},
+            r"^LB_ADMIN_CLIENTS: 'bbbb.*' is not one of LB_ENTRA_ALLOWED_CLIENTS",
+        ),
+        (
+            {**ENTRA, "LB_ADMIN_CLIENTS": "chat-app"},
+            r"^LB_ADMIN_CLIENTS: no client can be named 'chat-app' \(neither .* nor an Entra object id, oid\)$",
+        ),
+        (
+            {**ENTRA, "LB_CLIENT_LIMITS": f"{OTHER_OID}=5rpm"},
+            r"^LB_CLIENT_LIMITS: 'bbbb.*' is not one of LB_ENTRA_ALLOWED_CLIENTS",
+        ),
+        ({**ENTRA, "LB_CLIENT_LIMITS": "chat-app=5rpm"}, r"^LB_CLIENT_LIMITS: no client can be named 'chat-app'"),
+        (
+            {**ENTRA, "LB_ENTRA_ALLOWED_CLIENTS": f"{OID},chat-app"},
+            r"^LB_ENTRA_ALLOWED_CLIENTS: 'chat-app' is not an object id \(oid, a GUID\)$",
+        ),
+        (
+            {**ENTRA, "LB_CLIENT_KEYS": f"{OTHER_OID}:k1"},
+            r"^LB_CLIENT_KEYS: the name 'bbbb.*' is shaped like an Entra object id",
+        ),
+    ],
+)
+def test_a_client_name_nobody_can_have_stops_start_up_naming_the_variable_and_the_name(env, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings({**ONE, **env})
+
+
+def test_operators_are_named_as_clients_are_keys_by_name_entra_identities_by_lower_cased_oid():
+    settings = load_settings({**ENTRA, "LB_CLIENT_KEYS": "ops:k1,app:k2", "LB_ADMIN_CLIENTS": f" ops , {OID.upper()}"})
+    assert settings.admin_clients == {"ops", OID}
+    assert load_settings({**ENTRA, "LB_CLIENT_LIMITS": f"{OID.upper()}=5rpm"}).client_limits.keys() == {OID}
+    assert load_settings(ONE).admin_clients == frozenset()
+    open_entra = {**ENTRA, "LB_ENTRA_ALLOWED_CLIENTS": ""}  # any identity of the tenant: any oid may be named
+    assert load_settings({**open_entra, "LB_ADMIN_CLIENTS": OTHER_OID}).admin_clients == {OTHER_OID}
+    assert load_settings({**ONE, "LB_CLIENT_KEYS": f"{OID}:k1"}).client_keys[0].name == OID  # no Entra: any name

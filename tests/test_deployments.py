@@ -127,7 +127,7 @@ def test_renaming_a_25_mb_body_never_holds_the_event_loop():
     assert longest < 0.05, f"the event loop was held {longest * 1000:.0f} ms"
 
 
-def test_a_body_too_deeply_nested_for_python_is_the_backends_400_never_a_502():
+def test_a_body_too_deeply_nested_for_python_is_a_400_never_a_502():
     seen: list[bytes] = []
     invalid = httpx.Response(400, json={"error": {"code": "invalid_request_error", "message": "too deep"}})
     proxy = _proxy_with_renaming_backend(invalid, seen)
@@ -140,8 +140,8 @@ def test_a_body_too_deeply_nested_for_python_is_the_backends_400_never_a_502():
             await proxy.close()
 
     response = asyncio.run(run())
-    assert response.status_code == 400 and seen == [deep.replace(b"chat", b"gpt4o", 1)[:64]]
-    assert response.headers["x-lb-backend"] == "1" and not proxy.store.active(time.time())  # the backend's own answer
+    # A Responses body names stored objects: what the balancer can't read, it refuses (lb.objects.routes)
+    assert response.status_code == 400 and seen == [] and not proxy.store.active(time.time())
 
 
 def _names(backend) -> list[str | None]:

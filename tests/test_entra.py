@@ -13,9 +13,10 @@ import pytest
 
 from lb.auth.entra import EntraValidator, InvalidToken, looks_like_jwt
 from lb.config import load_settings
+from lb.errors import Unauthorized
 from lb.sim import free_port
 from tests.conftest import API_VERSION, CLIENT_KEY
-from tests.idp import APP_ID, AUDIENCE, OTHER_TENANT, TENANT, LocalIdP, SigningKey, entra_env
+from tests.idp import APP_ID, AUDIENCE, OBJECT_ID, OTHER_TENANT, TENANT, LocalIdP, SigningKey, entra_env
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -87,14 +88,22 @@ def test_tokens_that_must_be_refused(idp, make, reason):
         validate(validator(idp), make(idp))
 
 
-@pytest.mark.parametrize("claim", ["appid", "azp", "oid"])
-def test_allowed_clients_match_appid_azp_or_oid(idp, claim):
+def test_allowed_clients_match_the_object_id_only(idp):
     allowed = "aaaaaaaa-0000-0000-0000-000000000001"
     v = validator(idp, LB_ENTRA_ALLOWED_CLIENTS=f"{allowed.upper()}, bbbbbbbb-0000-0000-0000-000000000002")
-    claims = {"appid": None, "azp": None, "oid": "cccccccc-0000-0000-0000-000000000003", claim: allowed}
-    assert validate(v, idp.token(**claims))
-    with pytest.raises(InvalidToken, match="LB_ENTRA_ALLOWED_CLIENTS"):
-        validate(v, idp.token())  # the default client is not on the list
+    assert validate(v, idp.token(oid=allowed))
+    assert validate(v, idp.token(v2=True, oid=allowed))
+    with pytest.raises(InvalidToken, match=r"object id \(oid\) is not in LB_ENTRA_ALLOWED_CLIENTS\.$"):
+        validate(v, idp.token())  # the default identity is not on the list
+    for claim in ("appid", "azp"):  # an allow-listed app id lets none of the app's identities in, and says so
+        with pytest.raises(InvalidToken, match="its app id is: list the identity's object id, oid, instead"):
+            validate(v, idp.token(**{claim: allowed}))
+
+
+@pytest.mark.parametrize("oid", [None, "", "not-a-guid", 42])
+def test_a_token_without_an_object_id_is_refused(idp, oid):
+    with pytest.raises(InvalidToken, match="has no 'oid' claim"):
+        validate(validator(idp, LB_ENTRA_ALLOWED_CLIENTS=APP_ID), idp.token(oid=oid, sub=APP_ID))
 
 
 def test_concurrent_first_requests_share_one_key_fetch(idp):
@@ -265,12 +274,18 @@ def test_entra_only_pool_refuses_keys(make_pool, idp):
     assert pool.backends[0].calls == []
 
 
-def test_an_entra_client_is_named_by_its_app_id(idp):
+def test_an_entra_client_is_named_by_its_object_id(idp):
     from lb.auth import ClientAuth
 
     auth = ClientAuth((), validator(idp))
-    assert asyncio.run(auth.check(None, f"Bearer {idp.token()}")).id == f"entra:{APP_ID.lower()}"
-    assert asyncio.run(auth.check(None, f"Bearer {idp.token(v2=True)}")).id == f"entra:{APP_ID.lower()}"
+    assert asyncio.run(auth.check(None, f"Bearer {idp.token()}")).id == f"entra:{OBJECT_ID}"
+    assert asyncio.run(auth.check(None, f"Bearer {idp.token(v2=True)}")).id == f"entra:{OBJECT_ID}"
+    user = asyncio.run(auth.check(None, f"Bearer {idp.token(oid=OBJECT_ID.upper(), idtyp='user', scp='x')}"))
+    assert user.id == f"entra:{OBJECT_ID}"  # lower-cased, as LB_ENTRA_ALLOWED_CLIENTS and the limits are
+    other = asyncio.run(auth.check(None, f"Bearer {idp.token(oid='dddddddd-0000-0000-0000-000000000004')}"))
+    assert other.id == "entra:dddddddd-0000-0000-0000-000000000004"  # same app id, another identity
+    with pytest.raises(Unauthorized, match="no 'oid' claim"):
+        asyncio.run(auth.check(None, f"Bearer {idp.token(oid=None)}"))
 
 
 # LlamaIndex's `use_azure_ad=True` and Learn's v1 audience, through `python -m lb serve` -------------

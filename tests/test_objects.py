@@ -13,10 +13,12 @@ import httpx
 import openai
 import pytest
 
-from lb.objects.ids import classify
+from lb.errors import BadRequest
+from lb.objects.routes import classify
 from tests.conftest import API_VERSION
 
 KEYS = {"LB_CLIENT_KEYS": "chatapp:key-a,batch:key-b"}
+LOOKUP = {**KEYS, "LB_OBJECT_LOOKUP": "on"}  # ids made before the balancer are looked for
 JSONL = b'{"custom_id": "1", "method": "POST", "url": "/chat/completions", "body": {"model": "chat", "messages": []}}\n'
 
 
@@ -58,11 +60,12 @@ def test_ids_are_found_in_the_path_and_the_body():
     }
     assert call.creates
     assert not classify("POST", "/openai/v1/responses", b'{"store": false, "input": "x"}', "application/json").creates
-    assert classify("POST", "/openai/v1/responses", b"previous_response_id: not json", "application/json").ids == ()
+    with pytest.raises(BadRequest):  # what the balancer can't read, it does not forward
+        classify("POST", "/openai/v1/responses", b"previous_response_id: not json", "application/json")
     mention = json.dumps({"input": 'say {"file_id": "file-9", "previous_response_id": "resp_9"}'}).encode()
     assert classify("POST", "/openai/v1/responses", mention, "application/json").ids == ()  # text, not fields
     run = classify("POST", "/openai/threads/thread_1/runs?api-version=1", b'{"assistant_id": "asst_2"}', None)
-    assert [i.value for i in run.ids] == ["thread_1", "asst_2"] and run.creates
+    assert [i.value for i in run.ids] == ["thread_1", "asst_2"] and not run.creates  # a run lives in its thread
     job = classify("GET", "/openai/v1/fine_tuning/jobs/ftjob-9", b"", None)
     assert [(i.value, i.kind) for i in job.ids] == [("ftjob-9", "fine_tuning_job")]
     assert classify("DELETE", "/openai/v1/files/file-1", b"", None).deletes
@@ -194,7 +197,8 @@ def test_another_clients_object_is_a_404_as_if_it_did_not_exist(pool):
     assert pool.proxy.objects.counters["refused"] == 4
 
 
-def test_an_id_made_without_the_balancer_is_looked_for_then_pinned(pool):
+def test_an_id_made_without_the_balancer_is_looked_for_then_pinned(make_pool):
+    pool = make_pool(3, env=LOOKUP)
     backend = pool.backends[2]
     made = backend.objects._create_response(backend, {"model": "chat", "input": "made directly"})[1]
     client = pool.v1("batch:key-b".split(":")[1])
@@ -208,15 +212,15 @@ def test_an_id_made_without_the_balancer_is_looked_for_then_pinned(pool):
 
 
 def test_an_unknown_id_is_looked_for_at_most_max_attempts_then_the_backends_answer_passes(make_pool):
-    pool = make_pool(3, env={**KEYS, "LB_MAX_ATTEMPTS": "2"})
+    pool = make_pool(3, env={**LOOKUP, "LB_MAX_ATTEMPTS": "2"})
     client = pool.v1("key-a")
     with pytest.raises(openai.NotFoundError) as missing:
         client.responses.retrieve("resp_doesnotexist")
     assert missing.value.response.headers["x-lb-attempts"] == "2"
     assert sum(len(b.calls) for b in pool.backends) == 2
-    with pytest.raises(openai.BadRequestError) as bad:
+    with pytest.raises(openai.BadRequestError) as bad:  # not an id Azure issues: refused before any backend
         client.responses.create(model="chat", input="x", previous_response_id="not an id at all")
-    assert bad.value.body["code"] == "previous_response_not_found"
+    assert bad.value.body["code"] == "invalid_id" and sum(len(b.calls) for b in pool.backends) == 2
     assert pool.proxy.objects.records.counts() == {}
 
 
@@ -284,7 +288,11 @@ def test_a_gzip_json_answer_yields_its_id_and_a_batch_its_output_file():
 
     body = gzip.compress(json.dumps({"object": "batch", "id": "batch_1", "output_file_id": "file-2"}).encode())
     assert b"".join(_relayed(_whole_json(_source(body[:10], body[10:]), on_id, "gzip"))) == body
-    assert seen == ["batch_1", "file-2"]
+    assert seen == ["batch_1"]  # a creation's answer: its own id
+    seen.clear()
+    made = ("output_file_id", "error_file_id")  # a batch retrieved by its owner: the files it made
+    assert b"".join(_relayed(_whole_json(_source(body[:10], body[10:]), on_id, "gzip", made))) == body
+    assert seen == ["file-2"]
     seen.clear()
     assert _relayed(_whole_json(_source(b"not json"), on_id, "identity")) == [b"not json"] and seen == []
 
@@ -316,7 +324,8 @@ def test_encrypted_reasoning_items_replayed_without_store_go_back_to_the_backend
     assert pool.proxy.objects.records.counts() == {"reasoning": 4}  # store: false: no response recorded
 
 
-def test_a_reasoning_item_unknown_to_the_balancer_is_found_by_the_look_up(pool):
+def test_a_reasoning_item_unknown_to_the_balancer_is_found_by_the_look_up(make_pool):
+    pool = make_pool(3, env=LOOKUP)
     backend = pool.backends[1]
     made = backend.objects._create_response(backend, {"input": "x", "include": ["reasoning.encrypted_content"]})[1]
     item = made["output"][-1]
@@ -327,7 +336,7 @@ def test_a_reasoning_item_unknown_to_the_balancer_is_found_by_the_look_up(pool):
 
 
 def test_ids_split_between_two_reads_are_still_seen_once():
-    from lb.objects.ids import REASONING_ID
+    from lb.objects.router import REASONING_ID
     from lb.objects.watch import _every_match
 
     seen: list[str] = []

@@ -116,32 +116,41 @@ def test_another_clients_object_is_refused_on_every_instance(servers, azurite, t
     assert v1(urls[1], "key-a").responses.retrieve(response.id).id == response.id
 
 
-def test_with_the_table_down_routing_falls_back_to_memory_and_the_look_up(servers, azurite, table, monkeypatch):
+def test_with_the_table_down_an_object_this_instance_does_not_know_is_a_503_never_a_look_up(
+    servers, azurite, table, monkeypatch
+):
     if azurite.external_url:
         pytest.skip("cannot stop an Azurite we did not start (AZURITE_TABLE_URL is set)")
     monkeypatch.setattr(object_table, "OUTAGE_RETRY_SECONDS", 0.3)
-    _, urls, proxies = two_instances(servers, azurite, table)
+    sims, urls, proxies = two_instances(servers, azurite, table)
     a, b = v1(urls[0]), v1(urls[1])
     azurite.stop()
     try:
         first = a.responses.create(model="chat", input="hi")
         second = a.responses.create(model="chat", input="more", previous_response_id=first.id)  # A's memory
-        third = b.responses.create(model="chat", input="more", previous_response_id=second.id)  # B looks it up
-        assert third.previous_response_id == second.id
-        assert proxies[1].objects.counters["lookups"] == 1 and proxies[1].objects.counters["found"] == 1
-        assert b.responses.retrieve(second.id).id == second.id  # then B knows it
-        assert proxies[1].objects.counters["lookups"] == 1
+        calls = sum(len(s.calls) for s in sims)
+        with pytest.raises(openai.InternalServerError) as down:  # B can't tell whose it is: refused
+            b.responses.create(model="chat", input="more", previous_response_id=second.id)
+        assert down.value.status_code == 503 and int(down.value.response.headers["retry-after"]) >= 1
+        assert sum(len(s.calls) for s in sims) == calls  # no backend was asked
+        assert proxies[1].objects.counters["lookups"] == 0
         assert proxies[0].objects.records.health()["healthy"] is False
         assert proxies[0].objects.records.health()["unsaved"] >= 2
     finally:
         azurite.start()
     time.sleep(0.4)
-    a.responses.retrieve(third.id)  # a call after the retry time finds the table back and writes what waited
+    a.responses.retrieve(second.id)  # served from A's memory
+    a.responses.create(model="chat", input="x")  # a call after the retry time finds the table back
     deadline = time.monotonic() + 10
     while proxies[0].objects.records.health()["unsaved"]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert proxies[0].objects.records.health()["healthy"] is True
+    time.sleep(0.4)  # B's own retry time
+    third = b.responses.create(model="chat", input="more", previous_response_id=second.id)
+    assert third.previous_response_id == second.id  # written meanwhile: every instance routes it
+    with pytest.raises(openai.NotFoundError):  # and it is still A's client's alone
+        v1(urls[1], "key-b").responses.retrieve(second.id)
 
 
 def test_an_expired_row_is_absent_and_the_sweep_deletes_expired_rows(azurite, table):
@@ -150,9 +159,9 @@ def test_an_expired_row_is_absent_and_the_sweep_deletes_expired_rows(azurite, ta
         other = TableObjectStore(StateSettings(connection_string=azurite.connection_string, table=table))
         try:
             past = time.time() - 1
-            await store.remember("resp_old", ObjectRecord("1", "key:a", "response", past))
-            await store.remember("resp_old2", ObjectRecord("1", "key:a", "response", past))
-            await store.remember("resp_new", ObjectRecord("2", "key:a", "response", time.time() + 60))
+            await store.create("resp_old", ObjectRecord("1", "key:a", "response", past))
+            await store.create("resp_old2", ObjectRecord("1", "key:a", "response", past))
+            await store.create("resp_new", ObjectRecord("2", "key:a", "response", time.time() + 60))
             assert await other.find("resp_old") is None
             assert (await other.find("resp_new")).backend == "2"
             assert await other.sweep() >= 1
@@ -163,6 +172,29 @@ def test_an_expired_row_is_absent_and_the_sweep_deletes_expired_rows(azurite, ta
         finally:
             await store.close()
             await other.close()
+
+    asyncio.run(run())
+
+
+def test_a_record_is_inserted_once_and_no_instance_can_replace_its_owner(azurite, table):
+    async def run() -> None:
+        settings = StateSettings(connection_string=azurite.connection_string, table=table)
+        first, second, third = (TableObjectStore(settings) for _ in range(3))
+        try:
+            later = time.time() + 60
+            owned = await first.create("resp_1", ObjectRecord("1", "key:alice", "response", later))
+            held = await second.create("resp_1", ObjectRecord("2", "", "response", later))  # a look-up's, ownerless
+            assert owned.client == held.client == "key:alice" and held.backend == "1"
+            assert (await third.find("resp_1")).client == "key:alice"
+            await first.create("file-2", ObjectRecord("1", "key:alice", "file", later))
+            await second.create("file-3", ObjectRecord("2", "key:bob", "file", later))
+            assert await third.owned("key:alice", "file") == {"file-2"}
+            assert await third.owned("key:bob", "file") == {"file-3"}
+            for store in (first, second, third):
+                assert store.health()["healthy"] is True
+        finally:
+            for store in (first, second, third):
+                await store.close()
 
     asyncio.run(run())
 

@@ -60,11 +60,14 @@ def test_streamed_answers_true_up_the_charge_from_usage(make_pool) -> None:
     assert used == {"requests": 1, "tokens": total}  # the 5,000-token estimate is gone
 
 
-def two_instances(servers, azurite, make_backend_env, limits: str, keys: str = "") -> tuple[list[str], list]:
+def two_instances(
+    servers, azurite, make_backend_env, limits: str, keys: str = "", admins: str = ""
+) -> tuple[list[str], list]:
     table = "q" + uuid.uuid4().hex[:12]
     env = {
         **make_backend_env,
         "LB_CLIENT_KEYS": keys,
+        "LB_ADMIN_CLIENTS": admins,  # who reads every client's /lb/usage
         "LB_CLIENT_LIMITS": limits,
         "LB_STATE_CONNECTION_STRING": azurite.connection_string,
         "LB_STATE_TABLE": table,
@@ -79,7 +82,7 @@ def test_two_instances_on_azurite_share_one_limit_and_the_other_client_is_unaffe
     pool = make_pool(1)
     backend_env = {"BACKEND_1_URL": pool.proxy.settings.backends[0].url, "BACKEND_1_APIKEY": "key-1"}
     keys = f"batch:{LIMITED},chatapp:{FREE}"
-    urls, proxies = two_instances(servers, azurite, backend_env, "batch=4rpm,chatapp=100rpm", keys)
+    urls, proxies = two_instances(servers, azurite, backend_env, "batch=4rpm,chatapp=100rpm", keys, "chatapp")
     a, b = (openai.OpenAI(base_url=u + "/openai/v1", api_key=LIMITED, max_retries=0) for u in urls)
     free = [openai.OpenAI(base_url=u + "/openai/v1", api_key=FREE, max_retries=0) for u in urls]
     chat(a)
@@ -139,7 +142,8 @@ def test_a_table_outage_keeps_limits_per_instance_and_logs_once(make_pool, serve
 
 
 def test_a_limited_named_client_is_refused_while_another_is_unaffected(make_pool) -> None:
-    pool = make_pool(1, env={"LB_CLIENT_KEYS": f"chatapp:{FREE},batch:{LIMITED}", "LB_CLIENT_LIMITS": "batch=2rpm"})
+    keys = {"LB_CLIENT_KEYS": f"chatapp:{FREE},batch:{LIMITED}", "LB_ADMIN_CLIENTS": "chatapp"}
+    pool = make_pool(1, env={**keys, "LB_CLIENT_LIMITS": "batch=2rpm"})
     batch, chatapp = pool.v1(LIMITED), pool.v1(FREE)
     chat(batch)
     chat(batch)

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lb.auth.entra import EntraValidator, InvalidToken, looks_like_jwt
+from lb.auth.entra import EntraValidator, InvalidToken, looks_like_jwt, principal
 from lb.config import Backend, ClientKey, EntraSettings
 from lb.errors import BackendCredentialUnavailable, Unauthorized
 
@@ -46,10 +46,10 @@ CREDENTIAL_HEADERS = frozenset({"api-key", "authorization", "x-functions-key", "
 
 @dataclass(frozen=True)
 class Client:
-    """Who is calling: the name of the key it sent (`LB_CLIENT_KEYS`), or its Entra ID app id.
+    """Who is calling: the name of the key it sent (`LB_CLIENT_KEYS`), or its Entra ID object id (`oid`).
 
     `id` is the identity everything per-client keys on (stored objects' owners, quotas); the two
-    kinds are prefixed so a key named like an app id can never pass for that app.
+    kinds are prefixed so a key named like an object id can never pass for that identity.
     """
 
     name: str
@@ -85,12 +85,9 @@ class ClientAuth:
                 bearer = rest.strip()
         if self.entra is not None and bearer and looks_like_jwt(bearer) and _no_other_key(api_key, bearer):
             try:
-                claims = await self.entra.validate(bearer)
+                return Client(principal(await self.entra.validate(bearer)), "entra")  # its `oid`: lb.auth.entra
             except InvalidToken as exc:
                 raise Unauthorized(str(exc), error="invalid_token") from None
-            # v1 tokens name the calling app in `appid`, v2 in `azp`; a token with neither is its subject's
-            app = claims.get("appid") or claims.get("azp") or claims.get("oid") or claims.get("sub") or "unknown"
-            return Client(str(app).lower(), "entra")
         presented = api_key if api_key is not None else bearer
         if not presented:
             raise Unauthorized(self._missing_message())

@@ -2,7 +2,13 @@
 
 A token is accepted when PyJWT verifies its RS256 signature against one of the tenant's published
 keys and its issuer (v1 `sts.windows.net` or v2 `login.microsoftonline.com`), audience, expiry and
-not-before, and, when `LB_ENTRA_ALLOWED_CLIENTS` is set, its `appid` / `azp` / `oid` is listed.
+not-before, and, when `LB_ENTRA_ALLOWED_CLIENTS` is set, its `oid` is listed.
+
+A client is named by one claim, `oid`: the object id of the principal the token was issued to (the
+service principal of an app or managed identity for app-only tokens, the user for delegated ones).
+It is what operators see in the portal and `azd env` (`..._PRINCIPAL_ID`), allow-list, limit and
+make operators of, so one name means the same identity everywhere. The app id (`appid` / `azp`)
+names the application, which all its users share, so it is never a client's name.
 
 The keys come from the tenant's OpenID configuration (`jwks_uri`) and are cached. Entra rotates
 keys and announces new ones before signing with them, so an unknown `kid` triggers one refetch,
@@ -29,7 +35,7 @@ from typing import Any
 import httpx
 import jwt
 
-from lb.config import EntraSettings
+from lb.config import EntraSettings, is_guid
 
 log = logging.getLogger("lb")
 
@@ -44,6 +50,17 @@ LEEWAY_SECONDS = 60  # clock skew tolerated on exp / nbf
 
 class InvalidToken(Exception):
     """The token is not acceptable; the message says why without repeating any of the token."""
+
+
+def principal(claims: dict[str, Any]) -> str:
+    """The client a validated token names: its `oid`, lower-cased, or InvalidToken when it has none."""
+    oid = claims.get("oid")
+    if not isinstance(oid, str) or not is_guid(oid):
+        raise InvalidToken(
+            "The bearer token has no 'oid' claim (object id), which names a client here; a user's token carries it"
+            " when the app asks for the 'profile' scope."
+        )
+    return oid.lower()
 
 
 def looks_like_jwt(credential: str) -> bool:
@@ -87,10 +104,10 @@ class EntraValidator:
         if str(claims.get("tid", self.settings.tenant_id)).lower() != self.settings.tenant_id:
             raise InvalidToken("The bearer token was issued for another tenant.")
         allowed = self.settings.allowed_clients
-        if allowed is not None:
-            ids = {str(claims[c]).lower() for c in ("appid", "azp", "oid") if c in claims}
-            if not ids & allowed:
-                raise InvalidToken("The bearer token's client is not in LB_ENTRA_ALLOWED_CLIENTS.")
+        if allowed is not None and principal(claims) not in allowed:
+            apps = {str(claims[c]).lower() for c in ("appid", "azp") if c in claims}  # v1: appid, v2: azp
+            hint = " (its app id is: list the identity's object id, oid, instead)" if apps & allowed else ""
+            raise InvalidToken(f"The bearer token's object id (oid) is not in LB_ENTRA_ALLOWED_CLIENTS{hint}.")
         return claims
 
     def _decode(self, token: str, key: jwt.PyJWK) -> dict[str, Any]:

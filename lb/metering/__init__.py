@@ -129,8 +129,11 @@ class Metering:
             self.backends.prune(now)
             self.limiter.local.prune(now)
 
-    def report(self) -> dict[str, Any]:
-        """`GET /lb/usage`: this instance's counts, and the pool's when they are shared."""
+    def report(self, client: str | None = None) -> dict[str, Any]:
+        """`GET /lb/usage`: this instance's counts, and the pool's when they are shared.
+
+        `client`: only what that client may see (its own counts and limit); None: everything (operators).
+        """
         now = self.clock()
         report: dict[str, Any] = {
             "scope": "instance",
@@ -148,7 +151,18 @@ class Metering:
             }
         if self.share is not None:
             report["pool"] = self.share.pool_report(now)
-        return report
+        return report if client is None else _own(report, client)
+
+
+def _own(report: dict[str, Any], client: str) -> dict[str, Any]:
+    """One client's part of the report: nothing that names another client or shows the backends' totals."""
+    own: dict[str, Any] = {"scope": report["scope"], "client": client}
+    own["clients"] = {k: v for k, v in report["clients"].items() if k == client}
+    if client in report.get("limits", {}):
+        own["limits"] = {client: report["limits"][client]}
+    if "pool" in report:
+        own["pool"] = {"clients": {k: v for k, v in report["pool"]["clients"].items() if k == client}}
+    return own
 
 
 def windows_table(windows: Windows, now: float) -> dict[str, dict[str, dict[str, int]]]:

@@ -1,59 +1,56 @@
-"""Calls that name a stored object go to the backend holding it; calls that create one are recorded.
+"""Calls that name a stored object go to the backend holding it, for the client that created it.
 
-- Holder known: one attempt, to it alone. Cooling, or answering 429 / 5xx, it is still the only
-  backend that can answer, so the client gets that 429 (with the Retry-After of the holder) or 5xx;
-  failing over would only swap it for a certain "not found".
-- Id unknown (made before the balancer was there, or its record lost): backends are asked in turn
-  (priority order, random inside a group) until one answers something other than "not found" (404,
-  or 400 `..._not_found`), at most `LB_MAX_ATTEMPTS`; a 2xx records the holder. A backend cooling or
-  failing meanwhile might be the holder: with no other answer the client gets a 429 to retry, not a
-  "not found" that could be false.
-- Another client's object: refused with the 404 Azure gives for an object that does not exist.
-- A call naming nothing (a first Responses turn, an upload) is balanced and failed over as usual;
-  its 2xx answer's id is recorded against the backend that made it, and the creating client.
+- Holder known, caller its creator: one attempt, to it alone (`lb.attempt`). Cooling, or answering
+  429 / 5xx, it is still the only backend that can answer, so the client gets that 429 (with the
+  holder's Retry-After) or 5xx; failing over would only swap it for a certain "not found".
+- Another client's object, or an id without a record while several clients share the pool: the
+  404 Azure gives for an object that does not exist, and no backend call. Ids made before the
+  balancer was there are looked up across the backends only with one client, or when the operator
+  turns `LB_OBJECT_LOOKUP` on; what a look-up finds has no creator, so any client may use it.
+- Records that can't be read: 503 + Retry-After (fail closed), never a guess.
+- A call naming nothing (a first Responses turn, an upload) is balanced and failed over as usual
+  (`failover`); its 2xx answer's id is recorded, inserted only if absent, for the calling client.
+- A GET on a collection fans out to every backend, keeps the caller's objects and pages through
+  them in Azure's list shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import random
+import re
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
-from lb import errors, headers, logctx
+from lb import errors, headers
+from lb.attempt import RETRYABLE_STATUS, Attempts, Call, discard
 from lb.auth import Client
-from lb.auth.refusals import refuses_our_credential
 from lb.config import Backend, Settings
-from lb.objects.ids import (
-    COLLECTIONS,
-    REASONING_ID,
-    ObjectCall,
-    ObjectId,
-    classify,
-    is_object_route,
-    kind_of,
-    needs_decode,
-)
-from lb.objects.records import RETENTION_SECONDS, ObjectRecord, ObjectStore
+from lb.objects import routes
+from lb.objects.records import RETENTION_SECONDS, ObjectRecord, ObjectStore, RecordsUnavailable
+from lb.objects.routes import ObjectCall, ObjectId
 from lb.objects.watch import watch, watch_all
 from lb.relay import UpstreamResponse
-from lb.requestinfo import NOT_PARSED, PARSE_LIMIT_BYTES, RequestInfo, parse_json
-from lb.routing.deployments import upstream_call
-from lb.state import ANY_DEPLOYMENT
+from lb.requestinfo import PARSE_LIMIT_BYTES, RequestInfo
 
-if TYPE_CHECKING:
-    from lb.proxy import Attempt, Proxy
-
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_ERROR_BYTES = 64 * 1024  # a "not found" answer is read whole to tell it from another 400
+MAX_LIST_BYTES = 8 * 1024 * 1024  # one backend's page of a list
+LIST_PAGE = 100  # objects asked of each backend per page (the most Azure's lists give)
+MAX_LIST_PAGES = 20  # pages read from one backend for one list call
+DEFAULT_LIMIT, MAX_LIMIT = 20, 100
+REASONING_ID = re.compile(rb'"id"\s*:\s*"(rs_[A-Za-z0-9_-]{1,128})"')
+
+Failover = Callable[[Call], Awaitable[Response]]
 
 
 class HolderThrottled(errors.ProxyError):
@@ -72,6 +69,21 @@ class HolderThrottled(errors.ProxyError):
         )
 
 
+class RecordsDown(errors.ProxyError):
+    """Who owns an object can't be read now: refused, never guessed."""
+
+    status = 503
+    code = "ServiceUnavailable"
+
+    def __init__(self, seconds: float) -> None:
+        whole = max(1, math.ceil(seconds))
+        super().__init__(
+            "The load balancer can't read its object records now, so it can't tell whose this object is."
+            f" Please retry after {whole} second{'s' if whole != 1 else ''}.",
+            {"Retry-After": str(whole)},
+        )
+
+
 def not_found(object_id: ObjectId) -> Response:
     """Azure OpenAI's answer for an object that does not exist (what another client's object looks like)."""
     if object_id.field == "previous_response_id":
@@ -83,141 +95,131 @@ def not_found(object_id: ObjectId) -> Response:
 
 
 class ObjectRouter:
-    def __init__(self, records: ObjectStore, settings: Settings, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, records: ObjectStore, settings: Settings, attempts: Attempts, rng: random.Random | None = None
+    ) -> None:
         self.records = records
         self.settings = settings
+        self.attempts = attempts
         self.backends = {b.name: b for b in settings.backends}
-        self.counters: Counter[str] = Counter()  # pinned, lookups, found, refused, recorded, forgotten
+        self.isolating = settings.isolating  # several clients: each one's objects are its own
+        self.lookup = not settings.isolating or settings.object_lookup
+        self.counters: Counter[str] = Counter()  # pinned, lookups, found, refused, recorded, forgotten, lists
         self._rng = rng or random.Random()
 
+    # Reading the call ---------------------------------------------------------------------------
     async def classify(self, request: Request, info: RequestInfo) -> ObjectCall | None:
-        """None (the cost of a chat or embeddings call: a path split and a set lookup) or the object call.
-
-        A body the byte search can't read is decoded: the payload routing already parsed if there is
-        one, inline up to `PARSE_LIMIT_BYTES`, in a thread above it (once per request)."""
+        """None for a call that can neither name nor create an object (chat and embeddings cost a
+        path split, a set lookup and, for chat, two byte searches); else the object call. A call
+        the balancer can't read the way the backend will is refused (`lb.objects.routes`). A large
+        body that must be parsed is parsed off the event loop."""
         content_type = request.headers.get("content-type")
-        payload = info.payload
-        if (
-            payload is NOT_PARSED
-            and len(info.body) > PARSE_LIMIT_BYTES
-            and request.method == "POST"
-            and "json" in (content_type or "application/json")
-            and is_object_route(info.raw_path)
-            and needs_decode(info.body)
-        ):
-            payload = await asyncio.to_thread(parse_json, info.body)
-        return classify(request.method, info.raw_path, info.body, content_type, payload)
+        args = (request.method, info.raw_path, info.body, content_type, info.payload, self.isolating)
+        if len(info.body) > PARSE_LIMIT_BYTES and routes.body_is_read(*args[:4]):
+            return await asyncio.to_thread(routes.classify, *args)  # a large body is read off the loop
+        return routes.classify(*args)
 
     def report(self) -> dict[str, Any]:
         return {"records": self.records.counts(), "calls": dict(self.counters), "store": self.records.health()}
 
-    async def forward(
-        self,
-        proxy: Proxy,
-        request: Request,
-        info: RequestInfo,
-        tried: list[Attempt],
-        call: ObjectCall,
-        client: Client,
-        deadline: float,
-    ) -> Response:
+    # Routing ----------------------------------------------------------------------------------
+    async def forward(self, call: Call, objects: ObjectCall, client: Client, failover: Failover) -> Response:
+        if objects.lists:
+            return await self._list(call, objects, client)
         holder: Backend | None = None
-        unknown: list[ObjectId] = []
-        for object_id in call.ids:
-            record = await self.records.find(object_id.value)
-            if record is None or record.backend not in self.backends:
-                unknown.append(object_id)
-                continue
-            if record.client and record.client != client.id:
-                self._count(proxy, "refused")
-                return not_found(object_id)
-            holder = holder or self.backends[record.backend]
+        owner = client.id
+        try:
+            unknown: list[ObjectId] = []
+            for object_id in objects.ids:
+                record = await self.records.find(object_id.value)
+                if record is None or record.backend not in self.backends:
+                    unknown.append(object_id)
+                    continue
+                if not self._may_use(record, client):
+                    self._count("refused")
+                    return not_found(object_id)
+                owner = record.client or owner
+                holder = holder or self.backends[record.backend]
+        except RecordsUnavailable as exc:
+            self._count("unavailable")
+            return RecordsDown(exc.retry_after).response({"x-lb-attempts": "0"})
+        if unknown and not self.lookup:
+            self._count("unknown")
+            return not_found(unknown[0])
         if holder is not None:
-            self._count(proxy, "pinned")
-            return await self._pinned(proxy, request, info, tried, call, client, holder, deadline)
+            self._count("pinned")
+            return await self._pinned(call, objects, client, holder, owner)
         if unknown:
-            self._count(proxy, "lookups")
-            return await self._look_up(proxy, request, info, tried, call, client, unknown, deadline)
-        return self._after(await proxy._forward(request, info, tried, deadline), call, client)
+            self._count("lookups")
+            return await self._look_up(call, objects, client, unknown, failover)
+        return self._after(await failover(call), objects, client.id)
 
-    # Holder known -------------------------------------------------------------------------------
-    async def _pinned(
-        self,
-        proxy: Proxy,
-        request: Request,
-        info: RequestInfo,
-        tried: list[Attempt],
-        call: ObjectCall,
-        client: Client,
-        holder: Backend,
-        deadline: float,
-    ) -> Response:
-        now = time.time()
-        until = proxy.store.cooling_until(holder.name, info.deployment or ANY_DEPLOYMENT, now)
-        if until > now:
-            return HolderThrottled(until - now).response({"x-lb-attempts": "0", "x-lb-backend": holder.name})
-        upstream = await self._attempt(proxy, request, info, tried, holder, deadline, alone=True)
-        if isinstance(upstream, Response):
-            return upstream  # connect error / timeout / refused credential: no other backend can know the object
-        if upstream.status_code == 404 and call.path_id is not None:
-            self._forget(call.path_id.value)  # its holder no longer has it (deleted, expired)
-        return self._after(proxy._relay(request, upstream, holder, info, len(tried)), call, client)
+    def _may_use(self, record: ObjectRecord, client: Client) -> bool:
+        """Its creator may; a record with no creator (found by a look-up) only where look-ups are allowed."""
+        if record.client:
+            return record.client == client.id
+        return self.lookup
 
-    # Id unknown ---------------------------------------------------------------------------------
+    async def _pinned(self, call: Call, objects: ObjectCall, client: Client, holder: Backend, owner: str) -> Response:
+        until = self.attempts.cooling_until(holder, call.info)
+        if until:
+            return HolderThrottled(until - time.time()).response({"x-lb-attempts": "0", "x-lb-backend": holder.name})
+        outcome = await self.attempts.send(call, holder, lambda: False)
+        attempts = {"x-lb-attempts": str(len(call.tried))}
+        if outcome.relayed is not None:
+            return outcome.relayed
+        if outcome.upstream is None:  # no other backend can know the object: its failure is the answer
+            error = outcome.error or errors.BadGateway(f"Backend '{holder.name}' failed.")
+            return error.response(attempts)
+        upstream = outcome.upstream
+        if upstream.status_code == 404 and objects.path_id is not None:
+            self._forget(objects.path_id.value)  # its holder no longer has it (deleted, expired)
+        return self._after(self.attempts.relay(call, upstream, holder), objects, owner)
+
     async def _look_up(
-        self,
-        proxy: Proxy,
-        request: Request,
-        info: RequestInfo,
-        tried: list[Attempt],
-        call: ObjectCall,
-        client: Client,
-        unknown: list[ObjectId],
-        deadline: float,
+        self, call: Call, objects: ObjectCall, client: Client, unknown: list[ObjectId], failover: Failover
     ) -> Response:
-        from lb.proxy import _own_url
-
-        def own_url() -> str:
-            return _own_url(request)
-
+        """Ask backends in turn until one answers something other than "not found"."""
+        info = call.info
         candidates = self._in_turn(info.deployment)
         if not candidates:
-            return await proxy._forward(request, info, tried, deadline)  # no backend serves it: the usual 404
+            return await failover(call)  # no backend serves it: the usual 404
         retry_at = 0.0  # the soonest a backend that might hold it can be asked again
         unsure: Response | None = None  # a backend that might hold it could not say (error, 5xx, cooling)
         answer: Response | None = None  # the last "not found", relayed if every backend said so
-        key = info.deployment or ANY_DEPLOYMENT
         for backend in candidates:
-            if len(tried) >= self.settings.max_attempts or deadline <= time.monotonic():
+            if len(call.tried) >= self.settings.max_attempts or call.deadline <= time.monotonic():
                 break
-            until = proxy.store.cooling_until(backend.name, key, time.time())
+            until = self.attempts.cooling_until(backend, info)
             if until:
                 retry_at = min(retry_at or until, until)
                 continue
-            upstream = await self._attempt(proxy, request, info, tried, backend, deadline, alone=False)
-            if isinstance(upstream, Response):
-                unsure = upstream
+            outcome = await self.attempts.send(call, backend, lambda: False)
+            if outcome.relayed is not None:
+                return outcome.relayed
+            upstream = outcome.upstream
+            if upstream is None:
+                error = outcome.error or errors.BadGateway(f"Backend '{backend.name}' failed.")
+                unsure = error.response({"x-lb-attempts": str(len(call.tried))})
                 continue
-            if upstream.status_code in RETRYABLE_STATUS:
-                until = proxy.store.cooling_until(backend.name, key, time.time())
+            status = upstream.status_code
+            if status in RETRYABLE_STATUS:
+                until = self.attempts.cooling_until(backend, info)
                 retry_at = min(retry_at or until, until) if until else retry_at
-                raw = await _read_raw(upstream)
-                unsure = _buffered(upstream, raw, backend, len(tried), own_url)
+                unsure = _buffered(upstream, await _read_raw(upstream), backend, len(call.tried), call.own_url)
                 continue
-            if upstream.status_code in (400, 404):
+            if status in (400, 404):
                 raw = await _read_raw(upstream)
-                if _says_not_found(upstream, raw):
-                    answer = _buffered(upstream, raw, backend, len(tried), own_url)
+                if _says_not_found(status, raw):
+                    answer = _buffered(upstream, raw, backend, len(call.tried), call.own_url)
                     continue
-                return _buffered(upstream, raw, backend, len(tried), own_url)
-            if 200 <= upstream.status_code < 300:
-                self._count(proxy, "found")
-                for object_id in unknown:  # its creator is unknown: any client of the pool may use it
-                    await self._remember(object_id.value, object_id.kind, backend, "")
-            return self._after(proxy._relay(request, upstream, backend, info, len(tried)), call, client)
-        # Nobody said it is there. A "not found" is the answer only if no backend that might hold it
-        # was left unheard: otherwise the client retries (429) or sees that backend's failure.
-        attempts = {"x-lb-attempts": str(len(tried))}
+                return _buffered(upstream, raw, backend, len(call.tried), call.own_url)
+            if 200 <= status < 300:
+                self._count("found")
+                for object_id in unknown:  # its creator is unknown: recorded with none, never over a record
+                    await self._record(object_id.value, object_id.kind, backend, "")
+            return self._after(self.attempts.relay(call, upstream, backend), objects, client.id)
+        attempts = {"x-lb-attempts": str(len(call.tried))}
         if retry_at:
             return HolderThrottled(retry_at - time.time()).response(attempts)
         if unsure is not None:
@@ -232,100 +234,130 @@ class ObjectRouter:
         self._rng.shuffle(serving)
         return sorted(serving, key=lambda b: b.priority)
 
-    # One attempt --------------------------------------------------------------------------------
-    async def _attempt(
-        self,
-        proxy: Proxy,
-        request: Request,
-        info: RequestInfo,
-        tried: list[Attempt],
-        backend: Backend,
-        deadline: float,
-        alone: bool,
-    ) -> httpx.Response | Response:
-        """Send to `backend`, cooling it on what the failover loop cools on (a 429 or a 503 with a
-        retry hint, an unreachable backend, a refused credential). An error, or a backend refusing
-        our credential, comes back as the proxy's own answer (502 / 504). `alone`: no other backend
-        could answer instead, so a long generation is never cut by the attempt timeout."""
-        from lb.proxy import AUTH_REFUSED, Attempt, _discard, _refusal_relayed
-
-        settings = self.settings
-        attempt = Attempt(backend.name, time.time(), time.perf_counter())
-        tried.append(attempt)
-        forwarded = headers.forwarded(request, logctx.current_request_id.get())
-        remaining = max(0.001, deadline - time.monotonic())
-        connect, first_byte = proxy._attempt_timeouts(info, remaining, lambda: not alone)
-        call = upstream_call(backend, info)  # ours, before the catch-all: never booked against the backend
+    # Lists ------------------------------------------------------------------------------------
+    async def _list(self, call: Call, objects: ObjectCall, client: Client) -> Response:
+        """A collection's list over the whole pool: every backend's objects, the caller's only
+        (with several clients), newest first unless `order=asc`, paged by `after` / `limit`."""
+        assert objects.collection is not None
+        self._count("lists")
+        path, _, query = call.info.raw_path.partition("?")
+        params = parse_qsl(query, keep_blank_values=True)
+        asked = {k: v for k, v in params}
+        limit = _limit(asked.get("limit"))
+        order = "asc" if asked.get("order") == "asc" else "desc"
+        after = asked.get("after")
+        if after is not None and not routes.is_id(after, objects.collection.kind):
+            raise routes.InvalidObjectId(f"'after' must be a {objects.collection.kind.replace('_', ' ')} id.")
+        kept = [(k, v) for k, v in params if k not in ("limit", "after", "order")]
         try:
-            upstream = await proxy._send(backend, request.method, call, forwarded, remaining, connect, first_byte)
-        except errors.BackendCredentialUnavailable as exc:  # our token, not the backend: nothing blamed
-            proxy._attempted(attempt, info, "error BackendCredentialUnavailable", None)
-            return exc.response({"x-lb-attempts": str(len(tried))})
-        except Exception as exc:
-            seconds = None
-            if isinstance(exc, httpx.ConnectError):
-                seconds = proxy._cool(backend, info.deployment, settings.default_cooldown_seconds, type(exc).__name__)
-            proxy._attempted(attempt, info, f"error {type(exc).__name__}", seconds)
-            return errors.upstream_error(exc, backend.name).response({"x-lb-attempts": str(len(tried))})
-        status = upstream.status_code
-        if status in AUTH_REFUSED:
-            refusal = await _discard(upstream)
-            if not refuses_our_credential(info.raw_path, refusal):  # about what the client asked: its answer
-                proxy._attempted(attempt, info, status, None)
-                return _refusal_relayed(upstream, refusal, backend, len(tried))
-            # our credential, not the client's: never relayed as the client's 401
-            proxy._attempted(attempt, info, status, proxy._refused(backend, info, status, refusal))
-            return errors.BackendAuthFailed(info.deployment).response({"x-lb-attempts": str(len(tried))})
-        proxy._attempted(attempt, info, status, proxy._cool_if_busy(backend, info, upstream))
-        return upstream
+            mine = await self.records.owned(client.id, objects.collection.kind) if self.isolating else None
+        except RecordsUnavailable as exc:
+            return RecordsDown(exc.retry_after).response({"x-lb-attempts": "0"})
+        merged: dict[str, dict[str, Any]] = {}
+        for backend in self.settings.backends:
+            page_after: str | None = None
+            for _ in range(MAX_LIST_PAGES):
+                page_query = urlencode(
+                    [*kept, ("limit", str(LIST_PAGE)), ("order", order)]
+                    + ([("after", page_after)] if page_after else [])
+                )
+                info = dataclasses.replace(call.info, raw_path=f"{path}?{page_query}")
+                page = dataclasses.replace(call, info=info)
+                outcome = await self.attempts.send(page, backend, lambda: False)  # page.tried is call.tried
+                if outcome.relayed is not None:
+                    return outcome.relayed
+                if outcome.upstream is None or outcome.upstream.status_code != 200:
+                    if outcome.upstream is not None:
+                        await discard(outcome.upstream)
+                    return errors.BadGateway(
+                        f"Backend '{backend.name}' could not list its {objects.collection.path[-1]}; the pool's list"
+                        " would be incomplete. Please retry."
+                    ).response({"Retry-After": "1", "x-lb-attempts": str(len(call.tried))})
+                data, more = _page(await _read_raw(outcome.upstream, MAX_LIST_BYTES))
+                for item in data:
+                    object_id = item.get("id")
+                    if isinstance(object_id, str) and (mine is None or object_id in mine):
+                        merged[object_id] = item
+                if not more or not data or not isinstance(data[-1].get("id"), str):
+                    break
+                page_after = data[-1]["id"]
+        items = sorted(merged.values(), key=lambda o: (o.get("created_at") or 0, o["id"]), reverse=order == "desc")
+        if after is not None:
+            ids = [o["id"] for o in items]
+            items = items[ids.index(after) + 1 :] if after in ids else []
+        shown = items[:limit]
+        body = {
+            "object": "list",
+            "data": shown,
+            "first_id": shown[0]["id"] if shown else None,
+            "last_id": shown[-1]["id"] if shown else None,
+            "has_more": len(items) > limit,
+        }
+        return JSONResponse(body, headers={"x-lb-attempts": str(len(call.tried))})
 
     # Records ------------------------------------------------------------------------------------
-    def _after(self, response: Response, call: ObjectCall, client: Client) -> Response:
-        """Record what a 2xx created, forget what it deleted."""
+    def _after(self, response: Response, objects: ObjectCall, owner: str) -> Response:
+        """Record what a 2xx created (for its creator), forget what it deleted."""
         if not isinstance(response, UpstreamResponse) or not 200 <= response.status_code < 300:
             return response
-        if call.deletes and call.path_id is not None and len(call.ids) == 1:
-            self._forget(call.path_id.value)
+        backend = self.backends[response.backend]
+        if objects.deletes and objects.path_id is not None and len(objects.ids) == 1:
+            self._forget(objects.path_id.value)
             return response
-        if call.creates or call.collection == "batches":  # a batch's output files are made as it completes
-            named = {i.value for i in call.ids}
-            backend = self.backends[response.backend]
-            default_kind = COLLECTIONS[call.collection]
+        fields = ("id", *objects.made_fields) if objects.creates else objects.made_fields
+        if fields and objects.collection is not None:
+            named = {i.value for i in objects.ids}
+            default = objects.collection.kind if objects.creates else "file"
 
             async def on_id(object_id: str) -> None:
-                known = self.records.known(object_id)
-                if object_id not in named and (known is None or known.backend != backend.name):
-                    kind = kind_of(object_id, default_kind if call.creates else "file")
-                    await self._remember(object_id, kind, backend, client.id)
+                if object_id not in named and routes.is_id(object_id):
+                    await self._record(object_id, routes.kind_of(object_id, default), backend, owner)
 
-            watch(response, on_id)
-        if call.reasoning:  # encrypted reasoning items decrypt only where they were made
-            backend = self.backends[response.backend]
+            watch(response, on_id, fields)
+        if objects.responses:  # reasoning items decrypt only where they were made
 
             async def on_reasoning(item_id: str) -> None:
-                await self._remember(item_id, "reasoning", backend, client.id)
+                await self._record(item_id, "reasoning", backend, owner)
 
             watch_all(response, REASONING_ID, on_reasoning)
         return response
 
-    async def _remember(self, object_id: str, kind: str, backend: Backend, client: str) -> None:
+    async def _record(self, object_id: str, kind: str, backend: Backend, client: str) -> None:
         record = ObjectRecord(backend.name, client, kind, time.time() + RETENTION_SECONDS)
-        await self.records.remember(object_id, record)
+        await self.records.create(object_id, record)
         self.counters["recorded"] += 1
 
     def _forget(self, object_id: str) -> None:
         self.records.forget(object_id)
         self.counters["forgotten"] += 1
 
-    def _count(self, proxy: Proxy, outcome: str) -> None:
+    def _count(self, outcome: str) -> None:
         self.counters[outcome] += 1
-        proxy.telemetry.object_call(outcome)
+        self.attempts.telemetry.object_call(outcome)
 
 
-def _says_not_found(upstream: httpx.Response, raw: bytes) -> bool:
+def _limit(raw: str | None) -> int:
+    if raw is None:
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise errors.BadRequest(f"'limit' must be a whole number from 1 to {MAX_LIMIT}.")
+    return int(raw)
+
+
+def _page(raw: bytes) -> tuple[list[dict[str, Any]], bool]:
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):
+        return [], False
+    if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
+        return [], False
+    return [o for o in payload["data"] if isinstance(o, dict)], payload.get("has_more") is True
+
+
+def _says_not_found(status: int, raw: bytes) -> bool:
     """404, or a 400 whose error code says the named object does not exist here (`previous_response_not_found`,
     `invalid_encrypted_content`: a reasoning item made by another resource)."""
-    if upstream.status_code == 404:
+    if status == 404:
         return True
     try:
         error = json.loads(raw).get("error") or {}
@@ -339,14 +371,14 @@ def _says_not_found(upstream: httpx.Response, raw: bytes) -> bool:
     )
 
 
-async def _read_raw(upstream: httpx.Response) -> bytes:
+async def _read_raw(upstream: httpx.Response, limit: int = MAX_ERROR_BYTES) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.aiter_bytes():
             chunks.append(chunk)
             size += len(chunk)
-            if size > MAX_ERROR_BYTES:
+            if size > limit:
                 break
     except httpx.HTTPError:
         pass
@@ -358,8 +390,8 @@ async def _read_raw(upstream: httpx.Response) -> bytes:
 def _buffered(
     upstream: httpx.Response, raw: bytes, backend: Backend, attempts: int, own_url: Callable[[], str]
 ) -> Response:
-    """An answer already read whole, relayed with the backend's own headers (and the proxy's two);
-    those pointing at the backend (Location, operation-location) point at us, as on the main path."""
+    """An answer already read whole (decoded), relayed with the backend's own headers (and the
+    proxy's two); those pointing at the backend (Location, operation-location) point at us."""
     response = Response(raw, status_code=upstream.status_code)
     returned = headers.returned(upstream.headers, backend.url, own_url)
     kept = [(k, v) for k, v in returned if k not in (b"content-length", b"content-encoding")]
@@ -369,6 +401,4 @@ def _buffered(
         (b"x-lb-backend", backend.name.encode()),
         (b"x-lb-attempts", str(attempts).encode()),
     ]
-    if upstream.headers.get("content-encoding"):
-        response.raw_headers.append((b"content-encoding", upstream.headers["content-encoding"].encode()))
     return response

@@ -2,17 +2,21 @@
 
 Why it is built this way:
 - Own partition (`{LB_POOL}|objects`), so the cooldowns' partition query never reads object rows
-  and several pools can share one table. RowKey is the object id (escaped like cooldown keys).
+  and several pools can share one table. RowKey is the object id (ids are checked for Azure's
+  shape before they get here, `lb.objects.routes`, so the table never refuses one as a key).
 - Calls that name no object never reach this module. A call naming an id this instance does not
   know costs one point read; what it finds is kept in memory (the base `ObjectStore`), so the
   next call costs nothing.
-- A new object's record is written (one upsert) before the client sees its id, so a follow-up
-  sent to any instance finds it; the write is bounded by OP_TIMEOUT_SECONDS.
+- A new object's record is inserted (a Table insert, never an upsert: an existing owner is never
+  replaced) before the client sees its id, so a follow-up sent to any instance finds it.
+- Fail closed: while the table can't be read, an id this instance does not know raises
+  `RecordsUnavailable` (the client gets 503 + Retry-After), never a look-up that could hand one
+  client another's object. Only the table's own failures (timeouts, 5xx, no connection) mark it
+  unhealthy; a refused key or entity is that record's problem, logged and dropped.
+- A record that can't be written is kept in memory and retried in the background until the table
+  takes it; other records are written as usual meanwhile.
 - Table Storage has no TTL: a read of an expired row treats it as absent and deletes it, and a
   sweep deletes expired rows (a bounded number per SWEEP_SECONDS).
-- A Table fault is not a proxy fault: memory records and the look-up keep routing, one warning
-  per outage, the Table is tried again after OUTAGE_RETRY_SECONDS, and records made meanwhile are
-  written once it is back.
 """
 
 from __future__ import annotations
@@ -26,10 +30,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import UpdateMode
 
 from lb.config import StateSettings
-from lb.objects.records import MAX_RECORDS, ObjectRecord, ObjectStore
+from lb.objects.records import MAX_RECORDS, ObjectRecord, ObjectStore, RecordsUnavailable
 from lb.state.table import TableOps, make_table_client, row_key
 
 log = logging.getLogger("lb.state")
@@ -39,7 +42,6 @@ OUTAGE_RETRY_SECONDS = 5.0  # while the table is away, requests don't wait on it
 SWEEP_SECONDS = 3600.0
 SWEEP_MAX_DELETES = 200
 CLOSE_SECONDS = 3.0
-MAX_ID_LENGTH = 256
 
 
 class TableObjectStore(ObjectStore):
@@ -82,21 +84,20 @@ class TableObjectStore(ObjectStore):
     # Records -----------------------------------------------------------------------------------
     async def find(self, object_id: str) -> ObjectRecord | None:
         record = self.known(object_id)
-        if record is not None or not self._may_call() or not _plausible(object_id):
+        if record is not None:
             return record
+        if not self._may_call():
+            raise RecordsUnavailable(self._retry_in())
         try:
             row = await self._call(self._client.get_entity(self.partition, row_key(object_id, "")))
         except ResourceNotFoundError:  # no such row (or no table yet)
             self._ok()
             return None
-        except HttpResponseError as exc:
-            if exc.status_code == 400:  # a key the table refuses: no record can have it
+        except Exception as exc:
+            if _about_the_entity(exc):  # a key the table refuses: no record can have it
                 return None
             self._fault(exc)
-            return None
-        except Exception as exc:
-            self._fault(exc)
-            return None
+            raise RecordsUnavailable(self._retry_in()) from None
         self._ok()
         record = _record(row)
         if record is None or record.expires <= time.time():
@@ -105,12 +106,37 @@ class TableObjectStore(ObjectStore):
         self._keep(object_id, record)
         return record
 
-    async def remember(self, object_id: str, record: ObjectRecord) -> None:
+    async def create(self, object_id: str, record: ObjectRecord) -> ObjectRecord:
+        existing = self.known(object_id)
+        if existing is not None:
+            return existing
         self._keep(object_id, record)
         if not self._may_call():
             self._unsaved[object_id] = record
-            return
-        await self._write(object_id, record)
+            return record
+        return await self._insert(object_id, record)
+
+    async def owned(self, client: str, kind: str) -> set[str]:
+        if not self._may_call():
+            raise RecordsUnavailable(self._retry_in())
+        ids = {i for i, r in self._unsaved.items() if r.client == client and r.kind == kind}
+        try:
+            rows = self._client.query_entities(
+                "PartitionKey eq @pk and client eq @client and kind eq @kind and expires gt @now",
+                parameters={"pk": self.partition, "client": client, "kind": kind, "now": float(time.time())},
+                select=["object_id"],
+            )
+            async for row in rows:
+                if isinstance(row.get("object_id"), str):
+                    ids.add(row["object_id"])
+        except ResourceNotFoundError:
+            self._ok()
+            return ids
+        except Exception as exc:
+            self._fault(exc)
+            raise RecordsUnavailable(self._retry_in()) from None
+        self._ok()
+        return ids
 
     def forget(self, object_id: str) -> None:
         super().forget(object_id)
@@ -118,7 +144,8 @@ class TableObjectStore(ObjectStore):
         self._background(self._delete(object_id))
 
     # Table calls -------------------------------------------------------------------------------
-    async def _write(self, object_id: str, record: ObjectRecord) -> None:
+    async def _insert(self, object_id: str, record: ObjectRecord) -> ObjectRecord:
+        """Insert the row unless one exists; the record that holds (the existing owner, if any)."""
         entity = {
             "PartitionKey": self.partition,
             "RowKey": row_key(object_id, ""),
@@ -129,27 +156,56 @@ class TableObjectStore(ObjectStore):
             "expires": float(record.expires),
             "expires_utc": datetime.fromtimestamp(record.expires, timezone.utc),
         }
-        failure: BaseException | None = None
         for _ in range(2):
             try:
-                await self._call(self._client.upsert_entity(entity, mode=UpdateMode.REPLACE))
-            except ResourceNotFoundError as exc:  # the table does not exist yet: create it, write again
-                failure = exc
+                await self._call(self._client.create_entity(entity))
+            except ResourceExistsError:  # already recorded (by another instance, or a retry of ours)
+                self._unsaved.pop(object_id, None)
+                self._ok()
+                return await self._existing(object_id, record)
+            except ResourceNotFoundError:  # the table does not exist yet: create it, insert again
                 try:
                     with contextlib.suppress(ResourceExistsError):
                         await self._call(self._client.create_table())
-                except Exception as create_exc:
-                    failure = create_exc
-                    break
+                except Exception as exc:
+                    return self._unwritten(object_id, record, exc)
                 continue
             except Exception as exc:
-                failure = exc
-                break
+                return self._unwritten(object_id, record, exc)
             self._unsaved.pop(object_id, None)
-            return self._ok()
-        if failure is not None:
-            self._fault(failure)
+            self._ok()
+            return record
+        return self._unwritten(object_id, record, RuntimeError("the table was not created"))
+
+    async def _existing(self, object_id: str, ours: ObjectRecord) -> ObjectRecord:
+        """The row that won: kept in memory in place of ours (it may name another owner)."""
+        try:
+            row = await self._call(self._client.get_entity(self.partition, row_key(object_id, "")))
+        except Exception as exc:  # read it again at the next call that names it
+            self._fault(exc)
+            self.forget_local(object_id)
+            return ours
+        record = _record(row)
+        if record is None:
+            self.forget_local(object_id)
+            return ours
+        self._keep(object_id, record)
+        if record != ours:
+            log.warning("object %s was already recorded; the first record stands", object_id)
+        return record
+
+    def forget_local(self, object_id: str) -> None:
+        super().forget(object_id)
+
+    def _unwritten(self, object_id: str, record: ObjectRecord, exc: BaseException) -> ObjectRecord:
+        """Keep a record the table did not take, to be written once it does; only the table's own
+        failure marks it unhealthy (a refused entity is this record's problem alone)."""
+        if _about_the_entity(exc):
+            log.warning("object %s: the table refused its record (%s); kept on this instance only", object_id, exc)
+            return record
+        self._fault(exc)
         self._unsaved[object_id] = record
+        return record
 
     async def _delete(self, object_id: str) -> None:
         if not self._may_call():
@@ -218,7 +274,10 @@ class TableObjectStore(ObjectStore):
         self.healthy = True
         log.info("object table reachable again; writing %d records made meanwhile", len(self._unsaved))
         for object_id, record in list(self._unsaved.items()):
-            self._background(self._write(object_id, record))
+            self._background(self._insert(object_id, record))
+
+    def _retry_in(self) -> float:
+        return max(1.0, self._retry_at - time.monotonic())
 
     def health(self) -> dict[str, Any]:
         return {
@@ -232,9 +291,9 @@ class TableObjectStore(ObjectStore):
         }
 
 
-def _plausible(object_id: str) -> bool:
-    """Ids Azure hands out are short printable ASCII; anything else is not read from the table."""
-    return 0 < len(object_id) <= MAX_ID_LENGTH and object_id.isascii() and object_id.isprintable()
+def _about_the_entity(exc: BaseException) -> bool:
+    """A 400 is the table refusing this key or entity, not the table failing."""
+    return isinstance(exc, HttpResponseError) and exc.status_code == 400
 
 
 def _record(row: Any) -> ObjectRecord | None:

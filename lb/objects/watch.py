@@ -23,21 +23,25 @@ TAIL_BYTES = 300  # longer than any id match, so one split across two reads is f
 _FIRST_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
 
 OnId = Callable[[str], Awaitable[None]]
-# Besides its own `id`, an object may name others its backend made: a finished batch's output files.
-MADE_FIELDS = ("output_file_id", "error_file_id")
+CREATED = ("id",)  # a creation's answer: the new object's own id
 
 
-def watch(response: UpstreamResponse, on_id: OnId) -> UpstreamResponse:
-    """Make `response` call `on_id(id)` for each id it carries, before the client receives it."""
+def watch(response: UpstreamResponse, on_id: OnId, fields: tuple[str, ...] = CREATED) -> UpstreamResponse:
+    """Make `response` call `on_id(id)` for each id in its top-level `fields` (a field holding an
+    object stands for that object's `id`), before the client receives it. Only a creation's own id
+    is read from the head of an answer too big to hold, or from a stream's first event."""
     encoding = response.upstream.headers.get("content-encoding", "identity").lower()
     if response.event_stream:
-        response.body_iterator = _first_event(response.body_iterator, on_id)
+        if fields[:1] == CREATED:
+            response.body_iterator = _first_event(response.body_iterator, on_id)
     else:
-        response.body_iterator = _whole_json(response.body_iterator, on_id, encoding)
+        response.body_iterator = _whole_json(response.body_iterator, on_id, encoding, fields)
     return response
 
 
-async def _whole_json(chunks: AsyncIterator[bytes], on_id: OnId, encoding: str) -> AsyncIterator[bytes]:
+async def _whole_json(
+    chunks: AsyncIterator[bytes], on_id: OnId, encoding: str, fields: tuple[str, ...] = CREATED
+) -> AsyncIterator[bytes]:
     held: list[bytes] = []
     size = 0
     async for chunk in chunks:
@@ -47,7 +51,7 @@ async def _whole_json(chunks: AsyncIterator[bytes], on_id: OnId, encoding: str) 
         held.append(chunk)
         size += len(chunk)
         if size > MAX_HEAD_BYTES:  # the id is usually the first key: look for it there, then let go
-            head = _decoded(b"".join(held), encoding)
+            head = _decoded(b"".join(held), encoding) if fields[:1] == CREATED else None
             match = _FIRST_ID.search(head[:4096]) if head else None
             if match:
                 await on_id(match.group(1).decode())
@@ -55,7 +59,7 @@ async def _whole_json(chunks: AsyncIterator[bytes], on_id: OnId, encoding: str) 
                 yield part
             held = []
     if held:
-        for object_id in _top_level_ids(_decoded(b"".join(held), encoding)):
+        for object_id in _top_level_ids(_decoded(b"".join(held), encoding), fields):
             await on_id(object_id)
         for part in held:
             yield part
@@ -114,11 +118,18 @@ def _event_id(event: bytes) -> str | None:
     return payload["id"] if isinstance(payload.get("id"), str) else None
 
 
-def _top_level_ids(body: bytes | None) -> list[str]:
+def _top_level_ids(body: bytes | None, fields: tuple[str, ...] = CREATED) -> list[str]:
     payload = _loads(body) if body else None
     if not isinstance(payload, dict):
         return []
-    return [v for k in ("id", *MADE_FIELDS) if isinstance(v := payload.get(k), str) and v]
+    found = []
+    for key in fields:
+        value = payload.get(key)
+        if isinstance(value, dict):
+            value = value.get("id")
+        if isinstance(value, str) and value:
+            found.append(value)
+    return found
 
 
 def _decoded(body: bytes, encoding: str) -> bytes | None:

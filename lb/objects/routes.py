@@ -1,0 +1,389 @@
+"""Which routes and body fields name a stored object: one table, as data, and the strict reading of a call.
+
+A stored object lives in the one resource that created it. Every route and body field of Azure
+OpenAI's v1 surface that names one is listed here, each with the reference it was read from
+(Azure OpenAI v1 REST reference, learn.microsoft.com/azure/ai-foundry/openai/reference-preview-latest,
+and the OpenAI API reference it mirrors; read 2026-12-07). The balancer reads a call the way the
+backend will, or refuses it:
+
+- ids are accepted only in the shape Azure issues: a known prefix, then 1-128 of `[A-Za-z0-9_-]`
+  (`resp_`, `batch_` + 32 hex digits, `file-` + 32 hex digits in the reference's examples);
+- an object route's path is plain: a `%` anywhere in it (an encoded `/`, `\\`, `.`) is a 400, since
+  the backend's router decodes what we would read as one id into a longer path;
+- a JSON body on an object-bearing route must be UTF-8 JSON (a body in UTF-16/32 is a 400, another
+  content type a 415), and it is parsed whole, so a field name spelled with escapes is still read;
+- with several clients, a route under /openai/ that is neither stateless nor in this table is
+  refused (`RouteNotIsolated`), never forwarded blind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from lb.errors import BadRequest, ProxyError
+from lb.requestinfo import NOT_PARSED
+
+# Collections whose objects live in one resource: path (after /openai/ or /openai/v1/) -> spec.
+# `words`: segments allowed where an id would be (actions on the collection, not objects).
+# `lists`: GET on the collection lists objects (merged across the pool, per client).
+
+
+@dataclass(frozen=True)
+class Collection:
+    path: tuple[str, ...]
+    kind: str
+    prefixes: tuple[str, ...]
+    source: str
+    lists: bool = False
+    words: frozenset[str] = frozenset()
+    multipart: bool = False  # its create takes multipart/form-data (an upload), not JSON
+
+
+COLLECTIONS: tuple[Collection, ...] = (
+    Collection(
+        ("responses",),
+        "response",
+        ("resp_",),
+        "Responses: create, get, delete, cancel, input_items",
+        words=frozenset({"input_tokens", "compact"}),
+    ),
+    Collection(("conversations",), "conversation", ("conv_",), "Conversations: create, get, update, delete, items"),
+    Collection(
+        ("files",),
+        "file",
+        ("file-", "assistant-"),
+        "Files: upload, list, get, delete, content",
+        lists=True,
+        multipart=True,
+    ),
+    Collection(("batches",), "batch", ("batch_",), "Batch: create, list, get, cancel", lists=True),
+    Collection(
+        ("vector_stores",),
+        "vector_store",
+        ("vs_",),
+        "Vector stores: create, list, get, files, file_batches",
+        lists=True,
+    ),
+    Collection(
+        ("fine_tuning", "jobs"),
+        "fine_tuning_job",
+        ("ftjob-",),
+        "Fine-tuning: create, list, get, cancel, events, checkpoints",
+        lists=True,
+    ),
+    Collection(
+        ("containers",),
+        "container",
+        ("cntr_",),
+        "Containers: create, list, get, delete, files",
+        lists=True,
+        multipart=True,
+    ),
+    Collection(("uploads",), "upload", ("upload_",), "Uploads: create, parts, complete, cancel", multipart=True),
+    Collection(("evals",), "eval", ("eval_",), "Evals: create, list, get, update, delete, runs", lists=True),
+    Collection(("assistants",), "assistant", ("asst_",), "Assistants: create, list, get, modify, delete", lists=True),
+    Collection(("threads",), "thread", ("thread_",), "Threads: create, get, messages, runs", words=frozenset({"runs"})),
+)
+_BY_FIRST: dict[str, list[Collection]] = {}
+for _c in COLLECTIONS:
+    _BY_FIRST.setdefault(_c.path[0], []).append(_c)
+
+# Body fields that name an object, at any depth (request bodies nest them: Responses' input_file
+# and file_search, chat completions' {"type": "file", "file": {"file_id"}}, fine-tuning's files).
+# A value may be an id, a list of ids, or {"id": ...} (`conversation`).
+BODY_FIELDS: dict[str, str] = {
+    "previous_response_id": "response",  # Responses create
+    "conversation": "conversation",  # Responses create: "conv_..." or {"id": "conv_..."}
+    "file_id": "file",  # Responses input_file / input_image, chat file parts, messages' attachments
+    "file_ids": "file",  # vector store file batches, code interpreter containers
+    "input_file_id": "file",  # Batch create
+    "training_file": "file",  # Fine-tuning create
+    "validation_file": "file",  # Fine-tuning create
+    "vector_store_ids": "vector_store",  # Responses file_search tool, assistants' tool_resources
+    "vector_store_id": "vector_store",
+    "assistant_id": "assistant",  # Runs create
+    "thread_id": "thread",
+    "container": "container",  # Responses code_interpreter tool: "cntr_..." (or {"type": "auto", ...})
+    "container_id": "container",
+}
+# Objects named by {"type": T, "id": ...} rather than by a field name.
+TYPED_IDS: dict[str, str] = {
+    "file_id": "file",  # evals' data sources: {"type": "file_id", "id": "file-..."}
+    "reasoning": "reasoning",  # Responses input: a reasoning item, decrypted only where it was made
+    "item_reference": "item",  # Responses input: an item stored with a response
+}
+ID_PREFIXES: dict[str, str] = {
+    "rs_": "reasoning",
+    **{p: c.kind for c in COLLECTIONS for p in c.prefixes},
+}
+# Stateless routes: name no object and create none (after /openai/v1/ or /openai/deployments/{d}/).
+STATELESS: frozenset[str] = frozenset(
+    {
+        "chat/completions",
+        "completions",
+        "embeddings",
+        "images/generations",
+        "images/edits",
+        "images/variations",
+        "audio/transcriptions",
+        "audio/translations",
+        "audio/speech",
+        "moderations",
+        "models",
+        "extensions/chat/completions",
+    }
+)
+MAX_ID_CHARS = 128
+_ID_BODY = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_CHARS}}}")
+_ITEM_ID = re.compile(rf"[a-z]{{1,16}}_[A-Za-z0-9_-]{{1,{MAX_ID_CHARS}}}")  # msg_, fc_, ... (any item)
+_SEGMENT = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")
+CHAT_MARKERS = (b"file_id", b"\\u00")  # a chat body names a file only if one of these is in its bytes
+_BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
+_STORE_FALSE = re.compile(rb'"store"\s*:\s*false')
+
+
+class InvalidObjectId(BadRequest):
+    code = "invalid_id"
+
+
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    code = "UnsupportedMediaType"
+
+
+class RouteNotIsolated(ProxyError):
+    status = 403
+    code = "RouteNotIsolated"
+
+
+@dataclass(frozen=True)
+class ObjectId:
+    value: str
+    kind: str
+    field: str | None  # the body field that named it; None for the path
+
+
+@dataclass(frozen=True)
+class ObjectCall:
+    """A call to an object route (or a stateless one whose body names objects)."""
+
+    collection: Collection | None  # None: a stateless route (chat with a file input)
+    ids: tuple[ObjectId, ...]
+    creates: bool  # a 2xx answer's id is a new object, owned by the caller
+    deletes: bool
+    lists: bool = False  # a GET on the collection: merged across the pool, per client
+    responses: bool = False  # a Responses create: reasoning item ids in its answer are recorded
+    made_fields: tuple[str, ...] = ()  # fields of the answer naming objects the holder made for the owner
+
+    @property
+    def path_id(self) -> ObjectId | None:
+        return self.ids[0] if self.ids and self.ids[0].field is None else None
+
+
+def classify(
+    method: str,
+    raw_path: str,
+    body: bytes,
+    content_type: str | None,
+    payload: object = NOT_PARSED,
+    isolating: bool = False,
+) -> ObjectCall | None:
+    """The object call this is, or None for a call that can neither name nor create an object.
+    `payload`: the body already parsed as UTF-8 JSON, if it was. Raises a 4xx for a call the
+    balancer can't read the way the backend will; with `isolating` (several clients), also for a
+    route that is neither stateless nor in the table."""
+    collection, rest, name = route(raw_path)
+    if collection is None:
+        if not stateless(raw_path):
+            if isolating:
+                raise RouteNotIsolated(
+                    f"'{method} {name}' can name stored objects this load balancer does not keep apart"
+                    " per client, so it is refused while several clients share the pool."
+                )
+            return None
+        if not body_is_read(method, raw_path, body, content_type):
+            return None
+        ids = body_ids(_parsed(body, content_type, payload))
+        return ObjectCall(None, tuple(ids), creates=False, deletes=False) if ids else None
+    if "%" in raw_path.split("?", 1)[0]:
+        raise InvalidObjectId("An object's path must not be percent-encoded.")
+    ids, creates = path_ids(method, collection, rest)
+    if method == "GET" and not rest and collection.lists:
+        return ObjectCall(collection, (), creates=False, deletes=False, lists=True)
+    if body_is_read(method, raw_path, body, content_type):
+        ids += body_ids(_parsed(body, content_type, payload))
+    responses = collection.kind == "response" and creates
+    if responses and _STORE_FALSE.search(body) is not None and not _stores(body, content_type, payload):
+        creates = False
+    made: tuple[str, ...] = ()
+    if method == "GET" and collection.kind == "batch" and len(rest) == 1:
+        made = ("output_file_id", "error_file_id")  # a finished batch's files are its owner's
+    elif method == "POST" and collection.kind == "upload" and rest[1:] == ["complete"]:
+        made = ("file",)  # a completed upload is a new file
+    elif method == "POST" and collection.kind == "thread" and rest == ["runs"]:
+        made = ("thread_id",)  # create-and-run makes a thread
+    return ObjectCall(
+        collection, tuple(ids), creates, deletes=method == "DELETE", responses=responses, made_fields=made
+    )
+
+
+def body_is_read(method: str, raw_path: str, body: bytes, content_type: str | None) -> bool:
+    """Whether the body must be parsed for ids: any body sent to an object route (but an upload's
+    multipart), a chat call's only when its bytes may name a file."""
+    if not body or method not in ("POST", "PUT", "PATCH"):
+        return False
+    collection, _, _ = route(raw_path)
+    if collection is None:
+        if not raw_path.split("?", 1)[0].lower().endswith("/chat/completions"):
+            return False
+        return any(m in body for m in CHAT_MARKERS) or b"\x00" in body or body.startswith(_BOMS)
+    return not (collection.multipart and (content_type or "").lower().startswith("multipart/form-data"))
+
+
+def parse_body(body: bytes, content_type: str | None) -> Any:
+    """The body as the backend will read it: UTF-8 JSON only, or a 400 / 415 in Azure's shape."""
+    if "json" not in (content_type or "application/json").lower():
+        raise UnsupportedMediaType("A call naming stored objects must send its body as application/json.")
+    if body.startswith(_BOMS) or b"\x00" in body:
+        raise BadRequest("The request body must be UTF-8 JSON (no byte order mark, no UTF-16 or UTF-32).")
+    try:
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest("The request body must be UTF-8 JSON.") from None
+    except (ValueError, RecursionError):
+        raise BadRequest("The request body is not valid JSON.") from None
+
+
+def _parsed(body: bytes, content_type: str | None, payload: object) -> Any:
+    """`payload` when routing already parsed the body (and it is UTF-8: no NUL, no BOM), else parsed now."""
+    if payload is NOT_PARSED or body.startswith(_BOMS) or b"\x00" in body:
+        return parse_body(body, content_type)
+    if "json" not in (content_type or "application/json").lower():
+        raise UnsupportedMediaType("A call naming stored objects must send its body as application/json.")
+    return payload
+
+
+def _stores(body: bytes, content_type: str | None, payload: object) -> bool:
+    """Whether a Responses create keeps what it makes (`"store": false` says it does not)."""
+    decoded = _parsed(body, content_type, payload)
+    return not (isinstance(decoded, dict) and decoded.get("store") is False)
+
+
+def is_id(value: str, kind: str | None = None) -> bool:
+    """Whether `value` has the shape of an id Azure issues (of `kind`, if given)."""
+    for prefix, prefix_kind in ID_PREFIXES.items():
+        if value.startswith(prefix) and (kind is None or prefix_kind == kind):
+            return _ID_BODY.fullmatch(value, len(prefix)) is not None
+    return False
+
+
+def kind_of(object_id: str, default: str = "object") -> str:
+    for prefix, kind in ID_PREFIXES.items():
+        if object_id.startswith(prefix):
+            return kind
+    return default
+
+
+def route(raw_path: str) -> tuple[Collection | None, list[str], str]:
+    """(collection, the segments after it, the route's name) for an /openai/ path; collection None
+    for any other route. The name is the path's shape with ids replaced, for error messages."""
+    segments = raw_path.split("?", 1)[0].split("/")[2:]  # after "", "openai"
+    if segments and segments[0].lower() == "v1":
+        segments = segments[1:]
+    lowered = [s.lower() for s in segments]  # Azure matches routes whatever their case
+    for collection in _BY_FIRST.get(lowered[0] if lowered else "", ()):
+        n = len(collection.path)
+        if tuple(lowered[:n]) == collection.path:
+            return collection, segments[n:], "/".join(collection.path)
+    if lowered and lowered[0] == "fine_tuning":  # checkpoints' permissions etc.: not in the table
+        return None, segments[1:], "fine_tuning/" + "/".join(lowered[1:2])
+    return None, segments, "/".join(lowered)
+
+
+def stateless(raw_path: str) -> bool:
+    """A route that names no object: a model call under /openai/deployments/{d}/ or /openai/v1/."""
+    segments = raw_path.split("?", 1)[0].split("/")[2:]
+    if len(segments) >= 2 and segments[0] == "deployments":
+        rest = "/".join(segments[2:]).lower()
+        return rest in STATELESS or not rest
+    if segments and segments[0].lower() == "v1":
+        segments = segments[1:]
+    rest = "/".join(segments).lower()
+    return (
+        rest in STATELESS
+        or rest in ("", "deployments")
+        or (len(segments) == 2 and segments[0].lower() in ("models", "deployments"))  # a model's or deployment's name
+    )
+
+
+def path_ids(method: str, collection: Collection, rest: list[str]) -> tuple[list[ObjectId], bool]:
+    """The object the path names (its first segment after the collection) and whether the call
+    creates one (a POST to the collection itself, or to one of its words such as `threads/runs`).
+    Every later segment is a sub-resource word or a child's id: checked for shape, never looked up."""
+    for segment in rest:
+        if not _SEGMENT.fullmatch(segment) or segment in (".", ".."):
+            raise InvalidObjectId(f"The path segment '{_shown(segment)}' is not an id or a route Azure OpenAI serves.")
+    if not rest or rest[0] in collection.words:
+        return [], method == "POST"
+    first = rest[0]
+    if not is_id(first, collection.kind):
+        raise InvalidObjectId(
+            f"'{_shown(first)}' is not a {collection.kind.replace('_', ' ')} id (expected "
+            f"{' or '.join(repr(p + '...') for p in collection.prefixes)})."
+        )
+    return [ObjectId(first, collection.kind, None)], False
+
+
+def body_ids(payload: Any) -> list[ObjectId]:
+    """Every object the parsed body names, at any depth. A value in an id field that is not an id
+    is a 400: the backend would read it as one, and we can't route what we can't read."""
+    found: list[ObjectId] = []
+    for node in _objects(payload):
+        kind = TYPED_IDS.get(node["type"]) if isinstance(node.get("type"), str) else None
+        if kind is not None and "id" in node:
+            found.extend(_ids(node["id"], kind, f"{node['type']}.id"))
+        for key, value in node.items():
+            field_kind = BODY_FIELDS.get(key)
+            if field_kind is None or value is None:
+                continue
+            if isinstance(value, dict) and key in ("conversation", "container"):
+                value = value.get("id")  # {"id": ...}; a container may also be {"type": "auto", ...}
+                if value is None:
+                    continue
+            found.extend(_ids(value, field_kind, key))
+    return found
+
+
+def _ids(value: Any, kind: str, field: str) -> list[ObjectId]:
+    items = value if isinstance(value, list) else [value]
+    found = []
+    for item in items:
+        shaped = isinstance(item, str) and (is_id(item) if kind != "item" else _ITEM_ID.fullmatch(item) is not None)
+        if not shaped:
+            raise InvalidObjectId(f"'{field}' holds '{_shown(item)}', which is not an id Azure OpenAI issues.")
+        found.append(ObjectId(item, kind_of(item, kind), field))
+    return found
+
+
+def _objects(payload: Any) -> list[dict[str, Any]]:
+    """Every JSON object in the payload, at any depth (without recursion: depth is the client's)."""
+    found: list[dict[str, Any]] = []
+    stack = [payload]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            found.append(node)
+            stack.extend(v for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, dict | list))
+    return found
+
+
+def _shown(value: object) -> str:
+    """A client's value, short and printable, for an error message."""
+    text = value if isinstance(value, str) else repr(value)
+    text = "".join(c if c.isprintable() and c.isascii() else "?" for c in text)
+    return text[:40] + ("..." if len(text) > 40 else "")

@@ -1,0 +1,128 @@
+"""A second client trying to reach the first one's stored objects, through one in-process proxy.
+
+The two-instance, Azurite-backed versions of the issue's repros are in tests/test_isolation_e2e.py;
+these pin down the rules themselves: a record is written once and never replaced, an id without a
+record is refused with several clients (no backend call), lists show the caller's objects from the
+whole pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from lb.objects.records import ObjectRecord, ObjectStore
+
+KEYS = {"LB_CLIENT_KEYS": "alice:key-a,bob:key-b"}
+
+
+@pytest.fixture
+def pool(make_pool):
+    return make_pool(3, env=KEYS)
+
+
+def backend_calls(pool) -> int:
+    return sum(len(b.calls) for b in pool.backends)
+
+
+def test_a_record_is_inserted_once_and_never_replaced():
+    async def run() -> None:
+        store = ObjectStore()
+        later = time.time() + 60
+        first = await store.create("resp_1", ObjectRecord("1", "key:alice", "response", later))
+        second = await store.create("resp_1", ObjectRecord("2", "", "response", later))
+        assert first == second == store.known("resp_1") and second.client == "key:alice"
+
+    asyncio.run(run())
+
+
+def test_with_several_clients_an_id_without_a_record_is_a_404_with_no_backend_call(pool):
+    made = pool.backends[1].objects._create_response(pool.backends[1], {"model": "chat", "input": "direct"})[1]
+    calls = backend_calls(pool)
+    for key in ("key-a", "key-b"):
+        with pytest.raises(openai.NotFoundError):
+            pool.v1(key).responses.retrieve(made["id"])
+        with pytest.raises(openai.NotFoundError) as previous:
+            pool.v1(key).responses.create(model="chat", input="x", previous_response_id=made["id"])
+        assert previous.value.body["code"] == "previous_response_not_found"
+    assert backend_calls(pool) == calls
+    assert pool.proxy.objects.records.counts() == {}  # nothing was recorded for anyone
+
+
+def test_with_one_client_an_id_made_before_the_balancer_is_still_found(make_pool):
+    pool = make_pool(3)  # one key: nobody to keep apart
+    made = pool.backends[2].objects._create_response(pool.backends[2], {"model": "chat", "input": "direct"})[1]
+    assert pool.v1().responses.retrieve(made["id"]).id == made["id"]
+
+
+def test_the_owners_objects_stay_the_owners_whatever_the_other_client_sends(pool):
+    alice = pool.v1("key-a")
+    response = alice.responses.create(model="chat", input="alice's secret")
+    upload = alice.files.create(file=("a.jsonl", io.BytesIO(b'{"x": 1}\n')), purpose="batch")
+    with httpx.Client(base_url=pool.url, headers={"api-key": "key-b"}, timeout=10) as http:
+        attempts = [
+            http.get(f"/openai/v1/responses/{response.id}"),
+            http.get(f"/openai/v1/responses/{response.id}%2Finput_items"),
+            http.get(f"/openai/v1/files/{upload.id}%2Fcontent"),
+            http.get(f"/openai/v1/files/{upload.id}/content"),
+            http.post(
+                "/openai/v1/responses",
+                content=json.dumps({"model": "chat", "input": "x", "previous_response_id": response.id}).encode(
+                    "utf-16"
+                ),
+                headers={"content-type": "application/json"},
+            ),
+            http.post(
+                "/openai/v1/responses",
+                content=json.dumps({"model": "chat", "input": "x", "previous_response_id": response.id}),
+                headers={"content-type": "text/plain"},
+            ),
+            http.post(
+                "/openai/v1/fine_tuning/jobs",
+                json={"model": "chat", "training_file": upload.id},
+            ),
+            http.post(
+                "/openai/v1/chat/completions",
+                json={
+                    "model": "chat",
+                    "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": upload.id}}]}],
+                },
+            ),
+            http.post(
+                "/openai/v1/responses",
+                json={"model": "chat", "input": "x", "metadata": {"file_id": "/" * 300}},
+            ),
+        ]
+    for answer in attempts:
+        assert not 200 <= answer.status_code < 300, (answer.request.url, answer.text)
+        assert "error" in answer.json() and "alice's secret" not in answer.text and '{"x": 1}' not in answer.text
+    assert [a.status_code for a in attempts[:4]] == [404, 400, 400, 404]
+    assert attempts[4].status_code == 400 and attempts[5].status_code == 415
+    assert alice.responses.retrieve(response.id).id == response.id
+    assert alice.files.content(upload.id).read() == b'{"x": 1}\n'
+    assert pool.proxy.objects.records.health()["healthy"] is True
+
+
+def test_lists_show_the_callers_objects_from_the_whole_pool_paged_in_azures_shape(pool):
+    alice, bob = pool.v1("key-a"), pool.v1("key-b")
+    mine = [alice.files.create(file=(f"{i}.jsonl", io.BytesIO(b"{}\n")), purpose="batch").id for i in range(5)]
+    theirs = bob.files.create(file=("b.jsonl", io.BytesIO(b"{}\n")), purpose="batch").id
+    holders = {i for i, b in enumerate(pool.backends) for f in mine if f in b.objects.files}
+    assert len(holders) >= 2  # spread over the pool, listed as one
+    assert sorted(f.id for f in alice.files.list()) == sorted(mine)  # the SDK pages through them all
+    assert [f.id for f in bob.files.list()] == [theirs]
+    with httpx.Client(base_url=pool.url, headers={"api-key": "key-a"}, timeout=10) as http:
+        first = http.get("/openai/v1/files", params={"limit": 2}).json()
+        assert first["object"] == "list" and len(first["data"]) == 2 and first["has_more"] is True
+        assert first["first_id"] == first["data"][0]["id"] and first["last_id"] == first["data"][1]["id"]
+        rest = http.get("/openai/v1/files", params={"limit": 10, "after": first["last_id"]}).json()
+        assert rest["has_more"] is False and len(rest["data"]) == 3
+        assert {f["id"] for f in first["data"] + rest["data"]} == set(mine)
+        assert http.get("/openai/v1/files", params={"limit": 1000}).status_code == 400
+        assert http.get("/openai/v1/files", params={"after": "../x"}).status_code == 400

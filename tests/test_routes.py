@@ -1,0 +1,203 @@
+"""The object table and the strict reading of a call (lb.objects.routes): no sockets, no sleeps.
+
+Each refusal here is a way a second client could make the balancer read one id while the backend
+reads another; the balancer must refuse it rather than route it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lb.errors import BadRequest
+from lb.objects.routes import (
+    COLLECTIONS,
+    InvalidObjectId,
+    RouteNotIsolated,
+    UnsupportedMediaType,
+    classify,
+    is_id,
+)
+
+JSON = "application/json"
+
+
+def body(payload: object) -> bytes:
+    return json.dumps(payload).encode()
+
+
+def ids(call) -> set[tuple[str, str]]:
+    return {(i.value, i.kind) for i in call.ids}
+
+
+def test_ids_are_accepted_only_in_the_shape_azure_issues():
+    assert is_id("resp_67ccd2bed1ec8190b14f964abc054267") and is_id("batch_72a2792ef7d24ba7b82c7fe4a37e379f")
+    assert is_id("file-b4fa7277f3eb4722ac18b90f46102c3f", "file") and is_id("assistant-Q9mT2x", "file")
+    assert is_id("batch_6caaf24d-54a5-46be-b1b7-518884fcbdde")
+    for bad in ("resp_", "resp_a/b", "resp_a b", "resp_" + "a" * 129, "resp_\ud800", "resp_é", "x_1", "", "/" * 300):
+        assert not is_id(bad), bad
+    assert not is_id("file-1", "response")  # a file id where a response id belongs
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/v1/responses/resp_1%2Finput_items",
+        "/openai/v1/files/file-1%2fcontent",
+        "/openai/v1/files/file-1%5Ccontent",
+        "/openai/v1/responses/resp_1%252Finput_items",
+        "/openai/v1/batches/batch_1%3Fx",
+    ],
+)
+def test_an_object_path_with_an_encoded_delimiter_is_a_400(path):
+    with pytest.raises(InvalidObjectId):
+        classify("GET", path, b"", None)
+
+
+@pytest.mark.parametrize("path", ["/openai/v1/responses/not-an-id", "/openai/v1/files/resp_1", "/openai/v1/batches/x"])
+def test_a_path_id_of_another_shape_or_kind_is_a_400(path):
+    with pytest.raises(InvalidObjectId):
+        classify("GET", path, b"", None)
+
+
+@pytest.mark.parametrize("junk", ["/" * 300, "a" * 1100, "\ud800", "", 7, {"nested": "resp_1"}])
+def test_a_value_in_an_id_field_that_is_no_id_is_a_400_at_any_depth(junk):
+    for payload in (
+        {"model": "m", "metadata": {"file_id": junk}},
+        {"model": "m", "previous_response_id": junk},
+        {"model": "m", "tools": [{"type": "file_search", "vector_store_ids": ["vs_1", junk]}]},
+    ):
+        with pytest.raises(InvalidObjectId):
+            classify("POST", "/openai/v1/responses", body(payload), JSON)
+
+
+def test_a_body_in_utf16_or_utf32_or_with_a_bom_is_a_400_and_another_content_type_a_415():
+    payload = {"model": "m", "previous_response_id": "resp_1", "input": "x"}
+    text = json.dumps(payload)
+    for encoded in (
+        text.encode("utf-16"),
+        text.encode("utf-16-le"),
+        text.encode("utf-32"),
+        b"\xef\xbb\xbf" + text.encode(),
+    ):
+        with pytest.raises(BadRequest):
+            classify("POST", "/openai/v1/responses", encoded, JSON)
+    with pytest.raises(UnsupportedMediaType):
+        classify("POST", "/openai/v1/responses", text.encode(), "text/plain")
+    with pytest.raises(BadRequest):
+        classify("POST", "/openai/v1/responses", b"\xff\xfe{", JSON)
+
+
+def test_a_field_name_spelled_with_escapes_is_read_as_the_backend_reads_it():
+    raw = b'{"model": "m", "previous_response\\u005fid": "resp_\\u0031"}'
+    assert ids(classify("POST", "/openai/v1/responses", raw, JSON)) == {("resp_1", "response")}
+
+
+def test_every_object_bearing_field_is_found():
+    fine_tuning = classify(
+        "POST", "/openai/v1/fine_tuning/jobs", body({"training_file": "file-a", "validation_file": "file-b"}), JSON
+    )
+    assert ids(fine_tuning) == {("file-a", "file"), ("file-b", "file")} and fine_tuning.creates
+    chat = {"model": "m", "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-c"}}]}]}
+    for path in ("/openai/v1/chat/completions", "/openai/deployments/chat/chat/completions?api-version=1"):
+        assert ids(classify("POST", path, body(chat), JSON)) == {("file-c", "file")}
+    responses = {
+        "model": "m",
+        "conversation": {"id": "conv_1"},
+        "input": [
+            {"role": "user", "content": [{"type": "input_file", "file_id": "file-d"}]},
+            {"type": "reasoning", "id": "rs_1", "encrypted_content": "gAAA"},
+            {"type": "item_reference", "id": "msg_1"},
+        ],
+        "tools": [
+            {"type": "file_search", "vector_store_ids": ["vs_1"]},
+            {"type": "code_interpreter", "container": "cntr_1"},
+        ],
+    }
+    assert ids(classify("POST", "/openai/v1/responses", body(responses), JSON)) == {
+        ("conv_1", "conversation"),
+        ("file-d", "file"),
+        ("rs_1", "reasoning"),
+        ("msg_1", "item"),
+        ("vs_1", "vector_store"),
+        ("cntr_1", "container"),
+    }
+    run = {"data_source": {"type": "jsonl", "source": {"type": "file_id", "id": "file-e"}}}
+    assert ids(classify("POST", "/openai/v1/evals/eval_1/runs", body(run), JSON)) == {
+        ("eval_1", "eval"),
+        ("file-e", "file"),
+    }
+    assert ids(classify("POST", "/openai/v1/batches", body({"input_file_id": "file-f"}), JSON)) == {("file-f", "file")}
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/openai/v1/containers/cntr_1/files/cfile_2/content", "container"),
+        ("/openai/v1/uploads/upload_1/parts", "upload"),
+        ("/openai/v1/evals/eval_1/runs/evalrun_2/output_items", "eval"),
+        ("/openai/v1/vector_stores/vs_1/files", "vector_store"),
+        ("/openai/v1/fine_tuning/jobs/ftjob-1/events", "fine_tuning_job"),
+        ("/openai/v1/conversations/conv_1/items", "conversation"),
+        ("/openai/responses/resp_1?api-version=2025-04-01-preview", "response"),
+        ("/openai/V1/Responses/resp_1/Input_Items", "response"),
+    ],
+)
+def test_every_object_route_names_its_owned_object(path, kind):
+    call = classify("GET", path, b"", None, isolating=True)
+    assert call is not None and call.path_id is not None and call.path_id.kind == kind
+
+
+def test_every_collection_names_its_source_and_id_prefixes():
+    assert {c.path[-1] for c in COLLECTIONS} >= {
+        "responses",
+        "conversations",
+        "files",
+        "batches",
+        "jobs",
+        "vector_stores",
+        "containers",
+        "uploads",
+        "evals",
+    }
+    assert all(c.source and c.prefixes for c in COLLECTIONS)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/v1/chat/completions/chatcmpl-1",  # stored chat completions: not in the table
+        "/openai/v1/chat/completions/chatcmpl-1/messages",
+        "/openai/v1/realtime/sessions",
+        "/openai/v1/fine_tuning/checkpoints/ftckpt-1/permissions",
+        "/openai/deployments/chat/files/file-1",
+        "/openai/v1/somethingnew/obj_1",
+    ],
+)
+def test_with_several_clients_a_route_outside_the_table_is_refused_naming_it(path):
+    with pytest.raises(RouteNotIsolated, match="refused while several clients share the pool"):
+        classify("GET", path, b"", None, isolating=True)
+    assert classify("GET", path, b"", None, isolating=False) is None  # one client: nothing to keep apart
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/v1/chat/completions",
+        "/openai/v1/embeddings",
+        "/openai/v1/models",
+        "/openai/v1/models/gpt-5",
+        "/openai/deployments/chat/chat/completions?api-version=1",
+        "/openai/deployments/emb/embeddings?api-version=1",
+        "/openai/v1/audio/transcriptions",
+    ],
+)
+def test_stateless_routes_cost_nothing_and_are_never_refused(path):
+    assert classify("POST", path, body({"model": "m", "input": "x"}), JSON, isolating=True) is None
+
+
+def test_a_get_on_a_listable_collection_is_a_list():
+    assert classify("GET", "/openai/v1/files?purpose=batch", b"", None).lists
+    assert classify("GET", "/openai/v1/batches", b"", None).lists
+    assert not classify("GET", "/openai/v1/batches/batch_1", b"", None).lists
