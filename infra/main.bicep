@@ -110,8 +110,8 @@ param generatedClientKey string = replace(newGuid(), '-', '')
 @description('App (client) or object ids, comma-separated, whose Entra ID tokens the balancer accepts (e.g. the chat app identity).')
 param entraAllowedClients string = ''
 
-// Flex accepts 40-1000 (Microsoft Learn, Flex Consumption considerations); it counts on-demand
-// instances per function group, and a burst may briefly exceed it (docs/deployment.md).
+// Flex accepts 40-1000 (Microsoft Learn, Flex Consumption considerations, as stored 2026-12-07); it
+// counts on-demand instances per function group, and a burst may briefly exceed it (docs/deployment.md).
 @minValue(40)
 @maxValue(1000)
 @description('Flex Consumption scale-out ceiling (LB_MAXIMUM_INSTANCE_COUNT).')
@@ -128,6 +128,12 @@ param instanceMemoryMB int = 2048
 @maxValue(1000)
 @description('Concurrent HTTP requests per instance before Flex adds one (LB_PER_INSTANCE_CONCURRENCY).')
 param perInstanceConcurrency int = 50
+
+// Always-ready instances skip the cold start, and are billed while idle (docs/deployment.md, Cost).
+@minValue(0)
+@maxValue(1000)
+@description('Instances kept running for the HTTP functions even with no traffic (LB_ALWAYS_READY_INSTANCES).')
+param alwaysReadyInstances int = 0
 
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
 var tags = { 'azd-env-name': environmentName }
@@ -254,6 +260,7 @@ module api 'app/api.bicep' = {
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     perInstanceConcurrency: perInstanceConcurrency
+    alwaysReadyInstances: alwaysReadyInstances
   }
   // The host must not start before it can read its storage and the accounts exist.
   dependsOn: [openAi]

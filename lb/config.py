@@ -32,7 +32,9 @@ DEFAULT_BREAKER_WINDOW_SECONDS = 30.0  # ... within this long, with no success i
 DEFAULT_AUTH_COOLDOWN_SECONDS = 300.0  # a backend refusing our credential (401/403) is out this long
 DEFAULT_SERVE_MAX_CONNECTIONS = 1000  # `lb serve` only: open client connections; more get a 503
 DEFAULT_SERVE_HEAD_TIMEOUT_SECONDS = 10.0  # `lb serve` only: time to send a complete request head
-DEFAULT_ENTRA_AUDIENCES = ("https://cognitiveservices.azure.com",)  # what azure-search-openai-demo asks a token for
+# What clients ask a token for: azure-search-openai-demo `https://cognitiveservices.azure.com/.default`;
+# Learn's /openai/v1 samples `https://ai.azure.com/.default` (docs/deployment.md cites both).
+DEFAULT_ENTRA_AUDIENCES = ("https://cognitiveservices.azure.com", "https://ai.azure.com")
 DEFAULT_ENTRA_AUTHORITY = "https://login.microsoftonline.com"
 _GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # How the balancer weighs backends inside a priority group (lb.routing.balancer): configured weights only, or

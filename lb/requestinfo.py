@@ -3,6 +3,9 @@
 Azure OpenAI has two URL shapes, and both route by deployment:
 - `/openai/deployments/{deployment}/...?api-version=...` (AzureOpenAI client): the path says it;
 - `/openai/v1/...` (OpenAI client with base_url=<proxy>/openai/v1): the JSON body's `"model"` says it.
+The Responses API keeps a third: `/openai/responses?api-version=...`, what the AzureOpenAI client
+(and LangChain's, LlamaIndex's, Semantic Kernel's and the Agents SDK's Azure classes on top of it)
+sends for `responses.create`. Its deployment is the body's `"model"` too, so it is read as on v1.
 The body is read whole (bounded) because a failover must be able to send it again.
 
 The path is relayed as the client encoded it, appended to the backend's base URL, so the upstream
@@ -38,6 +41,8 @@ MAX_HEADER_COUNT = 100
 MAX_HEADER_BYTES = 32 * 1024
 MAX_DECODE_ROUNDS = 4  # a path still changing after this many percent-decodings is hiding something
 PARSE_LIMIT_BYTES = 64 * 1024  # bodies up to this are parsed whole on the loop (~1 ms at worst); larger are scanned
+# First segments after /openai/ whose calls name their deployment in the body's "model".
+MODEL_IN_BODY = frozenset({"v1", "responses"})
 _LINE_BREAKS = r"\x80-\x9f\u2028\u2029"  # C1 controls (U+0085 NEL among them), Unicode line/paragraph separators
 _BAD_CHARS = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}\\#]")
 _CONTROL = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}]")
@@ -51,8 +56,8 @@ class RequestInfo:
     deployment: str | None
     body: bytes
     stream: bool = False  # the body asks for a streamed answer ("stream": true)
-    # The body as parsed while routing it (bodies up to PARSE_LIMIT_BYTES on /openai/v1/), for
-    # whoever needs it next: parsed once per request, never again.
+    # The body as parsed while routing it (bodies up to PARSE_LIMIT_BYTES on /openai/v1/ and
+    # /openai/responses), for whoever needs it next: parsed once per request, never again.
     payload: object = field(default=NOT_PARSED, compare=False, repr=False)
     # Where the body's top-level "model" string is (quotes included), found once per request when a
     # backend calls the deployment by another name (`lb.routing.deployments.located`).
@@ -142,7 +147,7 @@ async def _deployment(raw_path: str, body: bytes, request: Request) -> tuple[str
     segments = raw_path.split("?", 1)[0].split("/")  # ["", "openai", ...]
     if len(segments) > 3 and segments[2] == "deployments":
         return unquote(segments[3]) or None, await bodyscan.streamed(body), NOT_PARSED
-    if len(segments) > 2 and segments[2] == "v1" and body:
+    if len(segments) > 2 and segments[2].lower() in MODEL_IN_BODY and body:
         if "json" not in request.headers.get("content-type", "application/json"):
             return None, False, NOT_PARSED  # multipart uploads (audio, files): any backend may take them
         if len(body) > PARSE_LIMIT_BYTES:

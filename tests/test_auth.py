@@ -78,6 +78,19 @@ def test_client_key_rejected(api_key, authorization):
         asyncio.run(ClientAuth(("k1", "k2")).check(api_key, authorization))
 
 
+JWT_SHAPED = "eyJhbGciOiJSUzI1NiJ9.eyJhIjoxfQ.c2lnbmF0dXJl"
+
+
+def test_a_key_sent_as_both_api_key_and_bearer_is_still_a_key():
+    assert asyncio.run(ClientAuth(("k1",)).check("k1", "Bearer k1")).name == "key1"
+
+
+def test_without_entra_a_jwt_sent_twice_is_checked_as_a_key_and_refused():
+    """Only an Entra-enabled pool validates tokens; a keys-only pool never lets a JWT past its key check."""
+    with pytest.raises(Unauthorized, match="invalid subscription key"):
+        asyncio.run(ClientAuth(("k1",)).check(JWT_SHAPED, f"Bearer {JWT_SHAPED}"))
+
+
 def test_no_client_keys_means_anonymous():
     asyncio.run(ClientAuth(()).check(None, None))
 

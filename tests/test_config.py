@@ -87,11 +87,11 @@ def test_anonymous_on_azure_only_when_explicitly_allowed():
     assert settings.anonymous and settings.on_azure
 
 
-def test_entra_alone_is_enough_auth_on_azure_with_the_cognitive_services_audience_by_default():
+def test_entra_alone_is_enough_auth_on_azure_with_the_cognitive_services_and_ai_audiences_by_default():
     settings = load_settings({**ONE, "WEBSITE_INSTANCE_ID": "abc", "LB_ENTRA_TENANT_ID": TENANT.upper()})
     assert not settings.anonymous and settings.entra is not None
     assert settings.entra.tenant_id == TENANT
-    assert settings.entra.audiences == ("https://cognitiveservices.azure.com",)
+    assert settings.entra.audiences == ("https://cognitiveservices.azure.com", "https://ai.azure.com")
     assert settings.entra.allowed_clients is None
     assert settings.entra.issuers == (
         f"https://sts.windows.net/{TENANT}/",

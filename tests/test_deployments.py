@@ -7,12 +7,17 @@ import json
 import time
 
 import httpx
+import openai
+import pytest
 from starlette.requests import Request
 
 from lb.config import Backend, load_settings
 from lb.proxy import Proxy
 from lb.requestinfo import RequestInfo
 from lb.routing.deployments import located, upstream_call
+from lb.sim import SimBackend
+from tests.conftest import API_VERSION
+from tests.test_cli import serve_lb
 
 CHAT_PATH = "/openai/deployments/chat/chat/completions?api-version=2024-10-21"
 
@@ -165,10 +170,53 @@ def test_both_api_shapes_reach_each_backend_by_its_own_name(make_pool):
 
 
 def test_a_name_no_backend_maps_is_refused_like_an_unknown_deployment(make_pool):
-    import openai
-    import pytest
-
     pool = make_pool(1, env={"BACKEND_1_DEPLOYMENTS": "chat=gpt4o-eastus"})
     with pytest.raises(openai.NotFoundError):
         pool.azure().chat.completions.create(model="gpt4o-eastus", messages=[{"role": "user", "content": "hi"}])
     assert pool.backends[0].calls == []
+
+
+# The AzureOpenAI client's Responses path, through `python -m lb serve` -----------------------------
+def test_the_azure_responses_path_reaches_each_backend_by_its_own_name_and_never_a_non_serving_one(servers):
+    """`AzureOpenAI.responses` posts to `/openai/responses?api-version=` with the deployment in the body."""
+
+    renamed, same, other = SimBackend("renamed"), SimBackend("same"), SimBackend("other")
+    env = {
+        "LB_CLIENT_KEYS": "app:client-key",
+        "LB_ADMIN_CLIENTS": "app",
+        "LB_AFFINITY": "off",
+        "BACKEND_1_URL": servers.start(renamed),
+        "BACKEND_1_APIKEY": "k1",
+        "BACKEND_1_DEPLOYMENTS": "chat=gpt4o-eastus",
+        "BACKEND_2_URL": servers.start(same),
+        "BACKEND_2_APIKEY": "k2",
+        "BACKEND_2_DEPLOYMENTS": "chat",
+        "BACKEND_3_URL": servers.start(other),
+        "BACKEND_3_APIKEY": "k3",
+        "BACKEND_3_DEPLOYMENTS": "embedding",
+    }
+    process, url = serve_lb(env)
+    try:
+        client = openai.AzureOpenAI(azure_endpoint=url, api_key="client-key", api_version=API_VERSION, max_retries=0)
+        for _ in range(8):
+            assert client.responses.create(model="chat", input="hi").status == "completed"
+            with client.responses.stream(model="chat", input="hi") as stream:
+                assert stream.get_final_response().status == "completed"
+        with pytest.raises(openai.NotFoundError, match="No backend serves deployment 'gpt4o-eastus'"):
+            client.responses.create(model="gpt4o-eastus", input="hi")  # the backend's own name is not a deployment
+        renamed.throttle_next = 1
+        for _ in range(6):  # until the throttled backend was tried: its 429 cools `chat`, not every deployment
+            client.responses.create(model="chat", input="hi")
+            if renamed.count(429):
+                break
+        status = httpx.get(f"{url}/lb/status", headers={"api-key": "client-key"}).json()
+    finally:
+        process.terminate()
+        process.communicate(timeout=20)
+    assert other.calls == []
+    assert renamed.calls and {(c.path, c.deployment) for c in renamed.calls} == {("/openai/responses", "gpt4o-eastus")}
+    assert same.calls and {(c.path, c.deployment) for c in same.calls} == {("/openai/responses", "chat")}
+    assert all(json.loads(c.body)["input"] == "hi" for c in renamed.calls + same.calls)  # only `model` changed
+    assert renamed.count(429) == 1
+    cooling = {b["name"]: b["cooldowns"] for b in status["backends"]}
+    assert [c["deployment"] for c in cooling["1"]] == ["chat"]

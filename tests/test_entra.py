@@ -286,3 +286,50 @@ def test_an_entra_client_is_named_by_its_object_id(idp):
     assert other.id == "entra:dddddddd-0000-0000-0000-000000000004"  # same app id, another identity
     with pytest.raises(Unauthorized, match="no 'oid' claim"):
         asyncio.run(auth.check(None, f"Bearer {idp.token(oid=None)}"))
+
+
+# LlamaIndex's `use_azure_ad=True` and Learn's v1 audience, through `python -m lb serve` -------------
+def test_a_token_sent_as_both_api_key_and_bearer_is_a_token_and_the_key_check_is_not_weakened(servers, idp):
+    """LlamaIndex's Azure classes with `use_azure_ad=True` pass the token as `api_key` and a token provider
+    too, so the request carries the JWT as `api-key` and as `Authorization: Bearer`. This openai SDK refuses
+    both arguments at once; the same two headers are sent here as a default header plus the provider."""
+    from lb.sim import SimBackend
+    from tests.test_cli import serve_lb
+
+    backend = SimBackend("b", api_key="backend-key")
+    env = {**entra_env(idp), "LB_CLIENT_KEYS": "app:client-key", "LB_AFFINITY": "off"}
+    env.update({"BACKEND_1_URL": servers.start(backend), "BACKEND_1_APIKEY": "backend-key"})
+    process, url = serve_lb(env)
+    chat = f"{url}/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
+    token = idp.token()
+    try:
+        llamaindex_like = openai.AzureOpenAI(
+            azure_endpoint=url,
+            azure_ad_token_provider=lambda: token,
+            default_headers={"api-key": token},
+            api_version=API_VERSION,
+            max_retries=0,
+        )
+        answer = llamaindex_like.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
+        sent = answer.http_request.headers
+        assert sent["api-key"] == token and sent["authorization"] == f"Bearer {token}"  # the shape under test
+        assert answer.status_code == 200
+        assert llamaindex_like.responses.create(model="chat", input="hi").status == "completed"
+        learn_v1 = idp.token(aud="https://ai.azure.com")
+        v1_token = openai.OpenAI(base_url=url + "/openai/v1", api_key=learn_v1, max_retries=0)
+        assert v1_token.embeddings.create(model="embedding", input="x").data  # Learn's v1 samples' audience
+        refused = {
+            "the same expired token twice": {"api-key": (old := idp.token(exp=int(time.time()) - 600)), "bearer": old},
+            "a valid token beside a wrong key": {"api-key": "wrong-key", "bearer": token},
+            "a valid token beside a different token": {"api-key": idp.token(sub="other"), "bearer": token},
+        }
+        for why, sent in refused.items():
+            headers = {"api-key": sent["api-key"], "authorization": f"Bearer {sent['bearer']}"}
+            assert httpx.post(chat, json={"messages": MESSAGES}, headers=headers).status_code == 401, why
+        key_beside_token = {"api-key": "client-key", "authorization": f"Bearer {token}"}
+        assert httpx.post(chat, json={"messages": MESSAGES}, headers=key_beside_token).status_code == 200
+    finally:
+        process.terminate()
+        process.communicate(timeout=20)
+    assert len(backend.calls) == 4 and all(c.headers["api-key"] == "backend-key" for c in backend.calls)
+    assert all("authorization" not in c.headers for c in backend.calls)

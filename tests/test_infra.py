@@ -348,6 +348,30 @@ def test_funcignore_ships_only_the_runtime():
     assert {"requirements-bench.txt", "requirements-dev.txt", "docs", "bench", "tests", "node_modules"} <= ignored
 
 
+def test_the_deployment_package_is_what_the_function_imports_and_nothing_else(tmp_path: Path):
+    """Built as azd and Core Tools build it (the folder minus `.funcignore`), then imported on its own."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.test_funchost import deployment_files
+
+    files = deployment_files()
+    assert {f.parts[0] for f in files} == {"function_app.py", "host.json", "requirements.txt", "lb"}
+    shipped = {f.as_posix() for f in files}
+    assert not {f for f in shipped if f.startswith("lb/sim/") or "__pycache__" in f or f.endswith(".pyc")}
+    assert "lb/demo.py" not in shipped and "lb/proxy.py" in shipped
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tmp_path / name)
+    probe = "import json, sys, function_app; print(json.dumps([m for m in sys.modules if m.split('.')[0] == 'lb']))"
+    env = {"PATH": "/usr/bin:/bin", "BACKEND_1_URL": "https://one.openai.azure.com", "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    imported = {m.replace(".", "/") for m in json.loads(result.stdout)}
+    assert all(f"{m}.py" in shipped or f"{m}/__init__.py" in shipped for m in imported)
+
+
 # ---- azd: parameters settable with `azd env set`, hooks, versions ----
 
 AZD_VARIABLES = {  # main.bicep parameter -> the azd environment variable main.parameters.json maps to it
@@ -366,6 +390,7 @@ AZD_VARIABLES = {  # main.bicep parameter -> the azd environment variable main.p
     "maximumInstanceCount": "LB_MAXIMUM_INSTANCE_COUNT",
     "instanceMemoryMB": "LB_INSTANCE_MEMORY_MB",
     "perInstanceConcurrency": "LB_PER_INSTANCE_CONCURRENCY",
+    "alwaysReadyInstances": "LB_ALWAYS_READY_INSTANCES",
     "existingOpenAiEndpointsCsv": "LB_EXISTING_OPENAI_ENDPOINTS",
     "entraAllowedClients": "LB_ENTRA_ALLOWED_CLIENTS",
     "clientKey": "LB_CLIENT_KEY",
@@ -451,6 +476,11 @@ def test_powershell_hook_checks_the_same_things():
         "skipped",
         "exit 1",
         "offered instead",
+        "AZURE_SUBSCRIPTION_ID",
+        "@subscriptionArgs",
+        "'Deprecating'",
+        "$warnDays = 90",
+        "model.deprecation.inference",
     ):
         assert needle in ps, needle
 
@@ -474,6 +504,22 @@ def test_maximum_instance_count_is_bounded_to_what_flex_accepts():
     assert re.search(
         r"@minValue\(40\)\s*@maxValue\(1000\)\s*(@description\(.*\)\s*)?param maximumInstanceCount int", main
     )
+
+
+def test_always_ready_instances_are_an_azd_setting_off_by_default():
+    """0 keeps scale-to-zero; any other count pins that many instances to the HTTP group (billed while idle)."""
+    main = read(INFRA / "main.bicep")
+    declared = r"@minValue\(0\)\s*@maxValue\(1000\)\s*(@description\(.*\)\s*)?param alwaysReadyInstances int = 0"
+    assert re.search(declared, main)
+    assert "alwaysReadyInstances: alwaysReadyInstances" in main
+    api = strip_bicep(read(INFRA / "app" / "api.bicep"), keep_strings=True)
+    assert "alwaysReady: alwaysReadyInstances > 0 ? [{ name: 'http', instanceCount: alwaysReadyInstances }] : []" in api
+
+
+def test_microsoft_web_resources_use_one_current_ga_api_version():
+    api = read(INFRA / "app" / "api.bicep")
+    versions = set(re.findall(r"'Microsoft\.Web/\w+@([\d-]+)'", api))
+    assert versions == {"2026-03-15"}, versions
 
 
 def test_location_is_limited_to_flex_consumption_regions():

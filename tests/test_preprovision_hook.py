@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,11 @@ SH = shutil.which("sh")
 
 STAND_IN_AZ = """#!/bin/sh
 echo "$*" >> "$FAKE_AZ_DIR/calls"
+sub=""; prev=""
+for arg in "$@"; do [ "$prev" = "--subscription" ] && sub=$arg; prev=$arg; done
+if [ -n "$sub" ] && ! grep -qx "$sub" "$FAKE_AZ_DIR/subscriptions" 2>/dev/null; then
+  echo "ERROR: Subscription '$sub' not found." >&2; exit 1
+fi
 case "$1 $2" in
   "account show") [ -f "$FAKE_AZ_DIR/logged-in" ] && exit 0; echo "Please run 'az login'" >&2; exit 1 ;;
   "cognitiveservices model")
@@ -31,12 +37,18 @@ echo "stand-in az: unexpected call: $*" >&2
 exit 2
 """
 
-TODAY = [  # name, version, SKUs, lifecycle: what a region offers in this test's world
-    ("gpt-5.4-mini", "2026-03-17", "GlobalStandard,DataZoneStandard", "GenerallyAvailable"),
-    ("gpt-5.4", "2026-03-05", "GlobalStandard", "GenerallyAvailable"),
-    ("gpt-4o-mini", "2024-07-18", "GlobalStandard,Standard", "Deprecated"),
-    ("text-embedding-3-large", "1", "GlobalStandard,Standard", "GenerallyAvailable"),
-    ("text-embedding-3-small", "1", "Standard", "GenerallyAvailable"),
+
+def in_days(days: int) -> str:
+    """A retirement date as the Models API gives it, `days` from today (UTC)."""
+    return (datetime.now(UTC) + timedelta(days=days)).strftime("%Y-%m-%dT00:00:00Z")
+
+
+TODAY = [  # name, version, SKUs, lifecycle, inference retirement: what a region offers in this test's world
+    ("gpt-5.4-mini", "2026-03-17", "GlobalStandard,DataZoneStandard", "GenerallyAvailable", in_days(288)),
+    ("gpt-5.4", "2026-03-05", "GlobalStandard", "GenerallyAvailable", in_days(269)),
+    ("gpt-4o-mini", "2024-07-18", "GlobalStandard,Standard", "Deprecated", in_days(128)),
+    ("text-embedding-3-large", "1", "GlobalStandard,Standard", "GenerallyAvailable", in_days(429)),
+    ("text-embedding-3-small", "1", "Standard", "GenerallyAvailable", ""),
 ]
 
 pytestmark = pytest.mark.skipif(SH is None, reason="no POSIX sh")
@@ -56,8 +68,11 @@ class World:
         if logged_in:
             (root / "logged-in").touch()
 
-    def region(self, name: str, models: list[tuple[str, str, str, str]] = TODAY) -> None:
+    def region(self, name: str, models: list[tuple[str, ...]] = TODAY) -> None:
         (self.root / f"models-{name}.tsv").write_text("".join("\t".join(m) + "\n" for m in models))
+
+    def subscriptions(self, *ids: str) -> None:
+        (self.root / "subscriptions").write_text("".join(f"{i}\n" for i in ids))
 
     def calls(self) -> list[str]:
         path = self.root / "calls"
@@ -171,3 +186,62 @@ def test_the_example_line_in_the_deployment_docs_is_what_the_hook_prints(world: 
         LB_OPENAI_LOCATIONS="eastus",
     )
     assert result.stdout.startswith("preprovision: chat model gpt-4o-mini " + example)
+
+
+def _with(model: str, **changes: str) -> list[tuple[str, ...]]:
+    """TODAY with `model`'s lifecycle and/or retirement changed."""
+    out = []
+    for row in TODAY:
+        if row[0] == model:
+            row = (*row[:3], changes.get("lifecycle", row[3]), changes.get("retire", row[4]))
+        out.append(row)
+    return out
+
+
+def test_azds_subscription_is_the_one_checked_not_azs_default(world: World):
+    world.subscriptions("sub-of-azd")
+    result = world.run(AZURE_SUBSCRIPTION_ID="sub-of-azd")
+    assert result.returncode == 0, result.stdout + result.stderr
+    listed = [c for c in world.calls() if c.startswith("cognitiveservices model list")]
+    assert len(listed) == 3 and all(c.endswith("--subscription sub-of-azd") for c in listed)
+
+
+def test_a_subscription_az_cannot_see_skips_the_check_and_names_it(world: World):
+    world.subscriptions("another-one")
+    result = world.run(AZURE_SUBSCRIPTION_ID="sub-of-azd")
+    assert result.returncode == 0
+    assert "sub-of-azd" in result.stdout and "AZURE_SUBSCRIPTION_ID" in result.stdout and "skipped" in result.stdout
+    assert not [c for c in world.calls() if c.startswith("cognitiveservices")]
+
+
+def test_a_model_retiring_within_90_days_is_one_warning_not_a_stop(world: World):
+    for region in ("eastus", "northcentralus", "eastus2"):
+        world.region(region, _with("gpt-5.4-mini", retire=in_days(30)))
+    result = world.run()
+    assert result.returncode == 0, result.stdout
+    warnings = [line for line in result.stdout.splitlines() if "warning" in line]
+    assert len(warnings) == 1, warnings  # once, not once per region
+    assert "chat model gpt-5.4-mini 2026-03-17 retires on" in warnings[0] and "(30 days)" in warnings[0]
+    assert "AZURE_OPENAI_CHATGPT_MODEL" in warnings[0]
+
+
+def test_a_retirement_further_than_90_days_says_nothing(world: World):
+    for region in ("eastus", "northcentralus", "eastus2"):
+        world.region(region, _with("gpt-5.4-mini", retire=in_days(91)))
+    result = world.run()
+    assert result.returncode == 0 and "warning" not in result.stdout
+
+
+def test_a_deprecating_model_warns_and_lets_a_subscription_that_still_deploys_it_go_on(world: World):
+    world.region("eastus", _with("text-embedding-3-large", lifecycle="Deprecating", retire=in_days(200)))
+    result = world.run(LB_OPENAI_LOCATIONS="eastus")
+    assert result.returncode == 0, result.stdout
+    (warning,) = [line for line in result.stdout.splitlines() if "warning" in line]
+    assert "embedding model text-embedding-3-large 1 is Deprecating in eastus" in warning
+    assert "existing customers only" in warning and "AZURE_OPENAI_EMB_MODEL_NAME" in warning
+
+
+def test_a_deprecated_model_still_stops(world: World):
+    world.region("eastus", _with("text-embedding-3-large", lifecycle="Deprecated"))
+    result = world.run(LB_OPENAI_LOCATIONS="eastus")
+    assert result.returncode == 1 and "deprecated there: no new deployments" in result.stdout

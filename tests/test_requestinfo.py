@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -491,3 +492,41 @@ def test_headers_pointing_at_the_backend_point_at_the_proxy_instead(servers):
     assert response.headers["location"] == f"{url}/openai/x"
     assert "content-location" not in response.headers
     assert backend_url.rsplit(":", 1)[1] not in response.headers["operation-location"]
+
+
+def _info(path: str, body: bytes, content_type: str = "application/json"):
+    from starlette.requests import Request
+
+    from lb.requestinfo import read_request
+
+    chunks = [body]
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": chunks.pop() if chunks else b"", "more_body": False}
+
+    raw, _, query = path.partition("?")
+    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "method": "POST", "path": raw, "raw_path": raw.encode(), "query_string": query.encode()}
+    return asyncio.run(read_request(Request({**scope, "headers": headers, "scheme": "http"}, receive), 1 << 20))
+
+
+@pytest.mark.parametrize(
+    ("path", "deployment"),
+    [
+        (f"/openai/responses?api-version={API_VERSION}", "chat"),  # the AzureOpenAI client's Responses path
+        (f"/openai/Responses?api-version={API_VERSION}", "chat"),  # Azure matches routes whatever their case
+        ("/openai/v1/responses", "chat"),
+        ("/openai/responses/resp_abc/cancel", "chat"),
+        (f"/openai/files?api-version={API_VERSION}", None),  # the body's model names no deployment there
+        (f"/openai/deployments/other/chat/completions?api-version={API_VERSION}", "other"),  # the path wins
+    ],
+)
+def test_the_deployment_is_the_body_model_on_v1_and_on_the_responses_path(path, deployment):
+    info = _info(path, b'{"model": "chat", "input": "hi", "stream": true}')
+    assert info.deployment == deployment and info.stream is True
+
+
+def test_a_large_responses_body_is_scanned_for_its_model_not_parsed():
+    body = json.dumps({"input": "x" * 100_000, "model": "chat"}).encode()
+    info = _info(f"/openai/responses?api-version={API_VERSION}", body)
+    assert info.deployment == "chat"

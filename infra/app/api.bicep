@@ -24,6 +24,8 @@ param maximumInstanceCount int = 100
 param instanceMemoryMB int = 2048
 @description('HTTP requests one instance takes at once; Flex gives Python apps 1 unless set.')
 param perInstanceConcurrency int
+@description('Instances of the HTTP group kept running even when idle (billed while idle); 0 = scale to zero.')
+param alwaysReadyInstances int = 0
 
 // Tokens of this tenant from the listed identities (e.g. the chat app's managed identity) are accepted.
 // <app-settings>
@@ -41,7 +43,7 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
 }
 
-resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+resource plan 'Microsoft.Web/serverfarms@2026-03-15' = {
   name: planName
   location: location
   tags: tags
@@ -55,7 +57,7 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   }
 }
 
-resource app 'Microsoft.Web/sites@2024-04-01' = {
+resource app 'Microsoft.Web/sites@2026-03-15' = {
   name: name
   location: location
   tags: union(tags, { 'azd-service-name': serviceName })
@@ -86,6 +88,8 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
       scaleAndConcurrency: {
         maximumInstanceCount: maximumInstanceCount
         instanceMemoryMB: instanceMemoryMB
+        // All HTTP functions scale as one group, named `http`.
+        alwaysReady: alwaysReadyInstances > 0 ? [{ name: 'http', instanceCount: alwaysReadyInstances }] : []
         triggers: {
           http: {
             perInstanceConcurrency: perInstanceConcurrency

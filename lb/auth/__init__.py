@@ -4,7 +4,11 @@ Inbound: a client sends one of `LB_CLIENT_KEYS` as `api-key` or `Authorization: 
 ways the openai SDK sends a key), compared in constant time; or, with `LB_ENTRA_TENANT_ID`, an
 Entra ID token as `Authorization: Bearer` (what the openai SDK sends with `azure_ad_token_provider`),
 checked by `lb.auth.entra`. A bearer that looks like a JWT is validated as a token, anything else as a
-key. Whatever was presented is never forwarded, logged or echoed.
+key. LlamaIndex's Azure classes with `use_azure_ad=True` send the token twice, as `api-key` and as
+`Authorization: Bearer`: when `api-key` is that very bearer it is the token, validated as one (and
+refused as one if it fails: it never gets a second chance as a key). An `api-key` that differs from the
+bearer is a key and is checked as one, as before. Whatever was presented is never forwarded, logged or
+echoed.
 
 Outbound: a backend with `BACKEND_X_APIKEY` gets that key as `api-key`; the others get an Entra ID
 token for Cognitive Services from DefaultAzureCredential (managed identity on Azure, `az login`
@@ -79,7 +83,7 @@ class ClientAuth:
             scheme, _, rest = authorization.strip().partition(" ")
             if scheme.lower() == "bearer":
                 bearer = rest.strip()
-        if self.entra is not None and api_key is None and bearer and looks_like_jwt(bearer):
+        if self.entra is not None and bearer and looks_like_jwt(bearer) and _no_other_key(api_key, bearer):
             try:
                 return Client(principal(await self.entra.validate(bearer)), "entra")  # its `oid`: lb.auth.entra
             except InvalidToken as exc:
@@ -108,6 +112,11 @@ class ClientAuth:
         if self.entra is not None:
             return "Access denied: send an Entra ID token as 'Authorization: Bearer'."
         return "Access denied due to missing subscription key. Send a key as 'api-key' header."
+
+
+def _no_other_key(api_key: str | None, bearer: str) -> bool:
+    """Whether the call carries no key besides its bearer: no `api-key`, or the bearer itself again."""
+    return api_key is None or hmac.compare_digest(api_key.encode(), bearer.encode())
 
 
 class BackendAuth:

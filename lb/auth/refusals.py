@@ -37,7 +37,8 @@ CREDENTIAL_REFUSED = (
 )
 # What the least role ("Cognitive Services OpenAI User") may call: a refusal here is about us.
 _INFERENCE = re.compile(
-    r"^/openai/(?:deployments/[^/?]+|v1)/(?:chat/completions|completions|embeddings|responses|audio|images)(?:[/?]|$)"
+    r"^/openai/(?:(?:deployments/[^/?]+|v1)/(?:chat/completions|completions|embeddings|responses|audio|images)"
+    r"|responses)(?:[/?]|$)"  # /openai/responses?api-version=: the AzureOpenAI client's Responses path
 )
 
 

@@ -3,9 +3,9 @@
 Clients name a deployment once (`chat`); each backend may know it by its own name
 (`BACKEND_X_DEPLOYMENTS=chat=gpt4o-eastus`, or openai-aca-lb's `BACKEND_X_DEPLOYMENT_NAME`). The name
 sits in the path on `/openai/deployments/{name}/...` calls and in the JSON body's `model` on
-`/openai/v1/...` calls, so exactly that part is replaced, per attempt (a failover may go to a backend
-with another name). When the name does not change, the path and the body's bytes pass untouched: the
-stateless path pays one attribute read.
+`/openai/v1/...` and `/openai/responses` calls, so exactly that part is replaced, per attempt (a
+failover may go to a backend with another name). When the name does not change, the path and the
+body's bytes pass untouched: the stateless path pays one attribute read.
 
 The body is never parsed for it: `located` finds the top-level `model` value's bytes once per
 request, before any attempt (in slices that yield to the loop, `lb.bodyscan`), and each attempt
@@ -25,7 +25,8 @@ from lb.requestinfo import RequestInfo
 
 
 async def located(info: RequestInfo, backends: list[Backend]) -> RequestInfo:
-    """`info` with its body's `model` spans found, when a backend renames this v1 call's deployment."""
+    """`info` with its body's `model` spans found, when a backend renames the deployment of this call
+    that names it in its body (`/openai/v1/...`, `/openai/responses`)."""
     deployment = info.deployment
     if deployment is None or info.model_spans or not _in_body(info.raw_path):
         return info
@@ -44,7 +45,7 @@ def upstream_call(backend: Backend, info: RequestInfo) -> tuple[str, bytes]:
     if name == deployment:
         return info.raw_path, info.body
     path, sep, query = info.raw_path.partition("?")
-    segments = path.split("/")  # ["", "openai", "deployments", "{name}", ...] or ["", "openai", "v1", ...]
+    segments = path.split("/")  # ["", "openai", "deployments", "{name}", ...], [.., "v1", ...], [.., "responses"]
     if len(segments) > 3 and segments[2] == "deployments":
         segments[3] = quote(name, safe="")
         return "/".join(segments) + sep + query, info.body
