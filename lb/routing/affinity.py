@@ -44,10 +44,11 @@ KEY_BYTES = 256  # of a prompt_cache_key / user value
 # calls: a backend at its share of offers keeps more than its share of calls (bench model, docs).
 LOAD_FACTOR = 0.95
 # No backend serves more than this multiple of its fair share of recent calls (once there are
-# LOAD_MIN_CALLS of them; before, it may serve its share of that many), whatever the keys.
+# LOAD_MIN_CALLS of them; before, it may serve that multiple of its share of that many), whatever the keys.
 LOAD_BOUND = 1.3
 LOAD_MIN_CALLS = 30.0  # fewer recent calls than this: shares are chance, nobody moves by the soft bound
-# Azure caches a prompt of 1,024 tokens or more; below that affinity saves nothing (docs/affinity.md).
+# Azure caches a prompt of 1,024 tokens or more, below that affinity saves nothing (Microsoft Learn,
+# learn.microsoft.com/azure/foundry/openai/how-to/prompt-caching; docs/affinity.md).
 MIN_CACHED_TOKENS = 1024
 BYTES_PER_TOKEN = 4  # English text and JSON average about 4 bytes a token
 LOAD_HALF_LIFE_SECONDS = 30.0  # "recent calls": each counts half after this long
@@ -342,7 +343,7 @@ class Affinity:
             if offers <= cap or _draw(secret_key, backend) >= 1.0 - cap / offers:
                 chosen = backend
                 break
-        if chosen is None:  # every backend at its bound (zero weights, or a crowd): the least loaded for its share
+        if chosen is None:  # every backend at its bound (rare: weight-0 members): the least loaded for its share
             rest = [i for i in order if fair[i] > 0] or order
             chosen = members[min(rest, key=lambda i: self.served.get(members[i].name, deployment, now) / fair[i])]
         if charge:
