@@ -89,11 +89,26 @@ def test_prompt_cache_key_keeps_different_prompts_together(make_pool):
     client = pool.azure()
     served = {
         client.chat.completions.with_raw_response.create(
-            model="chat", messages=[{"role": "user", "content": f"task {i}"}], prompt_cache_key="batch-7"
+            model="chat",
+            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"task {i}"}],
+            prompt_cache_key="batch-7",
         ).headers["x-lb-backend"]
         for i in range(12)
     }
     assert len(served) == 1
+
+
+def test_identical_short_calls_spread_like_random(make_pool):
+    """Under Azure's 1,024-token minimum nothing is cached, so affinity keeps nothing together."""
+    pool = make_pool(3, env=ON)
+    client = pool.azure()
+    served = Counter(
+        client.chat.completions.with_raw_response.create(
+            model="chat", messages=[{"role": "user", "content": "Hello"}], max_tokens=16
+        ).headers["x-lb-backend"]
+        for _ in range(60)
+    )
+    assert set(served) == {"1", "2", "3"} and min(served.values()) >= 8, served
 
 
 def test_a_body_that_is_not_json_is_routed_as_before_by_weight(make_pool):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
 
 from bench.affinity_load import Turn, conversations, most_cached
 from bench.affinity_plot import figures, render
+from lb.config import Backend
 from lb.sim.cache import prompt_text
 
 
@@ -101,3 +103,20 @@ def test_the_on_off_cost_run_measures_both_processes():
 
     cpu = measure(calls=40, backends=2, blocks=2)
     assert set(cpu) == {"on", "off"} and all(v >= 0 for v in cpu.values())
+
+
+def test_the_bound_benchmark_crafts_keys_as_a_client_would_and_measures_from_call_30():
+    from bench.affinity_bound import crafted_offline, holds_from, long_body, worst_share
+    from lb.routing.affinity import _draw, conversation_key, rank
+
+    keys = crafted_offline(20, ["1", "2", "3"])
+    backends = [Backend(name, f"https://{name}") for name in ("1", "2", "3")]
+    for key in keys:
+        k = conversation_key(json.dumps(long_body(key)).encode())
+        assert k is not None and rank(k, backends)[0] == 0 and _draw(k, backends[0]) > 0.7
+    even = ["1", "2", "3"] * 20
+    assert worst_share(even) < 1.1 and holds_from(even) == 5  # 2 of the first 4 calls is 1.5x a third
+    piled = ["1"] * 30 + ["2", "3"] * 60
+    assert worst_share(piled) == 3.0
+    assert holds_from(piled) == 1 + max(n for n in range(1, 151) if piled[:n].count("1") > 1.35 * n / 3)
+    assert holds_from(["1"] * 40) is None

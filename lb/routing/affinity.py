@@ -1,8 +1,10 @@
 """Soft prompt-cache affinity: which backend a conversation prefers, and when it has to move.
 
-Azure OpenAI caches prompt prefixes (1,024 tokens and more) per resource, for 5-10 minutes idle.
-Every turn of a chat starts with the whole previous prompt, so the backend that served the last
-turn holds most of the next one; a weighted random pick finds it only by luck.
+Azure OpenAI caches prompt prefixes per resource, for 5-10 minutes idle, but only of prompts of
+1,024 tokens and more. Every turn of a chat starts with the whole previous prompt, so the backend
+that served the last turn holds most of the next one; a weighted random pick finds it only by
+luck. A shorter prompt is never cached, so keeping it anywhere saves nothing: `cacheable` says
+which calls affinity applies to, and the others are picked exactly as with affinity off.
 
 The conversation is named by a key read from the body in hand: `prompt_cache_key` or `user` when
 the client sends one, else a hash of the prompt's head (the messages before the first user message
@@ -10,15 +12,21 @@ and that message, or the Responses API's `instructions` and first user `input`),
 turn repeats. Found by byte search and one bounded decode, not by parsing the body: a prompt of
 megabytes costs what its head costs.
 
-The key ranks the candidates by weighted rendezvous hashing (every instance ranks alike, with no
-shared state, and a backend leaving the group moves only its own conversations). Bounded load
-keeps hashing's chance imbalance (and a few heavy keys) off any one backend: a backend offered
-more than LOAD_FACTOR times its fair share of recent calls passes the excess on, always the same
-conversations, each to the next backend of its own order, where it settles.
+The key, hashed again with a secret of the pool (`pool_secret`: every instance derives the same
+one from its configuration, no client sees it), ranks the candidates by weighted rendezvous
+hashing: every instance ranks alike with no shared state, a backend leaving the group moves only
+its own conversations, and no client can work out offline which keys a backend ranks first.
+Two bounds keep load off any one backend:
+- soft: a backend offered more than LOAD_FACTOR times its fair share of recent calls passes the
+  excess on, always the same conversations, each to the next backend of its own order, where it
+  settles (and is cached);
+- hard: a backend that has served LOAD_BOUND times its fair share of recent calls takes no more,
+  whatever keys clients send (crafted ones, or one heavy key): the call goes down its order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -35,7 +43,14 @@ KEY_BYTES = 256  # of a prompt_cache_key / user value
 # 1 because offers count calls passed on by busier backends too, so they add up to more than the
 # calls: a backend at its share of offers keeps more than its share of calls (bench model, docs).
 LOAD_FACTOR = 0.95
-LOAD_MIN_CALLS = 30.0  # fewer recent calls than this: shares are chance, nobody moves
+# No backend serves more than this multiple of its fair share of recent calls (once there are
+# LOAD_MIN_CALLS of them; before, it may serve that multiple of its share of that many), whatever the keys.
+LOAD_BOUND = 1.3
+LOAD_MIN_CALLS = 30.0  # fewer recent calls than this: shares are chance, nobody moves by the soft bound
+# Azure caches a prompt of 1,024 tokens or more, below that affinity saves nothing (Microsoft Learn,
+# learn.microsoft.com/azure/foundry/openai/how-to/prompt-caching; docs/affinity.md).
+MIN_CACHED_TOKENS = 1024
+BYTES_PER_TOKEN = 4  # English text and JSON average about 4 bytes a token
 LOAD_HALF_LIFE_SECONDS = 30.0  # "recent calls": each counts half after this long
 _SHED_SALT = 0x5BD1E9955BD1E995
 
@@ -44,6 +59,27 @@ _DECODER = json.JSONDecoder()
 _COLON_STRING = re.compile(rb'\s*:\s*"')
 _COLON_ARRAY = re.compile(rb"\s*:\s*\[")
 _COLON_USER = re.compile(rb'\s*:\s*"user"')
+
+
+# Which calls ------------------------------------------------------------------------------------
+def prompt_tokens(body: bytes) -> int:
+    """The prompt's tokens, roughly and from above: what decides whether Azure could cache it.
+
+    The whole body stands in for the prompt (messages, tools and images are all part of the cached
+    prefix; field names and JSON syntax make it an overestimate), at 4 bytes a token for ASCII and
+    2 for other bytes (a CJK character is 3 bytes and about a token). Counting non-ASCII bytes takes
+    a pass over the body, so it is done only where it can change the answer: under 4 KiB.
+    """
+    size = len(body)
+    if size >= MIN_CACHED_TOKENS * BYTES_PER_TOKEN or body.isascii():
+        return size // BYTES_PER_TOKEN
+    other = size - len(body.decode("ascii", "ignore"))
+    return (size + other) // BYTES_PER_TOKEN
+
+
+def cacheable(body: bytes) -> bool:
+    """Whether Azure could cache this call's prompt (1,024 tokens or more): affinity applies only then."""
+    return prompt_tokens(body) >= MIN_CACHED_TOKENS
 
 
 # The key -----------------------------------------------------------------------------------------
@@ -223,23 +259,57 @@ class RecentLoad:
         return before
 
 
+def pool_secret(backends: Sequence[Backend]) -> bytes:
+    """A secret every instance of the pool derives alike and no client knows: a hash of the backends'
+    API keys (with their names and URLs). Rankings keyed with it cannot be worked out offline.
+
+    A pool whose backends all use Entra ID has no key to hash: its secret is a hash of the names and
+    URLs, which a client who knows them could use. The hard bound holds all the same; only which
+    backend a crafted key lands on is then predictable.
+    """
+    digest = hashlib.blake2b(b"lb-affinity", digest_size=32)
+    for backend in sorted(backends, key=lambda b: b.name):
+        for part in (backend.name, backend.url, backend.api_key or ""):
+            data = part.encode()
+            digest.update(len(data).to_bytes(4, "little") + data)
+    return digest.digest()
+
+
 @dataclass
 class Affinity:
     """Picks within a priority group by conversation: its own order, each backend shedding what exceeds its share.
 
-    Bounded load on what backends are *offered*, not on where calls went: each backend counts the
+    Soft bound, on what backends are *offered*, not on where calls went: each backend counts the
     recent calls that reached it in their conversation's order (as first choice, or passed on by
     a busier one). One offered more than `factor` times its fair share of recent calls passes the
     excess on, as a fixed set of conversations (those whose own draw for it is lowest), each to
     the next backend of its order. Moving the same conversations every time, not a share of every
     conversation's calls, is what lets a moved conversation settle (and be cached) where it went;
     counting offers, not outcomes, keeps that set still while the moves even out the load.
+
+    Hard bound, on where calls went: a backend that served `bound` times its fair share of recent
+    calls (of at least `min_calls`) is skipped. The soft bound relies on keys being many and spread;
+    this one holds for any keys, so a heavy conversation's overflow, or a client's crafted keys,
+    spread down their order. With many ordinary conversations it does not bind (the soft one keeps
+    every backend within about 10% of its share).
     """
 
+    secret: bytes = b""  # pool_secret: ranks and draws keyed with it are the same on every instance
     offered: RecentLoad = field(default_factory=RecentLoad)  # per backend: calls that reached it in order
+    served: RecentLoad = field(default_factory=RecentLoad)  # per backend: calls it was picked for
     calls: RecentLoad = field(default_factory=RecentLoad)  # per deployment: calls picked (backend "")
     factor: float = LOAD_FACTOR
+    bound: float = LOAD_BOUND
     min_calls: float = LOAD_MIN_CALLS
+
+    def keyed(self, key: int) -> int:
+        """The conversation key hashed with the pool's secret: what its order and draws derive from."""
+        data = key.to_bytes(8, "little")
+        return int.from_bytes(hashlib.blake2b(data, key=self.secret[:64], digest_size=8).digest(), "little")
+
+    def order(self, key: int, members: Sequence[Backend]) -> list[int]:
+        """Indexes of `members` in the conversation's own order (the same on every instance of the pool)."""
+        return rank(self.keyed(key), members)
 
     def choose(
         self,
@@ -250,23 +320,35 @@ class Affinity:
         now: float,
         charge: bool = True,
     ) -> Backend:
-        """The first backend in `key`'s order that keeps this conversation.
+        """The first backend in `key`'s order that keeps this conversation and is under its bound.
 
         `fair` are the weights a fair share is measured by (the policy's weights: configured, or
         times the quota left under `headroom`), so a backend short of quota sheds sooner.
         """
-        order = rank(key, members)
+        secret_key = self.keyed(key)
+        order = rank(secret_key, members)
         total, weight = self.calls.count("", deployment, now, charge), sum(fair)
-        balance = total >= self.min_calls and weight > 0  # else shares are chance: nobody moves
-        for i in order:
+        balance = total >= self.min_calls  # else shares are chance: nobody moves by the soft bound
+        room = self.bound * max(total + 1.0, self.min_calls) / (weight or 1.0)  # hard bound per unit of fair weight
+        chosen = members[order[0]] if weight <= 0 else None  # no shares to measure: the conversation's first
+        for i in order if chosen is None else ():
             backend = members[i]
             offers = self.offered.count(backend.name, deployment, now, charge)
+            if self.served.get(backend.name, deployment, now) + 1.0 > room * fair[i]:
+                continue  # at its hard bound: down the order, whatever the soft bound says
             if not balance or i == order[-1]:
-                return backend
+                chosen = backend
+                break
             cap = self.factor * total * fair[i] / weight
-            if offers <= cap or _draw(key, backend) >= 1.0 - cap / offers:
-                return backend
-        raise AssertionError("unreachable: the last backend in order always keeps the conversation")
+            if offers <= cap or _draw(secret_key, backend) >= 1.0 - cap / offers:
+                chosen = backend
+                break
+        if chosen is None:  # every backend at its bound (rare: weight-0 members): the least loaded for its share
+            rest = [i for i in order if fair[i] > 0] or order
+            chosen = members[min(rest, key=lambda i: self.served.get(members[i].name, deployment, now) / fair[i])]
+        if charge:
+            self.served.add(chosen.name, deployment, now)
+        return chosen
 
 
 def _draw(key: int, backend: Backend) -> float:

@@ -14,14 +14,15 @@ Two policies (`LB_POLICY`) differ only in the weights inside the group:
   (even of a worse priority) has enough, and one with no fresh reading gets its full weight so it
   is probed rather than starved.
 
-With prompt-cache affinity on (`LB_AFFINITY`, `lb.routing.affinity`), a call that names a conversation
-is not drawn at random: the group is ranked in the conversation's own order (weighted rendezvous
-hashing over the configured weights, the same on every instance) and the first backend not over
-its fair share of recent calls takes it. Who is in the group is decided as before (cooling,
-tried, exhausted or short under `headroom`, deployment, priority), so failover, headroom's holds
-and a caller's restriction of the candidates all win over affinity; under `headroom` the fair
-share is measured by the headroom weights, so a backend short of quota passes conversations on
-sooner.
+With prompt-cache affinity on (`LB_AFFINITY`, `lb.routing.affinity`), a call whose prompt Azure
+could cache (1,024 tokens or more) and that names a conversation is not drawn at random: the group
+is ranked in the conversation's own order (weighted rendezvous hashing over the configured weights,
+keyed with a secret of the pool, the same on every instance) and the first backend not over its
+share of recent calls takes it. A shorter call is drawn exactly as with affinity off. Who is in
+the group is decided as before (cooling, tried, exhausted or short under `headroom`, deployment,
+priority), so failover, headroom's holds and a caller's restriction of the candidates all win
+over affinity; under `headroom` the fair share is measured by the headroom weights, so a backend
+short of quota passes conversations on sooner.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from lb.config import POLICIES, Backend
-from lb.routing.affinity import Affinity, conversation_key
+from lb.routing.affinity import Affinity, cacheable, conversation_key, pool_secret
 from lb.routing.headroom import Headroom, estimate_tokens
 from lb.state import ANY_DEPLOYMENT, CooldownStore
 
@@ -49,7 +50,8 @@ class Demand:
     """What one call asks of the pool: tokens from a quota (headroom policy) and which conversation it continues.
 
     The conversation key is worked out on first use only, so a pick that has one candidate (or
-    affinity off) never reads the body for it.
+    affinity off) never reads the body for it. A prompt too short for Azure to cache has none: its
+    pick is the policy's, exactly as with affinity off.
     """
 
     tokens: int = 0
@@ -60,7 +62,8 @@ class Demand:
     @property
     def key(self) -> int | None:
         if not self._keyed:
-            self._key, self._keyed = (conversation_key(self.body) if self.body else None), True
+            cached = self.body and cacheable(self.body)
+            self._key, self._keyed = (conversation_key(self.body) if cached else None), True
         return self._key
 
 
@@ -83,7 +86,7 @@ class Balancer:
         self.headroom = headroom or Headroom()
         self._by_headroom = policy == "headroom"
         self._rng = rng or random.Random()
-        self.affinity = Affinity() if affinity else None
+        self.affinity = Affinity(pool_secret(self.backends)) if affinity else None
 
     def need(self, body: bytes) -> int:
         """Tokens the request will take from a backend's quota; 0 (not computed) under `random`."""

@@ -1,6 +1,6 @@
 """The simulated backends' prompt cache: what `usage.*_tokens_details.cached_tokens` they report.
 
-Azure OpenAI's rules (learn.microsoft.com/azure/ai-foundry/openai/how-to/prompt-caching): a prompt
+Azure OpenAI's rules (learn.microsoft.com/azure/foundry/openai/how-to/prompt-caching): a prompt
 is cached from 1,024 tokens on, the first 1,024 must be identical, and beyond them hits come in
 increments of 128 identical tokens; caches are per resource and are typically cleared after 5-10
 minutes of inactivity. Modelled here per backend and deployment, with the prompt as the text of
