@@ -110,6 +110,9 @@ param generatedClientKey string = replace(newGuid(), '-', '')
 @description('App (client) or object ids, comma-separated, whose Entra ID tokens the balancer accepts (e.g. the chat app identity).')
 param entraAllowedClients string = ''
 
+@description('Client names (key names such as key1, or Entra object ids) that may read /lb/status and every client\'s /lb/usage.')
+param adminClients string = ''
+
 // Flex accepts 40-1000 (Microsoft Learn, Flex Consumption considerations, as stored 2026-12-07); it
 // counts on-demand instances per function group, and a burst may briefly exceed it (docs/deployment.md).
 @minValue(40)
@@ -257,6 +260,7 @@ module api 'app/api.bicep' = {
     backendSettings: backendSettings
     clientKey: effectiveClientKey
     entraAllowedClients: entraAllowedClients
+    adminClients: adminClients
     maximumInstanceCount: maximumInstanceCount
     instanceMemoryMB: instanceMemoryMB
     perInstanceConcurrency: perInstanceConcurrency

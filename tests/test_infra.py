@@ -393,6 +393,7 @@ AZD_VARIABLES = {  # main.bicep parameter -> the azd environment variable main.p
     "alwaysReadyInstances": "LB_ALWAYS_READY_INSTANCES",
     "existingOpenAiEndpointsCsv": "LB_EXISTING_OPENAI_ENDPOINTS",
     "entraAllowedClients": "LB_ENTRA_ALLOWED_CLIENTS",
+    "adminClients": "LB_ADMIN_CLIENTS",
     "clientKey": "LB_CLIENT_KEY",
 }
 HOOKS = INFRA / "hooks"

@@ -19,6 +19,8 @@ param backendSettings object
 param clientKey string
 @description('App (client) or object ids whose Entra ID tokens are accepted besides the key; empty: none.')
 param entraAllowedClients string = ''
+@description('Client names that may read /lb/status and every client\'s /lb/usage; empty: none.')
+param adminClients string = ''
 param pythonVersion string = '3.11'
 param maximumInstanceCount int = 100
 param instanceMemoryMB int = 2048
@@ -32,6 +34,9 @@ param alwaysReadyInstances int = 0
 var entraSettings = empty(entraAllowedClients) ? {} : {
   LB_ENTRA_TENANT_ID: tenant().tenantId
   LB_ENTRA_ALLOWED_CLIENTS: entraAllowedClients
+}
+var adminSettings = empty(adminClients) ? {} : {
+  LB_ADMIN_CLIENTS: adminClients
 }
 // </app-settings>
 
@@ -106,7 +111,7 @@ resource app 'Microsoft.Web/sites@2026-03-15' = {
   resource settings 'config' = {
     name: 'appsettings'
     // <app-settings>
-    properties: union(backendSettings, entraSettings, {
+    properties: union(backendSettings, entraSettings, adminSettings, {
       // Host storage through the identity (the account has shared keys off).
       AzureWebJobsStorage__accountName: storage.name
       AzureWebJobsStorage__credential: 'managedidentity'
