@@ -205,6 +205,7 @@ def _conversation(proxy_url: str, turns: int = 5) -> Tally:
                 )
                 previous, what = raw.parse().id, f"turn {turn}"
             else:
+                assert previous is not None  # the turns above set it
                 raw = client.responses.with_raw_response.retrieve(previous)
                 raw.parse()
                 what = "retrieve"

@@ -35,6 +35,8 @@ class UpstreamBroken(Exception):
 class UpstreamResponse(StreamingResponse):
     """The chosen backend's answer: its status, its headers (as raw bytes) and its body as read."""
 
+    body_iterator: AsyncIterator[bytes]  # raw bytes as read (Starlette's type also allows str)
+
     def __init__(
         self,
         upstream: httpx.Response,

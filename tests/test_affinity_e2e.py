@@ -111,6 +111,7 @@ def test_affinity_off_spreads_one_conversation(make_pool):
     assert pool.proxy.status_report()["affinity"] == "off"
 
 
+@pytest.mark.e2e  # `lb serve` processes
 @pytest.mark.parametrize("value", ["yes", "sticky"])
 def test_a_bad_lb_affinity_stops_start_up_with_one_line_naming_it(value):
     process = run_lb({"BACKEND_1_URL": "https://a.openai.azure.com", "LB_AFFINITY": value}, "serve")

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lb.demo import _absorbed
+
+pytestmark = pytest.mark.e2e  # runs `python -m lb demo`
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,6 +16,7 @@ booked against a backend.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from urllib.parse import quote
 
@@ -24,7 +25,7 @@ from lb.config import Backend
 from lb.requestinfo import RequestInfo
 
 
-async def located(info: RequestInfo, backends: list[Backend]) -> RequestInfo:
+async def located(info: RequestInfo, backends: Sequence[Backend]) -> RequestInfo:
     """`info` with its body's `model` spans found, when a backend renames this v1 call's deployment."""
     deployment = info.deployment
     if deployment is None or info.model_spans or not _in_body(info.raw_path):

@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,7 +192,7 @@ class SimBackend:
         _CACHED_TOKENS.set(cached)  # each ASGI call is its own task: stored-response paths read it there
         return prompt, cached
 
-    async def _json(self, send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] = ()) -> None:
+    async def _json(self, send: Send, status: int, body: Any, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         data = json.dumps(body).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra]
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -408,6 +408,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# How long `Servers.stop` lets requests still in flight finish before cancelling them: a simulated
+# backend told never to answer would otherwise hold uvicorn's graceful shutdown forever.
+STOP_GRACE_SECONDS = 0.5
+
+
 class Servers:
     """Runs ASGI apps under uvicorn on 127.0.0.1 in one background thread with its own loop.
 
@@ -426,9 +431,15 @@ class Servers:
         import uvicorn
 
         port = port or free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", access_log=False)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="critical",
+            access_log=False,
+            timeout_graceful_shutdown=STOP_GRACE_SECONDS,
+        )
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
         self._done.append(asyncio.run_coroutine_threadsafe(server.serve(), self.loop))
         deadline = time.monotonic() + 10
         while not server.started:

@@ -74,7 +74,9 @@ class SimObjects:
         await backend._json(send, status, content, rate)
 
     # Responses ----------------------------------------------------------------------------------
-    def _responses(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload) -> Any:
+    def _responses(
+        self, backend: SimBackend, method: str, rest: list[str], headers: dict[str, str], body: bytes, payload: Any
+    ) -> Any:
         if not rest:
             if not isinstance(payload, dict):
                 return 400, _error("We could not parse the JSON body of your request.", "invalid_request_error")
@@ -117,7 +119,8 @@ class SimObjects:
         for file_id in _input_file_ids(request.get("input")):
             if file_id not in self.files:
                 return _missing("File", file_id, "input")
-        for item in request.get("input") if isinstance(request.get("input"), list) else []:
+        items = request.get("input")
+        for item in items if isinstance(items, list) else []:
             if isinstance(item, dict) and item.get("type") == "reasoning" and item.get("id") not in self.reasoning:
                 return 400, _error(
                     f"The encrypted content for item {item.get('id')} could not be verified.",
@@ -146,7 +149,9 @@ class SimObjects:
         return 200, response
 
     # Conversations ------------------------------------------------------------------------------
-    def _conversations(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload) -> Any:
+    def _conversations(
+        self, backend: SimBackend, method: str, rest: list[str], headers: dict[str, str], body: bytes, payload: Any
+    ) -> Any:
         if not rest and method == "POST":
             cid = f"conv_{uuid.uuid4().hex}"
             metadata = payload.get("metadata") if isinstance(payload, dict) else None
@@ -166,7 +171,9 @@ class SimObjects:
         return 200, self.conversations[cid]
 
     # Files --------------------------------------------------------------------------------------
-    def _files(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload) -> Any:
+    def _files(
+        self, backend: SimBackend, method: str, rest: list[str], headers: dict[str, str], body: bytes, payload: Any
+    ) -> Any:
         if not rest and method == "POST":
             fields = _multipart(headers.get("content-type", ""), body)
             if "file" not in fields:
@@ -202,7 +209,9 @@ class SimObjects:
         return self.files[fid]
 
     # Batches ------------------------------------------------------------------------------------
-    def _batches(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload) -> Any:
+    def _batches(
+        self, backend: SimBackend, method: str, rest: list[str], headers: dict[str, str], body: bytes, payload: Any
+    ) -> Any:
         if not rest and method == "POST":
             request = payload if isinstance(payload, dict) else {}
             input_file = request.get("input_file_id")
