@@ -410,7 +410,7 @@ def free_port() -> int:
 
 # How long `Servers.stop` lets requests still in flight finish before cancelling them: a simulated
 # backend told never to answer would otherwise hold uvicorn's graceful shutdown forever.
-STOP_GRACE_SECONDS = 0.5
+STOP_GRACE_SECONDS = 1  # whole seconds: uvicorn types it as int
 
 
 class Servers:
