@@ -9,6 +9,7 @@ the unit layer: `make test-unit`, no sockets and no waiting.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,16 @@ from tests.azurite import azurite_fixture  # noqa: F401  (the `azurite` fixture:
 
 CLIENT_KEY = "client-key-for-tests"
 API_VERSION = "2024-10-21"
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds. A fixed sleep is too long on a fast machine and too short on a
+    loaded one; this returns as soon as it can and fails naming what never happened."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        time.sleep(0.02)
 
 
 @pytest.fixture(autouse=True)

@@ -462,6 +462,8 @@ class Servers:
                 pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 async def read_body(receive: Receive) -> bytes:
