@@ -20,11 +20,9 @@ BENCHMARKS = {
     "profile": "bench.profile",  # where lb's CPU time per request goes (py-spy)
     "throttle": "bench.throttle_sim",  # pools under quota pressure, 1-8 instances, memory vs Table state
     "affinity": "bench.affinity",  # prompt-cache affinity vs random: cached share, load, success (issue 16)
-    "table": "bench.table_overhead",  # happy path: in-memory vs Table state, side by side
     "load": "bench.load",  # sustained load (60 s)
     "concurrency": "bench.concurrency",  # long streams held at once by one lb process: sets perInstanceConcurrency
     "responses": "bench.responses",  # Responses API: success with a throttling backend, first event added
-    "pacing": "bench.pacing",  # why sequential calls wait for a quiet path (evidence, not in `all`)
     "quota": "bench.quota",  # metering exactness, per-client limits over 4 instances, hot path vs main (issue 15)
     "peer": "bench.peer",  # only builds LiteLLM's venv and prints its version
     "stateful": "bench.stateful",  # stored responses, files, batches over 3 backends and 2 instances
@@ -32,9 +30,8 @@ BENCHMARKS = {
     "report": "bench.docs",  # docs/benchmarks.md + PNG plots from bench/results/*.json
 }
 QUICK = {"overhead", "memory", "profile", "throttle", "concurrency", "responses", "affinity"}  # these take --quick
-NOT_IN_ALL = {  # `overhead` builds the venv anyway; pacing is a one-off check; quota: 4+ min
+NOT_IN_ALL = {  # `overhead` builds the venv anyway; quota: 4+ min
     "peer",
-    "pacing",
     "stateful",
     "redteam",
     "quota",
