@@ -22,7 +22,7 @@ def success(run: dict[str, Any]) -> float:
 
 
 def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each goal of issues 6 and 8 next to what was measured, per state and instance count."""
+    """Each goal next to what was measured, per state and instance count."""
     rows = []
     pairs = _pairs(result)
     # p99 noise floor: at 50% neither policy meets a 429, yet their p99s differ by this much in one run.

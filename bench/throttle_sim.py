@@ -1,4 +1,4 @@
-"""Throttling simulation (issues 6 and 8): random vs headroom routing on a pool under quota pressure.
+"""Throttling simulation: random vs headroom routing on a pool under quota pressure.
 
 Not a test: it writes bench/results/throttle.json, docs/throttle.png and prints Markdown tables.
 Run from the repo root (Azurite installed with `npm install --no-save --no-audit --no-fund azurite@3`):
