@@ -19,7 +19,7 @@ from lb.objects.records import ObjectRecord
 from lb.objects.table import TableObjectStore
 from lb.proxy import Proxy
 from lb.sim import Servers, SimBackend
-from tests.azurite import Azurite, azurite_fixture  # noqa: F401
+from tests.azurite import Azurite
 
 JSONL = b'{"custom_id": "1", "method": "POST", "url": "/chat/completions", "body": {"model": "chat", "messages": []}}\n'
 pytestmark = pytest.mark.timeout(120)

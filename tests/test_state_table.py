@@ -27,7 +27,8 @@ from lb.proxy import Proxy
 from lb.sim import Servers, SimBackend
 from lb.state import Cooldown
 from lb.state.table import TableStore, row_key
-from tests.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, azurite_fixture, connection_string  # noqa: F401
+from tests.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, connection_string
+from tests.conftest import wait_until
 
 API_VERSION = "2024-10-21"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -111,11 +112,11 @@ def test_an_idle_instance_knows_of_another_instances_429_before_its_first_reques
     sims, urls = sim_pool(own_servers)
     prefer_1 = {"BACKEND_1_PRIORITY": "1", "BACKEND_2_PRIORITY": "2"}  # without the news, B would pick 1
     url_a, _ = start_proxy(own_servers, urls, azurite, table, **prefer_1)
-    url_b, _ = start_proxy(own_servers, urls, azurite, table, **prefer_1)  # B gets no request until the end
+    url_b, proxy_b = start_proxy(own_servers, urls, azurite, table, **prefer_1)  # B gets no request until the end
     sims[0].throttle_next, sims[0].retry_after = 1, 30
     assert chat(azure_client(url_a)) == (200, "2")
     assert sims[0].count(429) == 1
-    time.sleep((REFRESH_MS + 500) / 1000)
+    wait_until(lambda: proxy_b.store.cooling_until("1", "chat", time.time()) > 0, "B's poller to read A's row")
     calls_before = len(sims[0].calls)
     b = azure_client(url_b)
     assert [chat(b) for _ in range(5)] == [(200, "2")] * 5
@@ -134,14 +135,7 @@ def test_an_instance_that_saw_a_backend_near_its_quota_learns_of_its_first_429_w
     assert [chat(b) for _ in range(4)] == [(200, "1")] * 4  # backend 1 answers "1 request left" of 5
     assert chat(a) == (200, "1")  # the last one
     assert chat(a) == (200, "2")  # A meets the 429, fails over and writes the cooldown
-    deadline = time.monotonic() + 5
-    while True:  # the row is in the table (a background write)
-        try:
-            read_row(azurite, table, "1", "chat")
-            break
-        except Exception:
-            assert time.monotonic() < deadline, "instance A never wrote the cooldown"
-            time.sleep(0.01)
+    wait_until(lambda: read_row_or_none(azurite, table, "1", "chat"), "A's background write of the cooldown", 5)
 
     raw = b.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
     assert (raw.headers["x-lb-backend"], raw.headers["x-lb-attempts"]) == ("2", "1")
@@ -234,10 +228,7 @@ def test_proxy_keeps_answering_through_a_table_outage_and_shares_state_again_aft
         await other.close()
         return seen, other
 
-    deadline = time.monotonic() + 5
-    while not read_row_or_none(azurite, table, "1", "chat"):
-        assert time.monotonic() < deadline, "the cooldown seen during the outage never reached the table"
-        time.sleep(0.05)
+    wait_until(lambda: read_row_or_none(azurite, table, "1", "chat"), "the outage-time cooldown to reach the table", 5)
     seen, _ = own_servers.run(other_instance())
     assert seen > time.time() + 20
     deadline = time.monotonic() + 5
