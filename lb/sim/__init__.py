@@ -452,6 +452,18 @@ class Servers:
     def run(self, coro: Awaitable[Any], timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
+    async def _close_leftovers(self) -> None:
+        """Close what the servers' shutdown left open (connections of answers cut at the grace, tasks of
+        raw servers a test started on this loop), so the garbage collector finds no socket to warn about."""
+        for server in self._servers:
+            for connection in list(server.server_state.connections):
+                connection.transport.close()
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # closed transports release their sockets on the next turn
+
     def stop(self) -> None:
         for server in self._servers:
             server.should_exit = True
@@ -460,6 +472,10 @@ class Servers:
                 done.result(10)
             except Exception:  # a server that failed to stop cleanly must not fail the caller
                 pass
+        try:
+            self.run(self._close_leftovers(), timeout=5)
+        except Exception:  # as above: stopping is best effort
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         if not self._thread.is_alive():
