@@ -3,7 +3,7 @@
 The suite has layers (see pyproject's markers): a test that uses `servers` (or `make_pool`) is
 marked `e2e`, one that uses `azurite` is marked `azurite`, here, by the fixtures it asks for; a
 test that starts processes or sockets some other way says so with its own marker. What is left is
-the unit layer: `make test-unit`, no sockets and no waiting.
+the unit layer: `make test-unit`, no sockets, no servers, seconds. Waits poll (`wait_until`), never sleep a fixed time.
 """
 
 from __future__ import annotations
