@@ -1,28 +1,52 @@
-# Two entry points for a fresh machine; each installs what it needs into .venv (and node_modules).
+# Entry points for a fresh machine: `make demo` and `make test` install what they need into .venv (and
+# node_modules) first, and again only when a requirements file changes. The check targets (lint, typecheck,
+# test-unit) use what is installed and never install.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+UNIT := not e2e and not azurite and not bench
+# Test files run on this many workers (pytest-xdist; 0: one process). The suite mostly waits on sockets and
+# timers, so two workers halve its wall time even on 2 cores; a file's tests stay together (module fixtures).
+WORKERS ?= 2
 
-.PHONY: demo test sim serve install azurite
+.PHONY: demo test check lint typecheck test-unit sim serve install azurite
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-install: $(PY)
+$(INSTALLED): requirements.txt requirements-dev.txt | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
 
-azurite:
+install: $(INSTALLED)
+
+node_modules/.bin/azurite-table:
 	npm install --no-save --no-audit --no-fund --loglevel=error azurite@3
+
+azurite: node_modules/.bin/azurite-table
 
 # The main job: three simulated Azure OpenAI backends, the proxy and real openai SDK traffic.
 demo: install
 	$(PY) -m lb demo
 
-# Unit, end-to-end (openai SDK over sockets) and Azurite tests, plus the linter.
-test: install azurite
+# What CI runs: the linter, the type checker, then every test (unit, end-to-end over sockets, Azurite, bench smoke).
+test: install azurite check
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
+
+# Checks only, with what is installed.
+check: lint typecheck
+
+lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+
+typecheck:
+	$(PY) -m mypy
+
+# The unit layer alone (what no marker of pyproject.toml marks): no sockets, no servers, seconds.
+test-unit:
+	$(PY) -m pytest -q -m "$(UNIT)"
 
 # Quota pressure: 3 throttled backends at 50/90/130% load, 1 and 4 `lb serve` processes, memory vs Table
 # (Azurite) state, random vs headroom routing (~7.5 min; `python -m bench throttle --scaling` for 1-8 instances).

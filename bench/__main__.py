@@ -19,22 +19,19 @@ BENCHMARKS = {
     "memory": "bench.memory",  # RSS of each proxy after 1k-10k requests
     "profile": "bench.profile",  # where lb's CPU time per request goes (py-spy)
     "throttle": "bench.throttle_sim",  # pools under quota pressure, 1-8 instances, memory vs Table state
-    "affinity": "bench.affinity",  # prompt-cache affinity vs random: cached share, load, success (issue 16)
-    "table": "bench.table_overhead",  # happy path: in-memory vs Table state, side by side
+    "affinity": "bench.affinity",  # prompt-cache affinity vs random: cached share, load, success
     "load": "bench.load",  # sustained load (60 s)
     "concurrency": "bench.concurrency",  # long streams held at once by one lb process: sets perInstanceConcurrency
     "responses": "bench.responses",  # Responses API: success with a throttling backend, first event added
-    "pacing": "bench.pacing",  # why sequential calls wait for a quiet path (evidence, not in `all`)
-    "quota": "bench.quota",  # metering exactness, per-client limits over 4 instances, hot path vs main (issue 15)
+    "quota": "bench.quota",  # metering exactness, per-client limits over 4 instances, hot path vs main
     "peer": "bench.peer",  # only builds LiteLLM's venv and prints its version
     "stateful": "bench.stateful",  # stored responses, files, batches over 3 backends and 2 instances
-    "redteam": "bench.redteam",  # issue 17's figures: abusive client, wrong key, hanging backends, huge bodies
+    "redteam": "bench.redteam",  # abusive client, wrong key, hanging backends, huge bodies
     "report": "bench.docs",  # docs/benchmarks.md + PNG plots from bench/results/*.json
 }
 QUICK = {"overhead", "memory", "profile", "throttle", "concurrency", "responses", "affinity"}  # these take --quick
-NOT_IN_ALL = {  # `overhead` builds the venv anyway; pacing is a one-off check; quota: 4+ min
+NOT_IN_ALL = {  # `overhead` builds the venv anyway; quota: 4+ min
     "peer",
-    "pacing",
     "stateful",
     "redteam",
     "quota",

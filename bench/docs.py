@@ -11,12 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import deps, memory, overhead, profile, report
+from bench import memory, overhead, profile, report
+from bench.plots import plot_latency, plot_memory
 from bench.procs import ROOT
 
 DOCS = ROOT / "docs"
 RESULTS = ROOT / "bench" / "results"
-COLORS = {"direct": "#444444", "yardstick": "#999999", "lb": "#1f77b4", "litellm": "#d62728"}
 RSS_GOAL_MB, FLAT_MB = 100.0, 5.0
 
 
@@ -29,64 +29,6 @@ def memory_figures(m: dict[str, Any]) -> list[dict[str, Any]]:
         {"issue": "#6", "figure": "lb RSS growth after warm-up (MB; flat)", "goal": f"<= {FLAT_MB:g}"}
         | {"measured": growth, "met": growth <= FLAT_MB},
     ]
-
-
-def _cdf(ax: Any, samples: dict[str, list[float]], title: str) -> None:
-    from matplotlib.ticker import FuncFormatter
-
-    for target, values in samples.items():
-        xs = sorted(values)
-        ys = [(i + 1) / len(xs) for i in range(len(xs))]
-        ax.plot(xs, ys, label=target, color=COLORS.get(target), linewidth=1.6)
-    ax.set_xscale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.1g}"[0] in "25" else ""))
-    ax.tick_params(axis="x", which="minor", labelsize=7)
-    ax.set_xlabel("ms (log scale)")
-    ax.set_ylabel("fraction of calls")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
-
-
-def plot_latency(o: dict[str, Any], path: Path) -> None:
-    deps.ensure_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    s = o["samples_ms"]
-    _cdf(axes[0], s["sequential"], "Sequential non-streamed chat: latency CDF")
-    _cdf(axes[1], s["first_chunk"], "Streamed chat: time to first chunk, CDF")
-    fig.suptitle(f"Same client, same backend, interleaved; {o['machine']['cpus']} CPUs, {o['date'][:10]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_memory(m: dict[str, Any], path: Path) -> None:
-    deps.ensure_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for proxy, points in m["rss_mb"].items():
-        xs = [int(k) for k in points]
-        ax.plot(xs, list(points.values()), marker="o", label=proxy, color=COLORS.get(proxy))
-    ax.set_xlabel("requests served after warm-up")
-    ax.set_ylabel("RSS, MB")
-    ax.set_ylim(bottom=0)
-    ax.set_title("RSS of each proxy process under load", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def markdown(o: dict[str, Any], m: dict[str, Any] | None, profiles: list[dict[str, Any]]) -> str:

@@ -11,12 +11,11 @@ Pacing of sequential calls (the same for every target): before each call the cli
 every process on that call's path (backend, and the proxy if any) has used no CPU for 1 ms, read
 from /proc/<pid>/task/*/schedstat (capped at 50 ms). Firing the next call the moment the previous
 one returned would overlap it with the proxy's teardown of the previous call (closing the upstream
-response, logging, background tasks), which charges that teardown to the next call's latency (up
-to ~1 ms on a streamed first chunk in one engineer's runs; 0.1-0.5 ms in `python -m bench pacing`
-on 2026-11-26). Sleeping a fixed 10 ms instead lets the CPUs drop into deep idle, and every hop
-then pays a wake-up no busy proxy pays. Waiting for measured quiet, while spinning, pays neither:
-each call starts on a settled but awake path, and a proxy with a slow teardown is not rewarded
-with a head start.
+response, logging, background tasks), which charges that teardown to the next call's latency
+(0.1-0.5 ms, up to ~1 ms on a streamed first chunk; docs/performance.md). Sleeping a fixed 10 ms
+instead lets the CPUs drop into deep idle, and every hop then pays a wake-up no busy proxy pays.
+Waiting for measured quiet, while spinning, pays neither: each call starts on a settled but awake
+path, and a proxy with a slow teardown is not rewarded with a head start.
 
 CPU time per request is read from /proc (utime + stime of the proxy and its children) over calls
 through each proxy alone, so nothing else is charged to it. Throughput is the requests/s at 16 and

@@ -25,7 +25,7 @@ def max_rps(r: dict[str, Any], target: str) -> float:
 
 
 def figures(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each goal of issues 3 and 6 next to what was measured (ms unless said)."""
+    """Each goal next to what was measured (ms unless said); `issue` names where the goal was set."""
     seq, cpu, st = r["sequential"], r["cpu_ms_per_request"], r["streaming"]
     added_p50 = _added(seq["lb"], seq["direct"], "p50")
     added_p99 = _added(seq["lb"], seq["direct"], "p99")

@@ -1,8 +1,7 @@
-"""Turns bench/results/throttle.json into the goals check, the README table and docs/throttle.png."""
+"""Turns bench/results/throttle.json into the goals check and the README table (the plot: bench/plots.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from bench.procs import markdown_table
@@ -23,7 +22,7 @@ def success(run: dict[str, Any]) -> float:
 
 
 def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each goal of issues 6 and 8 next to what was measured, per state and instance count."""
+    """Each goal next to what was measured, per state and instance count."""
     rows = []
     pairs = _pairs(result)
     # p99 noise floor: at 50% neither policy meets a 429, yet their p99s differ by this much in one run.
@@ -158,38 +157,3 @@ def render(result: dict[str, Any]) -> str:
         ),
     ]
     return "\n".join(out)
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Client success and upstream 429s vs offered load, one line per (policy, state, instances)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    lines: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
-    for run in result["runs"]:
-        lines.setdefault((run["policy"], run["state"], run["instances"]), []).append(run)
-    colors = {"random": "tab:red", "headroom": "tab:blue"}
-    for (policy, state, n), runs in sorted(lines.items()):
-        runs.sort(key=lambda r: r["load_pct"])
-        loads = [r["load_pct"] for r in runs]
-        style = {
-            "color": colors.get(policy, "gray"),
-            "linestyle": "-" if state == "memory" else "--",
-            "marker": "o" if n == 1 else "s",
-            "label": f"{policy}, {state}, {n} inst.",
-        }
-        left.plot(loads, [success(r) for r in runs], **style)
-        right.plot(loads, [100 * r["upstream_429"] / max(r["sent"], 1) for r in runs], **style)
-    left.set(xlabel="offered load, % of pool capacity", ylabel="client success, %", title="Client success")
-    right.set(xlabel="offered load, % of pool capacity", ylabel="per 100 client calls", title="Upstream 429s")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.set_xticks(sorted({r["load_pct"] for r in result["runs"]}))
-    right.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -1,4 +1,4 @@
-"""Throttling simulation (issues 6 and 8): random vs headroom routing on a pool under quota pressure.
+"""Throttling simulation: random vs headroom routing on a pool under quota pressure.
 
 Not a test: it writes bench/results/throttle.json, docs/throttle.png and prints Markdown tables.
 Run from the repo root (Azurite installed with `npm install --no-save --no-audit --no-fund azurite@3`):
@@ -36,9 +36,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # also runnable as `python bench/throttle_sim.py`
 
+from bench.plots import plot_throttle  # noqa: E402
 from bench.throttle_instances import CLIENT_KEY, Instances, proxy_env  # noqa: E402
 from bench.throttle_load import MEAN_TOKENS, offer, summarize, workload  # noqa: E402
-from bench.throttle_plot import plot, render  # noqa: E402
+from bench.throttle_plot import render  # noqa: E402
 from lb.sim import Servers, SimBackend  # noqa: E402
 from tests.azurite import start_azurite  # noqa: E402
 
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + render(result))
     print(f"\nwrote {args.out}")
     if args.plot:
-        plot(result, Path(args.plot))
+        plot_throttle(result, Path(args.plot))
         print(f"wrote {args.plot}")
     return 0
 

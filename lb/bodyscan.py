@@ -133,7 +133,7 @@ async def _tokenize(body: bytes, needle: bytes) -> str | None:
 async def _top_level_strings(body: bytes) -> AsyncIterator[tuple[int, int]]:
     """Where each string of the body's top-level object is (keys and string values), walking strings
     and brackets and handing the loop back every `SLICE_SECONDS`; nothing if the body is no object."""
-    start = _SPACE.match(body).end()
+    start = _after_space(body, 0)
     if body[start : start + 1] != b"{":
         return
     depth = 0
@@ -156,13 +156,19 @@ async def _top_level_strings(body: bytes) -> AsyncIterator[tuple[int, int]]:
             slice_started = time.perf_counter()
 
 
+def _after_space(body: bytes, pos: int) -> int:
+    """The index of the first non-blank byte at or after `pos` (`\\s*` always matches)."""
+    match = _SPACE.match(body, pos)
+    return match.end() if match else pos
+
+
 def _string_value_span(body: bytes, end: int) -> tuple[int, int] | None:
     """The span of the string value after a key ending at `end`, quotes included; None if the string
     there is no key (no colon after it: a value that reads like the key) or its value is no string."""
     colon = _ANY_VALUE.match(body, end)
     if colon is None:
         return None
-    value = _TOKEN.match(body, _SPACE.match(body, colon.end()).end())
+    value = _TOKEN.match(body, _after_space(body, colon.end()))
     if value is None or body[value.start()] != _QUOTE:
         return None
     return value.start(), value.end()

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -40,11 +40,13 @@ _GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]
 # How the balancer weighs backends inside a priority group (lb.routing.balancer): configured weights only, or
 # weights times the quota each backend last reported left. `random` stays the default until the
 # throttling simulation says otherwise.
-POLICIES = ("random", "headroom")
+Policy = Literal["random", "headroom"]
+POLICIES: tuple[Policy, ...] = get_args(Policy)
 # LB_STREAM_USAGE: a streamed chat's client stream stays as the backend sent it (`as-sent`), or the
 # proxy asks the backend for its usage chunk (`include`), which the client then gets too (lb.metering).
-STREAM_USAGE_MODES = ("as-sent", "include")
-DEFAULT_POLICY = "random"
+StreamUsage = Literal["as-sent", "include"]
+STREAM_USAGE_MODES: tuple[StreamUsage, ...] = get_args(StreamUsage)
+DEFAULT_POLICY: Policy = "random"
 # Prompt-cache affinity (lb.routing.affinity): a conversation's calls prefer one backend. On by default: in
 # `python -m bench affinity` it kept the cached share of prompt tokens near the most the
 # conversations allow, at the same client success and load spread as random (docs/affinity.md).
@@ -244,10 +246,10 @@ class Settings:
     entra: EntraSettings | None = None
     state: StateSettings = field(default_factory=StateSettings)
     on_azure: bool = False
-    policy: str = DEFAULT_POLICY
+    policy: Policy = DEFAULT_POLICY
     client_limits: dict[str, Limit] = field(default_factory=dict)  # LB_CLIENT_LIMITS, by client name
     admin_clients: frozenset[str] = frozenset()  # LB_ADMIN_CLIENTS: names that may read /lb/status, all /lb/usage
-    stream_usage: str = "as-sent"  # LB_STREAM_USAGE: "include" asks chat streams for their usage chunk
+    stream_usage: StreamUsage = "as-sent"  # LB_STREAM_USAGE: "include" asks chat streams for their usage chunk
     affinity: bool = DEFAULT_AFFINITY == "on"
     object_lookup: bool = False  # LB_OBJECT_LOOKUP: with several clients, ids without a record are looked up
 
@@ -308,7 +310,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         entra=entra,
         state=_load_state(env),
         on_azure=on_azure,
-        policy=_policy(env),
+        policy=_choice(env, "LB_POLICY", POLICIES),  # the first, random, is the default
         client_limits=_client_limits(env, client_keys, entra),
         admin_clients=frozenset(_client_name("LB_ADMIN_CLIENTS", n, client_keys, entra) for n in _admin_names(env)),
         stream_usage=_choice(env, "LB_STREAM_USAGE", STREAM_USAGE_MODES),
@@ -331,14 +333,18 @@ def _total_timeout(env: Mapping[str, str], timeout: float) -> float | None:
     return total
 
 
-def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+_Word = TypeVar("_Word", bound=str)
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[_Word, ...]) -> _Word:
     """One of `choices` (the first is the default), case-insensitive."""
     raw = env.get(name, "").strip()
     if not raw:
         return choices[0]
-    if raw.lower() not in choices:
-        raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(choices)}")
-    return raw.lower()
+    for choice in choices:
+        if raw.lower() == choice:
+            return choice
+    raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(choices)}")
 
 
 def _client_limits(
@@ -384,15 +390,6 @@ def _client_name(variable: str, name: str, client_keys: tuple[ClientKey, ...], e
 
 def _admin_names(env: Mapping[str, str]) -> list[str]:
     return [n.strip() for n in env.get("LB_ADMIN_CLIENTS", "").split(",") if n.strip()]
-
-
-def _policy(env: Mapping[str, str]) -> str:
-    raw = env.get("LB_POLICY", "").strip()
-    if not raw:
-        return DEFAULT_POLICY
-    if raw.lower() not in POLICIES:
-        raise ConfigError(f"LB_POLICY: {raw!r} is not one of {', '.join(POLICIES)}")
-    return raw.lower()
 
 
 def _affinity(env: Mapping[str, str]) -> bool:

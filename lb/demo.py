@@ -42,7 +42,7 @@ def run_demo() -> int:
     servers = Servers()
     try:
         # The same short "hello" every call: with prompt-cache affinity it would stay on one backend,
-        # so these scenarios show the random spread; _cached_conversation shows affinity.
+        # so these scenarios show the random spread; cached_conversation shows affinity.
         env = {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_MAX_COOLDOWN_SECONDS": "10", "LB_AFFINITY": "off"}
         for i, backend in enumerate(backends, start=1):
             env[f"BACKEND_{i}_URL"] = servers.start(backend)
@@ -71,7 +71,7 @@ def run_demo() -> int:
         print(f"   backend-1 is back in rotation: served {back} of the last 10 calls")
         backends[0].requests_per_window = None  # its quota lifted: the next scenario is about routing
         conversation = _conversation(proxy_url)
-        cached_ok = _cached_conversation(servers, {k: v for k, v in env.items() if k != "LB_AFFINITY"})
+        cached_ok = cached_conversation(servers, {k: v for k, v in env.items() if k != "LB_AFFINITY"})
     finally:
         servers.stop()
 
@@ -81,11 +81,11 @@ def run_demo() -> int:
     print(f"   normal:    {normal.ok}/{normal.calls} calls answered 200, served by backends {_share(normal)}")
     print(
         f"   throttled: {throttled.ok}/{throttled.calls} calls answered 200, "
-        f"{_absorbed(throttled.absorbed_429s)}, served by backends {_share(throttled)}"
+        f"{absorbed(throttled.absorbed_429s)}, served by backends {_share(throttled)}"
     )
     print(
         f"   recovered: {after.ok}/{after.calls} calls answered 200, "
-        f"{_absorbed(after.absorbed_429s)}, served by backends {_share(after)}"
+        f"{absorbed(after.absorbed_429s)}, served by backends {_share(after)}"
     )
     print(
         f"   stateful:  {conversation.ok}/{conversation.calls} Responses calls answered,"
@@ -97,7 +97,7 @@ def run_demo() -> int:
     return 1 if failed or throttled.absorbed_429s == 0 or not cached_ok else 0
 
 
-def _absorbed(n: int) -> str:
+def absorbed(n: int) -> str:
     return f"{n} upstream 429{'' if n == 1 else 's'} absorbed"
 
 
@@ -159,7 +159,7 @@ def _share(tally: Tally) -> str:
     return ", ".join(f"{name}: {count}" for name, count in sorted(tally.served.items()))
 
 
-def _cached_conversation(servers: Servers, env: dict[str, str], turns: int = 5) -> bool:
+def cached_conversation(servers: Servers, env: dict[str, str], turns: int = 5) -> bool:
     """A chat with a long system prompt through a second proxy with prompt-cache affinity (the default):
     every turn goes to the backend holding the conversation's prefix, so its cached tokens rise."""
     import openai
@@ -205,6 +205,7 @@ def _conversation(proxy_url: str, turns: int = 5) -> Tally:
                 )
                 previous, what = raw.parse().id, f"turn {turn}"
             else:
+                assert previous is not None  # the turns above set it
                 raw = client.responses.with_raw_response.retrieve(previous)
                 raw.parse()
                 what = "retrieve"

@@ -118,7 +118,7 @@ class Proxy:
             log.exception("unexpected error while proxying %s %s", request.method, request.url.path)
             response = errors.ProxyError("The load balancer failed to handle the request.").response()
         if client is not None:
-            response = self.metering.observe(response, client.name, info and info.deployment, charge)
+            response = self.metering.observe(response, client.name, info.deployment if info else None, charge)
         if "x-request-id" not in response.headers:
             response.headers["x-request-id"] = request_id
         return response

@@ -66,6 +66,8 @@ class UpstreamBroken(Exception):
 class UpstreamResponse(StreamingResponse):
     """The chosen backend's answer: its status, its headers (as raw bytes) and its body as read."""
 
+    body_iterator: AsyncIterator[bytes]  # raw bytes as read (Starlette's type also allows str)
+
     def __init__(
         self,
         upstream: httpx.Response,
@@ -110,7 +112,7 @@ class UpstreamResponse(StreamingResponse):
                     break
                 self._waiting_since = loop.time()
         except asyncio.CancelledError:  # our timer's cancel is undone here; anyone else's stands
-            if self.cut is None or self._reader.uncancel() > 0:
+            if self.cut is None or self._reader is None or self._reader.uncancel() > 0:
                 raise
         except (httpx.HTTPError, httpx.StreamError) as exc:
             if self.client_gone:

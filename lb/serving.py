@@ -156,7 +156,7 @@ def guarded_protocol(settings: Settings) -> type[HttpToolsProtocol]:
             self._disarm_head_timer()
             super().on_headers_complete()
             if self.cycle is not None and self.cycle.transport is self.transport:  # the answer's head waits
-                self.cycle.transport = HeldHead(self.transport, self.loop)  # for what follows it this turn
+                self.cycle.transport = HeldHead(self.transport, self.loop)  # type: ignore[assignment]  # for what follows it this turn
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -217,7 +217,7 @@ class HeldHead:
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
-        self._loop = loop
+        self._loop: asyncio.AbstractEventLoop | None = loop
         self._held: bytes | None = None
 
     def write(self, data: bytes) -> None:

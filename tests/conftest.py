@@ -1,8 +1,16 @@
-"""Fixtures that start real things: simulated Azure OpenAI backends and the proxy, on sockets."""
+"""Fixtures that start real things: simulated Azure OpenAI backends and the proxy, on sockets.
+
+The suite has layers (see pyproject's markers): a test that uses `servers` (or `make_pool`) is
+marked `e2e`, one that uses `azurite` is marked `azurite`, here, by the fixtures it asks for; a
+test that starts processes or sockets some other way says so with its own marker. What is left is
+the unit layer: `make test-unit`, no sockets, no servers, seconds. Waits poll (`wait_until`), never sleep a fixed time.
+"""
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -19,6 +27,16 @@ CLIENT_KEY = "client-key-for-tests"
 API_VERSION = "2024-10-21"
 
 
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds. A fixed sleep is too long on a fast machine and too short on a
+    loaded one; this returns as soon as it can and fails naming what never happened."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        time.sleep(0.02)
+
+
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings come from the environment: no test may see another's (or the developer's)."""
@@ -30,11 +48,37 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by the real things its fixtures start (see the module docstring)."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "servers" in fixtures or "own_servers" in fixtures:
+            item.add_marker(pytest.mark.e2e)
+        if "azurite" in fixtures:
+            item.add_marker(pytest.mark.azurite)
+
+
 @pytest.fixture(scope="module")
 def servers() -> Iterator[Servers]:
+    """Simulated backends and proxies on sockets, shared by a test module."""
     s = Servers()
     yield s
     s.stop()
+
+
+@pytest.fixture
+def own_servers() -> Iterator[Servers]:
+    """Servers of one test's own: stopping them shuts each proxy down (lifespan close, its Table
+    pollers stopped) before the next test starts."""
+    s = Servers()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def table() -> str:
+    """A table name of the test's own, so tests sharing one Azurite are independent."""
+    return "t" + uuid.uuid4().hex[:20]
 
 
 @dataclass

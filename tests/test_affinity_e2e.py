@@ -126,6 +126,7 @@ def test_affinity_off_spreads_one_conversation(make_pool):
     assert pool.proxy.status_report()["affinity"] == "off"
 
 
+@pytest.mark.e2e  # `lb serve` processes
 @pytest.mark.parametrize("value", ["yes", "sticky"])
 def test_a_bad_lb_affinity_stops_start_up_with_one_line_naming_it(value):
     process = run_lb({"BACKEND_1_URL": "https://a.openai.azure.com", "LB_AFFINITY": value}, "serve")
@@ -136,14 +137,14 @@ def test_a_bad_lb_affinity_stops_start_up_with_one_line_naming_it(value):
 
 
 def test_the_demo_conversation_shows_cached_tokens_rising(servers, capsys):
-    from lb.demo import _cached_conversation
+    from lb.demo import cached_conversation
     from lb.sim import SimBackend
 
     env = {"LB_CLIENT_KEYS": "demo-client-key"}
     for i in (1, 2, 3):
         env[f"BACKEND_{i}_URL"] = servers.start(SimBackend(f"d{i}", api_key=f"key-{i}"))
         env[f"BACKEND_{i}_APIKEY"] = f"key-{i}"
-    assert _cached_conversation(servers, env)
+    assert cached_conversation(servers, env)
     out = capsys.readouterr().out
     cached = [int(n) for n in re.findall(r"tokens, (\d+) cached", out)]
     assert cached[0] == 0 and cached == sorted(cached) and cached[-1] > 0

@@ -14,6 +14,8 @@ import pytest
 from bench import __main__ as bench_main
 from bench import docs, memory, profile, report
 
+pytestmark = pytest.mark.bench  # runs the bench scripts in miniature
+
 TARGETS = ("direct", "yardstick", "lb", "litellm")
 
 

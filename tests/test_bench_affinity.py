@@ -13,6 +13,8 @@ from bench.affinity_plot import figures, render
 from lb.config import Backend
 from lb.sim.cache import prompt_text
 
+pytestmark = pytest.mark.bench  # runs the bench scripts in miniature
+
 
 def test_conversations_have_3_to_10_turns_each_repeating_the_last_as_its_prefix():
     convs = conversations(50, 10.0, (0.5, 1.5), seed=1)

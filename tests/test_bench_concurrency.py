@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import concurrency
+
+pytestmark = pytest.mark.bench  # runs the bench scripts in miniature
 
 
 def row(n: int, direct_p99: float, lb_p99: float, broken: int = 0) -> dict:

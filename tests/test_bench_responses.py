@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import responses
+
+pytestmark = pytest.mark.bench  # runs the bench scripts in miniature
 
 
 def test_a_tiny_run_counts_complete_answers_and_times_first_events_on_both_paths(tmp_path):

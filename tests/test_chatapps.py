@@ -66,10 +66,6 @@ def keyless_pool(
     return make_pool(n, env=env, **backend_kwargs)
 
 
-def run(coro: Awaitable[object]) -> object:
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
 # ---- openai-chat-app-quickstart ----
 
 
@@ -91,7 +87,7 @@ async def quickstart_chat(endpoint: str, api_key: Callable[[], Awaitable[str]], 
 def test_quickstart_streams_a_response_through_the_balancer_with_its_managed_identity(make_pool, idp):
     pool = keyless_pool(make_pool, idp, chunks=4)
     provider = token_provider(idp)
-    lines = run(quickstart_chat(pool.url, provider, CHAT))
+    lines = asyncio.run(quickstart_chat(pool.url, provider, CHAT))
     types = [line["type"] for line in lines]
     assert types[0] == "response.created" and types[-1] == "response.completed"
     assert types.count("response.output_text.delta") == 4
@@ -114,7 +110,7 @@ def test_quickstart_with_a_token_of_another_identity_gets_401(make_pool, idp):
         return idp.token(appid="11111111-0000-0000-0000-000000000000", oid="22222222-0000-0000-0000-000000000000")
 
     with pytest.raises(openai.AuthenticationError):
-        run(quickstart_chat(pool.url, stranger, CHAT))
+        asyncio.run(quickstart_chat(pool.url, stranger, CHAT))
     assert not [c for b in pool.backends for c in b.calls]
 
 
@@ -125,7 +121,7 @@ def test_quickstart_stream_survives_a_throttled_backend(make_pool, idp):
         backend.throttle_next = 1
     provider = token_provider(idp)
     for _ in range(4):
-        lines = run(quickstart_chat(pool.url, provider, CHAT))
+        lines = asyncio.run(quickstart_chat(pool.url, provider, CHAT))
         assert lines[-1]["type"] == "response.completed"
     assert [b.count(429) for b in pool.backends] == [1, 1, 0]
 
@@ -168,7 +164,7 @@ def test_rag_app_chat_and_embeddings_with_dimensions(make_pool, idp, auth):
         pool = make_pool(2, chunks=3)
         api_key = CLIENT_KEY
     custom_url = f"{pool.url}/openai/v1"  # the AZURE_OPENAI_CUSTOM_URL output
-    answer, vectors = run(rag_turn(rag_client(custom_url, api_key)))
+    answer, vectors = asyncio.run(rag_turn(rag_client(custom_url, api_key)))
     assert "tok0" in answer and "tok2" in answer
     assert len(vectors) == 3 and all(len(v) == DIMENSIONS for v in vectors)
     calls = [c for b in pool.backends for c in b.calls]
@@ -196,10 +192,10 @@ def test_rag_ingestion_goes_straight_to_one_account_and_the_app_then_reads_throu
     pool = keyless_pool(make_pool, idp)
     account, other = pool.backends
     account_url = pool.proxy.settings.backends[0].url  # AZURE_OPENAI_SERVICE=<the first account>
-    indexed = run(ingest(f"{account_url}/openai/v1", account.api_key or ""))
+    indexed = asyncio.run(ingest(f"{account_url}/openai/v1", account.api_key or ""))
     assert [c.path for c in account.calls] == ["/openai/v1/embeddings"] and not other.calls
     assert account.calls[0].deployment == EMBEDDING and all(len(v) == DIMENSIONS for v in indexed)
-    answer, queried = run(rag_turn(rag_client(f"{pool.url}/openai/v1", token_provider(idp))))
+    answer, queried = asyncio.run(rag_turn(rag_client(f"{pool.url}/openai/v1", token_provider(idp))))
     assert answer and len(queried[0]) == len(indexed[0])  # the app's query vectors match the index
     through_balancer = [c for b in pool.backends for c in b.calls][1:]
     assert through_balancer and all(c.headers["api-key"].startswith("key-") for c in through_balancer)
@@ -211,7 +207,7 @@ def test_a_chat_app_given_the_wrong_url_form_gets_a_404_naming_the_forms_served(
     pool = make_pool(1)
     client = rag_client(pool.url + wrong, CLIENT_KEY)
     with pytest.raises(openai.NotFoundError) as caught:
-        run(client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}]))
+        asyncio.run(client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}]))
     body = caught.value.response.json()
     message = body["error"]["message"]
     assert body["error"]["code"] == "NotFound"

@@ -16,6 +16,8 @@ from lb.sim import SimBackend, free_port
 from tests.conftest import API_VERSION
 from tests.idp import LocalIdP, SigningKey, entra_env
 
+pytestmark = pytest.mark.e2e  # starts `python -m lb` processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

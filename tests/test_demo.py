@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lb.demo import _absorbed
+import pytest
+
+from lb.demo import absorbed
+
+pytestmark = pytest.mark.e2e  # runs `python -m lb demo`
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +36,7 @@ def test_demo_shows_responses_api_calls_beside_chat_and_embeddings_and_exits_zer
 
 
 def test_the_summary_counts_429s_in_good_english():
-    assert [_absorbed(n) for n in (0, 1, 2)] == [
+    assert [absorbed(n) for n in (0, 1, 2)] == [
         "0 upstream 429s absorbed",
         "1 upstream 429 absorbed",
         "2 upstream 429s absorbed",

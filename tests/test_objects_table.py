@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import Iterator
 
 import openai
 import pytest
@@ -21,25 +19,15 @@ from lb.objects.records import ObjectRecord
 from lb.objects.table import TableObjectStore
 from lb.proxy import Proxy
 from lb.sim import Servers, SimBackend
-from tests.azurite import Azurite, azurite_fixture  # noqa: F401
+from tests.azurite import Azurite
 
 JSONL = b'{"custom_id": "1", "method": "POST", "url": "/chat/completions", "body": {"model": "chat", "messages": []}}\n'
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def servers() -> Iterator[Servers]:
-    s = Servers()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def table() -> str:
-    return "t" + uuid.uuid4().hex[:20]
-
-
-def two_instances(servers: Servers, azurite: Azurite, table: str) -> tuple[list[SimBackend], list[str], list[Proxy]]:
+def two_instances(
+    own_servers: Servers, azurite: Azurite, table: str
+) -> tuple[list[SimBackend], list[str], list[Proxy]]:
     sims = [SimBackend(f"sim{i}", api_key=f"key-{i}") for i in (1, 2, 3)]
     env = {
         "LB_STATE_CONNECTION_STRING": azurite.connection_string,
@@ -47,12 +35,12 @@ def two_instances(servers: Servers, azurite: Azurite, table: str) -> tuple[list[
         "LB_CLIENT_KEYS": "chatapp:key-a,batch:key-b",
     }
     for i, sim in enumerate(sims, start=1):
-        env[f"BACKEND_{i}_URL"] = servers.start(sim)
+        env[f"BACKEND_{i}_URL"] = own_servers.start(sim)
         env[f"BACKEND_{i}_APIKEY"] = f"key-{i}"
     urls, proxies = [], []
     for _ in range(2):
         app = create_app(load_settings(env))
-        urls.append(servers.start(app))
+        urls.append(own_servers.start(app))
         proxies.append(app.state.proxy)
     return sims, urls, proxies
 
@@ -65,8 +53,8 @@ def ops(proxy: Proxy) -> dict[str, int]:
     return proxy.objects.records.health()["ops"]
 
 
-def test_two_instances_route_conversations_files_and_batches_to_their_holders(servers, azurite, table):
-    sims, urls, proxies = two_instances(servers, azurite, table)
+def test_two_instances_route_conversations_files_and_batches_to_their_holders(own_servers, azurite, table):
+    sims, urls, proxies = two_instances(own_servers, azurite, table)
     clients = [v1(url) for url in urls]
     previous, created = None, 0
     for turn in range(6):  # A, B, A, B, ...: every follow-up reaches the instance that did not see the last turn
@@ -94,8 +82,8 @@ def test_two_instances_route_conversations_files_and_batches_to_their_holders(se
     assert sum(len(s.calls) for s in sims) == 6 + 4 + 2 + polls + 1
 
 
-def test_chat_and_embeddings_make_no_object_table_call(servers, azurite, table):
-    _, urls, proxies = two_instances(servers, azurite, table)
+def test_chat_and_embeddings_make_no_object_table_call(own_servers, azurite, table):
+    _, urls, proxies = two_instances(own_servers, azurite, table)
     for url in urls:
         client = v1(url)
         for _ in range(10):
@@ -106,8 +94,8 @@ def test_chat_and_embeddings_make_no_object_table_call(servers, azurite, table):
         assert proxy.store.health()["ops"]["reads"] == 0  # nor a cooldown row read
 
 
-def test_another_clients_object_is_refused_on_every_instance(servers, azurite, table):
-    sims, urls, _ = two_instances(servers, azurite, table)
+def test_another_clients_object_is_refused_on_every_instance(own_servers, azurite, table):
+    sims, urls, _ = two_instances(own_servers, azurite, table)
     response = v1(urls[0], "key-a").responses.create(model="chat", input="private")
     calls = sum(len(s.calls) for s in sims)
     with pytest.raises(openai.NotFoundError):
@@ -117,12 +105,12 @@ def test_another_clients_object_is_refused_on_every_instance(servers, azurite, t
 
 
 def test_with_the_table_down_an_object_this_instance_does_not_know_is_a_503_never_a_look_up(
-    servers, azurite, table, monkeypatch
+    own_servers, azurite, table, monkeypatch
 ):
     if azurite.external_url:
         pytest.skip("cannot stop an Azurite we did not start (AZURITE_TABLE_URL is set)")
     monkeypatch.setattr(object_table, "OUTAGE_RETRY_SECONDS", 0.3)
-    sims, urls, proxies = two_instances(servers, azurite, table)
+    sims, urls, proxies = two_instances(own_servers, azurite, table)
     a, b = v1(urls[0]), v1(urls[1])
     azurite.stop()
     try:
@@ -199,9 +187,9 @@ def test_a_record_is_inserted_once_and_no_instance_can_replace_its_owner(azurite
     asyncio.run(run())
 
 
-def test_the_stateful_benchmarks_mix_fails_no_call_through_two_instances(servers, azurite, table):
+def test_the_stateful_benchmarks_mix_fails_no_call_through_two_instances(own_servers, azurite, table):
     from bench.stateful import run
 
-    _, urls, _ = two_instances(servers, azurite, table)
+    _, urls, _ = two_instances(own_servers, azurite, table)
     tally = run([v1(url) for url in urls], conversations=4, turns=5)
     assert sum(tally.calls.values()) >= 50 and sum(tally.failed.values()) == 0, tally.errors

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import CLIENT_KEY
+from tests.conftest import CLIENT_KEY, wait_until
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -215,7 +215,7 @@ def test_client_disconnect_cancels_the_upstream_stream_without_retry(make_pool):
         ) as response:
             assert response.status_code == 200
             next(response.iter_raw())
-    time.sleep(1.5)
+    wait_until(lambda: sum(b.disconnects for b in pool.backends) == 1, "the proxy to hang up on the backend")
     served = [b for b in pool.backends if b.calls]
     assert len(served) == 1  # not retried elsewhere
     assert served[0].disconnects == 1  # the proxy hung up on the backend: upstream was cancelled

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 
 import httpx
@@ -12,7 +11,7 @@ import pytest
 
 from lb.app import create_app
 from lb.config import load_settings
-from tests.azurite import azurite_fixture  # noqa: F401
+from tests.conftest import wait_until
 
 LIMITED, FREE = "limited-key", "free-key"
 
@@ -60,6 +59,11 @@ def test_streamed_answers_true_up_the_charge_from_usage(make_pool) -> None:
     assert used == {"requests": 1, "tokens": total}  # the 5,000-token estimate is gone
 
 
+def pool_requests(proxy, client: str) -> int:
+    """The requests `client` made in the last minute, pool-wide, as `proxy` last read them."""
+    return proxy.metering.report()["pool"]["clients"].get(client, {}).get("last_minute", {}).get("requests", 0)
+
+
 def two_instances(
     servers, azurite, make_backend_env, limits: str, keys: str = "", admins: str = ""
 ) -> tuple[list[str], list]:
@@ -88,17 +92,17 @@ def test_two_instances_on_azurite_share_one_limit_and_the_other_client_is_unaffe
     chat(a)
     chat(a)
     chat(a)
-    time.sleep(2.5)  # a share round: each instance writes its row and reads the others'
+    wait_until(lambda: pool_requests(proxies[1], "batch") == 3, "a share round (a's row written, read by b)")
     chat(b)  # the pool's fourth call
     with pytest.raises(openai.RateLimitError) as refused:
         chat(b)
     assert refused.value.code == "ClientQuotaExceeded"
-    time.sleep(2.5)
+    wait_until(lambda: pool_requests(proxies[0], "batch") == 4, "a to read b's row")
     with pytest.raises(openai.RateLimitError):
         chat(a)
     for i in range(6):
         assert chat(free[i % 2]).http_response.status_code == 200  # chatapp is under its own limit
-    time.sleep(2.5)
+    wait_until(lambda: pool_requests(proxies[0], "chatapp") == 6, "a to read b's chatapp calls")
     pool_report = httpx.get(urls[0] + "/lb/usage", headers={"api-key": FREE}).json()["pool"]
     assert pool_report["instances"] == 2
     assert pool_report["clients"]["batch"]["last_minute"]["requests"] == 4
@@ -119,22 +123,23 @@ def test_a_table_outage_keeps_limits_per_instance_and_logs_once(make_pool, serve
     a, b = (openai.OpenAI(base_url=u + "/openai/v1", api_key="x", max_retries=0) for u in urls)
     for _ in range(3):
         chat(a)
-    time.sleep(2.5)
+    wait_until(lambda: pool_requests(proxies[1], "anonymous") == 3, "b to read a's row")
     with pytest.raises(openai.RateLimitError):
         chat(b)  # the pool's limit, shared
     azurite.stop()
     try:
-        time.sleep(3.5)  # several share rounds fail
+        wait_until(lambda: not any(p.metering.share.healthy for p in proxies), "both instances to see the outage")
         for _ in range(3):
             chat(b)  # b alone now: its own 3
         with pytest.raises(openai.RateLimitError):
             chat(b)
     finally:
         azurite.start()
-    deadline = time.monotonic() + 15
-    while not any("reachable again" in r.getMessage() for r in caplog.records):
-        assert time.monotonic() < deadline, "the usage share did not recover"
-        time.sleep(0.2)
+    wait_until(
+        lambda: any("reachable again" in r.getMessage() for r in caplog.records),
+        "the usage share to recover",
+        timeout=15,
+    )
     warnings = [r for r in caplog.records if r.name == "lb.metering.usage" and r.levelno == logging.WARNING]
     for instance in ids:  # once per instance, however many rounds failed
         assert sum(instance in r.getMessage() for r in warnings) == 1

@@ -124,6 +124,7 @@ def test_connections_past_the_cap_get_a_503_and_the_rest_are_served(lb_url):
     assert status == 200 and body["choices"]
 
 
+@pytest.mark.e2e  # its own `lb serve` process
 def test_the_deadline_runs_from_the_request_s_first_byte_not_from_its_handler():
     """A request waits in the event loop (behind a burst of others, or for its head to come in)
     before its handler runs; the client has been waiting since its first byte, so the deadline

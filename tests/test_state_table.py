@@ -13,7 +13,6 @@ import math
 import random
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit
 
@@ -28,7 +27,8 @@ from lb.proxy import Proxy
 from lb.sim import Servers, SimBackend
 from lb.state import Cooldown
 from lb.state.table import TableStore, row_key
-from tests.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, azurite_fixture, connection_string  # noqa: F401
+from tests.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, connection_string
+from tests.conftest import wait_until
 
 API_VERSION = "2024-10-21"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -36,20 +36,9 @@ REFRESH_MS = 200
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def servers() -> Iterator[Servers]:
-    """Per test, so stopping it shuts each proxy down (lifespan close) before the next test."""
-    s = Servers()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def table() -> str:
-    return "t" + uuid.uuid4().hex[:20]
-
-
-def start_proxy(servers: Servers, backends: list[str], azurite: Azurite, table: str, **env: str) -> tuple[str, Proxy]:
+def start_proxy(
+    own_servers: Servers, backends: list[str], azurite: Azurite, table: str, **env: str
+) -> tuple[str, Proxy]:
     settings_env = {
         "LB_STATE_CONNECTION_STRING": azurite.connection_string,
         "LB_STATE_TABLE": table,
@@ -60,12 +49,12 @@ def start_proxy(servers: Servers, backends: list[str], azurite: Azurite, table: 
         settings_env[f"BACKEND_{i}_URL"] = url
         settings_env[f"BACKEND_{i}_APIKEY"] = f"key-{i}"
     app = create_app(load_settings(settings_env))
-    return servers.start(app), app.state.proxy
+    return own_servers.start(app), app.state.proxy
 
 
-def sim_pool(servers: Servers, n: int = 2) -> tuple[list[SimBackend], list[str]]:
+def sim_pool(own_servers: Servers, n: int = 2) -> tuple[list[SimBackend], list[str]]:
     sims = [SimBackend(f"sim{i}", api_key=f"key-{i}") for i in range(1, n + 1)]
-    return sims, [servers.start(sim) for sim in sims]
+    return sims, [own_servers.start(sim) for sim in sims]
 
 
 def azure_client(url: str) -> openai.AzureOpenAI:
@@ -94,10 +83,10 @@ def test_row_keys_escape_what_table_keys_forbid_and_stay_distinct():
     assert row_key("1", "%2F") != row_key("1", "/")
 
 
-def test_a_backend_one_instance_saw_throttled_gets_nothing_from_another_within_refresh(servers, azurite, table):
-    sims, urls = sim_pool(servers)
-    url_a, _ = start_proxy(servers, urls, azurite, table)
-    url_b, proxy_b = start_proxy(servers, urls, azurite, table)
+def test_a_backend_one_instance_saw_throttled_gets_nothing_from_another_within_refresh(own_servers, azurite, table):
+    sims, urls = sim_pool(own_servers)
+    url_a, _ = start_proxy(own_servers, urls, azurite, table)
+    url_b, proxy_b = start_proxy(own_servers, urls, azurite, table)
     a, b = azure_client(url_a), azure_client(url_b)
     assert chat(b)[0] == 200  # B is up and serving
 
@@ -119,15 +108,15 @@ def test_a_backend_one_instance_saw_throttled_gets_nothing_from_another_within_r
     assert proxy_b.store.health()["healthy"] is True
 
 
-def test_an_idle_instance_knows_of_another_instances_429_before_its_first_request(servers, azurite, table):
-    sims, urls = sim_pool(servers)
+def test_an_idle_instance_knows_of_another_instances_429_before_its_first_request(own_servers, azurite, table):
+    sims, urls = sim_pool(own_servers)
     prefer_1 = {"BACKEND_1_PRIORITY": "1", "BACKEND_2_PRIORITY": "2"}  # without the news, B would pick 1
-    url_a, _ = start_proxy(servers, urls, azurite, table, **prefer_1)
-    url_b, _ = start_proxy(servers, urls, azurite, table, **prefer_1)  # B gets no request until the end
+    url_a, _ = start_proxy(own_servers, urls, azurite, table, **prefer_1)
+    url_b, proxy_b = start_proxy(own_servers, urls, azurite, table, **prefer_1)  # B gets no request until the end
     sims[0].throttle_next, sims[0].retry_after = 1, 30
     assert chat(azure_client(url_a)) == (200, "2")
     assert sims[0].count(429) == 1
-    time.sleep((REFRESH_MS + 500) / 1000)
+    wait_until(lambda: proxy_b.store.cooling_until("1", "chat", time.time()) > 0, "B's poller to read A's row")
     calls_before = len(sims[0].calls)
     b = azure_client(url_b)
     assert [chat(b) for _ in range(5)] == [(200, "2")] * 5
@@ -135,25 +124,18 @@ def test_an_idle_instance_knows_of_another_instances_429_before_its_first_reques
 
 
 def test_an_instance_that_saw_a_backend_near_its_quota_learns_of_its_first_429_within_milliseconds(
-    servers, azurite, table
+    own_servers, azurite, table
 ):
     sims = [SimBackend("sim1", api_key="key-1", requests_per_window=5), SimBackend("sim2", api_key="key-2")]
-    urls = [servers.start(sim) for sim in sims]
+    urls = [own_servers.start(sim) for sim in sims]
     slow = {"LB_STATE_REFRESH_MS": "60000", "BACKEND_1_PRIORITY": "1", "BACKEND_2_PRIORITY": "2"}
-    url_a, _ = start_proxy(servers, urls, azurite, table, **slow)
-    url_b, proxy_b = start_proxy(servers, urls, azurite, table, **slow)  # its poller alone would take a minute
+    url_a, _ = start_proxy(own_servers, urls, azurite, table, **slow)
+    url_b, proxy_b = start_proxy(own_servers, urls, azurite, table, **slow)  # its poller alone would take a minute
     a, b = azure_client(url_a), azure_client(url_b)
     assert [chat(b) for _ in range(4)] == [(200, "1")] * 4  # backend 1 answers "1 request left" of 5
     assert chat(a) == (200, "1")  # the last one
     assert chat(a) == (200, "2")  # A meets the 429, fails over and writes the cooldown
-    deadline = time.monotonic() + 5
-    while True:  # the row is in the table (a background write)
-        try:
-            read_row(azurite, table, "1", "chat")
-            break
-        except Exception:
-            assert time.monotonic() < deadline, "instance A never wrote the cooldown"
-            time.sleep(0.01)
+    wait_until(lambda: read_row_or_none(azurite, table, "1", "chat"), "A's background write of the cooldown", 5)
 
     raw = b.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
     assert (raw.headers["x-lb-backend"], raw.headers["x-lb-attempts"]) == ("2", "1")
@@ -204,12 +186,12 @@ def test_a_shorter_cooldown_never_replaces_a_longer_one_and_the_writer_learns_th
     assert learned == pytest.approx(now + 40)
 
 
-def test_proxy_keeps_answering_through_a_table_outage_and_shares_state_again_after(servers, azurite, table, caplog):
+def test_proxy_keeps_answering_through_a_table_outage_and_shares_state_again_after(own_servers, azurite, table, caplog):
     if azurite.external_url:
         pytest.skip("cannot stop an Azurite we did not start (AZURITE_TABLE_URL is set)")
     caplog.set_level(logging.INFO, logger="lb.state")
-    sims, urls = sim_pool(servers)
-    url, proxy = start_proxy(servers, urls, azurite, table)
+    sims, urls = sim_pool(own_servers)
+    url, proxy = start_proxy(own_servers, urls, azurite, table)
     client = azure_client(url)
     status = httpx.Client(base_url=url, timeout=10)
     assert chat(client)[0] == 200
@@ -246,11 +228,8 @@ def test_proxy_keeps_answering_through_a_table_outage_and_shares_state_again_aft
         await other.close()
         return seen, other
 
-    deadline = time.monotonic() + 5
-    while not read_row_or_none(azurite, table, "1", "chat"):
-        assert time.monotonic() < deadline, "the cooldown seen during the outage never reached the table"
-        time.sleep(0.05)
-    seen, _ = servers.run(other_instance())
+    wait_until(lambda: read_row_or_none(azurite, table, "1", "chat"), "the outage-time cooldown to reach the table", 5)
+    seen, _ = own_servers.run(other_instance())
     assert seen > time.time() + 20
     deadline = time.monotonic() + 5
     while not proxy.store.cooling_until("2", "other-deployment", time.time()):
@@ -299,9 +278,9 @@ def test_a_cooldown_already_written_is_written_again_when_the_table_comes_back_e
     assert read_row_or_none(azurite, table, "1", "chat") is not None
 
 
-def test_happy_path_sends_no_table_reads_or_writes_and_at_most_one_query_per_refresh(servers, azurite, table):
-    _, urls = sim_pool(servers, 3)
-    url, proxy = start_proxy(servers, urls, azurite, table)
+def test_happy_path_sends_no_table_reads_or_writes_and_at_most_one_query_per_refresh(own_servers, azurite, table):
+    _, urls = sim_pool(own_servers, 3)
+    url, proxy = start_proxy(own_servers, urls, azurite, table)
     with httpx.Client(base_url=url, timeout=10) as client:
         body = {"messages": MESSAGES}
         path = f"/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
@@ -357,11 +336,11 @@ def blackhole() -> Iterator[str]:
     sock.close()
 
 
-def test_a_table_that_never_answers_does_not_slow_requests(servers, blackhole, table, caplog):
-    _, urls = sim_pool(servers)
+def test_a_table_that_never_answers_does_not_slow_requests(own_servers, blackhole, table, caplog):
+    _, urls = sim_pool(own_servers)
     cs = connection_string(blackhole)
     started = time.monotonic()
-    url, proxy = start_proxy(servers, urls, Azurite(external_url=blackhole), table)
+    url, proxy = start_proxy(own_servers, urls, Azurite(external_url=blackhole), table)
     assert time.monotonic() - started < 5  # the first load gives up after FIRST_LOAD_SECONDS
     with httpx.Client(base_url=url, timeout=10) as client:
         path = f"/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
@@ -376,16 +355,16 @@ def test_a_table_that_never_answers_does_not_slow_requests(servers, blackhole, t
     assert proxy.store.health()["ops"]["queries"] <= 4  # while degraded, retries are spaced out
 
 
-def test_a_rejected_key_is_a_degraded_store_not_a_failing_proxy(servers, azurite, table, caplog):
-    _, urls = sim_pool(servers)
+def test_a_rejected_key_is_a_degraded_store_not_a_failing_proxy(own_servers, azurite, table, caplog):
+    _, urls = sim_pool(own_servers)
     wrong = Azurite(external_url=azurite.table_url)
     wrong_key = base64.b64encode(b"not the key" * 6).decode()
     settings = StateSettings(connection_string=wrong.connection_string.replace(ACCOUNT_KEY, wrong_key), table=table)
-    url, proxy = start_proxy(servers, urls, azurite, table)  # a healthy instance, for contrast
+    url, proxy = start_proxy(own_servers, urls, azurite, table)  # a healthy instance, for contrast
     store = TableStore(settings)
-    servers.run(store.start())
+    own_servers.run(store.start())
     health = store.health()
-    servers.run(store.close())
+    own_servers.run(store.close())
     assert health["healthy"] is False and "403" in health["last_error"]
     assert wrong_key not in caplog.text and wrong_key not in str(health)
     assert proxy.store.health()["healthy"] is True

@@ -73,6 +73,7 @@ def recorded() -> Recorded:
 
 
 # Off --------------------------------------------------------------------------------------------
+@pytest.mark.e2e  # a fresh interpreter
 def test_without_a_connection_string_telemetry_is_the_no_op_and_nothing_is_imported():
     code = (
         "import lb.app, lb.telemetry, sys; t = lb.telemetry.create_telemetry({}); "
@@ -247,6 +248,7 @@ print(type(httpx.AsyncClient.send).__name__, [type(h).__name__ for h in logging.
 """
 
 
+@pytest.mark.e2e  # a real process and a fake ingestion endpoint on a socket
 def test_with_a_connection_string_attempts_and_counters_reach_the_ingestion_endpoint(ingestion, tmp_path):
     """A real process, the real distro, a fake Application Insights on 127.0.0.1."""
     connection = f"InstrumentationKey={FAKE_KEY};IngestionEndpoint=http://127.0.0.1:{ingestion.server_port}/"

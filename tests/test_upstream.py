@@ -12,7 +12,8 @@ import pytest
 
 from lb.upstream import AiohttpTransport
 
-pytestmark = pytest.mark.anyio  # anyio's pytest plugin (anyio comes with httpx) runs the async tests
+# On loopback sockets; anyio's pytest plugin (anyio comes with httpx) runs the async tests and fixtures.
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 MAX_JSON_BYTES = 32 * 1024 * 1024  # a JSON answer larger than this is relayed but not metered
 MAX_EVENT_BYTES = 8 * 1024 * 1024  # ... nor is a stream event larger than this
@@ -64,7 +64,7 @@ def from_object(obj: Any) -> Usage | None:
     return Usage(prompt, completion, total, cached, reasoning)
 
 
-def _count(value: Any) -> bool:
+def _count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

@@ -208,10 +208,11 @@ def rank(key: int, backends: Sequence[Backend]) -> list[int]:
     draws = [_mix(key ^ _seed(b.name)) for b in backends]
     weights = {b.weight for b in backends}
     if len(weights) > 1 or 0 in weights:
-        draws = [
+        scores = [
             b.weight / -math.log(((d >> 11) | 1) * 2.0**-53) if b.weight > 0 else -1.0
             for b, d in zip(backends, draws, strict=True)
         ]
+        return sorted(range(len(backends)), key=scores.__getitem__, reverse=True)
     return sorted(range(len(backends)), key=draws.__getitem__, reverse=True)
 
 

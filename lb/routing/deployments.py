@@ -16,6 +16,7 @@ booked against a backend.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from urllib.parse import quote
 
@@ -24,7 +25,7 @@ from lb.config import Backend
 from lb.requestinfo import RequestInfo
 
 
-async def located(info: RequestInfo, backends: list[Backend]) -> RequestInfo:
+async def located(info: RequestInfo, backends: Sequence[Backend]) -> RequestInfo:
     """`info` with its body's `model` spans found, when a backend renames the deployment of this call
     that names it in its body (`/openai/v1/...`, `/openai/responses`)."""
     deployment = info.deployment

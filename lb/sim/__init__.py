@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,7 +198,7 @@ class SimBackend:
         _CACHED_TOKENS.set(cached)  # each ASGI call is its own task: stored-response paths read it there
         return prompt, cached
 
-    async def _json(self, send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] = ()) -> None:
+    async def _json(self, send: Send, status: int, body: Any, extra: Sequence[tuple[bytes, bytes]] = ()) -> None:
         data = json.dumps(body).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra]
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -418,6 +418,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# How long `Servers.stop` lets requests still in flight finish before cancelling them: a simulated
+# backend told never to answer would otherwise hold uvicorn's graceful shutdown forever.
+STOP_GRACE_SECONDS = 1  # whole seconds: uvicorn types it as int
+
+
 class Servers:
     """Runs ASGI apps under uvicorn on 127.0.0.1 in one background thread with its own loop.
 
@@ -436,9 +441,15 @@ class Servers:
         import uvicorn
 
         port = port or free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", access_log=False)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="critical",
+            access_log=False,
+            timeout_graceful_shutdown=STOP_GRACE_SECONDS,
+        )
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
         self._done.append(asyncio.run_coroutine_threadsafe(server.serve(), self.loop))
         deadline = time.monotonic() + 10
         while not server.started:
@@ -451,6 +462,18 @@ class Servers:
     def run(self, coro: Awaitable[Any], timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
+    async def _close_leftovers(self) -> None:
+        """Close what the servers' shutdown left open (connections of answers cut at the grace, tasks of
+        raw servers a test started on this loop), so the garbage collector finds no socket to warn about."""
+        for server in self._servers:
+            for connection in list(server.server_state.connections):
+                connection.transport.close()
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # closed transports release their sockets on the next turn
+
     def stop(self) -> None:
         for server in self._servers:
             server.should_exit = True
@@ -459,8 +482,14 @@ class Servers:
                 done.result(10)
             except Exception:  # a server that failed to stop cleanly must not fail the caller
                 pass
+        try:
+            self.run(self._close_leftovers(), timeout=5)
+        except Exception:  # as above: stopping is best effort
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 async def read_body(receive: Receive) -> bytes:

@@ -96,7 +96,16 @@ class SimObjects:
         await backend._json(send, status, content, rate)
 
     # Responses ----------------------------------------------------------------------------------
-    def _responses(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload, params) -> Any:
+    def _responses(
+        self,
+        backend: SimBackend,
+        method: str,
+        rest: list[str],
+        headers: dict[str, str],
+        body: bytes,
+        payload: Any,
+        params: dict[str, str],
+    ) -> Any:
         if not rest:
             if not isinstance(payload, dict):
                 return 400, _error("We could not parse the JSON body of your request.", "invalid_request_error")
@@ -139,7 +148,8 @@ class SimObjects:
         for file_id in _input_file_ids(request.get("input")):
             if file_id not in self.files:
                 return _missing("File", file_id, "input")
-        for item in request.get("input") if isinstance(request.get("input"), list) else []:
+        items = request.get("input")
+        for item in items if isinstance(items, list) else []:
             if isinstance(item, dict) and item.get("type") == "reasoning" and item.get("id") not in self.reasoning:
                 return 400, _error(
                     f"The encrypted content for item {item.get('id')} could not be verified.",
@@ -168,7 +178,16 @@ class SimObjects:
         return 200, response
 
     # Conversations ------------------------------------------------------------------------------
-    def _conversations(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload, params) -> Any:
+    def _conversations(
+        self,
+        backend: SimBackend,
+        method: str,
+        rest: list[str],
+        headers: dict[str, str],
+        body: bytes,
+        payload: Any,
+        params: dict[str, str],
+    ) -> Any:
         if not rest and method == "POST":
             cid = f"conv_{uuid.uuid4().hex}"
             metadata = payload.get("metadata") if isinstance(payload, dict) else None
@@ -188,7 +207,16 @@ class SimObjects:
         return 200, self.conversations[cid]
 
     # Files --------------------------------------------------------------------------------------
-    def _files(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload, params) -> Any:
+    def _files(
+        self,
+        backend: SimBackend,
+        method: str,
+        rest: list[str],
+        headers: dict[str, str],
+        body: bytes,
+        payload: Any,
+        params: dict[str, str],
+    ) -> Any:
         if not rest and method == "POST":
             fields = _multipart(headers.get("content-type", ""), body)
             if "file" not in fields:
@@ -197,8 +225,8 @@ class SimObjects:
             purpose = fields.get("purpose", ("", b""))[1].decode() or "batch"
             return 200, self._add_file(filename or "upload.jsonl", content, purpose)
         if not rest:
-            purpose = params.get("purpose")
-            files = [f for f in self.files.values() if purpose is None or f["purpose"] == purpose]
+            wanted = params.get("purpose")
+            files = [f for f in self.files.values() if wanted is None or f["purpose"] == wanted]
             return _page(files, params, *FILES_LIMIT)
         fid = rest[0]
         if fid not in self.files:
@@ -226,7 +254,16 @@ class SimObjects:
         return self.files[fid]
 
     # Batches ------------------------------------------------------------------------------------
-    def _batches(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload, params) -> Any:
+    def _batches(
+        self,
+        backend: SimBackend,
+        method: str,
+        rest: list[str],
+        headers: dict[str, str],
+        body: bytes,
+        payload: Any,
+        params: dict[str, str],
+    ) -> Any:
         if not rest and method == "POST":
             request = payload if isinstance(payload, dict) else {}
             input_file = request.get("input_file_id")
@@ -265,7 +302,16 @@ class SimObjects:
         return 200, batch
 
     # Fine-tuning jobs ---------------------------------------------------------------------------
-    def _fine_tuning(self, backend: SimBackend, method: str, rest: list[str], headers, body, payload, params) -> Any:
+    def _fine_tuning(
+        self,
+        backend: SimBackend,
+        method: str,
+        rest: list[str],
+        headers: dict[str, str],
+        body: bytes,
+        payload: Any,
+        params: dict[str, str],
+    ) -> Any:
         if not rest or rest[0] != "jobs":
             return 404, _error("Resource not found.", "invalid_request_error")
         rest = rest[1:]

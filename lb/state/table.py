@@ -314,7 +314,7 @@ class TableStore(CooldownStore):
             except RuntimeError:  # no event loop (a sync caller): the next publish in a loop will write it
                 return
             self._writers[key] = task
-            task.add_done_callback(lambda _t, key=key: self._writers.pop(key, None))
+            task.add_done_callback(lambda _t: self._writers.pop(key, None))
 
     async def _write_pending(self, key: tuple[str, str]) -> None:
         while (entry := self._pending.pop(key, None)) is not None:
