@@ -41,9 +41,9 @@ def run_demo() -> int:
     ]
     servers = Servers()
     try:
-        # The same short "hello" every call: with prompt-cache affinity it would stay on one backend,
-        # so these scenarios show the random spread; cached_conversation shows affinity.
-        env = {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_MAX_COOLDOWN_SECONDS": "10", "LB_AFFINITY": "off"}
+        # Default settings: the same short "hello" every call is too short for Azure to cache, so
+        # prompt-cache affinity leaves it to the random pick; cached_conversation shows affinity at work.
+        env = {"LB_CLIENT_KEYS": CLIENT_KEY, "LB_MAX_COOLDOWN_SECONDS": "10"}
         for i, backend in enumerate(backends, start=1):
             env[f"BACKEND_{i}_URL"] = servers.start(backend)
             env[f"BACKEND_{i}_APIKEY"] = backend.api_key or ""
@@ -71,7 +71,7 @@ def run_demo() -> int:
         print(f"   backend-1 is back in rotation: served {back} of the last 10 calls")
         backends[0].requests_per_window = None  # its quota lifted: the next scenario is about routing
         conversation = _conversation(proxy_url)
-        cached_ok = cached_conversation(servers, {k: v for k, v in env.items() if k != "LB_AFFINITY"})
+        cached_ok = cached_conversation(servers, env)
     finally:
         servers.stop()
 
