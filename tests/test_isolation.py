@@ -139,3 +139,17 @@ def test_a_large_body_is_read_to_its_end_for_the_ids_it_names(pool):
             answer = http.post("/openai/v1/responses", content=raw.encode(), headers={"content-type": JSON_TYPE})
             assert answer.status_code == 404 and "alice's secret" not in answer.text, key
     assert backend_calls(pool) == calls
+
+
+def test_a_list_one_backend_cannot_give_is_an_error_never_a_short_list(pool):
+    alice = pool.v1("key-a")
+    for i in range(4):
+        alice.files.create(file=(f"{i}.jsonl", io.BytesIO(b"{}\n")), purpose="batch")
+    pool.backends[1].fail_status = 500
+    try:
+        with pytest.raises(openai.APIStatusError) as failed:
+            alice.files.list()
+        assert failed.value.status_code == 502 and "incomplete" in failed.value.message
+    finally:
+        pool.backends[1].fail_status = None
+    assert len(list(alice.files.list())) == 4

@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lb import errors, headers
-from lb.attempt import RETRYABLE_STATUS, Attempts, Call, discard
+from lb.attempt import RETRYABLE_STATUS, Attempts, Call
 from lb.auth import Client
 from lb.config import Backend, Settings
 from lb.objects import routes
@@ -213,10 +213,12 @@ class ObjectRouter:
             if status in RETRYABLE_STATUS:
                 until = self.attempts.cooling_until(backend, info)
                 retry_at = min(retry_at or until, until) if until else retry_at
-                unsure = _buffered(upstream, await _read_raw(upstream), backend, len(call.tried), call.own_url)
+                unsure = _buffered(
+                    upstream, await _read_raw(upstream, call.deadline), backend, len(call.tried), call.own_url
+                )
                 continue
             if status in (400, 404):
-                raw = await _read_raw(upstream)
+                raw = await _read_raw(upstream, call.deadline)
                 if _says_not_found(status, raw):
                     answer = _buffered(upstream, raw, backend, len(call.tried), call.own_url)
                     continue
@@ -273,14 +275,17 @@ class ObjectRouter:
                 outcome = await self.attempts.send(page, backend, lambda: False)  # page.tried is call.tried
                 if outcome.relayed is not None:
                     return outcome.relayed
-                if outcome.upstream is None or outcome.upstream.status_code != 200:
-                    if outcome.upstream is not None:
-                        await discard(outcome.upstream)
+                listed = None
+                if outcome.upstream is not None:
+                    ok = outcome.upstream.status_code == 200
+                    raw = await _read_raw(outcome.upstream, call.deadline, MAX_LIST_BYTES)
+                    listed = _page(raw) if ok else None
+                if listed is None:  # a short list would pass for the whole pool's: refused instead
                     return errors.BadGateway(
                         f"Backend '{backend.name}' could not list its {objects.collection.path[-1]}; the pool's list"
                         " would be incomplete. Please retry."
                     ).response({"Retry-After": "1", "x-lb-attempts": str(len(call.tried))})
-                data, more = _page(await _read_raw(outcome.upstream, MAX_LIST_BYTES))
+                data, more = listed
                 for item in data:
                     object_id = item.get("id")
                     if isinstance(object_id, str) and (mine is None or object_id in mine):
@@ -351,13 +356,14 @@ def _limit(raw: str | None) -> int:
     return int(raw)
 
 
-def _page(raw: bytes) -> tuple[list[dict[str, Any]], bool]:
+def _page(raw: bytes) -> tuple[list[dict[str, Any]], bool] | None:
+    """A backend's page of a list: its objects and whether more follow; None when it is not one."""
     try:
         payload = json.loads(raw)
     except (ValueError, RecursionError):
-        return [], False
+        return None
     if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
-        return [], False
+        return None
     return [o for o in payload["data"] if isinstance(o, dict)], payload.get("has_more") is True
 
 
@@ -388,16 +394,18 @@ def _says_not_found(status: int, raw: bytes) -> bool:
     )
 
 
-async def _read_raw(upstream: httpx.Response, limit: int = MAX_ERROR_BYTES) -> bytes:
+async def _read_raw(upstream: httpx.Response, deadline: float, limit: int = MAX_ERROR_BYTES) -> bytes:
+    """An answer read whole (decoded), up to `limit` bytes and the request's deadline: what arrived by then."""
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in upstream.aiter_bytes():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                break
-    except httpx.HTTPError:
+        async with asyncio.timeout_at(deadline):
+            async for chunk in upstream.aiter_bytes():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    break
+    except (httpx.HTTPError, TimeoutError):
         pass
     finally:
         await upstream.aclose()
