@@ -71,12 +71,14 @@ class Proxy:
                 await self.store.start()
                 await self.metering.start()
                 await self.objects.records.start()
+                await self.balancer.start()
                 self._started = True
 
     async def close(self) -> None:
         await self.store.close()
         await self.metering.close()
         await self.objects.records.close()
+        await self.balancer.close()
         await self.transport.aclose()
         await self.backend_auth.close()
         self.telemetry.close()
