@@ -194,6 +194,7 @@ class Proxy:
             "objects": self.objects.report(),
             "policy": self.balancer.policy,
             "affinity": "on" if self.balancer.affinity else "off",
+            "affinity_share": self.balancer.share.health() if self.balancer.share else None,
             "max_attempts": self.settings.max_attempts,
             "timeout_seconds": self.settings.timeout_seconds,
         }

@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from lb.config import POLICIES, Backend
 from lb.routing.affinity import Affinity, cacheable, conversation_key, process_secret
@@ -44,6 +44,8 @@ class Shared(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
