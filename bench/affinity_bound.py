@@ -13,7 +13,8 @@ a fresh pool (`LB_POOL`) per run, each call to a random instance:
     (what a client could find without the pool's secret);
   - `crafted with the secret`: keys the pool's own, secret-keyed ranking puts on backend 1 (a client
     that learnt them by probing: the worst case; the secret read from the pool's table once its
-    instances started, so not run with --base or --state memory);
+    instances started; with --base, the secret main derived from the configuration; not run with
+    --state memory);
   - `one fixed key` for every call, and `a key per call` for comparison.
   For each: calls per backend, and the most any backend served of its fair share over every
   prefix of the run from the 30th call on (the issue's goal: at most 1.35x).
@@ -44,7 +45,7 @@ sys.path.insert(0, str(ROOT))  # also runnable as `python bench/affinity_bound.p
 from bench.procs import Server, lb_command  # noqa: E402
 from bench.throttle_instances import CLIENT_KEY, proxy_env  # noqa: E402
 from lb.config import load_settings  # noqa: E402
-from lb.routing.affinity import Affinity, _draw, conversation_key, rank  # noqa: E402
+from lb.routing.affinity import Affinity, _draw, conversation_key, pool_secret, rank  # noqa: E402
 from lb.sim import Servers, SimBackend  # noqa: E402
 from lb.state.affinity import read_secret  # noqa: E402
 from lb.state.table import make_table_client  # noqa: E402
@@ -79,11 +80,14 @@ def crafted_offline(n: int, names: list[str]) -> list[str]:
     return keys
 
 
-def crafted_with_secret(n: int, env: dict[str, str]) -> list[str]:
-    """Keys the pool's own, secret-keyed ranking puts first on backend 1: the worst a client can do."""
+def crafted_with_secret(n: int, env: dict[str, str], derived: bool = False) -> list[str]:
+    """Keys the pool's own, secret-keyed ranking puts first on backend 1: the worst a client can do.
+
+    `derived`: the secret main derived from the configuration (names, URLs, API keys), for --base.
+    """
     settings = load_settings(env)
     backends = list(settings.backends)
-    affinity = Affinity(table_secret(settings.state))
+    affinity = Affinity(pool_secret(backends) if derived else table_secret(settings.state))
     first = next(i for i, b in enumerate(backends) if b.name == "1")
     keys: list[str] = []
     i = 0
@@ -177,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--base", default=None, help="run this checkout's proxy instead (e.g. main's)")
     parser.add_argument("--state", choices=["table", "memory"], default="table")
+    parser.add_argument("--only", default="", help="run only the scenarios whose name contains this")
     parser.add_argument("--seed", type=int, default=23)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
@@ -197,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
             ("60 identical short calls, LB_AFFINITY=off", off, lambda env: [HELLO] * 60),
             ("crafted offline", on, lambda env: offline),
         ]
-        if args.base is None and azurite is not None:
+        if azurite is not None:  # --base: main's secret, derived from the configuration
+            derived = args.base is not None
             scenarios.append(
                 (
                     "crafted with the secret",
                     on,
-                    lambda env: [long_body(k) for k in crafted_with_secret(args.calls, env)],
+                    lambda env: [long_body(k) for k in crafted_with_secret(args.calls, env, derived)],
                 )
             )
         scenarios += [
@@ -215,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         for n in args.instances:
             for name, env, bodies in scenarios:
+                if args.only not in name:
+                    continue
                 picks = run(n, env, bodies, args.base, args.seed)
                 counts = Counter(picks)
                 row = {

@@ -78,9 +78,7 @@ def create_proxy(settings: Settings) -> Proxy:
     if settings.state.kind == "table" and proxy.balancer.affinity is not None:  # one secret and bound for the pool
         from lb.state.affinity import AffinityShare
 
-        proxy.balancer.share = AffinityShare(
-            settings.state, proxy.balancer.affinity, settings.backends, store.instance_id
-        )
+        proxy.balancer.share = AffinityShare(settings.state, proxy.balancer.affinity, store.instance_id)
     return proxy
 
 

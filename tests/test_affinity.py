@@ -149,16 +149,26 @@ def test_every_instance_with_the_pools_secret_picks_alike_without_sharing_counts
     assert len(first) == 1
 
 
-def test_alone_each_process_ranks_with_its_own_random_secret_whatever_the_configuration():
-    """Entra-only backends have no key: a secret derived from names and URLs would be predictable."""
-    entra_only = tuple(Backend(n, f"https://{n}") for n in ("a", "b", "c"))
-    secrets = set()
+def local_secrets(backends: tuple[Backend, ...]) -> set[bytes]:
+    found = set()
     for _ in range(5):
-        affinity = Balancer(entra_only, MemoryStore(), affinity=True).affinity
+        affinity = Balancer(backends, MemoryStore(), affinity=True).affinity
         assert affinity is not None
-        secrets.add(affinity.secret)
-    assert len(secrets) == 5 and all(len(s) == 32 for s in secrets)
-    assert pool_secret(entra_only) not in secrets
+        found.add(affinity.secret)
+    return found
+
+
+def test_entra_only_backends_have_no_key_to_hide_the_ranking_so_each_process_draws_a_secret():
+    """A secret derived from names and URLs alone would be predictable (as it was on main)."""
+    entra_only = tuple(Backend(n, f"https://{n}") for n in ("a", "b", "c"))
+    found = local_secrets(entra_only)
+    assert len(found) == 5 and all(len(s) == 32 for s in found)
+    assert pool_secret(entra_only) not in found
+
+
+def test_with_api_keys_every_process_derives_one_secret_no_client_can():
+    with_keys = tuple(Backend(n, f"https://{n}", api_key=f"key-{n}") for n in ("a", "b", "c"))
+    assert local_secrets(with_keys) == {pool_secret(with_keys)}
 
 
 def test_a_cooling_backend_passes_the_conversation_to_its_next_and_gets_it_back():

@@ -18,7 +18,7 @@ from azure.data.tables.aio import TableClient
 
 from lb.app import create_app
 from lb.config import Backend, StateSettings, load_settings
-from lb.routing.affinity import Affinity, pool_secret
+from lb.routing.affinity import Affinity, local_secret, pool_secret
 from lb.sim import Servers, SimBackend
 from lb.state.affinity import AffinityShare, read_secret
 from tests.azurite import Azurite
@@ -33,7 +33,7 @@ def settings(azurite: Azurite, table: str) -> StateSettings:
 
 
 def share(state: StateSettings, name: str) -> AffinityShare:
-    return AffinityShare(state, Affinity(), ENTRA_ONLY, name)
+    return AffinityShare(state, Affinity(local_secret(ENTRA_ONLY)), name)
 
 
 def test_every_instance_reads_one_random_secret_that_the_configuration_does_not_give_away(azurite: Azurite):
@@ -81,7 +81,7 @@ def test_instances_count_each_other_and_share_their_recent_calls(azurite: Azurit
     asyncio.run(run())
 
 
-def test_an_unreachable_table_ranks_with_the_configurations_secret_and_says_so_once(
+def test_an_unreachable_table_leaves_the_local_secret_and_says_so_once(
     caplog: pytest.LogCaptureFixture,
 ):
     state = StateSettings(
@@ -92,7 +92,7 @@ def test_an_unreachable_table_ranks_with_the_configurations_secret_and_says_so_o
     )
 
     async def run() -> AffinityShare:
-        down = AffinityShare(state, Affinity(), ENTRA_ONLY, "a", op_timeout=0.5)
+        down = AffinityShare(state, Affinity(b"this process's"), "a", op_timeout=0.5)
         await down.start()
         await down.round()
         await down.close()
@@ -100,8 +100,8 @@ def test_an_unreachable_table_ranks_with_the_configurations_secret_and_says_so_o
 
     with caplog.at_level(logging.WARNING, logger="lb.state.affinity"):
         down = asyncio.run(run())
-    assert down.affinity.secret == pool_secret(ENTRA_ONLY)  # alike on every instance meanwhile
-    assert down.health()["healthy"] is False and down.health()["secret"] == "configuration"
+    assert down.affinity.secret == b"this process's"
+    assert down.health()["healthy"] is False and down.health()["secret"] == "local"
     assert len([r for r in caplog.records if "unreachable" in r.getMessage()]) == 1
 
 

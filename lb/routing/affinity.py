@@ -12,8 +12,8 @@ and that message, or the Responses API's `instructions` and first user `input`),
 turn repeats. Found by byte search and one bounded decode, not by parsing the body: a prompt of
 megabytes costs what its head costs.
 
-The key, hashed again with a random secret of the pool (created once in the state table and read
-by every instance, `lb.state.affinity`; per process when state is in memory), ranks the candidates
+The key, hashed again with a secret of the pool no client knows (random, created once in the state
+table and read by every instance, `lb.state.affinity`; in memory: `local_secret`), ranks the candidates
 by weighted rendezvous hashing: every instance ranks alike, a backend leaving the group moves only
 its own conversations, and no client can work out offline which keys a backend ranks first.
 Two bounds keep load off any one backend:
@@ -288,11 +288,9 @@ class RecentLoad:
 
 
 def pool_secret(backends: Sequence[Backend]) -> bytes:
-    """A secret every instance of the pool derives alike from its configuration: a hash of the
-    backends' names, URLs and API keys. Only a stand-in, while the table's random secret cannot be
-    read (`lb.state.affinity`): a pool whose backends all use Entra ID has no key to hash, so a
-    client who knows the names and URLs could work it out.
-    """
+    """A secret every instance derives alike from its configuration: a hash of the backends' names,
+    URLs and API keys. No client sees a backend key, so with keys no client can work it out; a pool
+    whose backends all use Entra ID has none, and its names and URLs may be known."""
     digest = hashlib.blake2b(b"lb-affinity", digest_size=32)
     for backend in sorted(backends, key=lambda b: b.name):
         for part in (backend.name, backend.url, backend.api_key or ""):
@@ -301,8 +299,12 @@ def pool_secret(backends: Sequence[Backend]) -> bytes:
     return digest.digest()
 
 
-def process_secret() -> bytes:
-    """A random secret for a pool whose state is in memory (one instance: nobody to agree with)."""
+def local_secret(backends: Sequence[Backend]) -> bytes:
+    """The secret before (or without) the state table's: `pool_secret` when some backend has an API
+    key (every instance alike, and unpredictable), else random for this process (unpredictable; with
+    state in memory there is one instance, and with the Table the table's secret replaces it)."""
+    if any(b.api_key for b in backends):
+        return pool_secret(backends)
     return secrets.token_bytes(32)
 
 

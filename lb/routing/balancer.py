@@ -17,7 +17,7 @@ Two policies (`LB_POLICY`) differ only in the weights inside the group:
 With prompt-cache affinity on (`LB_AFFINITY`, `lb.routing.affinity`), a call whose prompt Azure
 could cache (1,024 tokens or more) and that names a conversation is not drawn at random: the group
 is ranked in the conversation's own order (weighted rendezvous hashing over the configured weights,
-keyed with a random secret of the pool, the same on every instance) and the first backend not over its
+keyed with a secret of the pool no client knows, the same on every instance) and the first backend not over its
 share of recent calls takes it. A shorter call is drawn exactly as with affinity off. Who is in
 the group is decided as before (cooling, tried, exhausted or short under `headroom`, deployment,
 priority), so failover, headroom's holds and a caller's restriction of the candidates all win
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lb.config import POLICIES, Backend
-from lb.routing.affinity import Affinity, cacheable, conversation_key, process_secret
+from lb.routing.affinity import Affinity, cacheable, conversation_key, local_secret
 from lb.routing.headroom import Headroom, estimate_tokens
 from lb.state import ANY_DEPLOYMENT, CooldownStore
 
@@ -97,7 +97,7 @@ class Balancer:
         self.headroom = headroom or Headroom()
         self._by_headroom = policy == "headroom"
         self._rng = rng or random.Random()
-        self.affinity = Affinity(process_secret()) if affinity else None
+        self.affinity = Affinity(local_secret(self.backends)) if affinity else None
         self.share: Shared | None = None  # with state in the Table: the pool's secret and instances (lb.state.affinity)
 
     async def start(self) -> None:

@@ -5,8 +5,9 @@ Why it is built this way:
   instance must use the same one, and no client may be able to work it out. It is a random
   32 bytes, inserted once into the table (if absent: the first instance wins, the others read
   it) and read at start-up. Until it is read (the table unreachable at start-up) each instance
-  ranks with `pool_secret`, a hash of the configuration that is the same on every instance;
-  the table's secret replaces it once read (conversations reshuffle once).
+  ranks with `local_secret` (a hash of the configuration with its API keys, alike on every
+  instance; random per process for Entra-only backends, which have no key to hide it); the
+  table's secret replaces it once read (conversations reshuffle once).
 - The hard load bound is held by each instance on its own recent calls, and before an instance
   has seen enough calls it allows a backend a share of a small allowance; the allowances of all
   instances add up, so each needs to know how many instances there are. Each instance upserts
@@ -33,8 +34,8 @@ from typing import Any
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
-from lb.config import Backend, StateSettings
-from lb.routing.affinity import Affinity, RecentLoad, pool_secret
+from lb.config import StateSettings
+from lb.routing.affinity import Affinity, RecentLoad
 from lb.state.table import TableOps, make_table_client
 
 log = logging.getLogger("lb.state.affinity")
@@ -54,7 +55,6 @@ class AffinityShare:
         self,
         settings: StateSettings,
         affinity: Affinity,
-        backends: tuple[Backend, ...] | list[Backend],
         instance_id: str,
         *,
         interval: float | None = None,
@@ -70,8 +70,7 @@ class AffinityShare:
         self.ops = TableOps()
         self.healthy = True
         self.last_error: str | None = None
-        self.secret_source = "configuration"  # until the table's secret is read
-        affinity.secret = pool_secret(backends)  # the same on every instance while the table is out of reach
+        self.secret_source = "local"  # lb.routing.affinity.local_secret, until the table's secret is read
         affinity.shared_after = 2 * self.interval  # a call this long after the last: the pool's view is fresh
         self._client, self._credential = make_table_client(settings, op_timeout, self.ops)
         self._task: asyncio.Task[None] | None = None
