@@ -78,7 +78,9 @@ def create_proxy(settings: Settings) -> Proxy:
     if settings.state.kind == "table" and proxy.balancer.affinity is not None:  # one secret and bound for the pool
         from lb.state.affinity import AffinityShare
 
-        proxy.balancer.share = AffinityShare(settings.state, proxy.balancer.affinity, store.instance_id)
+        proxy.balancer.share = AffinityShare(
+            settings.state, proxy.balancer.affinity, store.instance_id, table_answers=lambda: store.health()["healthy"]
+        )
     return proxy
 
 

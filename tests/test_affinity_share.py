@@ -25,6 +25,10 @@ from tests.azurite import Azurite
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
+UNREACHABLE = (
+    "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;"
+    "TableEndpoint=http://127.0.0.1:9/devstoreaccount1;"
+)
 ENTRA_ONLY = (Backend("1", "https://one.openai.azure.com"), Backend("2", "https://two.openai.azure.com"))
 
 
@@ -84,12 +88,7 @@ def test_instances_count_each_other_and_share_their_recent_calls(azurite: Azurit
 def test_an_unreachable_table_leaves_the_local_secret_and_says_so_once(
     caplog: pytest.LogCaptureFixture,
 ):
-    state = StateSettings(
-        connection_string="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;"
-        "TableEndpoint=http://127.0.0.1:9/devstoreaccount1;",
-        table="nowhere",
-        refresh_ms=50,
-    )
+    state = StateSettings(connection_string=UNREACHABLE, table="nowhere", refresh_ms=50)
 
     async def run() -> AffinityShare:
         down = AffinityShare(state, Affinity(b"this process's"), "a", op_timeout=0.5)
@@ -103,6 +102,20 @@ def test_an_unreachable_table_leaves_the_local_secret_and_says_so_once(
     assert down.affinity.secret == b"this process's"
     assert down.health()["healthy"] is False and down.health()["secret"] == "local"
     assert len([r for r in caplog.records if "unreachable" in r.getMessage()]) == 1
+
+
+def test_start_up_does_not_wait_again_for_a_table_the_cooldown_store_found_out_of_reach():
+    state = StateSettings(connection_string=UNREACHABLE, table="nowhere", refresh_ms=50)
+
+    async def run() -> float:
+        share = AffinityShare(state, Affinity(b"this process's"), "a", op_timeout=1.5, table_answers=lambda: False)
+        started = time.monotonic()
+        await share.start()
+        took = time.monotonic() - started
+        await share.close()
+        return took
+
+    assert asyncio.run(run()) < 0.5
 
 
 def test_a_secret_row_is_only_read_where_creating_is_not_asked(azurite: Azurite):

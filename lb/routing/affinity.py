@@ -347,8 +347,8 @@ class Affinity:
         `min_calls` for a lone instance. Several instances each count only their own calls, so their
         allowances add up: each gets min_calls / instances**2, not / instances, because an instance
         that saw fewer than its share of a burst's first calls spends its allowance in full (the
-        offline model: / instances left a backend 1.40-1.45x its share at call 30 in 2-8% of runs,
-        / instances**2 at most 1.31x in 300 runs each of 2, 3 and 4 instances; docs/affinity.md).
+        offline model: / instances left a backend up to 1.45x its share after call 30 in 4 to 12 of
+        60 runs, / instances**2 at most 1.31x in 300 runs each of 2, 3 and 4; docs/affinity.md).
         """
         return self.min_calls / max(1, self.instances) ** 2
 

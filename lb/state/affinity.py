@@ -29,6 +29,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
@@ -60,6 +61,7 @@ class AffinityShare:
         interval: float | None = None,
         op_timeout: float = OP_TIMEOUT_SECONDS,
         live_seconds: float = LIVE_SECONDS,
+        table_answers: Callable[[], bool] = lambda: True,
     ) -> None:
         self.affinity = affinity
         self.instance_id = instance_id
@@ -73,16 +75,18 @@ class AffinityShare:
         self.secret_source = "local"  # lb.routing.affinity.local_secret, until the table's secret is read
         affinity.shared_after = 2 * self.interval  # a call this long after the last: the pool's view is fresh
         self._client, self._credential = make_table_client(settings, op_timeout, self.ops)
+        self._table_answers = table_answers  # False: the cooldown store just found the table out of reach
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
     # Lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         if self._task is None and not self._closed:
-            try:  # the secret before the first request, if the Table answers quickly
-                await asyncio.wait_for(self.round(), FIRST_LOAD_SECONDS)
-            except asyncio.TimeoutError as exc:
-                self._fault(exc)
+            if self._table_answers():  # else start-up has waited for that table once already
+                try:  # the secret before the first request, if the Table answers quickly
+                    await asyncio.wait_for(self.round(), FIRST_LOAD_SECONDS)
+                except asyncio.TimeoutError as exc:
+                    self._fault(exc)
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
