@@ -42,6 +42,7 @@ from bench.procs import percentile_ms  # noqa: E402
 from bench.throttle_instances import CLIENT_KEY, Instances, proxy_env  # noqa: E402
 from lb.routing.affinity import conversation_key  # noqa: E402
 from lb.sim import Servers, SimBackend  # noqa: E402
+from tests.azurite import start_azurite  # noqa: E402
 
 BACKENDS = 3
 OUT = ROOT / "bench" / "results" / "affinity.json"
@@ -74,12 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     urls = [servers.start(sim) for sim in sims]
     runs: list[dict[str, Any]] = []
     started = time.monotonic()
+    azurite = start_azurite() if args.state == "table" else None
     try:
         with tempfile.TemporaryDirectory(prefix="lb-affinity-") as logdir:
             for n in args.instances:
                 for throttled in args.throttling:
                     for routing in ("random", "affinity"):
-                        env = proxy_env(urls, {"LB_AFFINITY": "on" if routing == "affinity" else "off"})
+                        extra = {"LB_AFFINITY": "on" if routing == "affinity" else "off"}
+                        if azurite is not None:  # one table, a fresh pool per run: cooldowns, secret, instances
+                            extra |= {
+                                "LB_STATE_CONNECTION_STRING": azurite.connection_string,
+                                "LB_POOL": f"p{time.time_ns()}",
+                            }
+                        env = proxy_env(urls, extra)
                         run = {"instances": n, "throttled": throttled, "routing": routing}
                         spells = (args.period, args.spell) if throttled else None
                         run |= _run(Instances(n, env, logdir), sims, convs, spells, args.seed)
@@ -87,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(_line(run), flush=True)
     finally:
         servers.stop()
+        if azurite is not None:
+            azurite.close()
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(),
@@ -101,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             "prefill_seconds_per_1k_uncached": args.prefill,
             "throttle": f"backend 1: 429 for {args.spell:g} s of every {args.period:g}",
             "seed": args.seed,
+            "state": args.state,
         },
         "wall_seconds": round(time.monotonic() - started, 1),
         "key_cost_us": key_cost(convs),
@@ -228,6 +239,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--spread", type=float, default=20.0, help="seconds over which conversations start")
     parser.add_argument("--think", type=float, nargs=2, default=(0.5, 1.5), help="seconds between turns, min max")
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 4])
+    parser.add_argument(
+        "--state", choices=["memory", "table"], default="memory", help="table: the instances share one Azurite table"
+    )
     parser.add_argument("--throttling", type=int, nargs="+", default=[0, 1], choices=[0, 1])
     parser.add_argument("--latency", type=float, default=0.02, help="backend seconds before an answer")
     parser.add_argument("--prefill", type=float, default=0.02, help="backend seconds per 1,000 uncached tokens")

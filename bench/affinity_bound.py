@@ -1,9 +1,10 @@
 """Where prompt-cache affinity applies, and the load bound no client can steer (issue 23).
 
-    python -m bench.affinity_bound [--instances 1 4] [--base CHECKOUT]
+    python -m bench.affinity_bound [--instances 1 4] [--state table|memory] [--base CHECKOUT]
 
 Through real `python -m lb serve` processes (3 simulated backends, weights 1:1:1, default settings
-but for `LB_AFFINITY` where named), each call to a random instance:
+but for `LB_AFFINITY` where named), on one Azurite table (`--state memory`: each instance alone),
+a fresh pool (`LB_POOL`) per run, each call to a random instance:
 - 60 identical short calls ("Hello", 16 max tokens), with affinity on (the default) and off:
   calls per backend.
 - 300 calls with a long prompt (a 1,100-token system prompt, over Azure's 1,024-token caching
@@ -11,7 +12,9 @@ but for `LB_AFFINITY` where named), each call to a random instance:
   - `crafted offline`: keys the public hash ranks backend 1 first and whose draw keeps them there
     (what a client could find without the pool's secret);
   - `crafted with the secret`: keys the pool's own, secret-keyed ranking puts on backend 1 (a client
-    that learnt them by probing: the worst case; this checkout's ranking, so not run with --base);
+    that learnt them by probing: the worst case; the secret read from the pool's table once its
+    instances started; with --base, the secret main derived from the configuration; not run with
+    --state memory);
   - `one fixed key` for every call, and `a key per call` for comparison.
   For each: calls per backend, and the most any backend served of its fair share over every
   prefix of the run from the 30th call on (the issue's goal: at most 1.35x).
@@ -22,11 +25,14 @@ Writes bench/results/affinity-bound.json (`--out`).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import subprocess
 import sys
+import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,9 @@ from bench.throttle_instances import CLIENT_KEY, proxy_env  # noqa: E402
 from lb.config import load_settings  # noqa: E402
 from lb.routing.affinity import Affinity, _draw, conversation_key, pool_secret, rank  # noqa: E402
 from lb.sim import Servers, SimBackend  # noqa: E402
+from lb.state.affinity import read_secret  # noqa: E402
+from lb.state.table import make_table_client  # noqa: E402
+from tests.azurite import start_azurite  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "affinity-bound.json"
 API_VERSION = "2024-10-21"
@@ -49,6 +58,7 @@ SYSTEM = "You answer from the manual below, and only from it.\n" + "Manual text,
 HELLO = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
 AFTER = 30  # the bound is checked from this many calls on
 GOAL = 1.35  # no backend above this multiple of its fair share from AFTER calls on
+SETTLE_SECONDS = 2.5  # after the last instance started: every instance has read the others' rows (LB_STATE_REFRESH_MS)
 
 
 def long_body(key: str) -> dict[str, Any]:
@@ -70,10 +80,14 @@ def crafted_offline(n: int, names: list[str]) -> list[str]:
     return keys
 
 
-def crafted_with_secret(n: int, env: dict[str, str]) -> list[str]:
-    """Keys the pool's own, secret-keyed ranking puts first on backend 1: the worst a client can do."""
-    backends = list(load_settings(env).backends)
-    affinity = Affinity(pool_secret(backends))
+def crafted_with_secret(n: int, env: dict[str, str], derived: bool = False) -> list[str]:
+    """Keys the pool's own, secret-keyed ranking puts first on backend 1: the worst a client can do.
+
+    `derived`: the secret main derived from the configuration (names, URLs, API keys), for --base.
+    """
+    settings = load_settings(env)
+    backends = list(settings.backends)
+    affinity = Affinity(pool_secret(backends) if derived else table_secret(settings.state))
     first = next(i for i, b in enumerate(backends) if b.name == "1")
     keys: list[str] = []
     i = 0
@@ -84,6 +98,20 @@ def crafted_with_secret(n: int, env: dict[str, str]) -> list[str]:
             keys.append(f"s{i}")
         i += 1
     return keys
+
+
+def table_secret(state: Any) -> bytes:
+    """The pool's secret as its instances read it from the table."""
+
+    async def read() -> bytes | None:
+        client, _ = make_table_client(state, 5.0, lambda request: None)
+        async with client:
+            return await read_secret(client, f"{state.pool}.affinity", 5.0, create=False)
+
+    secret = asyncio.run(read())
+    if secret is None:
+        raise RuntimeError("the pool's instances wrote no secret")
+    return secret
 
 
 class _Named:
@@ -128,12 +156,20 @@ def send(urls: list[str], bodies: list[dict[str, Any]], seed: int) -> list[str]:
     return served
 
 
-def run(instances: int, env: dict[str, str], bodies: list[dict[str, Any]], base: str | None, seed: int) -> list[str]:
+Bodies = Callable[[dict[str, str]], list[dict[str, Any]]]
+
+
+def run(instances: int, env: dict[str, str], bodies: Bodies, base: str | None, seed: int) -> list[str]:
+    """Starts `instances` proxies (a fresh pool of the table), then sends what `bodies(env)` makes."""
     command = lb_command(base)
     args = ["serve"] if command else ["lb", "serve"]
+    if "LB_STATE_CONNECTION_STRING" in env:
+        env = {**env, "LB_POOL": f"p{time.time_ns()}"}
     servers = [Server(f"lb-{i}", args, env=env, command=command, quiet=True) for i in range(instances)]
     try:
-        return send([s.url for s in servers], bodies, seed)
+        if "LB_STATE_CONNECTION_STRING" in env:
+            time.sleep(SETTLE_SECONDS)
+        return send([s.url for s in servers], bodies(env), seed)
     finally:
         for server in servers:
             server.stop()
@@ -144,27 +180,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--base", default=None, help="run this checkout's proxy instead (e.g. main's)")
+    parser.add_argument("--state", choices=["table", "memory"], default="table")
+    parser.add_argument("--only", default="", help="run only the scenarios whose name contains this")
     parser.add_argument("--seed", type=int, default=23)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     sims = Servers()
     urls = [sims.start(SimBackend(f"sim{i}", api_key=f"key-{i}", latency=0.005)) for i in range(1, BACKENDS + 1)]
     rows: list[dict[str, Any]] = []
+    azurite = start_azurite() if args.state == "table" else None
     try:
-        on, off = proxy_env(urls, {}), proxy_env(urls, {"LB_AFFINITY": "off"})
+        state = (
+            {"LB_STATE_CONNECTION_STRING": azurite.connection_string, "LB_STATE_TABLE": "affbound"} if azurite else {}
+        )
+        on, off = proxy_env(urls, state), proxy_env(urls, {**state, "LB_AFFINITY": "off"})
         on.pop("LB_AFFINITY", None)  # the default, as a new user has it
         names = [str(i) for i in range(1, BACKENDS + 1)]
-        scenarios: list[tuple[str, dict[str, str], list[dict[str, Any]]]] = [
-            ("60 identical short calls, default", on, [HELLO] * 60),
-            ("60 identical short calls, LB_AFFINITY=off", off, [HELLO] * 60),
-            ("crafted offline", on, [long_body(k) for k in crafted_offline(args.calls, names)]),
+        offline = [long_body(k) for k in crafted_offline(args.calls, names)]
+        scenarios: list[tuple[str, dict[str, str], Bodies]] = [
+            ("60 identical short calls, default", on, lambda env: [HELLO] * 60),
+            ("60 identical short calls, LB_AFFINITY=off", off, lambda env: [HELLO] * 60),
+            ("crafted offline", on, lambda env: offline),
         ]
-        if args.base is None:
-            keys = crafted_with_secret(args.calls, on)
-            scenarios.append(("crafted with the secret", on, [long_body(k) for k in keys]))
+        if azurite is not None:  # --base: main's secret, derived from the configuration
+            derived = args.base is not None
+            scenarios.append(
+                (
+                    "crafted with the secret",
+                    on,
+                    lambda env: [long_body(k) for k in crafted_with_secret(args.calls, env, derived)],
+                )
+            )
         scenarios += [
-            ("one fixed key", on, [long_body("everyone")] * args.calls),
-            ("a key per call", on, [long_body(f"u{i}") for i in range(args.calls)]),
+            ("one fixed key", on, lambda env: [long_body("everyone")] * args.calls),
+            ("a key per call", on, lambda env: [long_body(f"u{i}") for i in range(args.calls)]),
         ]
         print(
             f"{'scenario':42} {'instances':>9}  calls per backend  most of fair share from call {AFTER}"
@@ -172,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         for n in args.instances:
             for name, env, bodies in scenarios:
+                if args.only not in name:
+                    continue
                 picks = run(n, env, bodies, args.base, args.seed)
                 counts = Counter(picks)
                 row = {
@@ -189,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         sims.stop()
+        if azurite is not None:
+            azurite.close()
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(args.base or str(ROOT)),
         "base": args.base,
+        "state": args.state,
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,12 @@ def create_proxy(settings: Settings) -> Proxy:
         from lb.metering.share import UsageShare
 
         proxy.metering.share = UsageShare(settings.state, proxy.metering, store.instance_id)
+    if settings.state.kind == "table" and proxy.balancer.affinity is not None:  # one secret and bound for the pool
+        from lb.state.affinity import AffinityShare
+
+        proxy.balancer.share = AffinityShare(
+            settings.state, proxy.balancer.affinity, store.instance_id, table_answers=lambda: store.health()["healthy"]
+        )
     return proxy
 
 

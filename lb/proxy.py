@@ -71,12 +71,14 @@ class Proxy:
                 await self.store.start()
                 await self.metering.start()
                 await self.objects.records.start()
+                await self.balancer.start()
                 self._started = True
 
     async def close(self) -> None:
         await self.store.close()
         await self.metering.close()
         await self.objects.records.close()
+        await self.balancer.close()
         await self.transport.aclose()
         await self.backend_auth.close()
         self.telemetry.close()
@@ -192,6 +194,7 @@ class Proxy:
             "objects": self.objects.report(),
             "policy": self.balancer.policy,
             "affinity": "on" if self.balancer.affinity else "off",
+            "affinity_share": self.balancer.share.health() if self.balancer.share else None,
             "max_attempts": self.settings.max_attempts,
             "timeout_seconds": self.settings.timeout_seconds,
         }

@@ -35,8 +35,12 @@ def chat(*turns: str, **extra: object) -> bytes:
     return json.dumps({"messages": messages, **extra}).encode()
 
 
-def balancer(*backends: Backend, policy: str = "random") -> Balancer:
-    return Balancer(backends, MemoryStore(), rng=random.Random(7), policy=policy, affinity=True)
+def balancer(*backends: Backend, policy: str = "random", secret: bytes = b"the pool's") -> Balancer:
+    """With a fixed secret, as every instance of a pool has (the table's); alone a process draws its own."""
+    lb = Balancer(backends, MemoryStore(), rng=random.Random(7), policy=policy, affinity=True)
+    assert lb.affinity is not None
+    lb.affinity.secret = secret
+    return lb
 
 
 def three(**weights: float) -> tuple[Backend, ...]:
@@ -139,10 +143,32 @@ def test_the_same_conversation_gets_the_same_backend_turn_after_turn():
     assert len(picks) == 1
 
 
-def test_every_instance_picks_alike_without_sharing_anything():
+def test_every_instance_with_the_pools_secret_picks_alike_without_sharing_counts():
     body = chat("Summarise the report")
     first = {balancer(*three()).pick("chat", NOW, need=balancer(*three()).demand(body)).name for _ in range(10)}
     assert len(first) == 1
+
+
+def local_secrets(backends: tuple[Backend, ...]) -> set[bytes]:
+    found = set()
+    for _ in range(5):
+        affinity = Balancer(backends, MemoryStore(), affinity=True).affinity
+        assert affinity is not None
+        found.add(affinity.secret)
+    return found
+
+
+def test_entra_only_backends_have_no_key_to_hide_the_ranking_so_each_process_draws_a_secret():
+    """A secret derived from names and URLs alone would be predictable (as it was on main)."""
+    entra_only = tuple(Backend(n, f"https://{n}") for n in ("a", "b", "c"))
+    found = local_secrets(entra_only)
+    assert len(found) == 5 and all(len(s) == 32 for s in found)
+    assert pool_secret(entra_only) not in found
+
+
+def test_with_api_keys_every_process_derives_one_secret_no_client_can():
+    with_keys = tuple(Backend(n, f"https://{n}", api_key=f"key-{n}") for n in ("a", "b", "c"))
+    assert local_secrets(with_keys) == {pool_secret(with_keys)}
 
 
 def test_a_cooling_backend_passes_the_conversation_to_its_next_and_gets_it_back():
@@ -215,8 +241,8 @@ def test_recent_calls_fade_with_their_half_life():
 @pytest.mark.parametrize("secret", ["k1", "k2", "k3", "k4"])
 def test_many_conversations_load_backends_by_weight_within_fifteen_percent(secret: str):
     """Each pool secret is another draw of which conversations go where: 2-13% off over eight of them."""
-    backends = tuple(Backend(b.name, b.url, weight=b.weight, api_key=secret) for b in three(a=2.0))
-    lb = balancer(*backends)
+    backends = three(a=2.0)
+    lb = balancer(*backends, secret=secret.encode())
     rng = random.Random(3)
     counts: Counter[str] = Counter()
     now = NOW
@@ -322,7 +348,7 @@ def test_one_heavy_prompt_cache_key_spreads_its_overflow():
     assert worst_share(picks) <= 1.35, Counter(picks)
 
 
-def test_the_order_is_keyed_with_a_secret_every_instance_of_the_pool_shares():
+def test_the_configurations_stand_in_secret_is_alike_everywhere_and_not_the_public_order():
     pool = three()
     same = tuple(Backend(b.name, b.url) for b in pool)
     rotated = tuple(Backend(b.name, b.url, api_key="new") for b in pool)
@@ -332,3 +358,70 @@ def test_the_order_is_keyed_with_a_secret_every_instance_of_the_pool_shares():
     assert [first.order(k, pool) for k in keys] == [Affinity(pool_secret(same)).order(k, pool) for k in keys]
     assert sum(first.order(k, pool) != rank(k, pool) for k in keys) > 150  # not the public hash's order
     assert sum(first.order(k, pool) != second.order(k, pool) for k in keys) > 150
+
+
+# Several instances --------------------------------------------------------------------------------
+def pool_of(instances: int, seed: int) -> list[Affinity]:
+    """`instances` instances as lb.state.affinity leaves them: one secret, each knowing how many they are."""
+    return [Affinity(b"the pool's", instances=instances, _rng=random.Random(seed * 10 + i)) for i in range(instances)]
+
+
+def spread_calls(pool: list[Affinity], keys: list[int], seed: int, gap: float = 0.015) -> list[str]:
+    """Each call to a random instance, `gap` seconds apart (a burst: no instance is quiet)."""
+    backends, rng, picks = three(), random.Random(seed), []
+    for i, key in enumerate(keys):
+        picks.append(rng.choice(pool).choose(key, "chat", backends, [1.0, 1.0, 1.0], NOW + i * gap).name)
+    return picks
+
+
+@pytest.mark.parametrize("instances", [2, 3, 4])
+def test_keys_that_all_rank_one_backend_first_stay_under_the_bound_over_several_instances(instances: int):
+    """Each instance counts only its own calls: their allowances add up unless split (3x on main at 4)."""
+    one = Affinity(b"the pool's")
+    crafted = [k for k in range(20_000) if one.order(k, three())[0] == 0][:300]
+    for seed in range(20):
+        for keys in (crafted, [12345] * 300):  # keys crafted with the secret, and one fixed key
+            picks = spread_calls(pool_of(instances, seed), keys, seed)
+            assert worst_share(picks) <= 1.35, (seed, Counter(picks[:30]), Counter(picks))
+
+
+def test_each_instance_gets_a_part_of_the_allowance_of_a_quiet_pool():
+    assert [Affinity(instances=n).allowance for n in (1, 2, 4)] == [30.0, 7.5, 1.875]
+
+
+def test_a_quiet_instance_measures_the_bound_against_the_pools_counts():
+    backends, affinity = three(), Affinity(b"the pool's", instances=2, shared_after=2.0)
+    key = next(k for k in range(1000) if affinity.order(k, backends)[0] == 0)
+    others = RecentLoad()
+    for _ in range(13):  # the other instance put 13 of the pool's 13 recent calls on `a`: 1.3 x a third of 30
+        others.add("a", "chat", NOW)
+        others.add("", "chat", NOW)
+    affinity.others = RecentLoad()
+    assert affinity.choose(key, "chat", backends, [1.0] * 3, NOW, charge=False).name == "a"
+    affinity.others = others
+    assert affinity.choose(key, "chat", backends, [1.0] * 3, NOW, charge=False).name != "a"
+
+
+def test_a_lone_conversation_keeps_its_backend_in_a_quiet_pool_of_four_sharing_counts():
+    backends, pool = three(), pool_of(4, 1)
+    for affinity in pool:
+        affinity.shared_after = 2.0
+    rng, picks = random.Random(1), []
+    for turn in range(12):  # a turn every 5 s, each to a random instance, counts shared between turns
+        now = NOW + 5 * turn
+        for i, affinity in enumerate(pool):
+            affinity.others = RecentLoad()
+            for other in pool[:i] + pool[i + 1 :]:
+                affinity.others.merge(other.served.snapshot(now) + other.calls.snapshot(now), now)
+        picks.append(rng.choice(pool).choose(77, "chat", backends, [1.0] * 3, now).name)
+    assert len(set(picks)) == 1, picks
+
+
+def test_recent_counts_travel_as_a_snapshot_and_add_up():
+    mine, theirs = RecentLoad(half_life=10.0), RecentLoad(half_life=10.0)
+    mine.add("a", "chat", NOW)
+    theirs.add("a", "chat", NOW)
+    theirs.add("b", "chat", NOW - 1000)  # faded to nothing: not sent
+    theirs.merge(mine.snapshot(NOW + 10), NOW + 10)
+    assert theirs.get("a", "chat", NOW + 10) == pytest.approx(1.0)
+    assert [row[:2] for row in theirs.snapshot(NOW + 10)] == [["a", "chat"]]

@@ -100,6 +100,19 @@ def test_the_offline_model_replays_the_pick_and_affinity_beats_random():
     assert abs(sum(load) - 1) < 1e-9
 
 
+def test_the_offline_model_takes_backend_1_out_in_spells_and_compares_routers_no_proxy_can_be():
+    from bench.affinity_model import PERIOD, SPELL, most, replay
+
+    convs = conversations(40, 20.0, (0.5, 1.5), seed=3)
+    healthy, _ = replay(convs, 1, 0.95)
+    shares = {r: replay(convs, 1, 0.95, throttled=True, router=r) for r in ("affinity", "sticky", "oracle")}
+    at_random, load = replay(convs, 1, None, throttled=True)
+    assert load[0] < 1 / 3 * (1 - SPELL / PERIOD / 2)  # backend 1 misses its calls during the spells
+    assert shares["affinity"][0] < healthy  # a spell costs the cache of the turns it moves
+    assert at_random < shares["affinity"][0] <= shares["oracle"][0] <= most(convs) + 1e-9
+    assert shares["sticky"][1][0] < shares["affinity"][1][0]  # sticky keeps what the spells moved off backend 1
+
+
 def test_the_on_off_cost_run_measures_both_processes():
     from bench.affinity_cost import measure
 

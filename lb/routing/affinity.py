@@ -12,16 +12,18 @@ and that message, or the Responses API's `instructions` and first user `input`),
 turn repeats. Found by byte search and one bounded decode, not by parsing the body: a prompt of
 megabytes costs what its head costs.
 
-The key, hashed again with a secret of the pool (`pool_secret`: every instance derives the same
-one from its configuration, no client sees it), ranks the candidates by weighted rendezvous
-hashing: every instance ranks alike with no shared state, a backend leaving the group moves only
+The key, hashed again with a secret of the pool no client knows (random, created once in the state
+table and read by every instance, `lb.state.affinity`; in memory: `local_secret`), ranks the candidates
+by weighted rendezvous hashing: every instance ranks alike, a backend leaving the group moves only
 its own conversations, and no client can work out offline which keys a backend ranks first.
 Two bounds keep load off any one backend:
 - soft: a backend offered more than LOAD_FACTOR times its fair share of recent calls passes the
   excess on, always the same conversations, each to the next backend of its own order, where it
   settles (and is cached);
 - hard: a backend that has served LOAD_BOUND times its fair share of recent calls takes no more,
-  whatever keys clients send (crafted ones, or one heavy key): the call goes down its order.
+  whatever keys clients send (crafted ones, or one heavy key): the call goes down its order. Each
+  instance holds it on its own calls (so it holds over the pool), splitting the allowance of a
+  quiet pool with the other instances.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import re
+import secrets
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -239,7 +243,8 @@ class RecentLoad:
     """Calls this instance sent to each (backend, deployment) lately, each counting less as it ages.
 
     Per instance on purpose: every instance sees a fair sample of the traffic, so its own counts
-    say which backend is over its share without a Table read on the request path.
+    say which backend is over its share without a Table read on the request path. With state in
+    the Table the instances also publish them (`lb.state.affinity`), a second or two late.
     """
 
     half_life: float = LOAD_HALF_LIFE_SECONDS
@@ -252,6 +257,11 @@ class RecentLoad:
         count, since = self._counts.get((backend, deployment), (0.0, now))
         return count * 0.5 ** ((now - since) / self.half_life) if now > since else count
 
+    def last(self, backend: str, deployment: str) -> float | None:
+        """When the pair was last counted; None if never."""
+        entry = self._counts.get((backend, deployment))
+        return entry[1] if entry else None
+
     def count(self, backend: str, deployment: str, now: float, add: bool) -> float:
         """The count before this call, which is counted too when `add` (one look-up for both)."""
         before = self.get(backend, deployment, now)
@@ -259,21 +269,43 @@ class RecentLoad:
             self._counts[(backend, deployment)] = (before + 1.0, now)
         return before
 
+    def snapshot(self, now: float) -> list[list[str | float]]:
+        """Every count as of `now`, [backend, deployment, count], dropping those faded below 0.01."""
+        rows: list[list[str | float]] = []
+        for backend, deployment in list(self._counts):
+            count = self.get(backend, deployment, now)
+            if count >= 0.01:
+                rows.append([backend, deployment, round(count, 3)])
+            else:
+                del self._counts[(backend, deployment)]
+        return rows
+
+    def merge(self, rows: list[list[str | float]], now: float) -> None:
+        """Adds a `snapshot` of another instance's (taken as of `now`)."""
+        for backend, deployment, count in rows:
+            key = (str(backend), str(deployment))
+            self._counts[key] = (self.get(*key, now) + float(count), now)
+
 
 def pool_secret(backends: Sequence[Backend]) -> bytes:
-    """A secret every instance of the pool derives alike and no client knows: a hash of the backends'
-    API keys (with their names and URLs). Rankings keyed with it cannot be worked out offline.
-
-    A pool whose backends all use Entra ID has no key to hash: its secret is a hash of the names and
-    URLs, which a client who knows them could use. The hard bound holds all the same; only which
-    backend a crafted key lands on is then predictable.
-    """
+    """A secret every instance derives alike from its configuration: a hash of the backends' names,
+    URLs and API keys. No client sees a backend key, so with keys no client can work it out; a pool
+    whose backends all use Entra ID has none, and its names and URLs may be known."""
     digest = hashlib.blake2b(b"lb-affinity", digest_size=32)
     for backend in sorted(backends, key=lambda b: b.name):
         for part in (backend.name, backend.url, backend.api_key or ""):
             data = part.encode()
             digest.update(len(data).to_bytes(4, "little") + data)
     return digest.digest()
+
+
+def local_secret(backends: Sequence[Backend]) -> bytes:
+    """The secret before (or without) the state table's: `pool_secret` when some backend has an API
+    key (every instance alike, and unpredictable), else random for this process (unpredictable; with
+    state in memory there is one instance, and with the Table the table's secret replaces it)."""
+    if any(b.api_key for b in backends):
+        return pool_secret(backends)
+    return secrets.token_bytes(32)
 
 
 @dataclass
@@ -295,13 +327,30 @@ class Affinity:
     every backend within about 10% of its share).
     """
 
-    secret: bytes = b""  # pool_secret: ranks and draws keyed with it are the same on every instance
+    secret: bytes = b""  # the pool's: ranks and draws keyed with it are the same on every instance
     offered: RecentLoad = field(default_factory=RecentLoad)  # per backend: calls that reached it in order
     served: RecentLoad = field(default_factory=RecentLoad)  # per backend: calls it was picked for
     calls: RecentLoad = field(default_factory=RecentLoad)  # per deployment: calls picked (backend "")
     factor: float = LOAD_FACTOR
     bound: float = LOAD_BOUND
     min_calls: float = LOAD_MIN_CALLS
+    # Shared through the Table (lb.state.affinity); alone (state in memory) these stay as they are.
+    instances: int = 1  # live instances of the pool: each one's allowance is min_calls / instances**2
+    others: RecentLoad | None = None  # the other instances' served and calls, as last read
+    shared_after: float = 0.0  # a call this long after this instance's previous one reads the pool's counts
+    _rng: random.Random = field(default_factory=random.Random, repr=False)  # ties at the bound: a draw per call
+
+    @property
+    def allowance(self) -> float:
+        """Recent calls below which an instance measures the hard bound as if it had seen this many.
+
+        `min_calls` for a lone instance. Several instances each count only their own calls, so their
+        allowances add up: each gets min_calls / instances**2, not / instances, because an instance
+        that saw fewer than its share of a burst's first calls spends its allowance in full (the
+        offline model: / instances left a backend up to 1.45x its share after call 30 in 4 to 12 of
+        60 runs, / instances**2 at most 1.31x in 300 runs each of 2, 3 and 4; docs/affinity.md).
+        """
+        return self.min_calls / max(1, self.instances) ** 2
 
     def keyed(self, key: int) -> int:
         """The conversation key hashed with the pool's secret: what its order and draws derive from."""
@@ -328,14 +377,26 @@ class Affinity:
         """
         secret_key = self.keyed(key)
         order = rank(secret_key, members)
+        previous = self.calls.last("", deployment)
         total, weight = self.calls.count("", deployment, now, charge), sum(fair)
         balance = total >= self.min_calls  # else shares are chance: nobody moves by the soft bound
-        room = self.bound * max(total + 1.0, self.min_calls) / (weight or 1.0)  # hard bound per unit of fair weight
+        # Quiet here (no call for two refreshes): the pool's counts as last read are about complete, so
+        # the hard bound is the pool's, with the pool's allowance. Busy: this instance's own counts,
+        # whose 1.3x adds up to 1.3x over the pool, and its part of the allowance.
+        others = self.others if previous is None or now - previous >= self.shared_after else None
+        if others is not None:
+            pool_total = total + others.get("", deployment, now)
+            room = self.bound * max(pool_total + 1.0, self.min_calls) / (weight or 1.0)
+        else:
+            room = self.bound * max(total + 1.0, self.allowance) / (weight or 1.0)  # hard bound per unit of fair weight
         chosen = members[order[0]] if weight <= 0 else None  # no shares to measure: the conversation's first
         for i in order if chosen is None else ():
             backend = members[i]
             offers = self.offered.count(backend.name, deployment, now, charge)
-            if self.served.get(backend.name, deployment, now) + 1.0 > room * fair[i]:
+            served = self.served.get(backend.name, deployment, now)
+            if others is not None:
+                served += others.get(backend.name, deployment, now)
+            if served + 1.0 > room * fair[i]:
                 continue  # at its hard bound: down the order, whatever the soft bound says
             if not balance or i == order[-1]:
                 chosen = backend
@@ -344,9 +405,11 @@ class Affinity:
             if offers <= cap or _draw(secret_key, backend) >= 1.0 - cap / offers:
                 chosen = backend
                 break
-        if chosen is None:  # every backend at its bound (rare: weight-0 members): the least loaded for its share
+        if chosen is None:  # every backend at its bound: the least loaded for its share, ties drawn per call
             rest = [i for i in order if fair[i] > 0] or order
-            chosen = members[min(rest, key=lambda i: self.served.get(members[i].name, deployment, now) / fair[i])]
+            loads = {i: self.served.get(members[i].name, deployment, now) / fair[i] for i in rest}
+            least = min(loads.values())
+            chosen = members[self._rng.choice([i for i in rest if loads[i] <= least + 1e-9])]
         if charge:
             self.served.add(chosen.name, deployment, now)
         return chosen

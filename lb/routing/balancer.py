@@ -17,7 +17,7 @@ Two policies (`LB_POLICY`) differ only in the weights inside the group:
 With prompt-cache affinity on (`LB_AFFINITY`, `lb.routing.affinity`), a call whose prompt Azure
 could cache (1,024 tokens or more) and that names a conversation is not drawn at random: the group
 is ranked in the conversation's own order (weighted rendezvous hashing over the configured weights,
-keyed with a secret of the pool, the same on every instance) and the first backend not over its
+keyed with a secret of the pool no client knows, the same on every instance) and the first backend not over its
 share of recent calls takes it. A shorter call is drawn exactly as with affinity off. Who is in
 the group is decided as before (cooling, tried, exhausted or short under `headroom`, deployment,
 priority), so failover, headroom's holds and a caller's restriction of the candidates all win
@@ -30,11 +30,22 @@ from __future__ import annotations
 import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from lb.config import POLICIES, Backend
-from lb.routing.affinity import Affinity, cacheable, conversation_key, pool_secret
+from lb.routing.affinity import Affinity, cacheable, conversation_key, local_secret
 from lb.routing.headroom import Headroom, estimate_tokens
 from lb.state import ANY_DEPLOYMENT, CooldownStore
+
+
+class Shared(Protocol):
+    """What the balancer starts and closes with the proxy: `lb.state.affinity.AffinityShare`."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -86,7 +97,16 @@ class Balancer:
         self.headroom = headroom or Headroom()
         self._by_headroom = policy == "headroom"
         self._rng = rng or random.Random()
-        self.affinity = Affinity(pool_secret(self.backends)) if affinity else None
+        self.affinity = Affinity(local_secret(self.backends)) if affinity else None
+        self.share: Shared | None = None  # with state in the Table: the pool's secret and instances (lb.state.affinity)
+
+    async def start(self) -> None:
+        if self.share is not None:
+            await self.share.start()
+
+    async def close(self) -> None:
+        if self.share is not None:
+            await self.share.close()
 
     def need(self, body: bytes) -> int:
         """Tokens the request will take from a backend's quota; 0 (not computed) under `random`."""
