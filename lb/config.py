@@ -236,7 +236,8 @@ class Settings:
     on_azure: bool = False
     policy: str = DEFAULT_POLICY
     client_limits: dict[str, Limit] = field(default_factory=dict)  # LB_CLIENT_LIMITS, by client name
-    stream_usage: str = "as-sent"  # LB_STREAM_USAGE: "include" asks chat streams for their usage chunk
+    stream_usage: str = "as-sent"  # LB_STREAM_USAGE: "include": chat streams' clients get the usage chunk
+    reserve_tokens: dict[str, int] = field(default_factory=dict)  # LB_RESERVE_TOKENS, by deployment ("*": any)
     affinity: bool = DEFAULT_AFFINITY == "on"
 
     @property
@@ -287,6 +288,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         policy=_policy(env),
         client_limits=_client_limits(env, client_keys, entra),
         stream_usage=_choice(env, "LB_STREAM_USAGE", STREAM_USAGE_MODES),
+        reserve_tokens=_reservations(env),
         affinity=_affinity(env),
     )
 
@@ -299,6 +301,12 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     if raw.lower() not in choices:
         raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(choices)}")
     return raw.lower()
+
+
+def _reservations(env: Mapping[str, str]) -> dict[str, int]:
+    from lb.metering.quota import parse_reservations  # lb.metering.quota imports this module
+
+    return parse_reservations(env.get("LB_RESERVE_TOKENS", ""))
 
 
 def _client_limits(

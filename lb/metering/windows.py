@@ -44,6 +44,11 @@ class Windows:
         per_key = self._seconds.get(key, {})
         return ((s, per_key[s]) for s in sorted(per_key) if s >= start)
 
+    def minute_buckets(self, key: str, now: float) -> Iterator[tuple[int, list[int]]]:
+        """(minute, counts) of the buckets still in the hour window."""
+        start = int(now) // MINUTE - MINUTE + 1
+        return ((m, v) for m, v in self._minutes.get(key, {}).items() if m >= start)
+
     def keys(self) -> list[str]:
         return list(self._minutes)
 
