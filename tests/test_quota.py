@@ -5,17 +5,20 @@ import json
 import pytest
 
 from lb.config import ConfigError, load_settings
-from lb.metering.quota import ClientQuotaExceeded, Limit, Limiter, parse_limits
+from lb.metering import Metering
+from lb.metering.quota import (
+    BatchesNotAllowed,
+    ClientQuotaExceeded,
+    Limit,
+    Limiter,
+    parse_limits,
+    parse_reservations,
+)
+from lb.requestinfo import RequestInfo
+from lb.telemetry import Telemetry
 
 GUID = "0b3c5a6e-1f2d-4c8b-9a7e-2d4f6b8c0a1e"
 BACKEND = {"BACKEND_1_URL": "https://one.openai.azure.com"}
-
-
-def body(prompt_chars: int = 0, max_tokens: int | None = None) -> bytes:
-    payload: dict = {"model": "chat", "messages": [{"role": "user", "content": "x" * prompt_chars}]}
-    if max_tokens is not None:
-        payload["max_tokens"] = max_tokens
-    return json.dumps(payload).encode()
 
 
 def test_limits_parse_tokens_and_requests_per_minute() -> None:
@@ -116,3 +119,82 @@ def test_other_instances_counts_share_the_window() -> None:
     with pytest.raises(ClientQuotaExceeded) as refused:
         limiter.admit("app", 0, 56.0)
     assert refused.value.headers["Retry-After"] == "54"  # the others' calls of second 50 free first
+
+
+def test_batches_per_hour_parse_and_a_token_limit_alone_allows_no_batches() -> None:
+    limits = parse_limits("a=100tpm,b=100tpm/2bph,c=5rpm,d=0bph")
+    assert [limits[n].batch_allowance() for n in "abcd"] == [0, 2, None, 0]
+    limiter = Limiter(limits)
+    with pytest.raises(BatchesNotAllowed):
+        limiter.admit("a", 10, 0.0, batch=True)
+    limiter.admit("b", 10, 0.0, batch=True)
+    limiter.admit("b", 10, 100.0, batch=True)
+    with pytest.raises(ClientQuotaExceeded, match="2 batches per hour") as refused:
+        limiter.admit("b", 10, 200.0, batch=True)
+    assert int(refused.value.headers["Retry-After"]) == 3600 - 200  # the first batch's minute leaves the hour
+    assert limiter.admit("b", 10, 3601.0, batch=True) is not None
+    assert limiter.admit("c", 10, 0.0, batch=True) is not None  # no token limit: batches are not limited
+
+
+def test_reserve_tokens_parse_per_deployment_and_stop_start_up_when_malformed() -> None:
+    assert parse_reservations("") == {}
+    assert parse_reservations("4096") == {"*": 4096}
+    assert parse_reservations("chat=2000, gpt5=16000,*=512") == {"chat": 2000, "gpt5": 16000, "*": 512}
+    assert load_settings({**BACKEND, "LB_RESERVE_TOKENS": "chat=10"}).reserve_tokens == {"chat": 10}
+    for bad in ("lots", "chat=", "chat=1,chat=2", "=5"):
+        with pytest.raises(ConfigError, match=r"^LB_RESERVE_TOKENS: "):
+            load_settings({**BACKEND, "LB_RESERVE_TOKENS": bad})
+
+
+def info(path: str, payload: dict | None, deployment: str = "chat") -> RequestInfo:
+    return RequestInfo(raw_path=path, deployment=deployment, body=json.dumps(payload).encode() if payload else b"")
+
+
+def test_a_call_reserves_its_prompt_and_its_stated_or_default_output() -> None:
+    metering = Metering({}, Telemetry(), reserve={"chat": 2000, "*": 700})
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "x" * 400}]}
+    size = len(json.dumps(chat)) // 4
+    assert metering.reservation(info("/openai/v1/chat/completions", chat)) == size + 2000
+    assert metering.reservation(info("/openai/v1/chat/completions", chat, "other")) == size + 700
+    stated = {**chat, "max_completion_tokens": 50}
+    assert metering.reservation(info("/openai/v1/chat/completions", stated)) == len(json.dumps(stated)) // 4 + 50
+    assert metering.reservation(info("/openai/v1/responses?x=1", chat)) == size + 2000
+    assert metering.reservation(info("/openai/v1/embeddings", chat)) == size  # generates no output
+    assert metering.reservation(info("/openai/v1/responses/resp_1", None)) == 0  # a read
+    assert Metering({}, Telemetry()).reservation(info("/openai/v1/chat/completions", chat)) == size + 1024
+
+
+def test_a_call_longer_than_the_window_is_charged_in_the_minute_it_ends() -> None:
+    limiter = Limiter({"app": Limit(1000, None)})
+    charge = limiter.admit("app", 300, 0.0)
+    assert limiter.used("app", 90.0) == [0, 300]  # still reserved 90 s later
+    limiter.settle(charge, 800, 90.0)
+    assert limiter.used("app", 100.0) == [0, 800]
+    with pytest.raises(ClientQuotaExceeded):
+        limiter.admit("app", 300, 100.0)
+    assert limiter.used("app", 150.0) == [0, 0]
+
+
+def test_other_instances_reservations_count_against_the_limit() -> None:
+    limiter = Limiter({"app": Limit(1000, None)})
+    limiter.others_reserved = {"app": [1, 900]}
+    assert limiter.used("app", 0.0) == [0, 900]
+    with pytest.raises(ClientQuotaExceeded):
+        limiter.admit("app", 200, 0.0)
+    limiter.others_reserved = {}  # its call settled there
+    assert limiter.admit("app", 200, 0.0) is not None
+
+
+def test_usage_report_for_one_client_has_only_its_own_counts_and_limits() -> None:
+    metering = Metering({"a": Limit(1000, None), "b": Limit(None, 5)}, Telemetry(), clock=lambda: 100.0)
+    metering.record("a", "east", "chat", None, answered=True)
+    metering.record("b", "east", "chat", None, answered=True)
+    metering.limiter.admit("a", 300, 100.0)
+    everything = metering.report()
+    assert set(everything["clients"]) == {"a", "b"} and set(everything["limits"]) == {"a", "b"}
+    assert "backends" in everything
+    mine = metering.report(client="a")
+    assert set(mine["clients"]) == {"a"} and set(mine["limits"]) == {"a"} and "backends" not in mine
+    assert mine["limits"]["a"]["reserved"] == {"calls": 1, "tokens": 300}
+    assert mine["limits"]["a"]["unknown_usage_last_minute"] == 1
+    assert metering.report(client="nobody")["clients"] == {}
