@@ -7,6 +7,8 @@
   `limited` (60 rpm) asks for twice that, spread over the instances, for 3 minutes; client `free`
   (600 rpm) asks for 60 rpm. Prints what `limited` was served per minute (goal 0.9x-1.1x its limit),
   the 429s `free` got (goal none) and the Table writes per instance per second (goal <= 1).
+- `evasion`: client `bob` trying each way around its token limit of issue 22, alone and combined,
+  through 2 instances on one Azurite table, beside an honest client (`bench.quota_evasion`).
 - `overhead`: the hot path of this branch next to another checkout's (`--main`, default /work/main),
   and of this branch with a limit on the caller (Table state, counts shared), interleaved in one run
   with bench.overhead's pacing: added p50 over direct and CPU per request.
@@ -209,7 +211,7 @@ def hot_path(main: Path, calls: int, cpu_calls: int, stream_calls: int) -> dict[
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench quota", description=__doc__)
-    p.add_argument("what", nargs="?", choices=("limit", "accuracy", "overhead", "all"), default="limit")
+    p.add_argument("what", nargs="?", choices=("limit", "accuracy", "overhead", "evasion", "all"), default="limit")
     p.add_argument("--calls", type=int, default=1000, help="accuracy: mixed calls")
     p.add_argument("--instances", type=int, default=4)
     p.add_argument("--rpm", type=int, default=60)
@@ -218,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-calls", type=int, default=300)
     p.add_argument("--cpu-calls", type=int, default=1000)
     p.add_argument("--stream-calls", type=int, default=60)
+    p.add_argument("--seconds-each", type=float, default=300, help="evasion: seconds per way alone (0: skip)")
+    p.add_argument("--seconds-combined", type=float, default=300, help="evasion: seconds of all ways at once")
+    p.add_argument("--lb-root", default=None, help="evasion: run this checkout's lb (e.g. main's) instead")
     args = p.parse_args(argv)
     results: dict[str, Any] = {}
     if args.what in ("accuracy", "all"):
@@ -240,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print(markdown_table(["target", "added p50 ms", "added first-chunk p50 ms", "CPU ms/req"], rows))
         print(f"\nTable writes per second with the limit on: {o['limit_table_writes_per_second']}")
+    if args.what == "evasion":
+        from bench.quota_evasion import evasion
+
+        results["evasion"] = {"runs": evasion(args.seconds_each, args.seconds_combined, args.lb_root)}
     for part, result in results.items():
         out = ROOT / "bench" / "results" / f"quota-{part}.json"
         write_json({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **result}, out)
