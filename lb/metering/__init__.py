@@ -122,6 +122,8 @@ class Metering:
         plain = decoder(encoding) if reader is not None and encoding != "identity" else None
         if plain is not None:
             hide = None  # a compressed stream cannot be edited: relayed as sent
+        if hide is not None:  # the body will be shorter than the backend said, if it said
+            response.raw_headers = [(k, v) for k, v in response.raw_headers if k != b"content-length"]
         body = response.body_iterator
 
         async def metered() -> AsyncIterator[Any]:
