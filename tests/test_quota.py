@@ -198,3 +198,11 @@ def test_usage_report_for_one_client_has_only_its_own_counts_and_limits() -> Non
     assert mine["limits"]["a"]["reserved"] == {"calls": 1, "tokens": 300}
     assert mine["limits"]["a"]["unknown_usage_last_minute"] == 1
     assert metering.report(client="nobody")["clients"] == {}
+
+
+def test_a_read_reserving_nothing_passes_while_the_tokens_are_spent() -> None:
+    limiter = Limiter({"app": Limit(1000, None)})
+    limiter.settle(limiter.admit("app", 900, 0.0), 1500, 1.0)  # a response larger than the limit
+    with pytest.raises(ClientQuotaExceeded):
+        limiter.admit("app", 10, 2.0)
+    assert limiter.admit("app", 0, 2.0) is not None  # polling or reading it still works

@@ -13,7 +13,8 @@ Why it works this way:
   Settling puts what the call used in the bucket of the second it ended: a call longer than the
   window is charged when it ends, never in a bucket that already left the window.
 - A call is refused while the window is full (requests), or while its reservation does not fit in
-  what is left (tokens). A call larger than the whole limit still passes on an empty window (nothing
+  what is left (tokens); a call that reserves nothing (a read: polling a background response,
+  listing files) is not refused for tokens. A call larger than the whole limit still passes on an empty window (nothing
   charged, nothing reserved), as it would otherwise never pass. The 429 says when enough frees.
 - Batches run outside any minute window (Azure's global batch quota), so their tokens are not in
   `tpm`: a client with a token limit creates batches only as its `bph` allows (none without one).
@@ -153,7 +154,7 @@ class Limiter:
         if rpm is not None and used[REQUESTS] + 1 > rpm:
             wait = self._frees(client, now, REQUESTS, used[REQUESTS] + 1 - rpm)
             raise ClientQuotaExceeded(client, f"{rpm} requests per minute", wait, _remaining(limit, used))
-        if tpm is not None and used[TOKENS] > 0 and used[TOKENS] + estimate > tpm:
+        if tpm is not None and estimate > 0 and used[TOKENS] > 0 and used[TOKENS] + estimate > tpm:
             wait = self._frees(client, now, TOKENS, used[TOKENS] + estimate - tpm)
             raise ClientQuotaExceeded(client, f"{tpm} tokens per minute", wait, _remaining(limit, used))
         if batch:
