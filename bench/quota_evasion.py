@@ -238,11 +238,7 @@ def attack(names: list[str], seconds: float, lb_root: str | None) -> dict[str, A
         "busiest_60s": busiest_minute(served, start),
         "goal_60s": int(1.1 * LIMIT) + RESERVE + tokens(PROMPT),
         "charged_last_minute": limits.get("charged_last_minute", limits.get("used_last_minute", {}).get("tokens")),
-        "metered_tokens": charged.get("pool", {})
-        .get("clients", {})
-        .get("bob", {})
-        .get("last_hour", {})
-        .get("total_tokens"),
+        "metered_tokens": bob_hour.get("total_tokens"),
         "alice": honest,
     }
 
