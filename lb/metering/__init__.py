@@ -115,7 +115,9 @@ class Metering:
             return response
         backend, ok, stream = response.backend, 200 <= response.status_code < 300, response.event_stream
         readable = stream or "json" in response.upstream.headers.get("content-type", "")  # not audio, files, ...
-        responses = info is not None and "/responses" in info.raw_path.split("?", 1)[0]
+        path = info.raw_path.split("?", 1)[0].rstrip("/") if info is not None else ""
+        responses = "/responses" in path
+        read = responses and not path.endswith("/responses")  # a stored response read, polled or cancelled
         reader = UsageReader(stream, responses) if ok and readable else None
         hide = UsageChunkFilter() if reader is not None and stream and _hide_usage.get() else None
         encoding = response.upstream.headers.get("content-encoding", "identity").lower()
@@ -145,35 +147,50 @@ class Metering:
                     if out := hide.flush():
                         yield out
             finally:
-                self._settle(client, backend, deployment, charge, reader, ok)
+                self._settle(client, backend, deployment, charge, reader, ok, read)
 
         response.body_iterator = metered()
         return response
 
     # Settling --------------------------------------------------------------------------------
     def _settle(
-        self, client: str, backend: str, deployment: str | None, charge: Charge | None, reader: Any, ok: bool
+        self,
+        client: str,
+        backend: str,
+        deployment: str | None,
+        charge: Charge | None,
+        reader: Any,
+        ok: bool,
+        read: bool,
     ) -> None:
-        """An answer ended (whole or cut): count it and settle its reservation, once per response."""
+        """An answer ended (whole or cut): count it and settle its reservation, once per response.
+
+        A response made in the foreground was charged by the call that made it (through the
+        balancer: a client reads only its own objects, which were made through it), so reading it
+        is free. One made in the background is charged by the first read that shows it finished."""
         usage = reader.result() if reader is not None else None
         now = self.clock()
         rid = reader.response_id if reader is not None else None
-        if rid is None:
-            self.record(client, backend, deployment, usage, answered=ok)
-            self._charge(charge, usage.total if usage else (None if ok else 0), now)
+        if rid is None or not reader.background:
+            if read and rid is not None:  # a foreground response read again
+                self.record(client, backend, deployment, None, answered=False)
+                self._charge(charge, 0, now)
+            else:
+                self.record(client, backend, deployment, usage, answered=ok)
+                self._charge(charge, usage.total if usage else (None if ok else 0), now)
             return
         book = self.responses
         if book.charged(rid):  # read again: its tokens were charged when it was first seen finished
             self.record(client, backend, deployment, None, answered=False)
             self._charge(charge, 0, now)
-        elif reader.background and reader.status not in TERMINAL and usage is None:
+        elif reader.status not in TERMINAL and usage is None:
             self.record(client, backend, deployment, None, answered=False)  # counted once it finishes
             if rid in book.held:  # a poll of a response still being generated: free
                 self._charge(charge, 0, now)
             else:  # its create (or a cut background stream): the reservation waits for the response
                 book.held[rid] = Held(charge, client, backend, deployment, now)
                 self.version += 1
-        else:  # first seen finished (or a foreground answer, whole or cut)
+        else:  # first seen finished
             book.mark(rid, now)
             held = book.held.pop(rid, None)
             self.record(client, backend, deployment, usage, answered=True)

@@ -1,13 +1,14 @@
-"""Stored responses are charged once: when the balancer first sees one finished.
+"""Background responses are charged once: when the balancer first sees one finished.
 
-A Responses API answer names its response (`resp_...`). A response created with `background: true`
-answers at once (`queued`) and is generated afterwards; its usage shows only when a later read (a
-poll, or a resumed stream) finds it finished. So:
+A Responses API answer names its response (`resp_...`). One made in the foreground is charged by
+the call that made it, and reading it again is free (`lb.metering.Metering._settle`). One created
+with `background: true` answers at once (`queued`) and is generated afterwards; its usage shows
+only when a later read (a poll, or a resumed stream) finds it finished. So:
 - the create's reservation is held by the response's id (it still counts against the limit) until
   a read shows the response finished; then it is settled with that usage, in that minute;
 - every read after that (polling a finished response, retrieving a stored one) costs nothing;
 - a hold nobody settles within `HOLD_SECONDS` is charged its reservation.
-The ids charged lately are shared with the other instances (`lb.metering.share`), so a response
+The background ids charged lately are shared with the other instances (`lb.metering.share`), so a response
 created through one instance and polled through another is charged once, by the first to see it
 finished; the creating instance then lets its hold go.
 """
@@ -21,7 +22,8 @@ from lb.metering.quota import Charge
 
 TERMINAL = frozenset({"completed", "failed", "incomplete", "cancelled"})
 KEEP_SECONDS = 3600.0  # how long a charged id is remembered (a retrieval after that is charged again)
-SHARE_SECONDS = 900.0  # ids charged this recently go in this instance's shared row
+SHARE_SECONDS = 600.0  # ids charged this recently go in this instance's shared row ...
+SHARE_MAX = 1000  # ... at most this many, the newest (the row is written every second)
 MAX_IDS = 200_000  # bound on remembered ids (oldest forgotten first)
 HOLD_SECONDS = 3600.0  # a background response not seen finished within this is charged its reservation
 
@@ -57,9 +59,13 @@ class ResponseBook:
             self.charged_here.popitem(last=False)
 
     def recent(self, now: float) -> list[str]:
-        """Ids charged here within `SHARE_SECONDS`, newest last."""
-        since = now - SHARE_SECONDS
-        return [rid for rid, at in self.charged_here.items() if at >= since]
+        """Ids charged here within `SHARE_SECONDS` (the newest `SHARE_MAX`), newest last."""
+        since, recent = now - SHARE_SECONDS, []
+        for rid in reversed(self.charged_here):
+            if self.charged_here[rid] < since or len(recent) >= SHARE_MAX:
+                break
+            recent.append(rid)
+        return recent[::-1]
 
     def expired(self, now: float) -> list[tuple[str, Held]]:
         """Holds older than `HOLD_SECONDS`, taken out of the book."""
