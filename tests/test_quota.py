@@ -206,3 +206,16 @@ def test_a_read_reserving_nothing_passes_while_the_tokens_are_spent() -> None:
     with pytest.raises(ClientQuotaExceeded):
         limiter.admit("app", 10, 2.0)
     assert limiter.admit("app", 0, 2.0) is not None  # polling or reading it still works
+
+
+def test_between_share_rounds_an_instance_reserves_only_its_share_of_what_is_left() -> None:
+    limiter = Limiter({"app": Limit(3000, None)})
+    limiter.synced(2)
+    assert limiter.admit("app", 1000, 0.0) is not None  # the round's first call: up to all that is left
+    with pytest.raises(ClientQuotaExceeded) as refused:
+        limiter.admit("app", 1000, 0.1)  # 2,000 of 3,000 would leave the other instance nothing
+    assert refused.value.headers["Retry-After"] == "1"  # the next round
+    limiter.synced(2)
+    assert limiter.admit("app", 900, 0.2) is not None  # 2,000 left: 900 <= 1,000
+    alone = Limiter({"app": Limit(3000, None)})
+    assert alone.admit("app", 1000, 0.0) and alone.admit("app", 1000, 0.1)  # one instance: no split

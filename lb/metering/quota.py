@@ -12,6 +12,10 @@ Why it works this way:
   that takes, and counts against the limit meanwhile (on every instance, `lb.metering.share`).
   Settling puts what the call used in the bucket of the second it ended: a call longer than the
   window is charged when it ends, never in a bucket that already left the window.
+- Over several instances, each decides on a view of the others about a second old. So between two
+  share rounds an instance reserves for a client at most its share of what was left (what was
+  left / instances), past its first call of the round: the instances together cannot admit, in
+  that second, more than what was left, however fast the client spreads its calls over them.
 - A call is refused while the window is full (requests), or while its reservation does not fit in
   what is left (tokens); a call that reserves nothing (a read: polling a background response,
   listing files) is not refused for tokens. A call larger than the whole limit still passes on an empty window (nothing
@@ -142,6 +146,8 @@ class Limiter:
         self.others = Windows(WIDTH)  # ... by the other instances, as last read from the shared table
         self.reserved: dict[str, list[int]] = {}  # client -> [calls, tokens] in flight here
         self.others_reserved: dict[str, list[int]] = {}  # ... on the other instances
+        self.instances = 1  # instances sharing the limits, as last read (`lb.metering.share`)
+        self.unseen: dict[str, int] = {}  # client -> tokens reserved here since the last share round
 
     def admit(self, client: str, tokens: int, now: float, *, batch: bool = False) -> Charge | None:
         """Reserve `tokens` for the call or raise; None for a client without a limit."""
@@ -154,15 +160,21 @@ class Limiter:
         if rpm is not None and used[REQUESTS] + 1 > rpm:
             wait = self._frees(client, now, REQUESTS, used[REQUESTS] + 1 - rpm)
             raise ClientQuotaExceeded(client, f"{rpm} requests per minute", wait, _remaining(limit, used))
-        if tpm is not None and estimate > 0 and used[TOKENS] > 0 and used[TOKENS] + estimate > tpm:
-            wait = self._frees(client, now, TOKENS, used[TOKENS] + estimate - tpm)
-            raise ClientQuotaExceeded(client, f"{tpm} tokens per minute", wait, _remaining(limit, used))
+        if tpm is not None and estimate > 0 and used[TOKENS] > 0:
+            if used[TOKENS] + estimate > tpm:
+                wait = self._frees(client, now, TOKENS, used[TOKENS] + estimate - tpm)
+                raise ClientQuotaExceeded(client, f"{tpm} tokens per minute", wait, _remaining(limit, used))
+            unseen = self.unseen.get(client, 0)
+            if unseen and unseen + estimate > (tpm - used[TOKENS] + unseen) / self.instances:
+                raise ClientQuotaExceeded(client, f"{tpm} tokens per minute", 1.0, _remaining(limit, used))
         if batch:
             self._admit_batch(client, limit, now)
         self.local.add(client, now, (1, 0, 1 if batch else 0))
         held = self.reserved.setdefault(client, [0, 0])
         held[0] += 1
         held[1] += estimate
+        if estimate:
+            self.unseen[client] = self.unseen.get(client, 0) + estimate
         after = [used[REQUESTS] + 1, used[TOKENS] + estimate]
         return Charge(client, now, estimate, _remaining(limit, after))
 
@@ -175,6 +187,10 @@ class Limiter:
         made = self.local.hour(client, now)[BATCHES] + self.others.hour(client, now)[BATCHES]
         if made >= allowance:
             raise ClientQuotaExceeded(client, f"{allowance} batches per hour", self._batch_frees(client, now), {})
+
+    def synced(self, instances: int) -> None:
+        """A share round wrote this instance's reservations and read the others'."""
+        self.instances, self.unseen = max(1, instances), {}
 
     def settle(self, charge: Charge, tokens: int | None, now: float, requests: int = 1) -> None:
         """The call ended: release its reservation and charge, at `now`, `tokens` it used (None: what

@@ -199,6 +199,7 @@ class UsageShare:
             seen += 1
         self.metering.limiter.others = quota
         self.metering.limiter.others_reserved = reserved
+        self.metering.limiter.synced(seen)
         self.metering.responses.charged_elsewhere = frozenset(charged)
         self.pool_clients, self.pool_backends, self.instances = clients, backends, seen
 
@@ -217,6 +218,7 @@ class UsageShare:
         """Limits fall back to this instance's counts; only the first fault of an outage is logged."""
         self.metering.limiter.others = Windows(self.metering.limiter.local.width)
         self.metering.limiter.others_reserved = {}
+        self.metering.limiter.synced(1)
         status = getattr(exc, "status_code", None)
         first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
         self.last_error = f"{type(exc).__name__}{f' {status}' if status else ''}: {first_line}".rstrip(": ")
