@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds-each", type=float, default=300, help="evasion: seconds per way alone (0: skip)")
     p.add_argument("--seconds-combined", type=float, default=300, help="evasion: seconds of all ways at once")
     p.add_argument("--lb-root", default=None, help="evasion: run this checkout's lb (e.g. main's) instead")
+    p.add_argument("--ways", default=None, help="evasion: comma list (no_usage,background,concurrent,cut,gzip)")
     args = p.parse_args(argv)
     results: dict[str, Any] = {}
     if args.what in ("accuracy", "all"):
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "evasion":
         from bench.quota_evasion import evasion
 
-        results["evasion"] = {"runs": evasion(args.seconds_each, args.seconds_combined, args.lb_root)}
+        results["evasion"] = {"runs": evasion(args.seconds_each, args.seconds_combined, args.lb_root, args.ways and args.ways.split(","))}
     for part, result in results.items():
         out = ROOT / "bench" / "results" / f"quota-{part}.json"
         write_json({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **result}, out)
