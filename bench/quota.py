@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "evasion":
         from bench.quota_evasion import evasion
 
-        results["evasion"] = {"runs": evasion(args.seconds_each, args.seconds_combined, args.lb_root, args.ways and args.ways.split(","))}
+        ways = args.ways.split(",") if args.ways else None
+        results["evasion"] = {"runs": evasion(args.seconds_each, args.seconds_combined, args.lb_root, ways)}
     for part, result in results.items():
         out = ROOT / "bench" / "results" / f"quota-{part}.json"
         write_json({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **result}, out)
