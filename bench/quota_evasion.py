@@ -240,6 +240,7 @@ def attack(names: list[str], seconds: float, lb_root: str | None) -> dict[str, A
         "charged_last_minute": limits.get("charged_last_minute", limits.get("used_last_minute", {}).get("tokens")),
         "metered_tokens": bob_hour.get("total_tokens"),
         "alice": honest,
+        "served_at": [round(t - start, 2) for t, _ in sorted(served)],
     }
 
 

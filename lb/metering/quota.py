@@ -14,7 +14,7 @@ Why it works this way:
   window is charged when it ends, never in a bucket that already left the window.
 - Over several instances, each decides on a view of the others about a second old. So between two
   share rounds an instance reserves for a client at most its share of what was left (what was
-  left / instances), past its first call of the round: the instances together cannot admit, in
+  left / instances, at least 2 with a shared table), past its first call of the round: the instances together cannot admit, in
   that second, more than what was left, however fast the client spreads its calls over them.
 - A call is refused while the window is full (requests), or while its reservation does not fit in
   what is left (tokens); a call that reserves nothing (a read: polling a background response,

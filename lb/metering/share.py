@@ -199,7 +199,7 @@ class UsageShare:
             seen += 1
         self.metering.limiter.others = quota
         self.metering.limiter.others_reserved = reserved
-        self.metering.limiter.synced(seen)
+        self.metering.limiter.synced(max(seen, 2))  # another may be serving before its first row
         self.metering.responses.charged_elsewhere = frozenset(charged)
         self.pool_clients, self.pool_backends, self.instances = clients, backends, seen
 
