@@ -202,7 +202,7 @@ def test_reservations_in_flight_count_on_the_other_instance(servers, azurite) ->
     backend = SimBackend("s", api_key="key-1", chunks=40, chunk_gap=0.2)  # 8 s streams
     env = {
         "LB_CLIENT_KEYS": KEYS,
-        "LB_CLIENT_LIMITS": "bob=3000tpm",
+        "LB_CLIENT_LIMITS": "bob=2000tpm",
         "LB_RESERVE_TOKENS": str(RESERVE),
         "BACKEND_1_URL": servers.start(backend),
         "BACKEND_1_APIKEY": "key-1",
@@ -219,16 +219,16 @@ def test_reservations_in_flight_count_on_the_other_instance(servers, azurite) ->
                 http.post(a + "/openai/v1/chat/completions", json=body, headers={"api-key": BOB}).status_code
             )
 
-    threads = [threading.Thread(target=stream_on_a) for _ in range(2)]
+    threads = [threading.Thread(target=stream_on_a)]
     for t in threads:
         t.start()
-    until(lambda: limit_of(b)["used_last_minute"]["tokens"] >= 2 * RESERVE)  # b sees a's two calls in flight
+    until(lambda: limit_of(b)["used_last_minute"]["tokens"] >= RESERVE)  # b sees a's call in flight
     refused = httpx.post(b + "/openai/v1/chat/completions", json=body, headers={"api-key": BOB})
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "ClientQuotaExceeded"
     assert httpx.post(b + "/openai/v1/chat/completions", json=body, headers={"api-key": ALICE}).status_code == 200
     for t in threads:
         t.join()
-    assert streams == [200, 200]
+    assert streams == [200]
 
 
 def test_a_background_response_polled_through_another_instance_is_charged_once(servers, azurite) -> None:

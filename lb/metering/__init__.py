@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
-from lb.metering.quota import DEFAULT_RESERVE_TOKENS, Charge, Limit, Limiter
+from lb.metering.quota import DEFAULT_RESERVE_TOKENS, WINDOW, Charge, Limit, Limiter
 from lb.metering.responses import TERMINAL, Held, ResponseBook
 from lb.metering.usage import Usage, UsageChunkFilter, UsageReader, decoder, usage_requested
 from lb.metering.windows import Windows
@@ -256,7 +256,7 @@ class Metering:
 
     def _limit_report(self, name: str, limit: Limit, now: float, pool_clients: Windows | None) -> dict[str, Any]:
         requests, tokens = self.limiter.used(name, now)
-        charged = self.limiter.local.minute(name, now)[1] + self.limiter.others.minute(name, now)[1]
+        charged = self.limiter.local.minute(name, now, WINDOW)[1] + self.limiter.others.minute(name, now, WINDOW)[1]
         unknown = self.clients.minute(name, now)[-1] + (pool_clients.minute(name, now)[-1] if pool_clients else 0)
         return {
             "tokens_per_minute": limit.tokens_per_minute,

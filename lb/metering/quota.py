@@ -14,8 +14,9 @@ Why it works this way:
   window is charged when it ends, never in a bucket that already left the window.
 - Over several instances, each decides on a view of the others about a second old. So between two
   share rounds an instance reserves for a client at most its share of what was left (what was
-  left / instances, at least 2 with a shared table), past its first call of the round: the instances together cannot admit, in
-  that second, more than what was left, however fast the client spreads its calls over them.
+  left / instances, at least 2 with a shared table), counting what it reserved in the last two
+  rounds (the others may not have read the last one yet), past its first call: the instances
+  together cannot admit much more than what was left, however the client spreads its calls.
 - A call is refused while the window is full (requests), or while its reservation does not fit in
   what is left (tokens); a call that reserves nothing (a read: polling a background response,
   listing files) is not refused for tokens. A call larger than the whole limit still passes on an empty window (nothing
@@ -36,6 +37,9 @@ from lb.metering.windows import MINUTE, Windows
 
 REQUESTS, TOKENS, BATCHES = 0, 1, 2
 WIDTH = 3  # [requests, tokens, batches] per bucket
+# One-second buckets a quota's window sums: 61, so a charge counts for at least 60 s whatever the
+# fraction of its second (60 buckets would let it go after 59.x s, and a client spend 61 s' worth).
+WINDOW = MINUTE + 1
 DEFAULT_RESERVE_TOKENS = 1024  # output reserved for a generating call that names no maximum
 _LIMIT_RE = re.compile(r"(\d+)\s*(tpm|rpm|bph)", re.IGNORECASE)
 _UNITS = {"tpm": "tokens_per_minute", "rpm": "requests_per_minute", "bph": "batches_per_hour"}
@@ -147,7 +151,8 @@ class Limiter:
         self.reserved: dict[str, list[int]] = {}  # client -> [calls, tokens] in flight here
         self.others_reserved: dict[str, list[int]] = {}  # ... on the other instances
         self.instances = 1  # instances sharing the limits, as last read (`lb.metering.share`)
-        self.unseen: dict[str, int] = {}  # client -> tokens reserved here since the last share round
+        self.unseen: dict[str, int] = {}  # client -> tokens reserved here since the last share round ...
+        self.unseen_before: dict[str, int] = {}  # ... and in the round before (the others may not have read it)
 
     def admit(self, client: str, tokens: int, now: float, *, batch: bool = False) -> Charge | None:
         """Reserve `tokens` for the call or raise; None for a client without a limit."""
@@ -164,7 +169,7 @@ class Limiter:
             if used[TOKENS] + estimate > tpm:
                 wait = self._frees(client, now, TOKENS, used[TOKENS] + estimate - tpm)
                 raise ClientQuotaExceeded(client, f"{tpm} tokens per minute", wait, _remaining(limit, used))
-            unseen = self.unseen.get(client, 0)
+            unseen = self.unseen.get(client, 0) + self.unseen_before.get(client, 0)
             if unseen and unseen + estimate > (tpm - used[TOKENS] + unseen) / self.instances:
                 raise ClientQuotaExceeded(client, f"{tpm} tokens per minute", 1.0, _remaining(limit, used))
         if batch:
@@ -190,7 +195,7 @@ class Limiter:
 
     def synced(self, instances: int) -> None:
         """A share round wrote this instance's reservations and read the others'."""
-        self.instances, self.unseen = max(1, instances), {}
+        self.instances, self.unseen_before, self.unseen = max(1, instances), self.unseen, {}
 
     def settle(self, charge: Charge, tokens: int | None, now: float, requests: int = 1) -> None:
         """The call ended: release its reservation and charge, at `now`, `tokens` it used (None: what
@@ -212,7 +217,7 @@ class Limiter:
 
     def used(self, client: str, now: float) -> list[int]:
         """[requests, tokens] of this client over the last 60 seconds, pool-wide: charged plus reserved."""
-        mine, theirs = self.local.minute(client, now), self.others.minute(client, now)
+        mine, theirs = self.local.minute(client, now, WINDOW), self.others.minute(client, now, WINDOW)
         return [mine[REQUESTS] + theirs[REQUESTS], mine[TOKENS] + theirs[TOKENS] + self.reserved_tokens(client)]
 
     def reserved_tokens(self, client: str) -> int:
@@ -226,13 +231,13 @@ class Limiter:
         when their calls end: at least a second)."""
         merged: dict[int, int] = {}
         for windows in (self.local, self.others):
-            for second, values in windows.seconds(client, now):
+            for second, values in windows.seconds(client, now, WINDOW):
                 merged[second] = merged.get(second, 0) + values[index]
         freed = 0
         for second in sorted(merged):
             freed += merged[second]
             if freed >= excess:
-                return max(second + MINUTE - now, 1.0 if index == TOKENS else 0.001)
+                return max(second + WINDOW - now, 1.0 if index == TOKENS else 0.001)
         return 1.0  # held by calls in flight (or a limit lowered meanwhile): try again soon
 
     def _batch_frees(self, client: str, now: float) -> float:

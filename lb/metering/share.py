@@ -30,6 +30,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
 from lb.config import StateSettings
+from lb.metering.quota import WINDOW
 from lb.metering.windows import Windows
 from lb.state.table import TableOps, make_table_client
 
@@ -129,7 +130,7 @@ class UsageShare:
         version = self.metering.version
         data = json.dumps(
             {
-                "q": self.metering.limiter.local.buckets(now),
+                "q": self.metering.limiter.local.buckets(now, WINDOW),
                 "r": self.metering.limiter.reserved,  # client -> [calls, tokens] in flight here
                 "o": self.metering.responses.recent(now),  # responses charged here lately
                 "c": self.metering.clients.buckets(now),
