@@ -9,6 +9,8 @@
   the 429s `free` got (goal none) and the Table writes per instance per second (goal <= 1).
 - `evasion`: client `bob` trying each way around its token limit of issue 22, alone and combined,
   through 2 instances on one Azurite table, beside an honest client (`bench.quota_evasion`).
+- `streamend`: a streamed chat's last byte through this branch and `--main`, with and without
+  the client asking for usage (the balancer now always asks the backend).
 - `overhead`: the hot path of this branch next to another checkout's (`--main`, default /work/main),
   and of this branch with a limit on the caller (Table state, counts shared), interleaved in one run
   with bench.overhead's pacing: added p50 over direct and CPU per request.
@@ -209,9 +211,39 @@ def hot_path(main: Path, calls: int, cpu_calls: int, stream_calls: int) -> dict[
     }
 
 
+def stream_end(main: Path, calls: int) -> dict[str, Any]:
+    """Last-byte time of a streamed chat through this branch and `main`, the client asking for usage
+    or not: what the balancer's own request for the usage chunk costs a client that did not ask."""
+    backend = Server("backend", ["bench.backend", "--chunks", "20", "--chunk-gap", "0.02"])
+    env = {"BACKEND_1_URL": backend.url, "BACKEND_1_APIKEY": BACKEND_KEY, "LB_CLIENT_KEYS": FREE_KEY}
+    targets = {"direct": backend}
+    try:
+        targets["lb"] = Server("lb", ["lb", "serve"], {**env, "LB_LOG_LEVEL": "WARNING"})
+        targets["lb@main"] = Server("lb@main", ["serve"], env, command=lb_command(str(main)))
+        results: dict[str, Any] = {}
+        with httpx.Client(timeout=30, headers={"api-key": FREE_KEY}) as http:
+            for asked in (False, True):
+                body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+                if asked:
+                    body["stream_options"] = {"include_usage": True}
+                times: dict[str, list[float]] = {name: [] for name in targets}
+                for _ in range(calls):
+                    for name, server in targets.items():  # interleaved: noise hits each alike
+                        started = time.perf_counter()
+                        http.post(server.url + "/openai/v1/chat/completions", json=body).read()
+                        times[name].append(time.perf_counter() - started)
+                key = "client asks usage" if asked else "client does not ask"
+                results[key] = {name: round(percentiles(t)["p50"], 2) for name, t in times.items()}
+    finally:
+        for server in targets.values():
+            server.stop()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench quota", description=__doc__)
-    p.add_argument("what", nargs="?", choices=("limit", "accuracy", "overhead", "evasion", "all"), default="limit")
+    modes = ("limit", "accuracy", "overhead", "evasion", "streamend", "all")
+    p.add_argument("what", nargs="?", choices=modes, default="limit")
     p.add_argument("--calls", type=int, default=1000, help="accuracy: mixed calls")
     p.add_argument("--instances", type=int, default=4)
     p.add_argument("--rpm", type=int, default=60)
@@ -246,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print(markdown_table(["target", "added p50 ms", "added first-chunk p50 ms", "CPU ms/req"], rows))
         print(f"\nTable writes per second with the limit on: {o['limit_table_writes_per_second']}")
+    if args.what == "streamend":
+        results["streamend"] = r = stream_end(args.main, args.stream_calls)
+        print("## Streamed chat, 20 chunks 20 ms apart: last byte p50 (ms)\n\n" + json.dumps(r, indent=1))
     if args.what == "evasion":
         from bench.quota_evasion import evasion
 
