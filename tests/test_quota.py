@@ -161,6 +161,8 @@ def test_a_call_reserves_its_prompt_and_its_stated_or_default_output() -> None:
     assert metering.reservation(info("/openai/v1/responses?x=1", chat)) == size + 2000
     assert metering.reservation(info("/openai/v1/embeddings", chat)) == size  # generates no output
     assert metering.reservation(info("/openai/v1/responses/resp_1", None)) == 0  # a read
+    assert metering.reservation(info("/openai/v1/files", chat)) == 0  # an upload spends no tokens
+    assert metering.reservation(info("/openai/v1/batches", chat)) == 0  # a batch: `bph`, not tokens
     assert Metering({}, Telemetry()).reservation(info("/openai/v1/chat/completions", chat)) == size + 1024
 
 

@@ -38,6 +38,7 @@ _WIDTH = len(FIELDS) + 1
 _RATE_HEADERS = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-remaining-requests")
 CHAT_PATHS = ("/chat/completions", "/completions")  # streams that carry usage only when asked
 GENERATING_PATHS = (*CHAT_PATHS, "/responses")  # calls that produce output: reserved for it
+TOKEN_PATHS = (*GENERATING_PATHS, "/embeddings")  # calls charged in tokens
 _hide_usage: ContextVar[bool] = ContextVar("lb_hide_usage", default=False)  # this request's client didn't ask
 
 
@@ -87,9 +88,13 @@ class Metering:
 
     def reservation(self, info: RequestInfo) -> int:
         """Tokens a call may cost: its prompt (body / 4) plus its stated maximum output, else the
-        deployment's default (`LB_RESERVE_TOKENS`) when it generates anything."""
+        deployment's default (`LB_RESERVE_TOKENS`) when it generates anything. Calls that spend no
+        tokens (files, batches, reads) reserve nothing: a batch's input file is not its prompt."""
+        path = info.raw_path.split("?", 1)[0]
+        if not info.body or not path.endswith(TOKEN_PATHS):
+            return 0
         tokens = estimate_tokens(info.body)
-        if info.body and tokens == len(info.body) // 4 and info.raw_path.split("?", 1)[0].endswith(GENERATING_PATHS):
+        if tokens == len(info.body) // 4 and path.endswith(GENERATING_PATHS):
             tokens += self.reserve.get(info.deployment or "", self.reserve.get("*", DEFAULT_RESERVE_TOKENS))
         return tokens
 
