@@ -7,6 +7,10 @@
   `limited` (60 rpm) asks for twice that, spread over the instances, for 3 minutes; client `free`
   (600 rpm) asks for 60 rpm. Prints what `limited` was served per minute (goal 0.9x-1.1x its limit),
   the 429s `free` got (goal none) and the Table writes per instance per second (goal <= 1).
+- `evasion`: client `bob` trying each way around its token limit of issue 22, alone and combined,
+  through 2 instances on one Azurite table, beside an honest client (`bench.quota_evasion`).
+- `streamend`: a streamed chat's last byte through this branch and `--main`, with and without
+  the client asking for usage (the balancer now always asks the backend).
 - `overhead`: the hot path of this branch next to another checkout's (`--main`, default /work/main),
   and of this branch with a limit on the caller (Table state, counts shared), interleaved in one run
   with bench.overhead's pacing: added p50 over direct and CPU per request.
@@ -210,9 +214,39 @@ def hot_path(main: Path, calls: int, cpu_calls: int, stream_calls: int) -> dict[
     }
 
 
+def stream_end(main: Path, calls: int) -> dict[str, Any]:
+    """Last-byte time of a streamed chat through this branch and `main`, the client asking for usage
+    or not: what the balancer's own request for the usage chunk costs a client that did not ask."""
+    backend = Server("backend", ["bench.backend", "--chunks", "20", "--chunk-gap", "0.02"])
+    env = {"BACKEND_1_URL": backend.url, "BACKEND_1_APIKEY": BACKEND_KEY, "LB_CLIENT_KEYS": FREE_KEY}
+    targets = {"direct": backend}
+    try:
+        targets["lb"] = Server("lb", ["lb", "serve"], {**env, "LB_LOG_LEVEL": "WARNING"})
+        targets["lb@main"] = Server("lb@main", ["serve"], env, command=lb_command(str(main)))
+        results: dict[str, Any] = {}
+        with httpx.Client(timeout=30, headers={"api-key": FREE_KEY}) as http:
+            for asked in (False, True):
+                body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+                if asked:
+                    body["stream_options"] = {"include_usage": True}
+                times: dict[str, list[float]] = {name: [] for name in targets}
+                for _ in range(calls):
+                    for name, server in targets.items():  # interleaved: noise hits each alike
+                        started = time.perf_counter()
+                        http.post(server.url + "/openai/v1/chat/completions", json=body).read()
+                        times[name].append(time.perf_counter() - started)
+                key = "client asks usage" if asked else "client does not ask"
+                results[key] = {name: round(percentiles(t)["p50"], 2) for name, t in times.items()}
+    finally:
+        for server in targets.values():
+            server.stop()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench quota", description=__doc__)
-    p.add_argument("what", nargs="?", choices=("limit", "accuracy", "overhead", "all"), default="limit")
+    modes = ("limit", "accuracy", "overhead", "evasion", "streamend", "all")
+    p.add_argument("what", nargs="?", choices=modes, default="limit")
     p.add_argument("--calls", type=int, default=1000, help="accuracy: mixed calls")
     p.add_argument("--instances", type=int, default=4)
     p.add_argument("--rpm", type=int, default=60)
@@ -221,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-calls", type=int, default=300)
     p.add_argument("--cpu-calls", type=int, default=1000)
     p.add_argument("--stream-calls", type=int, default=60)
+    p.add_argument("--seconds-each", type=float, default=300, help="evasion: seconds per way alone (0: skip)")
+    p.add_argument("--seconds-combined", type=float, default=300, help="evasion: seconds of all ways at once")
+    p.add_argument("--lb-root", default=None, help="evasion: run this checkout's lb (e.g. main's) instead")
+    p.add_argument("--ways", default=None, help="evasion: comma list (no_usage,background,concurrent,cut,gzip)")
     args = p.parse_args(argv)
     results: dict[str, Any] = {}
     if args.what in ("accuracy", "all"):
@@ -243,6 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print(markdown_table(["target", "added p50 ms", "added first-chunk p50 ms", "CPU ms/req"], rows))
         print(f"\nTable writes per second with the limit on: {o['limit_table_writes_per_second']}")
+    if args.what == "streamend":
+        results["streamend"] = r = stream_end(args.main, args.stream_calls)
+        print("## Streamed chat, 20 chunks 20 ms apart: last byte p50 (ms)\n\n" + json.dumps(r, indent=1))
+    if args.what == "evasion":
+        from bench.quota_evasion import evasion
+
+        ways = args.ways.split(",") if args.ways else None
+        results["evasion"] = {"runs": evasion(args.seconds_each, args.seconds_combined, args.lb_root, ways)}
     for part, result in results.items():
         out = ROOT / "bench" / "results" / f"quota-{part}.json"
         write_json({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **result}, out)

@@ -252,6 +252,7 @@ class Settings:
     client_limits: dict[str, Limit] = field(default_factory=dict)  # LB_CLIENT_LIMITS, by client name
     admin_clients: frozenset[str] = frozenset()  # LB_ADMIN_CLIENTS: names that may read /lb/status, all /lb/usage
     stream_usage: StreamUsage = "as-sent"  # LB_STREAM_USAGE: "include" asks chat streams for their usage chunk
+    reserve_tokens: dict[str, int] = field(default_factory=dict)  # LB_RESERVE_TOKENS, by deployment ("*": any)
     affinity: bool = DEFAULT_AFFINITY == "on"
     object_lookup: bool = False  # LB_OBJECT_LOOKUP: with several clients, ids without a record are looked up
 
@@ -316,6 +317,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         client_limits=_client_limits(env, client_keys, entra),
         admin_clients=frozenset(_client_name("LB_ADMIN_CLIENTS", n, client_keys, entra) for n in _admin_names(env)),
         stream_usage=_choice(env, "LB_STREAM_USAGE", STREAM_USAGE_MODES),
+        reserve_tokens=_reservations(env),
         affinity=_affinity(env),
         object_lookup=_choice(env, "LB_OBJECT_LOOKUP", ("off", "on")) == "on",
     )
@@ -347,6 +349,12 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[_Word, ...]) -> _W
         if raw.lower() == choice:
             return choice
     raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(choices)}")
+
+
+def _reservations(env: Mapping[str, str]) -> dict[str, int]:
+    from lb.metering.quota import parse_reservations  # lb.metering.quota imports this module
+
+    return parse_reservations(env.get("LB_RESERVE_TOKENS", ""))
 
 
 def _client_limits(

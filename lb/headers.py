@@ -6,7 +6,10 @@ upstream host is always the backend's, so the client's Host / X-Forwarded-Host /
 travel, and neither do its credentials. Headers some servers take as a routing or method override
 (X-Original-URL, X-Rewrite-URL, X-HTTP-Method-Override, ...) never travel either: the backend must
 serve the path and method we checked. `Expect: 100-continue` is dropped and the body sent at once:
-the backend's 100 would be one more unbounded wait, and the body is already in hand.
+the backend's 100 would be one more unbounded wait, and the body is already in hand. The client's
+`Accept-Encoding` never travels: the backend is asked for `identity`, because the balancer reads
+every answer's usage as it passes (`lb.metering`) and a compressed answer would hide it (a client
+asking for gzip could otherwise be served without being charged).
 
 Going back, a header that points at the backend (`Location`, `Content-Location`,
 `operation-location`, the last being where Azure says to poll an async operation) is rewritten to
@@ -55,7 +58,7 @@ NOT_FORWARDED = (
     HOP_BY_HOP
     | CREDENTIAL_HEADERS
     | ROUTING_OVERRIDES
-    | {"host", "content-length", "x-forwarded-host", "forwarded", "expect"}
+    | {"host", "content-length", "x-forwarded-host", "forwarded", "expect", "accept-encoding"}
 )
 NOT_RETURNED = HOP_BY_HOP | {"set-cookie", "server", "date"}  # the host adds its own date and server
 POINTING = frozenset({b"location", b"content-location", b"operation-location"})
@@ -75,7 +78,7 @@ def forwarded(request: Request, request_id: str | None) -> list[tuple[bytes, byt
     named = connection_named((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k.lower() == b"connection")
     skip = NOT_FORWARDED | named if named else NOT_FORWARDED
     headers = []
-    seen_id = seen_encoding = False
+    seen_id = False
     prior = None
     for k, v in raw:
         k = k.lower()
@@ -83,13 +86,11 @@ def forwarded(request: Request, request_id: str | None) -> list[tuple[bytes, byt
             prior = v if prior is None else prior  # the first one, as Starlette's .get() reads it
             continue
         seen_id = seen_id or k == b"x-request-id"
-        seen_encoding = seen_encoding or k == b"accept-encoding"
         if k.decode("latin-1") not in skip and not k.startswith(b"proxy-"):
             headers.append((k, v))
     if request_id and not seen_id:
         headers.append((b"x-request-id", request_id.encode()))  # the backend's logs can be matched with ours
-    if not seen_encoding:  # don't ask for a compression the client can't read
-        headers.append((b"accept-encoding", b"identity"))
+    headers.append((b"accept-encoding", b"identity"))  # answers the balancer must read: never compressed
     client = request.scope.get("client")
     if client:
         host = client[0].encode("latin-1")

@@ -57,7 +57,9 @@ class Proxy:
         self.client_auth = ClientAuth(settings.client_keys, settings.entra)
         self.backend_auth = backend_auth or BackendAuth()
         self.telemetry = telemetry or Telemetry()
-        self.metering = Metering(settings.client_limits, self.telemetry, stream_usage=settings.stream_usage)
+        self.metering = Metering(
+            settings.client_limits, self.telemetry, stream_usage=settings.stream_usage, reserve=settings.reserve_tokens
+        )
         self.attempts = Attempts(
             settings, self.store, self.transport, self.backend_auth, self.telemetry, self.balancer.headroom
         )
@@ -96,9 +98,9 @@ class Proxy:
             check_headers(request)
             client = await self._authorize(request)
             info = await read_request(request, self.settings.max_body_bytes)
-            info = self.metering.prepare(info)  # LB_STREAM_USAGE=include: a chat stream asks for its usage
+            info = self.metering.prepare(info)  # a chat stream asks the backend for its usage chunk
             info = await located(info, self.settings.backends)  # where a renamed deployment's body names it
-            charge = self.metering.admit(client.name, info.body)  # raises ClientQuotaExceeded when over
+            charge = self.metering.admit(client.name, info)  # reserves its cost; raises ClientQuotaExceeded when over
             await self.store.sync()
             objects = await self.objects.classify(request, info)  # None unless the call can name or create one
             call = Call(request, info, deadline, forwarded_headers(request, logctx.current_request_id.get()))
@@ -120,7 +122,7 @@ class Proxy:
             log.exception("unexpected error while proxying %s %s", request.method, request.url.path)
             response = errors.ProxyError("The load balancer failed to handle the request.").response()
         if client is not None:
-            response = self.metering.observe(response, client.name, info.deployment if info else None, charge)
+            response = self.metering.observe(response, client.name, info, charge)
         if "x-request-id" not in response.headers:
             response.headers["x-request-id"] = request_id
         return response

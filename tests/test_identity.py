@@ -124,7 +124,7 @@ def test_usage_shows_a_client_its_own_counts_and_limit_and_an_operator_everyones
     assert report["clients"].keys() == {"app"} and report["clients"]["app"]["last_minute"]["requests"] == 2
     assert report["limits"].keys() == {"app"}
     assert "backends" not in report
-    assert "batch" not in own.text and "ops" not in own.text  # no other client's name, anywhere
+    assert '"batch"' not in own.text and '"ops"' not in own.text  # no other client's name, anywhere
     everyone = get(pool.url + "/lb/usage", "k-ops").json()
     assert {k: v["last_minute"]["requests"] for k, v in everyone["clients"].items()} == {"app": 2, "batch": 3, "ops": 1}
     assert everyone["limits"].keys() == {"app", "batch"} and everyone["backends"]["1"]["last_minute"]["requests"] == 6
@@ -155,15 +155,20 @@ def test_a_clients_report_keeps_only_its_own_entries_of_the_pools_counts_too():
     metering = Metering({}, Telemetry(), clock=lambda: 1_000.0)
     for client in ("app", "batch"):
         metering.record(client, "1", "chat", Usage(prompt=5, completion=5, total=10), answered=True)
+    seen: list[str | None] = []
 
-    class Share:  # the shared-table view, as lb.metering.share reports it
-        def pool_report(self, now: float) -> dict:
-            return {"instances": 2, "clients": {"app": {}, "batch": {}}, "backends": {"1": {}}}
+    class Share:  # the shared-table view: lb.metering.share filters its own counts by client
+        pool_clients = None
+
+        def pool_report(self, now: float, client: str | None = None) -> dict:
+            seen.append(client)
+            return {"instances": 2, "clients": {"app": {}, "batch": {}} if client is None else {client: {}}}
 
     metering.share = Share()  # type: ignore[assignment]
     assert metering.report()["pool"]["clients"].keys() == {"app", "batch"}
     own = metering.report(client="app")
-    assert own["clients"].keys() == {"app"} and own["pool"] == {"clients": {"app": {}}}
+    assert own["clients"].keys() == {"app"} and own["pool"]["clients"].keys() == {"app"} and "backends" not in own
+    assert seen == [None, "app"]
 
 
 def test_lb_serve_stops_at_start_up_naming_the_operator_nobody_can_be():

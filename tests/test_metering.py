@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import httpx
@@ -72,12 +73,27 @@ def test_counts_equal_the_usage_the_client_saw_for_json_and_streams_of_both_apis
     assert sum(b["last_minute"]["requests"] for b in by_backend.values()) == seen["requests"]
 
 
-def test_a_stream_without_usage_is_relayed_as_sent_and_counted_unknown(make_pool) -> None:
-    pool = make_pool(1)
-    stream = pool.v1().chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}], stream=True)
-    assert all(chunk.usage is None for chunk in stream)
+@pytest.mark.parametrize("mode", ["as-sent", "include"])
+@pytest.mark.parametrize("options", [None, {"include_usage": False}])
+def test_a_stream_whose_client_wants_no_usage_is_metered_and_relayed_without_the_usage_chunk(
+    make_pool, mode: str, options: dict | None
+) -> None:
+    pool = make_pool(1, env={"LB_STREAM_USAGE": mode})
+    extra = {} if options is None else {"stream_options": options}
+    raw = httpx.post(
+        pool.url + "/openai/v1/chat/completions",
+        json={"model": "chat", "messages": [{"role": "user", "content": "x" * 400}], "stream": True, **extra},
+        headers={"api-key": CLIENT_KEY},
+    )
+    events = [line for line in raw.text.split("\n\n") if line.startswith("data: {")]
+    sent = json.loads(pool.backends[0].calls[-1].body)
+    assert sent["stream_options"]["include_usage"] is True  # the balancer always asks
+    shown = mode == "include" and options is None  # LB_STREAM_USAGE=include and the client did not say
+    usage_chunks = [e for e in events if json.loads(e[6:]).get("usage")]
+    assert len(usage_chunks) == (1 if shown else 0)
+    assert raw.text.endswith("data: [DONE]\n\n") and len(events) == pool.backends[0].chunks + 1 + shown
     counted = usage_report(pool)["clients"]["key1"]["last_minute"]
-    assert counted["requests"] == 1 and counted["unknown_usage"] == 1 and counted["total_tokens"] == 0
+    assert counted["unknown_usage"] == 0 and counted["total_tokens"] > 100  # the prompt's 100 tokens and more
 
 
 def test_refused_calls_count_as_requests_without_tokens_and_need_no_usage(make_pool) -> None:
@@ -126,7 +142,9 @@ def test_token_metrics_carry_client_backend_deployment_and_kind_never_a_key(serv
     client = httpx.Client(base_url=url, headers={"api-key": CLIENT_KEY})
     body = {"model": "chat", "messages": [{"role": "user", "content": "x" * 400}]}
     usage = client.post("/openai/v1/chat/completions", json=body).json()["usage"]
-    client.post("/openai/v1/chat/completions", json={**body, "stream": True}).read()  # no usage in the stream
+    backend.break_stream_after = 2  # a stream cut before its usage: the one answer whose usage stays unknown
+    with contextlib.suppress(httpx.HTTPError):
+        client.post("/openai/v1/chat/completions", json={**body, "stream": True}).read()
 
     points = recorded.points()
     who = {"client": "key1", "backend": "1", "deployment": "chat"}

@@ -5,17 +5,20 @@ import json
 import pytest
 
 from lb.config import ConfigError, load_settings
-from lb.metering.quota import ClientQuotaExceeded, Limit, Limiter, parse_limits
+from lb.metering import Metering
+from lb.metering.quota import (
+    BatchesNotAllowed,
+    ClientQuotaExceeded,
+    Limit,
+    Limiter,
+    parse_limits,
+    parse_reservations,
+)
+from lb.requestinfo import RequestInfo
+from lb.telemetry import Telemetry
 
 GUID = "0b3c5a6e-1f2d-4c8b-9a7e-2d4f6b8c0a1e"
 BACKEND = {"BACKEND_1_URL": "https://one.openai.azure.com"}
-
-
-def body(prompt_chars: int = 0, max_tokens: int | None = None) -> bytes:
-    payload: dict = {"model": "chat", "messages": [{"role": "user", "content": "x" * prompt_chars}]}
-    if max_tokens is not None:
-        payload["max_tokens"] = max_tokens
-    return json.dumps(payload).encode()
 
 
 def test_limits_parse_tokens_and_requests_per_minute() -> None:
@@ -59,59 +62,165 @@ def test_limit_for_a_client_nobody_can_be_stops_start_up() -> None:
 def test_requests_per_minute_refuse_until_the_oldest_call_leaves_the_window() -> None:
     limiter = Limiter({"app": Limit(None, 3)})
     for t in (1000.0, 1010.0, 1020.0):
-        assert limiter.admit("app", b"", t) is not None
+        assert limiter.admit("app", 0, t) is not None
     with pytest.raises(ClientQuotaExceeded) as refused:
-        limiter.admit("app", b"", 1030.5)
+        limiter.admit("app", 0, 1030.5)
     exc = refused.value
     assert exc.status == 429 and exc.code == "ClientQuotaExceeded"
-    assert exc.headers["retry-after-ms"] == "29500"  # the call of second 1000 leaves at 1060
-    assert exc.headers["Retry-After"] == "30"
+    assert exc.headers["retry-after-ms"] == "30500"  # the call of second 1000 leaves at 1061
+    assert exc.headers["Retry-After"] == "31"
     assert exc.headers["x-ratelimit-remaining-requests"] == "0"
     with pytest.raises(ClientQuotaExceeded):
-        limiter.admit("app", b"", 1059.999)  # window edge: still in
-    assert limiter.admit("app", b"", 1060.0) is not None  # ... and out one second later
+        limiter.admit("app", 0, 1060.999)  # window edge: still in (a charge counts for at least 60 s)
+    assert limiter.admit("app", 0, 1061.0) is not None  # ... and out one second later
 
 
 def test_a_client_without_limit_is_never_charged_and_unaffected_by_another() -> None:
     limiter = Limiter({"app": Limit(None, 1)})
-    limiter.admit("app", b"", 5.0)
+    limiter.admit("app", 0, 5.0)
     with pytest.raises(ClientQuotaExceeded):
-        limiter.admit("app", b"", 6.0)
-    assert limiter.admit("other", b"", 6.0) is None
+        limiter.admit("app", 0, 6.0)
+    assert limiter.admit("other", 0, 6.0) is None
 
 
-def test_tokens_are_charged_on_the_estimate_and_trued_up_from_usage() -> None:
+def test_tokens_are_reserved_until_the_call_settles_with_its_usage() -> None:
     limiter = Limiter({"app": Limit(1000, None)})
-    charge = limiter.admit("app", body(400, max_tokens=500), 100.0)
-    assert charge is not None and charge.tokens > 500
-    estimate = charge.tokens
-    assert charge.headers["x-ratelimit-remaining-tokens"] == str(1000 - estimate)
-    with pytest.raises(ClientQuotaExceeded, match="1000 tokens per minute"):  # the estimate does not fit
-        limiter.admit("app", body(400, max_tokens=500), 101.0)
-    limiter.settle(charge, 120)  # the answer's usage said 120
-    assert limiter.used("app", 101.0) == [1, 120]
-    assert limiter.admit("app", body(400, max_tokens=500), 101.0) is not None
+    charge = limiter.admit("app", 600, 100.0)
+    assert charge is not None and charge.tokens == 600
+    assert charge.headers["x-ratelimit-remaining-tokens"] == "400"
+    with pytest.raises(ClientQuotaExceeded, match="1000 tokens per minute"):  # the reservation does not fit
+        limiter.admit("app", 600, 101.0)
+    assert limiter.used("app", 500.0) == [0, 600]  # held, however long the call takes
+    limiter.settle(charge, 120, 500.0)  # the answer's usage said 120, when it ended
+    assert limiter.used("app", 501.0) == [0, 120]  # charged in the minute it ended
+    assert limiter.reserved == {}
+    assert limiter.admit("app", 600, 501.0) is not None
 
 
 def test_a_call_larger_than_the_whole_limit_passes_alone_on_an_empty_window() -> None:
     limiter = Limiter({"app": Limit(100, None)})
-    assert limiter.admit("app", body(4000), 0.0) is not None
+    assert limiter.admit("app", 1000, 0.0) is not None
     with pytest.raises(ClientQuotaExceeded):
-        limiter.admit("app", body(0), 1.0)
+        limiter.admit("app", 10, 1.0)
 
 
 def test_refund_gives_back_request_and_tokens() -> None:
     limiter = Limiter({"app": Limit(1000, 1)})
-    charge = limiter.admit("app", body(40), 10.0)
-    limiter.settle(charge, 0, requests=0)
+    charge = limiter.admit("app", 10, 10.0)
+    limiter.settle(charge, 0, 10.0, requests=0)
     assert limiter.used("app", 10.0) == [0, 0]
-    assert limiter.admit("app", body(40), 10.0) is not None
+    assert limiter.admit("app", 10, 10.0) is not None
 
 
 def test_other_instances_counts_share_the_window() -> None:
     limiter = Limiter({"app": Limit(None, 4)})
-    limiter.others.add("app", 50.0, (3, 0))
-    limiter.admit("app", b"", 55.0)
+    limiter.others.add("app", 50.0, (3, 0, 0))
+    limiter.admit("app", 0, 55.0)
     with pytest.raises(ClientQuotaExceeded) as refused:
-        limiter.admit("app", b"", 56.0)
-    assert refused.value.headers["Retry-After"] == "54"  # the others' calls of second 50 free first
+        limiter.admit("app", 0, 56.0)
+    assert refused.value.headers["Retry-After"] == "55"  # the others' calls of second 50 free first
+
+
+def test_batches_per_hour_parse_and_a_token_limit_alone_allows_no_batches() -> None:
+    limits = parse_limits("a=100tpm,b=100tpm/2bph,c=5rpm,d=0bph")
+    assert [limits[n].batch_allowance() for n in "abcd"] == [0, 2, None, 0]
+    limiter = Limiter(limits)
+    with pytest.raises(BatchesNotAllowed):
+        limiter.admit("a", 10, 0.0, batch=True)
+    limiter.admit("b", 10, 0.0, batch=True)
+    limiter.admit("b", 10, 100.0, batch=True)
+    with pytest.raises(ClientQuotaExceeded, match="2 batches per hour") as refused:
+        limiter.admit("b", 10, 200.0, batch=True)
+    assert int(refused.value.headers["Retry-After"]) == 3600 - 200  # the first batch's minute leaves the hour
+    assert limiter.admit("b", 10, 3601.0, batch=True) is not None
+    assert limiter.admit("c", 10, 0.0, batch=True) is not None  # no token limit: batches are not limited
+
+
+def test_reserve_tokens_parse_per_deployment_and_stop_start_up_when_malformed() -> None:
+    assert parse_reservations("") == {}
+    assert parse_reservations("4096") == {"*": 4096}
+    assert parse_reservations("chat=2000, gpt5=16000,*=512") == {"chat": 2000, "gpt5": 16000, "*": 512}
+    assert load_settings({**BACKEND, "LB_RESERVE_TOKENS": "chat=10"}).reserve_tokens == {"chat": 10}
+    for bad in ("lots", "chat=", "chat=1,chat=2", "=5"):
+        with pytest.raises(ConfigError, match=r"^LB_RESERVE_TOKENS: "):
+            load_settings({**BACKEND, "LB_RESERVE_TOKENS": bad})
+
+
+def info(path: str, payload: dict | None, deployment: str = "chat") -> RequestInfo:
+    return RequestInfo(raw_path=path, deployment=deployment, body=json.dumps(payload).encode() if payload else b"")
+
+
+def test_a_call_reserves_its_prompt_and_its_stated_or_default_output() -> None:
+    metering = Metering({}, Telemetry(), reserve={"chat": 2000, "*": 700})
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "x" * 400}]}
+    size = len(json.dumps(chat)) // 4
+    assert metering.reservation(info("/openai/v1/chat/completions", chat)) == size + 2000
+    assert metering.reservation(info("/openai/v1/chat/completions", chat, "other")) == size + 700
+    stated = {**chat, "max_completion_tokens": 50}
+    assert metering.reservation(info("/openai/v1/chat/completions", stated)) == len(json.dumps(stated)) // 4 + 50
+    assert metering.reservation(info("/openai/v1/responses?x=1", chat)) == size + 2000
+    assert metering.reservation(info("/openai/v1/embeddings", chat)) == size  # generates no output
+    assert metering.reservation(info("/openai/v1/responses/resp_1", None)) == 0  # a read
+    assert metering.reservation(info("/openai/v1/files", chat)) == 0  # an upload spends no tokens
+    assert metering.reservation(info("/openai/v1/batches", chat)) == 0  # a batch: `bph`, not tokens
+    assert Metering({}, Telemetry()).reservation(info("/openai/v1/chat/completions", chat)) == size + 1024
+
+
+def test_a_call_longer_than_the_window_is_charged_in_the_minute_it_ends() -> None:
+    limiter = Limiter({"app": Limit(1000, None)})
+    charge = limiter.admit("app", 300, 0.0)
+    assert limiter.used("app", 90.0) == [0, 300]  # still reserved 90 s later
+    limiter.settle(charge, 800, 90.0)
+    assert limiter.used("app", 100.0) == [0, 800]
+    with pytest.raises(ClientQuotaExceeded):
+        limiter.admit("app", 300, 100.0)
+    assert limiter.used("app", 151.0) == [0, 0]  # 61 s later
+
+
+def test_other_instances_reservations_count_against_the_limit() -> None:
+    limiter = Limiter({"app": Limit(1000, None)})
+    limiter.others_reserved = {"app": [1, 900]}
+    assert limiter.used("app", 0.0) == [0, 900]
+    with pytest.raises(ClientQuotaExceeded):
+        limiter.admit("app", 200, 0.0)
+    limiter.others_reserved = {}  # its call settled there
+    assert limiter.admit("app", 200, 0.0) is not None
+
+
+def test_usage_report_for_one_client_has_only_its_own_counts_and_limits() -> None:
+    metering = Metering({"a": Limit(1000, None), "b": Limit(None, 5)}, Telemetry(), clock=lambda: 100.0)
+    metering.record("a", "east", "chat", None, answered=True)
+    metering.record("b", "east", "chat", None, answered=True)
+    metering.limiter.admit("a", 300, 100.0)
+    everything = metering.report()
+    assert set(everything["clients"]) == {"a", "b"} and set(everything["limits"]) == {"a", "b"}
+    assert "backends" in everything
+    mine = metering.report(client="a")
+    assert set(mine["clients"]) == {"a"} and set(mine["limits"]) == {"a"} and "backends" not in mine
+    assert mine["limits"]["a"]["reserved"] == {"calls": 1, "tokens": 300}
+    assert mine["limits"]["a"]["unknown_usage_last_minute"] == 1
+    assert metering.report(client="nobody")["clients"] == {}
+
+
+def test_a_read_reserving_nothing_passes_while_the_tokens_are_spent() -> None:
+    limiter = Limiter({"app": Limit(1000, None)})
+    limiter.settle(limiter.admit("app", 900, 0.0), 1500, 1.0)  # a response larger than the limit
+    with pytest.raises(ClientQuotaExceeded):
+        limiter.admit("app", 10, 2.0)
+    assert limiter.admit("app", 0, 2.0) is not None  # polling or reading it still works
+
+
+def test_between_share_rounds_an_instance_reserves_only_its_share_of_what_is_left() -> None:
+    limiter = Limiter({"app": Limit(3000, None)})
+    limiter.synced(2)
+    assert limiter.admit("app", 1000, 0.0) is not None  # the round's first call: up to all that is left
+    with pytest.raises(ClientQuotaExceeded) as refused:
+        limiter.admit("app", 1000, 0.1)  # 2,000 of 3,000 would leave the other instance nothing
+    assert refused.value.headers["Retry-After"] == "1"  # the next round
+    limiter.synced(2)  # the other instance may not have read the first call yet: it still counts
+    with pytest.raises(ClientQuotaExceeded):
+        limiter.admit("app", 900, 0.2)
+    limiter.synced(2)
+    assert limiter.admit("app", 900, 0.3) is not None  # 2,000 left: 900 <= 1,000
+    alone = Limiter({"app": Limit(3000, None)})
+    assert alone.admit("app", 1000, 0.0) and alone.admit("app", 1000, 0.1)  # one instance: no split

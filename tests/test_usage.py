@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lb.metering.usage import Usage, UsageReader, from_object, with_usage_requested
+from lb.metering.usage import Usage, UsageChunkFilter, UsageReader, from_object, usage_requested
 
 
 def read(chunks: list[bytes], event_stream: bool) -> Usage | None:
@@ -110,10 +110,45 @@ def test_stream_cut_before_its_usage_is_unknown_and_malformed_usage_event_is_ski
     assert read([b'data: {"usage":{"prompt_tokens": oops}\n\n'], event_stream=True) is None
 
 
-def test_a_chat_stream_is_asked_for_its_usage_unless_the_client_said_either_way() -> None:
-    body = json.dumps({"model": "chat", "messages": [], "stream": True, "stream_options": {"x": 1}}).encode()
-    assert json.loads(with_usage_requested(body) or b"")["stream_options"] == {"x": 1, "include_usage": True}
-    said = {"model": "chat", "messages": [], "stream": True, "stream_options": {"include_usage": False}}
-    for untouched in (said, {"messages": [], "stream": False}, {"input": "x", "stream": True}, [1]):
-        assert with_usage_requested(json.dumps(untouched).encode()) is None
-    assert with_usage_requested(b"not json") is None
+def test_a_chat_stream_always_asks_the_backend_for_its_usage() -> None:
+    plain = json.dumps({"model": "chat", "messages": [], "stream": True}).encode()
+    body, asked = usage_requested(plain)
+    assert json.loads(body or b"")["stream_options"] == {"include_usage": True} and not asked
+    other = json.dumps({"model": "chat", "messages": [], "stream": True, "stream_options": {"x": 1}}).encode()
+    assert json.loads(usage_requested(other)[0] or b"")["stream_options"] == {"x": 1, "include_usage": True}
+    refused = {"model": "chat", "messages": [], "stream": True, "stream_options": {"include_usage": False}}
+    body, asked = usage_requested(json.dumps(refused).encode())
+    assert json.loads(body or b"")["stream_options"] == {"include_usage": True} and not asked  # asked anyway
+    wants = {"model": "chat", "messages": [], "stream": True, "stream_options": {"include_usage": True}}
+    assert usage_requested(json.dumps(wants).encode()) == (None, True)
+    assert usage_requested(b'{"stream_options": 5, "stream": true}') == (None, False)
+
+
+def test_the_usage_chunk_the_client_did_not_ask_for_is_dropped_at_any_read_boundary() -> None:
+    data = chat_stream(with_usage=True)
+    expected = b"".join(e + b"\n\n" for e in data.split(b"\n\n") if e and b'"choices":[]' not in e)
+    assert b'"choices":[]' in data and expected != data
+    for chunks in every_split(data):
+        hide = UsageChunkFilter()
+        out = b"".join(hide.push(c) for c in chunks) + hide.flush()
+        assert out == expected
+        assert read(chunks, event_stream=True) == from_object(CHAT_USAGE)  # the balancer still reads it
+
+
+def test_a_responses_answer_says_its_id_status_and_background() -> None:
+    queued = {"id": "resp_1", "object": "response", "status": "queued", "background": True, "usage": None}
+    reader = UsageReader(False, responses=True)
+    reader.feed(json.dumps(queued).encode())
+    assert reader.result() is None
+    assert (reader.response_id, reader.status, reader.background) == ("resp_1", "queued", True)
+    created = sse({"type": "response.created", "response": {**queued, "status": "in_progress"}})
+    done = sse({"type": "response.completed", "response": {**queued, "status": "completed", "usage": RESPONSES_USAGE}})
+    for chunks in every_split(created + done):
+        reader = UsageReader(True, responses=True)
+        for chunk in chunks:
+            reader.feed(chunk)
+        assert reader.result() == from_object(RESPONSES_USAGE)
+        assert (reader.response_id, reader.status, reader.background) == ("resp_1", "completed", True)
+    cut = UsageReader(True, responses=True)
+    cut.feed(created)
+    assert cut.result() is None and (cut.response_id, cut.status) == ("resp_1", "in_progress")

@@ -1,26 +1,31 @@
-"""Who spent the tokens, on which backend: the counts behind `GET /lb/usage` and the token metrics.
+"""Who spent the tokens, on which backend: the counts behind `GET /lb/usage`, the token metrics and quotas.
 
-The proxy calls two hooks around its failover loop and nothing else: `admit()` before (the
-client's quota, `lb.metering.quota`) and `observe()` on the answer, which watches its body go by
-(`lb.metering.usage.UsageReader`) and, when the body ends, counts its usage per client and per backend,
-exports it (`Telemetry.tokens`) and trues the quota charge up. The body is wrapped, not copied:
-each read leaves for the client as it came.
+The proxy calls three hooks and nothing else: `prepare()` (a chat stream asks the backend for its
+usage chunk, whatever the client sent), `admit()` before the failover loop (the client's quota
+reserves the call's cost, `lb.metering.quota`) and `observe()` on the answer, which watches its
+body go by (`lb.metering.usage.UsageReader`) and, when the body ends, counts its usage per client
+and per backend, exports it (`Telemetry.tokens`) and settles the reservation. The body is wrapped,
+not copied: each read leaves for the client as it came, except a usage chunk the client did not
+ask for, which is dropped.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
-from lb.metering.quota import Charge, Limit, Limiter
-from lb.metering.usage import Usage, UsageReader, with_usage_requested
+from lb.metering.quota import DEFAULT_RESERVE_TOKENS, WINDOW, Charge, Limit, Limiter
+from lb.metering.responses import TERMINAL, Held, ResponseBook
+from lb.metering.usage import Usage, UsageChunkFilter, UsageReader, decoder, usage_requested
 from lb.metering.windows import Windows
 from lb.relay import UpstreamResponse
 from lb.requestinfo import NOT_PARSED, RequestInfo
+from lb.routing.headroom import estimate_tokens
 
 if TYPE_CHECKING:
     from lb.metering.share import UsageShare
@@ -31,6 +36,10 @@ FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cac
 UNKNOWN = "unknown_usage"  # answers that carried no readable usage (counted as requests, not tokens)
 _WIDTH = len(FIELDS) + 1
 _RATE_HEADERS = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-remaining-requests")
+CHAT_PATHS = ("/chat/completions", "/completions")  # streams that carry usage only when asked
+GENERATING_PATHS = (*CHAT_PATHS, "/responses")  # calls that produce output: reserved for it
+TOKEN_PATHS = (*GENERATING_PATHS, "/embeddings")  # calls charged in tokens
+_hide_usage: ContextVar[bool] = ContextVar("lb_hide_usage", default=False)  # this request's client didn't ask
 
 
 class Metering:
@@ -42,13 +51,16 @@ class Metering:
         telemetry: Telemetry,
         clock: Callable[[], float] = time.time,
         stream_usage: str = STREAM_USAGE_AS_SENT,
+        reserve: dict[str, int] | None = None,
     ) -> None:
         self.limiter = Limiter(limits)
         self.include_stream_usage = stream_usage == STREAM_USAGE_INCLUDE
+        self.reserve = reserve or {}  # LB_RESERVE_TOKENS: deployment (or "*") -> output tokens reserved
         self.telemetry = telemetry
         self.clock = clock
         self.clients = Windows(_WIDTH)
         self.backends = Windows(_WIDTH)
+        self.responses = ResponseBook()
         self.share: UsageShare | None = None  # set when counts are shared through Table Storage
         self._pruned = 0.0
         self.version = 0  # bumped by every count, so the shared row is written only when it changed
@@ -63,32 +75,62 @@ class Metering:
 
     # Hooks of the request path --------------------------------------------------------------
     def prepare(self, info: RequestInfo) -> RequestInfo:
-        """With `LB_STREAM_USAGE=include`, a streamed chat asks the backend for its usage chunk."""
-        if not (info.stream and self.include_stream_usage):
+        """A streamed chat always asks the backend for its usage chunk; the client sees that chunk
+        only if it asked for it (or, with `LB_STREAM_USAGE=include`, did not say)."""
+        _hide_usage.set(False)
+        if not info.stream or not info.raw_path.split("?", 1)[0].endswith(CHAT_PATHS):
             return info
-        body = with_usage_requested(info.body)
-        return info if body is None else replace(info, body=body, payload=NOT_PARSED, model_spans=())
+        body, _asked = usage_requested(info.body, info.payload)
+        if body is None:
+            return info
+        _hide_usage.set(not (self.include_stream_usage and b'"include_usage"' not in info.body))
+        return replace(info, body=body, payload=NOT_PARSED, model_spans=())
 
-    def admit(self, client: str, body: bytes) -> Charge | None:
-        """Charge a limited client's call on its estimate; raises ClientQuotaExceeded when over."""
+    def reservation(self, info: RequestInfo) -> int:
+        """Tokens a call may cost: its prompt (body / 4) plus its stated maximum output, else the
+        deployment's default (`LB_RESERVE_TOKENS`) when it generates anything. Calls that spend no
+        tokens (files, batches, reads) reserve nothing: a batch's input file is not its prompt."""
+        path = info.raw_path.split("?", 1)[0]
+        if not info.body or not path.endswith(TOKEN_PATHS):
+            return 0
+        tokens = estimate_tokens(info.body)
+        if tokens == len(info.body) // 4 and path.endswith(GENERATING_PATHS):
+            tokens += self.reserve.get(info.deployment or "", self.reserve.get("*", DEFAULT_RESERVE_TOKENS))
+        return tokens
+
+    def admit(self, client: str, info: RequestInfo) -> Charge | None:
+        """Reserve a limited client's call; raises ClientQuotaExceeded (or BatchesNotAllowed) when over."""
         if client not in self.limiter.limits:
             return None
         self.version += 1
-        return self.limiter.admit(client, body, self.clock())
+        batch = bool(info.body) and info.raw_path.split("?", 1)[0].rstrip("/").endswith("/batches")
+        return self.limiter.admit(client, self.reservation(info), self.clock(), batch=batch)
 
-    def observe(self, response: Response, client: str, deployment: str | None, charge: Charge | None) -> Response:
+    def observe(self, response: Response, client: str, info: RequestInfo | None, charge: Charge | None) -> Response:
         """Count the answer's usage when its body has passed; a limited client gets its own quota headers."""
         if charge is not None:
             _set_rate_headers(response, charge.headers)
+        deployment = info.deployment if info is not None else None
         if not isinstance(response, UpstreamResponse):  # the proxy's own answer: no backend spent anything
             if charge is not None:
-                self.limiter.settle(charge, 0, requests=0)
+                self.limiter.settle(charge, 0, self.clock(), requests=0)
+                self.version += 1
             elif client in self.limiter.limits:
                 _set_rate_headers(response, self.limiter.headers(client, self.clock()))
             return response
         backend, ok, stream = response.backend, 200 <= response.status_code < 300, response.event_stream
         readable = stream or "json" in response.upstream.headers.get("content-type", "")  # not audio, files, ...
-        reader = UsageReader(stream) if ok and readable else None
+        path = info.raw_path.split("?", 1)[0].rstrip("/") if info is not None else ""
+        responses = "/responses" in path
+        read = responses and not path.endswith("/responses")  # a stored response read, polled or cancelled
+        reader = UsageReader(stream, responses) if ok and readable else None
+        hide = UsageChunkFilter() if reader is not None and stream and _hide_usage.get() else None
+        encoding = response.upstream.headers.get("content-encoding", "identity").lower()
+        plain = decoder(encoding) if reader is not None and encoding != "identity" else None
+        if plain is not None:
+            hide = None  # a compressed stream cannot be edited: relayed as sent
+        if hide is not None:  # the body will be shorter than the backend said, if it said
+            response.raw_headers = [(k, v) for k, v in response.raw_headers if k != b"content-length"]
         body = response.body_iterator
 
         async def metered() -> AsyncIterator[Any]:
@@ -96,20 +138,88 @@ class Metering:
                 if reader is None:
                     async for chunk in body:
                         yield chunk
-                else:
+                elif hide is None:
                     feed = reader.feed
                     async for chunk in body:
-                        feed(chunk)
+                        feed(plain(chunk) if plain is not None else chunk)
                         yield chunk
+                else:
+                    feed, push = reader.feed, hide.push
+                    async for chunk in body:
+                        feed(chunk)
+                        if out := push(chunk):
+                            yield out
+                    if out := hide.flush():
+                        yield out
             finally:
-                usage = reader.result() if reader is not None else None
-                self.record(client, backend, deployment, usage, answered=ok)
-                if charge is not None:
-                    self.limiter.settle(charge, usage.total if usage else (None if ok else 0))
-                    self.version += 1
+                self._settle(client, backend, deployment, charge, reader, ok, read)
 
         response.body_iterator = metered()
         return response
+
+    # Settling --------------------------------------------------------------------------------
+    def _settle(
+        self,
+        client: str,
+        backend: str,
+        deployment: str | None,
+        charge: Charge | None,
+        reader: Any,
+        ok: bool,
+        read: bool,
+    ) -> None:
+        """An answer ended (whole or cut): count it and settle its reservation, once per response.
+
+        A response made in the foreground was charged by the call that made it (through the
+        balancer: a client reads only its own objects, which were made through it), so reading it
+        is free. One made in the background is charged by the first read that shows it finished."""
+        usage = reader.result() if reader is not None else None
+        now = self.clock()
+        rid = reader.response_id if reader is not None else None
+        if rid is None or not reader.background:
+            if read and rid is not None:  # a foreground response read again
+                self.record(client, backend, deployment, None, answered=False)
+                self._charge(charge, 0, now)
+            else:
+                self.record(client, backend, deployment, usage, answered=ok)
+                self._charge(charge, usage.total if usage else (None if ok else 0), now)
+            return
+        book = self.responses
+        if book.charged(rid):  # read again: its tokens were charged when it was first seen finished
+            self.record(client, backend, deployment, None, answered=False)
+            self._charge(charge, 0, now)
+        elif reader.status not in TERMINAL and usage is None:
+            self.record(client, backend, deployment, None, answered=False)  # counted once it finishes
+            if rid in book.held:  # a poll of a response still being generated: free
+                self._charge(charge, 0, now)
+            else:  # its create (or a cut background stream): the reservation waits for the response
+                book.held[rid] = Held(charge, client, backend, deployment, now)
+                self.version += 1
+        else:  # first seen finished
+            book.mark(rid, now)
+            held = book.held.pop(rid, None)
+            self.record(client, backend, deployment, usage, answered=True)
+            if held is not None:
+                self._charge(held.charge, usage.total if usage else None, now)
+                self._charge(charge, 0, now)
+            else:
+                self._charge(charge, usage.total if usage else None, now)
+            self.version += 1
+
+    def _charge(self, charge: Charge | None, tokens: int | None, now: float) -> None:
+        if charge is not None:
+            self.limiter.settle(charge, tokens, now)
+            self.version += 1
+
+    def tick(self, now: float) -> None:
+        """Holds another instance settled are let go; holds too old are charged their reservation."""
+        book = self.responses
+        for _, held in book.settled_elsewhere():
+            self._charge(held.charge, 0, now)
+        for rid, held in book.expired(now):
+            book.mark(rid, now)
+            self.record(held.client, held.backend, held.deployment, None, answered=True)
+            self._charge(held.charge, None, now)
 
     # Counting --------------------------------------------------------------------------------
     def record(self, client: str, backend: str, deployment: str | None, usage: Usage | None, answered: bool) -> None:
@@ -125,47 +235,46 @@ class Metering:
         self.telemetry.tokens(client, backend, deployment, usage)
         if now - self._pruned > 60:
             self._pruned = now
+            self.tick(now)
             self.clients.prune(now)
             self.backends.prune(now)
             self.limiter.local.prune(now)
 
     def report(self, client: str | None = None) -> dict[str, Any]:
-        """`GET /lb/usage`: this instance's counts, and the pool's when they are shared.
-
-        `client`: only what that client may see (its own counts and limit); None: everything (operators).
-        """
+        """`GET /lb/usage`: this instance's counts, and the pool's when they are shared; with
+        `client`, only that client's counts, reservations and limits (no backends)."""
         now = self.clock()
-        report: dict[str, Any] = {
-            "scope": "instance",
-            "clients": windows_table(self.clients, now),
-            "backends": windows_table(self.backends, now),
-        }
-        if self.limiter.limits:
+        report: dict[str, Any] = {"scope": "instance", "clients": windows_table(self.clients, now, client)}
+        if client is None:
+            report["backends"] = windows_table(self.backends, now)
+        limits = self.limiter.limits
+        pool_clients = self.share.pool_clients if self.share is not None else None
+        if limits:
             report["limits"] = {
-                name: {
-                    "tokens_per_minute": limit.tokens_per_minute,
-                    "requests_per_minute": limit.requests_per_minute,
-                    "used_last_minute": dict(zip(("requests", "tokens"), self.limiter.used(name, now), strict=True)),
-                }
-                for name, limit in self.limiter.limits.items()
+                name: self._limit_report(name, limit, now, pool_clients)
+                for name, limit in limits.items()
+                if client is None or name == client
             }
         if self.share is not None:
-            report["pool"] = self.share.pool_report(now)
-        return report if client is None else _own(report, client)
+            report["pool"] = self.share.pool_report(now, client)
+        return report
+
+    def _limit_report(self, name: str, limit: Limit, now: float, pool_clients: Windows | None) -> dict[str, Any]:
+        requests, tokens = self.limiter.used(name, now)
+        charged = self.limiter.local.minute(name, now, WINDOW)[1] + self.limiter.others.minute(name, now, WINDOW)[1]
+        unknown = self.clients.minute(name, now)[-1] + (pool_clients.minute(name, now)[-1] if pool_clients else 0)
+        return {
+            "tokens_per_minute": limit.tokens_per_minute,
+            "requests_per_minute": limit.requests_per_minute,
+            "batches_per_hour": limit.batch_allowance(),
+            "used_last_minute": {"requests": requests, "tokens": tokens},
+            "charged_last_minute": charged,
+            "reserved": {"calls": self.limiter.reserved_calls(name), "tokens": self.limiter.reserved_tokens(name)},
+            "unknown_usage_last_minute": unknown,
+        }
 
 
-def _own(report: dict[str, Any], client: str) -> dict[str, Any]:
-    """One client's part of the report: nothing that names another client or shows the backends' totals."""
-    own: dict[str, Any] = {"scope": report["scope"], "client": client}
-    own["clients"] = {k: v for k, v in report["clients"].items() if k == client}
-    if client in report.get("limits", {}):
-        own["limits"] = {client: report["limits"][client]}
-    if "pool" in report:
-        own["pool"] = {"clients": {k: v for k, v in report["pool"]["clients"].items() if k == client}}
-    return own
-
-
-def windows_table(windows: Windows, now: float) -> dict[str, dict[str, dict[str, int]]]:
+def windows_table(windows: Windows, now: float, only: str | None = None) -> dict[str, dict[str, dict[str, int]]]:
     names = (*FIELDS, UNKNOWN)
     return {
         key: {
@@ -173,6 +282,7 @@ def windows_table(windows: Windows, now: float) -> dict[str, dict[str, dict[str,
             "last_hour": dict(zip(names, windows.hour(key, now), strict=True)),
         }
         for key in sorted(windows.keys())
+        if only is None or key == only
     }
 
 

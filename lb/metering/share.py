@@ -30,6 +30,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import UpdateMode
 
 from lb.config import StateSettings
+from lb.metering.quota import WINDOW
 from lb.metering.windows import Windows
 from lb.state.table import TableOps, make_table_client
 
@@ -42,6 +43,8 @@ SHARE_INTERVAL_SECONDS = 1.0
 OP_TIMEOUT_SECONDS = 2.0
 FIRST_LOAD_SECONDS = 2.0  # start-up waits this long at most for the pool's counts
 FORGET_SECONDS = 2 * 3600.0  # a row this old holds nothing for the hour window: delete it
+HEARTBEAT_SECONDS = 5.0  # a row holding reservations is rewritten this often, changed or not
+STALE_SECONDS = 20.0  # reservations of a row not rewritten for this long are not trusted (a stopped instance)
 PART_CHARS = 30_000  # a Table string property holds 32K UTF-16 characters; the JSON is cut into parts
 MAX_PARTS = 30
 
@@ -75,6 +78,7 @@ class UsageShare:
         self._closed = False
         self._deleting: set[asyncio.Task[None]] = set()
         self._written_version = 0  # the row is first written once something was counted
+        self._written_at = 0.0
 
     # Lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -106,13 +110,17 @@ class UsageShare:
         """One write of this row (if anything changed) and one read of the partition."""
         now = time.time()
         try:
-            if self.metering.version != self._written_version:
+            holding = bool(self.metering.limiter.reserved or self.metering.responses.held)
+            if self.metering.version != self._written_version or (
+                holding and now - self._written_at >= HEARTBEAT_SECONDS
+            ):
                 await self._write(now)
             rows = await self._query()
         except Exception as exc:
             self._fault(exc)
             return
         self._load(rows, now)
+        self.metering.tick(now)
         if not self.healthy:
             self.healthy = True
             log.info("usage table reachable again: client limits hold over the pool")
@@ -122,7 +130,9 @@ class UsageShare:
         version = self.metering.version
         data = json.dumps(
             {
-                "q": self.metering.limiter.local.buckets(now),
+                "q": self.metering.limiter.local.buckets(now, WINDOW),
+                "r": self.metering.limiter.reserved,  # client -> [calls, tokens] in flight here
+                "o": self.metering.responses.recent(now),  # responses charged here lately
                 "c": self.metering.clients.buckets(now),
                 "b": self.metering.backends.buckets(now),
             },
@@ -142,7 +152,7 @@ class UsageShare:
             with contextlib.suppress(ResourceExistsError):
                 await self._call(self._client.create_table())
             await self._call(self._client.upsert_entity(entity, mode=UpdateMode.REPLACE))
-        self._written_version = version
+        self._written_version, self._written_at = version, now
 
     async def _query(self) -> list[Any]:
         async def run() -> list[Any]:
@@ -159,7 +169,10 @@ class UsageShare:
 
     def _load(self, rows: list[Any], now: float) -> None:
         """Sum the other instances' rows into fresh windows (a stopped instance's counts age out)."""
-        quota, clients, backends = Windows(2), Windows(self.pool_clients.width), Windows(self.pool_backends.width)
+        quota = Windows(self.metering.limiter.local.width)
+        clients, backends = Windows(self.pool_clients.width), Windows(self.pool_backends.width)
+        reserved: dict[str, list[int]] = {}
+        charged: set[str] = set()
         seen = 1
         for row in rows:
             if row.get("RowKey") == self.instance_id:
@@ -175,11 +188,20 @@ class UsageShare:
                 quota.load(data.get("q", {}))
                 clients.load(data.get("c", {}))
                 backends.load(data.get("b", {}))
-            except (ValueError, TypeError, AttributeError, IndexError):
+                charged.update(str(rid) for rid in data.get("o", ()))
+                if isinstance(updated, int | float) and now - updated <= STALE_SECONDS:
+                    for client, (calls, tokens) in data.get("r", {}).items():
+                        held = reserved.setdefault(client, [0, 0])
+                        held[0] += int(calls)
+                        held[1] += int(tokens)
+            except (ValueError, TypeError, AttributeError, IndexError):  # a malformed row counts for nothing
                 log.debug("usage row %s unreadable: skipped", row.get("RowKey"))
                 continue
             seen += 1
         self.metering.limiter.others = quota
+        self.metering.limiter.others_reserved = reserved
+        self.metering.limiter.synced(max(seen, 2))  # another may be serving before its first row
+        self.metering.responses.charged_elsewhere = frozenset(charged)
         self.pool_clients, self.pool_backends, self.instances = clients, backends, seen
 
     async def _delete(self, row: Any) -> None:
@@ -195,7 +217,9 @@ class UsageShare:
     # Health -----------------------------------------------------------------------------------
     def _fault(self, exc: BaseException) -> None:
         """Limits fall back to this instance's counts; only the first fault of an outage is logged."""
-        self.metering.limiter.others = Windows(2)
+        self.metering.limiter.others = Windows(self.metering.limiter.local.width)
+        self.metering.limiter.others_reserved = {}
+        self.metering.limiter.synced(1)
         status = getattr(exc, "status_code", None)
         first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
         self.last_error = f"{type(exc).__name__}{f' {status}' if status else ''}: {first_line}".rstrip(": ")
@@ -207,8 +231,9 @@ class UsageShare:
                 self.last_error,
             )
 
-    def pool_report(self, now: float) -> dict[str, Any]:
-        """The pool's counts: this instance's own plus the others' as last read (about a second old)."""
+    def pool_report(self, now: float, client: str | None = None) -> dict[str, Any]:
+        """The pool's counts: this instance's own plus the others' as last read (about a second old);
+        with `client`, that client's alone."""
         from lb.metering import windows_table  # lb.metering imports this module for typing only
 
         clients, backends = Windows(self.pool_clients.width), Windows(self.pool_backends.width)
@@ -218,10 +243,8 @@ class UsageShare:
         ):
             target.load(mine.buckets(now))
             target.load(theirs.buckets(now))
-        return {
-            "instances": self.instances,
-            "healthy": self.healthy,
-            "ops": dict(self.ops),
-            "clients": windows_table(clients, now),
-            "backends": windows_table(backends, now),
-        }
+        report: dict[str, Any] = {"instances": self.instances, "healthy": self.healthy}
+        report["clients"] = windows_table(clients, now, client)
+        if client is None:
+            report.update(ops=dict(self.ops), backends=windows_table(backends, now))
+        return report

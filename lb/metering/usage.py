@@ -17,14 +17,21 @@ Why it reads this way:
 from __future__ import annotations
 
 import json
+import re
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 MAX_JSON_BYTES = 32 * 1024 * 1024  # a JSON answer larger than this is relayed but not metered
 MAX_EVENT_BYTES = 8 * 1024 * 1024  # ... nor is a stream event larger than this
-MAX_REWRITE_BYTES = 1024 * 1024  # LB_STREAM_USAGE=include rewrites bodies up to this size
+MAX_REWRITE_BYTES = 1024 * 1024  # a body naming stream_options is parsed to ask for usage up to this size
 _MARK, _MARK_SPACED = b'"usage":{', b'"usage": {'  # compact JSON (Azure OpenAI, OpenAI) and Python's default
 _KEY = b'"usage":'
+_MARKS = (_MARK, _MARK_SPACED)
+_MARKS_RESPONSES = (_MARK, _MARK_SPACED, b'"response":{', b'"response": {')  # lifecycle events carry the object
+_NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
+MAX_PARSE_BYTES = 4 * 1024 * 1024  # a Responses JSON answer up to this is parsed whole (its id, status)
 _EDGE = len(_MARK_SPACED) - 1
 _DECODER = json.JSONDecoder()
 
@@ -81,16 +88,25 @@ def _detail(details: Any, name: str) -> int | None:
 
 
 class UsageReader:
-    """Watches one answer's body go by (`feed` each read, in order) and says its usage at the end."""
+    """Watches one answer's body go by (`feed` each read, in order) and says its usage at the end.
 
-    def __init__(self, event_stream: bool) -> None:
+    With `responses` (a Responses API call), it also says which stored response the answer is
+    (`response_id`), whether that runs in the background and its last status: a response is
+    charged once, however often it is read (`lb.metering.responses`)."""
+
+    def __init__(self, event_stream: bool, responses: bool = False) -> None:
         self.event_stream = event_stream
+        self.responses = responses
+        self._marks = _MARKS_RESPONSES if responses else _MARKS
         self._chunks: list[bytes] = []  # JSON: the body so far; stream: the unfinished event(s)
         self._size = 0
-        self._hot = False  # stream: the unfinished part contains a usage marker
+        self._hot = False  # stream: the unfinished part contains a marker
         self._usage: Usage | None = None
         self._overflow = False
         self._edge = b""  # stream: its last few bytes so far
+        self.response_id: str | None = None
+        self.status: str | None = None
+        self.background = False
 
     def feed(self, chunk: bytes) -> None:
         if self.event_stream:
@@ -107,14 +123,31 @@ class UsageReader:
         if self.event_stream:
             if self._hot:  # a last event without its blank line
                 self._scan(b"".join(self._chunks))
+                self._chunks, self._hot = [], False
             return self._usage
         if self._overflow or not self._chunks:
             return None
-        return _from_body(b"".join(self._chunks))
+        body = b"".join(self._chunks)
+        if self.responses and len(body) <= MAX_PARSE_BYTES:
+            try:
+                obj = json.loads(body)
+            except ValueError:
+                return None
+            if isinstance(obj, dict):
+                self._saw_response(obj)
+                return from_object(obj.get("usage"))
+            return None
+        return _from_body(body)
+
+    def _saw_response(self, obj: dict[str, Any]) -> None:
+        if obj.get("object") == "response" and isinstance(obj.get("id"), str):
+            self.response_id = obj["id"]
+            self.status = obj.get("status") if isinstance(obj.get("status"), str) else self.status
+            self.background = self.background or obj.get("background") is True
 
     def _feed_event(self, chunk: bytes) -> None:
         if not self._hot:
-            self._hot = _MARK in chunk or _MARK_SPACED in chunk or (bool(self._edge) and self._straddles(chunk))
+            self._hot = any(m in chunk for m in self._marks) or (bool(self._edge) and self._straddles(chunk))
         if chunk.endswith(b"\n\n"):  # the common case: the read ends where an event does
             if self._hot:
                 self._scan(b"".join((*self._chunks, chunk)) if self._chunks else chunk)
@@ -135,17 +168,17 @@ class UsageReader:
             self._scan(b"".join((*self._chunks, chunk[:end])))
         rest = chunk[end:].lstrip(b"\r\n")
         self._chunks, self._size = ([rest], len(rest)) if rest else ([], 0)
-        self._hot = bool(rest) and (_MARK in rest or _MARK_SPACED in rest)
+        self._hot = bool(rest) and any(m in rest for m in self._marks)
 
     def _straddles(self, chunk: bytes) -> bool:
         """Whether a marker begins in the previous read and ends in this one."""
         seam = self._edge + chunk[:_EDGE]
-        return _MARK in seam or _MARK_SPACED in seam
+        return any(m in seam for m in self._marks)
 
     def _scan(self, events: bytes) -> None:
-        """Decode the complete events that contain a usage marker; the last usage seen wins."""
+        """Decode the complete events that contain a marker; the last usage seen wins."""
         for event in events.replace(b"\r\n", b"\n").split(b"\n\n"):
-            if _MARK not in event and _MARK_SPACED not in event:
+            if not any(m in event for m in self._marks):
                 continue
             data = b"\n".join(line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
             try:
@@ -155,11 +188,58 @@ class UsageReader:
             if not isinstance(obj, dict):
                 continue
             found = obj.get("usage")
-            if found is None and isinstance(obj.get("response"), dict):  # Responses API's final events
-                found = obj["response"].get("usage")
+            if isinstance(obj.get("response"), dict):  # Responses API's lifecycle events
+                self._saw_response(obj["response"])
+                if found is None:
+                    found = obj["response"].get("usage")
             usage = from_object(found)
             if usage is not None:
                 self._usage = usage
+
+
+class UsageChunkFilter:
+    """Drops a chat stream's usage chunk (`"choices":[]` with a usage object) that the balancer asked
+    for and the client did not. Only whole events leave (a read that ends mid-event keeps its tail
+    until the event is complete: no client can use half an event); reads are otherwise untouched."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def push(self, chunk: bytes) -> bytes:
+        data = self._tail + chunk if self._tail else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._tail = data
+            return b""
+        whole, self._tail = data[: end + 2], data[end + 2 :]
+        if _MARK in whole or _MARK_SPACED in whole:
+            whole = _without_usage_events(whole)
+        return whole
+
+    def flush(self) -> bytes:
+        tail, self._tail = self._tail, b""
+        return _without_usage_events(tail) if _MARK in tail or _MARK_SPACED in tail else tail
+
+
+def _without_usage_events(events: bytes) -> bytes:
+    kept = [e for e in events.split(b"\n\n") if not ((_MARK in e or _MARK_SPACED in e) and _NO_CHOICES.search(e))]
+    return b"\n\n".join(kept)
+
+
+def decoder(encoding: str) -> Callable[[bytes], bytes] | None:
+    """A function turning a gzip/deflate body's reads into its plain bytes (bounded), for reading
+    usage from an answer a backend compressed although asked not to; None for other encodings."""
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return None
+    inflate = zlib.decompressobj(47 if encoding != "deflate" else 15)  # 47: a gzip or zlib header
+
+    def plain(chunk: bytes) -> bytes:
+        try:
+            return inflate.decompress(chunk, MAX_EVENT_BYTES)
+        except zlib.error:
+            return b""
+
+    return plain
 
 
 def _from_body(body: bytes) -> Usage | None:
@@ -185,22 +265,29 @@ def _from_body(body: bytes) -> Usage | None:
     return from_object(obj)
 
 
-def with_usage_requested(body: bytes) -> bytes | None:
-    """A streamed chat call's body asking for the final usage chunk (`LB_STREAM_USAGE=include`),
-    or None to send the body as it is: not a chat stream, too large to rewrite on the event loop,
-    or the client said itself whether it wants usage (`include_usage` present, true or false)."""
-    if len(body) > MAX_REWRITE_BYTES:
-        return None
+def usage_requested(body: bytes, payload: Any = None) -> tuple[bytes | None, bool]:
+    """For a call known to ask a chat stream: (its body asking the backend for the final usage
+    chunk, or None when it already does or cannot be rewritten; whether the client asked for it).
+
+    The balancer always wants the usage; what the client sees is `UsageChunkFilter`'s business.
+    Most bodies have no `stream_options`: the member is inserted as bytes, no JSON parsed."""
+    start = len(body) - len(body.lstrip())
+    if b'"stream_options"' not in body and body[start : start + 1] == b"{":  # a stream's body has members
+        return body[: start + 1] + b'"stream_options":{"include_usage":true},' + body[start + 1 :], False
+    if len(body) > MAX_REWRITE_BYTES and not isinstance(payload, dict):  # not parsed on the event loop
+        return None, False
     try:
-        payload = json.loads(body)
+        payload = json.loads(body) if not isinstance(payload, dict) else payload
     except ValueError:
-        return None
-    if not isinstance(payload, dict) or payload.get("stream") is not True or "messages" not in payload:
-        return None
+        return None, False
+    if not isinstance(payload, dict) or payload.get("stream") is not True:
+        return None, False
     options = payload.get("stream_options")
     if options is None:
         options = {}
-    if not isinstance(options, dict) or "include_usage" in options:
-        return None
-    payload["stream_options"] = {**options, "include_usage": True}
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    if not isinstance(options, dict):
+        return None, False
+    if options.get("include_usage") is True:
+        return None, True
+    payload = {**payload, "stream_options": {**options, "include_usage": True}}
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(), False

@@ -30,26 +30,31 @@ class Windows:
         _bump(self._seconds, key, second, values)
         _bump(self._minutes, key, second // MINUTE, values)
 
-    def minute(self, key: str, now: float) -> list[int]:
-        """Sums over the last 60 seconds, this second included."""
-        return _sum(self._seconds.get(key, {}), int(now) - MINUTE + 1, self.width)
+    def minute(self, key: str, now: float, span: int = MINUTE) -> list[int]:
+        """Sums over the last `span` one-second buckets (60: the last minute), this second's included."""
+        return _sum(self._seconds.get(key, {}), int(now) - span + 1, self.width)
 
     def hour(self, key: str, now: float) -> list[int]:
         """Sums over the last 60 one-minute buckets, this minute included."""
         return _sum(self._minutes.get(key, {}), int(now) // MINUTE - MINUTE + 1, self.width)
 
-    def seconds(self, key: str, now: float) -> Iterator[tuple[int, list[int]]]:
-        """(second, counts) of the buckets still in the minute window, oldest first."""
-        start = int(now) - MINUTE + 1
+    def seconds(self, key: str, now: float, span: int = MINUTE) -> Iterator[tuple[int, list[int]]]:
+        """(second, counts) of the last `span` one-second buckets, oldest first."""
+        start = int(now) - span + 1
         per_key = self._seconds.get(key, {})
         return ((s, per_key[s]) for s in sorted(per_key) if s >= start)
+
+    def minute_buckets(self, key: str, now: float) -> Iterator[tuple[int, list[int]]]:
+        """(minute, counts) of the buckets still in the hour window."""
+        start = int(now) // MINUTE - MINUTE + 1
+        return ((m, v) for m, v in self._minutes.get(key, {}).items() if m >= start)
 
     def keys(self) -> list[str]:
         return list(self._minutes)
 
-    def buckets(self, now: float) -> dict[str, dict[str, list[list[int]]]]:
-        """Every key's live buckets, as lists `[slot, *counts]`: what an instance shares."""
-        second, minute = int(now) - MINUTE + 1, int(now) // MINUTE - MINUTE + 1
+    def buckets(self, now: float, span: int = MINUTE) -> dict[str, dict[str, list[list[int]]]]:
+        """Every key's live buckets (the last `span` seconds), as lists `[slot, *counts]`: what an instance shares."""
+        second, minute = int(now) - span + 1, int(now) // MINUTE - MINUTE + 1
         shared: dict[str, dict[str, list[list[int]]]] = {}
         for key in self.keys():
             s = [[t, *v] for t, v in self._seconds.get(key, {}).items() if t >= second]
