@@ -32,6 +32,7 @@ from azure.data.tables import UpdateMode
 from lb.config import StateSettings
 from lb.metering.quota import WINDOW
 from lb.metering.windows import Windows
+from lb.state.health import TableHealth
 from lb.state.table import TableOps, make_table_client
 
 if TYPE_CHECKING:
@@ -68,8 +69,7 @@ class UsageShare:
         self.op_timeout = op_timeout
         self.partition = f"{settings.pool}.usage"
         self.ops = TableOps()  # HTTP requests sent: what the figures count
-        self.healthy = True
-        self.last_error: str | None = None
+        self.table_health = TableHealth("usage table", log)
         self.pool_clients = Windows(metering.clients.width)  # the other instances' counts, as last read
         self.pool_backends = Windows(metering.backends.width)
         self.instances = 0  # rows with counts seen at the last read, this one's included
@@ -121,9 +121,7 @@ class UsageShare:
             return
         self._load(rows, now)
         self.metering.tick(now)
-        if not self.healthy:
-            self.healthy = True
-            log.info("usage table reachable again: client limits hold over the pool")
+        self.table_health.ok("client limits hold over the pool")
 
     # Table calls ------------------------------------------------------------------------------
     async def _write(self, now: float) -> None:
@@ -220,16 +218,12 @@ class UsageShare:
         self.metering.limiter.others = Windows(self.metering.limiter.local.width)
         self.metering.limiter.others_reserved = {}
         self.metering.limiter.synced(1)
-        status = getattr(exc, "status_code", None)
-        first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
-        self.last_error = f"{type(exc).__name__}{f' {status}' if status else ''}: {first_line}".rstrip(": ")
-        if self.healthy:
-            self.healthy = False
-            log.warning(
-                "usage table unreachable, client limits hold per instance meanwhile (instance %s): %s",
-                self.instance_id,
-                self.last_error,
-            )
+        meanwhile = f"client limits hold per instance meanwhile (instance {self.instance_id})"
+        self.table_health.fault(exc, meanwhile)
+
+    @property
+    def healthy(self) -> bool:
+        return self.table_health.healthy
 
     def pool_report(self, now: float, client: str | None = None) -> dict[str, Any]:
         """The pool's counts: this instance's own plus the others' as last read (about a second old);

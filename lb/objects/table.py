@@ -33,6 +33,7 @@ from azure.core.exceptions import HttpResponseError, ResourceExistsError, Resour
 
 from lb.config import StateSettings
 from lb.objects.records import MAX_RECORDS, ObjectRecord, ObjectStore, RecordsUnavailable
+from lb.state.health import TableHealth
 from lb.state.table import TableOps, make_table_client, row_key
 
 log = logging.getLogger("lb.state")
@@ -55,9 +56,7 @@ class TableObjectStore(ObjectStore):
         self.partition = f"{settings.pool}|objects"
         self.op_timeout = op_timeout
         self.ops = TableOps()
-        self.healthy = True
-        self.last_error: str | None = None
-        self._retry_at = 0.0  # monotonic; before it, a faulty table is not asked
+        self.table_health = TableHealth("object table", log, OUTAGE_RETRY_SECONDS)
         self._unsaved: dict[str, ObjectRecord] = {}  # made while the table was away
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -256,28 +255,23 @@ class TableObjectStore(ObjectStore):
         task.add_done_callback(self._tasks.discard)
 
     # Health ------------------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self.table_health.healthy
+
     def _may_call(self) -> bool:
-        return not self._closed and (self.healthy or time.monotonic() >= self._retry_at)
+        return not self._closed and self.table_health.may_call()
 
     def _fault(self, exc: BaseException) -> None:
-        status = getattr(exc, "status_code", None)
-        first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
-        self.last_error = f"{type(exc).__name__}{f' {status}' if status else ''}: {first_line}".rstrip(": ")
-        self._retry_at = time.monotonic() + OUTAGE_RETRY_SECONDS
-        if self.healthy:
-            self.healthy = False
-            log.warning("object table unreachable, routing on this instance's records: %s", self.last_error)
+        self.table_health.fault(exc, "objects this instance has not seen are refused (503) until it is back")
 
     def _ok(self) -> None:
-        if self.healthy:
-            return
-        self.healthy = True
-        log.info("object table reachable again; writing %d records made meanwhile", len(self._unsaved))
-        for object_id, record in list(self._unsaved.items()):
-            self._background(self._insert(object_id, record))
+        if self.table_health.ok(f"writing {len(self._unsaved)} records made meanwhile"):
+            for object_id, record in list(self._unsaved.items()):
+                self._background(self._insert(object_id, record))
 
     def _retry_in(self) -> float:
-        return max(1.0, self._retry_at - time.monotonic())
+        return self.table_health.retry_in()
 
     def health(self) -> dict[str, Any]:
         return {
@@ -286,7 +280,7 @@ class TableObjectStore(ObjectStore):
             "table": self.settings.table,
             "partition": self.partition,
             "unsaved": len(self._unsaved),
-            "last_error": self.last_error,
+            "last_error": self.table_health.last_error,
             "ops": dict(self.ops),
         }
 

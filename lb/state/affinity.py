@@ -37,6 +37,7 @@ from azure.data.tables import UpdateMode
 
 from lb.config import StateSettings
 from lb.routing.affinity import Affinity, RecentLoad
+from lb.state.health import TableHealth
 from lb.state.table import TableOps, make_table_client
 
 log = logging.getLogger("lb.state.affinity")
@@ -70,8 +71,7 @@ class AffinityShare:
         self.op_timeout = op_timeout
         self.live_seconds = live_seconds
         self.ops = TableOps()
-        self.healthy = True
-        self.last_error: str | None = None
+        self.table_health = TableHealth("affinity table", log)
         self.secret_source = "local"  # lb.routing.affinity.local_secret, until the table's secret is read
         affinity.shared_after = 2 * self.interval  # a call this long after the last: the pool's view is fresh
         self._client, self._credential = make_table_client(settings, op_timeout, self.ops)
@@ -118,9 +118,7 @@ class AffinityShare:
             self._fault(exc)
             return
         self._load(rows, now)
-        if not self.healthy:
-            self.healthy = True
-            log.info("affinity table reachable again: the load bound counts the pool's instances")
+        self.table_health.ok("the load bound counts the pool's instances")
 
     # Table calls ------------------------------------------------------------------------------
     async def _load_secret(self) -> None:
@@ -179,24 +177,21 @@ class AffinityShare:
     # Health -----------------------------------------------------------------------------------
     def _fault(self, exc: BaseException) -> None:
         """The last view is kept; only the first fault of an outage is logged."""
-        status = getattr(exc, "status_code", None)
-        first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
-        self.last_error = f"{type(exc).__name__}{f' {status}' if status else ''}: {first_line}".rstrip(": ")
-        if self.healthy:
-            self.healthy = False
-            log.warning(
-                "affinity table unreachable, keeping the last view of the pool (instance %s, secret from the %s): %s",
-                self.instance_id,
-                self.secret_source,
-                self.last_error,
-            )
+        meanwhile = (
+            f"keeping the last view of the pool (instance {self.instance_id}, secret from the {self.secret_source})"
+        )
+        self.table_health.fault(exc, meanwhile)
+
+    @property
+    def healthy(self) -> bool:
+        return self.table_health.healthy
 
     def health(self) -> dict[str, Any]:
         return {
             "healthy": self.healthy,
             "instances": self.affinity.instances,
             "secret": self.secret_source,
-            **({"error": self.last_error} if self.last_error else {}),
+            **({"error": self.table_health.last_error} if self.table_health.last_error else {}),
         }
 
 

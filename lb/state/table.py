@@ -39,6 +39,7 @@ from azure.data.tables.aio import TableClient
 
 from lb.config import ConfigError, StateSettings
 from lb.state import Cooldown, CooldownStore
+from lb.state.health import TableHealth
 
 log = logging.getLogger("lb.state")
 
@@ -128,8 +129,7 @@ class TableStore(CooldownStore):
         self.op_timeout = op_timeout
         self.keep_expired_seconds = keep_expired_seconds
         self.ops = TableOps()
-        self.healthy = True
-        self.last_error: str | None = None
+        self.table_health = TableHealth("state table", log)
         self._credential: Any = None
         self._client = self._make_client(settings)
         self._attempted_at = float("-inf")  # monotonic time of the last refresh attempt
@@ -137,7 +137,6 @@ class TableStore(CooldownStore):
         self._view_as_of = float("-inf")  # monotonic start of the query the view last came from
         self._refreshing: asyncio.Task[None] | None = None  # the one partition query in flight
         self._confirm_paused_until = 0.0  # monotonic; see CONFIRM_PAUSE_SECONDS
-        self._outage_since = 0.0
         self._poller: asyncio.Task[None] | None = None
         self._cleanup_task: asyncio.Task[None] | None = None
         self._pending: dict[tuple[str, str], Cooldown] = {}  # newest cooldown waiting to be written, per pair
@@ -375,21 +374,16 @@ class TableStore(CooldownStore):
         log.debug("gave up writing cooldown %s|%s after %d tries", entry.backend, entry.deployment, WRITE_TRIES)
 
     # Health --------------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self.table_health.healthy
+
     def _fault(self, exc: BaseException) -> None:
-        """Record a Table fault; only the first of an outage is logged (a fault must not flood the log)."""
-        status = getattr(exc, "status_code", None)
-        first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
-        self.last_error = f"{type(exc).__name__}{f' {status}' if status else ''}: {first_line}".rstrip(": ")
-        if self.healthy:
-            self.healthy = False
-            self._outage_since = time.monotonic()
-            log.warning("state table unreachable, serving on this instance's view: %s", self.last_error)
+        self.table_health.fault(exc, "serving on this instance's view")
 
     def _recovered(self) -> None:
-        if self.healthy:
+        if not self.table_health.ok():
             return
-        self.healthy = True
-        log.info("state table reachable again after %.1fs", time.monotonic() - self._outage_since)
         now = time.time()
         for c in self.active(now):  # share what this instance learned while the table was away
             if c.instance == self.instance_id:
@@ -404,7 +398,7 @@ class TableStore(CooldownStore):
             "pool": self.settings.pool,
             "instance": self.instance_id,
             "refresh_ms": self.settings.refresh_ms,
-            "last_error": self.last_error,
+            "last_error": self.table_health.last_error,
             "last_refresh_age_s": age,
             "ops": dict(self.ops),
         }
