@@ -26,13 +26,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import UpdateMode
 
 from lb.config import StateSettings
 from lb.metering.quota import WINDOW
 from lb.metering.windows import Windows
 from lb.state.health import TableHealth
+from lb.state.rows import read_partition, replace_row
 from lb.state.table import TableOps, make_table_client
 
 if TYPE_CHECKING:
@@ -115,7 +114,7 @@ class UsageShare:
                 holding and now - self._written_at >= HEARTBEAT_SECONDS
             ):
                 await self._write(now)
-            rows = await self._query()
+            rows = await read_partition(self._client, self.partition, self.op_timeout)
         except Exception as exc:
             self._fault(exc)
             return
@@ -144,23 +143,8 @@ class UsageShare:
             "parts": len(parts),
             **{f"d{i}": part for i, part in enumerate(parts)},
         }
-        try:
-            await self._call(self._client.upsert_entity(entity, mode=UpdateMode.REPLACE))
-        except ResourceNotFoundError:  # the table is not there yet (or Azurite restarted)
-            with contextlib.suppress(ResourceExistsError):
-                await self._call(self._client.create_table())
-            await self._call(self._client.upsert_entity(entity, mode=UpdateMode.REPLACE))
+        await replace_row(self._client, entity, self.op_timeout)
         self._written_version, self._written_at = version, now
-
-    async def _query(self) -> list[Any]:
-        async def run() -> list[Any]:
-            pages = self._client.query_entities("PartitionKey eq @pk", parameters={"pk": self.partition})
-            return [row async for row in pages]
-
-        try:
-            return await self._call(run())
-        except ResourceNotFoundError:
-            return []
 
     async def _call(self, operation: Any) -> Any:
         return await asyncio.wait_for(operation, self.op_timeout)

@@ -33,11 +33,11 @@ from collections.abc import Callable
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
-from azure.data.tables import UpdateMode
 
 from lb.config import StateSettings
 from lb.routing.affinity import Affinity, RecentLoad
 from lb.state.health import TableHealth
+from lb.state.rows import read_partition, replace_row
 from lb.state.table import TableOps, make_table_client
 
 log = logging.getLogger("lb.state.affinity")
@@ -113,7 +113,7 @@ class AffinityShare:
             if self.secret_source != "table":
                 await self._load_secret()
             await self._write(now)
-            rows = await self._query()
+            rows = await read_partition(self._client, self.partition, self.op_timeout)
         except Exception as exc:
             self._fault(exc)
             return
@@ -136,22 +136,7 @@ class AffinityShare:
                 self.affinity.served.snapshot(now) + self.affinity.calls.snapshot(now), separators=(",", ":")
             ),
         }
-        try:
-            await self._call(self._client.upsert_entity(entity, mode=UpdateMode.REPLACE))
-        except ResourceNotFoundError:  # the table is not there yet (or Azurite restarted)
-            with contextlib.suppress(ResourceExistsError):
-                await self._call(self._client.create_table())
-            await self._call(self._client.upsert_entity(entity, mode=UpdateMode.REPLACE))
-
-    async def _query(self) -> list[Any]:
-        async def run() -> list[Any]:
-            pages = self._client.query_entities("PartitionKey eq @pk", parameters={"pk": self.partition})
-            return [row async for row in pages]
-
-        try:
-            return await self._call(run())
-        except ResourceNotFoundError:
-            return []
+        await replace_row(self._client, entity, self.op_timeout)
 
     async def _call(self, operation: Any) -> Any:
         return await asyncio.wait_for(operation, self.op_timeout)
