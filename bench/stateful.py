@@ -98,14 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code", default=None, help="run the proxies from this checkout (e.g. /work/main)")
     parser.add_argument("--conversations", type=int, default=30)
     parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument(
+        "--clients", type=int, default=1, help="named keys sharing the pool (2+: each one's objects are its own)"
+    )
     args = parser.parse_args(argv)
+    keys = [KEY] if args.clients == 1 else [f"{KEY}-{i}" for i in range(1, args.clients + 1)]
 
     azurite = start_azurite()
     servers: list[Server] = []
     try:
         backends = [Server(f"backend{i}", ["bench.backend", "--name", f"sim{i}"]) for i in (1, 2, 3)]
         servers += backends
-        env = {"LB_CLIENT_KEYS": KEY, "LB_ADMIN_CLIENTS": "key1", "LB_LOG_LEVEL": "WARNING"}
+        names = ",".join(f"c{i}:{key}" for i, key in enumerate(keys, start=1))
+        env = {"LB_CLIENT_KEYS": names, "LB_ADMIN_CLIENTS": "c1", "LB_LOG_LEVEL": "WARNING"}
         env["LB_STATE_TABLE"] = f"stateful{int(time.time())}"
         env["LB_STATE_CONNECTION_STRING"] = azurite.connection_string
         env["BACKEND_2_DEPLOYMENT_NAME"] = "gpt-4o"  # an openai-aca-lb setting, taken as it is
@@ -116,20 +121,26 @@ def main(argv: list[str] | None = None) -> int:
         for i in (1, 2):
             proxies.append(Server(f"lb{i}", serve, env, command=lb_command(args.code)))
             servers.append(proxies[-1])
-        clients = [
-            openai.OpenAI(base_url=p.url + "/openai/v1", api_key=KEY, max_retries=0, timeout=30) for p in proxies
-        ]
         started = time.perf_counter()
-        tally = run(clients, args.conversations, args.turns)
+        tally = Tally()
+        for key in keys:  # each client's whole mix in turn, through both instances
+            clients = [
+                openai.OpenAI(base_url=p.url + "/openai/v1", api_key=key, max_retries=0, timeout=30) for p in proxies
+            ]
+            one = run(clients, args.conversations, args.turns)
+            tally.calls.update(one.calls)
+            tally.failed.update(one.failed)
+            tally.errors.update(one.errors)
         seconds = time.perf_counter() - started
-        statuses = [httpx.get(p.url + "/lb/status", headers={"api-key": KEY}).json() for p in proxies]
+        statuses = [httpx.get(p.url + "/lb/status", headers={"api-key": keys[0]}).json() for p in proxies]
     finally:
         for server in servers:
             server.stop()
         azurite.stop()
 
     total, failed = sum(tally.calls.values()), sum(tally.failed.values())
-    print(f"## Stateful calls: 3 backends, 2 instances sharing Azurite ({args.code or 'this checkout'})\n")
+    who = f"{args.clients} clients" if args.clients > 1 else "1 client"
+    print(f"## Stateful calls: 3 backends, 2 instances sharing Azurite, {who} ({args.code or 'this checkout'})\n")
     print("| call | made | failed |\n|---|---:|---:|")
     for kind, count in tally.calls.items():
         print(f"| {kind} | {count} | {tally.failed[kind]} |")
