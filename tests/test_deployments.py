@@ -13,8 +13,8 @@ from starlette.requests import Request
 
 from lb.config import Backend, load_settings
 from lb.proxy import Proxy
-from lb.requestinfo import RequestInfo
-from lb.routing.deployments import located, upstream_call
+from lb.requestinfo import RequestInfo, described
+from lb.routing.deployments import upstream_call
 from lb.sim import SimBackend
 from tests.conftest import API_VERSION
 from tests.test_cli import serve_lb
@@ -38,14 +38,14 @@ def test_the_path_segment_is_renamed_and_the_query_kept():
     assert path == "/openai/deployments/gpt4o-eastus/chat/completions?api-version=2024-10-21" and body == b"{}"
 
 
-def _located(backend: Backend, body: bytes) -> RequestInfo:
-    return asyncio.run(located(RequestInfo("/openai/v1/responses", "chat", body), [backend]))
+def _located(body: bytes) -> RequestInfo:
+    return asyncio.run(described("/openai/v1/responses", body))
 
 
 def test_the_v1_body_model_is_renamed_and_everything_else_kept():
     backend = Backend("a", "https://a", deployment_name="gpt-4o")
     original = {"model": "chat", "input": [{"role": "user", "content": "héllo"}], "stream": True}
-    path, body = upstream_call(backend, _located(backend, json.dumps(original).encode()))
+    path, body = upstream_call(backend, _located(json.dumps(original).encode()))
     assert path == "/openai/v1/responses" and json.loads(body) == {**original, "model": "gpt-4o"}
 
 
@@ -56,10 +56,10 @@ def test_a_large_v1_body_gets_its_model_replaced_in_place():
         {"tools": [{"model": "chat"}], "input": "x" * 100_000, "model": "chat"},  # found by the tokenizer
     ):
         body = json.dumps(big).encode()
-        _, sent = upstream_call(backend, _located(backend, body))
+        _, sent = upstream_call(backend, _located(body))
         assert json.loads(sent) == {**big, "model": "gpt4o-eastus"} and len(sent) == len(body) + len("gpt4o-eastus") - 4
     escaped = b'{"mod\\u0065l": "ch\\u0061t", "input": "hi"}'
-    _, sent = upstream_call(backend, _located(backend, escaped))
+    _, sent = upstream_call(backend, _located(escaped))
     assert json.loads(sent) == {"model": "gpt4o-eastus", "input": "hi"}
 
 
