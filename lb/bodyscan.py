@@ -2,8 +2,7 @@
 
 `json.loads` is C, but it holds the GIL: a 26 MiB body of small messages costs ~0.7 s, during
 which no other request moves (and a thread would not help: the parse never releases the GIL). The
-balancer needs only the top-level `"model"` (and whether `"stream": true`), so a large body is
-searched instead of built:
+balancer needs only the top-level `"model"`, so a large body is searched instead of built:
 
 1. `bytes.find`, one MiB at a time, lists where `"model"` occurs. In the bodies the
    SDKs send it occurs once, as a key followed by a short string: that string is the answer.
@@ -12,6 +11,10 @@ searched instead of built:
    `SLICE_SECONDS`, so other requests wait at most that long behind it.
 
 Neither step validates the JSON: the backend does, and answers a malformed body with its own 400.
+
+What the policies read in any body, whatever its size (`Marks`: `"stream": true`, the usage flag,
+the max-tokens fields), is found by `marks` in the same way, a slice at a time: the request's one
+read (`lb.requestinfo.described`) calls it once, and the policies take the fields.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ _STREAM = b'"stream"'
 _STREAM_OPTIONS, _INCLUDE_USAGE = b'"stream_options"', b'"include_usage"'
 _MAX_TOKENS_KEYS = (b'"max_tokens"', b'"max_completion_tokens"', b'"max_output_tokens"')  # the last: Responses API
 _COLON_NUMBER = re.compile(rb"\s*:\s*(\d+)")
-_MARK_NEEDLES = (_STREAM, _STREAM_OPTIONS, _INCLUDE_USAGE, *_MAX_TOKENS_KEYS)
+_NEEDLES = 6  # searched per slice by `marks`: "stream", "stream_options", "include_usage", the max-tokens keys
 _OPEN, _CLOSE, _QUOTE = frozenset(b"[{"), frozenset(b"]}"), ord('"')
 
 
@@ -88,7 +91,7 @@ async def marks(body: bytes) -> Marks:
     slices (each needle is one `find` per slice, so a slice is a window shared by the needles)."""
     if len(body) <= WINDOW_BYTES:
         return read_marks(body)
-    step = WINDOW_BYTES // len(_MARK_NEEDLES)
+    step = WINDOW_BYTES // _NEEDLES
     found = NO_MARKS
     for start in range(0, len(body), step):
         if start:
@@ -101,21 +104,6 @@ async def marks(body: bytes) -> Marks:
             max(found.max_tokens, part.max_tokens),
         )
     return found
-
-
-async def streamed(body: bytes) -> bool:
-    """Whether the body asks for a streamed answer: a `"stream": true` key anywhere in it."""
-    if len(body) <= WINDOW_BYTES:  # the usual body: one plain search, no async iteration to pay for
-        at = body.find(_STREAM)
-        while at != -1:
-            if not _escaped(body, at) and _STREAM_TRUE.match(body, at + len(_STREAM)):
-                return True
-            at = body.find(_STREAM, at + 1)
-        return False
-    async for at in _occurrences(body, _STREAM):
-        if _STREAM_TRUE.match(body, at + len(_STREAM)):
-            return True
-    return False
 
 
 async def top_level_string(body: bytes, key: bytes) -> str | None:
