@@ -89,7 +89,7 @@ class Metering:
             found = replace(marks, stream_options=True, include_usage=True)
             changed = replace(info, body=body, payload=NOT_PARSED, model_spans=moved, marks=found)
         else:
-            rewritten, _asked = usage_requested(info.body, info.payload)
+            rewritten, _asked = usage_requested(info.body, info.payload, stream_options=True)
             if rewritten is None:
                 return info
             body = rewritten

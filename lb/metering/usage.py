@@ -280,13 +280,14 @@ def usage_inserted(body: bytes, stream_options: bool) -> tuple[bytes, int] | Non
     return body[: start + 1] + _USAGE_MEMBER + body[start + 1 :], len(_USAGE_MEMBER)
 
 
-def usage_requested(body: bytes, payload: Any = None) -> tuple[bytes | None, bool]:
+def usage_requested(body: bytes, payload: Any = None, stream_options: bool | None = None) -> tuple[bytes | None, bool]:
     """For a call known to ask a chat stream: (its body asking the backend for the final usage
     chunk, or None when it already does or cannot be rewritten; whether the client asked for it).
 
     The balancer always wants the usage; what the client sees is `UsageChunkFilter`'s business.
     Most bodies have no `stream_options`: the member is inserted as bytes, no JSON parsed."""
-    inserted = usage_inserted(body, b'"stream_options"' in body)
+    named = b'"stream_options"' in body if stream_options is None else stream_options  # None: not known yet
+    inserted = usage_inserted(body, named)
     if inserted is not None:
         return inserted[0], False
     if len(body) > MAX_REWRITE_BYTES and not isinstance(payload, dict):  # not parsed on the event loop
