@@ -38,8 +38,7 @@ _STREAM = b'"stream"'
 _STREAM_OPTIONS, _INCLUDE_USAGE = b'"stream_options"', b'"include_usage"'
 _MAX_TOKENS_KEYS = (b'"max_tokens"', b'"max_completion_tokens"', b'"max_output_tokens"')  # the last: Responses API
 _COLON_NUMBER = re.compile(rb"\s*:\s*(\d+)")
-_STREAM_PREFIX, _MAX_PREFIX = b'"stream', b'"max_'  # one search finds every key they begin
-_NEEDLES = 3  # searched per slice by `marks`: `"stream`, `"max_`, `"include_usage"`
+_STREAM_PREFIX = b'"stream'  # one search finds both keys it begins
 _OPEN, _CLOSE, _QUOTE = frozenset(b"[{"), frozenset(b"]}"), ord('"')
 
 
@@ -49,65 +48,80 @@ class Marks:
 
     stream: bool = False  # a `"stream": true` anywhere (the body's own answer when it is not parsed)
     stream_options: bool = False  # `"stream_options"` occurs (metering inserts it as bytes only if not)
-    include_usage: bool = False  # `"include_usage"` occurs (the client asked for the usage chunk)
-    max_tokens: int = 0  # the largest `max_tokens` / `max_completion_tokens` / `max_output_tokens` stated
+    include_usage: bool = (
+        False  # `"include_usage"` occurs (the client asked for the usage chunk): looked for in streams
+    )
+    max_tokens: int | None = None  # the largest max-tokens value stated; None: not looked for (`tokens`)
 
 
-NO_MARKS = Marks()
+NO_MARKS = Marks(max_tokens=0)
 
 
-def read_marks(body: bytes, lo: int = 0, hi: int | None = None) -> Marks:
+def read_marks(body: bytes, lo: int = 0, hi: int | None = None, *, usage: bool = True, tokens: bool = True) -> Marks:
     """The marks of the keys starting in body[lo:hi], without yielding (a body in hand, up to a window).
 
-    Three C-speed `find`s: `"stream` (for `"stream"` and `"stream_options"`), `"max_` (for the
-    three max-tokens keys) and `"include_usage"`; a regex alternation over a large prompt would cost
-    ten times more. `"stream": true` counts unless its quote is escaped; a max-tokens key unless a
-    backslash precedes it (quoted inside a string); a number of more than 15 digits reads as 10**15,
-    "more than any quota", instead of making int() raise. The other two are plain presence."""
+    One C-speed `find` per key, the two that begin `"stream` sharing one (a regex alternation over
+    a large prompt costs ten times more, and a shorter needle than a key risks a slow search).
+    `"stream": true` counts unless its quote is escaped; a max-tokens key unless a backslash
+    precedes it (quoted inside a string); a number of more than 15 digits reads as 10**15, "more
+    than any quota", instead of making int() raise. The others are plain presence. `usage` and
+    `tokens` say whether `"include_usage"` and the max-tokens keys are looked for at all."""
     size = len(body)
     hi = size if hi is None else hi
+
+    def within(key: bytes) -> int:  # a key starting before `hi` may end after it
+        return min(size, hi + len(key) - 1)
+
     stream = options = False
-    end = min(size, hi + len(_STREAM_PREFIX) - 1)  # a key starting before `hi` may end after it
-    at = body.find(_STREAM_PREFIX, lo, end)
+    at = body.find(_STREAM_PREFIX, lo, within(_STREAM_PREFIX))
     while at != -1 and not (stream and options):
         if body.startswith(_STREAM, at):
             stream = stream or (not _escaped(body, at) and _STREAM_TRUE.match(body, at + len(_STREAM)) is not None)
         elif body.startswith(_STREAM_OPTIONS, at):
             options = True
-        at = body.find(_STREAM_PREFIX, at + 1, end)
+        at = body.find(_STREAM_PREFIX, at + 1, within(_STREAM_PREFIX))
     completion = 0
-    end = min(size, hi + len(_MAX_PREFIX) - 1)
-    at = body.find(_MAX_PREFIX, lo, end)
-    while at != -1:
-        key = next((k for k in _MAX_TOKENS_KEYS if body.startswith(k, at)), None)
-        if key is not None and (at == 0 or body[at - 1] != 0x5C):
-            number = _COLON_NUMBER.match(body, at + len(key))
-            if number:
-                digits = number.group(1)
-                completion = max(completion, int(digits) if len(digits) <= 15 else 10**15)
-        at = body.find(_MAX_PREFIX, at + 1, end)
-    usage = body.find(_INCLUDE_USAGE, lo, min(size, hi + len(_INCLUDE_USAGE) - 1)) != -1
-    return Marks(stream, options, usage, completion)
+    for key in _MAX_TOKENS_KEYS if tokens else ():
+        at = body.find(key, lo, within(key))
+        while at != -1:
+            if at == 0 or body[at - 1] != 0x5C:
+                number = _COLON_NUMBER.match(body, at + len(key))
+                if number:
+                    digits = number.group(1)
+                    completion = max(completion, int(digits) if len(digits) <= 15 else 10**15)
+            at = body.find(key, at + 1, within(key))
+    asked = usage and body.find(_INCLUDE_USAGE, lo, within(_INCLUDE_USAGE)) != -1
+    return Marks(stream, options, asked, completion if tokens else None)
 
 
-async def marks(body: bytes) -> Marks:
+async def marks(body: bytes, *, usage: bool = True, tokens: bool = True) -> Marks:
     """`read_marks` over the whole body; a large one a slice at a time, handing the loop back between
-    slices (each of the three searches is one `find` per slice: a slice is a window shared by them)."""
+    slices (a slice is a window shared by the searches: each is one `find` over it)."""
     if len(body) <= WINDOW_BYTES:
-        return read_marks(body)
-    step = WINDOW_BYTES // _NEEDLES
-    found = NO_MARKS
+        return read_marks(body, usage=usage, tokens=tokens)
+    step = WINDOW_BYTES // (1 + usage + len(_MAX_TOKENS_KEYS) * tokens)
+    found = Marks(max_tokens=0 if tokens else None)
     for start in range(0, len(body), step):
         if start:
             await asyncio.sleep(0)
-        part = read_marks(body, start, min(len(body), start + step))
+        part = read_marks(body, start, min(len(body), start + step), usage=usage, tokens=tokens)
         found = Marks(
             found.stream or part.stream,
             found.stream_options or part.stream_options,
             found.include_usage or part.include_usage,
-            max(found.max_tokens, part.max_tokens),
+            None if found.max_tokens is None else max(found.max_tokens, part.max_tokens or 0),
         )
     return found
+
+
+async def include_usage(body: bytes) -> bool:
+    """`Marks.include_usage` alone, for a body found to be a stream by its other marks."""
+    for start in range(0, len(body), WINDOW_BYTES):
+        if start:
+            await asyncio.sleep(0)
+        if body.find(_INCLUDE_USAGE, start, min(len(body), start + WINDOW_BYTES + len(_INCLUDE_USAGE) - 1)) != -1:
+            return True
+    return False
 
 
 async def top_level_string(body: bytes, key: bytes) -> str | None:

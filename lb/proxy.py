@@ -96,7 +96,10 @@ class Proxy:
                 await self.start()
             check_headers(request)
             client = await self._authorize(request)
-            info = await read_request(request, self.settings.max_body_bytes)
+            tokens = (
+                client.name in self.metering.limiter.limits or self.balancer.policy == "headroom"
+            )  # read by quota, policy
+            info = await read_request(request, self.settings.max_body_bytes, tokens=tokens)
             info = await self.metering.prepare(info)  # a chat stream asks the backend for its usage chunk
             charge = self.metering.admit(client.name, info)  # reserves its cost; raises ClientQuotaExceeded when over
             await self.store.sync()

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import unquote, unquote_plus
 
 from starlette.requests import Request
@@ -79,6 +79,7 @@ class RequestInfo:
         (about 4 characters per token; the body's length stands in for it, JSON syntax and tool
         definitions making it an overestimate that errs on the safe side) plus the stated maximum
         output. Per-client quotas (lb.metering.quota) and the headroom policy charge this same figure."""
+        assert self.marks.max_tokens is not None, "read with tokens=False"
         return len(self.body) // 4 + self.marks.max_tokens
 
 
@@ -89,18 +90,24 @@ def arrived(request: Request) -> float:
     return request.scope.get(ARRIVED) or time.monotonic()
 
 
-async def read_request(request: Request, max_body_bytes: int) -> RequestInfo:
+async def read_request(request: Request, max_body_bytes: int, *, tokens: bool = True) -> RequestInfo:
     # A body that stalls is the server's to cut (`lb.serving`; Kestrel's minimum data rate behind
     # Functions): a timer here would cost every request, for the rare slow one.
     raw_path = _checked_path(request)
     body = await _read_body(request, max_body_bytes)
-    return await described(raw_path, body, request.headers.get("content-type", "application/json"))
+    return await described(raw_path, body, request.headers.get("content-type", "application/json"), tokens=tokens)
 
 
-async def described(raw_path: str, body: bytes, content_type: str = "application/json") -> RequestInfo:
-    """The one read of a call's (checked) path and body: everything the policies take from them."""
+async def described(
+    raw_path: str, body: bytes, content_type: str = "application/json", *, tokens: bool = True
+) -> RequestInfo:
+    """The one read of a call's (checked) path and body: everything the policies take from them.
+    `tokens`: whether anything will read `RequestInfo.tokens` (a limited client, the headroom policy);
+    the usage flag is looked for only in a stream, where metering reads it."""
     deployment, stream, payload, spans = await _deployment(raw_path, body, content_type)
-    marks = await bodyscan.marks(body) if body else bodyscan.NO_MARKS
+    marks = await bodyscan.marks(body, usage=stream is True, tokens=tokens) if body else bodyscan.NO_MARKS
+    if stream is None and marks.stream:  # a stream only the bytes say is one: its usage flag too
+        marks = replace(marks, include_usage=await bodyscan.include_usage(body))
     return RequestInfo(
         raw_path=raw_path,
         deployment=deployment,

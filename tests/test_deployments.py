@@ -143,13 +143,13 @@ def test_a_renamed_stream_is_sent_byte_for_byte_as_asked_and_its_body_is_read_on
     env |= {"LB_POLICY": "headroom", "LB_CLIENT_KEYS": "app:key-1", "LB_CLIENT_LIMITS": "app=1000000tpm"}
     proxy = Proxy(load_settings(env), transport=httpx.MockTransport(backend))
     reads: list[str] = []  # bodyscan's readings asked for from outside it
-    for name in ("marks", "read_marks", "top_level_spans", "top_level_string"):
+    for name in ("marks", "read_marks", "include_usage", "top_level_spans", "top_level_string"):
         original = getattr(bodyscan, name)
 
-        def counted(*args, _name=name, _original=original):
+        def counted(*args, _name=name, _original=original, **kwargs):
             if sys._getframe(1).f_globals["__name__"] != bodyscan.__name__:
                 reads.append(_name)
-            return _original(*args)
+            return _original(*args, **kwargs)
 
         monkeypatch.setattr(bodyscan, name, counted)
     prompt = b'[{"role": "user", "content": "hi \\"model\\""}]'

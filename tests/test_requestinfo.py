@@ -547,6 +547,7 @@ def test_a_large_bodys_marks_are_found_wherever_its_slices_end(first):
         body = head + filler + b'", ' + tail
         assert body.index(first) == 7 * step - offset and len(body) > bodyscan.WINDOW_BYTES
         assert asyncio.run(bodyscan.marks(body)) == bodyscan.Marks(True, True, True, 77), offset
+        assert asyncio.run(bodyscan.include_usage(body)), offset
     assert bodyscan.read_marks(b'{"x": "\\"stream\\": true, \\"max_tokens\\": 5"}') == bodyscan.NO_MARKS
 
 
@@ -555,3 +556,12 @@ def test_the_one_read_finds_where_the_body_names_its_deployment_only_when_it_doe
     assert on_v1.deployment == "chat" and on_v1.model_spans == ((25, 31),) and on_v1.tokens == 50 // 4 + 3
     in_path = asyncio.run(described(CHAT, b'{"model": "chat"}'))
     assert in_path.deployment == "chat" and in_path.model_spans is None
+
+
+def test_the_one_read_looks_only_for_what_will_be_read():
+    body = b'{"messages": [], "stream": true, "stream_options": {"include_usage": true}, "max_tokens": 7}'
+    unlimited = asyncio.run(described(CHAT, body, tokens=False))  # no quota, no headroom policy: no max-tokens search
+    assert unlimited.marks == bodyscan.Marks(True, True, True, None) and unlimited.stream
+    assert asyncio.run(described(CHAT, body)).marks.max_tokens == 7
+    plain = asyncio.run(described(CHAT, body.replace(b"true}, ", b"false}, ").replace(b'"stream": true', b'"x": 1')))
+    assert plain.marks == bodyscan.Marks(False, True, False, 7)  # the usage flag only matters in a stream

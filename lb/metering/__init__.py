@@ -95,7 +95,13 @@ class Metering:
             body = rewritten
             # re-serialised: a new body, read again (bounded: MAX_REWRITE_BYTES, or already parsed)
             spans = None if info.model_spans is None else tuple(await bodyscan.top_level_spans(body, b"model"))
-            changed = replace(info, body=body, payload=NOT_PARSED, marks=bodyscan.read_marks(body), model_spans=spans)
+            changed = replace(
+                info,
+                body=body,
+                payload=NOT_PARSED,
+                model_spans=spans,
+                marks=bodyscan.read_marks(body, tokens=marks.max_tokens is not None),
+            )
         _hide_usage.set(not (self.include_stream_usage and not marks.include_usage))
         return changed
 
@@ -107,7 +113,7 @@ class Metering:
         if not info.body or not path.endswith(TOKEN_PATHS):
             return 0
         tokens = info.tokens
-        if not info.marks.max_tokens and path.endswith(GENERATING_PATHS):
+        if not info.marks.max_tokens and path.endswith(GENERATING_PATHS):  # none stated
             tokens += self.reserve.get(info.deployment or "", self.reserve.get("*", DEFAULT_RESERVE_TOKENS))
         return tokens
 
