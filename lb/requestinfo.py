@@ -69,8 +69,8 @@ class RequestInfo:
     # (`lb.routing.deployments`). None: not looked for (the deployment is in the path, or the body was
     # rewritten by re-serialising it).
     model_spans: tuple[tuple[int, int], ...] | None = field(default=None, compare=False, repr=False)
-    # `"stream_options"` / `"include_usage"` in the body's bytes (metering's usage flag), the largest
-    # max_*tokens it states (quotas' reservation, the headroom policy's demand).
+    # `"stream_options"` / `"include_usage"` in the body as the client sent it (metering's usage flag),
+    # the largest max_*tokens it states (quotas' reservation, the headroom policy's demand).
     marks: bodyscan.Marks = field(default=bodyscan.NO_MARKS, compare=False, repr=False)
 
     @property
@@ -105,8 +105,10 @@ async def described(
     `tokens`: whether anything will read `RequestInfo.tokens` (a limited client, the headroom policy);
     the usage flag is looked for only in a stream, where metering reads it."""
     deployment, stream, payload, spans = await _deployment(raw_path, body, content_type)
-    marks = await bodyscan.marks(body, usage=stream is True, tokens=tokens) if body else bodyscan.NO_MARKS
-    if stream is None and marks.stream:  # a stream only the bytes say is one: its usage flag too
+    # The usage flag is read in streams only; a body in one window is searched for it in the same go.
+    usage = stream is True or (stream is None and len(body) <= bodyscan.WINDOW_BYTES)
+    marks = await bodyscan.marks(body, usage=usage, tokens=tokens) if body else bodyscan.NO_MARKS
+    if stream is None and marks.stream and not usage:  # a large stream only the bytes say is one
         marks = replace(marks, include_usage=await bodyscan.include_usage(body))
     return RequestInfo(
         raw_path=raw_path,

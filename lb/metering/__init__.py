@@ -86,8 +86,7 @@ class Metering:
             body, shift = inserted
             spans = info.model_spans
             moved = None if spans is None else tuple((start + shift, end + shift) for start, end in spans)
-            found = replace(marks, stream_options=True, include_usage=True)
-            changed = replace(info, body=body, payload=NOT_PARSED, model_spans=moved, marks=found)
+            changed = replace(info, body=body, payload=NOT_PARSED, model_spans=moved)
         else:
             rewritten, _asked = usage_requested(info.body, info.payload, stream_options=True)
             if rewritten is None:
