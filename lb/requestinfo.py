@@ -107,7 +107,12 @@ async def described(
     deployment, stream, payload, spans = await _deployment(raw_path, body, content_type)
     # The usage flag is read in streams only; a body in one window is searched for it in the same go.
     usage = stream is True or (stream is None and len(body) <= bodyscan.WINDOW_BYTES)
-    marks = await bodyscan.marks(body, usage=usage, tokens=tokens) if body else bodyscan.NO_MARKS
+    if not body:
+        marks = bodyscan.NO_MARKS
+    elif stream is False and not tokens:  # parsed, no stream: nothing will read a mark
+        marks = bodyscan.Marks(max_tokens=None)
+    else:
+        marks = await bodyscan.marks(body, usage=usage, tokens=tokens)
     if stream is None and marks.stream and not usage:  # a large stream only the bytes say is one
         marks = replace(marks, include_usage=await bodyscan.include_usage(body))
     return RequestInfo(
