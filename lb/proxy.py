@@ -96,9 +96,8 @@ class Proxy:
                 await self.start()
             check_headers(request)
             client = await self._authorize(request)
-            tokens = (
-                client.name in self.metering.limiter.limits or self.balancer.policy == "headroom"
-            )  # read by quota, policy
+            # the call's token estimate is read by a client's quota and the headroom policy only
+            tokens = client.name in self.metering.limiter.limits or self.balancer.policy == "headroom"
             info = await read_request(request, self.settings.max_body_bytes, tokens=tokens)
             info = await self.metering.prepare(info)  # a chat stream asks the backend for its usage chunk
             charge = self.metering.admit(client.name, info)  # reserves its cost; raises ClientQuotaExceeded when over
