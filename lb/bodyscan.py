@@ -2,8 +2,7 @@
 
 `json.loads` is C, but it holds the GIL: a 26 MiB body of small messages costs ~0.7 s, during
 which no other request moves (and a thread would not help: the parse never releases the GIL). The
-balancer needs only the top-level `"model"` (and whether `"stream": true`), so a large body is
-searched instead of built:
+balancer needs only the top-level `"model"`, so a large body is searched instead of built:
 
 1. `bytes.find`, one MiB at a time, lists where `"model"` occurs. In the bodies the
    SDKs send it occurs once, as a key followed by a short string: that string is the answer.
@@ -12,6 +11,10 @@ searched instead of built:
    `SLICE_SECONDS`, so other requests wait at most that long behind it.
 
 Neither step validates the JSON: the backend does, and answers a malformed body with its own 400.
+
+What the policies read in any body, whatever its size (`Marks`: `"stream": true`, the usage flag,
+the max-tokens fields), is found by `marks` in the same way, a slice at a time: the request's one
+read (`lb.requestinfo.described`) calls it once, and the policies take the fields.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 SLICE_SECONDS = 0.001  # the longest the tokenizer holds the loop at a time
 WINDOW_BYTES = 1024 * 1024  # searched at a time (~0.6 ms) before the loop gets a turn
@@ -31,20 +35,91 @@ _ANY_VALUE = re.compile(rb"\s*:")
 _SPACE = re.compile(rb"\s*")
 _STREAM_TRUE = re.compile(rb"\s*:\s*true\b")
 _STREAM = b'"stream"'
+_STREAM_OPTIONS, _INCLUDE_USAGE = b'"stream_options"', b'"include_usage"'
+_MAX_TOKENS_KEYS = (b'"max_tokens"', b'"max_completion_tokens"', b'"max_output_tokens"')  # the last: Responses API
+_COLON_NUMBER = re.compile(rb"\s*:\s*(\d+)")
+_STREAM_PREFIX = b'"stream'  # one search finds both keys it begins
 _OPEN, _CLOSE, _QUOTE = frozenset(b"[{"), frozenset(b"]}"), ord('"')
 
 
-async def streamed(body: bytes) -> bool:
-    """Whether the body asks for a streamed answer: a `"stream": true` key anywhere in it."""
-    if len(body) <= WINDOW_BYTES:  # the usual body: one plain search, no async iteration to pay for
-        at = body.find(_STREAM)
+@dataclass(frozen=True)
+class Marks:
+    """What the policies read in a body's bytes, found in one place (`marks`) so none searches it again."""
+
+    stream: bool = False  # a `"stream": true` anywhere (the body's own answer when it is not parsed)
+    stream_options: bool = False  # `"stream_options"` occurs (metering inserts it as bytes only if not)
+    include_usage: bool = (
+        False  # `"include_usage"` occurs (the client asked for the usage chunk): looked for in streams
+    )
+    max_tokens: int | None = None  # the largest max-tokens value stated; None: not looked for (`tokens`)
+
+
+NO_MARKS = Marks(max_tokens=0)
+
+
+def read_marks(body: bytes, lo: int = 0, hi: int | None = None, *, usage: bool = True, tokens: bool = True) -> Marks:
+    """The marks of the keys starting in body[lo:hi], without yielding (a body in hand, up to a window).
+
+    One C-speed `find` per key, the two that begin `"stream` sharing one (a regex alternation over
+    a large prompt costs ten times more, and a shorter needle than a key risks a slow search).
+    `"stream": true` counts unless its quote is escaped; a max-tokens key unless a backslash
+    precedes it (quoted inside a string); a number of more than 15 digits reads as 10**15, "more
+    than any quota", instead of making int() raise. The others are plain presence. `usage` and
+    `tokens` say whether `"include_usage"` and the max-tokens keys are looked for at all."""
+    size = len(body)
+    hi = size if hi is None else hi
+
+    def within(key: bytes) -> int:  # a key starting before `hi` may end after it
+        return min(size, hi + len(key) - 1)
+
+    stream = options = False
+    at = body.find(_STREAM_PREFIX, lo, within(_STREAM_PREFIX))
+    while at != -1 and not (stream and options):
+        if body.startswith(_STREAM, at):
+            stream = stream or (not _escaped(body, at) and _STREAM_TRUE.match(body, at + len(_STREAM)) is not None)
+        elif body.startswith(_STREAM_OPTIONS, at):
+            options = True
+        at = body.find(_STREAM_PREFIX, at + 1, within(_STREAM_PREFIX))
+    completion = 0
+    for key in _MAX_TOKENS_KEYS if tokens else ():
+        at = body.find(key, lo, within(key))
         while at != -1:
-            if not _escaped(body, at) and _STREAM_TRUE.match(body, at + len(_STREAM)):
-                return True
-            at = body.find(_STREAM, at + 1)
-        return False
-    async for at in _occurrences(body, _STREAM):
-        if _STREAM_TRUE.match(body, at + len(_STREAM)):
+            if at == 0 or body[at - 1] != 0x5C:
+                number = _COLON_NUMBER.match(body, at + len(key))
+                if number:
+                    digits = number.group(1)
+                    completion = max(completion, int(digits) if len(digits) <= 15 else 10**15)
+            at = body.find(key, at + 1, within(key))
+    asked = usage and body.find(_INCLUDE_USAGE, lo, within(_INCLUDE_USAGE)) != -1
+    return Marks(stream, options, asked, completion if tokens else None)
+
+
+async def marks(body: bytes, *, usage: bool = True, tokens: bool = True) -> Marks:
+    """`read_marks` over the whole body; a large one a slice at a time, handing the loop back between
+    slices (a slice is a window shared by the searches: each is one `find` over it)."""
+    if len(body) <= WINDOW_BYTES:
+        return read_marks(body, usage=usage, tokens=tokens)
+    step = WINDOW_BYTES // (1 + usage + len(_MAX_TOKENS_KEYS) * tokens)
+    found = Marks(max_tokens=0 if tokens else None)
+    for start in range(0, len(body), step):
+        if start:
+            await asyncio.sleep(0)
+        part = read_marks(body, start, min(len(body), start + step), usage=usage, tokens=tokens)
+        found = Marks(
+            found.stream or part.stream,
+            found.stream_options or part.stream_options,
+            found.include_usage or part.include_usage,
+            None if found.max_tokens is None else max(found.max_tokens, part.max_tokens or 0),
+        )
+    return found
+
+
+async def include_usage(body: bytes) -> bool:
+    """`Marks.include_usage` alone, for a body found to be a stream by its other marks."""
+    for start in range(0, len(body), WINDOW_BYTES):
+        if start:
+            await asyncio.sleep(0)
+        if body.find(_INCLUDE_USAGE, start, min(len(body), start + WINDOW_BYTES + len(_INCLUDE_USAGE) - 1)) != -1:
             return True
     return False
 

@@ -29,7 +29,6 @@ from lb.objects.records import ObjectStore
 from lb.objects.router import ObjectRouter
 from lb.requestinfo import RequestInfo, arrived, check_headers, read_request
 from lb.routing.balancer import Balancer, Demand, NoCandidate
-from lb.routing.deployments import located
 from lb.state import ANY_DEPLOYMENT, CooldownStore, MemoryStore
 from lb.telemetry import Telemetry
 from lb.upstream import AiohttpTransport
@@ -97,9 +96,10 @@ class Proxy:
                 await self.start()
             check_headers(request)
             client = await self._authorize(request)
-            info = await read_request(request, self.settings.max_body_bytes)
-            info = self.metering.prepare(info)  # a chat stream asks the backend for its usage chunk
-            info = await located(info, self.settings.backends)  # where a renamed deployment's body names it
+            # the call's token estimate is read by a client's quota and the headroom policy only
+            tokens = client.name in self.metering.limiter.limits or self.balancer.policy == "headroom"
+            info = await read_request(request, self.settings.max_body_bytes, tokens=tokens)
+            info = await self.metering.prepare(info)  # a chat stream asks the backend for its usage chunk
             charge = self.metering.admit(client.name, info)  # reserves its cost; raises ClientQuotaExceeded when over
             await self.store.sync()
             objects = await self.objects.classify(request, info)  # None unless the call can name or create one
@@ -220,7 +220,7 @@ class Proxy:
         info, tried = call.info, call.tried
         failure: errors.ProxyError | None = None
         suspects: list[tuple[Backend, str]] = []  # failed this request; the backend's fault if another succeeds
-        need = self.balancer.demand(info.body)
+        need = self.balancer.demand(info)
         choice = self.balancer.pick(info.deployment, time.time(), need=need)
 
         while isinstance(choice, Backend):

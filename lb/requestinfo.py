@@ -17,7 +17,9 @@ Unicode line breaks (U+0085, U+2028, U+2029) count as control characters: a log 
 on them, so a deployment name carrying one could forge a log line.
 
 Nothing a client sends may hold the event loop: a body is parsed as JSON only up to
-`PARSE_LIMIT_BYTES`; past it, `lb.bodyscan` finds `"model"` in slices that yield to the loop.
+`PARSE_LIMIT_BYTES`; past it, `lb.bodyscan` finds `"model"` in slices that yield to the loop. The
+same read finds what the policies need in the body's bytes (`lb.bodyscan.Marks`: the stream flag,
+the usage flag, the max-tokens fields) and where the body names its deployment, once per request.
 JSON that Python refuses to build (nesting deeper than the recursion limit, an integer of more
 than 4,300 digits) is a 400, like any other invalid JSON.
 """
@@ -27,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import unquote, unquote_plus
 
 from starlette.requests import Request
@@ -52,6 +54,9 @@ NOT_PARSED = object()  # RequestInfo.payload when the body was not parsed (too l
 
 @dataclass(frozen=True)
 class RequestInfo:
+    """One call as the policies see it, read from the path and body once (`read_request`): each policy
+    takes its field here, and none searches the body again."""
+
     raw_path: str  # path + query, exactly as the client encoded them (minus any api-key parameter)
     deployment: str | None
     body: bytes
@@ -59,9 +64,23 @@ class RequestInfo:
     # The body as parsed while routing it (bodies up to PARSE_LIMIT_BYTES on /openai/v1/ and
     # /openai/responses), for whoever needs it next: parsed once per request, never again.
     payload: object = field(default=NOT_PARSED, compare=False, repr=False)
-    # Where the body's top-level "model" string is (quotes included), found once per request when a
-    # backend calls the deployment by another name (`lb.routing.deployments.located`).
-    model_spans: tuple[tuple[int, int], ...] = field(default=(), compare=False, repr=False)
+    # Where the body's top-level "model" string is (quotes included) on calls that name their
+    # deployment in the body: what a backend that calls the deployment by another name replaces
+    # (`lb.routing.deployments`). None: not looked for (the deployment is in the path, or the body was
+    # rewritten by re-serialising it).
+    model_spans: tuple[tuple[int, int], ...] | None = field(default=None, compare=False, repr=False)
+    # `"stream_options"` / `"include_usage"` in the body as the client sent it (metering's usage flag),
+    # the largest max_*tokens it states (quotas' reservation, the headroom policy's demand).
+    marks: bodyscan.Marks = field(default=bodyscan.NO_MARKS, compare=False, repr=False)
+
+    @property
+    def tokens(self) -> int:
+        """What Azure OpenAI will charge against the tokens quota at admission, roughly: the prompt
+        (about 4 characters per token; the body's length stands in for it, JSON syntax and tool
+        definitions making it an overestimate that errs on the safe side) plus the stated maximum
+        output. Per-client quotas (lb.metering.quota) and the headroom policy charge this same figure."""
+        assert self.marks.max_tokens is not None, "read with tokens=False"
+        return len(self.body) // 4 + self.marks.max_tokens
 
 
 def arrived(request: Request) -> float:
@@ -71,13 +90,40 @@ def arrived(request: Request) -> float:
     return request.scope.get(ARRIVED) or time.monotonic()
 
 
-async def read_request(request: Request, max_body_bytes: int) -> RequestInfo:
+async def read_request(request: Request, max_body_bytes: int, *, tokens: bool = True) -> RequestInfo:
     # A body that stalls is the server's to cut (`lb.serving`; Kestrel's minimum data rate behind
     # Functions): a timer here would cost every request, for the rare slow one.
     raw_path = _checked_path(request)
     body = await _read_body(request, max_body_bytes)
-    deployment, stream, payload = await _deployment(raw_path, body, request)
-    return RequestInfo(raw_path=raw_path, deployment=deployment, body=body, stream=stream, payload=payload)
+    return await described(raw_path, body, request.headers.get("content-type", "application/json"), tokens=tokens)
+
+
+async def described(
+    raw_path: str, body: bytes, content_type: str = "application/json", *, tokens: bool = True
+) -> RequestInfo:
+    """The one read of a call's (checked) path and body: everything the policies take from them.
+    `tokens`: whether anything will read `RequestInfo.tokens` (a limited client, the headroom policy);
+    the usage flag is looked for only in a stream, where metering reads it."""
+    deployment, stream, payload, spans = await _deployment(raw_path, body, content_type)
+    # The usage flag is read in streams only; a body in one window is searched for it in the same go.
+    usage = stream is True or (stream is None and len(body) <= bodyscan.WINDOW_BYTES)
+    if not body:
+        marks = bodyscan.NO_MARKS
+    elif stream is False and not tokens:  # parsed, no stream: nothing will read a mark
+        marks = bodyscan.Marks(max_tokens=None)
+    else:
+        marks = await bodyscan.marks(body, usage=usage, tokens=tokens)
+    if stream is None and marks.stream and not usage:  # a large stream only the bytes say is one
+        marks = replace(marks, include_usage=await bodyscan.include_usage(body))
+    return RequestInfo(
+        raw_path=raw_path,
+        deployment=deployment,
+        body=body,
+        stream=marks.stream if stream is None else stream,
+        payload=payload,
+        model_spans=spans,
+        marks=marks,
+    )
 
 
 def check_headers(request: Request) -> None:
@@ -142,22 +188,30 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _deployment(raw_path: str, body: bytes, request: Request) -> tuple[str | None, bool, object]:
-    """The deployment the call names, whether it asks for a stream, and the body if it was parsed."""
+async def _deployment(
+    raw_path: str, body: bytes, content_type: str
+) -> tuple[str | None, bool | None, object, tuple[tuple[int, int], ...] | None]:
+    """The deployment the call names, whether it asks for a stream (None: as the body's bytes say,
+    `bodyscan.Marks.stream`), the body if it was parsed, and where the body names the deployment."""
     segments = raw_path.split("?", 1)[0].split("/")  # ["", "openai", ...]
     if len(segments) > 3 and segments[2] == "deployments":
-        return unquote(segments[3]) or None, await bodyscan.streamed(body), NOT_PARSED
+        return unquote(segments[3]) or None, None, NOT_PARSED, None
     if len(segments) > 2 and segments[2].lower() in MODEL_IN_BODY and body:
-        if "json" not in request.headers.get("content-type", "application/json"):
-            return None, False, NOT_PARSED  # multipart uploads (audio, files): any backend may take them
+        if "json" not in content_type:
+            return None, False, NOT_PARSED, None  # multipart uploads (audio, files): any backend may take them
         if len(body) > PARSE_LIMIT_BYTES:
-            model = await bodyscan.top_level_string(body, b"model")
-            return _checked_model(model), await bodyscan.streamed(body), NOT_PARSED
+            model = _checked_model(await bodyscan.top_level_string(body, b"model"))
+            return model, None, NOT_PARSED, await _spans(body, model)
         payload = parse_json(body)
         if not isinstance(payload, dict):
-            return None, False, payload
-        return _checked_model(payload.get("model")), payload.get("stream") is True, payload
-    return None, await bodyscan.streamed(body), NOT_PARSED
+            return None, False, payload, None
+        model = _checked_model(payload.get("model"))
+        return model, payload.get("stream") is True, payload, await _spans(body, model)
+    return None, None, NOT_PARSED, None
+
+
+async def _spans(body: bytes, model: str | None) -> tuple[tuple[int, int], ...] | None:
+    return tuple(await bodyscan.top_level_spans(body, b"model")) if model is not None else None
 
 
 def parse_json(body: bytes) -> object:

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from lb.config import Backend
+from lb.requestinfo import RequestInfo
 from lb.routing.affinity import (
     HEAD_BYTES,
     Affinity,
@@ -25,6 +26,11 @@ from lb.state import MemoryStore
 NOW = 1_000.0
 SYSTEM = {"role": "system", "content": "You answer from the sources. " * 150}  # 1,088 tokens: Azure caches it
 SHORT = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}).encode()
+
+
+def asked(body: bytes) -> RequestInfo:
+    """A chat call carrying `body`, as the balancer is handed it."""
+    return RequestInfo("/openai/v1/chat/completions", "chat", body)
 
 
 def chat(*turns: str, **extra: object) -> bytes:
@@ -138,14 +144,14 @@ def test_first_choices_spread_over_keys_by_weight():
 def test_the_same_conversation_gets_the_same_backend_turn_after_turn():
     lb = balancer(*three())
     body = chat("Plan my trip")
-    picks = {lb.pick("chat", NOW + i, need=lb.demand(body)).name for i in range(5)}
-    picks |= {lb.pick("chat", NOW + 5, need=lb.demand(chat("Plan my trip", "Where to?", "Rome"))).name}
+    picks = {lb.pick("chat", NOW + i, need=lb.demand(asked(body))).name for i in range(5)}
+    picks |= {lb.pick("chat", NOW + 5, need=lb.demand(asked(chat("Plan my trip", "Where to?", "Rome")))).name}
     assert len(picks) == 1
 
 
 def test_every_instance_with_the_pools_secret_picks_alike_without_sharing_counts():
     body = chat("Summarise the report")
-    first = {balancer(*three()).pick("chat", NOW, need=balancer(*three()).demand(body)).name for _ in range(10)}
+    first = {balancer(*three()).pick("chat", NOW, need=balancer(*three()).demand(asked(body))).name for _ in range(10)}
     assert len(first) == 1
 
 
@@ -173,7 +179,7 @@ def test_with_api_keys_every_process_derives_one_secret_no_client_can():
 
 def test_a_cooling_backend_passes_the_conversation_to_its_next_and_gets_it_back():
     lb = balancer(*three())
-    demand = lb.demand(chat("Translate this"))
+    demand = lb.demand(asked(chat("Translate this")))
     assert demand.key is not None
     order = [three()[i].name for i in lb.affinity.order(demand.key, three())]
     assert lb.pick("chat", NOW, need=demand).name == order[0]
@@ -220,7 +226,7 @@ def test_a_backend_within_its_share_keeps_all_its_conversations():
 
 def test_a_lone_conversation_stays_home_until_it_is_a_crowd_then_its_overflow_goes_down_its_order():
     lb = balancer(*three())
-    demand = lb.demand(chat("Run the agent loop"))
+    demand = lb.demand(asked(chat("Run the agent loop")))
     assert demand.key is not None
     order = [three()[i].name for i in lb.affinity.order(demand.key, three())]
     picks = [lb.pick("chat", NOW + i / 10, need=demand).name for i in range(300)]
@@ -252,7 +258,7 @@ def test_many_conversations_load_backends_by_weight_within_fifteen_percent(secre
         for body, turns in zip(conversations, lengths, strict=True):
             if turns:
                 now += 0.01
-                counts[lb.pick("chat", now, need=lb.demand(body)).name] += 1
+                counts[lb.pick("chat", now, need=lb.demand(asked(body))).name] += 1
         lengths = [t - 1 if t else 0 for t in lengths]
     total = sum(counts.values())
     for backend in backends:
@@ -262,7 +268,7 @@ def test_many_conversations_load_backends_by_weight_within_fifteen_percent(secre
 
 def test_headroom_exhaustion_still_wins_over_affinity():
     lb = balancer(*three(), policy="headroom")
-    demand = lb.demand(chat("Hello"))
+    demand = lb.demand(asked(chat("Hello")))
     home = lb.pick("chat", NOW, need=demand).name
     lb.headroom.record(home, "chat", {"x-ratelimit-remaining-requests": "0", "x-ratelimit-remaining-tokens": "0"}, NOW)
     assert lb.pick("chat", NOW + 0.1, need=demand).name != home
@@ -270,11 +276,11 @@ def test_headroom_exhaustion_still_wins_over_affinity():
 
 def test_without_a_key_or_with_affinity_off_the_pick_is_weighted_random():
     on = balancer(*three())
-    assert len({on.pick("chat", NOW, need=on.demand(b"not json")).name for _ in range(60)}) == 3
+    assert len({on.pick("chat", NOW, need=on.demand(asked(b"not json"))).name for _ in range(60)}) == 3
     off = Balancer(three(), MemoryStore(), rng=random.Random(1))
     body = chat("same conversation")
-    assert off.demand(body) == Demand(0, b"")
-    assert len({off.pick("chat", NOW, need=off.demand(body)).name for _ in range(60)}) == 3
+    assert off.demand(asked(body)) == Demand(0, b"")
+    assert len({off.pick("chat", NOW, need=off.demand(asked(body))).name for _ in range(60)}) == 3
 
 
 # Which calls, and a bound no client can steer -----------------------------------------------------
@@ -290,8 +296,8 @@ def test_prompts_under_azures_1024_token_minimum_are_not_cacheable():
 def test_identical_short_calls_are_drawn_exactly_as_with_affinity_off():
     on = balancer(*three())
     off = Balancer(three(), MemoryStore(), rng=random.Random(7))
-    picks = [on.pick("chat", NOW + i, need=on.demand(SHORT)).name for i in range(60)]
-    assert picks == [off.pick("chat", NOW + i, need=off.demand(SHORT)).name for i in range(60)]
+    picks = [on.pick("chat", NOW + i, need=on.demand(asked(SHORT))).name for i in range(60)]
+    assert picks == [off.pick("chat", NOW + i, need=off.demand(asked(SHORT))).name for i in range(60)]
     assert min(Counter(picks).values()) >= 8, Counter(picks)
 
 
@@ -309,7 +315,7 @@ def worst_share(picks: list[str], backends: int = 3, after: int = 30) -> float:
 def long_calls(lb: Balancer, keys: list[str]) -> list[str]:
     """300 long-prompt calls, ten a second, with these `prompt_cache_key`s in turn."""
     return [
-        lb.pick("chat", NOW + i / 10, need=lb.demand(chat("q", prompt_cache_key=keys[i % len(keys)]))).name
+        lb.pick("chat", NOW + i / 10, need=lb.demand(asked(chat("q", prompt_cache_key=keys[i % len(keys)])))).name
         for i in range(300)
     ]
 

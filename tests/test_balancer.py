@@ -1,14 +1,21 @@
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 
 from lb.config import Backend
+from lb.requestinfo import RequestInfo, described
 from lb.routing.balancer import Balancer, NoCandidate
 from lb.routing.headroom import Headroom
 from lb.state import ANY_DEPLOYMENT, MemoryStore
 
 NOW = 1_000.0
+
+
+def asked(body: bytes) -> RequestInfo:
+    """A chat call carrying `body`, read as the proxy reads it."""
+    return asyncio.run(described("/openai/deployments/chat/chat/completions", body))
 
 
 def make(*backends: Backend) -> Balancer:
@@ -99,7 +106,7 @@ def test_random_policy_ignores_reported_headroom_and_estimates_nothing():
     report(balancer, "a", 100)
     counts = Counter(balancer.pick("chat", NOW, need=5_000).name for _ in range(4000))
     assert 0.9 < counts["a"] / counts["b"] < 1.1
-    assert balancer.need(b'{"max_tokens": 500}') == 0
+    assert balancer.demand(asked(b'{"max_tokens": 500}')).tokens == 0
 
 
 def test_headroom_policy_weights_the_pick_by_the_share_of_quota_left():
@@ -160,8 +167,8 @@ def test_a_backend_that_reported_zero_left_is_skipped_like_a_cooling_one_until_i
 
 def test_the_request_size_estimate_is_made_only_under_the_headroom_policy():
     balancer = headroom_pool(Backend("a", "https://a"))
-    assert balancer.need(b'{"max_tokens": 500}') == 19 // 4 + 500
-    assert balancer.need(b"") == 0
+    assert balancer.demand(asked(b'{"max_tokens": 500}')).tokens == 19 // 4 + 500
+    assert balancer.demand(asked(b"")).tokens == 0
 
 
 def test_calls_sent_since_the_last_reading_count_against_it():

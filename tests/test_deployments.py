@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 
 import httpx
@@ -11,10 +12,11 @@ import openai
 import pytest
 from starlette.requests import Request
 
+from lb import bodyscan
 from lb.config import Backend, load_settings
 from lb.proxy import Proxy
-from lb.requestinfo import RequestInfo
-from lb.routing.deployments import located, upstream_call
+from lb.requestinfo import RequestInfo, described
+from lb.routing.deployments import upstream_call
 from lb.sim import SimBackend
 from tests.conftest import API_VERSION
 from tests.test_cli import serve_lb
@@ -38,14 +40,14 @@ def test_the_path_segment_is_renamed_and_the_query_kept():
     assert path == "/openai/deployments/gpt4o-eastus/chat/completions?api-version=2024-10-21" and body == b"{}"
 
 
-def _located(backend: Backend, body: bytes) -> RequestInfo:
-    return asyncio.run(located(RequestInfo("/openai/v1/responses", "chat", body), [backend]))
+def _located(body: bytes) -> RequestInfo:
+    return asyncio.run(described("/openai/v1/responses", body))
 
 
 def test_the_v1_body_model_is_renamed_and_everything_else_kept():
     backend = Backend("a", "https://a", deployment_name="gpt-4o")
     original = {"model": "chat", "input": [{"role": "user", "content": "héllo"}], "stream": True}
-    path, body = upstream_call(backend, _located(backend, json.dumps(original).encode()))
+    path, body = upstream_call(backend, _located(json.dumps(original).encode()))
     assert path == "/openai/v1/responses" and json.loads(body) == {**original, "model": "gpt-4o"}
 
 
@@ -56,10 +58,10 @@ def test_a_large_v1_body_gets_its_model_replaced_in_place():
         {"tools": [{"model": "chat"}], "input": "x" * 100_000, "model": "chat"},  # found by the tokenizer
     ):
         body = json.dumps(big).encode()
-        _, sent = upstream_call(backend, _located(backend, body))
+        _, sent = upstream_call(backend, _located(body))
         assert json.loads(sent) == {**big, "model": "gpt4o-eastus"} and len(sent) == len(body) + len("gpt4o-eastus") - 4
     escaped = b'{"mod\\u0065l": "ch\\u0061t", "input": "hi"}'
-    _, sent = upstream_call(backend, _located(backend, escaped))
+    _, sent = upstream_call(backend, _located(escaped))
     assert json.loads(sent) == {"model": "gpt4o-eastus", "input": "hi"}
 
 
@@ -125,6 +127,48 @@ def test_renaming_a_25_mb_body_never_holds_the_event_loop():
     response, longest = asyncio.run(run())
     assert response.status_code == 200 and seen == [body[:64]]  # the model at the end, renamed in place
     assert longest < 0.05, f"the event loop was held {longest * 1000:.0f} ms"
+
+
+def test_a_renamed_stream_is_sent_byte_for_byte_as_asked_and_its_body_is_read_once(monkeypatch):
+    """The usage member is inserted and the model renamed as bytes, the model's spans found before the
+    insertion and moved by it; the request path runs `bodyscan`'s reading once, whatever the policies."""
+    sent: list[bytes] = []
+
+    async def backend(request: httpx.Request) -> httpx.Response:
+        sent.append(request.content)
+        return httpx.Response(200, json={"id": "r"})
+
+    env = {"BACKEND_1_URL": "https://one.example", "BACKEND_1_APIKEY": "k", "BACKEND_1_DEPLOYMENTS": "chat=gpt4o"}
+    env |= {"BACKEND_2_URL": "https://two.example", "BACKEND_2_APIKEY": "k", "BACKEND_2_DEPLOYMENT_NAME": "gpt4o"}
+    env |= {"LB_POLICY": "headroom", "LB_CLIENT_KEYS": "app:key-1", "LB_CLIENT_LIMITS": "app=1000000tpm"}
+    proxy = Proxy(load_settings(env), transport=httpx.MockTransport(backend))
+    reads: list[str] = []  # bodyscan's readings asked for from outside it
+    for name in ("marks", "read_marks", "include_usage", "top_level_spans", "top_level_string"):
+        original = getattr(bodyscan, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            if sys._getframe(1).f_globals["__name__"] != bodyscan.__name__:
+                reads.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(bodyscan, name, counted)
+    prompt = b'[{"role": "user", "content": "hi \\"model\\""}]'
+    body = b' {"messages": ' + prompt + b', "model" : "chat", "stream": true, "max_tokens": 9}'
+    request = _request(body)
+    request.scope["path"] = request.scope["raw_path"] = "/openai/v1/chat/completions"
+    request.scope["raw_path"] = b"/openai/v1/chat/completions"
+    request.scope["headers"].append((b"api-key", b"key-1"))
+
+    async def run() -> int:
+        try:
+            return (await proxy.handle(request)).status_code
+        finally:
+            await proxy.close()
+
+    assert asyncio.run(run()) == 200
+    expected = body.replace(b' {"messages"', b' {"stream_options":{"include_usage":true},"messages"')
+    assert sent == [expected.replace(b'"model" : "chat"', b'"model" : "gpt4o"')]
+    assert sorted(reads) == ["marks", "top_level_spans"]
 
 
 def test_a_body_too_deeply_nested_for_python_is_the_backends_400_never_a_502():

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from lb.config import ConfigError, load_settings
+from lb.requestinfo import described
 from lb.routing.headroom import (
     EXHAUSTED_HOLD_SECONDS,
     MAX_EXHAUSTED_HOLD_SECONDS,
@@ -11,7 +14,6 @@ from lb.routing.headroom import (
     PEAK_MEMORY_SECONDS,
     STALE_AFTER_SECONDS,
     Headroom,
-    estimate_tokens,
 )
 
 NOW = 1_000.0
@@ -144,6 +146,10 @@ def test_the_report_shows_the_last_reading_and_whether_it_is_stale():
     ]
     assert headroom.report("a", NOW + STALE_AFTER_SECONDS)[0]["stale"] is True
     assert headroom.report("b", NOW) == []
+
+
+def estimate_tokens(body: bytes) -> int:
+    return asyncio.run(described("/openai/v1/chat/completions", body)).tokens
 
 
 def test_request_size_is_the_body_length_over_4_plus_max_tokens():

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import asyncio
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -14,7 +16,7 @@ from lb.metering.quota import (
     parse_limits,
     parse_reservations,
 )
-from lb.requestinfo import RequestInfo
+from lb.requestinfo import RequestInfo, described
 from lb.telemetry import Telemetry
 
 GUID = "0b3c5a6e-1f2d-4c8b-9a7e-2d4f6b8c0a1e"
@@ -147,7 +149,8 @@ def test_reserve_tokens_parse_per_deployment_and_stop_start_up_when_malformed() 
 
 
 def info(path: str, payload: dict | None, deployment: str = "chat") -> RequestInfo:
-    return RequestInfo(raw_path=path, deployment=deployment, body=json.dumps(payload).encode() if payload else b"")
+    body = json.dumps(payload).encode() if payload else b""
+    return replace(asyncio.run(described(path, body)), deployment=deployment)
 
 
 def test_a_call_reserves_its_prompt_and_its_stated_or_default_output() -> None:

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from lb import bodyscan
 from lb.errors import BadRequest, ProxyError, RouteNotFound
-from lb.requestinfo import check_path
+from lb.requestinfo import check_path, described
 from tests.conftest import API_VERSION, CLIENT_KEY
 
 CHAT = f"/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
@@ -530,3 +531,37 @@ def test_a_large_responses_body_is_scanned_for_its_model_not_parsed():
     body = json.dumps({"input": "x" * 100_000, "model": "chat"}).encode()
     info = _info(f"/openai/responses?api-version={API_VERSION}", body)
     assert info.deployment == "chat"
+
+
+@pytest.mark.parametrize(
+    "first", [b'"max_tokens": 77', b'"stream": true', b'"stream_options": {"include_usage": true}']
+)
+def test_a_large_bodys_marks_are_found_wherever_its_slices_end(first):
+    """Read a slice at a time (the loop gets a turn between slices), a key across two slices still counts."""
+    members = [b'"max_tokens": 77', b'"stream": true', b'"stream_options": {"include_usage": true}']
+    tail = b", ".join([first, *(m for m in members if m != first)]) + b"}"
+    step = bodyscan.WINDOW_BYTES // 6
+    for offset in (*range(-2, 16), 40):  # the first key starts this far before a slice's end
+        head = b'{"input": "'
+        filler = b"x" * (7 * step - offset - len(head) - 3)
+        body = head + filler + b'", ' + tail
+        assert body.index(first) == 7 * step - offset and len(body) > bodyscan.WINDOW_BYTES
+        assert asyncio.run(bodyscan.marks(body)) == bodyscan.Marks(True, True, True, 77), offset
+        assert asyncio.run(bodyscan.include_usage(body)), offset
+    assert bodyscan.read_marks(b'{"x": "\\"stream\\": true, \\"max_tokens\\": 5"}') == bodyscan.NO_MARKS
+
+
+def test_the_one_read_finds_where_the_body_names_its_deployment_only_when_it_does():
+    on_v1 = asyncio.run(described("/openai/v1/responses", b'{"input": "hi", "model": "chat", "max_tokens": 3}'))
+    assert on_v1.deployment == "chat" and on_v1.model_spans == ((25, 31),) and on_v1.tokens == 50 // 4 + 3
+    in_path = asyncio.run(described(CHAT, b'{"model": "chat"}'))
+    assert in_path.deployment == "chat" and in_path.model_spans is None
+
+
+def test_the_one_read_looks_only_for_what_will_be_read():
+    body = b'{"messages": [], "stream": true, "stream_options": {"include_usage": true}, "max_tokens": 7}'
+    unlimited = asyncio.run(described(CHAT, body, tokens=False))  # no quota, no headroom policy: no max-tokens search
+    assert unlimited.marks == bodyscan.Marks(True, True, True, None) and unlimited.stream
+    assert asyncio.run(described(CHAT, body)).marks.max_tokens == 7
+    plain = asyncio.run(described("/openai/v1/chat/completions", body.replace(b"true", b"false")))
+    assert plain.marks == bodyscan.Marks(False, True, False, 7)  # the usage flag is read in streams only

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
+from lb import bodyscan
 from lb.metering.quota import DEFAULT_RESERVE_TOKENS, WINDOW, Charge, Limit, Limiter
 from lb.metering.responses import TERMINAL, Held, ResponseBook
-from lb.metering.usage import Usage, UsageChunkFilter, UsageReader, decoder, usage_requested
+from lb.metering.usage import Usage, UsageChunkFilter, UsageReader, decoder, usage_inserted, usage_requested
 from lb.metering.windows import Windows
 from lb.relay import UpstreamResponse
 from lb.requestinfo import NOT_PARSED, RequestInfo
-from lb.routing.headroom import estimate_tokens
 
 if TYPE_CHECKING:
     from lb.metering.share import UsageShare
@@ -74,17 +74,35 @@ class Metering:
             await self.share.close()
 
     # Hooks of the request path --------------------------------------------------------------
-    def prepare(self, info: RequestInfo) -> RequestInfo:
+    async def prepare(self, info: RequestInfo) -> RequestInfo:
         """A streamed chat always asks the backend for its usage chunk; the client sees that chunk
         only if it asked for it (or, with `LB_STREAM_USAGE=include`, did not say)."""
         _hide_usage.set(False)
         if not info.stream or not info.raw_path.split("?", 1)[0].endswith(CHAT_PATHS):
             return info
-        body, _asked = usage_requested(info.body, info.payload)
-        if body is None:
-            return info
-        _hide_usage.set(not (self.include_stream_usage and b'"include_usage"' not in info.body))
-        return replace(info, body=body, payload=NOT_PARSED, model_spans=())
+        marks = info.marks
+        inserted = usage_inserted(info.body, marks.stream_options)
+        if inserted is not None:  # the usual stream: a member inserted as bytes, what was found only moves
+            body, shift = inserted
+            spans = info.model_spans
+            moved = None if spans is None else tuple((start + shift, end + shift) for start, end in spans)
+            changed = replace(info, body=body, payload=NOT_PARSED, model_spans=moved)
+        else:
+            rewritten, _asked = usage_requested(info.body, info.payload, stream_options=True)
+            if rewritten is None:
+                return info
+            body = rewritten
+            # re-serialised: a new body, read again (bounded: MAX_REWRITE_BYTES, or already parsed)
+            spans = None if info.model_spans is None else tuple(await bodyscan.top_level_spans(body, b"model"))
+            changed = replace(
+                info,
+                body=body,
+                payload=NOT_PARSED,
+                model_spans=spans,
+                marks=bodyscan.read_marks(body, tokens=marks.max_tokens is not None),
+            )
+        _hide_usage.set(not (self.include_stream_usage and not marks.include_usage))
+        return changed
 
     def reservation(self, info: RequestInfo) -> int:
         """Tokens a call may cost: its prompt (body / 4) plus its stated maximum output, else the
@@ -93,8 +111,8 @@ class Metering:
         path = info.raw_path.split("?", 1)[0]
         if not info.body or not path.endswith(TOKEN_PATHS):
             return 0
-        tokens = estimate_tokens(info.body)
-        if tokens == len(info.body) // 4 and path.endswith(GENERATING_PATHS):
+        tokens = info.tokens
+        if not info.marks.max_tokens and path.endswith(GENERATING_PATHS):  # none stated
             tokens += self.reserve.get(info.deployment or "", self.reserve.get("*", DEFAULT_RESERVE_TOKENS))
         return tokens
 

@@ -265,15 +265,31 @@ def _from_body(body: bytes) -> Usage | None:
     return from_object(obj)
 
 
-def usage_requested(body: bytes, payload: Any = None) -> tuple[bytes | None, bool]:
+_USAGE_MEMBER = b'"stream_options":{"include_usage":true},'
+_BLANK = re.compile(rb"\s*")
+
+
+def usage_inserted(body: bytes, stream_options: bool) -> tuple[bytes, int] | None:
+    """(the body with the usage member inserted as its first, how far every byte after the opening
+    brace moved), when it names no `stream_options` (`bodyscan.Marks`) and is an object; else None."""
+    if stream_options:
+        return None
+    start = _BLANK.match(body).end()  # type: ignore[union-attr]  # \s* always matches
+    if body[start : start + 1] != b"{":  # a stream's body has members
+        return None
+    return body[: start + 1] + _USAGE_MEMBER + body[start + 1 :], len(_USAGE_MEMBER)
+
+
+def usage_requested(body: bytes, payload: Any = None, stream_options: bool | None = None) -> tuple[bytes | None, bool]:
     """For a call known to ask a chat stream: (its body asking the backend for the final usage
     chunk, or None when it already does or cannot be rewritten; whether the client asked for it).
 
     The balancer always wants the usage; what the client sees is `UsageChunkFilter`'s business.
     Most bodies have no `stream_options`: the member is inserted as bytes, no JSON parsed."""
-    start = len(body) - len(body.lstrip())
-    if b'"stream_options"' not in body and body[start : start + 1] == b"{":  # a stream's body has members
-        return body[: start + 1] + b'"stream_options":{"include_usage":true},' + body[start + 1 :], False
+    named = b'"stream_options"' in body if stream_options is None else stream_options  # None: not known yet
+    inserted = usage_inserted(body, named)
+    if inserted is not None:
+        return inserted[0], False
     if len(body) > MAX_REWRITE_BYTES and not isinstance(payload, dict):  # not parsed on the event loop
         return None, False
     try:

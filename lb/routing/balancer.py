@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lb.config import POLICIES, Backend
+from lb.requestinfo import RequestInfo
 from lb.routing.affinity import Affinity, cacheable, conversation_key, local_secret
-from lb.routing.headroom import Headroom, estimate_tokens
+from lb.routing.headroom import Headroom
 from lb.state import ANY_DEPLOYMENT, CooldownStore
 
 
@@ -108,13 +109,10 @@ class Balancer:
         if self.share is not None:
             await self.share.close()
 
-    def need(self, body: bytes) -> int:
-        """Tokens the request will take from a backend's quota; 0 (not computed) under `random`."""
-        return estimate_tokens(body) if self._by_headroom and body else 0
-
-    def demand(self, body: bytes) -> Demand:
-        """What the request asks of the pool: its `need` and, with affinity on, the conversation it continues."""
-        return Demand(self.need(body), body if self.affinity else b"")
+    def demand(self, info: RequestInfo) -> Demand:
+        """What the request asks of the pool: the tokens it will take from a backend's quota (0 under
+        `random`) and, with affinity on, the conversation it continues."""
+        return Demand(info.tokens if self._by_headroom and info.body else 0, info.body if self.affinity else b"")
 
     def pick(
         self,

@@ -7,34 +7,19 @@ sits in the path on `/openai/deployments/{name}/...` calls and in the JSON body'
 failover may go to a backend with another name). When the name does not change, the path and the
 body's bytes pass untouched: the stateless path pays one attribute read.
 
-The body is never parsed for it: `located` finds the top-level `model` value's bytes once per
-request, before any attempt (in slices that yield to the loop, `lb.bodyscan`), and each attempt
-splices the backend's name in. Nothing here can fail inside an attempt, so nothing of ours is ever
+The body is never parsed for it: the request's one read (`lb.requestinfo`) finds the top-level
+`model` value's bytes (in slices that yield to the loop, `lb.bodyscan`), and each attempt splices
+the backend's name in. Nothing here can fail inside an attempt, so nothing of ours is ever
 booked against a backend.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import replace
 from urllib.parse import quote
 
-from lb import bodyscan
 from lb.config import Backend
 from lb.requestinfo import RequestInfo
-
-
-async def located(info: RequestInfo, backends: Sequence[Backend]) -> RequestInfo:
-    """`info` with its body's `model` spans found, when a backend renames the deployment of this call
-    that names it in its body (`/openai/v1/...`, `/openai/responses`)."""
-    deployment = info.deployment
-    if deployment is None or info.model_spans or not _in_body(info.raw_path):
-        return info
-    if all(b.upstream_name(deployment) == deployment for b in backends if b.serves(deployment)):
-        return info
-    spans = await bodyscan.top_level_spans(info.body, b"model")
-    return replace(info, model_spans=tuple(spans)) if spans else info
 
 
 def upstream_call(backend: Backend, info: RequestInfo) -> tuple[str, bytes]:
@@ -50,12 +35,7 @@ def upstream_call(backend: Backend, info: RequestInfo) -> tuple[str, bytes]:
     if len(segments) > 3 and segments[2] == "deployments":
         segments[3] = quote(name, safe="")
         return "/".join(segments) + sep + query, info.body
-    return info.raw_path, _with_model(info.body, info.model_spans, name)
-
-
-def _in_body(raw_path: str) -> bool:
-    segments = raw_path.split("?", 1)[0].split("/")
-    return not (len(segments) > 3 and segments[2] == "deployments")
+    return info.raw_path, _with_model(info.body, info.model_spans or (), name)
 
 
 def _with_model(body: bytes, spans: tuple[tuple[int, int], ...], name: str) -> bytes:

@@ -16,7 +16,6 @@ and gets a full share, so a backend is never starved on old news.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,31 +33,6 @@ MIN_SHARE = 0.05  # the least share a backend keeps, so fresh low readings still
 NEAR_LIMIT_FRACTION = 0.25  # a backend with this little quota left may throttle any moment
 PEAK_MEMORY_SECONDS = 120.0  # the limit's stand-in is the most seen over the last 120-240 s
 DRAIN_MIN_INTERVAL = 0.05  # readings closer than this are too noisy to tell a consumption rate
-
-_MAX_TOKENS_KEYS = (b'"max_tokens"', b'"max_completion_tokens"', b'"max_output_tokens"')  # the last: Responses API
-_COLON_NUMBER = re.compile(rb"\s*:\s*(\d+)")
-
-
-def estimate_tokens(body: bytes) -> int:
-    """What Azure OpenAI will charge against the tokens quota at admission, roughly.
-
-    Azure counts the prompt (about 4 characters per token) plus `max_tokens` up front (per-client
-    quotas, lb.metering.quota, charge the same estimate). The body's
-    length stands in for the prompt (JSON syntax and tool definitions make it an overestimate, which
-    errs on the safe side) and a byte search finds `max_tokens` / `max_completion_tokens`, so no
-    JSON is parsed a second time.
-    """
-    completion = 0
-    for key in _MAX_TOKENS_KEYS:
-        at = body.find(key)  # a C-speed scan; a regex over a large prompt costs ten times json.loads
-        while at != -1:
-            if at == 0 or body[at - 1] != 0x5C:  # a backslash before it: quoted inside a string
-                number = _COLON_NUMBER.match(body, at + len(key))
-                if number:  # 5,000 digits would make int() raise: more than 15 is "more than any quota"
-                    digits = number.group(1)
-                    completion = max(completion, int(digits) if len(digits) <= 15 else 10**15)
-            at = body.find(key, at + 1)
-    return len(body) // 4 + completion
 
 
 @dataclass(frozen=True)
