@@ -160,7 +160,7 @@ class Attempts:
                 refusal = await discard(upstream)
                 if not refuses_our_credential(info.raw_path, refusal):  # about what the client asked
                     self._booked(attempt, info, status, None)
-                    relayed = _refusal_relayed(upstream, refusal, backend, len(call.tried))
+                    relayed = buffered(upstream, refusal, backend, len(call.tried))  # read to be judged
                     return Outcome("answer", backend, relayed=relayed)
                 seconds = self._refused(backend, info, status, refusal)
                 self._booked(attempt, info, status, seconds)
@@ -345,11 +345,18 @@ async def discard(upstream: httpx.Response) -> bytes:
         await upstream.aclose()
 
 
-def _refusal_relayed(upstream: httpx.Response, body: bytes, backend: Backend, attempts: int) -> Response:
-    """A 401/403 about what the client asked (read to be judged, so relayed as read: decoded)."""
+def buffered(
+    upstream: httpx.Response,
+    body: bytes,
+    backend: Backend,
+    attempts: int,
+    own_url: Callable[[], str] = lambda: "",
+) -> Response:
+    """An answer already read whole (decoded), relayed with the backend's own headers and the
+    proxy's two; those pointing at the backend (Location, operation-location) point at `own_url()`."""
     response = Response(body, status_code=upstream.status_code)
     skip = {b"content-length", b"content-encoding"}
-    returned = [(k, v) for k, v in returned_headers(upstream.headers, backend.url) if k not in skip]
+    returned = [(k, v) for k, v in returned_headers(upstream.headers, backend.url, own_url) if k not in skip]
     response.raw_headers = [
         *returned,
         (b"content-length", str(len(body)).encode()),

@@ -403,13 +403,13 @@ def test_object_routes_are_matched_whatever_their_case(pool):
 
 
 def test_a_looked_up_answer_points_its_location_at_the_proxy_not_the_backend():
+    from lb.attempt import buffered
     from lb.config import Backend
-    from lb.objects.router import _buffered
 
     base = "https://acct.openai.azure.com"
     upstream = httpx.Response(
         404, headers={"location": f"{base}/openai/v1/files/file-1", "operation-location": f"{base}/openai/ops/1"}
     )
-    response = _buffered(upstream, b"{}", Backend("b", base), 1, lambda: "https://lb.example")
+    response = buffered(upstream, b"{}", Backend("b", base), 1, lambda: "https://lb.example")
     assert response.headers["location"] == "https://lb.example/openai/v1/files/file-1"
     assert response.headers["operation-location"] == "https://lb.example/openai/ops/1"

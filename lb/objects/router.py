@@ -32,8 +32,8 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from lb import errors, headers
-from lb.attempt import RETRYABLE_STATUS, Attempts, Call
+from lb import errors
+from lb.attempt import RETRYABLE_STATUS, Attempts, Call, buffered
 from lb.auth import Client
 from lb.config import Backend, Settings
 from lb.objects import routes
@@ -213,16 +213,16 @@ class ObjectRouter:
             if status in RETRYABLE_STATUS:
                 until = self.attempts.cooling_until(backend, info)
                 retry_at = min(retry_at or until, until) if until else retry_at
-                unsure = _buffered(
+                unsure = buffered(
                     upstream, await _read_raw(upstream, call.deadline), backend, len(call.tried), call.own_url
                 )
                 continue
             if status in (400, 404):
                 raw = await _read_raw(upstream, call.deadline)
                 if _says_not_found(status, raw):
-                    answer = _buffered(upstream, raw, backend, len(call.tried), call.own_url)
+                    answer = buffered(upstream, raw, backend, len(call.tried), call.own_url)
                     continue
-                return _buffered(upstream, raw, backend, len(call.tried), call.own_url)
+                return buffered(upstream, raw, backend, len(call.tried), call.own_url)
             if 200 <= status < 300:
                 self._count("found")
                 for object_id in unknown:  # its creator is unknown: recorded with none, never over a record
@@ -410,20 +410,3 @@ async def _read_raw(upstream: httpx.Response, deadline: float, limit: int = MAX_
     finally:
         await upstream.aclose()
     return b"".join(chunks)
-
-
-def _buffered(
-    upstream: httpx.Response, raw: bytes, backend: Backend, attempts: int, own_url: Callable[[], str]
-) -> Response:
-    """An answer already read whole (decoded), relayed with the backend's own headers (and the
-    proxy's two); those pointing at the backend (Location, operation-location) point at us."""
-    response = Response(raw, status_code=upstream.status_code)
-    returned = headers.returned(upstream.headers, backend.url, own_url)
-    kept = [(k, v) for k, v in returned if k not in (b"content-length", b"content-encoding")]
-    response.raw_headers = [
-        *kept,
-        (b"content-length", str(len(raw)).encode()),
-        (b"x-lb-backend", backend.name.encode()),
-        (b"x-lb-attempts", str(attempts).encode()),
-    ]
-    return response
