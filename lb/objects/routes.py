@@ -206,7 +206,7 @@ def classify(
                     " per client, so it is refused while several clients share the pool."
                 )
             return None
-        markers = body_markers(method, raw_path, body, content_type)
+        markers = _markers(method, None, raw_path, body, content_type)
         if markers is None or not (names_objects(body, markers) if named is None else named):
             return None
         ids = body_ids(parse_body(body, content_type))
@@ -216,7 +216,7 @@ def classify(
     ids, creates = path_ids(method, collection, rest)
     if method == "GET" and not rest and collection.lists:
         return ObjectCall(collection, (), creates=False, deletes=False, lists=True)
-    markers = body_markers(method, raw_path, body, content_type)
+    markers = _markers(method, collection, raw_path, body, content_type)
     if markers is not None:
         check_encoding(body, content_type)
         if names_objects(body, markers) if named is None else named:
@@ -239,9 +239,15 @@ def classify(
 def body_markers(method: str, raw_path: str, body: bytes, content_type: str | None) -> tuple[bytes, ...] | None:
     """What to look for in the body's (lower-cased) bytes before parsing it for ids; None when the
     body is never read: no body, an upload's multipart, a route whose body names no object."""
+    return _markers(method, route(raw_path)[0], raw_path, body, content_type)
+
+
+def _markers(
+    method: str, collection: Collection | None, raw_path: str, body: bytes, content_type: str | None
+) -> tuple[bytes, ...] | None:
+    """`body_markers` for a path whose collection is already known (`route` is not run twice)."""
     if not body or method not in ("POST", "PUT", "PATCH"):
         return None
-    collection, _, _ = route(raw_path)
     if collection is None:
         return CHAT_MARKERS if raw_path.split("?", 1)[0].lower().endswith("/chat/completions") else None
     if collection.multipart and (content_type or "").lower().startswith("multipart/form-data"):
