@@ -20,8 +20,9 @@ import pytest
 from lb.app import create_app
 from lb.config import load_settings
 from lb.proxy import Proxy
-from lb.sim import Servers, SimBackend
+from lb.sim import Servers, SimBackend, free_port
 from tests.azurite import azurite_fixture  # noqa: F401  (the `azurite` fixture: a real Table Storage)
+from tests.idp import LocalIdP
 
 CLIENT_KEY = "client-key-for-tests"
 API_VERSION = "2024-10-21"
@@ -64,6 +65,16 @@ def servers() -> Iterator[Servers]:
     s = Servers()
     yield s
     s.stop()
+
+
+@pytest.fixture
+def idp(servers: Servers) -> LocalIdP:
+    """A local Entra ID stand-in (tests/idp.py) serving its OpenID configuration and keys on a socket."""
+    provider = LocalIdP()
+    port = free_port()
+    provider.url = f"http://127.0.0.1:{port}"
+    servers.start(provider, port)
+    return provider
 
 
 @pytest.fixture

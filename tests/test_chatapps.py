@@ -26,7 +26,6 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from lb.sim import free_port
 from tests.conftest import CLIENT_KEY
 from tests.idp import OBJECT_ID, LocalIdP, entra_env
 
@@ -35,15 +34,6 @@ CHAT, EMBEDDING = "chat", "embedding"  # the deployment names infra/main.bicep c
 
 # The quickstart's `event.model_dump()` makes pydantic warn about the SDK's own union types.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture
-def idp(servers) -> LocalIdP:
-    provider = LocalIdP()
-    port = free_port()
-    provider.url = f"http://127.0.0.1:{port}"
-    servers.start(provider, port)
-    return provider
 
 
 def token_provider(idp: LocalIdP) -> Callable[[], Awaitable[str]]:

@@ -14,20 +14,10 @@ import pytest
 from lb.auth.entra import EntraValidator, InvalidToken, looks_like_jwt
 from lb.config import load_settings
 from lb.errors import Unauthorized
-from lb.sim import free_port
 from tests.conftest import API_VERSION, CLIENT_KEY
 from tests.idp import APP_ID, AUDIENCE, OBJECT_ID, OTHER_TENANT, TENANT, LocalIdP, SigningKey, entra_env
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def idp(servers) -> LocalIdP:
-    provider = LocalIdP()
-    port = free_port()
-    provider.url = f"http://127.0.0.1:{port}"
-    servers.start(provider, port)
-    return provider
 
 
 def validator(idp: LocalIdP, **env: str) -> EntraValidator:

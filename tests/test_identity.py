@@ -9,7 +9,7 @@ import pytest
 
 from lb.metering import Metering
 from lb.metering.usage import Usage
-from lb.sim import SimBackend, free_port
+from lb.sim import SimBackend
 from lb.telemetry import Telemetry
 from tests.idp import APP_ID, LocalIdP, entra_env
 from tests.test_cli import run_lb, serve_lb
@@ -17,15 +17,6 @@ from tests.test_cli import run_lb, serve_lb
 USER_A = "aaaaaaaa-1111-4111-8111-00000000000a"  # two users signed in to one app: same appid, two oids
 USER_B = "bbbbbbbb-2222-4222-8222-00000000000b"
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def idp(servers) -> LocalIdP:
-    provider = LocalIdP()
-    port = free_port()
-    provider.url = f"http://127.0.0.1:{port}"
-    servers.start(provider, port)
-    return provider
 
 
 def user_token(idp: LocalIdP, oid: str | None) -> str:
