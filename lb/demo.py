@@ -173,7 +173,7 @@ def cached_conversation(servers: Servers, env: dict[str, str], turns: int = 5) -
     messages = [{"role": "system", "content": system}, {"role": "user", "content": "My router is offline."}]
     prompt = cached = 0
     for turn in range(1, turns + 1):
-        raw = client.chat.completions.with_raw_response.create(model="chat", messages=messages)  # type: ignore[arg-type]
+        raw = client.chat.completions.with_raw_response.create(model="chat", messages=messages)
         completion = raw.parse()
         usage = completion.usage
         hit = usage.prompt_tokens_details.cached_tokens if usage and usage.prompt_tokens_details else 0
