@@ -1,4 +1,4 @@
-"""Prompt-cache affinity (issue 16): random vs affinity routing of multi-turn conversations.
+"""Prompt-cache affinity: random vs affinity routing of multi-turn conversations.
 
 Not a test: it writes bench/results/affinity.json, docs/affinity.png and prints Markdown tables.
 

@@ -1,4 +1,4 @@
-"""Where prompt-cache affinity applies, and the load bound no client can steer (issue 23).
+"""Where prompt-cache affinity applies, and the load bound no client can steer.
 
     python -m bench.affinity_bound [--instances 1 4] [--state table|memory] [--base CHECKOUT]
 

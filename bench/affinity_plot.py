@@ -27,7 +27,7 @@ def success(run: dict[str, Any]) -> float:
 
 
 def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each goal of issue 16 next to what was measured."""
+    """Each goal affinity was built to reach, next to what was measured."""
     rows = []
     for setting, by in _pairs(result).items():
         r, a = by.get("random"), by.get("affinity")

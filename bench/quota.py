@@ -7,7 +7,7 @@
   `limited` (60 rpm) asks for twice that, spread over the instances, for 3 minutes; client `free`
   (600 rpm) asks for 60 rpm. Prints what `limited` was served per minute (goal 0.9x-1.1x its limit),
   the 429s `free` got (goal none) and the Table writes per instance per second (goal <= 1).
-- `evasion`: client `bob` trying each way around its token limit of issue 22, alone and combined,
+- `evasion`: client `bob` trying each way around its token limit, alone and combined,
   through 2 instances on one Azurite table, beside an honest client (`bench.quota_evasion`).
 - `streamend`: a streamed chat's last byte through this branch and `--main`, with and without
   the client asking for usage (the balancer now always asks the backend).

@@ -1,4 +1,4 @@
-"""Issue 22's figures: a client trying to get around its token quota, through two `lb serve` on one table.
+"""A client trying to get around its token quota, through two `lb serve` on one table.
 
 `python -m bench quota evasion [--seconds-each 300] [--seconds-combined 300] [--ways a,b] [--lb-root DIR]`
 

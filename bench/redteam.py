@@ -1,4 +1,4 @@
-"""Issue 17's figures: what one abusive request, a misconfigured backend or a slow one costs others.
+"""What one abusive request, a misconfigured backend or a slow one costs others.
 
 `python -m bench redteam [--only abusive,reasoning,wrong_key,hanging,big_body,huge_head] [--lb-root DIR]`
 (about 1 min) starts real `python -m lb serve` processes in front of

@@ -308,7 +308,7 @@ class Attempts:
         first_byte: float | None,
     ) -> httpx.Response:
         """One upstream call up to its answer's head: `total` seconds bound all of it, wall-clock,
-        with one timer (aiohttp's own per-read and `total` timers cost ~0.1 ms per stream);
+        with one timer (aiohttp's own per-read and `total` timers would arm one per chunk);
         `connect` bounds the pool wait and connect, `first_byte` the wait for the head. The relay
         bounds the body by silence (`lb.relay.BodyLimits`)."""
         deadline = time.monotonic() + total

@@ -49,9 +49,8 @@ STREAM_USAGE_MODES: tuple[StreamUsage, ...] = get_args(StreamUsage)
 DEFAULT_POLICY: Policy = "random"
 # Prompt-cache affinity (lb.routing.affinity): the calls of a conversation whose prompt Azure can cache
 # (estimated 1,024 tokens or more) prefer one backend; shorter calls are picked as with `off`. On by
-# default: in `python -m bench affinity` it raised the cached share of prompt tokens from 57% to 75-79%
-# (1.29-1.39x random, 0.93-0.98x the most the conversations allow) at the same client success, with no
-# backend above 1.3x its share of recent calls whatever keys clients send, on 1 or 4 instances (docs/affinity.md).
+# default because it raises the cached share of prompt tokens at the same client success, and a hard
+# load bound keeps every backend near its fair share whatever keys clients send (figures: docs/affinity.md).
 AFFINITY_MODES = ("on", "off")
 DEFAULT_AFFINITY = "on"
 

@@ -3,11 +3,10 @@
 The API is httpx's (its requests, responses and exceptions), and the transport is the seam: tests
 can pass any `httpx.AsyncBaseTransport`. The proxy calls the transport itself, not through an
 `httpx.AsyncClient`: redirects, cookies, auth and event hooks are all off for a forwarded call,
-and the client's layers around them added 0.25-0.35 ms to a streamed answer's first event through
-`lb serve` (measured side by side, 2026-12-01). The default transport sends through
-aiohttp, whose C-accelerated HTTP parser and connection pool cost about a third less CPU per
-request than httpcore's, and about 2x the throughput per process (README, "Performance"). aiohttp
-is already required by azure's async clients, so this adds no dependency.
+and the client's layers around them add measurably to a streamed answer's first event
+(docs/performance.md). The default transport sends through aiohttp, whose C-accelerated HTTP
+parser and connection pool cost less CPU per request than httpcore's (README, "Performance").
+aiohttp is already required by azure's async clients, so this adds no dependency.
 
 Connections are pooled and kept alive, so a busy proxy does one TLS handshake per backend
 connection, not per request. Every aiohttp error is mapped to the httpx exception it means, in one
@@ -15,7 +14,8 @@ place (`_mapped`), so the failover loop sees exactly what it would see from http
 
 A request's `timeout` extension may carry `total` (aiohttp's own: a wall-clock bound on the whole
 call, every body read included). The proxy bounds its calls with one asyncio timer instead (see
-`Proxy._send`): aiohttp's total and per-read timers cost about 0.1 ms per streamed answer.
+`Attempts.send`): aiohttp's total and per-read timers each arm a timer per read, a cost paid on
+every chunk of a stream.
 """
 
 from __future__ import annotations
