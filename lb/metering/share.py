@@ -31,8 +31,7 @@ from lb.config import StateSettings
 from lb.metering.quota import WINDOW
 from lb.metering.windows import Windows
 from lb.state.health import TableHealth
-from lb.state.rows import read_partition, replace_row
-from lb.state.table import TableOps, make_table_client
+from lb.state.rows import RowShare, read_partition, replace_row
 
 if TYPE_CHECKING:
     from lb.metering import Metering
@@ -41,7 +40,6 @@ log = logging.getLogger("lb.metering.usage")  # apart from lb.state: its outage 
 
 SHARE_INTERVAL_SECONDS = 1.0
 OP_TIMEOUT_SECONDS = 2.0
-FIRST_LOAD_SECONDS = 2.0  # start-up waits this long at most for the pool's counts
 FORGET_SECONDS = 2 * 3600.0  # a row this old holds nothing for the hour window: delete it
 HEARTBEAT_SECONDS = 5.0  # a row holding reservations is rewritten this often, changed or not
 STALE_SECONDS = 20.0  # reservations of a row not rewritten for this long are not trusted (a stopped instance)
@@ -49,7 +47,7 @@ PART_CHARS = 30_000  # a Table string property holds 32K UTF-16 characters; the 
 MAX_PARTS = 30
 
 
-class UsageShare:
+class UsageShare(RowShare):
     """This instance's row in the shared usage partition, and the sums of everyone else's."""
 
     def __init__(
@@ -61,49 +59,26 @@ class UsageShare:
         interval: float = SHARE_INTERVAL_SECONDS,
         op_timeout: float = OP_TIMEOUT_SECONDS,
     ) -> None:
+        super().__init__(
+            settings,
+            instance_id,
+            f"{settings.pool}.usage",
+            interval=interval,
+            op_timeout=op_timeout,
+            health=TableHealth("usage table", log),
+        )
         self.settings = settings
         self.metering = metering
-        self.instance_id = instance_id
-        self.interval = interval
-        self.op_timeout = op_timeout
-        self.partition = f"{settings.pool}.usage"
-        self.ops = TableOps()  # HTTP requests sent: what the figures count
-        self.table_health = TableHealth("usage table", log)
         self.pool_clients = Windows(metering.clients.width)  # the other instances' counts, as last read
         self.pool_backends = Windows(metering.backends.width)
         self.instances = 0  # rows with counts seen at the last read, this one's included
-        self._client, self._credential = make_table_client(settings, op_timeout, self.ops)
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
         self._deleting: set[asyncio.Task[None]] = set()
         self._written_version = 0  # the row is first written once something was counted
         self._written_at = 0.0
 
-    # Lifecycle ------------------------------------------------------------------------------
-    async def start(self) -> None:
-        if self._task is None and not self._closed:
-            try:  # the pool's counts before the first request, if the Table answers quickly
-                await asyncio.wait_for(self.round(), FIRST_LOAD_SECONDS)
-            except asyncio.TimeoutError as exc:
-                self._fault(exc)
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        with contextlib.suppress(Exception):  # the last counts, so the pool's view is complete
-            await self._write(time.time())
-        await self._client.close()
-        if self._credential is not None:
-            await self._credential.close()
-
-    async def _run(self) -> None:
-        while not self._closed:
-            await asyncio.sleep(self.interval)
-            await self.round()
+    async def _leave(self) -> None:
+        """The last counts, so the pool's view is complete."""
+        await self._write(time.time())
 
     async def round(self) -> None:
         """One write of this row (if anything changed) and one read of the partition."""
@@ -145,9 +120,6 @@ class UsageShare:
         }
         await replace_row(self._client, entity, self.op_timeout)
         self._written_version, self._written_at = version, now
-
-    async def _call(self, operation: Any) -> Any:
-        return await asyncio.wait_for(operation, self.op_timeout)
 
     def _load(self, rows: list[Any], now: float) -> None:
         """Sum the other instances' rows into fresh windows (a stopped instance's counts age out)."""
@@ -204,10 +176,6 @@ class UsageShare:
         self.metering.limiter.synced(1)
         meanwhile = f"client limits hold per instance meanwhile (instance {self.instance_id})"
         self.table_health.fault(exc, meanwhile)
-
-    @property
-    def healthy(self) -> bool:
-        return self.table_health.healthy
 
     def pool_report(self, now: float, client: str | None = None) -> dict[str, Any]:
         """The pool's counts: this instance's own plus the others' as last read (about a second old);

@@ -37,20 +37,18 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from lb.config import StateSettings
 from lb.routing.affinity import Affinity, RecentLoad
 from lb.state.health import TableHealth
-from lb.state.rows import read_partition, replace_row
-from lb.state.table import TableOps, make_table_client
+from lb.state.rows import RowShare, read_partition, replace_row
 
 log = logging.getLogger("lb.state.affinity")
 
 OP_TIMEOUT_SECONDS = 2.0
-FIRST_LOAD_SECONDS = 2.0  # start-up waits this long at most for the secret and the pool's rows
 LIVE_SECONDS = 15.0  # a row not rewritten for this long is an instance gone
 SECRET_ROW = "secret"
 SECRET_BYTES = 32
 INSTANCE_PREFIX = "i|"
 
 
-class AffinityShare:
+class AffinityShare(RowShare):
     """This instance's row in the `{pool}.affinity` partition; the secret and the others' rows as last read."""
 
     def __init__(
@@ -64,47 +62,26 @@ class AffinityShare:
         live_seconds: float = LIVE_SECONDS,
         table_answers: Callable[[], bool] = lambda: True,
     ) -> None:
+        super().__init__(
+            settings,
+            instance_id,
+            f"{settings.pool}.affinity",
+            interval=max(0.05, settings.refresh_ms / 1000.0) if interval is None else interval,
+            op_timeout=op_timeout,
+            health=TableHealth("affinity table", log),
+        )
         self.affinity = affinity
-        self.instance_id = instance_id
-        self.partition = f"{settings.pool}.affinity"
-        self.interval = max(0.05, settings.refresh_ms / 1000.0) if interval is None else interval
-        self.op_timeout = op_timeout
         self.live_seconds = live_seconds
-        self.ops = TableOps()
-        self.table_health = TableHealth("affinity table", log)
         self.secret_source = "local"  # lb.routing.affinity.local_secret, until the table's secret is read
         affinity.shared_after = 2 * self.interval  # a call this long after the last: the pool's view is fresh
-        self._client, self._credential = make_table_client(settings, op_timeout, self.ops)
         self._table_answers = table_answers  # False: the cooldown store just found the table out of reach
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
 
-    # Lifecycle ------------------------------------------------------------------------------
-    async def start(self) -> None:
-        if self._task is None and not self._closed:
-            if self._table_answers():  # else start-up has waited for that table once already
-                try:  # the secret before the first request, if the Table answers quickly
-                    await asyncio.wait_for(self.round(), FIRST_LOAD_SECONDS)
-                except asyncio.TimeoutError as exc:
-                    self._fault(exc)
-            self._task = asyncio.get_running_loop().create_task(self._run())
+    def _first_round(self) -> bool:
+        return self._table_answers()  # else start-up has waited for that table once already
 
-    async def close(self) -> None:
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        with contextlib.suppress(Exception):  # gone: the others' allowances grow back at once
-            await self._call(self._client.delete_entity(self.partition, INSTANCE_PREFIX + self.instance_id))
-        await self._client.close()
-        if self._credential is not None:
-            await self._credential.close()
-
-    async def _run(self) -> None:
-        while not self._closed:
-            await asyncio.sleep(self.interval)
-            await self.round()
+    async def _leave(self) -> None:
+        """This row goes: the others' allowances grow back at once."""
+        await self._call(self._client.delete_entity(self.partition, INSTANCE_PREFIX + self.instance_id))
 
     async def round(self) -> None:
         """The secret (until read), then one upsert of this row and one read of the partition."""
@@ -138,9 +115,6 @@ class AffinityShare:
         }
         await replace_row(self._client, entity, self.op_timeout)
 
-    async def _call(self, operation: Any) -> Any:
-        return await asyncio.wait_for(operation, self.op_timeout)
-
     def _load(self, rows: list[Any], now: float) -> None:
         """Count the live instances and sum the others' recent calls (decayed to now)."""
         others = RecentLoad(self.affinity.served.half_life)
@@ -166,10 +140,6 @@ class AffinityShare:
             f"keeping the last view of the pool (instance {self.instance_id}, secret from the {self.secret_source})"
         )
         self.table_health.fault(exc, meanwhile)
-
-    @property
-    def healthy(self) -> bool:
-        return self.table_health.healthy
 
     def health(self) -> dict[str, Any]:
         return {
