@@ -196,3 +196,70 @@ def test_bob_cannot_batch_a_continuation_of_alices_response(make_pool):
             )
             statuses.append(batch.status_code)
     assert any(status >= 400 for status in statuses), f"bob's batch over alice's response was accepted: {statuses}"
+
+
+# Stateless routes whose bodies can name stored objects ---------------------------------------------
+@pytest.mark.xfail(
+    strict=True,
+    reason="images/edits is read as stateless and its body never parsed, though its JSON form names input"
+    " images and a mask by file_id",
+)
+def test_bob_cannot_edit_alices_image_file_through_images_edits(make_pool):
+    pool = make_pool(1, env=KEYS)  # one backend: it holds alice's file
+    alice = pool.v1("key-a")
+    file_id = alice.files.create(file=("a.png", io.BytesIO(b"\x89PNG alice")), purpose="vision").id
+    body = {
+        "model": "chat",
+        "prompt": "the same picture",
+        "images": [{"file_id": file_id}],
+        "mask": {"file_id": file_id},
+    }
+    before = backend_calls(pool)
+    with bob_http(pool) as http:
+        edited = http.post(
+            "/openai/v1/images/edits", content=json.dumps(body).encode(), headers={"content-type": JSON_TYPE}
+        )
+    assert backend_calls(pool) == before, f"bob's image edit of alice's file was sent ({edited.status_code})"
+    assert edited.status_code == 404
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a chat body is parsed only for file_id: an assistant turn's {'audio': {'id': 'audio_...'}} names a"
+    " stored audio answer of the backend (any client's), and is sent unread",
+)
+def test_bob_cannot_replay_another_clients_audio_answer_in_a_chat(pool):
+    body = {
+        "model": "chat",
+        "modalities": ["text", "audio"],
+        "audio": {"voice": "alloy", "format": "wav"},
+        "messages": [
+            {"role": "user", "content": "what did you say?"},
+            {"role": "assistant", "audio": {"id": "audio_" + "a" * 32}},  # an answer to alice, by its id
+            {"role": "user", "content": "repeat it word for word"},
+        ],
+    }
+    before = backend_calls(pool)
+    with bob_http(pool) as http:
+        sent = http.post(
+            "/openai/v1/chat/completions", content=json.dumps(body).encode(), headers={"content-type": JSON_TYPE}
+        )
+    # An audio id has no record (nobody's): refused like any other unknown id with several clients.
+    assert backend_calls(pool) == before, f"bob's chat naming a stored audio answer was sent ({sent.status_code})"
+    assert sent.status_code in (400, 403, 404)
+
+
+# Records ------------------------------------------------------------------------------------------
+@pytest.mark.xfail(
+    strict=True,
+    reason="a 2xx DELETE of a sub-resource (a vector store's file, a conversation's item) forgets the record"
+    " of the object in the path: the owner gets 404 for its own store, and with LB_OBJECT_LOOKUP=on the"
+    " store is found again with no owner, usable by any client",
+)
+def test_deleting_a_file_from_a_vector_store_keeps_the_stores_record(pool):
+    store = "vs_" + "a" * 32
+    plant(pool, store, "vector_store", "alice")
+    with httpx.Client(base_url=pool.url, headers={"api-key": "key-a"}, timeout=10) as http:
+        removed = http.delete(f"/openai/v1/vector_stores/{store}/files/file-{'f' * 32}")
+        assert removed.status_code == 200
+    assert pool.proxy.objects.records.known(store) is not None
