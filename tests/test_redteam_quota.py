@@ -67,12 +67,16 @@ SPENDING = {
     "v1-mixed-case-embeddings": ("/openai/v1/Embeddings", {"model": "chat", "input": BIG_PROMPT}),
     "v1-mixed-case-responses": ("/openai/v1/Responses", {"model": "chat", "input": BIG_PROMPT}),
     "responses-compact": ("/openai/v1/responses/compact", {"model": "chat", "input": BIG_PROMPT}),
+    # gpt-image-1 and gpt-4o-mini-tts are billed in tokens, and their answers say how many
+    "images-generations": ("/openai/v1/images/generations", {"model": "chat", "prompt": BIG_PROMPT}),
+    "audio-speech": ("/openai/v1/audio/speech", {"model": "chat", "input": BIG_PROMPT, "voice": "alloy"}),
 }
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="a call metering does not recognise as spending tokens (a route in another case, responses/compact)"
+    reason="a call metering does not recognise as spending tokens (a route in another case, responses/compact,"
+    " images, speech)"
     " reserves nothing, and a call reserving nothing is admitted however far over its TPM the client is",
 )
 @pytest.mark.parametrize("way", sorted(SPENDING))
