@@ -1,0 +1,129 @@
+"""A limited client (bob) getting around his quota: paths metering does not recognise.
+
+Azure OpenAI matches routes whatever their case (`lb.objects.routes.route` and `stateless` lower-case
+them for that reason), but metering recognises the calls it charges by case-sensitive suffixes
+(`lb.metering.CHAT_PATHS`, `TOKEN_PATHS`, the `/batches` test of `Metering.admit`). And a call that
+reserves nothing is admitted however far over his tokens per minute the client is. Each test fails
+on the current code (xfail, strict); docs/metering.md's promise is that a limited client is refused
+once over its limit and charged what it spends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from lb.app import create_app
+from lb.config import load_settings
+from lb.sim import SimBackend
+
+BOB, ALICE = "bob-key", "alice-key"
+KEYS = f"bob:{BOB},alice:{ALICE}"
+BIG_PROMPT = "word " * 800  # ~1,000 tokens: more than bob's whole limit, which a first call may take alone
+
+
+def start(servers, backend: SimBackend, limits: str) -> str:
+    settings = {
+        "LB_CLIENT_KEYS": KEYS,
+        "LB_CLIENT_LIMITS": limits,
+        "LB_AFFINITY": "off",
+        "BACKEND_1_URL": servers.start(backend),
+        "BACKEND_1_APIKEY": "key-1",
+    }
+    return servers.start(create_app(load_settings(settings)))
+
+
+def limit_of(url: str) -> dict:
+    return httpx.get(url + "/lb/usage", headers={"api-key": BOB}).json()["limits"]["bob"]
+
+
+def settled(url: str, timeout: float = 5.0) -> dict:
+    """Bob's limit report once none of his calls holds a reservation (polled)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = limit_of(url)
+        if report["reserved"]["calls"] == 0 or time.monotonic() > deadline:
+            return report
+        time.sleep(0.05)
+
+
+def over_limit(url: str) -> None:
+    """Bob spends more than his 100 tokens a minute in one call (a first call may take the whole window)."""
+    chat = {"model": "chat", "messages": [{"role": "user", "content": BIG_PROMPT}], "max_tokens": 10}
+    first = httpx.post(url + "/openai/v1/chat/completions", json=chat, headers={"api-key": BOB}, timeout=10)
+    assert first.status_code == 200
+    assert settled(url)["used_last_minute"]["tokens"] > 100
+    again = httpx.post(url + "/openai/v1/chat/completions", json=chat, headers={"api-key": BOB}, timeout=10)
+    assert again.status_code == 429  # the plain path is refused now
+
+
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": BIG_PROMPT}]}
+SPENDING = {
+    "v1-mixed-case-chat": ("/openai/v1/Chat/Completions", CHAT),
+    "deployment-mixed-case-chat": ("/openai/deployments/chat/chat/Completions?api-version=2024-10-21", CHAT),
+    "v1-mixed-case-embeddings": ("/openai/v1/Embeddings", {"model": "chat", "input": BIG_PROMPT}),
+    "v1-mixed-case-responses": ("/openai/v1/Responses", {"model": "chat", "input": BIG_PROMPT}),
+    "responses-compact": ("/openai/v1/responses/compact", {"model": "chat", "input": BIG_PROMPT}),
+    # gpt-image-1 and gpt-4o-mini-tts are billed in tokens, and their answers say how many
+    "images-generations": ("/openai/v1/images/generations", {"model": "chat", "prompt": BIG_PROMPT}),
+    "audio-speech": ("/openai/v1/audio/speech", {"model": "chat", "input": BIG_PROMPT, "voice": "alloy"}),
+}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a call metering does not recognise as spending tokens (a route in another case, responses/compact,"
+    " images, speech)"
+    " reserves nothing, and a call reserving nothing is admitted however far over its TPM the client is",
+)
+@pytest.mark.parametrize("way", sorted(SPENDING))
+def test_a_client_over_its_tokens_per_minute_cannot_spend_more_by_another_path(servers, way):
+    backend = SimBackend("s", api_key="key-1")
+    url = start(servers, backend, "bob=100tpm")
+    over_limit(url)
+    path, body = SPENDING[way]
+    calls = len(backend.calls)
+    sent = httpx.post(url + path, json=body, headers={"api-key": BOB}, timeout=10)
+    assert len(backend.calls) == calls, f"bob spent past his limit through {path} ({sent.status_code})"
+    assert sent.status_code == 429
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="metering asks a chat stream for its usage chunk only on a lower-case path, so a stream sent to"
+    " /openai/v1/Chat/Completions carries no usage and is charged nothing",
+)
+def test_a_stream_on_a_mixed_case_path_is_charged_its_usage(servers):
+    backend = SimBackend("s", api_key="key-1", chunks=40)
+    url = start(servers, backend, "bob=100000tpm")
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", url + "/openai/v1/Chat/Completions", json=body, headers={"api-key": BOB}) as answer:
+        assert answer.status_code == 200
+        events = [line for line in answer.iter_lines() if line.startswith("data: {")]
+    assert events
+    assert settled(url)["used_last_minute"]["tokens"] >= backend.chunks  # at least the output it streamed
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the batch allowance is checked only on a path ending in lower-case '/batches':"
+    " /openai/v1/Batches creates a batch for a client that may create none",
+)
+def test_a_client_without_a_batch_allowance_cannot_create_one_through_another_case(servers):
+    backend = SimBackend("s", api_key="key-1")
+    url = start(servers, backend, "bob=100000tpm")  # a tpm and no bph: no batches
+    line = {"custom_id": "1", "method": "POST", "url": "/chat/completions", "body": {"model": "chat"}}
+    files = {"file": ("in.jsonl", json.dumps(line).encode()), "purpose": (None, "batch")}
+    upload = httpx.post(url + "/openai/v1/files", files=files, headers={"api-key": BOB})
+    assert upload.status_code == 200
+    body = json.dumps({"input_file_id": upload.json()["id"], "endpoint": "/v1/chat/completions"}).encode()
+    headers = {"api-key": BOB, "content-type": "application/json"}
+    plain = httpx.post(url + "/openai/v1/batches", content=body, headers=headers)
+    assert plain.status_code == 403 and plain.json()["error"]["code"] == "ClientQuotaExceeded"
+    calls = len(backend.calls)
+    other = httpx.post(url + "/openai/v1/Batches", content=body, headers=headers)
+    assert len(backend.calls) == calls, f"bob's batch create reached the backend ({other.status_code})"
+    assert other.status_code == 403
