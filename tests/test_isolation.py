@@ -44,7 +44,7 @@ def test_a_record_is_inserted_once_and_never_replaced():
 
 
 def test_with_several_clients_an_id_without_a_record_is_a_404_with_no_backend_call(pool):
-    made = pool.backends[1].objects._create_response(pool.backends[1], {"model": "chat", "input": "direct"})[1]
+    made = pool.backends[1].create_response({"model": "chat", "input": "direct"})
     calls = backend_calls(pool)
     for key in ("key-a", "key-b"):
         with pytest.raises(openai.NotFoundError):
@@ -58,7 +58,7 @@ def test_with_several_clients_an_id_without_a_record_is_a_404_with_no_backend_ca
 
 def test_with_one_client_an_id_made_before_the_balancer_is_still_found(make_pool):
     pool = make_pool(3)  # one key: nobody to keep apart
-    made = pool.backends[2].objects._create_response(pool.backends[2], {"model": "chat", "input": "direct"})[1]
+    made = pool.backends[2].create_response({"model": "chat", "input": "direct"})
     assert pool.v1().responses.retrieve(made["id"]).id == made["id"]
 
 

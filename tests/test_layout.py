@@ -1,7 +1,8 @@
 """The package's one-way flow, checked from the source: proxy -> objects / routing / metering -> attempt.
 
-No module imports another's private names, and the object router never reaches back into the
-proxy: both policies go through `lb.attempt`'s public surface.
+No module imports another's private names, no test reads or calls a private attribute (tests drive
+lb through the names its modules publish), and the object router never reaches back into the proxy:
+both policies go through `lb.attempt`'s public surface.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import ast
 from pathlib import Path
 
 LB = Path(__file__).resolve().parent.parent / "lb"
+TESTS = Path(__file__).resolve().parent
+# Private attributes of what is not lb that a test may use, spelled as in the source.
+NOT_LB = {"sys._getframe"}
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
@@ -30,6 +34,22 @@ def test_no_module_imports_another_modules_private_names():
         for module, names in _imports(path)
         for name in names
         if name.startswith("_") and not name.startswith("__")
+    ]
+    assert private == []
+
+
+def test_no_test_uses_a_private_attribute():
+    # Types are not known from the source, so every `x._name` counts (stricter than "of lb objects"),
+    # except on `self` or `cls`: a test's own helper class may use its own private names.
+    private = [
+        f"{path.relative_to(TESTS.parent)}:{node.lineno}: {ast.unparse(node)}"
+        for path in TESTS.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+        and ast.unparse(node) not in NOT_LB
     ]
     assert private == []
 

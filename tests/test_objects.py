@@ -200,7 +200,7 @@ def test_another_clients_object_is_a_404_as_if_it_did_not_exist(pool):
 def test_an_id_made_without_the_balancer_is_looked_for_then_pinned(make_pool):
     pool = make_pool(3, env=LOOKUP)
     backend = pool.backends[2]
-    made = backend.objects._create_response(backend, {"model": "chat", "input": "made directly"})[1]
+    made = backend.create_response({"model": "chat", "input": "made directly"})
     client = pool.v1("batch:key-b".split(":")[1])
     raw = client.responses.with_raw_response.retrieve(made["id"])
     assert raw.headers["x-lb-backend"] == "3" and 1 <= int(raw.headers["x-lb-attempts"]) <= 3
@@ -327,7 +327,7 @@ def test_encrypted_reasoning_items_replayed_without_store_go_back_to_the_backend
 def test_a_reasoning_item_unknown_to_the_balancer_is_found_by_the_look_up(make_pool):
     pool = make_pool(3, env=LOOKUP)
     backend = pool.backends[1]
-    made = backend.objects._create_response(backend, {"input": "x", "include": ["reasoning.encrypted_content"]})[1]
+    made = backend.create_response({"input": "x", "include": ["reasoning.encrypted_content"]})
     item = made["output"][-1]
     raw = pool.v1("key-a").responses.with_raw_response.create(
         model="chat", input=[item, {"role": "user", "content": "next"}], store=False

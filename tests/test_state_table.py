@@ -373,8 +373,7 @@ def test_a_rejected_key_is_a_degraded_store_not_a_failing_proxy(own_servers, azu
 
 async def _written(store: TableStore) -> None:
     """Wait until every cooldown the store has queued is in the table."""
-    while store._writers:
-        await asyncio.gather(*store._writers.values())
+    await store.flush()
 
 
 def test_under_throttling_a_request_is_routed_on_a_view_that_includes_rows_written_just_before(azurite, table):

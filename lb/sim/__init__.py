@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lb.sim.cache import PromptCache, prompt_text, tokens
-from lb.sim.objects import SimObjects
+from lb.sim.objects import SimObjects, Stream
 
 # The prompt-cache hit of the call this task is answering, for the Responses API paths served by
 # lb.sim.objects (their response body is built there, from `_response`).
@@ -132,6 +132,15 @@ class SimBackend:
 
     def count(self, status: int = 200) -> int:
         return self.answered.get(status, 0)
+
+    def create_response(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Store a response made on this backend alone, as a client calling it directly (not through a
+        balancer) would: the balancer has no record of it. Not counted in `calls` or `answered`."""
+        answer = self.objects.create_response(self, request)
+        if isinstance(answer, Stream) or answer[0] != 200:
+            raise ValueError(f"{self.name} did not create the response: {answer!r}")
+        body: dict[str, Any] = answer[1]
+        return body
 
     # ASGI -------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -109,7 +109,7 @@ class SimObjects:
         if not rest:
             if not isinstance(payload, dict):
                 return 400, _error("We could not parse the JSON body of your request.", "invalid_request_error")
-            return self._create_response(backend, payload)
+            return self.create_response(backend, payload)
         rid, action = rest[0], rest[1] if len(rest) > 1 else None
         response = self.responses.get(rid)
         if response is None:
@@ -132,7 +132,8 @@ class SimObjects:
         self._step(rid, response)
         return 200, response
 
-    def _create_response(self, backend: SimBackend, request: dict[str, Any]) -> Any:
+    def create_response(self, backend: SimBackend, request: dict[str, Any]) -> Any:
+        """What `POST responses` with this body answers: (status, body), or a `Stream` when it streams."""
         previous = request.get("previous_response_id")
         if previous is not None and previous not in self.responses:
             return 400, _error(

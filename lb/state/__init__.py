@@ -69,6 +69,9 @@ class CooldownStore:
     async def start(self) -> None:
         """Open connections; called once before the first request."""
 
+    async def flush(self) -> None:
+        """Return once every cooldown published so far is shared (written, or given up on)."""
+
     async def close(self) -> None:
         """Release connections and wait for pending writes."""
 

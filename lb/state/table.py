@@ -315,6 +315,12 @@ class TableStore(CooldownStore):
             self._writers[key] = task
             task.add_done_callback(lambda _t: self._writers.pop(key, None))
 
+    async def flush(self) -> None:
+        """Wait for the background writers `publish` started, and those they started meanwhile (unbounded,
+        unlike `close`): what a caller about to read the table, from here or another instance, needs."""
+        while self._writers:
+            await asyncio.gather(*self._writers.values())
+
     async def _write_pending(self, key: tuple[str, str]) -> None:
         while (entry := self._pending.pop(key, None)) is not None:
             await self._write(entry)
