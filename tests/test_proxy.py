@@ -51,7 +51,7 @@ def test_each_backend_gets_its_own_key_and_never_the_clients(make_pool):
 def test_throttled_backend_is_retried_elsewhere_and_kept_out_until_retry_after(make_pool):
     pool = make_pool(2)
     throttled = pool.backends[0]
-    # One second: the 20 calls below take a few ms each, so they fit in it even on a busy machine.
+    # One second: room for the 20 calls below even on a busy machine.
     throttled.throttle_next, throttled.retry_after = 1000, 1.0
     client = pool.azure()
     first = chat(client)
