@@ -51,15 +51,15 @@ def test_each_backend_gets_its_own_key_and_never_the_clients(make_pool):
 def test_throttled_backend_is_retried_elsewhere_and_kept_out_until_retry_after(make_pool):
     pool = make_pool(2)
     throttled = pool.backends[0]
-    # One second: room for the 20 calls below even on a busy machine.
-    throttled.throttle_next, throttled.retry_after = 1000, 1.0
+    # Room for the 20 calls below while it cools, even on a machine busy enough to slow each tenfold.
+    throttled.throttle_next, throttled.retry_after = 1000, 1.5
     client = pool.azure()
     first = chat(client)
     while throttled.count(429) == 0:  # until the random pick has hit the throttled one once
         first = chat(client)
     assert first.status_code == 200 and first.headers["x-lb-backend"] == "2"
     assert first.headers["x-lb-attempts"] == "2"
-    assert 0.5 < pool.proxy.store.cooling_until("1", "chat", time.time()) - time.time() <= 1.0  # its Retry-After
+    assert 1.0 < pool.proxy.store.cooling_until("1", "chat", time.time()) - time.time() <= 1.5  # its Retry-After
     calls_when_throttled = len(throttled.calls)
     for _ in range(20):
         raw = chat(client)
