@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from lb.config import ConfigError, Settings, load_settings
-from lb.relay import BodyLimits, UpstreamResponse
+from lb.relay import CLOCK_SLACK, BodyLimits, UpstreamResponse
 from tests.conftest import CLIENT_KEY
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -50,6 +50,7 @@ class Relayed:
         self.client_takes = client_takes
         self.sent: list[dict] = []
         self.seconds = 0.0
+        self.ended_at = 0.0  # time.monotonic(), the clock of BodyLimits.until
 
     async def run(self) -> Relayed:
         started = time.perf_counter()
@@ -57,6 +58,7 @@ class Relayed:
             await self.response({"type": "http"}, self._receive, self._send)
         finally:
             self.seconds = time.perf_counter() - started
+            self.ended_at = time.monotonic()
         return self
 
     async def _receive(self) -> dict:
@@ -105,9 +107,13 @@ def test_a_backend_silent_past_the_limit_is_cut_at_it_with_an_event_naming_http_
 
 
 def test_the_optional_total_cuts_a_flowing_answer_and_names_lb_total_timeout_seconds():
-    limits = BodyLimits(silence=1, total=0.3, until=time.monotonic() + 0.3)
-    relayed = relay([0.05] * 40, limits)
-    assert 0.3 <= relayed.seconds < 0.3 + 0.15 and len(relayed.bodies) > 3
+    async def cut() -> tuple[Relayed, float]:
+        until = time.monotonic() + 0.3  # set as the relay starts, not before the event loop has
+        return await Relayed([0.05] * 40, BodyLimits(silence=1, total=0.3, until=until)).run(), until
+
+    relayed, until = asyncio.run(cut())
+    # Cut at `until` (its timer may fire a clock tick early), whenever the relay itself started.
+    assert until - CLOCK_SLACK <= relayed.ended_at < until + 0.15 and len(relayed.bodies) > 3
     error = relayed.last_event()["error"]
     assert error["code"] == "GatewayTimeout" and "0.3 seconds per call (LB_TOTAL_TIMEOUT_SECONDS)" in error["message"]
 
