@@ -31,7 +31,9 @@ def test_a_backend_reporting_low_headroom_gets_measurably_less_traffic_and_nothi
         for _ in range(90)
     )
     assert served["1"] < 12  # random would send ~30; 10% vs 100% left gives ~4
-    assert served["2"] > 30 and served["3"] > 30
+    # The other two split the rest evenly, at least 86 calls: either getting 20 or fewer by chance has
+    # P < 2 * P(Bin(86, 0.5) <= 20) = 6.7e-7.
+    assert served["2"] > 20 and served["3"] > 20
     assert sum(b.count(429) for b in pool.backends) == 0
 
     status = httpx.get(pool.url + "/lb/status", headers={"api-key": CLIENT_KEY}).json()
@@ -53,6 +55,8 @@ def test_the_random_policy_still_spreads_evenly_over_the_same_pool(make_pool):
         ]
         for _ in range(90)
     )
-    assert served["1"] > 15
+    # Its full share: Binomial(90, 1/3), mean 30; 9 or fewer by chance has P = 2.5e-7. The headroom
+    # policy above leaves it fewer than 12 (2 on average).
+    assert served["1"] > 9
     status = httpx.get(pool.url + "/lb/status", headers={"api-key": CLIENT_KEY}).json()
     assert status["policy"] == "random" and status["backends"][0]["headroom"][0]["remaining_tokens"] < QUOTA * 0.1

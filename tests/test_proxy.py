@@ -37,8 +37,9 @@ def test_normal_scenario_spreads_calls_randomly_over_healthy_backends(make_pool)
 
 def test_each_backend_gets_its_own_key_and_never_the_clients(make_pool):
     pool = make_pool(2)
+    client = pool.azure()
     for _ in range(10):
-        chat(pool.azure())
+        chat(client)
     pool.v1().embeddings.create(model="embedding", input="x")
     for i, backend in enumerate(pool.backends, start=1):
         for call in backend.calls:
@@ -50,20 +51,22 @@ def test_each_backend_gets_its_own_key_and_never_the_clients(make_pool):
 def test_throttled_backend_is_retried_elsewhere_and_kept_out_until_retry_after(make_pool):
     pool = make_pool(2)
     throttled = pool.backends[0]
-    throttled.throttle_next, throttled.retry_after = 1000, 2.0
+    # Room for the 20 calls below while it cools, even on a machine busy enough to slow each tenfold.
+    throttled.throttle_next, throttled.retry_after = 1000, 1.5
     client = pool.azure()
     first = chat(client)
     while throttled.count(429) == 0:  # until the random pick has hit the throttled one once
         first = chat(client)
     assert first.status_code == 200 and first.headers["x-lb-backend"] == "2"
     assert first.headers["x-lb-attempts"] == "2"
+    assert 1.0 < pool.proxy.store.cooling_until("1", "chat", time.time()) - time.time() <= 1.5  # its Retry-After
     calls_when_throttled = len(throttled.calls)
     for _ in range(20):
         raw = chat(client)
         assert raw.headers["x-lb-backend"] == "2" and raw.headers["x-lb-attempts"] == "1"
     assert len(throttled.calls) == calls_when_throttled  # out of rotation for its Retry-After
     throttled.throttle_next = 0
-    time.sleep(2.1)
+    wait_until(lambda: pool.proxy.store.cooling_until("1", "chat", time.time()) == 0, "the Retry-After to pass")
     served = Counter(chat(client).headers["x-lb-backend"] for _ in range(30))
     assert served["1"] > 0  # back in rotation once Retry-After passed
 
@@ -111,20 +114,25 @@ def test_priority_group_is_drained_first_and_weights_split_the_load(make_pool):
             "BACKEND_3_PRIORITY": "2",
         },
     )
-    served = Counter(chat(pool.azure()).headers["x-lb-backend"] for _ in range(120))
+    client = pool.azure()  # one client: making one costs more than a call
+    served = Counter(chat(client).headers["x-lb-backend"] for _ in range(180))
     assert served["3"] == 0
-    assert served["1"] > 1.5 * served["2"] > 0  # 3:1 expected; 1.5x leaves ~4 sigma for chance
+    # 3:1 expected, so backend 1's count is Binomial(180, 0.75), mean 135. The check fails only if it
+    # is 105 or less (105 > 1.4 * 75 is false) or 180 (none for 2): P = 7.3e-7, summed exactly from
+    # the binomial terms. Weights ignored (1:1) would pass it with P = 0.010.
+    assert served["1"] > 1.4 * served["2"] > 0
     pool.backends[0].throttle_next = pool.backends[1].throttle_next = 1000
-    assert chat(pool.azure()).headers["x-lb-backend"] == "3"  # spills to priority 2 when group 1 cools
+    assert chat(client).headers["x-lb-backend"] == "3"  # spills to priority 2 when group 1 cools
 
 
 def test_5xx_fails_over_and_the_last_backends_error_passes_through(make_pool):
     pool = make_pool(2, env={"LB_DEFAULT_COOLDOWN_SECONDS": "0"})  # an open circuit cools 0 s: 1 stays in play
     pool.backends[0].fail_status = 503
-    assert all(chat(pool.azure()).headers["x-lb-backend"] == "2" for _ in range(10))
+    client = pool.azure()
+    assert all(chat(client).headers["x-lb-backend"] == "2" for _ in range(10))
     pool.backends[1].fail_status = 500
     with pytest.raises(openai.InternalServerError) as exc:
-        chat(pool.azure())
+        chat(client)
     assert exc.value.response.headers["x-lb-attempts"] == "2"
     assert exc.value.response.json()["error"]["message"] == "Simulated failure."
 
@@ -143,17 +151,27 @@ def test_connection_refused_fails_over_then_answers_502(make_pool, servers):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     pool = make_pool(1, env={"BACKEND_9_URL": dead, "BACKEND_9_APIKEY": "k"})
-    assert all(chat(pool.azure()).headers["x-lb-backend"] == "1" for _ in range(10))
+    client = pool.azure()
+    assert all(chat(client).headers["x-lb-backend"] == "1" for _ in range(10))
     pool.backends[0].fail_status = 503
     with pytest.raises(openai.APIStatusError) as exc:
-        chat(pool.azure())
+        chat(client)
     assert exc.value.status_code in (502, 503)
     assert exc.value.response.json()["error"]["code"]
 
 
-def test_a_backend_that_never_answers_hits_the_deadline_with_504(make_pool):
-    pool = make_pool(1, env={"HTTP_TIMEOUT_SECONDS": "0.5"})
-    pool.backends[0].hang = True
+async def never_answers(scope, receive, send) -> None:
+    """A backend that reads the request and never answers. It returns once the caller hangs up, so
+    nothing of it is left running for the servers' shutdown to wait out (SimBackend.hang waits forever)."""
+    if scope["type"] != "http":
+        return
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def test_a_backend_that_never_answers_hits_the_deadline_with_504(make_pool, servers):
+    silent = servers.start(never_answers)
+    pool = make_pool(0, env={"HTTP_TIMEOUT_SECONDS": "0.5", "BACKEND_9_URL": silent, "BACKEND_9_APIKEY": "k"})
     started = time.perf_counter()
     with pytest.raises(openai.APIStatusError) as exc:
         chat(pool.azure())
@@ -173,17 +191,18 @@ def test_attempts_are_capped_by_lb_max_attempts(make_pool):
 
 
 def test_streamed_chat_arrives_chunk_by_chunk(make_pool):
-    pool = make_pool(1, chunks=4, chunk_gap=0.2)
+    pool = make_pool(1, chunks=3, chunk_gap=0.2)  # 3 words, the finish, usage and [DONE]: 1 s in all
+    client = pool.azure()
     started = time.perf_counter()
     arrivals, text = [], ""
-    for chunk in pool.azure().chat.completions.create(model="chat", messages=MESSAGES, stream=True):
+    for chunk in client.chat.completions.create(model="chat", messages=MESSAGES, stream=True):
         arrivals.append(time.perf_counter() - started)
         if chunk.choices and chunk.choices[0].delta.content:
             text += chunk.choices[0].delta.content
-    assert text == "sim1 tok0 tok1 tok2 tok3"
-    gaps = [b - a for a, b in itertools.pairwise(arrivals[:4])]
+    assert text == "sim1 tok0 tok1 tok2"
+    gaps = [b - a for a, b in itertools.pairwise(arrivals[:4])]  # the words and the finish
     assert all(gap > 0.12 for gap in gaps)  # each of the first chunks arrived before the next was sent
-    assert arrivals[0] < 0.5  # and the first was not held back until the end (~0.6 s)
+    assert arrivals[0] < 0.5  # and the first was not held back until the end (~1 s)
 
 
 def test_streaming_fails_over_before_the_first_byte(make_pool):
@@ -287,8 +306,9 @@ def test_healthz_and_status(make_pool):
     assert httpx.get(pool.url + "/healthz").json() == {"status": "ok"}
     assert httpx.get(pool.url + "/lb/status").status_code == 401
     pool.backends[0].throttle_next, pool.backends[0].retry_after = 1, 20
+    client = pool.azure()
     while pool.backends[0].count(429) == 0:
-        chat(pool.azure())
+        chat(client)
     status = httpx.get(pool.url + "/lb/status", headers={"api-key": CLIENT_KEY}).json()
     first, second = status["backends"]
     assert first["name"] == "1" and first["host"].startswith("127.0.0.1:")

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from lb.config import ConfigError, Settings, load_settings
-from lb.relay import BodyLimits, UpstreamResponse
+from lb.relay import CLOCK_SLACK, BodyLimits, UpstreamResponse
 from tests.conftest import CLIENT_KEY
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -50,6 +50,7 @@ class Relayed:
         self.client_takes = client_takes
         self.sent: list[dict] = []
         self.seconds = 0.0
+        self.ended_at = 0.0  # time.monotonic(), the clock of BodyLimits.until
 
     async def run(self) -> Relayed:
         started = time.perf_counter()
@@ -57,6 +58,7 @@ class Relayed:
             await self.response({"type": "http"}, self._receive, self._send)
         finally:
             self.seconds = time.perf_counter() - started
+            self.ended_at = time.monotonic()
         return self
 
     async def _receive(self) -> dict:
@@ -85,9 +87,9 @@ def relay(gaps: list[float], limits: BodyLimits, **kwargs: object) -> Relayed:
 
 
 def test_a_body_that_keeps_flowing_longer_than_the_silence_limit_arrives_whole():
-    relayed = relay([0.1] * 8, BodyLimits(silence=0.25))
-    assert relayed.bodies == [EVENT] * 8 and relayed.completed
-    assert relayed.seconds >= 0.8 and relayed.ended == [None]
+    relayed = relay([0.1] * 5, BodyLimits(silence=0.25))  # twice the limit in all, never silent that long
+    assert relayed.bodies == [EVENT] * 5 and relayed.completed
+    assert relayed.seconds >= 0.5 and relayed.ended == [None]
 
 
 def test_a_backend_silent_past_the_limit_is_cut_at_it_with_an_event_naming_http_timeout_seconds():
@@ -105,16 +107,20 @@ def test_a_backend_silent_past_the_limit_is_cut_at_it_with_an_event_naming_http_
 
 
 def test_the_optional_total_cuts_a_flowing_answer_and_names_lb_total_timeout_seconds():
-    limits = BodyLimits(silence=1, total=0.3, until=time.monotonic() + 0.3)
-    relayed = relay([0.05] * 40, limits)
-    assert 0.3 <= relayed.seconds < 0.3 + 0.15 and len(relayed.bodies) > 3
+    async def cut() -> tuple[Relayed, float]:
+        until = time.monotonic() + 0.3  # set as the relay starts, not before the event loop has
+        return await Relayed([0.05] * 40, BodyLimits(silence=1, total=0.3, until=until)).run(), until
+
+    relayed, until = asyncio.run(cut())
+    # Cut at `until` (its timer may fire a clock tick early), whenever the relay itself started.
+    assert until - CLOCK_SLACK <= relayed.ended_at < until + 0.15 and len(relayed.bodies) > 3
     error = relayed.last_event()["error"]
     assert error["code"] == "GatewayTimeout" and "0.3 seconds per call (LB_TOTAL_TIMEOUT_SECONDS)" in error["message"]
 
 
 def test_a_client_slow_to_take_each_chunk_is_not_taken_for_a_silent_backend():
-    relayed = relay([0] * 4, BodyLimits(silence=0.2), client_takes=0.3)
-    assert relayed.bodies == [EVENT] * 4 and relayed.completed and relayed.ended == [None]
+    relayed = relay([0] * 3, BodyLimits(silence=0.2), client_takes=0.3)
+    assert relayed.bodies == [EVENT] * 3 and relayed.completed and relayed.ended == [None]
 
 
 def test_a_json_answer_cut_by_a_limit_is_closed_short_never_completed():
@@ -168,47 +174,52 @@ def contents(stream) -> list[str | None]:
 
 
 def test_a_stream_flowing_longer_than_http_timeout_seconds_reaches_the_sdk_whole(make_pool):
-    pool = make_pool(1, env={"HTTP_TIMEOUT_SECONDS": "0.5"}, chunks=8, chunk_gap=0.2)  # 1.4 s, never 0.5 s silent
+    # 3 words, the finish, the usage the proxy asks for and [DONE], 0.2 s apart: 1 s, never 0.5 s silent.
+    pool = make_pool(1, env={"HTTP_TIMEOUT_SECONDS": "0.5"}, chunks=3, chunk_gap=0.2)
+    client = pool.azure(timeout=10)
     started = time.perf_counter()
-    through = contents(pool.azure(timeout=10).chat.completions.create(model="chat", messages=MESSAGES, stream=True))
-    assert time.perf_counter() - started >= 1.4
+    through = contents(client.chat.completions.create(model="chat", messages=MESSAGES, stream=True))
+    assert time.perf_counter() - started >= 1.0
     direct = openai.AzureOpenAI(
         azure_endpoint=pool.proxy.settings.backends[0].url, api_key="key-1", api_version="2024-10-21", max_retries=0
     )
+    pool.backends[0].chunk_gap = 0  # the same answer, sent at once: what it should be, word for word
     assert through == contents(direct.chat.completions.create(model="chat", messages=MESSAGES, stream=True))
-    assert len(through) >= 8 and pool.backends[0].disconnects == 0
+    assert len(through) >= 3 and pool.backends[0].disconnects == 0
 
 
 def test_a_responses_stream_silent_past_the_limit_raises_in_the_sdk_naming_it(make_pool):
     pool = make_pool(1, env={"HTTP_TIMEOUT_SECONDS": "0.5"}, chunk_gap=30)
+    client = pool.v1(timeout=10)  # made before the clock starts: making one loads the CA bundle
     started = time.perf_counter()
     events = []
     with pytest.raises(openai.APIError, match=r"sent nothing for 0.5 seconds .*HTTP_TIMEOUT_SECONDS"):
-        for event in pool.v1(timeout=10).responses.create(model="chat", input="hi", stream=True):
+        for event in client.responses.create(model="chat", input="hi", stream=True):
             events.append(event)
     assert events and time.perf_counter() - started < 0.5 + 1
 
 
 def test_lb_total_timeout_seconds_ends_a_flowing_stream_and_the_sdk_names_it(make_pool):
-    env = {"HTTP_TIMEOUT_SECONDS": "0.5", "LB_TOTAL_TIMEOUT_SECONDS": "1"}
-    pool = make_pool(1, env=env, chunks=20, chunk_gap=0.2)  # 3.8 s, never silent
+    env = {"HTTP_TIMEOUT_SECONDS": "0.5", "LB_TOTAL_TIMEOUT_SECONDS": "0.6"}
+    pool = make_pool(1, env=env, chunks=20, chunk_gap=0.1)  # 2 s, never silent
+    client = pool.azure(timeout=10)
     started = time.perf_counter()
     received = []
-    with pytest.raises(openai.APIError, match=r"limit of 1 seconds per call \(LB_TOTAL_TIMEOUT_SECONDS\)"):
-        for chunk in pool.azure(timeout=10).chat.completions.create(model="chat", messages=MESSAGES, stream=True):
+    with pytest.raises(openai.APIError, match=r"limit of 0.6 seconds per call \(LB_TOTAL_TIMEOUT_SECONDS\)"):
+        for chunk in client.chat.completions.create(model="chat", messages=MESSAGES, stream=True):
             received.append(chunk)
-    assert 1 <= time.perf_counter() - started < 1 + 0.5 and len(received) >= 3
+    assert 0.6 <= time.perf_counter() - started < 0.6 + 0.5 and len(received) >= 3
     assert pool.proxy.store.active() == []
 
 
 async def _slow_json(scope, receive, send) -> None:
-    """A non-streamed answer whose body comes in pieces 0.2 s apart, 1.2 s in all."""
+    """A non-streamed answer whose body comes in pieces 0.2 s apart, 0.8 s in all."""
     if scope["type"] != "http":
         return
     while (await receive()).get("more_body"):
         pass
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-    for _ in range(6):
+    for _ in range(4):
         await send({"type": "http.response.body", "body": b" " * 10, "more_body": True})
         await asyncio.sleep(0.2)
     await send({"type": "http.response.body", "body": b'{"ok": true}'})

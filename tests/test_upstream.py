@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import gzip
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
 
 from lb.upstream import AiohttpTransport
 
-# On loopback sockets; anyio's pytest plugin (anyio comes with httpx) runs the async tests and fixtures.
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+pytestmark = pytest.mark.e2e  # on loopback sockets
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -54,60 +53,71 @@ def answer(body: bytes, *headers: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def with_client(test: Callable[[httpx.AsyncClient], Awaitable[None]]) -> None:
+    """Run `test` on its own event loop with an httpx client over the transport, closed after it."""
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=AiohttpTransport(), trust_env=False) as client:
+            await test(client)
+
+    asyncio.run(run())
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=AiohttpTransport(), trust_env=False) as client:
-        yield client
+def test_a_refused_connection_is_a_connect_error():
+    async def check(client: httpx.AsyncClient) -> None:
+        async with RawServer(lambda r, w: asyncio.sleep(0)) as url:
+            pass  # closed: nothing listens there any more
+        with pytest.raises(httpx.ConnectError):
+            await client.post(url + "/openai/x", content=b"{}")
+
+    with_client(check)
 
 
-async def test_a_refused_connection_is_a_connect_error(client):
-    async with RawServer(lambda r, w: asyncio.sleep(0)) as url:
-        pass  # closed: nothing listens there any more
-    with pytest.raises(httpx.ConnectError):
-        await client.post(url + "/openai/x", content=b"{}")
-
-
-async def test_a_backend_that_never_answers_is_a_read_timeout_within_the_timeout(client):
+def test_a_backend_that_never_answers_is_a_read_timeout_within_the_timeout():
     async def hang(reader, writer):
         await read_request(reader)
         await asyncio.sleep(30)
 
-    async with RawServer(hang) as url:
-        started = time.monotonic()
-        with pytest.raises(httpx.ReadTimeout):
-            await client.post(url + "/openai/x", content=b"{}", timeout=0.3)
-        assert time.monotonic() - started < 2
+    async def check(client: httpx.AsyncClient) -> None:
+        async with RawServer(hang) as url:
+            started = time.monotonic()
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(url + "/openai/x", content=b"{}", timeout=0.3)
+            assert time.monotonic() - started < 2
+
+    with_client(check)
 
 
-async def test_a_connection_closed_before_any_answer_is_a_protocol_error(client):
+def test_a_connection_closed_before_any_answer_is_a_protocol_error():
     async def hang_up(reader, writer):
         await read_request(reader)
 
-    async with RawServer(hang_up) as url:
-        with pytest.raises(httpx.RemoteProtocolError):
-            await client.post(url + "/openai/x", content=b"{}")
+    async def check(client: httpx.AsyncClient) -> None:
+        async with RawServer(hang_up) as url:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post(url + "/openai/x", content=b"{}")
+
+    with_client(check)
 
 
-async def test_a_body_cut_short_is_an_httpx_error_while_reading(client):
+def test_a_body_cut_short_is_an_httpx_error_while_reading():
     async def cut(reader, writer):
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 10)
         await writer.drain()
 
-    async with RawServer(cut) as url:
-        async with client.stream("POST", url + "/openai/x", content=b"{}") as response:
-            assert response.status_code == 200
-            with pytest.raises(httpx.HTTPError):
-                async for _ in response.aiter_raw():
-                    pass
+    async def check(client: httpx.AsyncClient) -> None:
+        async with RawServer(cut) as url:
+            async with client.stream("POST", url + "/openai/x", content=b"{}") as response:
+                assert response.status_code == 200
+                with pytest.raises(httpx.HTTPError):
+                    async for _ in response.aiter_raw():
+                        pass
+
+    with_client(check)
 
 
-async def test_bodies_pass_through_undecoded_and_headers_as_sent(client):
+def test_bodies_pass_through_undecoded_and_headers_as_sent():
     compressed = gzip.compress(b'{"ok": true}')
 
     async def gzipped(reader, writer):
@@ -115,14 +125,17 @@ async def test_bodies_pass_through_undecoded_and_headers_as_sent(client):
         writer.write(answer(compressed, "content-encoding: gzip", "x-ratelimit-remaining-tokens: 42"))
         await writer.drain()
 
-    async with RawServer(gzipped) as url:
-        async with client.stream("POST", url + "/openai/x", content=b"{}") as response:
-            raw = b"".join([chunk async for chunk in response.aiter_raw()])
-    assert raw == compressed
-    assert response.headers["x-ratelimit-remaining-tokens"] == "42"
+    async def check(client: httpx.AsyncClient) -> None:
+        async with RawServer(gzipped) as url:
+            async with client.stream("POST", url + "/openai/x", content=b"{}") as response:
+                raw = b"".join([chunk async for chunk in response.aiter_raw()])
+        assert raw == compressed
+        assert response.headers["x-ratelimit-remaining-tokens"] == "42"
+
+    with_client(check)
 
 
-async def test_the_request_goes_out_with_the_callers_headers_and_body_only(client):
+def test_the_request_goes_out_with_the_callers_headers_and_body_only():
     seen: list[bytes] = []
 
     async def record(reader, writer):
@@ -130,17 +143,20 @@ async def test_the_request_goes_out_with_the_callers_headers_and_body_only(clien
         writer.write(answer(b"{}"))
         await writer.drain()
 
-    async with RawServer(record) as url:
-        request = client.build_request("POST", url + "/openai/x?api-version=1", content=b'{"a":1}')
-        request.headers["api-key"] = "backend-key"
-        await client.send(request)
+    async def check(client: httpx.AsyncClient) -> None:
+        async with RawServer(record) as url:
+            request = client.build_request("POST", url + "/openai/x?api-version=1", content=b'{"a":1}')
+            request.headers["api-key"] = "backend-key"
+            await client.send(request)
+
+    with_client(check)
     head = seen[0].decode().lower()
     assert head.startswith("post /openai/x?api-version=1 http/1.1")
     assert "api-key: backend-key" in head and "content-length: 7" in head
     assert "aiohttp" not in head  # no user agent of the transport's own
 
 
-async def test_connections_are_kept_alive_and_cookies_never_kept():
+def test_connections_are_kept_alive_and_cookies_never_kept():
     """The transport as the proxy calls it (no httpx client, whose own jar would keep cookies)."""
     heads: list[bytes] = []
 
@@ -154,19 +170,24 @@ async def test_connections_are_kept_alive_and_cookies_never_kept():
             await writer.drain()
 
     server = RawServer(keep_alive)
-    transport = AiohttpTransport()
-    async with server as url:
-        for _ in range(3):
-            response = await transport.handle_async_request(httpx.Request("POST", url + "/openai/x", content=b"{}"))
-            await response.aread()
-            await response.aclose()
-            assert response.status_code == 200
-    await transport.aclose()
+
+    async def check() -> None:
+        transport = AiohttpTransport()
+        async with server as url:
+            for _ in range(3):
+                request = httpx.Request("POST", url + "/openai/x", content=b"{}")
+                response = await transport.handle_async_request(request)
+                await response.aread()
+                await response.aclose()
+                assert response.status_code == 200
+        await transport.aclose()
+
+    asyncio.run(check())
     assert server.connections == 1
     assert not any(b"cookie" in head.lower() for head in heads)
 
 
-async def test_a_pooled_connection_dropped_before_the_answer_is_retried_once_on_a_new_one(client, monkeypatch):
+def test_a_pooled_connection_dropped_before_the_answer_is_retried_once_on_a_new_one(monkeypatch):
     # The drop is seen "at once" on an idle machine; a loaded CI box may take longer than the
     # production threshold to schedule it, which this test is not about (the next test is).
     monkeypatch.setattr("lb.upstream.STALE_DROP_SECONDS", 1.0)
@@ -182,13 +203,17 @@ async def test_a_pooled_connection_dropped_before_the_answer_is_retried_once_on_
         await writer.drain()
 
     server = RawServer(drop_first)
-    async with server as url:
-        response = await client.post(url + "/openai/x", content=b"{}")
-    assert response.status_code == 200
+
+    async def check(client: httpx.AsyncClient) -> None:
+        async with server as url:
+            response = await client.post(url + "/openai/x", content=b"{}")
+        assert response.status_code == 200
+
+    with_client(check)
     assert server.connections == 2
 
 
-async def test_a_call_dropped_after_the_backend_took_its_time_is_never_sent_twice(client):
+def test_a_call_dropped_after_the_backend_took_its_time_is_never_sent_twice():
     seen = {"n": 0}
 
     async def slow_then_drop(reader, writer):
@@ -196,25 +221,29 @@ async def test_a_call_dropped_after_the_backend_took_its_time_is_never_sent_twic
         seen["n"] += 1
         await asyncio.sleep(0.3)  # working on it, then the connection dies: it may have been billed
 
-    async with RawServer(slow_then_drop) as url:
-        with pytest.raises(httpx.RemoteProtocolError):
-            await client.post(url + "/openai/x", content=b"{}")
+    async def check(client: httpx.AsyncClient) -> None:
+        async with RawServer(slow_then_drop) as url:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.post(url + "/openai/x", content=b"{}")
+
+    with_client(check)
     assert seen["n"] == 1
 
 
-async def test_waiting_for_a_free_pooled_connection_is_bounded_by_the_timeout():
+def test_waiting_for_a_free_pooled_connection_is_bounded_by_the_timeout():
     async def hang(reader, writer):
         await read_request(reader)
         await asyncio.sleep(30)
 
-    from lb.upstream import AiohttpTransport
+    async def check() -> None:
+        async with httpx.AsyncClient(transport=AiohttpTransport(max_connections=1)) as one_connection:
+            async with RawServer(hang) as url:
+                first = asyncio.ensure_future(one_connection.post(url + "/openai/x", content=b"{}", timeout=5))
+                await asyncio.sleep(0.1)  # the only connection is now busy
+                started = time.monotonic()
+                with pytest.raises(httpx.TimeoutException):
+                    await one_connection.post(url + "/openai/x", content=b"{}", timeout=0.3)
+                assert time.monotonic() - started < 2
+                first.cancel()
 
-    async with httpx.AsyncClient(transport=AiohttpTransport(max_connections=1)) as one_connection:
-        async with RawServer(hang) as url:
-            first = asyncio.ensure_future(one_connection.post(url + "/openai/x", content=b"{}", timeout=5))
-            await asyncio.sleep(0.1)  # the only connection is now busy
-            started = time.monotonic()
-            with pytest.raises(httpx.TimeoutException):
-                await one_connection.post(url + "/openai/x", content=b"{}", timeout=0.3)
-            assert time.monotonic() - started < 2
-            first.cancel()
+    asyncio.run(check())
