@@ -30,6 +30,11 @@ class SlowRelay:
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
         self.port = self.server.sockets[0].getsockname()[1]
+        return self.url
+
+    @property
+    def url(self) -> str:
+        """The relayed table endpoint (once started)."""
         return f"http://127.0.0.1:{self.port}{self.account}"
 
     def cut(self) -> None:
