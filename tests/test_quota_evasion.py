@@ -21,6 +21,7 @@ from lb.app import create_app
 from lb.config import load_settings
 from lb.sim import SimBackend
 from tests.azurite import azurite_fixture  # noqa: F401
+from tests.conftest import wait_until
 
 BOB, ALICE = "bob-key", "alice-key"
 RESERVE = 1000  # LB_RESERVE_TOKENS: output reserved for a call that names no maximum
@@ -38,6 +39,16 @@ def start(servers, backend_app, limits: str, **env: str) -> str:
         **env,
     }
     return servers.start(create_app(load_settings(settings)))
+
+
+SHARE_ROUND_SECONDS = 0.25  # the instances' usage share rounds (1 s by default): what a cross-instance wait waits out
+
+
+def start_instance(servers, env: dict[str, str]) -> str:
+    """One more instance on the table `env` names, sharing its counts every SHARE_ROUND_SECONDS."""
+    app = create_app(load_settings(env))
+    app.state.proxy.metering.share.interval = SHARE_ROUND_SECONDS
+    return servers.start(app)
 
 
 def limit_of(url: str, client: str = "bob", key: str = BOB) -> dict:
@@ -109,7 +120,8 @@ def test_a_stored_response_read_five_times_is_counted_once(servers) -> None:
 
 
 def test_concurrent_streams_are_admitted_only_while_their_reservations_fit(servers) -> None:
-    backend = SimBackend("s", api_key="key-1", chunks=20, chunk_gap=0.05)  # each stream ~1 s in flight
+    # Streams of up to 10 s: every admitted one is still in flight when the last call is decided (then let go).
+    backend = SimBackend("s", api_key="key-1", chunks=40, chunk_gap=0.25)
     url = start(servers, backend, "bob=3000tpm")
     statuses: list[int] = []
     body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -118,12 +130,15 @@ def test_concurrent_streams_are_admitted_only_while_their_reservations_fit(serve
     def one() -> None:
         gate.wait()
         with httpx.Client(timeout=30) as http:
-            r = http.post(url + "/openai/v1/chat/completions", json=body, headers={"api-key": BOB})
-            statuses.append(r.status_code)
+            with http.stream("POST", url + "/openai/v1/chat/completions", json=body, headers={"api-key": BOB}) as r:
+                statuses.append(r.status_code)
+                r.read()
 
     threads = [threading.Thread(target=one) for _ in range(12)]
     for t in threads:
         t.start()
+    wait_until(lambda: len(statuses) == 12, "every call to be admitted or refused")
+    backend.chunk_gap = 0  # the admitted streams may end now
     for t in threads:
         t.join()
     assert statuses.count(200) + statuses.count(429) == 12
@@ -199,7 +214,8 @@ def test_batches_need_a_batch_allowance_beside_a_token_limit(servers) -> None:
 
 
 def test_reservations_in_flight_count_on_the_other_instance(servers, azurite) -> None:
-    backend = SimBackend("s", api_key="key-1", chunks=40, chunk_gap=0.2)  # 8 s streams
+    # Streams of up to 15 s: a's is surely in flight while b is asked, and ends once the test lets it (below).
+    backend = SimBackend("s", api_key="key-1", chunks=60, chunk_gap=0.25)
     env = {
         "LB_CLIENT_KEYS": KEYS,
         "LB_CLIENT_LIMITS": "bob=2000tpm",
@@ -209,7 +225,7 @@ def test_reservations_in_flight_count_on_the_other_instance(servers, azurite) ->
         "LB_STATE_CONNECTION_STRING": azurite.connection_string,
         "LB_STATE_TABLE": "q" + uuid.uuid4().hex[:12],
     }
-    a, b = (servers.start(create_app(load_settings(env))) for _ in range(2))
+    a, b = (start_instance(servers, env) for _ in range(2))
     body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     streams: list[int] = []
 
@@ -225,6 +241,7 @@ def test_reservations_in_flight_count_on_the_other_instance(servers, azurite) ->
     until(lambda: limit_of(b)["used_last_minute"]["tokens"] >= RESERVE)  # b sees a's call in flight
     refused = httpx.post(b + "/openai/v1/chat/completions", json=body, headers={"api-key": BOB})
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "ClientQuotaExceeded"
+    backend.chunk_gap = 0  # the rest of a's stream at once; alice's stream is not held either
     assert httpx.post(b + "/openai/v1/chat/completions", json=body, headers={"api-key": ALICE}).status_code == 200
     for t in threads:
         t.join()
@@ -241,7 +258,7 @@ def test_a_background_response_polled_through_another_instance_is_charged_once(s
         "LB_STATE_CONNECTION_STRING": azurite.connection_string,
         "LB_STATE_TABLE": "q" + uuid.uuid4().hex[:12],
     }
-    a, b = (servers.start(create_app(load_settings(env))) for _ in range(2))
+    a, b = (start_instance(servers, env) for _ in range(2))
     created = v1(a).responses.create(model="chat", input="write a lot", background=True)
     until(lambda: limit_of(b)["used_last_minute"]["tokens"] >= RESERVE)  # a's hold, seen by b
     final = v1(b).responses.retrieve(created.id)

@@ -13,14 +13,15 @@ import math
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
-from urllib.parse import urlsplit
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import openai
 import pytest
 from azure.data.tables.aio import TableClient
 
+import lb.metering.share as usage_share
+import lb.state.table as state_table
 from lb.app import create_app
 from lb.config import StateSettings, load_settings
 from lb.proxy import Proxy
@@ -28,6 +29,7 @@ from lb.sim import Servers, SimBackend
 from lb.state import Cooldown
 from lb.state.table import TableStore, row_key
 from tests.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, connection_string
+from tests.badtable import SlowRelay, drop_table
 from tests.conftest import wait_until
 
 API_VERSION = "2024-10-21"
@@ -99,8 +101,11 @@ def test_a_backend_one_instance_saw_throttled_gets_nothing_from_another_within_r
 
     while time.monotonic() < throttled_at + (REFRESH_MS + 500) / 1000:  # B serving while the news spreads
         assert chat(b)[0] == 200
+        time.sleep(0.02)  # a call now and then is enough: a busy loop only takes CPU from the instances
     calls_before = len(sims[0].calls)
-    for _ in range(40):
+    # Had B not learned of the cooldown, each of its calls would pick backend 1 with probability 1/2:
+    # 25 calls all missing it by chance is 2**-25 (3e-8).
+    for _ in range(25):
         assert chat(b) == (200, "2")
         assert chat(a) == (200, "2")
     assert len(sims[0].calls) == calls_before, "an instance sent a request to the backend another saw throttled"
@@ -155,6 +160,8 @@ def test_concurrent_writers_on_one_row_leave_the_longest_cooldown(azurite, table
         for i, store in enumerate(stores):  # one instance per 429: 24 writers on each row at once
             for d in deployments:
                 store.mark("1", d, untils[d][i], f"429 #{i}")
+        # Every write settled first: close() waits CLOSE_SECONDS at most, which a loaded machine can outlast.
+        await asyncio.gather(*(_written(s) for s in stores))
         await asyncio.gather(*(s.close() for s in stores))
         return stores
 
@@ -186,9 +193,12 @@ def test_a_shorter_cooldown_never_replaces_a_longer_one_and_the_writer_learns_th
     assert learned == pytest.approx(now + 40)
 
 
-def test_proxy_keeps_answering_through_a_table_outage_and_shares_state_again_after(own_servers, azurite, table, caplog):
+def test_proxy_keeps_answering_through_a_table_outage_and_shares_state_again_after(
+    own_servers, azurite, table, caplog, monkeypatch
+):
     if azurite.external_url:
         pytest.skip("cannot stop an Azurite we did not start (AZURITE_TABLE_URL is set)")
+    monkeypatch.setattr(state_table, "OUTAGE_RETRY_SECONDS", 0.25)  # retries while degraded: more of them, sooner back
     caplog.set_level(logging.INFO, logger="lb.state")
     sims, urls = sim_pool(own_servers)
     url, proxy = start_proxy(own_servers, urls, azurite, table)
@@ -200,8 +210,9 @@ def test_proxy_keeps_answering_through_a_table_outage_and_shares_state_again_aft
     try:
         sims[0].throttle_next, sims[0].retry_after = 1, 30
         started = time.monotonic()
-        while time.monotonic() < started + 3:  # several refresh periods of outage
+        while time.monotonic() < started + 2:  # several refresh periods and retries of outage
             assert chat(client)[0] == 200
+            time.sleep(0.02)  # >= 20 calls: one reaches backend 1 but with chance 2**-20 (1e-6) or less
         assert sims[0].count(429) == 1  # failover worked on the local view alone
         state = status.get("/lb/status").json()["state"]
         assert state["kind"] == "table" and state["healthy"] is False
@@ -244,9 +255,8 @@ def read_row_or_none(azurite: Azurite, table: str, backend: str, deployment: str
         return None
 
 
-def test_a_cooldown_already_written_is_written_again_when_the_table_comes_back_empty(azurite, table):
-    if azurite.external_url:
-        pytest.skip("cannot stop an Azurite we did not start (AZURITE_TABLE_URL is set)")
+def test_a_cooldown_already_written_is_written_again_when_the_table_comes_back_empty(azurite, table, monkeypatch):
+    monkeypatch.setattr(state_table, "OUTAGE_RETRY_SECONDS", 0.25)  # the degraded store's retries: back sooner
 
     async def until(condition: object, seconds: float, store: TableStore) -> bool:
         deadline = time.monotonic() + seconds
@@ -258,20 +268,24 @@ def test_a_cooldown_already_written_is_written_again_when_the_table_comes_back_e
         return True
 
     async def scenario() -> tuple[bool, bool]:
-        settings = StateSettings(connection_string=azurite.connection_string, table=table, refresh_ms=60_000)
+        relay = SlowRelay(azurite.table_url)  # Azurite stops and restarts as far as the store can tell
+        settings = StateSettings(
+            connection_string=connection_string(await relay.start()), table=table, refresh_ms=60_000
+        )
         store = TableStore(settings)
         await store.start()
         store.mark("1", "chat", time.time() + 60, "429")
         await _written(store)
-        azurite.stop()
+        await relay.go_away()
         try:
             lost = await until(lambda: not store.healthy, 5, store)
         finally:
-            azurite.start()  # in-memory Azurite comes back without the table or its row
+            await drop_table(azurite.connection_string, table)  # back without the table or its row, as after a restart
+            await relay.come_back()
         back = await until(lambda: store.healthy, 10, store)
-        await asyncio.sleep(0.5)
-        await _written(store)
+        await _written(store)  # the refresh that found the table again queued the rewrite before `healthy` turned
         await store.close()
+        await relay.close()
         return lost, back
 
     assert asyncio.run(scenario()) == (True, True)
@@ -336,19 +350,21 @@ def blackhole() -> Iterator[str]:
     sock.close()
 
 
-def test_a_table_that_never_answers_does_not_slow_requests(own_servers, blackhole, table, caplog):
+def test_a_table_that_never_answers_does_not_slow_requests(own_servers, blackhole, table, caplog, monkeypatch):
+    for module in (state_table, usage_share):  # start-up waits for each in turn: not 2 s each here
+        monkeypatch.setattr(module, "FIRST_LOAD_SECONDS", 0.25)
     _, urls = sim_pool(own_servers)
     cs = connection_string(blackhole)
     started = time.monotonic()
     url, proxy = start_proxy(own_servers, urls, Azurite(external_url=blackhole), table)
-    assert time.monotonic() - started < 5  # the first load gives up after FIRST_LOAD_SECONDS
+    assert time.monotonic() - started < 5  # the first loads give up after FIRST_LOAD_SECONDS
     with httpx.Client(base_url=url, timeout=10) as client:
         path = f"/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
         for _ in range(30):
             t0 = time.monotonic()
             assert client.post(path, json={"messages": MESSAGES}).status_code == 200
             assert time.monotonic() - t0 < 0.5
-            time.sleep(0.05)
+            time.sleep(0.02)  # spread over a second, while the poller's query hangs (its timeout is 2 s)
         state = client.get("/lb/status").json()["state"]
     assert state["healthy"] is False and "Timeout" in state["last_error"]
     assert ACCOUNT_KEY not in caplog.text and cs not in caplog.text
@@ -369,6 +385,16 @@ def test_a_rejected_key_is_a_degraded_store_not_a_failing_proxy(own_servers, azu
     assert wrong_key not in caplog.text and wrong_key not in str(health)
     assert proxy.store.health()["healthy"] is True
     assert azure_client(url).chat.completions.create(model="chat", messages=MESSAGES).choices
+
+
+async def eventually(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    """Whether `condition` holds within `seconds` (polled; nothing else is done meanwhile)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 async def _written(store: TableStore) -> None:
@@ -418,62 +444,6 @@ def test_under_throttling_a_request_is_routed_on_a_view_that_includes_rows_writt
     assert fresh == 0
 
 
-class SlowRelay:
-    """A TCP relay in front of Azurite that can hold answers back or cut connections: a real, bad Table."""
-
-    def __init__(self, table_url: str) -> None:
-        parts = urlsplit(table_url)
-        self.target, self.account = (parts.hostname or "127.0.0.1", parts.port or 80), parts.path
-        self.delay = 0.0  # seconds each answer chunk is held
-        self.only: bytes | None = None  # ... only chunks containing this (b'"value"': partition listings)
-        self.down = False  # refuse connections
-        self.server: asyncio.Server | None = None
-        self._open: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}{self.account}"
-
-    def cut(self) -> None:
-        """Drop every open connection and refuse new ones until `down` is cleared."""
-        self.down = True
-        for writer in self._open:
-            writer.transport.abort()
-
-    async def close(self) -> None:
-        self.cut()
-        if self.server is not None:
-            self.server.close()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.down:
-            writer.transport.abort()
-            return
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        if self.down:  # cut while we were connecting upstream (a loaded machine widens that window)
-            up_writer.close()
-            writer.transport.abort()
-            return
-        self._open.add(writer)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, slow: bool) -> None:
-            try:
-                while data := await src.read(65536):
-                    if slow and self.delay and (self.only is None or self.only in data):
-                        await asyncio.sleep(self.delay)
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                dst.close()
-
-        try:
-            await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))
-        finally:
-            self._open.discard(writer)
-
-
 @contextlib.asynccontextmanager
 async def writer_and_relayed_reader(
     azurite: Azurite, table: str, **reader_settings: int
@@ -511,8 +481,7 @@ def test_a_table_slower_than_confirm_ms_holds_a_request_no_longer_and_the_view_s
             for _ in range(10):
                 await reader.sync()
             after = time.perf_counter() - started
-            await asyncio.sleep(0.6)
-            return first, after, reader.cooling_until("1", "chat", time.time()) > 0
+            return first, after, await eventually(lambda: reader.cooling_until("1", "chat", time.time()) > 0)
 
     first, after, knows = asyncio.run(scenario())
     assert 0.04 <= first < 0.2  # waited confirm_ms (50 ms), not the query's 0.4 s
@@ -530,15 +499,18 @@ def test_with_confirm_ms_0_requests_never_wait_but_still_refresh_the_view(azurit
             for _ in range(10):
                 await reader.sync()
             waited = time.perf_counter() - started
-            await asyncio.sleep(0.6)
-            return waited, reader.cooling_until("1", "chat", time.time()) > 0
+            return waited, await eventually(lambda: reader.cooling_until("1", "chat", time.time()) > 0)
 
     waited, knows = asyncio.run(scenario())
     assert waited < 0.1  # ten requests, none held for the 0.3 s query
     assert knows  # the query they started updated the view
 
 
-def test_under_throttling_an_instance_that_lost_the_table_retries_within_seconds_not_refresh_ms(azurite, table):
+def test_under_throttling_an_instance_that_lost_the_table_retries_within_seconds_not_refresh_ms(
+    azurite, table, monkeypatch
+):
+    monkeypatch.setattr(state_table, "OUTAGE_RETRY_SECONDS", 0.25)  # 1 s by default: the wait this test waits out
+
     async def scenario() -> tuple[bool, float, bool]:
         async with writer_and_relayed_reader(azurite, table, hot_refresh_ms=1) as (relay, writer, reader):
             relay.cut()
@@ -600,7 +572,7 @@ def test_a_cooldown_is_written_in_one_table_call_when_the_listing_is_fresh(azuri
         await store.start()
         before = dict(store.ops)
         store.mark("1", "chat", time.time() + 20, "429")  # a new row: created without a read
-        await asyncio.sleep(0.5)
+        await _written(store)
         store.mark("1", "chat", time.time() + 40, "429 again")  # our own row: updated with its known ETag
         await store.close()
         return before, store.ops
