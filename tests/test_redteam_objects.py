@@ -251,12 +251,6 @@ def test_bob_cannot_replay_another_clients_audio_answer_in_a_chat(pool):
 
 
 # Records ------------------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 2xx DELETE of a sub-resource (a vector store's file, a conversation's item) forgets the record"
-    " of the object in the path: the owner gets 404 for its own store, and with LB_OBJECT_LOOKUP=on the"
-    " store is found again with no owner, usable by any client",
-)
 def test_deleting_a_file_from_a_vector_store_keeps_the_stores_record(pool):
     store = "vs_" + "a" * 32
     plant(pool, store, "vector_store", "alice")

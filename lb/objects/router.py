@@ -179,8 +179,10 @@ class ObjectRouter:
             error = outcome.error or errors.BadGateway(f"Backend '{holder.name}' failed.")
             return error.response(attempts)
         upstream = outcome.upstream
-        if upstream.status_code == 404 and objects.path_id is not None:
+        if upstream.status_code == 404 and objects.itself and objects.path_id is not None:
             self._forget(objects.path_id.value)  # its holder no longer has it (deleted, expired)
+        # a 404 on a sub-path (a file not attached to the store, an item not in the conversation) says
+        # nothing about the object itself: its record stays
         return self._after(self.attempts.relay(call, upstream, holder), objects, owner)
 
     async def _look_up(
@@ -314,7 +316,8 @@ class ObjectRouter:
             return response
         backend = self.backends[response.backend]
         if objects.deletes and objects.path_id is not None and len(objects.ids) == 1:
-            self._forget(objects.path_id.value)
+            if objects.itself:  # a sub-resource's DELETE (a store's file, a conversation's item) keeps it
+                self._forget(objects.path_id.value)
             return response
         fields = ("id", *objects.made_fields) if objects.creates else objects.made_fields
         if fields and objects.collection is not None:
