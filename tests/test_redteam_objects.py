@@ -85,11 +85,6 @@ def test_bob_cannot_list_the_pools_stored_chat_completions(pool, path):
 
 
 # Containers: a multipart body naming a file --------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="a multipart body on a multipart collection is never read for ids: a container file made"
-    " from a file_id form field copies another client's file into bob's container",
-)
 def test_bob_cannot_copy_alices_file_into_his_container_through_a_multipart_form(pool):
     alice = pool.v1("key-a")
     file_id = alice.files.create(file=("a.jsonl", io.BytesIO(b'{"secret": "alice"}\n')), purpose="assistants").id

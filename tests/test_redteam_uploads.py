@@ -7,12 +7,16 @@ batch input file's lines are read by the rules of a direct call, and what can't 
 
 from __future__ import annotations
 
+import io
 import time
 
 import httpx
 import pytest
 
+from lb.errors import BadRequest
+from lb.objects import forms, routes
 from lb.objects.records import ObjectRecord
+from lb.objects.routes import ObjectCall
 
 KEYS = {"LB_CLIENT_KEYS": "alice:key-a,bob:key-b"}
 
@@ -25,6 +29,10 @@ def pool(make_pool):
 def plant(pool, object_id: str, kind: str, owner: str) -> None:
     record = ObjectRecord("1", f"key:{owner}", kind, time.time() + 3600)
     pool.proxy.objects.records._keep(object_id, record)
+
+
+def bob_http(pool) -> httpx.Client:
+    return httpx.Client(base_url=pool.url, headers={"api-key": "key-b"}, timeout=10)
 
 
 # Records ------------------------------------------------------------------------------------------
@@ -44,3 +52,158 @@ def test_deleting_the_object_itself_drops_its_record(pool):
     with httpx.Client(base_url=pool.url, headers={"api-key": "key-a"}, timeout=10) as http:
         assert http.delete(f"/openai/v1/vector_stores/{store}").status_code == 200
     assert pool.proxy.objects.records.known(store) is None
+
+
+# Multipart forms: the parser, no sockets ----------------------------------------------------------
+BOUNDARY = "uploadsboundary"
+FORM_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
+ALICES_FILE = "file-" + "a" * 32
+
+
+def form(*parts: tuple[str, bytes], close: bool = True) -> bytes:
+    """A multipart body of (head, contents) parts, heads given whole (for the malformed cases)."""
+    body = b"".join(f"--{BOUNDARY}\r\n{head}\r\n\r\n".encode() + data + b"\r\n" for head, data in parts)
+    return body + (f"--{BOUNDARY}--\r\n".encode() if close else b"")
+
+
+def field(name: str) -> str:
+    return f'Content-Disposition: form-data; name="{name}"'
+
+
+def container_call() -> ObjectCall:
+    objects = routes.classify("POST", f"/openai/v1/containers/cntr_{'b' * 32}/files", b"", FORM_TYPE, True)
+    assert objects is not None
+    return objects
+
+
+def named(body: bytes, content_type: str = FORM_TYPE) -> list[tuple[str, str | None]]:
+    objects = forms.read_now("POST", container_call(), body, content_type)
+    return [(i.value, i.field) for i in objects.ids[1:]]  # after the container in the path
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["file_id", "FILE_ID", "File_Id", "tools[0][file_ids][]", "tools.0.file_ids", "attachments[][file_id]"],
+)
+def test_a_form_field_naming_a_file_is_read_whatever_its_spelling(name):
+    body = form((field(name), ALICES_FILE.encode()))
+    assert [value for value, _ in named(body)] == [ALICES_FILE]
+
+
+def test_typed_ids_and_repeated_fields_in_a_form_are_read():
+    other = "file-" + "b" * 32
+    body = form(
+        (field("source[type]"), b"file_id"),
+        (field("source[id]"), ALICES_FILE.encode()),
+        (field("file_ids[]"), other.encode()),
+        (field("file_ids[]"), b"file-" + b"c" * 32),
+    )
+    assert sorted(value for value, _ in named(body)) == sorted([ALICES_FILE, other, "file-" + "c" * 32])
+
+
+def test_a_files_contents_and_other_fields_are_not_read():
+    contents = f'{{"file_id": "{ALICES_FILE}"}}\nnot utf-8: \xff'.encode("latin-1")
+    body = form(
+        (field("purpose"), b"assistants"),
+        ('Content-Disposition: form-data; name="file"; filename="x.jsonl"', contents),
+        (field("expires_after[anchor]"), b"\xff\xfe"),  # not UTF-8, and names nothing: not read
+    )
+    assert named(body) == []
+
+
+def test_a_file_part_named_like_an_id_field_is_read():
+    body = form((f'{field("file_id")}; filename="x"', ALICES_FILE.encode()))
+    assert [value for value, _ in named(body)] == [ALICES_FILE]
+
+
+def test_a_form_field_that_is_no_id_is_a_400():
+    with pytest.raises(routes.InvalidObjectId):
+        named(form((field("file_id"), b"../file-" + b"a" * 32)))
+
+
+MALFORMED = {
+    "no boundary parameter": (form((field("file_id"), b"x")), "multipart/form-data"),
+    "boundary given twice": (form((field("x"), b"x")), f"{FORM_TYPE}; boundary=other"),
+    "no closing boundary": (form((field("x"), b"x"), close=False), FORM_TYPE),
+    "boundary after a bare LF": (
+        form((field("x"), f"y\n--{BOUNDARY}\r\n{field('file_id')}\r\n\r\n{ALICES_FILE}".encode())),
+        FORM_TYPE,
+    ),
+    "boundary inside a line": (form((field("x"), f"y --{BOUNDARY}".encode())), FORM_TYPE),
+    "a part after the closing boundary": (
+        form((field("x"), b"x")) + form((field("file_id"), ALICES_FILE.encode())),
+        FORM_TYPE,
+    ),
+    "folded header": (form(('Content-Disposition: form-data;\r\n name="file_id"', ALICES_FILE.encode())), FORM_TYPE),
+    "LF-only headers": (
+        f"--{BOUNDARY}\r\n{field('file_id')}\n\n{ALICES_FILE}\r\n--{BOUNDARY}--\r\n".encode(),
+        FORM_TYPE,
+    ),
+    "name* (RFC 5987)": (form(("Content-Disposition: form-data; name*=utf-8''file_id", b"x")), FORM_TYPE),
+    "escaped name": (form(('Content-Disposition: form-data; name="file\\_id"', ALICES_FILE.encode())), FORM_TYPE),
+    "name given twice": (form((f'{field("x")}; name="file_id"', ALICES_FILE.encode())), FORM_TYPE),
+    "non-ASCII name": (form((field("file\u017fid"), b"x")), FORM_TYPE),
+    "header given twice": (form((f"{field('x')}\r\n{field('file_id')}", ALICES_FILE.encode())), FORM_TYPE),
+    "no Content-Disposition": (form(("Content-Type: text/plain", b"x")), FORM_TYPE),
+    "base64 transfer encoding": (
+        form((f"{field('file_id')}\r\nContent-Transfer-Encoding: base64", b"ZmlsZS1h")),
+        FORM_TYPE,
+    ),
+    "an id field in UTF-16": (
+        form((f"{field('file_id')}\r\nContent-Type: text/plain; charset=utf-16", ALICES_FILE.encode("utf-16"))),
+        FORM_TYPE,
+    ),
+    "an id field not UTF-8": (form((field("file_id"), b"file-\xff")), FORM_TYPE),
+    "unbalanced brackets": (form((field("tools[0][file_id"), ALICES_FILE.encode())), FORM_TYPE),
+    "a type given twice": (form((field("s[type]"), b"file_id"), (field("s[type]"), b"x")), FORM_TYPE),
+    "a field both a value and a group": (
+        form((field("conversation"), b"conv_1"), (field("conversation[id]"), b"conv_2")),
+        FORM_TYPE,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_form_two_parsers_could_read_differently_is_a_400(case):
+    body, content_type = MALFORMED[case]
+    with pytest.raises(BadRequest):
+        named(body, content_type)
+
+
+# Multipart forms through the balancer -------------------------------------------------------------
+def backend_calls(pool) -> int:
+    return sum(len(b.calls) for b in pool.backends)
+
+
+def test_bobs_form_naming_his_own_file_is_sent(pool):
+    with pool.v1("key-b") as bob:
+        mine = bob.files.create(file=("b.jsonl", io.BytesIO(b'{"a": 1}\n')), purpose="assistants").id
+    container = "cntr_" + "b" * 32
+    plant(pool, container, "container", "bob")
+    before = backend_calls(pool)
+    with bob_http(pool) as http:
+        http.post(
+            f"/openai/v1/containers/{container}/files",
+            content=form((field("file_id"), mine.encode())),
+            headers={"content-type": FORM_TYPE},
+        )
+    assert backend_calls(pool) == before + 1
+
+
+def test_a_malformed_form_is_a_400_in_azures_shape_and_not_sent(pool):
+    container = "cntr_" + "b" * 32
+    plant(pool, container, "container", "bob")
+    body, content_type = MALFORMED["boundary after a bare LF"]
+    before = backend_calls(pool)
+    with bob_http(pool) as http:
+        sent = http.post(
+            f"/openai/v1/containers/{container}/files", content=body, headers={"content-type": content_type}
+        )
+    assert sent.status_code == 400 and backend_calls(pool) == before
+    assert sent.json()["error"]["code"] == "invalid_multipart"
+
+
+def test_a_file_whose_contents_look_like_ids_uploads(pool):
+    contents = f'{{"file_id": "{ALICES_FILE}", "previous_response_id": "resp_{"a" * 32}"}}\n'.encode()
+    with pool.v1("key-b") as bob:
+        assert bob.files.create(file=("b.jsonl", io.BytesIO(contents)), purpose="assistants").id.startswith("file-")

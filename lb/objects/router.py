@@ -36,7 +36,7 @@ from lb import errors
 from lb.attempt import RETRYABLE_STATUS, Attempts, Call, buffered
 from lb.auth import Client
 from lb.config import Backend, Settings
-from lb.objects import routes
+from lb.objects import forms, routes
 from lb.objects.records import RETENTION_SECONDS, ObjectRecord, ObjectStore, RecordsUnavailable
 from lb.objects.routes import ObjectCall, ObjectId
 from lb.objects.watch import watch, watch_all
@@ -115,6 +115,12 @@ class ObjectRouter:
         the balancer can't read the way the backend will is refused (`lb.objects.routes`). A large
         body that must be parsed is parsed off the event loop."""
         content_type = request.headers.get("content-type")
+        objects = await self._classify(request, info, content_type)
+        if self.isolating and objects is not None and forms.reads(request.method, objects, content_type):
+            return await forms.read(request.method, objects, info.body, content_type)  # forms, batch files
+        return objects
+
+    async def _classify(self, request: Request, info: RequestInfo, content_type: str | None) -> ObjectCall | None:
         body = info.body
         if len(body) <= PARSE_LIMIT_BYTES:
             return routes.classify(request.method, info.raw_path, body, content_type, self.isolating)

@@ -1,0 +1,220 @@
+"""Object ids in what the JSON reading of `lb.objects.routes` does not see: upload forms.
+
+With several clients, a call to an object route is sent only when every object it names is the
+caller's (`lb.objects.router`). A body can name objects outside JSON:
+
+**multipart/form-data** (files, containers' files, uploads' parts): a form field can name an
+object as a JSON field can (`POST /containers/{id}/files` with `file_id=...`). The form's part
+headers and its fields are read; a file's contents are not. Each field name is read as a path
+(`tools[0][file_ids][]`, `a.b` -> `tools` / `0` / `file_ids`), lower-cased, and the fields are
+checked by the table's own rules (`routes.body_ids`), as the same JSON would be.
+
+The form is parsed here, strictly, rather than by python-multipart (not a dependency, and a
+streaming parser for a body already in memory): the body is split on its boundary with
+`bytes.find`, each part's headers (at most `MAX_HEADER_BYTES`) are read, and whatever two parsers
+could read differently is a 400 rather than a guess: a boundary inside a part, line endings other
+than CRLF, folded or repeated headers, a `name*=` or escaped name, a non-ASCII field name, a
+Content-Transfer-Encoding, a field in a charset other than UTF-8.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from lb.errors import BadRequest
+from lb.objects import routes
+from lb.objects.routes import ObjectCall
+from lb.requestinfo import PARSE_LIMIT_BYTES
+
+MAX_HEADER_BYTES = 8 * 1024  # one part's headers: a Content-Disposition and a Content-Type need far less
+MAX_PARTS = 1_000  # parts of one form (an upload has a handful)
+_BOUNDARY = re.compile(r"""[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]""")
+_BOUNDARY_PARAM = re.compile(r"""\s*boundary\s*=\s*(?:"([^"]*)"|([^\s;"]*))\s*""", re.IGNORECASE)
+_PARAM = re.compile(r"""\s*;\s*([^\s=;"]+)\s*=\s*(?:"((?:[^"\\\r\n]|\\.)*)"|([^\s;"]*))\s*""")
+_NAME = re.compile(r"[^\[\]]*(?:\[[^\[\]]*\])*")
+_SEGMENTS = re.compile(r"[\[\].]")
+_READ_ANYWAY = frozenset({*routes.BODY_FIELDS, "id", "type"})  # the fields read (files too)
+_TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
+
+
+class MalformedForm(BadRequest):
+    code = "invalid_multipart"
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str  # as sent (ASCII)
+    file: bool  # has a filename: its contents are not read unless its name is a table field
+    start: int  # its contents: body[start:end]
+    end: int
+    charset: str | None
+
+
+def reads(method: str, objects: ObjectCall, content_type: str | None) -> bool:
+    """Whether the call's body has ids only this module reads (called with several clients only)."""
+    collection = objects.collection
+    if collection is None or method not in ("POST", "PUT", "PATCH"):
+        return False
+    return collection.multipart and is_form(content_type)
+
+
+def is_form(content_type: str | None) -> bool:
+    return (content_type or "").lower().lstrip().startswith("multipart/form-data")
+
+
+async def read(method: str, objects: ObjectCall, body: bytes, content_type: str | None) -> ObjectCall:
+    """The call with the ids its form names added; a large body is read off the event loop.
+    Raises a 4xx for what can't be read the way the backend will."""
+    if len(body) <= PARSE_LIMIT_BYTES:
+        return read_now(method, objects, body, content_type)
+    return await asyncio.to_thread(read_now, method, objects, body, content_type)
+
+
+def read_now(method: str, objects: ObjectCall, body: bytes, content_type: str | None) -> ObjectCall:
+    found = routes.body_ids(fields(body, list(form_parts(body, content_type))))
+    if not found:
+        return objects
+    return dataclasses.replace(objects, ids=objects.ids + tuple(found))
+
+
+# The form ------------------------------------------------------------------------------------------
+def boundary_of(content_type: str | None) -> bytes:
+    """The boundary of a multipart/form-data content type: given once, in RFC 2046's characters."""
+    params = (content_type or "").split(";")[1:]
+    found = [m for m in (_BOUNDARY_PARAM.fullmatch(p) for p in params) if m is not None]
+    if len(found) != 1:
+        raise MalformedForm("A multipart/form-data body needs one boundary parameter in its Content-Type.")
+    value = found[0].group(1) if found[0].group(1) is not None else found[0].group(2)
+    if not _BOUNDARY.fullmatch(value):
+        raise MalformedForm("The multipart boundary must be 1-70 of RFC 2046's characters.")
+    return value.encode("ascii")
+
+
+def form_parts(body: bytes, content_type: str | None) -> Iterator[Part]:
+    """Each part of the form, its headers read and its contents located (not copied)."""
+    dash = b"--" + boundary_of(content_type)
+    at = _delimiter(body, dash, 0)
+    if at == -1:
+        raise MalformedForm("The multipart body has no boundary line.")
+    count = 0
+    while True:
+        after = at + len(dash)
+        if body.startswith(b"--", after):  # the close delimiter: what follows must not hold another
+            if body.find(dash, after) != -1:
+                raise MalformedForm("The multipart body goes on after its closing boundary.")
+            return
+        if not body.startswith(b"\r\n", after):
+            raise MalformedForm("A multipart boundary line must end with CRLF.")
+        start = after + 2
+        following = _delimiter(body, dash, start)
+        if following == -1:
+            raise MalformedForm("The multipart body ends without its closing boundary.")
+        count += 1
+        if count > MAX_PARTS:
+            raise MalformedForm(f"A multipart body may have at most {MAX_PARTS} parts.")
+        yield _part(body, start, following - 2)  # the CRLF before a boundary belongs to it
+        at = following
+
+
+def _delimiter(body: bytes, dash: bytes, start: int) -> int:
+    """The next boundary line at or after `start` (-1 for none); the boundary anywhere else is a 400:
+    parsers differ on what a boundary inside a line, or after a bare LF, means."""
+    at = body.find(dash, start)
+    if at <= 0 or body[at - 2 : at] == b"\r\n":
+        return at
+    raise MalformedForm("The multipart boundary occurs inside a part (or after a bare LF).")
+
+
+def _part(body: bytes, start: int, end: int) -> Part:
+    if start > end:
+        raise MalformedForm("A multipart part is cut short.")
+    if body.startswith(b"\r\n", start):
+        raise MalformedForm("A multipart part has no Content-Disposition header.")
+    stop = body.find(b"\r\n\r\n", start, min(end, start + MAX_HEADER_BYTES + 4))
+    if stop == -1:
+        raise MalformedForm(f"A multipart part's headers must end with a blank line within {MAX_HEADER_BYTES} bytes.")
+    headers: dict[str, str] = {}
+    for line in body[start:stop].decode("latin-1").split("\r\n"):
+        if "\r" in line or "\n" in line or line[:1] in (" ", "\t") or ":" not in line:
+            raise MalformedForm("A multipart part's headers must be 'Name: value' lines ending in CRLF, not folded.")
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in headers:
+            raise MalformedForm(f"A multipart part gives the header '{routes._shown(key)}' twice.")
+        headers[key] = value.strip()
+    encoding = headers.get("content-transfer-encoding")
+    if encoding is not None and encoding.lower() not in ("7bit", "8bit", "binary"):
+        raise MalformedForm("A multipart part must not be sent with a Content-Transfer-Encoding.")
+    name, file = _disposition(headers.get("content-disposition"))
+    charset = None
+    for param in _PARAM.finditer(";" + headers.get("content-type", "").partition(";")[2]):
+        if param.group(1).lower() == "charset":
+            charset = (param.group(2) or param.group(3) or "").lower()
+    return Part(name, file, stop + 4, end, charset)
+
+
+def _disposition(value: str | None) -> tuple[str, bool]:
+    """(field name, whether it is a file) of `form-data; name="..."[; filename="..."]`, read strictly."""
+    if value is None or not value.lower().startswith("form-data"):
+        raise MalformedForm("Each multipart part needs 'Content-Disposition: form-data; name=...'.")
+    params: dict[str, str] = {}
+    at = len("form-data")
+    rest = value[at:]
+    position = 0
+    while position < len(rest.rstrip()):
+        param = _PARAM.match(rest, position)
+        if param is None or param.end() == position:
+            raise MalformedForm("A multipart part's Content-Disposition can't be read.")
+        key = param.group(1).lower()
+        if key in params:
+            raise MalformedForm(f"A multipart part's Content-Disposition gives '{routes._shown(key)}' twice.")
+        params[key] = param.group(2) if param.group(2) is not None else param.group(3)
+        position = param.end()
+    name = params.get("name")
+    if name is None or "name*" in params:
+        raise MalformedForm('A multipart part\'s field name must be given as name="..." (not name*=).')
+    if "\\" in name or not name.isascii() or not name.isprintable():
+        raise MalformedForm(f"The multipart field name '{routes._shown(name)}' must be printable ASCII, unescaped.")
+    return name, "filename" in params or "filename*" in params
+
+
+def fields(body: bytes, parts: list[Part]) -> dict[str, Any]:
+    """The form as the JSON the table reads: `a[b][]=v` -> {"a": {"b": "v"}}, keys lower-cased, a
+    repeated field a list. Only fields whose name holds a table field, `id` or `type` are read
+    (a file's contents are not, unless so named)."""
+    payload: dict[str, Any] = {}
+    for part in parts:
+        if not _NAME.fullmatch(part.name):
+            raise MalformedForm(f"The multipart field name '{routes._shown(part.name)}' has unbalanced brackets.")
+        segments = [s.lower() for s in _SEGMENTS.split(part.name) if s]
+        if not _READ_ANYWAY.intersection(segments):
+            continue  # names no object (a file's contents, `expires_after[...]`): not read
+        value = _text(body, part)
+        node = payload
+        for segment in segments[:-1]:
+            child = node.setdefault(segment, {})
+            if not isinstance(child, dict):
+                raise MalformedForm(f"The multipart field '{routes._shown(part.name)}' is both a value and a group.")
+            node = child
+        leaf = segments[-1]
+        if leaf not in node:
+            node[leaf] = value
+        elif isinstance(node[leaf], dict) or leaf in ("id", "type"):
+            raise MalformedForm(f"The multipart field '{routes._shown(part.name)}' is given twice.")
+        else:
+            node[leaf] = [*node[leaf], value] if isinstance(node[leaf], list) else [node[leaf], value]
+    return payload
+
+
+def _text(body: bytes, part: Part) -> str:
+    if part.charset is not None and part.charset not in _TEXT_CHARSETS:
+        raise MalformedForm(f"The multipart field '{routes._shown(part.name)}' must be UTF-8.")
+    try:
+        return body[part.start : part.end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedForm(f"The multipart field '{routes._shown(part.name)}' must be UTF-8.") from None
