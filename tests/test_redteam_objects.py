@@ -165,11 +165,6 @@ def test_bob_cannot_run_an_eval_over_the_backends_stored_responses(pool, source)
 
 
 # Batches: ids inside the input file ----------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="a batch's input file is never read: its lines can name another client's response or file,"
-    " which the backend holding both resolves when the batch runs",
-)
 def test_bob_cannot_batch_a_continuation_of_alices_response(make_pool):
     pool = make_pool(1, env=KEYS)  # one backend: bob's batch runs where alice's response lives
     alice = pool.v1("key-a")

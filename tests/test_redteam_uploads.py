@@ -8,6 +8,7 @@ batch input file's lines are read by the rules of a direct call, and what can't 
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import httpx
@@ -17,6 +18,8 @@ from lb.errors import BadRequest
 from lb.objects import forms, routes
 from lb.objects.records import ObjectRecord
 from lb.objects.routes import ObjectCall
+from lb.requestinfo import PARSE_LIMIT_BYTES
+from tests.conftest import CLIENT_KEY
 
 KEYS = {"LB_CLIENT_KEYS": "alice:key-a,bob:key-b"}
 
@@ -207,3 +210,145 @@ def test_a_file_whose_contents_look_like_ids_uploads(pool):
     contents = f'{{"file_id": "{ALICES_FILE}", "previous_response_id": "resp_{"a" * 32}"}}\n'.encode()
     with pool.v1("key-b") as bob:
         assert bob.files.create(file=("b.jsonl", io.BytesIO(contents)), purpose="assistants").id.startswith("file-")
+
+
+def test_an_upload_of_a_batch_file_is_refused_and_another_sent(pool):
+    before = backend_calls(pool)
+    with bob_http(pool) as http:
+        for purpose in ("batch", "Batch"):
+            body = {"purpose": purpose, "filename": "b.jsonl", "bytes": 10, "mime_type": "text/jsonl"}
+            refused = http.post("/openai/v1/uploads", json=body)
+            assert refused.status_code == 403 and refused.json()["error"]["code"] == "RouteNotIsolated"
+        assert backend_calls(pool) == before
+        http.post("/openai/v1/uploads", json={"purpose": "assistants", "filename": "a", "bytes": 1, "mime_type": "x"})
+    assert backend_calls(pool) == before + 1
+
+
+# Batch input files --------------------------------------------------------------------------------
+def batch_line(number: int, url: str, body: dict[str, object]) -> bytes:
+    return json.dumps({"custom_id": str(number), "method": "POST", "url": url, "body": body}).encode()
+
+
+def upload_batch(pool, key: str, lines: list[bytes], purpose: str = "batch") -> httpx.Response:
+    contents = b"\n".join(lines) + b"\n"
+    body = form(
+        (field("purpose"), purpose.encode()),
+        ('Content-Disposition: form-data; name="file"; filename="b.jsonl"', contents),
+    )
+    with httpx.Client(base_url=pool.url, headers={"api-key": key}, timeout=30) as http:
+        return http.post("/openai/v1/files", content=body, headers={"content-type": FORM_TYPE})
+
+
+@pytest.fixture
+def alices(make_pool):
+    """Two backends, alice's stored response and file, each on one of them."""
+    two = make_pool(2, env=KEYS)
+    with two.v1("key-a") as alice:
+        response = alice.responses.create(model="chat", input="alice's secret").id
+        file_id = alice.files.create(file=("a.jsonl", io.BytesIO(b"{}\n")), purpose="assistants").id
+    return two, response, file_id
+
+
+def test_a_batch_line_naming_alices_objects_is_a_404_naming_the_line(alices):
+    two, response, file_id = alices
+    chat = {
+        "model": "chat",
+        "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": file_id}}]}],
+    }
+    cases = {
+        "chat file": batch_line(2, "/chat/completions?api-version=2024-10-21", chat),
+        "escaped field": b'{"url": "/v1/responses", "body": {"\\u0070revious_response_id": "'
+        + response.encode()
+        + b'"}}',
+        "path id": batch_line(2, f"/v1/responses/{response}", {}),
+        "capital URL": b'{"URL": "/v1/responses", "BODY": {"Previous_Response_Id": "' + response.encode() + b'"}}',
+    }
+    first = batch_line(1, "/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
+    before = backend_calls(two)
+    for case, line in cases.items():
+        refused = upload_batch(two, "key-b", [first, line])
+        assert refused.status_code == 404, case
+        assert "(line 2 of the batch input file)" in refused.json()["error"]["message"], case
+    assert backend_calls(two) == before
+
+
+UNREADABLE = {
+    "not JSON": b'{"url": "/v1/responses", "body": {',
+    "not UTF-8": b'{"url": "/v1/responses", "body": {"input": "\xff"}}',
+    "two objects on a line": batch_line(2, "/v1/responses", {}) + b"\r" + batch_line(3, "/v1/responses", {}),
+    "no url, naming objects": b'{"method": "POST", "body": {"previous_response_id": "resp_1"}}',
+    "url given twice": b'{"url": "/v1/embeddings", "url": "/v1/responses", "body": {}}',
+    "an id field given twice": b'{"url": "/v1/responses", "body": {"previous_response_id": "resp_1", '
+    b'"previous_response_id": "resp_2"}}',
+    "an id field that is no id": batch_line(2, "/v1/responses", {"previous_response_id": "../x"}),
+    "an encoded path": batch_line(2, "/v1/responses/resp_1%2Finput_items", {}),
+    "body not an object, naming objects": b'{"url": "/v1/responses", "body": "file_id"}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE))
+def test_a_batch_line_that_cant_be_read_is_a_400_naming_the_line(pool, case):
+    first = batch_line(1, "/v1/embeddings", {"model": "emb", "input": "x"})
+    before = backend_calls(pool)
+    refused = upload_batch(pool, "key-b", [first, UNREADABLE[case]])
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["message"].startswith("Line 2 of the batch input file")
+    assert backend_calls(pool) == before
+
+
+def test_a_batch_line_naming_nothing_and_making_no_call_is_left_to_the_backend(pool):
+    lines = [b'{"x": 1}', b"[]", b'{"url": 1}', b'{"url": "/v1/responses", "body": "x"}']
+    assert upload_batch(pool, "key-b", lines).status_code == 200
+
+
+def test_a_batch_line_to_a_route_not_isolated_is_refused_naming_the_line(pool):
+    refused = upload_batch(pool, "key-b", [batch_line(1, "/v1/chat/completions/chatcmpl-1", {})])
+    assert refused.status_code == 403 and refused.json()["error"]["message"].startswith("Line 1 of")
+
+
+def test_bobs_batch_continuing_his_own_response_goes_to_its_holder(alices):
+    two, _, _ = alices
+    with two.v1("key-b") as bob:
+        response = bob.responses.create(model="chat", input="bob's").id
+    holder = two.proxy.objects.records.known(response)
+    assert holder is not None
+    lines = [
+        batch_line(n, "/v1/responses", {"model": "chat", "input": "more", "previous_response_id": response})
+        for n in range(1, 4)
+    ]
+    uploaded = upload_batch(two, "key-b", lines)
+    assert uploaded.status_code == 200
+    record = two.proxy.objects.records.known(uploaded.json()["id"])
+    assert record is not None and record.backend == holder.backend and record.client == "key:bob"
+
+
+def test_a_large_batch_file_is_read_to_its_last_line(alices):
+    two, response, _ = alices
+    filler = batch_line(0, "/v1/embeddings", {"model": "emb", "input": "x" * 200})
+    lines = [filler] * 2_000 + [batch_line(2_001, "/v1/responses", {"previous_response_id": response})]
+    assert sum(map(len, lines)) > PARSE_LIMIT_BYTES  # read off the event loop
+    refused = upload_batch(two, "key-b", lines)
+    assert refused.status_code == 404 and "line 2001 " in refused.json()["error"]["message"]
+
+
+def test_other_purposes_and_a_single_client_are_not_read(make_pool, alices):
+    two, response, _ = alices
+    line = batch_line(1, "/v1/responses", {"previous_response_id": response})
+    assert upload_batch(two, "key-b", [line], purpose="fine-tune").status_code == 200
+    one = make_pool(1)  # one client: nothing to keep apart
+    assert upload_batch(one, CLIENT_KEY, [line, b"not json"]).status_code == 200
+
+
+def test_too_many_lines_or_objects_in_a_batch_file_are_a_400(monkeypatch):
+    monkeypatch.setattr(forms, "MAX_BATCH_IDS", 2)
+    lines = [batch_line(n, "/v1/responses", {"previous_response_id": f"resp_{n}"}) for n in range(1, 4)]
+    body = form(
+        (field("purpose"), b"batch"), ('Content-Disposition: form-data; name="file"; filename="b"', b"\n".join(lines))
+    )
+    upload = routes.classify("POST", "/openai/v1/files", body, FORM_TYPE, True)
+    assert upload is not None
+    with pytest.raises(BadRequest, match="Line 3 of the batch input file: the file names more than 2"):
+        forms.read_now("POST", upload, body, FORM_TYPE)
+    monkeypatch.setattr(forms, "MAX_BATCH_LINES", 2)
+    with pytest.raises(BadRequest, match="at most 2 lines"):
+        forms.read_now("POST", upload, body, FORM_TYPE)

@@ -91,6 +91,8 @@ def not_found(object_id: ObjectId) -> Response:
         code, message = "previous_response_not_found", f"Previous response with id '{object_id.value}' not found."
     else:
         code, message = None, f"{object_id.kind.replace('_', ' ').capitalize()} with id '{object_id.value}' not found."
+    if isinstance(object_id, forms.LineObjectId):
+        message += f" (line {object_id.line} of the batch input file)"
     error = {"message": message, "type": "invalid_request_error", "param": object_id.field, "code": code}
     return Response(json.dumps({"error": error}), status_code=404, media_type="application/json")
 
