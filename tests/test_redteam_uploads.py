@@ -114,9 +114,25 @@ def test_a_files_contents_and_other_fields_are_not_read():
     assert named(body) == []
 
 
+def test_a_form_field_whose_value_is_json_naming_objects_is_read_as_that_json():
+    tools = json.dumps([{"type": "file_search", "Vector_Store_Ids": ["vs_" + "a" * 32]}]).encode()
+    body = form((field("tools"), tools), (field("note"), b'["no id here"]'), (field("text"), b"[file_id: x"))
+    assert named(body) == [("vs_" + "a" * 32, "vector_store_ids")]
+
+
 def test_a_file_part_named_like_an_id_field_is_read():
     body = form((f'{field("file_id")}; filename="x"', ALICES_FILE.encode()))
     assert [value for value, _ in named(body)] == [ALICES_FILE]
+
+
+def test_well_formed_forms_in_other_spellings_are_read():
+    """A preamble, a quoted boundary, an empty field, a filename with an escaped quote, no Content-Type."""
+    body = b"preamble\r\n" + form(
+        (field("purpose"), b""),
+        ('Content-Disposition: form-data; name="file"; filename="a\\"b.jsonl"', b"{}"),
+        (field("file_id"), ALICES_FILE.encode()),
+    )
+    assert named(body, f'multipart/form-data; boundary="{BOUNDARY}"') == [(ALICES_FILE, "file_id")]
 
 
 def test_a_form_field_that_is_no_id_is_a_400():

@@ -51,6 +51,7 @@ _PARAM = re.compile(r"""\s*;\s*([^\s=;"]+)\s*=\s*(?:"((?:[^"\\\r\n]|\\.)*)"|([^\
 _NAME = re.compile(r"[^\[\]]*(?:\[[^\[\]]*\])*")
 _SEGMENTS = re.compile(r"[\[\].]")
 _READ_ANYWAY = frozenset({*routes.BODY_FIELDS, "id", "type", "purpose"})  # the fields read (files too)
+_JSON_START = re.compile(rb"\s*[\[{]")
 _TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
 _BOM = b"\xef\xbb\xbf"
 _LINE_KEYS = (b'"url"', b'"method"', b'"body"')  # a line's own keys: given twice, json.loads would keep the last
@@ -223,15 +224,20 @@ def _disposition(value: str | None) -> tuple[str, bool]:
 def fields(body: bytes, parts: list[Part]) -> dict[str, Any]:
     """The form as the JSON the table reads: `a[b][]=v` -> {"a": {"b": "v"}}, keys lower-cased, a
     repeated field a list. Only fields whose name holds a table field, `id`, `type` or `purpose` are read
-    (a file's contents are not, unless so named)."""
+    (a file's contents are not, unless so named), and other fields whose value is JSON naming objects
+    (`tools=[{"vector_store_ids": [...]}]`: a backend may parse a field's JSON), read as that JSON."""
     payload: dict[str, Any] = {}
     for part in parts:
         if not _NAME.fullmatch(part.name):
             raise MalformedForm(f"The multipart field name '{routes._shown(part.name)}' has unbalanced brackets.")
         segments = [s.lower() for s in _SEGMENTS.split(part.name) if s]
-        if not _READ_ANYWAY.intersection(segments):
-            continue  # names no object (a file's contents, `expires_after[...]`): not read
-        value = _text(body, part)
+        value: Any
+        if _READ_ANYWAY.intersection(segments):
+            value = _text(body, part)
+        else:
+            value = None if part.file else _json_value(body, part)
+            if value is None:
+                continue  # names no object (a file's contents, `expires_after[...]`): not read
         node = payload
         for segment in segments[:-1]:
             child = node.setdefault(segment, {})
@@ -246,6 +252,19 @@ def fields(body: bytes, parts: list[Part]) -> dict[str, Any]:
         else:
             node[leaf] = [*node[leaf], value] if isinstance(node[leaf], list) else [node[leaf], value]
     return payload
+
+
+def _json_value(body: bytes, part: Part) -> Any:
+    """The field's value parsed, when it is JSON (an object or array) holding a marker of the table; else None."""
+    if _JSON_START.match(body, part.start, part.end) is None:
+        return None
+    raw = body[part.start : part.end]
+    if not routes.names_objects(raw, routes.MARKERS):
+        return None
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=routes._keys)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None  # not JSON: a string, read by the backend as one
 
 
 def _text(body: bytes, part: Part) -> str:
