@@ -277,6 +277,10 @@ def test_a_batch_line_naming_alices_objects_is_a_404_naming_the_line(alices):
         + response.encode()
         + b'"}}',
         "path id": batch_line(2, f"/v1/responses/{response}", {}),
+        "raw UTF-8 text": json.dumps(
+            {"url": "/v1/responses", "body": {"input": "caf\u00e9 \u017f", "previous_response_id": response}},
+            ensure_ascii=False,
+        ).encode(),
         "capital URL": b'{"URL": "/v1/responses", "BODY": {"Previous_Response_Id": "' + response.encode() + b'"}}',
     }
     first = batch_line(1, "/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}]})

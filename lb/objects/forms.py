@@ -314,7 +314,8 @@ def _lines(body: bytes, start: int, end: int) -> Iterator[tuple[int, bytes, bool
     before the first is skipped. `named`: the line holds a marker of `routes.MARKERS` (or a NUL),
     so its body may name objects; `plain`: not named, and `"url"`, `"method"`, `"body"` occur at most
     once each. The markers are searched in the whole file at once (one `find` per occurrence, not
-    one search per marker and line), none spanning lines."""
+    one search per marker and line), none spanning lines; a line with bytes beyond ASCII is also
+    searched by `routes.names_objects` itself, which decides how such bytes may spell a field name."""
     if body.startswith(_BOM, start, end):
         start += len(_BOM)
     lowered = body[start:end].lower()
@@ -337,6 +338,8 @@ def _lines(body: bytes, start: int, end: int) -> Iterator[tuple[int, bytes, bool
             key += 1
         line = body[start + at : start + stop]
         at = stop + 1
+        if not named and not line.isascii():  # beyond ASCII, the byte search is the table's own
+            named = routes.names_objects(line, routes.MARKERS)
         if line.strip():
             yield number, line, named, not named and all(c <= 1 for c in counts.values())
 
