@@ -85,11 +85,6 @@ def test_bob_cannot_list_the_pools_stored_chat_completions(pool, path):
 
 
 # Containers: a multipart body naming a file --------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="a multipart body on a multipart collection is never read for ids: a container file made"
-    " from a file_id form field copies another client's file into bob's container",
-)
 def test_bob_cannot_copy_alices_file_into_his_container_through_a_multipart_form(pool):
     alice = pool.v1("key-a")
     file_id = alice.files.create(file=("a.jsonl", io.BytesIO(b'{"secret": "alice"}\n')), purpose="assistants").id
@@ -170,11 +165,6 @@ def test_bob_cannot_run_an_eval_over_the_backends_stored_responses(pool, source)
 
 
 # Batches: ids inside the input file ----------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="a batch's input file is never read: its lines can name another client's response or file,"
-    " which the backend holding both resolves when the batch runs",
-)
 def test_bob_cannot_batch_a_continuation_of_alices_response(make_pool):
     pool = make_pool(1, env=KEYS)  # one backend: bob's batch runs where alice's response lives
     alice = pool.v1("key-a")
@@ -251,12 +241,6 @@ def test_bob_cannot_replay_another_clients_audio_answer_in_a_chat(pool):
 
 
 # Records ------------------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 2xx DELETE of a sub-resource (a vector store's file, a conversation's item) forgets the record"
-    " of the object in the path: the owner gets 404 for its own store, and with LB_OBJECT_LOOKUP=on the"
-    " store is found again with no owner, usable by any client",
-)
 def test_deleting_a_file_from_a_vector_store_keeps_the_stores_record(pool):
     store = "vs_" + "a" * 32
     plant(pool, store, "vector_store", "alice")

@@ -36,7 +36,7 @@ from lb import errors
 from lb.attempt import RETRYABLE_STATUS, Attempts, Call, buffered
 from lb.auth import Client
 from lb.config import Backend, Settings
-from lb.objects import routes
+from lb.objects import forms, routes
 from lb.objects.records import RETENTION_SECONDS, ObjectRecord, ObjectStore, RecordsUnavailable
 from lb.objects.routes import ObjectCall, ObjectId
 from lb.objects.watch import watch, watch_all
@@ -91,6 +91,8 @@ def not_found(object_id: ObjectId) -> Response:
         code, message = "previous_response_not_found", f"Previous response with id '{object_id.value}' not found."
     else:
         code, message = None, f"{object_id.kind.replace('_', ' ').capitalize()} with id '{object_id.value}' not found."
+    if isinstance(object_id, forms.LineObjectId):
+        message += f" (line {object_id.line} of the batch input file)"
     error = {"message": message, "type": "invalid_request_error", "param": object_id.field, "code": code}
     return Response(json.dumps({"error": error}), status_code=404, media_type="application/json")
 
@@ -115,6 +117,12 @@ class ObjectRouter:
         the balancer can't read the way the backend will is refused (`lb.objects.routes`). A large
         body that must be parsed is parsed off the event loop."""
         content_type = request.headers.get("content-type")
+        objects = await self._classify(request, info, content_type)
+        if self.isolating and objects is not None and forms.reads(request.method, objects, content_type):
+            return await forms.read(request.method, objects, info.body, content_type)  # forms, batch files
+        return objects
+
+    async def _classify(self, request: Request, info: RequestInfo, content_type: str | None) -> ObjectCall | None:
         body = info.body
         if len(body) <= PARSE_LIMIT_BYTES:
             return routes.classify(request.method, info.raw_path, body, content_type, self.isolating)
@@ -179,8 +187,10 @@ class ObjectRouter:
             error = outcome.error or errors.BadGateway(f"Backend '{holder.name}' failed.")
             return error.response(attempts)
         upstream = outcome.upstream
-        if upstream.status_code == 404 and objects.path_id is not None:
+        if upstream.status_code == 404 and objects.itself and objects.path_id is not None:
             self._forget(objects.path_id.value)  # its holder no longer has it (deleted, expired)
+        # a 404 on a sub-path (a file not attached to the store, an item not in the conversation) says
+        # nothing about the object itself: its record stays
         return self._after(self.attempts.relay(call, upstream, holder), objects, owner)
 
     async def _look_up(
@@ -314,7 +324,8 @@ class ObjectRouter:
             return response
         backend = self.backends[response.backend]
         if objects.deletes and objects.path_id is not None and len(objects.ids) == 1:
-            self._forget(objects.path_id.value)
+            if objects.itself:  # a sub-resource's DELETE (a store's file, a conversation's item) keeps it
+                self._forget(objects.path_id.value)
             return response
         fields = ("id", *objects.made_fields) if objects.creates else objects.made_fields
         if fields and objects.collection is not None:

@@ -178,6 +178,7 @@ class ObjectCall:
     lists: bool = False  # a GET on the collection: merged across the pool, per client
     responses: bool = False  # a Responses create: reasoning item ids in its answer are recorded
     made_fields: tuple[str, ...] = ()  # fields of the answer naming objects the holder made for the owner
+    itself: bool = False  # the path is exactly {collection}/{id}: a DELETE or 404 there is the object's own
 
     @property
     def path_id(self) -> ObjectId | None:
@@ -231,8 +232,15 @@ def classify(
         made = ("file",)  # a completed upload is a new file
     elif method == "POST" and collection.kind == "thread" and rest == ["runs"]:
         made = ("thread_id",)  # create-and-run makes a thread
+    itself = len(rest) == 1 and bool(ids) and ids[0].field is None
     return ObjectCall(
-        collection, tuple(ids), creates, deletes=method == "DELETE", responses=responses, made_fields=made
+        collection,
+        tuple(ids),
+        creates,
+        deletes=method == "DELETE",
+        responses=responses,
+        made_fields=made,
+        itself=itself,
     )
 
 
