@@ -71,15 +71,18 @@ def create_proxy(settings: Settings) -> Proxy:
         )
     store = create_store(settings)
     proxy = Proxy(settings, store=store, telemetry=create_telemetry(), objects=create_object_store(settings))
+    table_answers = lambda: bool(store.health()["healthy"])  # noqa: E731  (start-up waits for a table once)
     if settings.state.kind == "table":  # counts are shared where cooldowns are: the pool's quotas and totals
         from lb.metering.share import UsageShare
 
-        proxy.metering.share = UsageShare(settings.state, proxy.metering, store.instance_id)
+        proxy.metering.share = UsageShare(
+            settings.state, proxy.metering, store.instance_id, table_answers=table_answers
+        )
     if settings.state.kind == "table" and proxy.balancer.affinity is not None:  # one secret and bound for the pool
         from lb.state.affinity import AffinityShare
 
         proxy.balancer.share = AffinityShare(
-            settings.state, proxy.balancer.affinity, store.instance_id, table_answers=lambda: store.health()["healthy"]
+            settings.state, proxy.balancer.affinity, store.instance_id, table_answers=table_answers
         )
     return proxy
 

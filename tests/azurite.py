@@ -17,6 +17,8 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +50,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _is_azurite(port: int) -> bool:
+    """Whether Azurite's table service answers on `port` (its `Server` header names it)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{ACCOUNT}/Tables", timeout=2) as answer:
+            server = answer.headers.get("Server", "")
+    except urllib.error.HTTPError as answer:  # unsigned: Azurite refuses, and says who it is
+        server = answer.headers.get("Server", "")
+    except OSError:
+        return False
+    return "azurite" in server.lower()
 
 
 def _accepts(port: int) -> bool:
@@ -103,13 +117,16 @@ class Azurite:
             args, cwd=self._workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while not _accepts(self.port):
+        # Ours once it answers as Azurite: the free port was free when picked, and another process
+        # (a proxy another test starts) may have taken it since; Azurite then exits, and the port
+        # still accepts, but not for us.
+        while not _is_azurite(self.port):
             if self._proc.poll() is not None:
                 err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
                 raise RuntimeError(f"azurite-table exited with {self._proc.returncode}: {err.strip()[:500]}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"azurite-table did not accept connections on port {self.port}")
+                raise RuntimeError(f"azurite-table did not answer on port {self.port}")
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -148,9 +165,16 @@ def start_azurite() -> Azurite:
             "azurite-table not found: run `npm install --no-save --no-audit --no-fund azurite@3` in the repo root "
             "(or set AZURITE_TABLE_URL to a running Azurite's table endpoint, or LB_SKIP_AZURITE=1 to skip)"
         )
-    azurite = Azurite(binary)
-    azurite.start()
-    return azurite
+    for attempt in range(3):  # a port taken between picking and binding: pick another
+        azurite = Azurite(binary)
+        try:
+            azurite.start()
+            return azurite
+        except RuntimeError:
+            azurite.close()
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="session", name="azurite")

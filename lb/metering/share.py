@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from azure.core import MatchConditions
@@ -58,6 +59,7 @@ class UsageShare(RowShare):
         *,
         interval: float = SHARE_INTERVAL_SECONDS,
         op_timeout: float = OP_TIMEOUT_SECONDS,
+        table_answers: Callable[[], bool] = lambda: True,
     ) -> None:
         super().__init__(
             settings,
@@ -66,6 +68,7 @@ class UsageShare(RowShare):
             interval=interval,
             op_timeout=op_timeout,
             health=TableHealth("usage table", log),
+            table_answers=table_answers,
         )
         self.settings = settings
         self.metering = metering

@@ -69,15 +69,12 @@ class AffinityShare(RowShare):
             interval=max(0.05, settings.refresh_ms / 1000.0) if interval is None else interval,
             op_timeout=op_timeout,
             health=TableHealth("affinity table", log),
+            table_answers=table_answers,
         )
         self.affinity = affinity
         self.live_seconds = live_seconds
         self.secret_source = "local"  # lb.routing.affinity.local_secret, until the table's secret is read
         affinity.shared_after = 2 * self.interval  # a call this long after the last: the pool's view is fresh
-        self._table_answers = table_answers  # False: the cooldown store just found the table out of reach
-
-    def _first_round(self) -> bool:
-        return self._table_answers()  # else start-up has waited for that table once already
 
     async def _leave(self) -> None:
         """This row goes: the others' allowances grow back at once."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
@@ -40,6 +41,7 @@ class RowShare(abc.ABC):
         interval: float,
         op_timeout: float,
         health: TableHealth,
+        table_answers: Callable[[], bool] = lambda: True,
     ) -> None:
         self.instance_id = instance_id
         self.partition = partition
@@ -48,6 +50,7 @@ class RowShare(abc.ABC):
         self.ops = TableOps()  # HTTP requests sent: what the figures count
         self.table_health = health
         self._client, self._credential = make_table_client(settings, op_timeout, self.ops)
+        self._table_answers = table_answers  # False: the cooldown store just found the table out of reach
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -63,13 +66,11 @@ class RowShare(abc.ABC):
     async def _leave(self) -> None:
         """The last Table call at close (errors are ignored: the instance is going anyway)."""
 
-    def _first_round(self) -> bool:
-        """Whether start-up waits for a first round (False: the table is known to be out of reach)."""
-        return True
-
     async def start(self) -> None:
         if self._task is None and not self._closed:
-            if self._first_round():  # the pool's view before the first request, if the Table answers quickly
+            # The pool's view before the first request, if the Table answers quickly; not if start-up
+            # has just waited for the same table once already (the cooldown store's first load).
+            if self._table_answers():
                 try:
                     await asyncio.wait_for(self.round(), FIRST_LOAD_SECONDS)
                 except asyncio.TimeoutError as exc:
