@@ -57,11 +57,6 @@ def bob_http(pool) -> httpx.Client:
 
 
 # Stored chat completions -------------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="GET /openai/v1/chat/completions (the stored completions list) is read as the stateless chat route"
-    " and sent to a backend, which lists every client's stored completions",
-)
 @pytest.mark.parametrize(
     "path",
     [
@@ -297,11 +292,6 @@ def test_a_compressed_chat_naming_a_file_is_read_or_refused(pool):
 
 
 # Methods on routes read as stateless ----------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="`stateless` ignores the method: DELETE /openai/models/{model} (Azure's delete of a fine-tuned"
-    " model, any client's) and writes to /openai/deployments/{name} (the old authoring API) are forwarded",
-)
 @pytest.mark.parametrize(
     ("method", "path"),
     [

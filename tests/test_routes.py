@@ -194,7 +194,8 @@ def test_with_several_clients_a_route_outside_the_table_is_refused_naming_it(pat
     ],
 )
 def test_stateless_routes_cost_nothing_and_are_never_refused(path):
-    assert classify("POST", path, body({"model": "m", "input": "x"}), JSON, isolating=True) is None
+    method = "GET" if "/models" in path else "POST"  # models are read; the other routes are model calls
+    assert classify(method, path, body({"model": "m", "input": "x"}), JSON, isolating=True) is None
 
 
 def test_a_get_on_a_listable_collection_is_a_list():
@@ -233,3 +234,41 @@ def test_a_body_naming_an_object_that_python_cannot_build_is_a_400():
     deep = b'{"previous_response_id": "resp_1", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(BadRequest, match="not valid JSON"):
         classify("POST", "/openai/v1/responses", deep, JSON)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/openai/v1/chat/completions?limit=100"),  # the stored chat completions list
+        ("GET", "/openai/chat/completions?api-version=2025-04-01-preview"),
+        ("DELETE", "/openai/v1/chat/completions"),
+        ("GET", "/openai/deployments/chat/embeddings?api-version=1"),
+        ("DELETE", "/openai/models/gpt-4o-mini.ft-1?api-version=2024-10-21"),  # deletes a fine-tuned model
+        ("DELETE", "/openai/v1/models/ft:gpt-4o-mini:org::abc"),
+        ("PUT", "/openai/deployments/chat?api-version=2022-12-01"),  # the old authoring API
+        ("PATCH", "/openai/v1/deployments/chat"),
+        ("POST", "/openai/v1/models"),
+        ("POST", "/openai/v1/"),
+    ],
+)
+def test_with_several_clients_a_stateless_route_takes_only_its_own_methods(method, path):
+    with pytest.raises(RouteNotIsolated, match="refused while several clients share the pool") as refused:
+        classify(method, path, b"", None, isolating=True)
+    assert refused.value.status == 403 and refused.value.message.startswith(f"'{method} ")  # names the route
+    assert "ft-1" not in refused.value.message and "abc" not in refused.value.message  # by its shape, no name
+    assert classify(method, path, b"", None, isolating=False) is None  # one client: forwarded as before
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/openai/v1/models"),
+        ("HEAD", "/openai/v1/models/gpt-5"),
+        ("GET", "/openai/models/gpt-4o?api-version=2024-10-21"),
+        ("GET", "/openai/deployments?api-version=2022-12-01"),
+        ("GET", "/openai/deployments/chat?api-version=2022-12-01"),
+        ("GET", "/openai/v1/"),
+    ],
+)
+def test_reads_of_models_and_deployments_stay_stateless(method, path):
+    assert classify(method, path, b"", None, isolating=True) is None

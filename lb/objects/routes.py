@@ -12,8 +12,9 @@ backend will, or refuses it:
   the backend's router decodes what we would read as one id into a longer path;
 - a JSON body on an object-bearing route must be UTF-8 JSON (a body in UTF-16/32 is a 400, another
   content type a 415), and it is parsed whole, so a field name spelled with escapes is still read;
-- with several clients, a route under /openai/ that is neither stateless nor in this table is
-  refused (`RouteNotIsolated`), never forwarded blind.
+- with several clients, a route under /openai/ that is neither stateless nor in this table, or a
+  stateless route called with a method it does not list, is refused (`RouteNotIsolated`), never
+  forwarded blind.
 """
 
 from __future__ import annotations
@@ -118,23 +119,33 @@ ID_PREFIXES: dict[str, str] = {
     "rs_": "reasoning",
     **{p: c.kind for c in COLLECTIONS for p in c.prefixes},
 }
-# Stateless routes: name no object and create none (after /openai/v1/ or /openai/deployments/{d}/).
-STATELESS: frozenset[str] = frozenset(
-    {
-        "chat/completions",
-        "completions",
-        "embeddings",
-        "images/generations",
-        "images/edits",
-        "images/variations",
-        "audio/transcriptions",
-        "audio/translations",
-        "audio/speech",
-        "moderations",
-        "models",
-        "extensions/chat/completions",
-    }
-)
+# Stateless routes: name no object in their path and create none (after /openai/v1/ or
+# /openai/deployments/{d}/), each with the methods that are model calls (POST) or reads of the
+# pool's models and deployments (GET, HEAD). Another method on the same path is another operation:
+# GET chat/completions lists the resource's stored completions (every client's), DELETE
+# models/{model} deletes a fine-tuned model, PUT / DELETE deployments/{deployment} is the old
+# authoring API. With several clients those are refused (`RouteNotIsolated`), never forwarded.
+INFERENCE = frozenset({"POST"})
+READ = frozenset({"GET", "HEAD"})
+STATELESS: dict[str, frozenset[str]] = {
+    "chat/completions": INFERENCE,
+    "completions": INFERENCE,
+    "embeddings": INFERENCE,
+    "images/generations": INFERENCE,
+    "images/edits": INFERENCE,
+    "images/variations": INFERENCE,
+    "audio/transcriptions": INFERENCE,
+    "audio/translations": INFERENCE,
+    "audio/speech": INFERENCE,
+    "moderations": INFERENCE,
+    "extensions/chat/completions": INFERENCE,
+    "models": READ,
+    "models/{model}": READ,
+    "deployments": READ,
+    "deployments/{deployment}": READ,
+    "": READ,  # /openai/v1/ itself
+}
+_NAMED = {"models": "models/{model}", "deployments": "deployments/{deployment}"}
 MAX_ID_CHARS = 128
 _ID_BODY = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_CHARS}}}")
 _ITEM_ID = re.compile(rf"[a-z]{{1,16}}_[A-Za-z0-9_-]{{1,{MAX_ID_CHARS}}}")  # msg_, fc_, ... (any item)
@@ -199,13 +210,20 @@ def classify(
     already (a large body, in slices); None: scanned here."""
     collection, rest, name = route(raw_path)
     if collection is None:
-        if not stateless(raw_path):
-            if isolating:
+        free = stateless(raw_path)
+        if free is None or method not in free[1]:
+            if not isolating:
+                return None
+            if free is None:
                 raise RouteNotIsolated(
                     f"'{method} {name}' can name stored objects this load balancer does not keep apart"
                     " per client, so it is refused while several clients share the pool."
                 )
-            return None
+            raise RouteNotIsolated(
+                f"'{method} {free[0] or 'v1'}' is neither a model call nor a read of models and deployments: it"
+                " can list, change or delete what other clients stored or use, so it is refused while"
+                f" several clients share the pool (this route takes {' or '.join(sorted(free[1]))})."
+            )
         markers = _markers(method, None, raw_path, body, content_type)
         if markers is None or not (names_objects(body, markers) if named is None else named):
             return None
@@ -325,20 +343,23 @@ def route(raw_path: str) -> tuple[Collection | None, list[str], str]:
     return None, segments, "/".join(lowered)
 
 
-def stateless(raw_path: str) -> bool:
-    """A route that names no object: a model call under /openai/deployments/{d}/ or /openai/v1/."""
+def stateless(raw_path: str) -> tuple[str, frozenset[str]] | None:
+    """(the route's shape, the methods that keep it stateless) for a route that names no object in
+    its path: a model call under /openai/deployments/{d}/ or /openai/v1/, or a read of models and
+    deployments; None for any other route."""
     segments = raw_path.split("?", 1)[0].split("/")[2:]
     if len(segments) >= 2 and segments[0] == "deployments":
         rest = "/".join(segments[2:]).lower()
-        return rest in STATELESS or not rest
+        shape = f"deployments/{{deployment}}/{rest}" if rest else "deployments/{deployment}"
+        methods = STATELESS.get(rest if rest else shape)
+        return (shape, methods) if methods is not None else None
     if segments and segments[0].lower() == "v1":
         segments = segments[1:]
     rest = "/".join(segments).lower()
-    return (
-        rest in STATELESS
-        or rest in ("", "deployments")
-        or (len(segments) == 2 and segments[0].lower() in ("models", "deployments"))  # a model's or deployment's name
-    )
+    if len(segments) == 2 and segments[0].lower() in _NAMED:  # a model's or deployment's name
+        rest = _NAMED[segments[0].lower()]
+    methods = STATELESS.get(rest)
+    return (rest, methods) if methods is not None else None
 
 
 def path_ids(method: str, collection: Collection, rest: list[str]) -> tuple[list[ObjectId], bool]:
