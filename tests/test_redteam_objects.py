@@ -143,11 +143,6 @@ SELECTING_SOURCES = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an eval run whose data source selects stored responses / stored completions by filter (no id)"
-    " reads every client's objects on the eval's backend",
-)
 @pytest.mark.parametrize("source", sorted(SELECTING_SOURCES))
 def test_bob_cannot_run_an_eval_over_the_backends_stored_responses(pool, source):
     action, body = SELECTING_SOURCES[source]

@@ -272,3 +272,34 @@ def test_with_several_clients_a_stateless_route_takes_only_its_own_methods(metho
 )
 def test_reads_of_models_and_deployments_stay_stateless(method, path):
     assert classify(method, path, b"", None, isolating=True) is None
+
+
+def run(source: dict) -> bytes:
+    return body({"name": "r", "data_source": {"type": "responses", "source": source}})
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        run({"type": "responses", "metadata": {"who": "alice"}}),
+        body({"data_source": {"type": "completions", "source": {"type": "stored_completions", "limit": 10}}}),
+        body({"data_source": {"type": "completions", "SOURCE": {"Type": "Stored_Completions"}}}),
+        b'{"data_source": {"type": "responses", "source": {"type": "re\\u0073ponses"}}}',
+    ],
+)
+def test_with_several_clients_an_eval_run_selecting_stored_objects_by_filter_is_refused(raw):
+    path = "/openai/v1/evals/eval_1/runs"
+    with pytest.raises(RouteNotIsolated, match="reads stored objects by filter"):
+        classify("POST", path, raw, JSON, isolating=True)
+    assert ids(classify("POST", path, raw, JSON, isolating=False)) == {("eval_1", "eval")}  # one client: as before
+
+
+def test_an_eval_run_over_its_own_items_or_a_file_is_read_as_before():
+    path = "/openai/v1/evals/eval_1/runs"
+    inline = run({"type": "file_content", "content": [{"item": {"q": "responses"}}]})
+    assert ids(classify("POST", path, inline, JSON, isolating=True)) == {("eval_1", "eval")}
+    from_file = run({"type": "file_id", "id": "file-1"})
+    assert ids(classify("POST", path, from_file, JSON, isolating=True)) == {("eval_1", "eval"), ("file-1", "file")}
+    twice = b'{"data_source": {"type": "responses", "source": {"type": "file_id", "id": "file-1"}, "Source": {}}}'
+    with pytest.raises(InvalidObjectId, match="twice"):
+        classify("POST", path, twice, JSON, isolating=True)

@@ -40,6 +40,7 @@ class Collection:
     lists: bool = False
     words: frozenset[str] = frozenset()
     multipart: bool = False  # its create takes multipart/form-data (an upload), not JSON
+    selects: frozenset[str] = frozenset()  # `source` types in its bodies that select stored objects by filter
 
 
 COLLECTIONS: tuple[Collection, ...] = (
@@ -83,7 +84,16 @@ COLLECTIONS: tuple[Collection, ...] = (
         multipart=True,
     ),
     Collection(("uploads",), "upload", ("upload_",), "Uploads: create, parts, complete, cancel", multipart=True),
-    Collection(("evals",), "eval", ("eval_",), "Evals: create, list, get, update, delete, runs", lists=True),
+    Collection(
+        ("evals",),
+        "eval",
+        ("eval_",),
+        "Evals: create, list, get, update, delete, runs",
+        lists=True,
+        # runs' data_source.source: {"type": "responses", "metadata"/"model"/"created_after"...} reads the
+        # resource's stored responses, {"type": "stored_completions", ...} its stored chat completions
+        selects=frozenset({"responses", "stored_completions"}),
+    ),
     Collection(("assistants",), "assistant", ("asst_",), "Assistants: create, list, get, modify, delete", lists=True),
     Collection(("threads",), "thread", ("thread_",), "Threads: create, get, messages, runs", words=frozenset({"runs"})),
 )
@@ -115,6 +125,9 @@ TYPED_IDS: dict[str, str] = {
     "reasoning": "reasoning",  # Responses input: a reasoning item, decrypted only where it was made
     "item_reference": "item",  # Responses input: an item stored with a response
 }
+# The body field whose {"type": T} value is a data source; with one of its collection's `selects`
+# types it names no id but reads whichever stored objects match its filter, any client's.
+SOURCE_FIELD = "source"
 ID_PREFIXES: dict[str, str] = {
     "rs_": "reasoning",
     **{p: c.kind for c in COLLECTIONS for p in c.prefixes},
@@ -153,6 +166,10 @@ _SEGMENT = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")
 CHAT_MARKERS = (b"file_id", b"\\u00")  # a chat body names a file only if one of these is in its bytes
 # An object route's body is parsed for ids only if its lower-cased bytes hold one of these.
 MARKERS = (*(k.encode() for k in BODY_FIELDS), *(t.encode() for t in TYPED_IDS), b"\\u00")
+# ... and, on a collection with `selects`, one of these (a data source that selects by filter).
+_SELECTING_MARKERS = {c.kind: (*MARKERS, *(f'"{t}"'.encode() for t in sorted(c.selects))) for c in COLLECTIONS}
+# Keys the balancer reads: one given twice in one object is refused (parsers differ on which counts).
+_READ_KEYS = frozenset({*BODY_FIELDS, "id", "type", SOURCE_FIELD})
 _BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
 _STORE_FALSE = re.compile(rb'"store"\s*:\s*false')
 
@@ -238,7 +255,10 @@ def classify(
     if markers is not None:
         check_encoding(body, content_type)
         if names_objects(body, markers) if named is None else named:
-            ids += body_ids(parse_body(body, content_type))
+            payload = parse_body(body, content_type)
+            if isolating and collection.selects:
+                _refuse_selecting(method, collection, payload)
+            ids += body_ids(payload)
     responses = collection.kind == "response" and creates
     if responses and b'"store"' in body and _STORE_FALSE.search(body) is not None:
         creates = False  # nothing is kept, so nothing is recorded
@@ -270,7 +290,7 @@ def _markers(
         return CHAT_MARKERS if raw_path.split("?", 1)[0].lower().endswith("/chat/completions") else None
     if collection.multipart and (content_type or "").lower().startswith("multipart/form-data"):
         return None
-    return MARKERS
+    return _SELECTING_MARKERS[collection.kind] if collection.selects else MARKERS
 
 
 def names_objects(body: bytes, markers: tuple[bytes, ...]) -> bool:
@@ -306,7 +326,7 @@ def _keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     node: dict[str, Any] = {}
     for key, value in pairs:
         lowered = key.lower()
-        if lowered in node and (lowered in BODY_FIELDS or lowered in ("id", "type")):
+        if lowered in node and lowered in _READ_KEYS:
             raise InvalidObjectId(f"The body gives '{_shown(key)}' twice in one object.")
         node[lowered] = value
     return node
@@ -399,6 +419,20 @@ def body_ids(payload: Any) -> list[ObjectId]:
                     continue
             found.extend(_ids(value, field_kind, key))
     return found
+
+
+def _refuse_selecting(method: str, collection: Collection, payload: Any) -> None:
+    """With several clients, a data source that selects stored objects by filter is refused: it names
+    no id the balancer could check, and the backend reads every client's objects that match."""
+    for node in _objects(payload):
+        source = node.get(SOURCE_FIELD)
+        kind = source.get("type") if isinstance(source, dict) else None
+        if isinstance(kind, str) and kind.lower() in collection.selects:
+            raise RouteNotIsolated(
+                f"'{method} {'/'.join(collection.path)}' with a data source of type '{_shown(kind)}' reads stored"
+                " objects by filter, whichever client stored them, so it is refused while several clients"
+                " share the pool; send the items in the run (file_content) or in a file (file_id) instead."
+            )
 
 
 def _ids(value: Any, kind: str, field: str) -> list[ObjectId]:
