@@ -190,11 +190,6 @@ def test_bob_cannot_batch_a_continuation_of_alices_response(make_pool):
 
 
 # Stateless routes whose bodies can name stored objects ---------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="images/edits is read as stateless and its body never parsed, though its JSON form names input"
-    " images and a mask by file_id",
-)
 def test_bob_cannot_edit_alices_image_file_through_images_edits(make_pool):
     pool = make_pool(1, env=KEYS)  # one backend: it holds alice's file
     alice = pool.v1("key-a")
@@ -214,11 +209,6 @@ def test_bob_cannot_edit_alices_image_file_through_images_edits(make_pool):
     assert edited.status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a chat body is parsed only for file_id: an assistant turn's {'audio': {'id': 'audio_...'}} names a"
-    " stored audio answer of the backend (any client's), and is sent unread",
-)
 def test_bob_cannot_replay_another_clients_audio_answer_in_a_chat(pool):
     body = {
         "model": "chat",

@@ -303,3 +303,37 @@ def test_an_eval_run_over_its_own_items_or_a_file_is_read_as_before():
     twice = b'{"data_source": {"type": "responses", "source": {"type": "file_id", "id": "file-1"}, "Source": {}}}'
     with pytest.raises(InvalidObjectId, match="twice"):
         classify("POST", path, twice, JSON, isolating=True)
+
+
+def test_an_image_edit_names_its_images_and_mask_by_file_id():
+    edit = {"model": "m", "prompt": "p", "images": [{"file_id": "file-a"}, {"image_url": "https://x"}]}
+    edit["mask"] = {"file_id": "file-b"}
+    for path in ("/openai/v1/images/edits", "/openai/deployments/img/images/edits?api-version=1"):
+        assert ids(classify("POST", path, body(edit), JSON, isolating=True)) == {("file-a", "file"), ("file-b", "file")}
+
+
+def test_every_stateless_routes_json_body_is_read_for_the_tables_fields():
+    for route in ("images/generations", "completions", "moderations", "audio/speech"):
+        named = body({"model": "m", "input": "x", "previous_response_id": "resp_1"})
+        assert ids(classify("POST", f"/openai/v1/{route}", named, JSON, isolating=True)) == {("resp_1", "response")}
+
+
+def test_a_chat_names_a_stored_audio_answer_by_its_id():
+    turn = {"role": "assistant", "audio": {"id": "audio_abc"}}
+    chat = {"model": "m", "audio": {"voice": "alloy", "format": "wav"}, "messages": [turn]}
+    assert ids(classify("POST", "/openai/v1/chat/completions", body(chat), JSON)) == {("audio_abc", "audio")}
+    chat["messages"] = [{"role": "user", "content": "hi"}]  # the output's voice and format name nothing
+    assert classify("POST", "/openai/v1/chat/completions", body(chat), JSON, isolating=True) is None
+    with pytest.raises(InvalidObjectId):
+        classify("POST", "/openai/v1/chat/completions", body({"messages": [{"audio": {"id": "x/y"}}]}), JSON)
+
+
+def test_hot_bodies_without_an_id_field_are_not_parsed(monkeypatch):
+    def parsed(*args):
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr("lb.objects.routes.parse_body", parsed)
+    tools = {"messages": [{"role": "tool", "tool_call_id": "call_1", "content": "a file, some audio"}]}
+    assert classify("POST", "/openai/v1/chat/completions", body(tools), JSON, isolating=True) is None
+    embed = {"input": ["file_id", "previous_response_id", "\\u00e9"]}  # embeddings name nothing: never read
+    assert classify("POST", "/openai/v1/embeddings", body(embed), JSON, isolating=True) is None

@@ -118,7 +118,11 @@ BODY_FIELDS: dict[str, str] = {
     "thread_id": "thread",
     "container": "container",  # Responses code_interpreter tool: "cntr_..." (or {"type": "auto", ...})
     "container_id": "container",
+    "audio": "audio",  # chat: an assistant turn's {"audio": {"id": "audio_..."}}, a stored audio answer
 }
+# Fields whose value may be {"id": ...} (a container also {"type": "auto", ...}, chat's audio also
+# the output's {"voice": ..., "format": ...}): an object without "id" names nothing.
+_ID_OBJECTS = frozenset({"conversation", "container", "audio"})
 # Objects named by {"type": T, "id": ...} rather than by a field name.
 TYPED_IDS: dict[str, str] = {
     "file_id": "file",  # evals' data sources: {"type": "file_id", "id": "file-..."}
@@ -130,6 +134,7 @@ TYPED_IDS: dict[str, str] = {
 SOURCE_FIELD = "source"
 ID_PREFIXES: dict[str, str] = {
     "rs_": "reasoning",
+    "audio_": "audio",  # chat completions' audio answers, kept by the resource that made them
     **{p: c.kind for c in COLLECTIONS for p in c.prefixes},
 }
 # Stateless routes: name no object in their path and create none (after /openai/v1/ or
@@ -159,13 +164,35 @@ STATELESS: dict[str, frozenset[str]] = {
     "": READ,  # /openai/v1/ itself
 }
 _NAMED = {"models": "models/{model}", "deployments": "deployments/{deployment}"}
+# The body fields by which the reference lets these stateless routes' JSON bodies name a stored
+# object; any other stateless route's body is searched for every field of the table. Chat: a file
+# part ({"type": "file", "file": {"file_id": ...}}) and an assistant turn's stored audio answer
+# ({"role": "assistant", "audio": {"id": "audio_..."}}), so the chat hot path looks for two names.
+# Embeddings take text or tokens and name nothing: never searched (their bodies are the largest).
+STATELESS_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat/completions": ("file_id", "audio"),
+    "extensions/chat/completions": ("file_id", "audio"),
+    "embeddings": (),
+}
 MAX_ID_CHARS = 128
 _ID_BODY = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_CHARS}}}")
 _ITEM_ID = re.compile(rf"[a-z]{{1,16}}_[A-Za-z0-9_-]{{1,{MAX_ID_CHARS}}}")  # msg_, fc_, ... (any item)
 _SEGMENT = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")
-CHAT_MARKERS = (b"file_id", b"\\u00")  # a chat body names a file only if one of these is in its bytes
+
+
+def _shortest(markers: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """The markers without those holding another (`file_id` finds `input_file_id` too): fewer searches."""
+    return tuple(m for m in dict.fromkeys(markers) if not any(o != m and o in m for o in markers))
+
+
 # An object route's body is parsed for ids only if its lower-cased bytes hold one of these.
-MARKERS = (*(k.encode() for k in BODY_FIELDS), *(t.encode() for t in TYPED_IDS), b"\\u00")
+MARKERS = _shortest((*(k.encode() for k in BODY_FIELDS), *(t.encode() for t in TYPED_IDS), b"\\u00"))
+# A stateless route's JSON body is parsed, and read for every field of the table, when it holds one
+# of MARKERS; a hot route whose reference names objects by a few fields only is looked for those.
+_STATELESS_MARKERS: dict[str, tuple[bytes, ...] | None] = {
+    key: (*(f'"{f}"'.encode() for f in fields), b"\\u00") if fields else None
+    for key, fields in STATELESS_FIELDS.items()
+}
 # ... and, on a collection with `selects`, one of these (a data source that selects by filter).
 _SELECTING_MARKERS = {c.kind: (*MARKERS, *(f'"{t}"'.encode() for t in sorted(c.selects))) for c in COLLECTIONS}
 # Keys the balancer reads: one given twice in one object is refused (parsers differ on which counts).
@@ -228,7 +255,7 @@ def classify(
     collection, rest, name = route(raw_path)
     if collection is None:
         free = stateless(raw_path)
-        if free is None or method not in free[1]:
+        if free is None or method not in STATELESS[free[1]]:
             if not isolating:
                 return None
             if free is None:
@@ -239,9 +266,9 @@ def classify(
             raise RouteNotIsolated(
                 f"'{method} {free[0] or 'v1'}' is neither a model call nor a read of models and deployments: it"
                 " can list, change or delete what other clients stored or use, so it is refused while"
-                f" several clients share the pool (this route takes {' or '.join(sorted(free[1]))})."
+                f" several clients share the pool (this route takes {' or '.join(sorted(STATELESS[free[1]]))})."
             )
-        markers = _markers(method, None, raw_path, body, content_type)
+        markers = _stateless_markers(method, free[1], body, content_type)
         if markers is None or not (names_objects(body, markers) if named is None else named):
             return None
         ids = body_ids(parse_body(body, content_type))
@@ -251,7 +278,7 @@ def classify(
     ids, creates = path_ids(method, collection, rest)
     if method == "GET" and not rest and collection.lists:
         return ObjectCall(collection, (), creates=False, deletes=False, lists=True)
-    markers = _markers(method, collection, raw_path, body, content_type)
+    markers = _markers(method, collection, body, content_type)
     if markers is not None:
         check_encoding(body, content_type)
         if names_objects(body, markers) if named is None else named:
@@ -277,17 +304,27 @@ def classify(
 def body_markers(method: str, raw_path: str, body: bytes, content_type: str | None) -> tuple[bytes, ...] | None:
     """What to look for in the body's (lower-cased) bytes before parsing it for ids; None when the
     body is never read: no body, an upload's multipart, a route whose body names no object."""
-    return _markers(method, route(raw_path)[0], raw_path, body, content_type)
+    collection = route(raw_path)[0]
+    if collection is not None:
+        return _markers(method, collection, body, content_type)
+    free = stateless(raw_path)
+    return _stateless_markers(method, free[1], body, content_type) if free is not None else None
 
 
-def _markers(
-    method: str, collection: Collection | None, raw_path: str, body: bytes, content_type: str | None
-) -> tuple[bytes, ...] | None:
+def _stateless_markers(method: str, key: str, body: bytes, content_type: str | None) -> tuple[bytes, ...] | None:
+    """`body_markers` of a stateless route (its key in STATELESS): only a JSON body of its own method
+    is read (a multipart upload's form fields are not JSON)."""
+    if not body or method not in STATELESS[key]:
+        return None
+    if (content_type or "").lower().startswith("multipart/form-data"):
+        return None
+    return _STATELESS_MARKERS.get(key, MARKERS)
+
+
+def _markers(method: str, collection: Collection, body: bytes, content_type: str | None) -> tuple[bytes, ...] | None:
     """`body_markers` for a path whose collection is already known (`route` is not run twice)."""
     if not body or method not in ("POST", "PUT", "PATCH"):
         return None
-    if collection is None:
-        return CHAT_MARKERS if raw_path.split("?", 1)[0].lower().endswith("/chat/completions") else None
     if collection.multipart and (content_type or "").lower().startswith("multipart/form-data"):
         return None
     return _SELECTING_MARKERS[collection.kind] if collection.selects else MARKERS
@@ -363,23 +400,21 @@ def route(raw_path: str) -> tuple[Collection | None, list[str], str]:
     return None, segments, "/".join(lowered)
 
 
-def stateless(raw_path: str) -> tuple[str, frozenset[str]] | None:
-    """(the route's shape, the methods that keep it stateless) for a route that names no object in
-    its path: a model call under /openai/deployments/{d}/ or /openai/v1/, or a read of models and
-    deployments; None for any other route."""
+def stateless(raw_path: str) -> tuple[str, str] | None:
+    """(the route's shape, its key in STATELESS) for a route that names no object in its path: a
+    model call under /openai/deployments/{d}/ or /openai/v1/, or a read of models and deployments;
+    None for any other route."""
     segments = raw_path.split("?", 1)[0].split("/")[2:]
     if len(segments) >= 2 and segments[0] == "deployments":
         rest = "/".join(segments[2:]).lower()
-        shape = f"deployments/{{deployment}}/{rest}" if rest else "deployments/{deployment}"
-        methods = STATELESS.get(rest if rest else shape)
-        return (shape, methods) if methods is not None else None
+        key = rest or "deployments/{deployment}"
+        return (f"deployments/{{deployment}}/{rest}" if rest else key, key) if key in STATELESS else None
     if segments and segments[0].lower() == "v1":
         segments = segments[1:]
     rest = "/".join(segments).lower()
     if len(segments) == 2 and segments[0].lower() in _NAMED:  # a model's or deployment's name
         rest = _NAMED[segments[0].lower()]
-    methods = STATELESS.get(rest)
-    return (rest, methods) if methods is not None else None
+    return (rest, rest) if rest in STATELESS else None
 
 
 def path_ids(method: str, collection: Collection, rest: list[str]) -> tuple[list[ObjectId], bool]:
@@ -413,8 +448,8 @@ def body_ids(payload: Any) -> list[ObjectId]:
             field_kind = BODY_FIELDS.get(key)
             if field_kind is None or value is None:
                 continue
-            if isinstance(value, dict) and key in ("conversation", "container"):
-                value = value.get("id")  # {"id": ...}; a container may also be {"type": "auto", ...}
+            if isinstance(value, dict) and key in _ID_OBJECTS:
+                value = value.get("id")
                 if value is None:
                     continue
             found.extend(_ids(value, field_kind, key))
