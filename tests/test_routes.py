@@ -337,3 +337,40 @@ def test_hot_bodies_without_an_id_field_are_not_parsed(monkeypatch):
     assert classify("POST", "/openai/v1/chat/completions", body(tools), JSON, isolating=True) is None
     embed = {"input": ["file_id", "previous_response_id", "\\u00e9"]}  # embeddings name nothing: never read
     assert classify("POST", "/openai/v1/embeddings", body(embed), JSON, isolating=True) is None
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "previou\u017f_response_id",  # long s
+        "\uff50revious_response_id",  # fullwidth p
+        "\ufb01le_id",  # the fi ligature
+        "conver\u017fation",
+        "typ\u1d49",  # modifier small e: a typed id's "type"
+    ],
+)
+@pytest.mark.parametrize("escaped", [False, True], ids=["utf8", "escaped"])
+def test_a_key_in_letters_that_fold_to_a_field_name_is_refused(key, escaped):
+    raw = json.dumps({"model": "m", "input": [{key: "resp_1", "id": "file-1"}]}, ensure_ascii=escaped)
+    for path in ("/openai/v1/responses", "/openai/v1/chat/completions", "/openai/v1/images/edits"):
+        with pytest.raises(BadRequest, match="letters other than ASCII") as refused:
+            classify("POST", path, raw.encode(), JSON, isolating=True)
+        assert refused.value.status == 400 and refused.value.code == "invalid_field_name"
+
+
+def test_a_body_in_other_scripts_is_read_as_before():
+    chat = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Grüße, 你好, \u017f, \u212a"}],
+        "ид": 1,
+        "\u017fize": 2,
+    }
+    for escaped in (False, True):
+        raw = json.dumps(chat, ensure_ascii=escaped).encode()
+        assert classify("POST", "/openai/v1/chat/completions", raw, JSON, isolating=True) is None
+    part = {"type": "\ufb01le", "file": {"file_id": "file-1"}}  # a value is not a key: read as it is
+    named = json.dumps({"messages": [{"role": "user", "content": [part]}], "note": "é"}, ensure_ascii=False)
+    assert ids(classify("POST", "/openai/v1/chat/completions", named.encode(), JSON)) == {("file-1", "file")}
+    typed = json.dumps({"data_source": {"source": {"type": "\ufb01le_id", "id": "file-2"}}}, ensure_ascii=False)
+    run = classify("POST", "/openai/v1/evals/eval_1/runs", typed.encode(), JSON, isolating=True)
+    assert ids(run) == {("eval_1", "eval"), ("file-2", "file")}  # a typed id's type is folded like a key

@@ -12,6 +12,8 @@ backend will, or refuses it:
   the backend's router decodes what we would read as one id into a longer path;
 - a JSON body on an object-bearing route must be UTF-8 JSON (a body in UTF-16/32 is a 400, another
   content type a 415), and it is parsed whole, so a field name spelled with escapes is still read;
+- a key in letters other than ASCII that fold to a field it reads (a long s, fullwidth letters) is
+  a 400: a backend folding keys loosely would read the field, a strict one would not;
 - with several clients, a route under /openai/ that is neither stateless nor in this table, or a
   stateless route called with a method it does not list, is refused (`RouteNotIsolated`), never
   forwarded blind.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +182,10 @@ _ID_BODY = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_CHARS}}}")
 _ITEM_ID = re.compile(rf"[a-z]{{1,16}}_[A-Za-z0-9_-]{{1,{MAX_ID_CHARS}}}")  # msg_, fc_, ... (any item)
 _SEGMENT = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")
 
+# Any JSON escape: `\u0050` spells an ASCII letter of a field name, `\u017f` (a long s) a letter that
+# folds to one. With a non-ASCII byte (`names_objects`), it makes the body parsed.
+ESCAPE = b"\\u"
+
 
 def _shortest(markers: tuple[bytes, ...]) -> tuple[bytes, ...]:
     """The markers without those holding another (`file_id` finds `input_file_id` too): fewer searches."""
@@ -186,12 +193,11 @@ def _shortest(markers: tuple[bytes, ...]) -> tuple[bytes, ...]:
 
 
 # An object route's body is parsed for ids only if its lower-cased bytes hold one of these.
-MARKERS = _shortest((*(k.encode() for k in BODY_FIELDS), *(t.encode() for t in TYPED_IDS), b"\\u00"))
+MARKERS = _shortest((*(k.encode() for k in BODY_FIELDS), *(t.encode() for t in TYPED_IDS), ESCAPE))
 # A stateless route's JSON body is parsed, and read for every field of the table, when it holds one
 # of MARKERS; a hot route whose reference names objects by a few fields only is looked for those.
 _STATELESS_MARKERS: dict[str, tuple[bytes, ...] | None] = {
-    key: (*(f'"{f}"'.encode() for f in fields), b"\\u00") if fields else None
-    for key, fields in STATELESS_FIELDS.items()
+    key: (*(f'"{f}"'.encode() for f in fields), ESCAPE) if fields else None for key, fields in STATELESS_FIELDS.items()
 }
 # ... and, on a collection with `selects`, one of these (a data source that selects by filter).
 _SELECTING_MARKERS = {c.kind: (*MARKERS, *(f'"{t}"'.encode() for t in sorted(c.selects))) for c in COLLECTIONS}
@@ -203,6 +209,13 @@ _STORE_FALSE = re.compile(rb'"store"\s*:\s*false')
 
 class InvalidObjectId(BadRequest):
     code = "invalid_id"
+
+
+class FoldedFieldName(BadRequest):
+    """A key in letters that fold to a field the balancer reads (`previou\u017f_response_id`): a backend
+    that folds keys loosely reads the field, a strict one does not. Refused, so both agree: nothing is sent."""
+
+    code = "invalid_field_name"
 
 
 class UnsupportedMediaType(ProxyError):
@@ -332,9 +345,10 @@ def _markers(method: str, collection: Collection, body: bytes, content_type: str
 
 def names_objects(body: bytes, markers: tuple[bytes, ...]) -> bool:
     """Whether the body may name an object: a field name of the table in any case (a backend may
-    match keys case-insensitively), an escape that could spell one, or bytes that are no UTF-8."""
-    if b"\x00" in body or body.startswith(_BOMS):
-        return True  # UTF-16/32 hides every name from a byte search: parsed, and refused
+    match keys case-insensitively), an escape that could spell one, a non-ASCII byte (a letter
+    that folds to an ASCII one, `_keys`), or bytes that are no UTF-8."""
+    if not body.isascii() or b"\x00" in body:
+        return True  # UTF-16/32 and BOMs hide every name from a byte search: parsed, and refused
     lowered = body.lower()
     return any(marker in lowered for marker in markers)
 
@@ -363,10 +377,22 @@ def _keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     node: dict[str, Any] = {}
     for key, value in pairs:
         lowered = key.lower()
+        if not key.isascii() and (lowered in _READ_KEYS or _fold(key) in _READ_KEYS):
+            raise FoldedFieldName(
+                f"The body spells the field '{_fold(key)}' with letters other than ASCII; send it in ASCII."
+            )
         if lowered in node and lowered in _READ_KEYS:
             raise InvalidObjectId(f"The body gives '{_shown(key)}' twice in one object.")
         node[lowered] = value
     return node
+
+
+def _fold(text: str) -> str:
+    """`text` as a backend folding it loosely may read it: lower-cased (ASCII), or NFKC and casefold,
+    which map the long s (U+017F) to `s`, the Kelvin sign to `k`, fullwidth and ligatures to ASCII."""
+    if text.isascii():
+        return text.lower()
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
 
 
 def is_id(value: str, kind: str | None = None) -> bool:
@@ -441,7 +467,7 @@ def body_ids(payload: Any) -> list[ObjectId]:
     what we can't read."""
     found: list[ObjectId] = []
     for node in _objects(payload):
-        kind = TYPED_IDS.get(node["type"].lower()) if isinstance(node.get("type"), str) else None
+        kind = TYPED_IDS.get(_fold(node["type"])) if isinstance(node.get("type"), str) else None
         if kind is not None and "id" in node:
             found.extend(_ids(node["id"], kind, f"{node['type']}.id"))
         for key, value in node.items():
@@ -462,7 +488,7 @@ def _refuse_selecting(method: str, collection: Collection, payload: Any) -> None
     for node in _objects(payload):
         source = node.get(SOURCE_FIELD)
         kind = source.get("type") if isinstance(source, dict) else None
-        if isinstance(kind, str) and kind.lower() in collection.selects:
+        if isinstance(kind, str) and _fold(kind) in collection.selects:
             raise RouteNotIsolated(
                 f"'{method} {'/'.join(collection.path)}' with a data source of type '{_shown(kind)}' reads stored"
                 " objects by filter, whichever client stored them, so it is refused while several clients"
