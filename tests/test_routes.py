@@ -368,9 +368,9 @@ def test_a_body_in_other_scripts_is_read_as_before():
     for escaped in (False, True):
         raw = json.dumps(chat, ensure_ascii=escaped).encode()
         assert classify("POST", "/openai/v1/chat/completions", raw, JSON, isolating=True) is None
-    part = {"type": "\ufb01le", "file": {"file_id": "file-1"}}  # a value is not a key: read as it is
-    named = json.dumps({"messages": [{"role": "user", "content": [part]}], "note": "é"}, ensure_ascii=False)
+    part = {"type": "file", "file": {"file_id": "file-1"}}
+    named = json.dumps({"messages": [{"role": "user", "content": ["é", part]}]}, ensure_ascii=False)
     assert ids(classify("POST", "/openai/v1/chat/completions", named.encode(), JSON)) == {("file-1", "file")}
     typed = json.dumps({"data_source": {"source": {"type": "\ufb01le_id", "id": "file-2"}}}, ensure_ascii=False)
-    run = classify("POST", "/openai/v1/evals/eval_1/runs", typed.encode(), JSON, isolating=True)
-    assert ids(run) == {("eval_1", "eval"), ("file-2", "file")}  # a typed id's type is folded like a key
+    evaluated = classify("POST", "/openai/v1/evals/eval_1/runs", typed.encode(), JSON, isolating=True)
+    assert ids(evaluated) == {("eval_1", "eval"), ("file-2", "file")}  # a typed id's type is folded like a key

@@ -377,10 +377,10 @@ def _keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     node: dict[str, Any] = {}
     for key, value in pairs:
         lowered = key.lower()
-        if not key.isascii() and (lowered in _READ_KEYS or _fold(key) in _READ_KEYS):
-            raise FoldedFieldName(
-                f"The body spells the field '{_fold(key)}' with letters other than ASCII; send it in ASCII."
-            )
+        if not key.isascii():
+            field = lowered if lowered in _READ_KEYS else _fold(key)
+            if field in _READ_KEYS:
+                raise FoldedFieldName(f"The body spells the field '{field}' with letters other than ASCII.")
         if lowered in node and lowered in _READ_KEYS:
             raise InvalidObjectId(f"The body gives '{_shown(key)}' twice in one object.")
         node[lowered] = value
