@@ -57,11 +57,6 @@ def bob_http(pool) -> httpx.Client:
 
 
 # Stored chat completions -------------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="GET /openai/v1/chat/completions (the stored completions list) is read as the stateless chat route"
-    " and sent to a backend, which lists every client's stored completions",
-)
 @pytest.mark.parametrize(
     "path",
     [
@@ -143,11 +138,6 @@ SELECTING_SOURCES = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an eval run whose data source selects stored responses / stored completions by filter (no id)"
-    " reads every client's objects on the eval's backend",
-)
 @pytest.mark.parametrize("source", sorted(SELECTING_SOURCES))
 def test_bob_cannot_run_an_eval_over_the_backends_stored_responses(pool, source):
     action, body = SELECTING_SOURCES[source]
@@ -190,11 +180,6 @@ def test_bob_cannot_batch_a_continuation_of_alices_response(make_pool):
 
 
 # Stateless routes whose bodies can name stored objects ---------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="images/edits is read as stateless and its body never parsed, though its JSON form names input"
-    " images and a mask by file_id",
-)
 def test_bob_cannot_edit_alices_image_file_through_images_edits(make_pool):
     pool = make_pool(1, env=KEYS)  # one backend: it holds alice's file
     alice = pool.v1("key-a")
@@ -214,11 +199,6 @@ def test_bob_cannot_edit_alices_image_file_through_images_edits(make_pool):
     assert edited.status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a chat body is parsed only for file_id: an assistant turn's {'audio': {'id': 'audio_...'}} names a"
-    " stored audio answer of the backend (any client's), and is sent unread",
-)
 def test_bob_cannot_replay_another_clients_audio_answer_in_a_chat(pool):
     body = {
         "model": "chat",
@@ -257,11 +237,6 @@ def test_deleting_a_file_from_a_vector_store_keeps_the_stores_record(pool):
 DEFLATED_TEXT = "hello 11777717384603786643"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request body with a Content-Encoding is neither decoded nor refused: its bytes hide the chat's"
-    " file_id from the scan (deployment form), and Content-Encoding is forwarded to the backend",
-)
 def test_a_compressed_chat_naming_a_file_is_read_or_refused(pool):
     named = "file-" + "a" * 32  # no record: with several clients, a 404 and no backend call
     part = {"type": "file", "file": {"file_id": named}}
@@ -281,11 +256,6 @@ def test_a_compressed_chat_naming_a_file_is_read_or_refused(pool):
 
 
 # Methods on routes read as stateless ----------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="`stateless` ignores the method: DELETE /openai/models/{model} (Azure's delete of a fine-tuned"
-    " model, any client's) and writes to /openai/deployments/{name} (the old authoring API) are forwarded",
-)
 @pytest.mark.parametrize(
     ("method", "path"),
     [

@@ -194,7 +194,8 @@ def test_with_several_clients_a_route_outside_the_table_is_refused_naming_it(pat
     ],
 )
 def test_stateless_routes_cost_nothing_and_are_never_refused(path):
-    assert classify("POST", path, body({"model": "m", "input": "x"}), JSON, isolating=True) is None
+    method = "GET" if "/models" in path else "POST"  # models are read; the other routes are model calls
+    assert classify(method, path, body({"model": "m", "input": "x"}), JSON, isolating=True) is None
 
 
 def test_a_get_on_a_listable_collection_is_a_list():
@@ -233,3 +234,143 @@ def test_a_body_naming_an_object_that_python_cannot_build_is_a_400():
     deep = b'{"previous_response_id": "resp_1", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(BadRequest, match="not valid JSON"):
         classify("POST", "/openai/v1/responses", deep, JSON)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/openai/v1/chat/completions?limit=100"),  # the stored chat completions list
+        ("GET", "/openai/chat/completions?api-version=2025-04-01-preview"),
+        ("DELETE", "/openai/v1/chat/completions"),
+        ("GET", "/openai/deployments/chat/embeddings?api-version=1"),
+        ("DELETE", "/openai/models/gpt-4o-mini.ft-1?api-version=2024-10-21"),  # deletes a fine-tuned model
+        ("DELETE", "/openai/v1/models/ft:gpt-4o-mini:org::abc"),
+        ("PUT", "/openai/deployments/chat?api-version=2022-12-01"),  # the old authoring API
+        ("PATCH", "/openai/v1/deployments/chat"),
+        ("POST", "/openai/v1/models"),
+        ("POST", "/openai/v1/"),
+    ],
+)
+def test_with_several_clients_a_stateless_route_takes_only_its_own_methods(method, path):
+    with pytest.raises(RouteNotIsolated, match="refused while several clients share the pool") as refused:
+        classify(method, path, b"", None, isolating=True)
+    assert refused.value.status == 403 and refused.value.message.startswith(f"'{method} ")  # names the route
+    assert "ft-1" not in refused.value.message and "abc" not in refused.value.message  # by its shape, no name
+    assert classify(method, path, b"", None, isolating=False) is None  # one client: forwarded as before
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/openai/v1/models"),
+        ("HEAD", "/openai/v1/models/gpt-5"),
+        ("GET", "/openai/models/gpt-4o?api-version=2024-10-21"),
+        ("GET", "/openai/deployments?api-version=2022-12-01"),
+        ("GET", "/openai/deployments/chat?api-version=2022-12-01"),
+        ("GET", "/openai/v1/"),
+    ],
+)
+def test_reads_of_models_and_deployments_stay_stateless(method, path):
+    assert classify(method, path, b"", None, isolating=True) is None
+
+
+def run(source: dict) -> bytes:
+    return body({"name": "r", "data_source": {"type": "responses", "source": source}})
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        run({"type": "responses", "metadata": {"who": "alice"}}),
+        body({"data_source": {"type": "completions", "source": {"type": "stored_completions", "limit": 10}}}),
+        body({"data_source": {"type": "completions", "SOURCE": {"Type": "Stored_Completions"}}}),
+        b'{"data_source": {"type": "responses", "source": {"type": "re\\u0073ponses"}}}',
+    ],
+)
+def test_with_several_clients_an_eval_run_selecting_stored_objects_by_filter_is_refused(raw):
+    path = "/openai/v1/evals/eval_1/runs"
+    with pytest.raises(RouteNotIsolated, match="reads stored objects by filter"):
+        classify("POST", path, raw, JSON, isolating=True)
+    assert ids(classify("POST", path, raw, JSON, isolating=False)) == {("eval_1", "eval")}  # one client: as before
+
+
+def test_an_eval_run_over_its_own_items_or_a_file_is_read_as_before():
+    path = "/openai/v1/evals/eval_1/runs"
+    inline = run({"type": "file_content", "content": [{"item": {"q": "responses"}}]})
+    assert ids(classify("POST", path, inline, JSON, isolating=True)) == {("eval_1", "eval")}
+    from_file = run({"type": "file_id", "id": "file-1"})
+    assert ids(classify("POST", path, from_file, JSON, isolating=True)) == {("eval_1", "eval"), ("file-1", "file")}
+    twice = b'{"data_source": {"type": "responses", "source": {"type": "file_id", "id": "file-1"}, "Source": {}}}'
+    with pytest.raises(InvalidObjectId, match="twice"):
+        classify("POST", path, twice, JSON, isolating=True)
+
+
+def test_an_image_edit_names_its_images_and_mask_by_file_id():
+    edit = {"model": "m", "prompt": "p", "images": [{"file_id": "file-a"}, {"image_url": "https://x"}]}
+    edit["mask"] = {"file_id": "file-b"}
+    for path in ("/openai/v1/images/edits", "/openai/deployments/img/images/edits?api-version=1"):
+        assert ids(classify("POST", path, body(edit), JSON, isolating=True)) == {("file-a", "file"), ("file-b", "file")}
+
+
+def test_every_stateless_routes_json_body_is_read_for_the_tables_fields():
+    for route in ("images/generations", "completions", "moderations", "audio/speech"):
+        named = body({"model": "m", "input": "x", "previous_response_id": "resp_1"})
+        assert ids(classify("POST", f"/openai/v1/{route}", named, JSON, isolating=True)) == {("resp_1", "response")}
+
+
+def test_a_chat_names_a_stored_audio_answer_by_its_id():
+    turn = {"role": "assistant", "audio": {"id": "audio_abc"}}
+    chat = {"model": "m", "audio": {"voice": "alloy", "format": "wav"}, "messages": [turn]}
+    assert ids(classify("POST", "/openai/v1/chat/completions", body(chat), JSON)) == {("audio_abc", "audio")}
+    chat["messages"] = [{"role": "user", "content": "hi"}]  # the output's voice and format name nothing
+    assert classify("POST", "/openai/v1/chat/completions", body(chat), JSON, isolating=True) is None
+    with pytest.raises(InvalidObjectId):
+        classify("POST", "/openai/v1/chat/completions", body({"messages": [{"audio": {"id": "x/y"}}]}), JSON)
+
+
+def test_hot_bodies_without_an_id_field_are_not_parsed(monkeypatch):
+    def parsed(*args):
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr("lb.objects.routes.parse_body", parsed)
+    tools = {"messages": [{"role": "tool", "tool_call_id": "call_1", "content": "a file, some audio"}]}
+    assert classify("POST", "/openai/v1/chat/completions", body(tools), JSON, isolating=True) is None
+    embed = {"input": ["file_id", "previous_response_id", "\\u00e9"]}  # embeddings name nothing: never read
+    assert classify("POST", "/openai/v1/embeddings", body(embed), JSON, isolating=True) is None
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "previou\u017f_response_id",  # long s
+        "\uff50revious_response_id",  # fullwidth p
+        "\ufb01le_id",  # the fi ligature
+        "conver\u017fation",
+        "typ\u1d49",  # modifier small e: a typed id's "type"
+    ],
+)
+@pytest.mark.parametrize("escaped", [False, True], ids=["utf8", "escaped"])
+def test_a_key_in_letters_that_fold_to_a_field_name_is_refused(key, escaped):
+    raw = json.dumps({"model": "m", "input": [{key: "resp_1", "id": "file-1"}]}, ensure_ascii=escaped)
+    for path in ("/openai/v1/responses", "/openai/v1/chat/completions", "/openai/v1/images/edits"):
+        with pytest.raises(BadRequest, match="letters other than ASCII") as refused:
+            classify("POST", path, raw.encode(), JSON, isolating=True)
+        assert refused.value.status == 400 and refused.value.code == "invalid_field_name"
+
+
+def test_a_body_in_other_scripts_is_read_as_before():
+    chat = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Grüße, 你好, \u017f, \u212a"}],
+        "ид": 1,
+        "\u017fize": 2,
+    }
+    for escaped in (False, True):
+        raw = json.dumps(chat, ensure_ascii=escaped).encode()
+        assert classify("POST", "/openai/v1/chat/completions", raw, JSON, isolating=True) is None
+    part = {"type": "file", "file": {"file_id": "file-1"}}
+    named = json.dumps({"messages": [{"role": "user", "content": ["é", part]}]}, ensure_ascii=False)
+    assert ids(classify("POST", "/openai/v1/chat/completions", named.encode(), JSON)) == {("file-1", "file")}
+    typed = json.dumps({"data_source": {"source": {"type": "\ufb01le_id", "id": "file-2"}}}, ensure_ascii=False)
+    evaluated = classify("POST", "/openai/v1/evals/eval_1/runs", typed.encode(), JSON, isolating=True)
+    assert ids(evaluated) == {("eval_1", "eval"), ("file-2", "file")}  # a typed id's type is folded like a key

@@ -12,14 +12,18 @@ backend will, or refuses it:
   the backend's router decodes what we would read as one id into a longer path;
 - a JSON body on an object-bearing route must be UTF-8 JSON (a body in UTF-16/32 is a 400, another
   content type a 415), and it is parsed whole, so a field name spelled with escapes is still read;
-- with several clients, a route under /openai/ that is neither stateless nor in this table is
-  refused (`RouteNotIsolated`), never forwarded blind.
+- a key in letters other than ASCII that fold to a field it reads (a long s, fullwidth letters) is
+  a 400: a backend folding keys loosely would read the field, a strict one would not;
+- with several clients, a route under /openai/ that is neither stateless nor in this table, or a
+  stateless route called with a method it does not list, is refused (`RouteNotIsolated`), never
+  forwarded blind.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +43,7 @@ class Collection:
     lists: bool = False
     words: frozenset[str] = frozenset()
     multipart: bool = False  # its create takes multipart/form-data (an upload), not JSON
+    selects: frozenset[str] = frozenset()  # `source` types in its bodies that select stored objects by filter
 
 
 COLLECTIONS: tuple[Collection, ...] = (
@@ -82,7 +87,16 @@ COLLECTIONS: tuple[Collection, ...] = (
         multipart=True,
     ),
     Collection(("uploads",), "upload", ("upload_",), "Uploads: create, parts, complete, cancel", multipart=True),
-    Collection(("evals",), "eval", ("eval_",), "Evals: create, list, get, update, delete, runs", lists=True),
+    Collection(
+        ("evals",),
+        "eval",
+        ("eval_",),
+        "Evals: create, list, get, update, delete, runs",
+        lists=True,
+        # runs' data_source.source: {"type": "responses", "metadata"/"model"/"created_after"...} reads the
+        # resource's stored responses, {"type": "stored_completions", ...} its stored chat completions
+        selects=frozenset({"responses", "stored_completions"}),
+    ),
     Collection(("assistants",), "assistant", ("asst_",), "Assistants: create, list, get, modify, delete", lists=True),
     Collection(("threads",), "thread", ("thread_",), "Threads: create, get, messages, runs", words=frozenset({"runs"})),
 )
@@ -107,47 +121,101 @@ BODY_FIELDS: dict[str, str] = {
     "thread_id": "thread",
     "container": "container",  # Responses code_interpreter tool: "cntr_..." (or {"type": "auto", ...})
     "container_id": "container",
+    "audio": "audio",  # chat: an assistant turn's {"audio": {"id": "audio_..."}}, a stored audio answer
 }
+# Fields whose value may be {"id": ...} (a container also {"type": "auto", ...}, chat's audio also
+# the output's {"voice": ..., "format": ...}): an object without "id" names nothing.
+_ID_OBJECTS = frozenset({"conversation", "container", "audio"})
 # Objects named by {"type": T, "id": ...} rather than by a field name.
 TYPED_IDS: dict[str, str] = {
     "file_id": "file",  # evals' data sources: {"type": "file_id", "id": "file-..."}
     "reasoning": "reasoning",  # Responses input: a reasoning item, decrypted only where it was made
     "item_reference": "item",  # Responses input: an item stored with a response
 }
+# The body field whose {"type": T} value is a data source; with one of its collection's `selects`
+# types it names no id but reads whichever stored objects match its filter, any client's.
+SOURCE_FIELD = "source"
 ID_PREFIXES: dict[str, str] = {
     "rs_": "reasoning",
+    "audio_": "audio",  # chat completions' audio answers, kept by the resource that made them
     **{p: c.kind for c in COLLECTIONS for p in c.prefixes},
 }
-# Stateless routes: name no object and create none (after /openai/v1/ or /openai/deployments/{d}/).
-STATELESS: frozenset[str] = frozenset(
-    {
-        "chat/completions",
-        "completions",
-        "embeddings",
-        "images/generations",
-        "images/edits",
-        "images/variations",
-        "audio/transcriptions",
-        "audio/translations",
-        "audio/speech",
-        "moderations",
-        "models",
-        "extensions/chat/completions",
-    }
-)
+# Stateless routes: name no object in their path and create none (after /openai/v1/ or
+# /openai/deployments/{d}/), each with the methods that are model calls (POST) or reads of the
+# pool's models and deployments (GET, HEAD). Another method on the same path is another operation:
+# GET chat/completions lists the resource's stored completions (every client's), DELETE
+# models/{model} deletes a fine-tuned model, PUT / DELETE deployments/{deployment} is the old
+# authoring API. With several clients those are refused (`RouteNotIsolated`), never forwarded.
+INFERENCE = frozenset({"POST"})
+READ = frozenset({"GET", "HEAD"})
+STATELESS: dict[str, frozenset[str]] = {
+    "chat/completions": INFERENCE,
+    "completions": INFERENCE,
+    "embeddings": INFERENCE,
+    "images/generations": INFERENCE,
+    "images/edits": INFERENCE,
+    "images/variations": INFERENCE,
+    "audio/transcriptions": INFERENCE,
+    "audio/translations": INFERENCE,
+    "audio/speech": INFERENCE,
+    "moderations": INFERENCE,
+    "extensions/chat/completions": INFERENCE,
+    "models": READ,
+    "models/{model}": READ,
+    "deployments": READ,
+    "deployments/{deployment}": READ,
+    "": READ,  # /openai/v1/ itself
+}
+_NAMED = {"models": "models/{model}", "deployments": "deployments/{deployment}"}
+# The body fields by which the reference lets these stateless routes' JSON bodies name a stored
+# object; any other stateless route's body is searched for every field of the table. Chat: a file
+# part ({"type": "file", "file": {"file_id": ...}}) and an assistant turn's stored audio answer
+# ({"role": "assistant", "audio": {"id": "audio_..."}}), so the chat hot path looks for two names.
+# Embeddings take text or tokens and name nothing: never searched (their bodies are the largest).
+STATELESS_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat/completions": ("file_id", "audio"),
+    "extensions/chat/completions": ("file_id", "audio"),
+    "embeddings": (),
+}
 MAX_ID_CHARS = 128
 _ID_BODY = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_CHARS}}}")
 _ITEM_ID = re.compile(rf"[a-z]{{1,16}}_[A-Za-z0-9_-]{{1,{MAX_ID_CHARS}}}")  # msg_, fc_, ... (any item)
 _SEGMENT = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_CHARS}}}")
-CHAT_MARKERS = (b"file_id", b"\\u00")  # a chat body names a file only if one of these is in its bytes
+
+# Any JSON escape: `\u0050` spells an ASCII letter of a field name, `\u017f` (a long s) a letter that
+# folds to one. With a non-ASCII byte (`names_objects`), it makes the body parsed.
+ESCAPE = b"\\u"
+
+
+def _shortest(markers: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """The markers without those holding another (`file_id` finds `input_file_id` too): fewer searches."""
+    return tuple(m for m in dict.fromkeys(markers) if not any(o != m and o in m for o in markers))
+
+
 # An object route's body is parsed for ids only if its lower-cased bytes hold one of these.
-MARKERS = (*(k.encode() for k in BODY_FIELDS), *(t.encode() for t in TYPED_IDS), b"\\u00")
+MARKERS = _shortest((*(k.encode() for k in BODY_FIELDS), *(t.encode() for t in TYPED_IDS), ESCAPE))
+# A stateless route's JSON body is parsed, and read for every field of the table, when it holds one
+# of MARKERS; a hot route whose reference names objects by a few fields only is looked for those.
+_STATELESS_MARKERS: dict[str, tuple[bytes, ...] | None] = {
+    key: (*(f'"{f}"'.encode() for f in fields), ESCAPE) if fields else None for key, fields in STATELESS_FIELDS.items()
+}
+# ... and, on a collection with `selects`, one of these (a data source that selects by filter).
+_SELECTING_MARKERS = {c.kind: (*MARKERS, *(f'"{t}"'.encode() for t in sorted(c.selects))) for c in COLLECTIONS}
+# Keys the balancer reads: one given twice in one object is refused (parsers differ on which counts).
+_READ_KEYS = frozenset({*BODY_FIELDS, "id", "type", SOURCE_FIELD})
 _BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
 _STORE_FALSE = re.compile(rb'"store"\s*:\s*false')
 
 
 class InvalidObjectId(BadRequest):
     code = "invalid_id"
+
+
+class FoldedFieldName(BadRequest):
+    """A key in letters that fold to a field the balancer reads (`previou\u017f_response_id`): a backend
+    that folds keys loosely reads the field, a strict one does not. Refused, so both agree: nothing is sent."""
+
+    code = "invalid_field_name"
 
 
 class UnsupportedMediaType(ProxyError):
@@ -200,14 +268,21 @@ def classify(
     already (a large body, in slices); None: scanned here."""
     collection, rest, name = route(raw_path)
     if collection is None:
-        if not stateless(raw_path):
-            if isolating:
+        free = stateless(raw_path)
+        if free is None or method not in STATELESS[free[1]]:
+            if not isolating:
+                return None
+            if free is None:
                 raise RouteNotIsolated(
                     f"'{method} {name}' can name stored objects this load balancer does not keep apart"
                     " per client, so it is refused while several clients share the pool."
                 )
-            return None
-        markers = _markers(method, None, raw_path, body, content_type)
+            raise RouteNotIsolated(
+                f"'{method} {free[0] or 'v1'}' is neither a model call nor a read of models and deployments: it"
+                " can list, change or delete what other clients stored or use, so it is refused while"
+                f" several clients share the pool (this route takes {' or '.join(sorted(STATELESS[free[1]]))})."
+            )
+        markers = _stateless_markers(method, free[1], body, content_type)
         if markers is None or not (names_objects(body, markers) if named is None else named):
             return None
         ids = body_ids(parse_body(body, content_type))
@@ -217,11 +292,14 @@ def classify(
     ids, creates = path_ids(method, collection, rest)
     if method == "GET" and not rest and collection.lists:
         return ObjectCall(collection, (), creates=False, deletes=False, lists=True)
-    markers = _markers(method, collection, raw_path, body, content_type)
+    markers = _markers(method, collection, body, content_type)
     if markers is not None:
         check_encoding(body, content_type)
         if names_objects(body, markers) if named is None else named:
-            ids += body_ids(parse_body(body, content_type))
+            payload = parse_body(body, content_type)
+            if isolating and collection.selects:
+                _refuse_selecting(method, collection, payload)
+            ids += body_ids(payload)
     responses = collection.kind == "response" and creates
     if responses and b'"store"' in body and _STORE_FALSE.search(body) is not None:
         creates = False  # nothing is kept, so nothing is recorded
@@ -247,27 +325,38 @@ def classify(
 def body_markers(method: str, raw_path: str, body: bytes, content_type: str | None) -> tuple[bytes, ...] | None:
     """What to look for in the body's (lower-cased) bytes before parsing it for ids; None when the
     body is never read: no body, an upload's multipart, a route whose body names no object."""
-    return _markers(method, route(raw_path)[0], raw_path, body, content_type)
+    collection = route(raw_path)[0]
+    if collection is not None:
+        return _markers(method, collection, body, content_type)
+    free = stateless(raw_path)
+    return _stateless_markers(method, free[1], body, content_type) if free is not None else None
 
 
-def _markers(
-    method: str, collection: Collection | None, raw_path: str, body: bytes, content_type: str | None
-) -> tuple[bytes, ...] | None:
+def _stateless_markers(method: str, key: str, body: bytes, content_type: str | None) -> tuple[bytes, ...] | None:
+    """`body_markers` of a stateless route (its key in STATELESS): only a JSON body of its own method
+    is read (a multipart upload's form fields are not JSON)."""
+    if not body or method not in STATELESS[key]:
+        return None
+    if (content_type or "").lower().startswith("multipart/form-data"):
+        return None
+    return _STATELESS_MARKERS.get(key, MARKERS)
+
+
+def _markers(method: str, collection: Collection, body: bytes, content_type: str | None) -> tuple[bytes, ...] | None:
     """`body_markers` for a path whose collection is already known (`route` is not run twice)."""
     if not body or method not in ("POST", "PUT", "PATCH"):
         return None
-    if collection is None:
-        return CHAT_MARKERS if raw_path.split("?", 1)[0].lower().endswith("/chat/completions") else None
     if collection.multipart and (content_type or "").lower().startswith("multipart/form-data"):
         return None
-    return MARKERS
+    return _SELECTING_MARKERS[collection.kind] if collection.selects else MARKERS
 
 
 def names_objects(body: bytes, markers: tuple[bytes, ...]) -> bool:
     """Whether the body may name an object: a field name of the table in any case (a backend may
-    match keys case-insensitively), an escape that could spell one, or bytes that are no UTF-8."""
-    if b"\x00" in body or body.startswith(_BOMS):
-        return True  # UTF-16/32 hides every name from a byte search: parsed, and refused
+    match keys case-insensitively), an escape that could spell one, a non-ASCII byte (a letter
+    that folds to an ASCII one, `_keys`), or bytes that are no UTF-8."""
+    if not body.isascii() or b"\x00" in body:
+        return True  # UTF-16/32 and BOMs hide every name from a byte search: parsed, and refused
     lowered = body.lower()
     return any(marker in lowered for marker in markers)
 
@@ -296,10 +385,22 @@ def _keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     node: dict[str, Any] = {}
     for key, value in pairs:
         lowered = key.lower()
-        if lowered in node and (lowered in BODY_FIELDS or lowered in ("id", "type")):
+        if not key.isascii():
+            field = lowered if lowered in _READ_KEYS else _fold(key)
+            if field in _READ_KEYS:
+                raise FoldedFieldName(f"The body spells the field '{field}' with letters other than ASCII.")
+        if lowered in node and lowered in _READ_KEYS:
             raise InvalidObjectId(f"The body gives '{_shown(key)}' twice in one object.")
         node[lowered] = value
     return node
+
+
+def _fold(text: str) -> str:
+    """`text` as a backend folding it loosely may read it: lower-cased (ASCII), or NFKC and casefold,
+    which map the long s (U+017F) to `s`, the Kelvin sign to `k`, fullwidth and ligatures to ASCII."""
+    if text.isascii():
+        return text.lower()
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
 
 
 def is_id(value: str, kind: str | None = None) -> bool:
@@ -333,20 +434,21 @@ def route(raw_path: str) -> tuple[Collection | None, list[str], str]:
     return None, segments, "/".join(lowered)
 
 
-def stateless(raw_path: str) -> bool:
-    """A route that names no object: a model call under /openai/deployments/{d}/ or /openai/v1/."""
+def stateless(raw_path: str) -> tuple[str, str] | None:
+    """(the route's shape, its key in STATELESS) for a route that names no object in its path: a
+    model call under /openai/deployments/{d}/ or /openai/v1/, or a read of models and deployments;
+    None for any other route."""
     segments = raw_path.split("?", 1)[0].split("/")[2:]
     if len(segments) >= 2 and segments[0] == "deployments":
         rest = "/".join(segments[2:]).lower()
-        return rest in STATELESS or not rest
+        key = rest or "deployments/{deployment}"
+        return (f"deployments/{{deployment}}/{rest}" if rest else key, key) if key in STATELESS else None
     if segments and segments[0].lower() == "v1":
         segments = segments[1:]
     rest = "/".join(segments).lower()
-    return (
-        rest in STATELESS
-        or rest in ("", "deployments")
-        or (len(segments) == 2 and segments[0].lower() in ("models", "deployments"))  # a model's or deployment's name
-    )
+    if len(segments) == 2 and segments[0].lower() in _NAMED:  # a model's or deployment's name
+        rest = _NAMED[segments[0].lower()]
+    return (rest, rest) if rest in STATELESS else None
 
 
 def path_ids(method: str, collection: Collection, rest: list[str]) -> tuple[list[ObjectId], bool]:
@@ -373,19 +475,33 @@ def body_ids(payload: Any) -> list[ObjectId]:
     what we can't read."""
     found: list[ObjectId] = []
     for node in _objects(payload):
-        kind = TYPED_IDS.get(node["type"].lower()) if isinstance(node.get("type"), str) else None
+        kind = TYPED_IDS.get(_fold(node["type"])) if isinstance(node.get("type"), str) else None
         if kind is not None and "id" in node:
             found.extend(_ids(node["id"], kind, f"{node['type']}.id"))
         for key, value in node.items():
             field_kind = BODY_FIELDS.get(key)
             if field_kind is None or value is None:
                 continue
-            if isinstance(value, dict) and key in ("conversation", "container"):
-                value = value.get("id")  # {"id": ...}; a container may also be {"type": "auto", ...}
+            if isinstance(value, dict) and key in _ID_OBJECTS:
+                value = value.get("id")
                 if value is None:
                     continue
             found.extend(_ids(value, field_kind, key))
     return found
+
+
+def _refuse_selecting(method: str, collection: Collection, payload: Any) -> None:
+    """With several clients, a data source that selects stored objects by filter is refused: it names
+    no id the balancer could check, and the backend reads every client's objects that match."""
+    for node in _objects(payload):
+        source = node.get(SOURCE_FIELD)
+        kind = source.get("type") if isinstance(source, dict) else None
+        if isinstance(kind, str) and _fold(kind) in collection.selects:
+            raise RouteNotIsolated(
+                f"'{method} {'/'.join(collection.path)}' with a data source of type '{_shown(kind)}' reads stored"
+                " objects by filter, whichever client stored them, so it is refused while several clients"
+                " share the pool; send the items in the run (file_content) or in a file (file_id) instead."
+            )
 
 
 def _ids(value: Any, kind: str, field: str) -> list[ObjectId]:
