@@ -7,6 +7,7 @@ batch input file's lines are read by the rules of a direct call, and what can't 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
@@ -31,7 +32,7 @@ def pool(make_pool):
 
 def plant(pool, object_id: str, kind: str, owner: str) -> None:
     record = ObjectRecord("1", f"key:{owner}", kind, time.time() + 3600)
-    pool.proxy.objects.records._keep(object_id, record)
+    asyncio.run(pool.proxy.objects.records.create(object_id, record))
 
 
 def bob_http(pool) -> httpx.Client:
