@@ -374,3 +374,25 @@ def test_a_body_in_other_scripts_is_read_as_before():
     typed = json.dumps({"data_source": {"source": {"type": "\ufb01le_id", "id": "file-2"}}}, ensure_ascii=False)
     evaluated = classify("POST", "/openai/v1/evals/eval_1/runs", typed.encode(), JSON, isolating=True)
     assert ids(evaluated) == {("eval_1", "eval"), ("file-2", "file")}  # a typed id's type is folded like a key
+
+
+@pytest.mark.parametrize(
+    "schema_at",
+    [
+        lambda s: {"tools": [{"type": "function", "function": {"name": "open", "parameters": s}}]},
+        lambda s: {"tools": [{"type": "function", "name": "open", "parameters": s}]},
+        lambda s: {"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": s}}},
+        lambda s: {"text": {"format": {"type": "json_schema", "name": "r", "schema": s}}},
+    ],
+)
+def test_a_json_schema_with_a_property_named_file_id_is_a_schema_not_an_id(schema_at):
+    """A function tool or structured output describing a `file_id` argument names no object: the call
+    is routed as any other, and an id the caller really names beside it is still read."""
+    schema = {"type": "object", "properties": {"file_id": {"type": "string"}, "vector_store_ids": {"type": "array"}}}
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], **schema_at(schema)}
+    for path in ("/openai/v1/chat/completions", "/openai/v1/responses"):
+        call = classify("POST", path, json.dumps(body).encode(), "application/json", True)
+        assert call is None or not call.ids
+    body["messages"][0]["content"] = [{"type": "file", "file": {"file_id": "file-abc123"}}]
+    call = classify("POST", "/openai/v1/chat/completions", json.dumps(body).encode(), "application/json", True)
+    assert call is not None and [i.value for i in call.ids] == ["file-abc123"]

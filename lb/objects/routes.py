@@ -515,15 +515,24 @@ def _ids(value: Any, kind: str, field: str) -> list[ObjectId]:
     return found
 
 
+# JSON Schemas a body carries (a function tool's `parameters`, a structured output's `schema`, an
+# eval's `item_schema`): the backend validates against them and never looks an object up from them,
+# so a property named `file_id` there is a name, not an id (and is not refused as a malformed one).
+_SCHEMA_KEYS = frozenset({"parameters", "schema", "item_schema"})
+
+
 def _objects(payload: Any) -> list[dict[str, Any]]:
-    """Every JSON object in the payload, at any depth (without recursion: depth is the client's)."""
+    """Every JSON object in the payload, at any depth (without recursion: depth is the client's),
+    JSON Schemas excepted."""
     found: list[dict[str, Any]] = []
     stack = [payload]
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
             found.append(node)
-            stack.extend(v for v in node.values() if isinstance(v, dict | list))
+            stack.extend(
+                v for k, v in node.items() if isinstance(v, list) or (isinstance(v, dict) and k not in _SCHEMA_KEYS)
+            )
         elif isinstance(node, list):
             stack.extend(v for v in node if isinstance(v, dict | list))
     return found
