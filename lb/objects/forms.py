@@ -183,7 +183,7 @@ def _part(body: bytes, start: int, end: int) -> Part:
         key, _, value = line.partition(":")
         key = key.strip().lower()
         if key in headers:
-            raise MalformedForm(f"A multipart part gives the header '{routes._shown(key)}' twice.")
+            raise MalformedForm(f"A multipart part gives the header '{routes.shown(key)}' twice.")
         headers[key] = value.strip()
     encoding = headers.get("content-transfer-encoding")
     if encoding is not None and encoding.lower() not in ("7bit", "8bit", "binary"):
@@ -210,14 +210,14 @@ def _disposition(value: str | None) -> tuple[str, bool]:
             raise MalformedForm("A multipart part's Content-Disposition can't be read.")
         key = param.group(1).lower()
         if key in params:
-            raise MalformedForm(f"A multipart part's Content-Disposition gives '{routes._shown(key)}' twice.")
+            raise MalformedForm(f"A multipart part's Content-Disposition gives '{routes.shown(key)}' twice.")
         params[key] = param.group(2) if param.group(2) is not None else param.group(3)
         position = param.end()
     name = params.get("name")
     if name is None or "name*" in params:
         raise MalformedForm('A multipart part\'s field name must be given as name="..." (not name*=).')
     if "\\" in name or not name.isascii() or not name.isprintable():
-        raise MalformedForm(f"The multipart field name '{routes._shown(name)}' must be printable ASCII, unescaped.")
+        raise MalformedForm(f"The multipart field name '{routes.shown(name)}' must be printable ASCII, unescaped.")
     return name, "filename" in params or "filename*" in params
 
 
@@ -229,7 +229,7 @@ def fields(body: bytes, parts: list[Part]) -> dict[str, Any]:
     payload: dict[str, Any] = {}
     for part in parts:
         if not _NAME.fullmatch(part.name):
-            raise MalformedForm(f"The multipart field name '{routes._shown(part.name)}' has unbalanced brackets.")
+            raise MalformedForm(f"The multipart field name '{routes.shown(part.name)}' has unbalanced brackets.")
         segments = [s.lower() for s in _SEGMENTS.split(part.name) if s]
         value: Any
         if _READ_ANYWAY.intersection(segments):
@@ -242,13 +242,13 @@ def fields(body: bytes, parts: list[Part]) -> dict[str, Any]:
         for segment in segments[:-1]:
             child = node.setdefault(segment, {})
             if not isinstance(child, dict):
-                raise MalformedForm(f"The multipart field '{routes._shown(part.name)}' is both a value and a group.")
+                raise MalformedForm(f"The multipart field '{routes.shown(part.name)}' is both a value and a group.")
             node = child
         leaf = segments[-1]
         if leaf not in node:
             node[leaf] = value
         elif isinstance(node[leaf], dict) or leaf in ("id", "type"):
-            raise MalformedForm(f"The multipart field '{routes._shown(part.name)}' is given twice.")
+            raise MalformedForm(f"The multipart field '{routes.shown(part.name)}' is given twice.")
         else:
             node[leaf] = [*node[leaf], value] if isinstance(node[leaf], list) else [node[leaf], value]
     return payload
@@ -262,18 +262,18 @@ def _json_value(body: bytes, part: Part) -> Any:
     if not routes.names_objects(raw, routes.MARKERS):
         return None
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=routes._keys)
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=routes.keyed)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None  # not JSON: a string, read by the backend as one
 
 
 def _text(body: bytes, part: Part) -> str:
     if part.charset is not None and part.charset not in _TEXT_CHARSETS:
-        raise MalformedForm(f"The multipart field '{routes._shown(part.name)}' must be UTF-8.")
+        raise MalformedForm(f"The multipart field '{routes.shown(part.name)}' must be UTF-8.")
     try:
         return body[part.start : part.end].decode("utf-8")
     except UnicodeDecodeError:
-        raise MalformedForm(f"The multipart field '{routes._shown(part.name)}' must be UTF-8.") from None
+        raise MalformedForm(f"The multipart field '{routes.shown(part.name)}' must be UTF-8.") from None
 
 
 def _is_batch(payload: dict[str, Any]) -> bool:
@@ -410,7 +410,7 @@ def line_ids(
 
 
 def _line_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """`routes._keys` (lower-cased, an id field given twice refused), and a line's url, method or body
+    """`routes.keyed` (lower-cased, an id field given twice refused), and a line's url, method or body
     given twice (in any case), at any depth (json.loads calls it for every object of the line)."""
     seen = set()
     for key, _ in pairs:
@@ -418,4 +418,4 @@ def _line_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         if lowered in ("url", "method", "body") and lowered in seen:
             raise BadRequest(f"it gives '{lowered}' twice.")
         seen.add(lowered)
-    return routes._keys(pairs)
+    return routes.keyed(pairs)

@@ -354,7 +354,7 @@ def _markers(method: str, collection: Collection, body: bytes, content_type: str
 def names_objects(body: bytes, markers: tuple[bytes, ...]) -> bool:
     """Whether the body may name an object: a field name of the table in any case (a backend may
     match keys case-insensitively), an escape that could spell one, a non-ASCII byte (a letter
-    that folds to an ASCII one, `_keys`), or bytes that are no UTF-8."""
+    that folds to an ASCII one, `keyed`), or bytes that are no UTF-8."""
     if not body.isascii() or b"\x00" in body:
         return True  # UTF-16/32 and BOMs hide every name from a byte search: parsed, and refused
     lowered = body.lower()
@@ -374,14 +374,16 @@ def parse_body(body: bytes, content_type: str | None) -> Any:
     id field given twice in one object refused (parsers differ on which one counts)."""
     check_encoding(body, content_type)
     try:
-        return json.loads(body.decode("utf-8"), object_pairs_hook=_keys)
+        return json.loads(body.decode("utf-8"), object_pairs_hook=keyed)
     except UnicodeDecodeError:
         raise BadRequest("The request body must be UTF-8 JSON.") from None
     except (ValueError, RecursionError):
         raise BadRequest("The request body is not valid JSON.") from None
 
 
-def _keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def keyed(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as the balancer reads it (`object_pairs_hook`): keys lower-cased, a key that
+    folds to a field it reads refused, an id field given twice refused."""
     node: dict[str, Any] = {}
     for key, value in pairs:
         lowered = key.lower()
@@ -390,7 +392,7 @@ def _keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             if field in _READ_KEYS:
                 raise FoldedFieldName(f"The body spells the field '{field}' with letters other than ASCII.")
         if lowered in node and lowered in _READ_KEYS:
-            raise InvalidObjectId(f"The body gives '{_shown(key)}' twice in one object.")
+            raise InvalidObjectId(f"The body gives '{shown(key)}' twice in one object.")
         node[lowered] = value
     return node
 
@@ -457,13 +459,13 @@ def path_ids(method: str, collection: Collection, rest: list[str]) -> tuple[list
     Every later segment is a sub-resource word or a child's id: checked for shape, never looked up."""
     for segment in rest:
         if not _SEGMENT.fullmatch(segment) or segment in (".", ".."):
-            raise InvalidObjectId(f"The path segment '{_shown(segment)}' is not an id or a route Azure OpenAI serves.")
+            raise InvalidObjectId(f"The path segment '{shown(segment)}' is not an id or a route Azure OpenAI serves.")
     if not rest or rest[0] in collection.words:
         return [], method == "POST"
     first = rest[0]
     if not is_id(first, collection.kind):
         raise InvalidObjectId(
-            f"'{_shown(first)}' is not a {collection.kind.replace('_', ' ')} id (expected "
+            f"'{shown(first)}' is not a {collection.kind.replace('_', ' ')} id (expected "
             f"{' or '.join(repr(p + '...') for p in collection.prefixes)})."
         )
     return [ObjectId(first, collection.kind, None)], False
@@ -498,7 +500,7 @@ def _refuse_selecting(method: str, collection: Collection, payload: Any) -> None
         kind = source.get("type") if isinstance(source, dict) else None
         if isinstance(kind, str) and _fold(kind) in collection.selects:
             raise RouteNotIsolated(
-                f"'{method} {'/'.join(collection.path)}' with a data source of type '{_shown(kind)}' reads stored"
+                f"'{method} {'/'.join(collection.path)}' with a data source of type '{shown(kind)}' reads stored"
                 " objects by filter, whichever client stored them, so it is refused while several clients"
                 " share the pool; send the items in the run (file_content) or in a file (file_id) instead."
             )
@@ -510,7 +512,7 @@ def _ids(value: Any, kind: str, field: str) -> list[ObjectId]:
     for item in items:
         shaped = isinstance(item, str) and (is_id(item) if kind != "item" else _ITEM_ID.fullmatch(item) is not None)
         if not shaped:
-            raise InvalidObjectId(f"'{field}' holds '{_shown(item)}', which is not an id Azure OpenAI issues.")
+            raise InvalidObjectId(f"'{field}' holds '{shown(item)}', which is not an id Azure OpenAI issues.")
         found.append(ObjectId(item, kind_of(item, kind), field))
     return found
 
@@ -538,7 +540,7 @@ def _objects(payload: Any) -> list[dict[str, Any]]:
     return found
 
 
-def _shown(value: object) -> str:
+def shown(value: object) -> str:
     """A client's value, short and printable, for an error message."""
     text = value if isinstance(value, str) else repr(value)
     text = "".join(c if c.isprintable() and c.isascii() else "?" for c in text)
