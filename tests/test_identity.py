@@ -107,8 +107,9 @@ def test_status_needs_an_operator_key_and_anyone_else_gets_a_403_in_azures_shape
 def test_usage_shows_a_client_its_own_counts_and_limit_and_an_operator_everyones(make_pool):
     pool = make_pool(1, env={**KEYS, "LB_CLIENT_LIMITS": "app=1000rpm,batch=1000rpm"})
     for key, calls in (("k-app", 2), ("k-batch", 3), ("k-ops", 1)):
+        client = v1(pool.url, key)
         for _ in range(calls):
-            chat(v1(pool.url, key))
+            chat(client)
     own = get(pool.url + "/lb/usage", "k-app")
     assert own.status_code == 200
     report = own.json()
