@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -29,13 +28,11 @@ import openai
 
 from lb.sim import Servers, SimBackend, free_port
 from tests.azurite import Azurite
+from tests.conftest import TLS, SdkHttp
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = 24  # (alice, bob) key pairs configured: one per test that asks for one
 START_SECONDS = 30.0
-# Each client would otherwise load the CA bundle into a TLS context of its own (tens of ms of CPU, a few
-# hundred times a module); these clients only speak plain HTTP to 127.0.0.1, so one context serves all.
-TLS = ssl.create_default_context()
 
 
 @dataclass
@@ -49,7 +46,7 @@ class Client:
         """This client's SDK on `instance`: one per instance, reused (connections too) across its calls."""
         if instance not in self._sdks:
             url = self.urls[instance] + "/openai/v1"
-            http = openai.DefaultHttpxClient(verify=TLS)
+            http = SdkHttp()
             self._sdks[instance] = openai.OpenAI(
                 base_url=url, api_key=self.key, max_retries=0, timeout=20, http_client=http
             )
@@ -124,17 +121,18 @@ def start_pool(servers: Servers, azurite: Azurite) -> tuple[Pool, list[subproces
         logs.append(log)
     pool = Pool(sims, urls, logs)
     deadline = time.monotonic() + START_SECONDS
-    for process, url in zip(processes, urls, strict=True):
-        while True:
-            try:
-                if httpx.get(url + "/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop(processes)
-                raise AssertionError(f"lb serve did not start:\n{pool.log_tail()}")
-            time.sleep(0.05)
+    with httpx.Client(verify=TLS) as http:  # one client for every poll
+        for process, url in zip(processes, urls, strict=True):
+            while True:
+                try:
+                    if http.get(url + "/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    stop(processes)
+                    raise AssertionError(f"lb serve did not start:\n{pool.log_tail()}")
+                time.sleep(0.05)
     return pool, processes
 
 
