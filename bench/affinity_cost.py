@@ -25,25 +25,31 @@ BODY = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_toke
 HEADERS = {"api-key": "bench-client-key", "content-type": "application/json"}
 
 
-def measure(calls: int, backends: int, blocks: int = 8, base: str | None = None) -> dict[str, float]:
-    """CPU ms per request of `lb serve` with LB_AFFINITY=on and =off (`base`: of this checkout and `base`)."""
-    backend = Server("backend", ["bench.backend", "--chunks", "5", "--chunk-gap", "0"])
+def measure(calls: int, backends: int, blocks: int = 8, base: str | None = None, warmup: int = 100) -> dict[str, float]:
+    """CPU ms per request of `lb serve` with LB_AFFINITY=on and =off (`base`: of this checkout and `base`),
+    after `warmup` calls through each that are not counted."""
+    backend = Server("backend", ["bench.backend", "--chunks", "5", "--chunk-gap", "0"], wait=False)
     env = {"LB_CLIENT_KEYS": HEADERS["api-key"], "LB_LOG_LEVEL": "WARNING"}
     for i in range(1, backends + 1):
         env |= {f"BACKEND_{i}_URL": backend.url, f"BACKEND_{i}_APIKEY": "bench-backend-key"}
     if base:
         proxies = {
-            "this": Server("lb-this", ["lb", "serve"], env),
-            "base": Server("lb-base", ["serve"], env, command=lb_command(base)),
+            "this": Server("lb-this", ["lb", "serve"], env, wait=False),
+            "base": Server("lb-base", ["serve"], env, command=lb_command(base), wait=False),
         }
     else:
-        proxies = {mode: Server(f"lb-{mode}", ["lb", "serve"], env | {"LB_AFFINITY": mode}) for mode in ("on", "off")}
+        proxies = {
+            mode: Server(f"lb-{mode}", ["lb", "serve"], env | {"LB_AFFINITY": mode}, wait=False)
+            for mode in ("on", "off")
+        }
     spent = dict.fromkeys(proxies, 0.0)
     per_block = max(1, calls // blocks)
     try:
+        for server in (backend, *proxies.values()):  # started side by side: none needs another to start
+            server.wait_listening()
         with httpx.Client(timeout=30, trust_env=False) as client:
             for server in proxies.values():  # warm-up: connections, imports, first-call caches
-                for _ in range(100):
+                for _ in range(warmup):
                     client.post(server.url + PATH, content=BODY, headers=HEADERS).raise_for_status()
             for block in range(blocks):
                 order = list(proxies.items()) if block % 2 == 0 else list(reversed(proxies.items()))

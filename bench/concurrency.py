@@ -193,9 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     rows: list[dict] = []
     with (
-        Server("backend-a", [*backend_args, "--name", "a"], quiet=True) as a,
-        Server("backend-b", [*backend_args, "--name", "b"], quiet=True) as b,
+        Server("backend-a", [*backend_args, "--name", "a"], quiet=True, wait=False) as a,
+        Server("backend-b", [*backend_args, "--name", "b"], quiet=True, wait=False) as b,
     ):
+        a.wait_listening()  # the two started side by side
+        b.wait_listening()
         env = {
             "BACKEND_1_URL": a.url,
             "BACKEND_1_APIKEY": CLIENT_KEY,

@@ -129,10 +129,13 @@ class Server:
         command: list[str] | None = None,
         start_timeout: float = 20.0,
         quiet: bool = False,
+        wait: bool = True,
     ) -> None:
         """Runs `python -m <args> --host 127.0.0.1 --port N`, or `command + [--host, --port]` if given.
 
-        `quiet` drops the child's stdout (banners), keeping stderr for its errors.
+        `quiet` drops the child's stdout (banners), keeping stderr for its errors. `wait=False` returns
+        at once (its URL is known): start several, then `wait_listening()` on each, and they start
+        up side by side.
         """
         self.name = name
         self.port = port or free_port()
@@ -147,7 +150,9 @@ class Server:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL if quiet else None,
         )
-        self._wait_listening(start_timeout)
+        self.start_timeout = start_timeout
+        if wait:
+            self.wait_listening()
 
     @property
     def pid(self) -> int:
@@ -163,7 +168,9 @@ class Server:
         """RSS in MB of the process and its descendants."""
         return sum(rss_mb(p) for p in self.pids())
 
-    def _wait_listening(self, timeout: float = 20.0) -> None:
+    def wait_listening(self) -> None:
+        """Return once it accepts connections; stop it and raise if it exits or `start_timeout` passes first."""
+        timeout = self.start_timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -103,20 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="60 calls: a smoke run")
     parser.add_argument("--calls", type=int, default=600, help="Responses API calls through lb (half streamed)")
     parser.add_argument("--rpm", type=int, default=60, help="quota of the throttling backend, requests per minute")
+    parser.add_argument("--chunk-gap", type=float, default=0.01, help="seconds between a stream's events")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.quick:
         args.calls = 60
-    backend = ["bench.backend", "--api-key", KEY, "--chunks", "5", "--chunk-gap", "0.01"]  # short streams: many calls
+    backend = ["bench.backend", "--api-key", KEY, "--chunks", "5", "--chunk-gap", str(args.chunk_gap)]  # short streams
     with (
-        Server("a", [*backend, "--name", "a"], quiet=True) as a,
-        Server("b", [*backend, "--name", "b"], quiet=True) as b,
-        Server("throttling", [*backend, "--name", "throttling", "--rpm", str(args.rpm)], quiet=True) as t,
+        Server("a", [*backend, "--name", "a"], quiet=True, wait=False) as a,
+        Server("b", [*backend, "--name", "b"], quiet=True, wait=False) as b,
+        Server("throttling", [*backend, "--name", "throttling", "--rpm", str(args.rpm)], quiet=True, wait=False) as t,
     ):
         env = {"LB_CLIENT_KEYS": KEY, "LB_LOG_LEVEL": "WARNING"}
         for i, s in enumerate((a, b, t), start=1):
             env |= {f"BACKEND_{i}_URL": s.url, f"BACKEND_{i}_APIKEY": KEY}
-        with Server("lb", ["lb", "serve"], env, quiet=True) as lb:
+        with Server("lb", ["lb", "serve"], env, quiet=True, wait=False) as lb:
+            for server in (a, b, t, lb):  # started side by side: lb needs only the backends' URLs to start
+                server.wait_listening()
             pids = [*a.pids(), *b.pids(), *t.pids(), *lb.pids()]
             load_before = os.getloadavg()[0]
             warm = asyncio.run(run(a.url, lb.url, 6, pids))  # imports, pools; its calls count too
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "commit": commit(),
-        "settings": {"calls": args.calls, "throttling_rpm": args.rpm, "backends": 3},
+        "settings": {"calls": args.calls, "throttling_rpm": args.rpm, "chunk_gap_s": args.chunk_gap, "backends": 3},
         "calls_through_lb": len(outcomes),
         "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "success_pct": round(100 * sum(ok for _, ok, _ in outcomes) / len(outcomes), 2),

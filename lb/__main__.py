@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="serve the proxy (same handler as the Function) with uvicorn")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=7071)
-    sub.add_parser("demo", help="run both scenarios against simulated backends, then exit")
+    demo = sub.add_parser("demo", help="run both scenarios against simulated backends, then exit")
+    demo.add_argument("--quick", action="store_true", help="the same calls without simulated latency, in seconds")
     args = parser.parse_args(argv)
 
     default_level = "WARNING" if args.command == "demo" else "INFO"  # the demo prints its own story
@@ -28,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
     if args.command == "demo":
-        from lb.demo import run_demo
+        from lb.demo import QUICK, Pace, run_demo
 
-        return run_demo()
+        return run_demo(QUICK if args.quick else Pace())
 
     try:
         settings = load_settings()

@@ -4,7 +4,8 @@ Three simulated Azure OpenAI backends (one with a small quota that answers 429 +
 spent), the proxy in front of them on a local port, and clients that know only the proxy's URL: an
 AzureOpenAI client for chat, streamed chat and embeddings, and an OpenAI client on `/openai/v1` for
 the Responses API (created and streamed), as the official quickstart chat app calls it.
-Ends by itself; exits non-zero if any client call failed.
+Ends by itself; exits non-zero if any client call failed. `--quick` makes the same calls with no
+simulated latency and a shorter quota window: the whole story in a few seconds (the test suite's run).
 """
 
 from __future__ import annotations
@@ -31,13 +32,26 @@ class Tally:
     by_kind: dict[str, list[int]] = field(default_factory=dict)  # kind -> [answered 200, calls]
 
 
-def run_demo() -> int:
+@dataclass(frozen=True)
+class Pace:
+    """The demo's timings: the calls and what they show are the same at any pace."""
+
+    latency: float = 0.02  # seconds each simulated backend takes to answer, and between stream chunks
+    window: float = 3.0  # backend-1's quota window in the throttled scenario, so the wait for it to pass
+    pause: float = 0.05  # between the throttled scenario's calls, spreading them over the window
+
+
+# No simulated latency, and a window the throttled scenario's calls fit in at that speed: one window
+# with every call in it is the surest to see backend-1 refuse one (more windows, fewer calls each).
+QUICK = Pace(latency=0.0, window=1.0, pause=0.0)
+
+
+def run_demo(pace: Pace = Pace()) -> int:
     import openai
 
     backends = [
-        SimBackend("backend-1", api_key="key-1", latency=0.02, chunks=4, chunk_gap=0.02),
-        SimBackend("backend-2", api_key="key-2", latency=0.02, chunks=4, chunk_gap=0.02),
-        SimBackend("backend-3", api_key="key-3", latency=0.02, chunks=4, chunk_gap=0.02),
+        SimBackend(f"backend-{i}", api_key=f"key-{i}", latency=pace.latency, chunks=4, chunk_gap=pace.latency)
+        for i in (1, 2, 3)
     ]
     servers = Servers()
     try:
@@ -59,13 +73,14 @@ def run_demo() -> int:
         print("== normal scenario: every backend healthy, each call goes to a random one")
         normal = _traffic(clients, backends, "normal", 15)
 
-        print("\n== throttled scenario: backend-1's quota is 2 calls per 3 s, beyond it: 429 + Retry-After")
-        backends[0].requests_per_window, backends[0].window_seconds = 2, 3.0
+        window = f"{pace.window:g} s"
+        print(f"\n== throttled scenario: backend-1's quota is 2 calls per {window}, beyond it: 429 + Retry-After")
+        backends[0].requests_per_window, backends[0].window_seconds = 2, pace.window
         backends[0]._window_start = 0.0
-        throttled = _traffic(clients, backends, "throttled", 25, pause=0.05)
+        throttled = _traffic(clients, backends, "throttled", 25, pause=pace.pause)
         print(f"   backend-1 answered {backends[0].count(429)} x 429; each time the proxy retried elsewhere at once")
-        print("   waiting 3 s for backend-1's Retry-After to pass ...")
-        time.sleep(3.1)
+        print(f"   waiting {window} for backend-1's Retry-After to pass ...")
+        time.sleep(pace.window + 0.1)
         after = _traffic(clients, backends, "recovered", 10)
         back = after.served.get("1", 0)
         print(f"   backend-1 is back in rotation: served {back} of the last 10 calls")

@@ -37,6 +37,13 @@ KEEPALIVE_SECONDS = 60.0
 STALE_DROP_SECONDS = 0.05  # a reused connection found closed fails within this; a backend that read the call, later
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """certifi's CA bundle (the same trust as httpx's default), loaded once per process: loading it
+    costs tens of ms of CPU, and a context is safe to share between sessions."""
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 @functools.lru_cache(maxsize=4096)
 def parsed_url(url: str) -> httpx.URL:
     """`url` as httpx's URL. httpx parses URLs in pure Python (~30-50 us each) and a pool calls a
@@ -58,7 +65,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections,
                 keepalive_timeout=self._keepalive,
-                ssl=ssl.create_default_context(cafile=certifi.where()),  # the same trust as httpx's default
+                ssl=tls_context(),
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,

@@ -9,6 +9,7 @@ the unit layer: `make test-unit`, no sockets, no servers, seconds. Waits poll (`
 from __future__ import annotations
 
 import os
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +27,21 @@ from tests.idp import LocalIdP
 
 CLIENT_KEY = "client-key-for-tests"
 API_VERSION = "2024-10-21"
+# One TLS context for the clients tests make: each new client would load the CA bundle into one of
+# its own (tens of ms of CPU, the largest CPU cost of an end-to-end test), and tests speak plain HTTP.
+TLS = ssl.create_default_context()
+
+
+class SdkHttp(openai.DefaultHttpxClient):
+    """The openai SDK's own default HTTP client, on the shared TLS context, and closed when dropped
+    as the SDK closes its own."""
+
+    def __init__(self) -> None:
+        super().__init__(verify=TLS)
+
+    def __del__(self) -> None:
+        if not self.is_closed:
+            self.close()
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
@@ -100,11 +116,17 @@ class Pool:
 
     def azure(self, key: str = CLIENT_KEY, **kwargs: object) -> openai.AzureOpenAI:
         return openai.AzureOpenAI(
-            azure_endpoint=self.url, api_key=key, api_version=API_VERSION, max_retries=0, **kwargs
+            azure_endpoint=self.url,
+            api_key=key,
+            api_version=API_VERSION,
+            max_retries=0,
+            http_client=SdkHttp(),
+            **kwargs,
         )
 
     def v1(self, key: str = CLIENT_KEY, **kwargs: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/openai/v1", api_key=key, max_retries=0, **kwargs)
+        url = self.url + "/openai/v1"
+        return openai.OpenAI(base_url=url, api_key=key, max_retries=0, http_client=SdkHttp(), **kwargs)
 
 
 @pytest.fixture

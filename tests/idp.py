@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,10 +23,39 @@ V1_ISSUER = f"https://sts.windows.net/{TENANT}/"
 V2_ISSUER = f"https://login.microsoftonline.com/{TENANT}/v2.0"
 
 
+class _KeyPool:
+    """2048-bit RSA keys, each unlike every other key handed out in the current test.
+
+    Making one costs tens of ms of CPU and most Entra tests make a few, so keys are kept and handed
+    out again in later tests: two keys within a test never match (a token signed by another key with
+    the same kid must still fail), and no IdP or validator lives longer than its test (no fixture
+    holding one is wider than a test's). Outside pytest every key is a new one.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[rsa.RSAPrivateKey] = []
+        self.test = ""  # the test keys were last handed to
+        self.handed = 0  # how many of `keys` it holds (the first ones)
+
+    def take(self) -> rsa.RSAPrivateKey:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]  # "<nodeid> (setup|call|teardown)"
+        if not test:
+            return rsa.generate_private_key(65537, 2048)
+        if test != self.test:
+            self.test, self.handed = test, 0
+        if self.handed == len(self.keys):
+            self.keys.append(rsa.generate_private_key(65537, 2048))
+        self.handed += 1
+        return self.keys[self.handed - 1]
+
+
+_KEYS = _KeyPool()
+
+
 @dataclass
 class SigningKey:
     kid: str
-    private: rsa.RSAPrivateKey = field(default_factory=lambda: rsa.generate_private_key(65537, 2048))
+    private: rsa.RSAPrivateKey = field(default_factory=_KEYS.take)
 
     def jwk(self) -> dict[str, Any]:
         public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key()))

@@ -28,6 +28,7 @@ import openai
 
 from lb.sim import Servers, SimBackend, free_port
 from tests.azurite import Azurite
+from tests.conftest import TLS, SdkHttp
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = 24  # (alice, bob) key pairs configured: one per test that asks for one
@@ -39,12 +40,24 @@ class Client:
     name: str
     key: str
     urls: list[str]  # instance A, instance B
+    _sdks: dict[int, openai.OpenAI] = field(default_factory=dict, repr=False)
 
     def sdk(self, instance: int) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.urls[instance] + "/openai/v1", api_key=self.key, max_retries=0, timeout=20)
+        """This client's SDK on `instance`: one per instance, reused (connections too) across its calls."""
+        if instance not in self._sdks:
+            url = self.urls[instance] + "/openai/v1"
+            http = SdkHttp()
+            self._sdks[instance] = openai.OpenAI(
+                base_url=url, api_key=self.key, max_retries=0, timeout=20, http_client=http
+            )
+        return self._sdks[instance]
+
+    def close(self) -> None:
+        for sdk in self._sdks.values():
+            sdk.close()
 
     def http(self, instance: int) -> httpx.Client:
-        return httpx.Client(base_url=self.urls[instance], headers={"api-key": self.key}, timeout=20)
+        return httpx.Client(base_url=self.urls[instance], headers={"api-key": self.key}, timeout=20, verify=TLS)
 
 
 @dataclass
@@ -108,17 +121,18 @@ def start_pool(servers: Servers, azurite: Azurite) -> tuple[Pool, list[subproces
         logs.append(log)
     pool = Pool(sims, urls, logs)
     deadline = time.monotonic() + START_SECONDS
-    for process, url in zip(processes, urls, strict=True):
-        while True:
-            try:
-                if httpx.get(url + "/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop(processes)
-                raise AssertionError(f"lb serve did not start:\n{pool.log_tail()}")
-            time.sleep(0.05)
+    with httpx.Client(verify=TLS) as http:  # one client for every poll
+        for process, url in zip(processes, urls, strict=True):
+            while True:
+                try:
+                    if http.get(url + "/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    stop(processes)
+                    raise AssertionError(f"lb serve did not start:\n{pool.log_tail()}")
+                time.sleep(0.05)
     return pool, processes
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
@@ -200,7 +201,7 @@ def test_an_overloaded_backend_sheds_a_fixed_set_of_its_conversations_to_their_n
     backends = three()
     hot = backends[0]
     affinity = Affinity()
-    keys = [k for k in range(3000) if backends[affinity.order(k, backends)[0]] is hot][:600]
+    keys = list(itertools.islice((k for k in range(3000) if backends[affinity.order(k, backends)[0]] is hot), 600))
     crowd(affinity, backends, hot, 90)  # all 90 recent calls wanted `hot`: it may keep 0.95 x 30
     moved = {k for k in keys if affinity.choose(k, "chat", backends, [1.0, 1.0, 1.0], NOW, charge=False) is not hot}
     assert 0.6 < len(moved) / len(keys) < 0.8  # about 1 - 28.5 / 90 of them
@@ -384,7 +385,7 @@ def spread_calls(pool: list[Affinity], keys: list[int], seed: int, gap: float = 
 def test_keys_that_all_rank_one_backend_first_stay_under_the_bound_over_several_instances(instances: int):
     """Each instance counts only its own calls: their allowances add up unless split (3x on main at 4)."""
     one = Affinity(b"the pool's")
-    crafted = [k for k in range(20_000) if one.order(k, three())[0] == 0][:300]
+    crafted = list(itertools.islice((k for k in range(20_000) if one.order(k, three())[0] == 0), 300))
     for seed in range(20):
         for keys in (crafted, [12345] * 300):  # keys crafted with the secret, and one fixed key
             picks = spread_calls(pool_of(instances, seed), keys, seed)

@@ -115,7 +115,10 @@ def test_a_body_that_is_not_json_is_routed_as_before_by_weight(make_pool):
     pool = make_pool(3, env=ON)
     url = f"{pool.url}/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
     headers = {"api-key": CLIENT_KEY, "content-type": "text/plain"}
-    served = Counter(httpx.post(url, content=b"not json", headers=headers).headers["x-lb-backend"] for _ in range(30))
+    with httpx.Client() as http:
+        served = Counter(
+            http.post(url, content=b"not json", headers=headers).headers["x-lb-backend"] for _ in range(30)
+        )
     assert set(served) == {"1", "2", "3"}
 
 

@@ -116,7 +116,7 @@ def test_the_offline_model_takes_backend_1_out_in_spells_and_compares_routers_no
 def test_the_on_off_cost_run_measures_both_processes():
     from bench.affinity_cost import measure
 
-    cpu = measure(calls=40, backends=2, blocks=2)
+    cpu = measure(calls=40, backends=2, blocks=2, warmup=5)
     assert set(cpu) == {"on", "off"} and all(v >= 0 for v in cpu.values())
 
 

@@ -39,15 +39,16 @@ def serve_lb(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
     process = run_lb(env, "serve", "--port", str(port))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
-    while True:
-        try:
-            assert httpx.get(url + "/healthz").json() == {"status": "ok"}
-            return process, url
-        except httpx.TransportError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError(f"lb serve did not start: {process.communicate()[1]}") from None
-            time.sleep(0.1)
+    with httpx.Client() as http:  # one client for every poll (each new one loads the CA bundle)
+        while True:
+            try:
+                assert http.get(url + "/healthz").json() == {"status": "ok"}
+                return process, url
+            except httpx.TransportError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    raise AssertionError(f"lb serve did not start: {process.communicate()[1]}") from None
+                time.sleep(0.1)
 
 
 @pytest.mark.parametrize(

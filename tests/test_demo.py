@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_shows_responses_api_calls_beside_chat_and_embeddings_and_exits_zero():
-    result = subprocess.run([sys.executable, "-m", "lb", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # --quick: the same calls and scenarios as `make demo`, without its simulated latency and waits
+    command = [sys.executable, "-m", "lb", "demo", "--quick"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     out = result.stdout
     summary = out.split("by kind:", 1)[1].splitlines()[0]

@@ -56,6 +56,7 @@ class FunctionApp:
             backend.calls.clear()
             backend.answered.clear()
             backend.throttle_next = 0
+            backend.chunk_gap = 0.0  # streams as fast as they can go, unless a test paces them
 
 
 def deployment_files(root: Path = ROOT) -> list[Path]:
@@ -83,7 +84,7 @@ def function_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FunctionA
         (package / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, package / name)
     servers = Servers()
-    backends = [SimBackend(f"fn{i}", api_key=f"backend-key-{i}", chunks=6, chunk_gap=0.15) for i in (1, 2)]
+    backends = [SimBackend(f"fn{i}", api_key=f"backend-key-{i}", chunks=6) for i in (1, 2)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "LB_", "AzureWebJobs", "WEBSITE_"))}
     env.update({"LB_CLIENT_KEYS": f"app:{KEY}", "LB_AFFINITY": "off"})
     for i, backend in enumerate(backends, start=1):
@@ -144,6 +145,8 @@ def test_the_worker_indexes_every_function_in_streaming_mode(app):
 
 
 def test_chat_and_a_streamed_chat_whose_chunks_arrive_as_the_backend_sends_them(app):
+    for backend in app.backends:
+        backend.chunk_gap = 0.15
     client = app.azure()
     assert client.chat.completions.create(model="chat", messages=MESSAGES).choices[0].message.content
     started = time.monotonic()

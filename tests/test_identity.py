@@ -11,6 +11,7 @@ from lb.metering import Metering
 from lb.metering.usage import Usage
 from lb.sim import SimBackend
 from lb.telemetry import Telemetry
+from tests.conftest import TLS, SdkHttp
 from tests.idp import APP_ID, LocalIdP, entra_env
 from tests.test_cli import run_lb, serve_lb
 
@@ -25,7 +26,7 @@ def user_token(idp: LocalIdP, oid: str | None) -> str:
 
 
 def v1(url: str, credential: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/openai/v1", api_key=credential, max_retries=0)
+    return openai.OpenAI(base_url=url + "/openai/v1", api_key=credential, max_retries=0, http_client=SdkHttp())
 
 
 def chat(client: openai.OpenAI) -> None:
@@ -88,7 +89,7 @@ KEYS = {"LB_CLIENT_KEYS": "ops:k-ops,app:k-app,batch:k-batch", "LB_ADMIN_CLIENTS
 
 
 def get(url: str, credential: str | None = None) -> httpx.Response:
-    return httpx.get(url, headers={"api-key": credential} if credential else {})
+    return httpx.get(url, headers={"api-key": credential} if credential else {}, verify=TLS)
 
 
 def test_status_needs_an_operator_key_and_anyone_else_gets_a_403_in_azures_shape(make_pool):
@@ -107,8 +108,9 @@ def test_status_needs_an_operator_key_and_anyone_else_gets_a_403_in_azures_shape
 def test_usage_shows_a_client_its_own_counts_and_limit_and_an_operator_everyones(make_pool):
     pool = make_pool(1, env={**KEYS, "LB_CLIENT_LIMITS": "app=1000rpm,batch=1000rpm"})
     for key, calls in (("k-app", 2), ("k-batch", 3), ("k-ops", 1)):
+        client = v1(pool.url, key)
         for _ in range(calls):
-            chat(v1(pool.url, key))
+            chat(client)
     own = get(pool.url + "/lb/usage", "k-app")
     assert own.status_code == 200
     report = own.json()

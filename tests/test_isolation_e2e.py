@@ -38,8 +38,11 @@ def pool(servers, azurite) -> Iterator[Pool]:
 
 
 @pytest.fixture
-def clients(pool) -> tuple[Client, Client]:
-    return pool.pair()
+def clients(pool) -> Iterator[tuple[Client, Client]]:
+    alice, bob = pool.pair()
+    yield alice, bob
+    alice.close()
+    bob.close()
 
 
 def marker(name: str) -> str:

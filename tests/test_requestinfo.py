@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import time
@@ -16,7 +17,12 @@ from hypothesis import strategies as st
 from lb import bodyscan
 from lb.errors import BadRequest, ProxyError, RouteNotFound
 from lb.requestinfo import check_path, described
-from tests.conftest import API_VERSION, CLIENT_KEY
+from tests.conftest import API_VERSION, CLIENT_KEY, TLS
+
+# httpx's one-call helpers on the shared TLS context (each call builds a client, which would load the CA bundle)
+get = functools.partial(httpx.get, verify=TLS)
+post = functools.partial(httpx.post, verify=TLS)
+request = functools.partial(httpx.request, verify=TLS)
 
 CHAT = f"/openai/deployments/chat/chat/completions?api-version={API_VERSION}"
 BODY = b'{"messages": [{"role": "user", "content": "hi"}]}'
@@ -213,33 +219,28 @@ def test_oversized_body_is_refused_before_it_is_sent(make_pool):
         for _ in range(10):
             yield b"x" * 500
 
-    chunked = httpx.post(pool.url + CHAT, content=chunks(), headers={"api-key": CLIENT_KEY})  # no Content-Length
+    chunked = post(pool.url + CHAT, content=chunks(), headers={"api-key": CLIENT_KEY})  # no Content-Length
     assert chunked.status_code == 413
     assert pool.backends[0].calls == []
 
 
 def test_too_many_or_too_large_headers_are_431_without_a_backend_call(make_pool):
     pool = make_pool(1)
-    big = httpx.post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, "x-big": "a" * 40_000})
-    many = httpx.post(
-        pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, **{f"x-{i}": "1" for i in range(120)}}
-    )
+    big = post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, "x-big": "a" * 40_000})
+    many = post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, **{f"x-{i}": "1" for i in range(120)}})
     for response in (big, many):
         assert response.status_code == 431 and response.json()["error"]["code"] == "RequestHeaderFieldsTooLarge"
     assert pool.backends[0].calls == []
-    assert (
-        httpx.post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, "x-ok": "a" * 8000}).status_code
-        == 200
-    )
+    assert post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, "x-ok": "a" * 8000}).status_code == 200
 
 
 def test_unknown_route_and_method_get_json_errors(make_pool):
     pool = make_pool(1)
-    missing = httpx.get(pool.url + "/nothing-here")
+    missing = get(pool.url + "/nothing-here")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "NotFound"
-    wrong_method = httpx.post(pool.url + "/healthz")
+    wrong_method = post(pool.url + "/healthz")
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "MethodNotAllowed"
-    trace = httpx.request("TRACE", pool.url + CHAT, headers={"api-key": CLIENT_KEY})  # not one the proxy relays
+    trace = request("TRACE", pool.url + CHAT, headers={"api-key": CLIENT_KEY})  # not one the proxy relays
     assert trace.status_code == 405 and trace.json()["error"]["code"] == "MethodNotAllowed"
     assert pool.backends[0].calls == []
 
@@ -260,7 +261,7 @@ def test_upstream_host_is_the_backends_whatever_host_headers_or_absolute_url_say
 
 def test_hop_by_hop_headers_are_not_forwarded_and_forwarding_headers_are_set(make_pool):
     pool = make_pool(1)
-    response = httpx.post(
+    response = post(
         pool.url + CHAT,
         content=BODY,
         headers={
@@ -292,14 +293,12 @@ def test_hop_by_hop_headers_are_not_forwarded_and_forwarding_headers_are_set(mak
 
 def test_a_request_id_is_made_when_the_client_sends_none_and_given_to_the_backend(make_pool):
     pool = make_pool(1)
-    response = httpx.post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY})
+    response = post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY})
     made = response.headers["x-request-id"]
     assert len(made) == 36 and pool.backends[0].calls[0].headers["x-request-id"] == made
-    unsafe = httpx.post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, "x-request-id": "a b\tc" * 50})
+    unsafe = post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, "x-request-id": "a b\tc" * 50})
     assert unsafe.headers["x-request-id"] != "a b\tc" * 50  # not a safe token: a fresh id is logged instead
-    assert (
-        httpx.post(pool.url + CHAT, content=b"", headers={"x-request-id": "r-401"}).headers["x-request-id"] == "r-401"
-    )
+    assert post(pool.url + CHAT, content=b"", headers={"x-request-id": "r-401"}).headers["x-request-id"] == "r-401"
 
 
 async def _hop_backend(scope, receive, send) -> None:
@@ -327,7 +326,7 @@ def test_hop_by_hop_headers_of_the_backend_are_not_returned(servers):
 
     app = create_app(load_settings({"BACKEND_1_URL": servers.start(_hop_backend), "BACKEND_1_APIKEY": "k"}))
     url = servers.start(app)
-    response = httpx.post(url + CHAT, content=BODY, headers={"x-request-id": "client-id"})
+    response = post(url + CHAT, content=BODY, headers={"x-request-id": "client-id"})
     assert response.status_code == 200
     for name in ("x-hop-resp", "proxy-authenticate", "proxy-foo", "keep-alive"):
         assert name not in response.headers, name
@@ -339,7 +338,7 @@ def test_a_missing_deployment_gets_the_backends_own_404_untouched(make_pool):
     pool = make_pool(2)
     for backend in pool.backends:
         backend.fail_status = 404
-    response = httpx.post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY})
+    response = post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY})
     assert response.status_code == 404
     assert response.json()["error"]["message"] == "Simulated failure."  # the backend's body, not ours
     assert response.headers["x-lb-attempts"] == "1"
@@ -348,7 +347,7 @@ def test_a_missing_deployment_gets_the_backends_own_404_untouched(make_pool):
 def test_json_that_python_refuses_to_build_is_a_400_not_a_500(make_pool):
     pool = make_pool(1)
     for body in (b"[" * 30_000 + b"]" * 30_000, b'{"model": "chat", "n": ' + b"9" * 5000 + b"}"):
-        response = httpx.post(
+        response = post(
             pool.url + "/openai/v1/chat/completions",
             content=body,
             headers={"api-key": CLIENT_KEY, "content-type": "application/json"},
@@ -360,7 +359,7 @@ def test_json_that_python_refuses_to_build_is_a_400_not_a_500(make_pool):
 def test_a_5000_digit_max_tokens_under_the_headroom_policy_is_forwarded_not_a_500(make_pool):
     pool = make_pool(1, env={"LB_POLICY": "headroom"})
     body = b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}"
-    response = httpx.post(pool.url + CHAT, content=body, headers={"api-key": CLIENT_KEY})
+    response = post(pool.url + CHAT, content=body, headers={"api-key": CLIENT_KEY})
     assert response.status_code == 200  # the backend judges it; the proxy's estimate just saturates
 
 
@@ -384,7 +383,7 @@ def test_a_large_v1_body_is_routed_by_its_top_level_model_without_being_parsed(m
     pool = make_pool(1)
     body = json.dumps(payload).encode()
     assert len(body) > 64 * 1024
-    response = httpx.post(
+    response = post(
         pool.url + "/openai/v1/chat/completions",
         content=body,
         headers={"api-key": CLIENT_KEY, "content-type": "application/json"},
@@ -417,7 +416,7 @@ def test_an_api_key_in_the_query_is_not_forwarded(servers):
         "api-version=1&api-key=leak&x=2",
         *encoded,
     ):
-        assert httpx.post(f"{url}/openai/deployments/chat/chat/completions?{query}", content=BODY).status_code == 200
+        assert post(f"{url}/openai/deployments/chat/chat/completions?{query}", content=BODY).status_code == 200
     assert queries == [b"api-version=1", b"api-version=1", b"api-version=1&x=2", *[b"api-version=1"] * 3]
 
 
@@ -434,7 +433,7 @@ def test_routing_override_headers_are_not_forwarded_and_forwarded_proto_is_ours(
         "x-forwarded-prefix": "/other",
         "expect": "100-continue",
     }
-    response = httpx.post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, **overrides})
+    response = post(pool.url + CHAT, content=BODY, headers={"api-key": CLIENT_KEY, **overrides})
     assert response.status_code == 200
     (call,) = pool.backends[0].calls
     for name in overrides:
@@ -487,7 +486,7 @@ def test_headers_pointing_at_the_backend_point_at_the_proxy_instead(servers):
     base.append(backend_url)
     app = create_app(load_settings({"BACKEND_1_URL": backend_url, "BACKEND_1_APIKEY": "k"}))
     url = servers.start(app)
-    response = httpx.post(url + CHAT, content=BODY)
+    response = post(url + CHAT, content=BODY)
     assert response.status_code == 202
     assert response.headers["operation-location"] == f"{url}/openai/operations/images/op-1?api-version=2024-02-01"
     assert response.headers["location"] == f"{url}/openai/x"

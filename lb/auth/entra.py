@@ -36,6 +36,7 @@ import httpx
 import jwt
 
 from lb.config import EntraSettings, is_guid
+from lb.upstream import tls_context
 
 log = logging.getLogger("lb")
 
@@ -185,7 +186,7 @@ class EntraValidator:
         try:
             async with (
                 asyncio.timeout(FETCH_TIMEOUT_SECONDS),
-                httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS, trust_env=False) as client,
+                httpx.AsyncClient(timeout=FETCH_TIMEOUT_SECONDS, trust_env=False, verify=tls_context()) as client,
             ):
                 if self._jwks_uri is None:
                     config = await _get_json(client, self.settings.openid_configuration_url)
