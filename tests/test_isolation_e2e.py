@@ -166,7 +166,7 @@ def test_encoded_slashes_never_reach_alices_items_or_file_content(pool, clients)
     watch = Watch()
     response_id, text = alice_response(alice, watch)
     content = watch.secret("file content", marker("file"))
-    file_id = watch.secret("file id", upload(alice, A, content.encode()))
+    file_id = watch.secret("file id", upload(alice, A, content.encode(), "user_data"))  # plain text: not a batch file
     paths = []
     for slash in ("%2F", "%2f"):  # the backend's router decodes either into a path separator
         paths += [
