@@ -76,8 +76,10 @@ def run_demo(pace: Pace = Pace()) -> int:
         window = f"{pace.window:g} s"
         print(f"\n== throttled scenario: backend-1's quota is 2 calls per {window}, beyond it: 429 + Retry-After")
         backends[0].requests_per_window, backends[0].window_seconds = 2, pace.window
-        backends[0]._window_start = 0.0
-        throttled = _traffic(clients, backends, "throttled", 25, pause=pace.pause)
+        backends[0].reset_quota()
+        # Picks are random: backend-1 may be spared its third call in a window for a while, so the
+        # scenario goes on, a round of every kind at a time, until a 429 was absorbed (100 calls at most).
+        throttled = _traffic(clients, backends, "throttled", 25, pause=pace.pause, until_429=100)
         print(f"   backend-1 answered {backends[0].count(429)} x 429; each time the proxy retried elsewhere at once")
         print(f"   waiting {window} for backend-1's Retry-After to pass ...")
         time.sleep(pace.window + 0.1)
@@ -116,11 +118,22 @@ def absorbed(n: int) -> str:
     return f"{n} upstream 429{'' if n == 1 else 's'} absorbed"
 
 
-def _traffic(clients: dict[str, Any], backends: list[SimBackend], label: str, n: int, pause: float = 0.0) -> Tally:
+def _traffic(
+    clients: dict[str, Any],
+    backends: list[SimBackend],
+    label: str,
+    n: int,
+    pause: float = 0.0,
+    until_429: int = 0,
+) -> Tally:
+    """`n` calls, cycling through KINDS; with `until_429`, more rounds of KINDS until one upstream
+    429 was absorbed or `until_429` calls were made."""
     import openai
 
     tally = Tally()
-    for i in range(1, n + 1):
+    i = 0
+    while i < n or (until_429 and (i % len(KINDS) or (tally.absorbed_429s == 0 and i < until_429))):
+        i += 1
         kind = KINDS[(i - 1) % len(KINDS)]
         before = sum(b.count(429) for b in backends)
         tally.calls += 1

@@ -24,13 +24,11 @@ def test_demo_shows_responses_api_calls_beside_chat_and_embeddings_and_exits_zer
     out = result.stdout
     summary = out.split("by kind:", 1)[1].splitlines()[0]
     by_kind = {kind.strip(): count for kind, count in re.findall(r"([a-z ()]+?) (\d+/\d+)", summary)}
-    assert by_kind == {
-        "chat": "10/10",
-        "chat (streamed)": "10/10",
-        "embeddings": "10/10",
-        "responses": "10/10",
-        "responses (streamed)": "10/10",
-    }
+    # 50 calls, 10 of each kind; the throttled scenario adds rounds of all five kinds while no 429 came
+    assert set(by_kind) == {"chat", "chat (streamed)", "embeddings", "responses", "responses (streamed)"}
+    assert len(set(by_kind.values())) == 1
+    answered, made = map(int, by_kind["chat"].split("/"))
+    assert answered == made >= 10
     assert re.search(r"\[throttled\] #\d+ +responses \(streamed\) +-> backend-\d  200", out)
     assert re.search(r"throttled: \d+/\d+ calls answered 200, [1-9]\d* upstream 429s? absorbed", out)
     assert re.search(r"recovered: \d+/\d+ calls answered 200, \d+ upstream 429s? absorbed", out)
