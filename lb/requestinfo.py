@@ -8,6 +8,10 @@ The Responses API keeps a third: `/openai/responses?api-version=...`, what the A
 sends for `responses.create`. Its deployment is the body's `"model"` too, so it is read as on v1.
 The body is read whole (bounded) because a failover must be able to send it again.
 
+What a call does is its route after that prefix, lower-cased (`operation`): Azure matches routes
+whatever their case, so everything that decides by the route (metering, quotas) reads it there, and
+`/openai/v1/Chat/Completions` is the chat it is.
+
 The path is relayed as the client encoded it, appended to the backend's base URL, so the upstream
 host is always the configured one. It is refused unless it is a plain `/openai/...` path: a dot or
 empty segment, a backslash, a control character or a scheme could make the backend (or a
@@ -74,6 +78,11 @@ class RequestInfo:
     marks: bodyscan.Marks = field(default=bodyscan.NO_MARKS, compare=False, repr=False)
 
     @property
+    def operation(self) -> str:
+        """What the call does: its route after the URL's prefix, lower-cased (`operation()`)."""
+        return operation(self.raw_path)
+
+    @property
     def tokens(self) -> int:
         """What Azure OpenAI will charge against the tokens quota at admission, roughly: the prompt
         (about 4 characters per token; the body's length stands in for it, JSON syntax and tool
@@ -81,6 +90,19 @@ class RequestInfo:
         output. Per-client quotas (lb.metering.quota) and the headroom policy charge this same figure."""
         assert self.marks.max_tokens is not None, "read with tokens=False"
         return len(self.body) // 4 + self.marks.max_tokens
+
+
+def operation(raw_path: str) -> str:
+    """The route after `/openai/deployments/{deployment}/`, `/openai/v1/` or `/openai/`, without
+    the query and lower-cased as Azure matches it: `chat/completions` for
+    `/openai/v1/Chat/Completions`, `responses` for `/openai/responses?api-version=...`, `batches`,
+    `responses/resp_1/cancel` (ids lower-cased too: for telling routes apart, not for naming objects)."""
+    segments = raw_path.split("?", 1)[0].lower().split("/")[2:]  # after "", "openai"
+    if len(segments) > 1 and segments[0] == "deployments":
+        return "/".join(segments[2:])
+    if segments and segments[0] == "v1":
+        return "/".join(segments[1:])
+    return "/".join(segments)
 
 
 def arrived(request: Request) -> float:

@@ -1,0 +1,134 @@
+"""Companions of tests/test_redteam_quota.py:
+the forms those don't send, and what the new token calls are charged.
+
+- A call is known by its lower-cased route (`lb.requestinfo.operation`), whatever the URL's shape.
+- Images, speech and compaction reserve like any generating call, and are charged what their answer
+  says (images, compaction) or their reservation (speech: the answer is audio, without usage).
+- A compaction is not a read of a stored response: it is charged, even when it names one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from lb.app import create_app
+from lb.config import load_settings
+from lb.metering import Metering
+from lb.requestinfo import RequestInfo, described, operation
+from lb.telemetry import Telemetry
+
+BOB, ALICE = "bob-key", "alice-key"
+KEYS = f"bob:{BOB},alice:{ALICE}"
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/openai/v1/Chat/Completions", "chat/completions"),
+        ("/openai/deployments/Chat/chat/Completions?api-version=2024-10-21", "chat/completions"),
+        ("/openai/Deployments/chat/Embeddings", "embeddings"),
+        ("/openai/responses?api-version=2025-04-01-preview", "responses"),
+        ("/openai/v1/RESPONSES/compact", "responses/compact"),
+        ("/openai/deployments/responses/chat/completions", "chat/completions"),  # a deployment named like a route
+        ("/openai/v1/Batches", "batches"),
+        ("/openai/batches?api-version=2024-10-21", "batches"),
+        ("/openai/v1/responses/resp_AB/cancel", "responses/resp_ab/cancel"),
+    ],
+)
+def test_a_call_is_known_by_its_route_whatever_its_case_or_shape(path: str, expected: str) -> None:
+    assert operation(path) == expected
+
+
+def _info(path: str, body: dict[str, Any]) -> RequestInfo:
+    return asyncio.run(described(path, json.dumps(body).encode()))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "output"),
+    [
+        ("/openai/v1/Chat/Completions", {"model": "m", "messages": []}, 1024),
+        ("/openai/v1/images/generations", {"model": "m", "prompt": "a cat"}, 1024),
+        ("/openai/deployments/tts/Audio/Speech", {"input": "hello", "voice": "alloy"}, 1024),
+        ("/openai/v1/responses/compact", {"model": "m", "input": "a long conversation"}, 1024),
+        ("/openai/v1/Embeddings", {"model": "m", "input": "text"}, 0),  # no output
+    ],
+)
+def test_a_token_call_reserves_its_prompt_and_its_output(path: str, body: dict[str, Any], output: int) -> None:
+    info = _info(path, body)
+    assert Metering({}, Telemetry()).reservation(info) == len(info.body) // 4 + output
+
+
+@pytest.mark.parametrize("path", ["/openai/v1/files", "/openai/v1/audio/transcriptions", "/openai/v1/Batches"])
+def test_a_call_that_spends_no_tokens_reserves_nothing(path: str) -> None:
+    assert Metering({}, Telemetry()).reservation(_info(path, {"model": "m", "input": "x"})) == 0
+
+
+class TokenCalls:
+    """A backend answering images (with gpt-image-1's usage), speech (audio bytes) and compaction
+    (a response object naming its id, as a stored response's read would)."""
+
+    IMAGE_USAGE = {"input_tokens": 50, "output_tokens": 4160, "total_tokens": 4210, "input_tokens_details": {}}
+    COMPACT_USAGE = {"input_tokens": 500, "output_tokens": 100, "total_tokens": 600}
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.calls += 1
+        while (await receive()).get("more_body"):
+            pass
+        path = scope["path"].lower()
+        if path.endswith("/audio/speech"):
+            body, kind = b"ID3" + b"\x00" * 500, b"audio/mpeg"
+        elif path.endswith("/images/generations"):
+            body, kind = (
+                json.dumps({"created": 1, "data": [{"b64_json": "AAAA"}], "usage": self.IMAGE_USAGE}).encode(),
+                b"application/json",
+            )
+        else:
+            answer = {"id": "resp_1", "object": "response", "status": "completed", "usage": self.COMPACT_USAGE}
+            body, kind = json.dumps(answer).encode(), b"application/json"
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _bobs_limit(url: str) -> dict[str, Any]:
+    """Bob's limit report once none of his calls holds a reservation (polled)."""
+    deadline = time.monotonic() + 5
+    while True:
+        report = httpx.get(url + "/lb/usage", headers={"api-key": BOB}).json()["limits"]["bob"]
+        if report["reserved"]["calls"] == 0 or time.monotonic() > deadline:
+            return report
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "charged"),
+    [
+        ("/openai/v1/images/generations", {"model": "img", "prompt": "a cat"}, TokenCalls.IMAGE_USAGE["total_tokens"]),
+        ("/openai/v1/responses/compact", {"model": "chat", "input": "a conversation"}, 600),
+        ("/openai/v1/audio/speech", {"model": "tts", "input": "hello", "voice": "alloy"}, None),  # its reservation
+    ],
+)
+def test_images_speech_and_compaction_are_charged(
+    servers, path: str, body: dict[str, Any], charged: int | None
+) -> None:
+    backend = TokenCalls()
+    env = {"LB_CLIENT_KEYS": KEYS, "LB_CLIENT_LIMITS": "bob=100000tpm", "LB_AFFINITY": "off"}
+    url = servers.start(
+        create_app(load_settings({**env, "BACKEND_1_URL": servers.start(backend), "BACKEND_1_APIKEY": "k"}))
+    )
+    content = json.dumps(body).encode()
+    sent = httpx.post(url + path, content=content, headers={"api-key": BOB, "content-type": "application/json"})
+    assert sent.status_code == 200 and backend.calls == 1
+    expected = len(content) // 4 + 1024 if charged is None else charged
+    assert _bobs_limit(url)["charged_last_minute"] == expected
