@@ -18,7 +18,9 @@ empty segment, a backslash, a control character or a scheme could make the backe
 normaliser between us and it) resolve another path than the one we routed and authorised on, and
 percent-encoding is peeled off layer by layer so `%2e%2e`, `%252e%252e` or `%2f%2f` hide nothing.
 Unicode line breaks (U+0085, U+2028, U+2029) count as control characters: a log viewer splits lines
-on them, so a deployment name carrying one could forge a log line.
+on them, so a deployment name carrying one could forge a log line. A credential in the query
+(`api-key`, `subscription-key`, `Authorization`) is the client's: never forwarded (a backend or a
+gateway in front of it reads each, and its refusal would be taken as the balancer's own key refused).
 
 Nothing a client sends may hold the event loop: a body is parsed as JSON only up to
 `PARSE_LIMIT_BYTES`; past it, `lb.bodyscan` finds `"model"` in slices that yield to the loop. The
@@ -54,6 +56,10 @@ _BAD_CHARS = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}\\#]")
 _CONTROL = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}]")
 ARRIVED = "lb.arrived"  # scope key: time.monotonic() when `lb serve` read the request's first byte
 NOT_PARSED = object()  # RequestInfo.payload when the body was not parsed (too large, not JSON, not needed)
+# Query parameters that carry a credential somewhere in front of a model: Azure OpenAI's `api-key`,
+# the `Authorization` its realtime WebSocket clients put in the URL, API Management's and Azure AI
+# services' `subscription-key` (the query twin of the Ocp-Apim-Subscription-Key header).
+QUERY_CREDENTIALS = ("api-key", "subscription-key", "authorization")
 
 
 @dataclass(frozen=True)
@@ -184,15 +190,17 @@ def _checked_path(request: Request) -> str:
     path = raw.decode("latin-1").split("?", 1)[0]
     check_path(path)
     query = request.scope.get("query_string", b"").decode("latin-1")
-    if "%" in query or "api-key" in query.lower():  # a key in the URL is the client's credential: never forwarded
-        query = _without_api_key(query)
+    lowered = query.lower()
+    if "%" in query or any(name in lowered for name in QUERY_CREDENTIALS):  # the client's: never forwarded
+        query = _without_credentials(query)
     return f"{path}?{query}" if query else path
 
 
-def _without_api_key(query: str) -> str:
-    """The query without its `api-key` parameters, however their name is encoded (`api%2Dkey`,
-    `%61pi-key`): the backend decodes the name before it matches it, so we do too."""
-    kept = [p for p in query.split("&") if unquote_plus(p.split("=", 1)[0]).lower() != "api-key"]
+def _without_credentials(query: str) -> str:
+    """The query without its credential parameters (`QUERY_CREDENTIALS`), however their name is
+    encoded or cased (`api%2Dkey`, `%61pi-key`, `Subscription-Key`): the backend decodes the name
+    before it matches it, so we do too."""
+    kept = [p for p in query.split("&") if unquote_plus(p.split("=", 1)[0]).lower() not in QUERY_CREDENTIALS]
     return "&".join(p for p in kept if p)
 
 

@@ -1,10 +1,11 @@
-"""Companions of tests/test_redteam_quota.py:
+"""Companions of tests/test_redteam_quota.py and test_redteam_credentials.py:
 the forms those don't send, and what the new token calls are charged.
 
 - A call is known by its lower-cased route (`lb.requestinfo.operation`), whatever the URL's shape.
 - Images, speech and compaction reserve like any generating call, and are charged what their answer
   says (images, compaction) or their reservation (speech: the answer is audio, without usage).
 - A compaction is not a read of a stored response: it is charged, even when it names one.
+- A credential in the query (`Authorization`, `subscription-key`) never reaches a backend.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lb.app import create_app
 from lb.config import load_settings
 from lb.metering import Metering
 from lb.requestinfo import RequestInfo, described, operation
+from lb.sim import SimBackend
 from lb.telemetry import Telemetry
 
 BOB, ALICE = "bob-key", "alice-key"
@@ -132,3 +134,50 @@ def test_images_speech_and_compaction_are_charged(
     assert sent.status_code == 200 and backend.calls == 1
     expected = len(content) // 4 + 1024 if charged is None else charged
     assert _bobs_limit(url)["charged_last_minute"] == expected
+
+
+class QuotaHeaders:
+    """A simulated backend whose every answer carries Azure's rate-limit headers; it keeps every query."""
+
+    HEADERS = [
+        (b"x-ratelimit-remaining-tokens", b"9000"),
+        (b"x-ratelimit-remaining-requests", b"90"),
+        (b"x-ratelimit-limit-tokens", b"10000"),
+        (b"x-ratelimit-limit-requests", b"100"),
+        (b"x-ratelimit-reset-tokens", b"1s"),
+    ]
+
+    def __init__(self) -> None:
+        self.backend = SimBackend("s", api_key="key-1")
+        self.queries: list[str] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.backend(scope, receive, send)
+        self.queries.append(scope.get("query_string", b"").decode("latin-1"))
+
+        async def with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message["headers"] if not k.lower().startswith(b"x-ratelimit-")]
+                message = {**message, "headers": kept + self.HEADERS}
+            await send(message)
+
+        await self.backend(scope, receive, with_headers)
+
+
+def _proxy(servers, backend: QuotaHeaders, **env: str) -> str:
+    settings = {"LB_AFFINITY": "off", "BACKEND_1_URL": servers.start(backend), "BACKEND_1_APIKEY": "key-1", **env}
+    return servers.start(create_app(load_settings(settings)))
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["Authorization=Bearer%20eyJ.bobs.token", "authorization=x", "SUBSCRIPTION-KEY=x", "subscription%2Dkey=x"],
+)
+def test_a_credential_in_the_query_never_reaches_a_backend(servers, query: str) -> None:
+    backend = QuotaHeaders()
+    url = _proxy(servers, backend, LB_CLIENT_KEYS=KEYS)
+    path = f"/openai/deployments/chat/chat/completions?api-version=2024-10-21&{query}"
+    sent = httpx.post(url + path, json=CHAT, headers={"api-key": BOB})
+    assert sent.status_code == 200
+    assert backend.queries == ["api-version=2024-10-21"]
