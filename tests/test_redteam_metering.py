@@ -1,10 +1,12 @@
-"""Companions of tests/test_redteam_quota.py and test_redteam_credentials.py:
+"""Companions of tests/test_redteam_quota.py, test_redteam_credentials.py and test_redteam_usage.py:
 the forms those don't send, and what the new token calls are charged.
 
 - A call is known by its lower-cased route (`lb.requestinfo.operation`), whatever the URL's shape.
 - Images, speech and compaction reserve like any generating call, and are charged what their answer
   says (images, compaction) or their reservation (speech: the answer is audio, without usage).
 - A compaction is not a read of a stored response: it is charged, even when it names one.
+- With several clients, none of the backend's `x-ratelimit-*` headers reaches a client (a limited
+  one gets its own remaining quota); with one client, they pass as before.
 - A credential in the query (`Authorization`, `subscription-key`) never reaches a backend.
 """
 
@@ -168,6 +170,33 @@ class QuotaHeaders:
 def _proxy(servers, backend: QuotaHeaders, **env: str) -> str:
     settings = {"LB_AFFINITY": "off", "BACKEND_1_URL": servers.start(backend), "BACKEND_1_APIKEY": "key-1", **env}
     return servers.start(create_app(load_settings(settings)))
+
+
+def test_with_several_clients_no_backend_quota_header_reaches_a_client(servers) -> None:
+    url = _proxy(servers, QuotaHeaders(), LB_CLIENT_KEYS=KEYS, LB_CLIENT_LIMITS="bob=1000tpm")
+    alices = httpx.post(url + "/openai/v1/chat/completions", json=CHAT, headers={"api-key": ALICE})
+    assert alices.status_code == 200
+    assert not [h for h in alices.headers if h.startswith("x-ratelimit-")], alices.headers
+    bobs = httpx.post(url + "/openai/v1/chat/completions", json=CHAT, headers={"api-key": BOB})
+    assert bobs.status_code == 200
+    assert [h for h in bobs.headers if h.startswith("x-ratelimit-")] == ["x-ratelimit-remaining-tokens"]
+    assert int(bobs.headers["x-ratelimit-remaining-tokens"]) < 1000  # his own quota, after this call
+
+
+def test_with_one_client_the_backends_quota_headers_pass(servers) -> None:
+    url = _proxy(servers, QuotaHeaders(), LB_CLIENT_KEYS=ALICE)
+    answer = httpx.post(url + "/openai/v1/chat/completions", json=CHAT, headers={"api-key": ALICE})
+    assert answer.status_code == 200
+    assert answer.headers["x-ratelimit-remaining-tokens"] == "9000"
+    assert answer.headers["x-ratelimit-limit-tokens"] == "10000"
+
+
+def test_the_balancer_reads_the_backends_quota_headers_it_does_not_relay(servers) -> None:
+    url = _proxy(servers, QuotaHeaders(), LB_CLIENT_KEYS=KEYS, LB_POLICY="headroom", LB_ADMIN_CLIENTS="alice")
+    answer = httpx.post(url + "/openai/v1/chat/completions", json=CHAT, headers={"api-key": ALICE})
+    assert answer.status_code == 200 and "x-ratelimit-remaining-tokens" not in answer.headers
+    status = httpx.get(url + "/lb/status", headers={"api-key": ALICE}).json()
+    assert status["backends"][0]["headroom"][0]["remaining_tokens"] == 9000
 
 
 @pytest.mark.parametrize(
