@@ -36,9 +36,9 @@ def test_bob_cannot_read_alices_spend_from_the_remaining_tokens_header(make_pool
 
 @pytest.mark.xfail(
     strict=True,
-    reason="Azure's prompt cache is per resource, shared by every client of a backend, and the answer's"
-    " cached_tokens is relayed: bob confirms a guess of alice's prompt (a system prompt, a document) by"
-    " sending it and reading cached_tokens (affinity even steers equal heads to one backend)",
+    reason="documented limit (docs/security.md, 'A shared backend's prompt cache'): Azure's prompt cache is"
+    " shared by every caller of a backend, and the answer's cached_tokens is relayed: bob confirms a guess"
+    " of alice's prompt by sending it and reading cached_tokens; separate pools per trust domain avoid it",
 )
 def test_bob_cannot_confirm_a_guess_of_alices_prompt_from_cached_tokens(make_pool):
     pool = make_pool(1, env=KEYS)
