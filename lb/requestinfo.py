@@ -22,6 +22,10 @@ on them, so a deployment name carrying one could forge a log line. A credential 
 (`api-key`, `subscription-key`, `Authorization`) is the client's: never forwarded (a backend or a
 gateway in front of it reads each, and its refusal would be taken as the balancer's own key refused).
 
+A body the balancer cannot read is not sent: a request `Content-Encoding` other than `identity` is
+refused (415). The deployment, the token estimate and the object scan all read the body's bytes, and
+a compressed body would hide from each what the backend, decoding it, acts on.
+
 Nothing a client sends may hold the event loop: a body is parsed as JSON only up to
 `PARSE_LIMIT_BYTES`; past it, `lb.bodyscan` finds `"model"` in slices that yield to the loop. The
 same read finds what the policies need in the body's bytes (`lb.bodyscan.Marks`: the stream flag,
@@ -41,7 +45,7 @@ from urllib.parse import unquote, unquote_plus
 from starlette.requests import Request
 
 from lb import bodyscan
-from lb.errors import BadRequest, HeadersTooLarge, PayloadTooLarge, RouteNotFound
+from lb.errors import BadRequest, HeadersTooLarge, PayloadTooLarge, RouteNotFound, UnsupportedMediaType
 
 PREFIX = "/openai/"
 # Kestrel's limits (what the Functions host enforces in front of us); uvicorn + httptools has none of its own.
@@ -122,6 +126,7 @@ async def read_request(request: Request, max_body_bytes: int, *, tokens: bool = 
     # A body that stalls is the server's to cut (`lb.serving`; Kestrel's minimum data rate behind
     # Functions): a timer here would cost every request, for the rare slow one.
     raw_path = _checked_path(request)
+    check_encoding(request)
     body = await _read_body(request, max_body_bytes)
     return await described(raw_path, body, request.headers.get("content-type", "application/json"), tokens=tokens)
 
@@ -161,6 +166,15 @@ def check_headers(request: Request) -> None:
         raise HeadersTooLarge(f"The request has more than {MAX_HEADER_COUNT} headers.")
     if sum(len(k) + len(v) + 4 for k, v in raw) > MAX_HEADER_BYTES:
         raise HeadersTooLarge(f"The request headers are larger than {MAX_HEADER_BYTES} bytes.")
+
+
+def check_encoding(request: Request) -> None:
+    """Refuse a body sent compressed (`Content-Encoding` other than `identity`), before reading it."""
+    encoding = request.headers.get("content-encoding")
+    if encoding is not None and any(c.strip().lower() not in ("identity", "") for c in encoding.split(",")):
+        raise UnsupportedMediaType(
+            "The request's Content-Encoding is not supported: send the body uncompressed (identity)."
+        )
 
 
 def check_path(path: str) -> None:

@@ -8,11 +8,13 @@ the forms those don't send, and what the new token calls are charged.
 - With several clients, none of the backend's `x-ratelimit-*` headers reaches a client (a limited
   one gets its own remaining quota); with one client, they pass as before.
 - A credential in the query (`Authorization`, `subscription-key`) never reaches a backend.
+- A compressed request body is a 415 on every route, before any backend is called.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import time
 from typing import Any
@@ -210,3 +212,23 @@ def test_a_credential_in_the_query_never_reaches_a_backend(servers, query: str) 
     sent = httpx.post(url + path, json=CHAT, headers={"api-key": BOB})
     assert sent.status_code == 200
     assert backend.queries == ["api-version=2024-10-21"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "GZIP", "identity, gzip"])
+@pytest.mark.parametrize("path", ["/openai/v1/chat/completions", "/openai/v1/files", "/openai/responses"])
+def test_a_compressed_body_is_refused_on_every_route(servers, encoding: str, path: str) -> None:
+    backend = QuotaHeaders()
+    url = _proxy(servers, backend, LB_CLIENT_KEYS=KEYS)
+    body = gzip.compress(json.dumps(CHAT).encode())
+    headers = {"api-key": BOB, "content-type": "application/json", "content-encoding": encoding}
+    sent = httpx.post(url + path, content=body, headers=headers)
+    assert sent.status_code == 415 and sent.json()["error"]["code"] == "UnsupportedMediaType"
+    assert backend.queries == []
+
+
+def test_a_body_said_to_be_identity_is_read_as_sent(servers) -> None:
+    backend = QuotaHeaders()
+    url = _proxy(servers, backend, LB_CLIENT_KEYS=KEYS)
+    headers = {"api-key": BOB, "content-type": "application/json", "content-encoding": "identity"}
+    sent = httpx.post(url + "/openai/v1/chat/completions", content=json.dumps(CHAT).encode(), headers=headers)
+    assert sent.status_code == 200 and len(backend.queries) == 1

@@ -273,11 +273,6 @@ def test_deleting_a_file_from_a_vector_store_keeps_the_stores_record(pool):
 DEFLATED_TEXT = "hello 11777717384603786643"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request body with a Content-Encoding is neither decoded nor refused: its bytes hide the chat's"
-    " file_id from the scan (deployment form), and Content-Encoding is forwarded to the backend",
-)
 def test_a_compressed_chat_naming_a_file_is_read_or_refused(pool):
     named = "file-" + "a" * 32  # no record: with several clients, a 404 and no backend call
     part = {"type": "file", "file": {"file_id": named}}
