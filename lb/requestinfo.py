@@ -204,8 +204,8 @@ def _checked_path(request: Request) -> str:
     path = raw.decode("latin-1").split("?", 1)[0]
     check_path(path)
     query = request.scope.get("query_string", b"").decode("latin-1")
-    lowered = query.lower()
-    if "%" in query or any(name in lowered for name in QUERY_CREDENTIALS):  # the client's: never forwarded
+    lowered = query.lower()  # "key": api-key, subscription-key (QUERY_CREDENTIALS), one search on every call
+    if "%" in query or "key" in lowered or "authorization" in lowered:  # the client's: never forwarded
         query = _without_credentials(query)
     return f"{path}?{query}" if query else path
 
