@@ -9,6 +9,7 @@
      +-- ClientQuotaExceeded 429     (lb.metering.quota) the client's own LB_CLIENT_LIMITS quota is used up
      +-- MethodNotAllowed    405     a method the route does not take
      +-- PayloadTooLarge     413     body above LB_MAX_BODY_BYTES
+     +-- UnsupportedMediaType 415    a request body sent compressed (Content-Encoding other than identity)
      +-- HeadersTooLarge     431     more request headers, or longer, than any Azure OpenAI call needs
      +-- RequestTimeout      408     `lb serve`: a request head or body that does not arrive in time
      +-- AllBackendsCooling  429     every candidate is throttled: Retry-After of the soonest recovery
@@ -92,6 +93,11 @@ class MethodNotAllowed(ProxyError):
 class PayloadTooLarge(ProxyError):
     status = 413
     code = "PayloadTooLarge"
+
+
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    code = "UnsupportedMediaType"
 
 
 class HeadersTooLarge(ProxyError):

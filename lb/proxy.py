@@ -57,7 +57,11 @@ class Proxy:
         self.backend_auth = backend_auth or BackendAuth()
         self.telemetry = telemetry or Telemetry()
         self.metering = Metering(
-            settings.client_limits, self.telemetry, stream_usage=settings.stream_usage, reserve=settings.reserve_tokens
+            settings.client_limits,
+            self.telemetry,
+            stream_usage=settings.stream_usage,
+            reserve=settings.reserve_tokens,
+            isolating=settings.isolating,
         )
         self.attempts = Attempts(
             settings, self.store, self.transport, self.backend_auth, self.telemetry, self.balancer.headroom

@@ -8,13 +8,23 @@ The Responses API keeps a third: `/openai/responses?api-version=...`, what the A
 sends for `responses.create`. Its deployment is the body's `"model"` too, so it is read as on v1.
 The body is read whole (bounded) because a failover must be able to send it again.
 
+What a call does is its route after that prefix, lower-cased (`operation`): Azure matches routes
+whatever their case, so everything that decides by the route (metering, quotas) reads it there, and
+`/openai/v1/Chat/Completions` is the chat it is.
+
 The path is relayed as the client encoded it, appended to the backend's base URL, so the upstream
 host is always the configured one. It is refused unless it is a plain `/openai/...` path: a dot or
 empty segment, a backslash, a control character or a scheme could make the backend (or a
 normaliser between us and it) resolve another path than the one we routed and authorised on, and
 percent-encoding is peeled off layer by layer so `%2e%2e`, `%252e%252e` or `%2f%2f` hide nothing.
 Unicode line breaks (U+0085, U+2028, U+2029) count as control characters: a log viewer splits lines
-on them, so a deployment name carrying one could forge a log line.
+on them, so a deployment name carrying one could forge a log line. A credential in the query
+(`api-key`, `subscription-key`, `Authorization`) is the client's: never forwarded (a backend or a
+gateway in front of it reads each, and its refusal would be taken as the balancer's own key refused).
+
+A body the balancer cannot read is not sent: a request `Content-Encoding` other than `identity` is
+refused (415). The deployment, the token estimate and the object scan all read the body's bytes, and
+a compressed body would hide from each what the backend, decoding it, acts on.
 
 Nothing a client sends may hold the event loop: a body is parsed as JSON only up to
 `PARSE_LIMIT_BYTES`; past it, `lb.bodyscan` finds `"model"` in slices that yield to the loop. The
@@ -35,7 +45,7 @@ from urllib.parse import unquote, unquote_plus
 from starlette.requests import Request
 
 from lb import bodyscan
-from lb.errors import BadRequest, HeadersTooLarge, PayloadTooLarge, RouteNotFound
+from lb.errors import BadRequest, HeadersTooLarge, PayloadTooLarge, RouteNotFound, UnsupportedMediaType
 
 PREFIX = "/openai/"
 # Kestrel's limits (what the Functions host enforces in front of us); uvicorn + httptools has none of its own.
@@ -50,6 +60,10 @@ _BAD_CHARS = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}\\#]")
 _CONTROL = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}]")
 ARRIVED = "lb.arrived"  # scope key: time.monotonic() when `lb serve` read the request's first byte
 NOT_PARSED = object()  # RequestInfo.payload when the body was not parsed (too large, not JSON, not needed)
+# Query parameters that carry a credential somewhere in front of a model: Azure OpenAI's `api-key`,
+# the `Authorization` its realtime WebSocket clients put in the URL, API Management's and Azure AI
+# services' `subscription-key` (the query twin of the Ocp-Apim-Subscription-Key header).
+QUERY_CREDENTIALS = ("api-key", "subscription-key", "authorization")
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,11 @@ class RequestInfo:
     marks: bodyscan.Marks = field(default=bodyscan.NO_MARKS, compare=False, repr=False)
 
     @property
+    def operation(self) -> str:
+        """What the call does: its route after the URL's prefix, lower-cased (`operation()`)."""
+        return operation(self.raw_path)
+
+    @property
     def tokens(self) -> int:
         """What Azure OpenAI will charge against the tokens quota at admission, roughly: the prompt
         (about 4 characters per token; the body's length stands in for it, JSON syntax and tool
@@ -81,6 +100,19 @@ class RequestInfo:
         output. Per-client quotas (lb.metering.quota) and the headroom policy charge this same figure."""
         assert self.marks.max_tokens is not None, "read with tokens=False"
         return len(self.body) // 4 + self.marks.max_tokens
+
+
+def operation(raw_path: str) -> str:
+    """The route after `/openai/deployments/{deployment}/`, `/openai/v1/` or `/openai/`, without
+    the query and lower-cased as Azure matches it: `chat/completions` for
+    `/openai/v1/Chat/Completions`, `responses` for `/openai/responses?api-version=...`, `batches`,
+    `responses/resp_1/cancel` (ids lower-cased too: for telling routes apart, not for naming objects)."""
+    segments = raw_path.split("?", 1)[0].lower().split("/")[2:]  # after "", "openai"
+    if len(segments) > 1 and segments[0] == "deployments":
+        return "/".join(segments[2:])
+    if segments and segments[0] == "v1":
+        return "/".join(segments[1:])
+    return "/".join(segments)
 
 
 def arrived(request: Request) -> float:
@@ -94,6 +126,7 @@ async def read_request(request: Request, max_body_bytes: int, *, tokens: bool = 
     # A body that stalls is the server's to cut (`lb.serving`; Kestrel's minimum data rate behind
     # Functions): a timer here would cost every request, for the rare slow one.
     raw_path = _checked_path(request)
+    check_encoding(request)
     body = await _read_body(request, max_body_bytes)
     return await described(raw_path, body, request.headers.get("content-type", "application/json"), tokens=tokens)
 
@@ -135,6 +168,15 @@ def check_headers(request: Request) -> None:
         raise HeadersTooLarge(f"The request headers are larger than {MAX_HEADER_BYTES} bytes.")
 
 
+def check_encoding(request: Request) -> None:
+    """Refuse a body sent compressed (`Content-Encoding` other than `identity`), before reading it."""
+    encoding = request.headers.get("content-encoding")
+    if encoding is not None and any(c.strip().lower() not in ("identity", "") for c in encoding.split(",")):
+        raise UnsupportedMediaType(
+            "The request's Content-Encoding is not supported: send the body uncompressed (identity)."
+        )
+
+
 def check_path(path: str) -> None:
     """Raise unless `path` (no query, as sent) is an `/openai/...` path that is safe to relay."""
     if not path.startswith(PREFIX):
@@ -162,15 +204,17 @@ def _checked_path(request: Request) -> str:
     path = raw.decode("latin-1").split("?", 1)[0]
     check_path(path)
     query = request.scope.get("query_string", b"").decode("latin-1")
-    if "%" in query or "api-key" in query.lower():  # a key in the URL is the client's credential: never forwarded
-        query = _without_api_key(query)
+    lowered = query.lower()  # "key": api-key, subscription-key (QUERY_CREDENTIALS), one search on every call
+    if "%" in query or "key" in lowered or "authorization" in lowered:  # the client's: never forwarded
+        query = _without_credentials(query)
     return f"{path}?{query}" if query else path
 
 
-def _without_api_key(query: str) -> str:
-    """The query without its `api-key` parameters, however their name is encoded (`api%2Dkey`,
-    `%61pi-key`): the backend decodes the name before it matches it, so we do too."""
-    kept = [p for p in query.split("&") if unquote_plus(p.split("=", 1)[0]).lower() != "api-key"]
+def _without_credentials(query: str) -> str:
+    """The query without its credential parameters (`QUERY_CREDENTIALS`), however their name is
+    encoded or cased (`api%2Dkey`, `%61pi-key`, `Subscription-Key`): the backend decodes the name
+    before it matches it, so we do too."""
+    kept = [p for p in query.split("&") if unquote_plus(p.split("=", 1)[0]).lower() not in QUERY_CREDENTIALS]
     return "&".join(p for p in kept if p)
 
 

@@ -1,11 +1,10 @@
 """A limited client (bob) getting around his quota: paths metering does not recognise.
 
-Azure OpenAI matches routes whatever their case (`lb.objects.routes.route` and `stateless` lower-case
-them for that reason), but metering recognises the calls it charges by case-sensitive suffixes
-(`lb.metering.CHAT_PATHS`, `TOKEN_PATHS`, the `/batches` test of `Metering.admit`). And a call that
-reserves nothing is admitted however far over his tokens per minute the client is. Each test fails
-on the current code (xfail, strict); docs/metering.md's promise is that a limited client is refused
-once over its limit and charged what it spends.
+Azure OpenAI matches routes whatever their case, so metering knows a call by its lower-cased route
+(`lb.requestinfo.operation`), and charges images, speech and compaction in tokens like chat: a call
+that reserves nothing is admitted however far over his tokens per minute the client is.
+docs/metering.md's promise is that a limited client is refused once over its limit and charged
+what it spends.
 """
 
 from __future__ import annotations
@@ -73,12 +72,6 @@ SPENDING = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a call metering does not recognise as spending tokens (a route in another case, responses/compact,"
-    " images, speech)"
-    " reserves nothing, and a call reserving nothing is admitted however far over its TPM the client is",
-)
 @pytest.mark.parametrize("way", sorted(SPENDING))
 def test_a_client_over_its_tokens_per_minute_cannot_spend_more_by_another_path(servers, way):
     backend = SimBackend("s", api_key="key-1")
@@ -91,11 +84,6 @@ def test_a_client_over_its_tokens_per_minute_cannot_spend_more_by_another_path(s
     assert sent.status_code == 429
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="metering asks a chat stream for its usage chunk only on a lower-case path, so a stream sent to"
-    " /openai/v1/Chat/Completions carries no usage and is charged nothing",
-)
 def test_a_stream_on_a_mixed_case_path_is_charged_its_usage(servers):
     backend = SimBackend("s", api_key="key-1", chunks=40)
     url = start(servers, backend, "bob=100000tpm")
@@ -107,11 +95,6 @@ def test_a_stream_on_a_mixed_case_path_is_charged_its_usage(servers):
     assert settled(url)["used_last_minute"]["tokens"] >= backend.chunks  # at least the output it streamed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the batch allowance is checked only on a path ending in lower-case '/batches':"
-    " /openai/v1/Batches creates a batch for a client that may create none",
-)
 def test_a_client_without_a_batch_allowance_cannot_create_one_through_another_case(servers):
     backend = SimBackend("s", api_key="key-1")
     url = start(servers, backend, "bob=100000tpm")  # a tpm and no bph: no batches

@@ -1,8 +1,8 @@
 """A second client (bob) reading the first one's (alice's) usage through what the balancer relays.
 
 `GET /lb/usage` shows a client only its own counts (tests/test_identity.py, tests/test_redteam_holds.py);
-the backend's `x-ratelimit-remaining-tokens` header is relayed to every client without a limit, and
-it counts every client's spend on that backend: a cheap call reads how much the others just spent.
+the backend's `x-ratelimit-remaining-tokens` header counts every client's spend on that backend, so
+with several clients it is not relayed (a cheap call would read how much the others just spent).
 """
 
 from __future__ import annotations
@@ -22,11 +22,6 @@ def remaining(url: str, key: str, content: str = "hi") -> int | None:
     return int(value) if value is not None else None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the backend's x-ratelimit-remaining-tokens is relayed to a client without a limit: with several"
-    " clients it tells bob how many tokens alice just spent on that backend",
-)
 def test_bob_cannot_read_alices_spend_from_the_remaining_tokens_header(make_pool):
     pool = make_pool(1, env=KEYS, tokens_per_window=1_000_000)  # one backend: both spend on it
     first = remaining(pool.url, "key-b")
@@ -41,9 +36,9 @@ def test_bob_cannot_read_alices_spend_from_the_remaining_tokens_header(make_pool
 
 @pytest.mark.xfail(
     strict=True,
-    reason="Azure's prompt cache is per resource, shared by every client of a backend, and the answer's"
-    " cached_tokens is relayed: bob confirms a guess of alice's prompt (a system prompt, a document) by"
-    " sending it and reading cached_tokens (affinity even steers equal heads to one backend)",
+    reason="documented limit (docs/security.md, 'A shared backend's prompt cache'): Azure's prompt cache is"
+    " shared by every caller of a backend, and the answer's cached_tokens is relayed: bob confirms a guess"
+    " of alice's prompt by sending it and reading cached_tokens; separate pools per trust domain avoid it",
 )
 def test_bob_cannot_confirm_a_guess_of_alices_prompt_from_cached_tokens(make_pool):
     pool = make_pool(1, env=KEYS)

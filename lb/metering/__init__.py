@@ -36,9 +36,14 @@ FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cac
 UNKNOWN = "unknown_usage"  # answers that carried no readable usage (counted as requests, not tokens)
 _WIDTH = len(FIELDS) + 1
 _RATE_HEADERS = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-remaining-requests")
-CHAT_PATHS = ("/chat/completions", "/completions")  # streams that carry usage only when asked
-GENERATING_PATHS = (*CHAT_PATHS, "/responses")  # calls that produce output: reserved for it
-TOKEN_PATHS = (*GENERATING_PATHS, "/embeddings")  # calls charged in tokens
+_BACKEND_QUOTA = b"x-ratelimit-"  # the backend's remaining/limit/reset figures: every client's spend on it
+# Calls by what they do (`RequestInfo.operation`: the route lower-cased, whatever the URL's shape or case).
+CHAT_OPERATIONS = frozenset({"chat/completions", "completions", "extensions/chat/completions"})  # usage when asked
+# Calls that produce output, reserved for it. Images (gpt-image-1) and speech (gpt-4o-mini-tts) are
+# billed in tokens too; an image answer says its usage, a speech answer (audio) does not: it is
+# charged its reservation, like any call whose usage stays unknown.
+GENERATING_OPERATIONS = CHAT_OPERATIONS | {"responses", "responses/compact", "images/generations", "audio/speech"}
+TOKEN_OPERATIONS = GENERATING_OPERATIONS | {"embeddings"}  # calls charged in tokens
 _hide_usage: ContextVar[bool] = ContextVar("lb_hide_usage", default=False)  # this request's client didn't ask
 
 
@@ -52,8 +57,10 @@ class Metering:
         clock: Callable[[], float] = time.time,
         stream_usage: str = STREAM_USAGE_AS_SENT,
         reserve: dict[str, int] | None = None,
+        isolating: bool = False,
     ) -> None:
         self.limiter = Limiter(limits)
+        self.isolating = isolating  # several clients: the backend's quota headers tell one the others' spend
         self.include_stream_usage = stream_usage == STREAM_USAGE_INCLUDE
         self.reserve = reserve or {}  # LB_RESERVE_TOKENS: deployment (or "*") -> output tokens reserved
         self.telemetry = telemetry
@@ -78,7 +85,7 @@ class Metering:
         """A streamed chat always asks the backend for its usage chunk; the client sees that chunk
         only if it asked for it (or, with `LB_STREAM_USAGE=include`, did not say)."""
         _hide_usage.set(False)
-        if not info.stream or not info.raw_path.split("?", 1)[0].endswith(CHAT_PATHS):
+        if not info.stream or info.operation not in CHAT_OPERATIONS:
             return info
         marks = info.marks
         inserted = usage_inserted(info.body, marks.stream_options)
@@ -108,11 +115,11 @@ class Metering:
         """Tokens a call may cost: its prompt (body / 4) plus its stated maximum output, else the
         deployment's default (`LB_RESERVE_TOKENS`) when it generates anything. Calls that spend no
         tokens (files, batches, reads) reserve nothing: a batch's input file is not its prompt."""
-        path = info.raw_path.split("?", 1)[0]
-        if not info.body or not path.endswith(TOKEN_PATHS):
+        operation = info.operation
+        if not info.body or operation not in TOKEN_OPERATIONS:
             return 0
         tokens = info.tokens
-        if not info.marks.max_tokens and path.endswith(GENERATING_PATHS):  # none stated
+        if not info.marks.max_tokens and operation in GENERATING_OPERATIONS:  # none stated
             tokens += self.reserve.get(info.deployment or "", self.reserve.get("*", DEFAULT_RESERVE_TOKENS))
         return tokens
 
@@ -121,11 +128,15 @@ class Metering:
         if client not in self.limiter.limits:
             return None
         self.version += 1
-        batch = bool(info.body) and info.raw_path.split("?", 1)[0].rstrip("/").endswith("/batches")
+        batch = bool(info.body) and info.operation == "batches"
         return self.limiter.admit(client, self.reservation(info), self.clock(), batch=batch)
 
     def observe(self, response: Response, client: str, info: RequestInfo | None, charge: Charge | None) -> Response:
-        """Count the answer's usage when its body has passed; a limited client gets its own quota headers."""
+        """Count the answer's usage when its body has passed; a limited client gets its own quota headers.
+        With several clients, the backend's `x-ratelimit-*` headers are not relayed: they count every
+        client's spend on that backend (the headroom policy has read them already)."""
+        if self.isolating and isinstance(response, UpstreamResponse):
+            response.raw_headers = [(k, v) for k, v in response.raw_headers if not k.startswith(_BACKEND_QUOTA)]
         if charge is not None:
             _set_rate_headers(response, charge.headers)
         deployment = info.deployment if info is not None else None
@@ -138,9 +149,10 @@ class Metering:
             return response
         backend, ok, stream = response.backend, 200 <= response.status_code < 300, response.event_stream
         readable = stream or "json" in response.upstream.headers.get("content-type", "")  # not audio, files, ...
-        path = info.raw_path.split("?", 1)[0].rstrip("/") if info is not None else ""
-        responses = "/responses" in path
-        read = responses and not path.endswith("/responses")  # a stored response read, polled or cancelled
+        operation = info.operation if info is not None else ""
+        responses = operation == "responses" or operation.startswith("responses/")
+        # a stored response read, polled or cancelled (a compaction makes a new output: charged as made)
+        read = responses and operation not in ("responses", "responses/compact")
         reader = UsageReader(stream, responses) if ok and readable else None
         hide = UsageChunkFilter() if reader is not None and stream and _hide_usage.get() else None
         encoding = response.upstream.headers.get("content-encoding", "identity").lower()
