@@ -72,6 +72,43 @@ SPENDING = {
 }
 
 
+# An image to edit or audio to transcribe, sent as the SDK sends it: a multipart form with the file.
+FILE_INPUTS = {
+    "images-edits": ("/openai/v1/images/edits", {"model": "chat", "prompt": "a hat"}, "image", "a.png"),
+    "images-variations": ("/openai/v1/images/variations", {"model": "chat"}, "image", "a.png"),
+    "audio-transcriptions": ("/openai/v1/audio/transcriptions", {"model": "chat"}, "file", "a.wav"),
+    "audio-translations": ("/openai/v1/audio/translations", {"model": "chat"}, "file", "a.wav"),
+}
+
+
+@pytest.mark.parametrize("way", sorted(FILE_INPUTS))
+def test_a_client_over_its_tokens_per_minute_cannot_spend_more_by_sending_a_file(servers, way):
+    backend = SimBackend("s", api_key="key-1")
+    url = start(servers, backend, "bob=100tpm")
+    over_limit(url)
+    path, fields, name, filename = FILE_INPUTS[way]
+    calls = len(backend.calls)
+    files = {name: (filename, b"\x00" * 4096)}
+    sent = httpx.post(url + path, data=fields, files=files, headers={"api-key": BOB}, timeout=10)
+    assert len(backend.calls) == calls, f"bob spent past his limit through {path} ({sent.status_code})"
+    assert sent.status_code == 429
+
+
+def test_a_file_input_reserves_the_deployment_default_not_its_bytes(servers):
+    """A 400 KB image is not 100,000 tokens: a client with room for a call's default is admitted."""
+    backend = SimBackend("s", api_key="key-1")
+    url = start(servers, backend, "bob=5000tpm")
+    files = {"image": ("a.png", b"\x00" * 400_000)}
+    sent = httpx.post(
+        url + "/openai/v1/images/edits",
+        data={"model": "chat", "prompt": "a hat"},
+        files=files,
+        headers={"api-key": BOB},
+        timeout=10,
+    )
+    assert sent.status_code != 429, sent.text
+
+
 @pytest.mark.parametrize("way", sorted(SPENDING))
 def test_a_client_over_its_tokens_per_minute_cannot_spend_more_by_another_path(servers, way):
     backend = SimBackend("s", api_key="key-1")

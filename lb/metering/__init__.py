@@ -43,7 +43,12 @@ CHAT_OPERATIONS = frozenset({"chat/completions", "completions", "extensions/chat
 # billed in tokens too; an image answer says its usage, a speech answer (audio) does not: it is
 # charged its reservation, like any call whose usage stays unknown.
 GENERATING_OPERATIONS = CHAT_OPERATIONS | {"responses", "responses/compact", "images/generations", "audio/speech"}
-TOKEN_OPERATIONS = GENERATING_OPERATIONS | {"embeddings"}  # calls charged in tokens
+# Calls whose input is a file in a multipart form (an image to edit, audio to transcribe: gpt-image-1
+# and gpt-4o-transcribe bill them in tokens). The file's bytes say little of its tokens, so these
+# reserve the deployment's default (`LB_RESERVE_TOKENS`) and are charged the usage their answer
+# states, else that reservation: a limited client can't spend through them unmetered.
+FILE_INPUT_OPERATIONS = frozenset({"images/edits", "images/variations", "audio/transcriptions", "audio/translations"})
+TOKEN_OPERATIONS = GENERATING_OPERATIONS | FILE_INPUT_OPERATIONS | {"embeddings"}  # calls charged in tokens
 _hide_usage: ContextVar[bool] = ContextVar("lb_hide_usage", default=False)  # this request's client didn't ask
 
 
@@ -118,9 +123,12 @@ class Metering:
         operation = info.operation
         if not info.body or operation not in TOKEN_OPERATIONS:
             return 0
+        default = self.reserve.get(info.deployment or "", self.reserve.get("*", DEFAULT_RESERVE_TOKENS))
+        if operation in FILE_INPUT_OPERATIONS:
+            return default
         tokens = info.tokens
         if not info.marks.max_tokens and operation in GENERATING_OPERATIONS:  # none stated
-            tokens += self.reserve.get(info.deployment or "", self.reserve.get("*", DEFAULT_RESERVE_TOKENS))
+            tokens += default
         return tokens
 
     def admit(self, client: str, info: RequestInfo) -> Charge | None:
