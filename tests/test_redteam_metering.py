@@ -71,9 +71,15 @@ def test_a_token_call_reserves_its_prompt_and_its_output(path: str, body: dict[s
     assert Metering({}, Telemetry()).reservation(info) == len(info.body) // 4 + output
 
 
-@pytest.mark.parametrize("path", ["/openai/v1/files", "/openai/v1/audio/transcriptions", "/openai/v1/Batches"])
+@pytest.mark.parametrize("path", ["/openai/v1/files", "/openai/v1/Batches"])
 def test_a_call_that_spends_no_tokens_reserves_nothing(path: str) -> None:
     assert Metering({}, Telemetry()).reservation(_info(path, {"model": "m", "input": "x"})) == 0
+
+
+@pytest.mark.parametrize("path", ["/openai/v1/audio/Transcriptions", "/openai/v1/images/edits"])
+def test_a_file_input_reserves_the_default_whatever_its_size(path: str) -> None:
+    info = _info(path, {"model": "m", "input": "x" * 100_000})
+    assert Metering({}, Telemetry()).reservation(info) == 1024
 
 
 class TokenCalls:
