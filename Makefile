@@ -10,7 +10,7 @@ UNIT := not e2e and not azurite and not bench
 # timers, so two workers halve its wall time even on 2 cores; a file's tests stay together (module fixtures).
 WORKERS ?= 2
 
-.PHONY: demo test check lint typecheck test-unit sim serve install azurite
+.PHONY: demo test check lint typecheck test-unit sim serve install azurite funchost
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,22 @@ node_modules/.bin/azurite-table:
 
 azurite: node_modules/.bin/azurite-table
 
+# tests/test_funchost.py serves the app through the real Functions Python worker, with
+# ../shared/tools/funchost when the clone has it beside it (else those tests skip). Its venv is
+# built here with the rest of what the tests need, not inside the first test that starts it.
+FUNCHOST_SETUP := ../shared/tools/funchost/setup
+FUNCHOST_VENV ?= /tmp/funchost-venv
+$(FUNCHOST_VENV)/.lb-ready: requirements.txt
+	@if [ -x $(FUNCHOST_SETUP) ]; then FUNCHOST_VENV=$(FUNCHOST_VENV) $(FUNCHOST_SETUP) . >/dev/null && touch $@; fi
+
+funchost: $(FUNCHOST_VENV)/.lb-ready
+
 # The main job: three simulated Azure OpenAI backends, the proxy and real openai SDK traffic.
 demo: install
 	$(PY) -m lb demo
 
 # What CI runs: the linter, the type checker, then every test (unit, end-to-end over sockets, Azurite, bench smoke).
-test: install azurite check
+test: install azurite funchost check
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
 # Checks only, with what is installed.
