@@ -34,7 +34,10 @@ START_SECONDS = 300  # the first start builds the worker's venv
 KEY = "funchost-client-key"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
-pytestmark = pytest.mark.skipif(not (FUNCHOST / "start").exists(), reason="../shared/tools/funchost is absent")
+pytestmark = [
+    pytest.mark.skipif(not (FUNCHOST / "start").exists(), reason="../shared/tools/funchost is absent"),
+    pytest.mark.e2e,  # the worker and its host are processes on sockets
+]
 
 
 @dataclass

@@ -164,6 +164,7 @@ def test_a_clients_report_keeps_only_its_own_entries_of_the_pools_counts_too():
     assert seen == [None, "app"]
 
 
+@pytest.mark.e2e  # starts `lb serve`
 def test_lb_serve_stops_at_start_up_naming_the_operator_nobody_can_be():
     process = run_lb(
         {"BACKEND_1_URL": "https://a.openai.azure.com", "LB_CLIENT_KEYS": "ops:k1", "LB_ADMIN_CLIENTS": "opz"}, "serve"

@@ -348,6 +348,7 @@ def test_funcignore_ships_only_the_runtime():
     assert {"requirements-bench.txt", "requirements-dev.txt", "docs", "bench", "tests", "node_modules"} <= ignored
 
 
+@pytest.mark.e2e  # imports the package in a Python process of its own
 def test_the_deployment_package_is_what_the_function_imports_and_nothing_else(tmp_path: Path):
     """Built as azd and Core Tools build it (the folder minus `.funcignore`), then imported on its own."""
     import shutil
