@@ -36,6 +36,7 @@ than 4,300 digits) is a 400, like any other invalid JSON.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -87,9 +88,10 @@ class RequestInfo:
     # the largest max_*tokens it states (quotas' reservation, the headroom policy's demand).
     marks: bodyscan.Marks = field(default=bodyscan.NO_MARKS, compare=False, repr=False)
 
-    @property
+    @functools.cached_property
     def operation(self) -> str:
-        """What the call does: its route after the URL's prefix, lower-cased (`operation()`)."""
+        """What the call does: its route after the URL's prefix, lower-cased (`operation()`); split
+        from the path once per request, however many policies ask."""
         return operation(self.raw_path)
 
     @property
