@@ -8,6 +8,7 @@ the unit layer: `make test-unit`, no sockets, no servers, seconds. Waits poll (`
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 import time
@@ -20,6 +21,7 @@ import pytest
 
 from lb.app import create_app
 from lb.config import load_settings
+from lb.objects.records import ObjectRecord
 from lb.proxy import Proxy
 from lb.sim import Servers, SimBackend, free_port
 from tests.azurite import azurite_fixture  # noqa: F401  (the `azurite` fixture: a real Table Storage)
@@ -127,6 +129,12 @@ class Pool:
     def v1(self, key: str = CLIENT_KEY, **kwargs: object) -> openai.OpenAI:
         url = self.url + "/openai/v1"
         return openai.OpenAI(base_url=url, api_key=key, max_retries=0, http_client=SdkHttp(), **kwargs)
+
+    def plant(self, object_id: str, kind: str, owner: str, backend: str = "1") -> None:
+        """A record of an object the simulator cannot make (containers, evals): as if the key client
+        `owner` had created it on `backend`."""
+        record = ObjectRecord(backend, f"key:{owner}", kind, time.time() + 3600)
+        asyncio.run(self.proxy.objects.records.create(object_id, record))
 
 
 @pytest.fixture

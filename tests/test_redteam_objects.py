@@ -10,16 +10,12 @@ the simulator does not know every route, so its answer alone would prove nothing
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-import time
 import zlib
 
 import httpx
 import pytest
-
-from lb.objects.records import ObjectRecord
 
 KEYS = {"LB_CLIENT_KEYS": "alice:key-a,bob:key-b"}
 JSON_TYPE = "application/json"
@@ -33,12 +29,6 @@ def pool(make_pool):
 
 def backend_calls(pool) -> int:
     return sum(len(b.calls) for b in pool.backends)
-
-
-def plant(pool, object_id: str, kind: str, owner: str, backend: str = "1") -> None:
-    """A record of an object the simulator cannot make (containers, evals): as if `owner` had created it."""
-    record = ObjectRecord(backend, f"key:{owner}", kind, time.time() + 3600)
-    asyncio.run(pool.proxy.objects.records.create(object_id, record))
 
 
 def multipart(fields: dict[str, str], file: tuple[str, bytes] | None = None) -> tuple[bytes, str]:
@@ -86,7 +76,7 @@ def test_bob_cannot_copy_alices_file_into_his_container_through_a_multipart_form
     holder = pool.proxy.objects.records.known(file_id)
     assert holder is not None
     container = "cntr_" + "b" * 32
-    plant(pool, container, "container", "bob", holder.backend)  # bob's container, on the holder of alice's file
+    pool.plant(container, "container", "bob", holder.backend)  # bob's container, on the holder of alice's file
     body, content_type = multipart({"file_id": file_id})
     before = backend_calls(pool)
     with bob_http(pool) as http:
@@ -102,7 +92,7 @@ def test_a_json_container_file_naming_alices_file_is_refused(pool):
     alice = pool.v1("key-a")
     file_id = alice.files.create(file=("a.jsonl", io.BytesIO(b'{"secret": "alice"}\n')), purpose="assistants").id
     container = "cntr_" + "c" * 32
-    plant(pool, container, "container", "bob")
+    pool.plant(container, "container", "bob")
     before = backend_calls(pool)
     with bob_http(pool) as http:
         made = http.post(
@@ -142,7 +132,7 @@ SELECTING_SOURCES = {
 def test_bob_cannot_run_an_eval_over_the_backends_stored_responses(pool, source):
     action, body = SELECTING_SOURCES[source]
     eval_id = "eval_" + "e" * 32
-    plant(pool, eval_id, "eval", "bob")
+    pool.plant(eval_id, "eval", "bob")
     before = backend_calls(pool)
     with bob_http(pool) as http:
         run = http.post(
@@ -223,7 +213,7 @@ def test_bob_cannot_replay_another_clients_audio_answer_in_a_chat(pool):
 # Records ------------------------------------------------------------------------------------------
 def test_deleting_a_file_from_a_vector_store_keeps_the_stores_record(pool):
     store = "vs_" + "a" * 32
-    plant(pool, store, "vector_store", "alice")
+    pool.plant(store, "vector_store", "alice")
     with httpx.Client(base_url=pool.url, headers={"api-key": "key-a"}, timeout=10) as http:
         removed = http.delete(f"/openai/v1/vector_stores/{store}/files/file-{'f' * 32}")
         assert removed.status_code == 200

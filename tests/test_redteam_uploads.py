@@ -7,17 +7,14 @@ batch input file's lines are read by the rules of a direct call, and what can't 
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-import time
 
 import httpx
 import pytest
 
 from lb.errors import BadRequest
 from lb.objects import forms, routes
-from lb.objects.records import ObjectRecord
 from lb.objects.routes import ObjectCall
 from lb.requestinfo import PARSE_LIMIT_BYTES
 from tests.conftest import CLIENT_KEY
@@ -30,11 +27,6 @@ def pool(make_pool):
     return make_pool(1, env=KEYS)
 
 
-def plant(pool, object_id: str, kind: str, owner: str) -> None:
-    record = ObjectRecord("1", f"key:{owner}", kind, time.time() + 3600)
-    asyncio.run(pool.proxy.objects.records.create(object_id, record))
-
-
 def bob_http(pool) -> httpx.Client:
     return httpx.Client(base_url=pool.url, headers={"api-key": "key-b"}, timeout=10)
 
@@ -42,7 +34,7 @@ def bob_http(pool) -> httpx.Client:
 # Records ------------------------------------------------------------------------------------------
 def test_a_404_on_a_sub_path_keeps_the_record_and_one_on_the_object_drops_it(pool):
     response = "resp_" + "a" * 32  # recorded as alice's; the backend does not have it
-    plant(pool, response, "response", "alice")
+    pool.plant(response, "response", "alice")
     with httpx.Client(base_url=pool.url, headers={"api-key": "key-a"}, timeout=10) as http:
         assert http.get(f"/openai/v1/responses/{response}/input_items").status_code == 404
         assert pool.proxy.objects.records.known(response) is not None  # a sub-path's 404 is not the object's
@@ -52,7 +44,7 @@ def test_a_404_on_a_sub_path_keeps_the_record_and_one_on_the_object_drops_it(poo
 
 def test_deleting_the_object_itself_drops_its_record(pool):
     store = "vs_" + "a" * 32
-    plant(pool, store, "vector_store", "alice")
+    pool.plant(store, "vector_store", "alice")
     with httpx.Client(base_url=pool.url, headers={"api-key": "key-a"}, timeout=10) as http:
         assert http.delete(f"/openai/v1/vector_stores/{store}").status_code == 200
     assert pool.proxy.objects.records.known(store) is None
@@ -199,7 +191,7 @@ def test_bobs_form_naming_his_own_file_is_sent(pool):
     with pool.v1("key-b") as bob:
         mine = bob.files.create(file=("b.jsonl", io.BytesIO(b'{"a": 1}\n')), purpose="assistants").id
     container = "cntr_" + "b" * 32
-    plant(pool, container, "container", "bob")
+    pool.plant(container, "container", "bob")
     before = backend_calls(pool)
     with bob_http(pool) as http:
         http.post(
@@ -212,7 +204,7 @@ def test_bobs_form_naming_his_own_file_is_sent(pool):
 
 def test_a_malformed_form_is_a_400_in_azures_shape_and_not_sent(pool):
     container = "cntr_" + "b" * 32
-    plant(pool, container, "container", "bob")
+    pool.plant(container, "container", "bob")
     body, content_type = MALFORMED["boundary after a bare LF"]
     before = backend_calls(pool)
     with bob_http(pool) as http:
