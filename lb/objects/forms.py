@@ -83,13 +83,9 @@ def reads(method: str, objects: ObjectCall, content_type: str | None) -> bool:
     collection = objects.collection
     if collection is None or method not in ("POST", "PUT", "PATCH"):
         return False
-    if is_form(content_type):
+    if routes.is_form(content_type):
         return collection.multipart
     return collection.kind == "upload" and objects.creates
-
-
-def is_form(content_type: str | None) -> bool:
-    return (content_type or "").lower().lstrip().startswith("multipart/form-data")
 
 
 async def read(method: str, objects: ObjectCall, body: bytes, content_type: str | None) -> ObjectCall:
@@ -102,7 +98,7 @@ async def read(method: str, objects: ObjectCall, body: bytes, content_type: str 
 
 def read_now(method: str, objects: ObjectCall, body: bytes, content_type: str | None) -> ObjectCall:
     kind = objects.collection.kind if objects.collection is not None else None
-    if not is_form(content_type):  # an Upload's create (JSON): only its purpose is read here
+    if not routes.is_form(content_type):  # an Upload's create (JSON): only its purpose is read here
         payload = routes.parse_body(body, content_type) if body else None
         if kind == "upload" and isinstance(payload, dict) and _is_batch(payload):
             raise _batch_upload()

@@ -337,7 +337,7 @@ def _stateless_markers(method: str, key: str, body: bytes, content_type: str | N
     is read (a multipart upload's form fields are not JSON)."""
     if not body or method not in STATELESS[key]:
         return None
-    if (content_type or "").lower().startswith("multipart/form-data"):
+    if is_form(content_type):
         return None
     return _STATELESS_MARKERS.get(key, MARKERS)
 
@@ -346,9 +346,14 @@ def _markers(method: str, collection: Collection, body: bytes, content_type: str
     """`body_markers` for a path whose collection is already known (`route` is not run twice)."""
     if not body or method not in ("POST", "PUT", "PATCH"):
         return None
-    if collection.multipart and (content_type or "").lower().startswith("multipart/form-data"):
+    if collection.multipart and is_form(content_type):
         return None
     return _SELECTING_MARKERS[collection.kind] if collection.selects else MARKERS
+
+
+def is_form(content_type: str | None) -> bool:
+    """A multipart/form-data body: never JSON; its fields are read by `lb.objects.forms`."""
+    return (content_type or "").lower().lstrip().startswith("multipart/form-data")
 
 
 def names_objects(body: bytes, markers: tuple[bytes, ...]) -> bool:
