@@ -128,10 +128,9 @@ class ObjectRouter:
             return routes.classify(request.method, info.raw_path, body, content_type, self.isolating)
         markers = routes.body_markers(request.method, info.raw_path, body, content_type)
         named = markers is not None and await _names_objects(body, markers)
-        if not named:
-            return routes.classify(request.method, info.raw_path, body, content_type, self.isolating, named=False)
-        # a large body that may name objects is parsed off the loop
-        args = (request.method, info.raw_path, body, content_type, self.isolating, True)
+        # off the loop: a large body is parsed if it may name objects, and searched whole (its encoding,
+        # `"store": false`) even if not, each a pass the loop's other requests would wait behind
+        args = (request.method, info.raw_path, body, content_type, self.isolating, named)
         return await asyncio.to_thread(routes.classify, *args)
 
     def report(self) -> dict[str, Any]:

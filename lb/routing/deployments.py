@@ -42,9 +42,10 @@ def _with_model(body: bytes, spans: tuple[tuple[int, int], ...], name: str) -> b
     """The body with each located `model` value replaced by `name`; sent as it came when there is none
     (not JSON, no top-level `model` string: the backend answers that with its own 400)."""
     value = json.dumps(name).encode()
-    parts: list[bytes] = []
+    view = memoryview(body)  # slices of a view are not copies: the body is copied once, by the join
+    parts: list[bytes | memoryview] = []
     at = 0
     for start, end in spans:
-        parts += (body[at:start], value)
+        parts += (view[at:start], value)
         at = end
-    return b"".join([*parts, body[at:]]) if spans else body
+    return b"".join([*parts, view[at:]]) if spans else body
