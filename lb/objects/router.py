@@ -128,8 +128,10 @@ class ObjectRouter:
             return routes.classify(request.method, info.raw_path, body, content_type, self.isolating)
         markers = routes.body_markers(request.method, info.raw_path, body, content_type)
         named = markers is not None and await _names_objects(body, markers)
-        # off the loop: a large body is parsed if it may name objects, and searched whole (its encoding,
-        # `"store": false`) even if not, each a pass the loop's other requests would wait behind
+        if not named and routes.route(info.raw_path)[0] is None:
+            return routes.classify(request.method, info.raw_path, body, content_type, self.isolating, named=False)
+        # off the loop: an object route's body is parsed if it may name objects, and searched whole
+        # (its encoding, `"store": false`) even if not, each a pass other requests would wait behind
         args = (request.method, info.raw_path, body, content_type, self.isolating, named)
         return await asyncio.to_thread(routes.classify, *args)
 
