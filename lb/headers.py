@@ -5,7 +5,9 @@ headers a Connection header names, nor any Proxy-* header (meant for a proxy, i.
 upstream host is always the backend's, so the client's Host / X-Forwarded-Host / Forwarded never
 travel, and neither do its credentials. Headers some servers take as a routing or method override
 (X-Original-URL, X-Rewrite-URL, X-HTTP-Method-Override, ...) never travel either: the backend must
-serve the path and method we checked. `Expect: 100-continue` is dropped and the body sent at once:
+serve the path and method we checked. A name is matched with `_` read as `-`, as a CGI or WSGI
+server reads it (both spellings become `HTTP_API_KEY`), so `api_key` is a credential too.
+`Expect: 100-continue` is dropped and the body sent at once:
 the backend's 100 would be one more unbounded wait, and the body is already in hand. The client's
 `Accept-Encoding` never travels: the backend is asked for `identity`, because the balancer reads
 every answer's usage as it passes (`lb.metering`) and a compressed answer would hide it (a client
@@ -86,7 +88,8 @@ def forwarded(request: Request, request_id: str | None) -> list[tuple[bytes, byt
             prior = v if prior is None else prior  # the first one, as Starlette's .get() reads it
             continue
         seen_id = seen_id or k == b"x-request-id"
-        if k.decode("latin-1") not in skip and not k.startswith(b"proxy-"):
+        name = k.decode("latin-1").replace("_", "-")  # CGI/WSGI servers read `api_key` as `api-key`
+        if name not in skip and not name.startswith("proxy-"):
             headers.append((k, v))
     if request_id and not seen_id:
         headers.append((b"x-request-id", request_id.encode()))  # the backend's logs can be matched with ours

@@ -168,12 +168,14 @@ def check_headers(request: Request) -> None:
         raise HeadersTooLarge(f"The request has more than {MAX_HEADER_COUNT} headers.")
     if sum(len(k) + len(v) + 4 for k, v in raw) > MAX_HEADER_BYTES:
         raise HeadersTooLarge(f"The request headers are larger than {MAX_HEADER_BYTES} bytes.")
+    if len(request.headers.getlist("content-type")) > 1:  # servers differ on which one counts: first, last, joined
+        raise BadRequest("The request has more than one Content-Type header.")
 
 
 def check_encoding(request: Request) -> None:
     """Refuse a body sent compressed (`Content-Encoding` other than `identity`), before reading it."""
-    encoding = request.headers.get("content-encoding")
-    if encoding is not None and any(c.strip().lower() not in ("identity", "") for c in encoding.split(",")):
+    encoding = ",".join(request.headers.getlist("content-encoding"))  # every header: a server may read any of them
+    if any(c.strip().lower() not in ("identity", "") for c in encoding.split(",")):
         raise UnsupportedMediaType(
             "The request's Content-Encoding is not supported: send the body uncompressed (identity)."
         )
