@@ -133,10 +133,6 @@ class Gateway:
 
 
 # 1. A stateless route's body sent as multipart/form-data is never read ---------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: a stateless route's body with a multipart Content-Type is never read (routes._stateless_markers)",
-)
 @pytest.mark.parametrize("path", [DEPLOYMENT_CHAT, "/openai/v1/chat/completions"])
 @pytest.mark.parametrize("content_type", [FORM, "multipart/form-data"])
 def test_a_json_chat_labelled_multipart_is_read_or_refused(pool, path, content_type):
@@ -157,10 +153,6 @@ def test_a_json_chat_labelled_multipart_is_read_or_refused(pool, path, content_t
     assert sent.status_code in (400, 404, 415)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: the multipart form of a stateless route (images/edits) is not read by lb.objects.forms",
-)
 def test_an_image_edit_form_naming_alices_file_is_refused(pool):
     """The multipart twin of round 1's JSON image edit (tests/test_redteam_objects.py): the form
     fields `images[0][file_id]` and `mask[file_id]` are the JSON body's `images[].file_id` and

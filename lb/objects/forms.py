@@ -3,11 +3,15 @@
 With several clients, a call to an object route is sent only when every object it names is the
 caller's (`lb.objects.router`). Two kinds of body name objects outside a JSON body:
 
-- **multipart/form-data** (files, containers' files, uploads' parts): a form field can name an
-  object as a JSON field can (`POST /containers/{id}/files` with `file_id=...`). The form's part
-  headers and its fields are read; a file's contents are not. Each field name is read as a path
-  (`tools[0][file_ids][]`, `a.b` -> `tools` / `0` / `file_ids`), lower-cased, and the fields are
-  checked by the table's own rules (`routes.body_ids`), as the same JSON would be.
+- **multipart/form-data** (files, containers' files, uploads' parts, and the stateless routes that
+  take a form: `images/edits` and `variations`, `audio/transcriptions` and `translations`): a form
+  field can name an object as a JSON field can (`POST /containers/{id}/files` with `file_id=...`,
+  `POST /images/edits` with `images[0][file_id]=...`). The form's part headers and its fields are
+  read; a file's contents are not. Each field name is read as a path (`tools[0][file_ids][]`,
+  `a.b` -> `tools` / `0` / `file_ids`), lower-cased, and the fields are checked by the table's own
+  rules (`routes.body_ids`), as the same JSON would be. Text before the first boundary (a preamble,
+  which form parsers skip) that could name an object is a 400: a backend reading the body as JSON
+  whatever its label, or only its first JSON value, would find ids there that the form does not have.
 - **a batch input file** (`POST /files` with `purpose=batch`): each JSONL line is a call the batch
   will make later, on the backend holding the file. Each line's `url` and `body` are read as a
   direct call to that route would be: the route by `routes.classify` (an object in the path, a
@@ -81,8 +85,10 @@ class Part:
 def reads(method: str, objects: ObjectCall, content_type: str | None) -> bool:
     """Whether the call's body has ids only this module reads (called with several clients only)."""
     collection = objects.collection
-    if collection is None or method not in ("POST", "PUT", "PATCH"):
+    if method not in ("POST", "PUT", "PATCH"):
         return False
+    if collection is None:  # a stateless route: only a form (`routes.FORM_ROUTES`) is read here
+        return routes.is_form(content_type)
     if routes.is_form(content_type):
         return collection.multipart
     return collection.kind == "upload" and objects.creates
@@ -103,6 +109,7 @@ def read_now(method: str, objects: ObjectCall, body: bytes, content_type: str | 
         if kind == "upload" and isinstance(payload, dict) and _is_batch(payload):
             raise _batch_upload()
         return objects
+    check_preamble(body, content_type)
     parts = list(form_parts(body, content_type))
     form = fields(body, parts)
     found: list[ObjectId] = routes.body_ids(form)
@@ -127,6 +134,14 @@ def boundary_of(content_type: str | None) -> bytes:
     if not _BOUNDARY.fullmatch(value):
         raise MalformedForm("The multipart boundary must be 1-70 of RFC 2046's characters.")
     return value.encode("ascii")
+
+
+def check_preamble(body: bytes, content_type: str | None) -> None:
+    """A 400 for text before the first boundary line that could name an object: form parsers skip
+    it, but a backend reading the body as JSON (whatever its label, or its first value only) would not."""
+    first = body.find(b"--" + boundary_of(content_type))
+    if first > 0 and routes.names_objects(body[:first], routes.MARKERS):
+        raise MalformedForm("The multipart body's text before its first boundary (a preamble) must not name objects.")
 
 
 def form_parts(body: bytes, content_type: str | None) -> Iterator[Part]:

@@ -119,7 +119,9 @@ class ObjectRouter:
         content_type = request.headers.get("content-type")
         objects = await self._classify(request, info, content_type)
         if self.isolating and objects is not None and forms.reads(request.method, objects, content_type):
-            return await forms.read(request.method, objects, info.body, content_type)  # forms, batch files
+            objects = await forms.read(request.method, objects, info.body, content_type)  # forms, batch files
+            if objects.collection is None and not objects.ids:
+                return None  # a stateless route's form naming no object: a model call like any other
         return objects
 
     async def _classify(self, request: Request, info: RequestInfo, content_type: str | None) -> ObjectCall | None:

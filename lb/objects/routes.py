@@ -14,6 +14,10 @@ backend will, or refuses it:
   content type a 415), and it is parsed whole, so a field name spelled with escapes is still read;
 - a key in letters other than ASCII that fold to a field it reads (a long s, fullwidth letters) is
   a 400: a backend folding keys loosely would read the field, a strict one would not;
+- with several clients, a multipart/form-data body on a stateless route is read as a form where the
+  route takes one (FORM_ROUTES: image edits and variations, audio transcriptions and translations),
+  by `lb.objects.forms`, and is a 415 on any other (they take JSON only); an urlencoded form on a
+  FORM_ROUTES route is a 415;
 - with several clients, a route under /openai/ that is neither stateless nor in this table, or a
   stateless route called with a method it does not list, is refused (`RouteNotIsolated`), never
   forwarded blind.
@@ -167,6 +171,11 @@ STATELESS: dict[str, frozenset[str]] = {
     "": READ,  # /openai/v1/ itself
 }
 _NAMED = {"models": "models/{model}", "deployments": "deployments/{deployment}"}
+# Stateless routes whose request is a multipart form (an image or an audio file, with its fields):
+# with several clients a form sent there is read by `lb.objects.forms` (fields only, never the file),
+# like a container file's. Every other stateless route takes JSON only: a body labelled
+# multipart/form-data there is refused (415), never sent unread to a backend that may parse it as JSON.
+FORM_ROUTES = frozenset({"images/edits", "images/variations", "audio/transcriptions", "audio/translations"})
 # The body fields by which the reference lets these stateless routes' JSON bodies name a stored
 # object; any other stateless route's body is searched for every field of the table. Chat: a file
 # part ({"type": "file", "file": {"file_id": ...}}) and an assistant turn's stored audio answer
@@ -282,6 +291,10 @@ def classify(
                 " can list, change or delete what other clients stored or use, so it is refused while"
                 f" several clients share the pool (this route takes {' or '.join(sorted(STATELESS[free[1]]))})."
             )
+        if isolating and body and (is_form(content_type) or free[1] in FORM_ROUTES):
+            form = _stateless_form(method, *free, content_type)
+            if form is not None:
+                return form
         markers = _stateless_markers(method, free[1], body, content_type)
         if markers is None or not (names_objects(body, markers) if named is None else named):
             return None
@@ -334,12 +347,33 @@ def body_markers(method: str, raw_path: str, body: bytes, content_type: str | No
 
 def _stateless_markers(method: str, key: str, body: bytes, content_type: str | None) -> tuple[bytes, ...] | None:
     """`body_markers` of a stateless route (its key in STATELESS): only a JSON body of its own method
-    is read (a multipart upload's form fields are not JSON)."""
+    is searched. A multipart body is not JSON: with several clients `classify` reads it as a form or
+    refuses it (`_stateless_form`); with one it is sent as it is."""
     if not body or method not in STATELESS[key]:
         return None
     if is_form(content_type):
         return None
     return _STATELESS_MARKERS.get(key, MARKERS)
+
+
+def _stateless_form(method: str, shape: str, key: str, content_type: str | None) -> ObjectCall | None:
+    """A form body on a stateless route, with several clients; None for a body that is no form. A
+    multipart/form-data body: on a route that takes a form (FORM_ROUTES), an object call naming
+    nothing yet, whose form `lb.objects.forms` reads for ids (the router sends it as a plain model
+    call when it names none); on any other, a 415. An urlencoded form there is a 415 too: Azure takes
+    these routes' forms as multipart, and its field names may be percent-encoded past every marker."""
+    if is_form(content_type):
+        if key not in FORM_ROUTES:
+            raise UnsupportedMediaType(
+                f"'{method} {shape or 'v1'}' takes a JSON body (Content-Type: application/json), not"
+                " multipart/form-data."
+            )
+        return ObjectCall(None, (), creates=False, deletes=False)
+    if (content_type or "").lower().lstrip().startswith("application/x-www-form-urlencoded"):
+        raise UnsupportedMediaType(
+            f"'{method} {shape}' takes multipart/form-data (or a JSON body), not application/x-www-form-urlencoded."
+        )
+    return None
 
 
 def _markers(method: str, collection: Collection, body: bytes, content_type: str | None) -> tuple[bytes, ...] | None:
