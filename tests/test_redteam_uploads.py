@@ -128,6 +128,33 @@ def test_well_formed_forms_in_other_spellings_are_read():
     assert named(body, f'multipart/form-data; boundary="{BOUNDARY}"') == [(ALICES_FILE, "file_id")]
 
 
+def test_a_file_is_a_part_every_parser_reads_as_one():
+    """.NET's `filename*` beside `filename` is a file (its contents not read); `filename=""` is a field
+    that Go and .NET read (its JSON is read), and a `filename*` Go can't decode, which it lets replace
+    `filename` with "", a 400."""
+    stores = json.dumps([{"vector_store_ids": ["vs_" + "a" * 32]}]).encode()
+    dotnet = "Content-Disposition: form-data; name=tools; filename=x.json; filename*=utf-8''%C3%A9.json"
+    assert named(form((dotnet, stores))) == []
+    for star in ("utf-8''", "latin-1''x.json", "x.json", "utf-8''%zz"):
+        with pytest.raises(forms.MalformedForm):
+            named(form((f'{field("tools")}; filename="x.json"; filename*={star}', stores)))
+    for params in ('filename=""', "filename*=utf-8''x.json"):
+        body = form((f"{field('tools')}; {params}", stores))
+        assert named(body) == [("vs_" + "a" * 32, "vector_store_ids")], params
+
+
+def test_text_that_only_looks_like_json_is_not_refused():
+    """A prompt that starts with `[` or `{` and uses the words of the table, not as keys, is a string."""
+    body = form(
+        (field("prompt"), b"[Audio transcript of a conversation about a file_id]"),
+        (field("prompt1"), b"[Music] Audio: a conversation, reasoning"),
+        (field("prompt2"), "{Légende} conversation, audio".encode()),
+        (field("note"), b'["no id here",]'),
+        (field("path"), b"/mnt/data/file_ids.txt"),
+    )
+    assert named(body, f"{FORM_TYPE};") == []
+
+
 def test_a_form_field_that_is_no_id_is_a_400():
     with pytest.raises(routes.InvalidObjectId):
         named(form((field("file_id"), b"../file-" + b"a" * 32)))
@@ -152,6 +179,22 @@ MALFORMED = {
         FORM_TYPE,
     ),
     "name* (RFC 5987)": (form(("Content-Disposition: form-data; name*=utf-8''file_id", b"x")), FORM_TYPE),
+    "name*0 beside name (RFC 2231)": (form((f'{field("note")}; name*0="file_id"', ALICES_FILE.encode())), FORM_TYPE),
+    "name*0* beside name": (form((f"{field('note')}; name*0*=utf-8''file_id", ALICES_FILE.encode())), FORM_TYPE),
+    "filename*0 (RFC 2231)": (form((f'{field("file")}; filename*0="x"', b"x")), FORM_TYPE),
+    "boundary* beside boundary": (form((field("x"), b"x")), f"{FORM_TYPE}; boundary*=utf-8''other"),
+    "boundary*0": (form((field("x"), b"x")), f"multipart/form-data; boundary*0={BOUNDARY}"),
+    "a Content-Type parameter given twice": (form((field("x"), b"x")), f"{FORM_TYPE}; charset=a; charset=b"),
+    "a Content-Type parameter that can't be read": (form((field("x"), b"x")), f"{FORM_TYPE}; x"),
+    "a part's charset* beside charset": (
+        form((f"{field('x')}\r\nContent-Type: text/plain; charset=utf-8; charset*=utf-8''utf-16", b"x")),
+        FORM_TYPE,
+    ),
+    "a field in UTF-16 (any name)": (
+        form((f"{field('tools')}\r\nContent-Type: text/plain; charset=utf-16", b"[]")),
+        FORM_TYPE,
+    ),
+    "not multipart/form-data": (form((field("x"), b"x")), f"multipart/form-datax; boundary={BOUNDARY}"),
     "escaped name": (form(('Content-Disposition: form-data; name="file\\_id"', ALICES_FILE.encode())), FORM_TYPE),
     "name given twice": (form((f'{field("x")}; name="file_id"', ALICES_FILE.encode())), FORM_TYPE),
     "non-ASCII name": (form((field("file\u017fid"), b"x")), FORM_TYPE),
@@ -167,6 +210,29 @@ MALFORMED = {
     ),
     "an id field not UTF-8": (form((field("file_id"), b"file-\xff")), FORM_TYPE),
     "unbalanced brackets": (form((field("tools[0][file_id"), ALICES_FILE.encode())), FORM_TYPE),
+    "an empty field name": (form((field(""), b'{"file_id": "x"}')), FORM_TYPE),
+    "a field name of dots": (form((field(".."), b"x")), FORM_TYPE),
+    "a field name of brackets": (form((field("[]"), b"x")), FORM_TYPE),
+    "a field's JSON with a trailing comma": (form((field("tools"), b'[{"file_ids": ["x"],}]')), FORM_TYPE),
+    "a field's JSON with a comment": (form((field("tools"), b'[{"file_ids": /* c */ ["x"]}]')), FORM_TYPE),
+    "a field's JSON after a comment": (form((field("tools"), b'// c\n[{"file_ids": ["x"]}]')), FORM_TYPE),
+    "a field's JSON after a BOM": (form((field("tools"), b'\xef\xbb\xbf[{"file_ids": ["x"]}]')), FORM_TYPE),
+    "a field's JSON with unquoted keys (Json.NET)": (form((field("tools"), b"[{File_Ids: ['x']}]")), FORM_TYPE),
+    "a field's JSON, a key after a comment and a line break": (
+        form((field("tools"), b"[{// c\n  file_ids: ['x']}]")),
+        FORM_TYPE,
+    ),
+    "a field's JSON, a key after long indentation": (
+        form((field("tools"), b"[{" + b" " * 5_000 + b"file_ids: ['x']}]")),
+        FORM_TYPE,
+    ),
+    "a field's JSON with a typed id, single-quoted": (
+        form((field("input"), b"[{'type': 'reasoning', 'id': 'rs_1'}]")),
+        FORM_TYPE,
+    ),
+    "a field's JSON in UTF-16": (form((field("tools"), '[{"file_ids": ["x"]}]'.encode("utf-16"))), FORM_TYPE),
+    "a field's JSON with an escape": (form((field("tools"), b'[{"file\\u005fids": ["x"],}]')), FORM_TYPE),
+    "a field's JSON nested too deep": (form((field("tools"), b"[" * 100_000 + b'"file_id"')), FORM_TYPE),
     "a type given twice": (form((field("s[type]"), b"file_id"), (field("s[type]"), b"x")), FORM_TYPE),
     "a field both a value and a group": (
         form((field("conversation"), b"conv_1"), (field("conversation[id]"), b"conv_2")),

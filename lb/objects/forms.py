@@ -25,8 +25,14 @@ The form is parsed here, strictly, rather than by python-multipart (not a depend
 streaming parser for a body already in memory): the body is split on its boundary with
 `bytes.find`, each part's headers (at most `MAX_HEADER_BYTES`) are read, and whatever two parsers
 could read differently is a 400 rather than a guess: a boundary inside a part, line endings other
-than CRLF, folded or repeated headers, a `name*=` or escaped name, a non-ASCII field name, a
-Content-Transfer-Encoding, a field in a charset other than UTF-8.
+than CRLF, folded or repeated headers, a parameter given twice or in RFC 2231's form (`name*=`,
+`name*0=`, `boundary*=`: Go's mime parser lets them replace `name` and `boundary`; only
+`filename*=utf-8''...` is taken, as .NET sends it), an escaped, empty or non-ASCII field name, a
+Content-Transfer-Encoding, a field in a charset other than UTF-8, a field whose value starts like
+JSON and could name objects but that Python's json refuses (a trailing comma, a comment, a BOM:
+lenient parsers such as Json.NET read it). A part is a file (its contents not read unless its name
+is a field the table reads) only with a non-empty `filename`: Go and .NET read `filename=""` as a
+field.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import asyncio
 import dataclasses
 import json
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -50,12 +57,23 @@ MAX_PARTS = 1_000  # parts of one form (an upload has a handful)
 MAX_BATCH_LINES = 100_000
 MAX_BATCH_IDS = 1_000  # distinct stored objects one batch file may name: each is one record read
 _BOUNDARY = re.compile(r"""[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]""")
-_BOUNDARY_PARAM = re.compile(r"""\s*boundary\s*=\s*(?:"([^"]*)"|([^\s;"]*))\s*""", re.IGNORECASE)
 _PARAM = re.compile(r"""\s*;\s*([^\s=;"]+)\s*=\s*(?:"((?:[^"\\\r\n]|\\.)*)"|([^\s;"]*))\s*""")
+# RFC 5987's `filename*` as .NET sends it: a charset Go decodes, a language, then a non-empty value
+_FILENAME_STAR = re.compile(r"(?:utf-8|us-ascii)'[^']*'(?:[^%]|%[0-9A-Fa-f]{2})+", re.IGNORECASE)
 _NAME = re.compile(r"[^\[\]]*(?:\[[^\[\]]*\])*")
 _SEGMENTS = re.compile(r"[\[\].]")
 _READ_ANYWAY = frozenset({*routes.BODY_FIELDS, "id", "type", "purpose"})  # the fields read (files too)
-_JSON_START = re.compile(rb"\s*[\[{]")
+# A value a JSON parser may read: `{`, `[` or a comment, after a BOM (UTF-8, -16) and whitespace (NULs: UTF-16/32).
+_JSON_START = re.compile(rb"(?:\xef\xbb\xbf|\xff\xfe|\xfe\xff)?[\s\x00]*[\[{/]")
+# In a lower-cased value that looks like JSON but does not parse, what a lenient parser could read as
+# naming an object (`_may_name_objects`): a field of the table as a key, quoted (`"file_ids":`,
+# `'audio' /* c */ :`) or not (Json.NET's `{file_ids: ...}`), or a typed id's type as a quoted value.
+_FIELD_WORDS = tuple(f for f in routes.BODY_FIELDS if not any(o != f and o in f for o in routes.BODY_FIELDS))
+_KEY_END = re.compile(r"""[a-z0-9_$]{0,40}["']?\s*[:/]""")  # after a field: the rest of its key, then `:`
+_WORD_TAIL = re.compile(r"[a-z0-9_$]{0,40}\Z")  # before a field: the start of its key
+_QUOTE_NEXT = re.compile(r"""\s*["']""")
+_MAX_MENTIONS = 1_000  # fields of the table mentioned, beyond which such a value is refused unread
+_LOOK_BACK = 1_000  # whitespace before a key looked through; more is taken as a key's indentation
 _TEXT_CHARSETS = ("utf-8", "utf8", "us-ascii", "ascii")
 _BOM = b"\xef\xbb\xbf"
 _LINE_KEYS = (b'"url"', b'"method"', b'"body"')  # a line's own keys: given twice, json.loads would keep the last
@@ -125,12 +143,14 @@ def read_now(method: str, objects: ObjectCall, body: bytes, content_type: str | 
 
 # The form ------------------------------------------------------------------------------------------
 def boundary_of(content_type: str | None) -> bytes:
-    """The boundary of a multipart/form-data content type: given once, in RFC 2046's characters."""
-    params = (content_type or "").split(";")[1:]
-    found = [m for m in (_BOUNDARY_PARAM.fullmatch(p) for p in params) if m is not None]
-    if len(found) != 1:
+    """The boundary of a multipart/form-data content type: given once, in RFC 2046's characters, among
+    parameters read strictly (`_parameters`: `boundary*=` beside `boundary=` is a 400)."""
+    media, _, rest = (content_type or "").partition(";")
+    if media.strip().lower() != "multipart/form-data":
+        raise MalformedForm("A multipart body must be sent as multipart/form-data.")
+    value = _parameters(";" + rest, "Content-Type").get("boundary")
+    if value is None:
         raise MalformedForm("A multipart/form-data body needs one boundary parameter in its Content-Type.")
-    value = found[0].group(1) if found[0].group(1) is not None else found[0].group(2)
     if not _BOUNDARY.fullmatch(value):
         raise MalformedForm("The multipart boundary must be 1-70 of RFC 2046's characters.")
     return value.encode("ascii")
@@ -200,36 +220,53 @@ def _part(body: bytes, start: int, end: int) -> Part:
     if encoding is not None and encoding.lower() not in ("7bit", "8bit", "binary"):
         raise MalformedForm("A multipart part must not be sent with a Content-Transfer-Encoding.")
     name, file = _disposition(headers.get("content-disposition"))
-    charset = None
-    for param in _PARAM.finditer(";" + headers.get("content-type", "").partition(";")[2]):
-        if param.group(1).lower() == "charset":
-            charset = (param.group(2) or param.group(3) or "").lower()
-    return Part(name, file, stop + 4, end, charset)
+    charset = _parameters(";" + headers.get("content-type", "").partition(";")[2], "Content-Type").get("charset")
+    return Part(name, file, stop + 4, end, charset.lower() if charset is not None else None)
+
+
+def _parameters(text: str, header: str, starred: frozenset[str] = frozenset()) -> dict[str, str]:
+    """A header's `; key=value` parameters (keys lower-cased; a trailing `;` is allowed), read strictly:
+    one that can't be read, a key given twice, or a key with a `*` (RFC 2231's `name*=`, `name*0=`,
+    `name*0*=`, which Go's mime parser assembles into `name`, replacing it) other than `starred` is a 400."""
+    params: dict[str, str] = {}
+    position, end = 0, len(text.rstrip())
+    while position < end:
+        param = _PARAM.match(text, position)
+        if param is None or param.end() == position:
+            if text[position:end].strip() == ";":
+                break
+            raise MalformedForm(f"A multipart {header} header's parameters can't be read.")
+        key = param.group(1).lower()
+        if "*" in key and key not in starred:
+            raise MalformedForm(
+                f"A multipart {header} header's parameter '{routes.shown(key)}' is in RFC 2231's form"
+                " (name*=, name*0=): give it once, plainly."
+            )
+        if key in params:
+            raise MalformedForm(f"A multipart {header} header gives '{routes.shown(key)}' twice.")
+        params[key] = param.group(2) if param.group(2) is not None else param.group(3)
+        position = param.end()
+    return params
 
 
 def _disposition(value: str | None) -> tuple[str, bool]:
     """(field name, whether it is a file) of `form-data; name="..."[; filename="..."]`, read strictly."""
     if value is None or not value.lower().startswith("form-data"):
         raise MalformedForm("Each multipart part needs 'Content-Disposition: form-data; name=...'.")
-    params: dict[str, str] = {}
-    at = len("form-data")
-    rest = value[at:]
-    position = 0
-    while position < len(rest.rstrip()):
-        param = _PARAM.match(rest, position)
-        if param is None or param.end() == position:
-            raise MalformedForm("A multipart part's Content-Disposition can't be read.")
-        key = param.group(1).lower()
-        if key in params:
-            raise MalformedForm(f"A multipart part's Content-Disposition gives '{routes.shown(key)}' twice.")
-        params[key] = param.group(2) if param.group(2) is not None else param.group(3)
-        position = param.end()
+    # .NET's MultipartFormDataContent sends `filename*=utf-8''...` beside `filename=`: the one `*` taken
+    params = _parameters(value[len("form-data") :], "Content-Disposition", frozenset({"filename*"}))
     name = params.get("name")
-    if name is None or "name*" in params:
-        raise MalformedForm('A multipart part\'s field name must be given as name="..." (not name*=).')
+    if name is None:
+        raise MalformedForm('A multipart part\'s field name must be given as name="...".')
     if "\\" in name or not name.isascii() or not name.isprintable():
         raise MalformedForm(f"The multipart field name '{routes.shown(name)}' must be printable ASCII, unescaped.")
-    return name, "filename" in params or "filename*" in params
+    # A file only with a filename every parser sees: Go and .NET read `filename=""` as a field, and Go
+    # lets `filename*` replace `filename`, so one it may decode to "" is a 400 (golang/go's mime decodes
+    # a charset other than UTF-8 and ASCII, or a bad %-escape, to "", at least in some versions).
+    star = params.get("filename*")
+    if star is not None and not _FILENAME_STAR.fullmatch(star):
+        raise MalformedForm("A multipart part's filename* must be utf-8'' and a percent-encoded name (RFC 5987).")
+    return name, bool(params.get("filename"))
 
 
 def fields(body: bytes, parts: list[Part]) -> dict[str, Any]:
@@ -242,10 +279,15 @@ def fields(body: bytes, parts: list[Part]) -> dict[str, Any]:
         if not _NAME.fullmatch(part.name):
             raise MalformedForm(f"The multipart field name '{routes.shown(part.name)}' has unbalanced brackets.")
         segments = [s.lower() for s in _SEGMENTS.split(part.name) if s]
+        if not segments:  # "", ".", "[]": Go skips such a part, others keep it under some name
+            raise MalformedForm(f"The multipart field name '{routes.shown(part.name)}' must name a field.")
         value: Any
         if _READ_ANYWAY.intersection(segments):
             value = _text(body, part)
         else:
+            if not part.file and part.charset is not None and part.charset not in _TEXT_CHARSETS:
+                # .NET decodes a field by its charset: in UTF-16 its names hide from a byte search
+                raise MalformedForm(f"The multipart field '{routes.shown(part.name)}' must be UTF-8.")
             value = None if part.file else _json_value(body, part)
             if value is None:
                 continue  # names no object (a file's contents, `expires_after[...]`): not read
@@ -266,7 +308,10 @@ def fields(body: bytes, parts: list[Part]) -> dict[str, Any]:
 
 
 def _json_value(body: bytes, part: Part) -> Any:
-    """The field's value parsed, when it is JSON (an object or array) holding a marker of the table; else None."""
+    """The field's value parsed, when it is JSON (an object or array) holding a marker of the table; else
+    None. A value that starts like JSON and could name objects but that json.loads refuses is a 400: a
+    lenient parser (Json.NET takes trailing commas and comments, .NET and `json.loads(bytes)` a BOM)
+    reads the ids that skipping it as a string would send unread."""
     if _JSON_START.match(body, part.start, part.end) is None:
         return None
     raw = body[part.start : part.end]
@@ -275,7 +320,68 @@ def _json_value(body: bytes, part: Part) -> Any:
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=routes.keyed)
     except (UnicodeDecodeError, ValueError, RecursionError):
-        return None  # not JSON: a string, read by the backend as one
+        if _may_name_objects(raw):
+            raise MalformedForm(
+                f"The multipart field '{routes.shown(part.name)}' starts like JSON naming stored objects but is"
+                " not strict JSON (a trailing comma, a comment, a byte order mark): send it as plain JSON."
+            ) from None
+        return None  # no JSON that could name an object: a string, read by the backend as one
+
+
+def _may_name_objects(raw: bytes) -> bool:
+    """Whether a value no strict parser reads could, read leniently, name an object: a field of the table
+    as a key or a typed id's type as a value (in any case, and folded as `routes.keyed` folds non-ASCII
+    letters), a `\\u` escape (which may spell one), bytes that are not UTF-8 or hold a NUL (UTF-16 and
+    -32), or more than `_MAX_MENTIONS` fields. Prose that only uses the words ("[Audio transcript of a
+    conversation]") is not. Each mention is found by `str.find` and its context read in a bounded window,
+    so a value of many MB costs a few scans, not a regex tried at every character."""
+    if b"\x00" in raw:
+        return True
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    text = (
+        text.lower()
+        if text.isascii()
+        else unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+    )
+    if "\\u" in text:
+        return True
+    mentions = 0
+    for words, named in ((_FIELD_WORDS, _is_key), (tuple(routes.TYPED_IDS), _is_quoted)):
+        for word in words:
+            at = text.find(word)
+            while at != -1:
+                mentions += 1
+                if mentions > _MAX_MENTIONS or named(text, at, at + len(word)):
+                    return True
+                at = text.find(word, at + 1)
+    return False
+
+
+def _is_key(text: str, start: int, end: int) -> bool:
+    """Whether the field at text[start:end] is (part of) a key: `"..field..":`, or unquoted after `{`,
+    `,`, a comment or a line break (`:` or a comment after it)."""
+    if _KEY_END.match(text, end) is None:
+        return False
+    tail = _WORD_TAIL.search(text, max(0, start - 41), start)
+    assert tail is not None  # `{0,40}` matches the empty string at the end
+    start = tail.start()
+    before = text[max(0, start - _LOOK_BACK) : start]
+    if before[-1:] in ("'", '"'):
+        return True
+    stripped = before.rstrip()
+    if not stripped:
+        return True  # after more whitespace than is looked through: taken as a key
+    return stripped[-1] in "{,/" or "\n" in before[len(stripped) :]
+
+
+def _is_quoted(text: str, start: int, end: int) -> bool:
+    """Whether the type at text[start:end] is a quoted value (`"reasoning"`, `' file_id'`)."""
+    if _QUOTE_NEXT.match(text, end) is None:
+        return False
+    return text[max(0, start - _LOOK_BACK) : start].rstrip()[-1:] in ("'", '"')
 
 
 def _text(body: bytes, part: Part) -> str:
