@@ -352,12 +352,9 @@ APP_GATEWAY_403 = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: an unreadable 403 on an inference call is taken as the balancer's credential refused",
-)
 def test_a_waf_refusing_bobs_prompt_does_not_take_the_backend_away_from_alice(servers):
-    """`lb.auth.refusals`: "an inference call whose refusal can't be read is taken as ours". A backend
+    """Was `lb.auth.refusals`: "an inference call whose refusal can't be read is taken as ours" (now
+    only if a probe with no client content is refused too: tests/test_refusals.py). A backend
     behind Application Gateway's WAF (or Front Door's) answers a prompt its rules match
     (`<script>`, `' OR 1=1`) with a 403 and an HTML page: unreadable, so the balancer cools that
     backend for LB_AUTH_COOLDOWN_SECONDS (300 s) for every client. One chat from bob; alice then
