@@ -10,7 +10,10 @@ need the same reading of an answer, so it lives here once:
     failed        a 408 / 5xx / timeout / broken connection: the request may fail over; it becomes
                   evidence against the backend (`lb.routing.breaker`) only if another one succeeds.
                   A refused connection is about the backend whatever the request: cooled at once
-    refused_us    a 401/403 refusing the balancer's own credential: cooled long, never relayed
+    refused_us    a 401/403 refusing the balancer's own credential: cooled long, never relayed. Only
+                  Azure's words about our credential say so at once; a refusal that may be about the
+                  client's request (no words, or PermissionDenied on inference) is ours only if the
+                  backend refuses a probe that carries no client content too (`lb.auth.refusals`)
     no_credential no token of our own to send: nobody is blamed
 
 Booking is part of the attempt: telemetry, the log line, the cooldown, the headroom reading.
@@ -33,7 +36,7 @@ from starlette.responses import Response
 
 from lb import errors
 from lb.auth import BackendAuth
-from lb.auth.refusals import refuses_our_credential
+from lb.auth.refusals import PROBE_PATH, PROBE_SECONDS, Probes, judged
 from lb.config import Backend, Settings
 from lb.headers import returned as returned_headers
 from lb.relay import BodyLimits, UpstreamResponse
@@ -122,6 +125,7 @@ class Attempts:
         self.headroom = headroom
         self.breaker = Breaker(settings.breaker_failures, settings.breaker_window_seconds)
         self.auth_failures = AuthFailures()
+        self.probes = Probes()
 
     async def send(self, call: Call, backend: Backend, may_fail_over: Callable[[], bool]) -> Outcome:
         """One attempt of `call` at `backend`. `may_fail_over`: whether another backend could take
@@ -158,11 +162,12 @@ class Attempts:
                     self.store.expect_throttling(now)  # before the first 429, not after it
             if status in AUTH_REFUSED:
                 refusal = await discard(upstream)
-                if not refuses_our_credential(info.raw_path, refusal):  # about what the client asked
+                ours, probed = await self._refuses_us(call, backend, refusal)
+                if not ours:  # about what the client asked
                     self._booked(attempt, info, status, None)
                     relayed = buffered(upstream, refusal, backend, len(call.tried))  # read to be judged
                     return Outcome("answer", backend, relayed=relayed)
-                seconds = self._refused(backend, info, status, refusal)
+                seconds = self._refused(backend, info, status, refusal, probed)
                 self._booked(attempt, info, status, seconds)
                 return Outcome("refused_us", backend, error=errors.BackendAuthFailed(info.deployment))
             if status not in RETRYABLE_STATUS:
@@ -236,11 +241,13 @@ class Attempts:
         return until if until > now else 0.0
 
     # Reading an answer ----------------------------------------------------------------------------
-    def _refused(self, backend: Backend, info: RequestInfo, status: int, refusal: bytes) -> float:
+    def _refused(self, backend: Backend, info: RequestInfo, status: int, refusal: bytes, probed: bool) -> float:
         """The backend refuses our credential (`lb.auth.refusals`): out of rotation for long, said
         once in the log and in /lb/status, with its own words as the cause (a wrong key is never the
         client's problem)."""
         cause = _cause(refusal, backend)
+        if probed:
+            cause += f"; GET {PROBE_PATH.partition('?')[0]} refused too"
         seconds = self.settings.auth_cooldown_seconds
         self.cool(backend, info.deployment, seconds, f"{AUTH_REASON} {status}: {cause}")
         if self.auth_failures.record(backend.name, status, cause):
@@ -254,6 +261,36 @@ class Attempts:
                 seconds,
             )
         return seconds
+
+    async def _refuses_us(self, call: Call, backend: Backend, refusal: bytes) -> tuple[bool, bool]:
+        """(whether a 401/403 refuses our credential, whether a probe had to say so): Azure's words
+        decide at once; a refusal that may be about the client's request is ours only if the
+        backend refuses a call without it too (`lb.auth.refusals`)."""
+        judgement = judged(call.info.raw_path, refusal)
+        if judgement != "unsure":
+            return judgement == "ours", False
+        refused = await self.probes.refused(backend.name, lambda: self._probe(backend, call.deadline))
+        return refused, refused
+
+    async def _probe(self, backend: Backend, deadline: float) -> bool:
+        """Whether `backend` refuses a call that carries nothing of the client's (`PROBE_PATH`, with
+        our credential): then its refusal of the client's call was about us. No answer (an error, a
+        timeout) proves nothing, and nothing is cooled on the client's request alone."""
+        total = max(0.001, min(PROBE_SECONDS, deadline - time.monotonic()))
+        try:
+            upstream = await self._send(backend, "GET", (PROBE_PATH, b""), [], total, None, None)
+        except Exception as exc:
+            log.info("backend %s: probe of our credential got no answer (%s)", backend.name, type(exc).__name__)
+            return False
+        await discard(upstream)
+        refused = upstream.status_code in AUTH_REFUSED
+        log.info(
+            "backend %s refused a client's call without saying it was our credential; a probe was %s (%d)",
+            backend.name,
+            "refused too" if refused else "answered",
+            upstream.status_code,
+        )
+        return refused
 
     def _cool_if_busy(self, backend: Backend, info: RequestInfo, upstream: httpx.Response) -> float | None:
         """Cool `backend` when its answer says it is busy (a 429, or a 503 with a retry hint): the

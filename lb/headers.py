@@ -17,6 +17,8 @@ Going back, a header that points at the backend (`Location`, `Content-Location`,
 `operation-location`, the last being where Azure says to poll an async operation) is rewritten to
 the proxy's own URL, so the client keeps talking to the proxy and never learns the backend's host;
 one at the backend's host but outside its `/openai/` paths cannot be reached through us: dropped.
+With several clients, a backend's quota figures (`x-ratelimit-*`) leave with no answer at all: they
+count every client's spend on that backend (`without_backend_quota`, applied once by `lb.proxy`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from starlette.requests import Request
+from starlette.responses import Response
 
 from lb.auth import CREDENTIAL_HEADERS
 
@@ -64,6 +67,7 @@ NOT_FORWARDED = (
 )
 NOT_RETURNED = HOP_BY_HOP | {"set-cookie", "server", "date"}  # the host adds its own date and server
 POINTING = frozenset({b"location", b"content-location", b"operation-location"})
+BACKEND_QUOTA = b"x-ratelimit-"  # a backend's remaining / limit / reset figures: every client's spend on it
 
 
 def connection_named(headers: Any) -> set[str]:
@@ -139,3 +143,13 @@ def repointed(value: bytes, backend_url: str, own_url: str) -> bytes | None:
         return None  # at the backend, outside what the proxy relays
     rest = parts.path[len(base) :] + (f"?{parts.query}" if parts.query else "")
     return (own_url.rstrip("/") + rest).encode("latin-1")
+
+
+def without_backend_quota(response: Response) -> Response:
+    """`response` without a backend's `x-ratelimit-*` headers, whichever kind of answer it is (streamed,
+    read whole, the balancer's own): applied to every answer while several clients share the pool,
+    before a limited client's own remaining quota is set (`lb.metering`)."""
+    raw = response.raw_headers
+    if any(name.lower().startswith(BACKEND_QUOTA) for name, _ in raw):
+        response.raw_headers = [(k, v) for k, v in raw if not k.lower().startswith(BACKEND_QUOTA)]
+    return response

@@ -24,6 +24,7 @@ from lb.attempt import Attempt, Attempts, Call, discard
 from lb.auth import BackendAuth, Client, ClientAuth
 from lb.config import Backend, Settings
 from lb.headers import forwarded as forwarded_headers
+from lb.headers import without_backend_quota
 from lb.metering import Metering
 from lb.objects.records import ObjectStore
 from lb.objects.router import ObjectRouter
@@ -125,7 +126,9 @@ class Proxy:
         except Exception:  # a bug must still produce an answer, without leaking details
             log.exception("unexpected error while proxying %s %s", request.method, request.url.path)
             response = errors.ProxyError("The load balancer failed to handle the request.").response()
-        if client is not None:
+        if self.settings.isolating:  # every answer that leaves, whichever path made it
+            response = without_backend_quota(response)
+        if client is not None:  # then a limited client's own remaining quota
             response = self.metering.observe(response, client.name, info, charge)
         if "x-request-id" not in response.headers:
             response.headers["x-request-id"] = request_id

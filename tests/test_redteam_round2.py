@@ -279,15 +279,13 @@ def test_a_repeated_content_encoding_or_content_type_is_refused(pool, headers):
     assert sent.status_code in (400, 415)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="hole: a relayed 401/403 (lb.attempt.buffered) keeps the backend's x-ratelimit-*"
-)
 def test_backend_quota_headers_are_not_relayed_on_a_refusal(servers):
-    """With several clients `Metering.observe` strips `x-ratelimit-*` from `UpstreamResponse`s only; a
-    401/403 about the client's own call is relayed by `lb.attempt.buffered`, a plain Response, with
-    every backend header. A backend or gateway that puts its remaining quota on a refusal (API
-    Management's token-limit policy does on every answer) hands bob the pool's spend on that backend:
-    one refused call a second reads how much alice just spent. Right answer: no `x-ratelimit-*`
+    """Was: with several clients `Metering.observe` stripped `x-ratelimit-*` from `UpstreamResponse`s
+    only; a 401/403 about the client's own call is relayed by `lb.attempt.buffered`, a plain Response,
+    with every backend header (now stripped from every answer by `lb.proxy`). A backend or gateway
+    that puts its remaining quota on a refusal (API Management's token-limit policy does on every
+    answer) hands bob the pool's spend on that backend: one refused call a second reads how much
+    alice just spent. Right answer: no `x-ratelimit-*`
     header on any answer while several clients share the pool (a limited client gets its own)."""
     refusal = b'{"error": {"code": "PermissionDenied", "message": "The principal lacks the data action."}}'
     url, _ = custom_pool(servers, Gateway(403, refusal, b"application/json"))
@@ -330,12 +328,9 @@ APP_GATEWAY_403 = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: an unreadable 403 on an inference call is taken as the balancer's credential refused",
-)
 def test_a_waf_refusing_bobs_prompt_does_not_take_the_backend_away_from_alice(servers):
-    """`lb.auth.refusals`: "an inference call whose refusal can't be read is taken as ours". A backend
+    """Was `lb.auth.refusals`: "an inference call whose refusal can't be read is taken as ours" (now
+    only if a probe with no client content is refused too: tests/test_refusals.py). A backend
     behind Application Gateway's WAF (or Front Door's) answers a prompt its rules match
     (`<script>`, `' OR 1=1`) with a 403 and an HTML page: unreadable, so the balancer cools that
     backend for LB_AUTH_COOLDOWN_SECONDS (300 s) for every client. One chat from bob; alice then

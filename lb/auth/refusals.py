@@ -2,54 +2,98 @@
 
 Azure OpenAI answers both with the same statuses. Only the first is worth failing over and taking
 the backend out of rotation for everyone (`LB_AUTH_COOLDOWN_SECONDS`); the second is the client's
-answer: an RBAC denial of one data action (fine-tuning, files, batches, ... with only the
-"Cognitive Services OpenAI User" role) says nothing about the next client's chat call, and cooling
-on it would let any one client shut a deployment for all (docs/robustness.md).
+answer. Taking the client's answer for ours lets one client shut a backend for all: an RBAC denial
+of one data action (fine-tuning with only the "Cognitive Services OpenAI User" role), or a gateway in
+front of the backend refusing one prompt (Application Gateway's or Front Door's WAF: 403 and an HTML
+page; API Management's `llm-content-safety`: 403) (docs/robustness.md).
 
-The balancer's credential is refused when Azure says so in words:
+`judged` reads the refusal:
 
-- a bad key: `{"error": {"code": "401", "message": "Access denied due to invalid subscription key or
-  wrong API endpoint. ..."}}` (also seen as `{"statusCode": 401, "message": "Access denied due to
-  invalid subscription key. ..."}`);
-- a bad token: `{"statusCode": 401, "message": "Unauthorized. Access token is missing, invalid,
-  audience is incorrect (https://cognitiveservices.azure.com), or have expired."}`;
-- the balancer's network refused: `{"error": {"code": "403", "message": "Access denied due to Virtual
-  Network/Firewall rules."}}`;
-
-or when it is `PermissionDenied` on an inference call that any OpenAI User role may make (chat,
-completions, embeddings, responses, audio, images): then the balancer's identity lacks the role
-altogether. An inference call whose refusal can't be read is taken as ours too, as before.
+- "ours": Azure says in words that the credential or network the balancer uses is refused. A bad
+  key: `{"error": {"code": "401", "message": "Access denied due to invalid subscription key or wrong
+  API endpoint. ..."}}` (API Management: `{"statusCode": 401, "message": "Access denied due to
+  invalid subscription key. ..."}`, or "missing subscription key"); a bad token: `{"statusCode": 401,
+  "message": "Unauthorized. Access token is missing, invalid, audience is incorrect
+  (https://cognitiveservices.azure.com), or have expired."}`; keys turned off: 403 `{"error":
+  {"code": "AuthenticationTypeDisabled", "message": "Key based authentication is disabled for this
+  resource."}}`; the network: "Access denied due to Virtual Network/Firewall rules.", "Public access
+  is disabled. Please configure private endpoint". The client's own credentials never reach a
+  backend (`lb.headers`), so these can't be about what it sent.
+- "unsure": `PermissionDenied` on a call any OpenAI User role may make (chat, completions,
+  embeddings, responses, audio, images): our identity may lack the role, or this one call may need
+  a data action it lacks; or no words at all (an HTML page, an empty body), on any route. The
+  client's request alone decides nothing: `lb.attempt` asks the backend a call that carries no
+  client content (`PROBE_PATH`) and cools it only if that is refused too.
+- "theirs": any other refusal (readable words about something else, `PermissionDenied` on a data
+  action beyond the least role): relayed to the client, nothing cooled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+Judgement = Literal["ours", "theirs", "unsure"]
 
 # Lower-case fragments of Azure's own messages about the credential (or network) the balancer uses.
 CREDENTIAL_REFUSED = (
     "invalid subscription key",
     "wrong api endpoint",
+    "missing subscription key",
     "access token is missing",
     "audience is incorrect",
     "token is expired",
+    "key based authentication is disabled",
     "virtual network/firewall rules",
+    "public access is disabled",
 )
-# What the least role ("Cognitive Services OpenAI User") may call: a refusal here is about us.
+CREDENTIAL_CODES = frozenset({"authenticationtypedisabled"})
+# The probe: Models - List, a read every OpenAI role may make (`OpenAI/*/read`), with no client content.
+PROBE_PATH = "/openai/models?api-version=2024-10-21"
+PROBE_SECONDS = 5.0  # at most, and never past the client's deadline
+PROBE_FRESH_SECONDS = 10.0  # a probe's answer stands this long: a burst of unsure refusals asks once
+# What the least role ("Cognitive Services OpenAI User") may call: a PermissionDenied there may be about us.
 _INFERENCE = re.compile(
     r"^/openai/(?:(?:deployments/[^/?]+|v1)/(?:chat/completions|completions|embeddings|responses|audio|images)"
     r"|responses)(?:[/?]|$)"  # /openai/responses?api-version=: the AzureOpenAI client's Responses path
 )
 
 
-def refuses_our_credential(raw_path: str, body: bytes) -> bool:
-    """Whether a backend's 401/403 with this body, for this path, refuses the balancer itself."""
+def judged(raw_path: str, body: bytes) -> Judgement:
+    """Whose a backend's 401/403 with this body, for this path, is (see the module docstring)."""
     code, message = _error(body)
-    if any(fragment in message.lower() for fragment in CREDENTIAL_REFUSED):
-        return True
-    if not is_inference(raw_path):
-        return False
-    return code.lower() == "permissiondenied" or not (code or message)
+    if code.lower() in CREDENTIAL_CODES or any(fragment in message.lower() for fragment in CREDENTIAL_REFUSED):
+        return "ours"
+    if not (code or message):
+        return "unsure"
+    if code.lower() == "permissiondenied" and is_inference(raw_path):
+        return "unsure"
+    return "theirs"
+
+
+class Probes:
+    """The last probe's answer per backend, and one probe at a time per backend: a burst of unsure
+    refusals (a key rotated under load, or one client's flood of prompts a WAF matches) costs the
+    backend one call per `PROBE_FRESH_SECONDS`, not one per refusal."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._answers: dict[str, tuple[float, bool]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def refused(self, backend: str, probe: Callable[[], Awaitable[bool]]) -> bool:
+        """Whether `backend` refuses a call that carries no client content; `probe` asks it."""
+        async with self._locks.setdefault(backend, asyncio.Lock()):
+            known = self._answers.get(backend)
+            if known is not None and self.clock() - known[0] < PROBE_FRESH_SECONDS:
+                return known[1]
+            answer = await probe()
+            self._answers[backend] = (self.clock(), answer)
+            return answer
 
 
 def is_inference(raw_path: str) -> bool:
