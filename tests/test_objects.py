@@ -335,21 +335,6 @@ def test_a_reasoning_item_unknown_to_the_balancer_is_found_by_the_look_up(make_p
     assert raw.headers["x-lb-backend"] == "2" and pool.proxy.objects.counters["found"] == 1
 
 
-def test_ids_split_between_two_reads_are_still_seen_once():
-    from lb.objects.router import REASONING_ID
-    from lb.objects.watch import _every_match
-
-    seen: list[str] = []
-
-    async def on_id(object_id: str) -> None:
-        seen.append(object_id)
-
-    stream = b'data: {"item": {"id": "rs_abc123", "type": "reasoning"}}\n\ndata: {"id": "rs_abc123"}\n\n'
-    chunks = (stream[:25], stream[25:60], stream[60:])
-    assert b"".join(_relayed(_every_match(_source(*chunks), REASONING_ID, on_id))) == stream
-    assert seen == ["rs_abc123"]
-
-
 def test_another_clients_id_spelled_with_json_escapes_is_still_refused_without_a_backend_call(pool):
     response = pool.v1("key-a").responses.create(model="chat", input="private")
     escaped_id = response.id.replace("_", "\\u005f", 1)

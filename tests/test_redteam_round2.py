@@ -374,7 +374,6 @@ class EchoingResponses:
         await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
 
 
-@pytest.mark.xfail(strict=True, reason='hole: every \'"id": "rs_..."\' anywhere in a Responses answer is recorded')
 def test_one_responses_call_cannot_make_thousands_of_records(servers):
     """`ObjectRouter._after` records, for its caller, every `"id": "rs_..."` found anywhere in a
     Responses answer (`watch_all(REASONING_ID)`), meant for the output's reasoning items. The answer
@@ -397,9 +396,6 @@ def test_one_responses_call_cannot_make_thousands_of_records(servers):
     assert made <= 10, f"one call made {made} reasoning records"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="hole: in memory, one client's new records evict another's (LRU over all clients)"
-)
 def test_bobs_new_objects_do_not_evict_alices_records(pool):
     """Memory-only records are one LRU of `max_records` (50,000) over every client. docs/stateful.md:
     "a dropped one costs a point read, or a look-up in memory-only mode", but with several clients

@@ -8,6 +8,7 @@ for the client that created it:
 - `records`: (pool, object id) -> backend and creating client, inserted once, never replaced;
 - `table`: the same records shared through Table Storage (the cooldowns' account and table);
 - `watch`: the new object's id, read from the creating answer as it is relayed;
+- `reasoning`: the reasoning items of a Responses answer (only its `output[]`'s), read as it is relayed;
 - `router`: the holder pinned, another client's object refused as if it did not exist, unknown
   ids refused with several clients, lists merged across the pool per client.
 """

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 RETENTION_SECONDS = 30 * 24 * 3600.0
-# Per instance, least recently used dropped first: about 16 MB at the cap. A dropped record costs a
-# point read (Table) or a look-up (memory only) the next time its object is named.
+# Per instance: about 16 MB at the cap. Past it, the client holding the most records loses its least
+# recently used one, so a client's records are dropped only by its own making. A dropped record costs
+# a point read with Table Storage; in memory only it is gone: its object is unknown (404 with several
+# clients, looked up with one).
 MAX_RECORDS = 50_000
 
 
@@ -43,22 +45,29 @@ class ObjectRecord:
 
 
 class ObjectStore:
-    """Records in this process's memory; the sync `known()` is all the hot path of a pinned call reads."""
+    """Records in this process's memory; the sync `known()` is all the hot path of a pinned call reads.
+
+    At most `max_records`, each client's in its own least-recently-used order. Past the cap the
+    client holding the most records (the one adding it, when it is among them) loses its least
+    recently used record: a client that makes objects, or answers full of reasoning items, drops its
+    own records, never those of a client holding fewer."""
 
     kind = "memory"
 
     def __init__(self, max_records: int = MAX_RECORDS) -> None:
         self.max_records = max_records
-        self._records: OrderedDict[str, ObjectRecord] = OrderedDict()
+        self._records: dict[str, ObjectRecord] = {}
+        self._lru: dict[str, OrderedDict[str, None]] = {}  # per client: its ids, least recently used first
+        self._sizes = _Sizes()
 
     def known(self, object_id: str, now: float | None = None) -> ObjectRecord | None:
         record = self._records.get(object_id)
         if record is None:
             return None
         if record.expires <= (time.time() if now is None else now):
-            del self._records[object_id]
+            self._drop(object_id)
             return None
-        self._records.move_to_end(object_id)
+        self._lru[record.client].move_to_end(object_id)
         return record
 
     async def find(self, object_id: str) -> ObjectRecord | None:
@@ -78,17 +87,32 @@ class ObjectStore:
     async def owned(self, client: str, kind: str) -> set[str]:
         """Ids of `kind` created by `client` (what its lists show). Raises RecordsUnavailable."""
         now = time.time()
-        return {i for i, r in self._records.items() if r.client == client and r.kind == kind and r.expires > now}
+        records = self._records
+        return {i for i in self._lru.get(client, ()) if records[i].kind == kind and records[i].expires > now}
 
     def forget(self, object_id: str) -> None:
         """The object was deleted (or its holder no longer knows it)."""
-        self._records.pop(object_id, None)
+        self._drop(object_id)
 
     def _keep(self, object_id: str, record: ObjectRecord) -> None:
+        """Keep `record` (in place of one of the same id), then drop the heaviest client's oldest past the cap."""
+        self._drop(object_id)
         self._records[object_id] = record
-        self._records.move_to_end(object_id)
+        self._lru.setdefault(record.client, OrderedDict())[object_id] = None
+        self._sizes.add(record.client, 1)
         while len(self._records) > self.max_records:
-            self._records.popitem(last=False)
+            victim = self._sizes.heaviest(prefer=record.client)
+            self._drop(next(iter(self._lru[victim])))
+
+    def _drop(self, object_id: str) -> None:
+        record = self._records.pop(object_id, None)
+        if record is None:
+            return
+        ids = self._lru[record.client]
+        del ids[object_id]
+        if not ids:
+            del self._lru[record.client]
+        self._sizes.add(record.client, -1)
 
     def counts(self) -> dict[str, int]:
         """Records known to this instance by kind (what /lb/status shows)."""
@@ -103,3 +127,39 @@ class ObjectStore:
 
     def health(self) -> dict[str, Any]:
         return {"kind": self.kind, "healthy": True}
+
+
+class _Sizes:
+    """How many records each client holds, and who holds the most, each step in constant time."""
+
+    def __init__(self) -> None:
+        self.size: dict[str, int] = {}
+        self.holding: dict[int, set[str]] = {}  # size -> clients holding that many
+        self.most = 0
+
+    def add(self, client: str, step: int) -> None:
+        old = self.size.get(client, 0)
+        new = old + step
+        if old:
+            self.holding[old].discard(client)
+            if not self.holding[old]:
+                del self.holding[old]
+        if new:
+            self.size[client] = new
+            self.holding.setdefault(new, set()).add(client)
+        else:
+            del self.size[client]
+        if new > self.most:
+            self.most = new
+        elif old == self.most and old not in self.holding:
+            self.most = new  # it was the only one holding the most: now it holds one fewer
+            while self.most and self.most not in self.holding:
+                self.most -= 1
+
+    def heaviest(self, prefer: str) -> str:
+        """A client holding the most records: `prefer` if it is one (and holds more than the one just
+        added), else another."""
+        holders = self.holding[self.most]
+        if prefer in holders and (self.most > 1 or len(holders) == 1):
+            return prefer
+        return next(c for c in holders if c != prefer)

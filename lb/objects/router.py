@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import random
-import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -37,9 +36,10 @@ from lb.attempt import RETRYABLE_STATUS, Attempts, Call, buffered
 from lb.auth import Client
 from lb.config import Backend, Settings
 from lb.objects import forms, routes
+from lb.objects.reasoning import watch_reasoning
 from lb.objects.records import RETENTION_SECONDS, ObjectRecord, ObjectStore, RecordsUnavailable
 from lb.objects.routes import ObjectCall, ObjectId
-from lb.objects.watch import watch, watch_all
+from lb.objects.watch import watch
 from lb.relay import UpstreamResponse
 from lb.requestinfo import PARSE_LIMIT_BYTES, RequestInfo
 
@@ -49,7 +49,6 @@ MAX_LIST_BYTES = 8 * 1024 * 1024  # one backend's page of a list
 LIST_PAGE = 100  # objects asked of each backend per page (the most Azure's lists give)
 MAX_LIST_PAGES = 20  # pages read from one backend for one list call
 DEFAULT_LIMIT, MAX_LIMIT = 20, 100
-REASONING_ID = re.compile(rb'"id"\s*:\s*"(rs_[A-Za-z0-9_-]{1,128})"')
 
 Failover = Callable[[Call], Awaitable[Response]]
 
@@ -345,7 +344,7 @@ class ObjectRouter:
             async def on_reasoning(item_id: str) -> None:
                 await self._record(item_id, "reasoning", backend, owner)
 
-            watch_all(response, REASONING_ID, on_reasoning)
+            watch_reasoning(response, on_reasoning)
         return response
 
     async def _record(self, object_id: str, kind: str, backend: Backend, client: str) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 from lb.relay import UpstreamResponse
 
 MAX_HEAD_BYTES = 256 * 1024
-TAIL_BYTES = 300  # longer than any id match, so one split across two reads is found in the next window
 _FIRST_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,256})"')
 
 OnId = Callable[[str], Awaitable[None]]
@@ -84,27 +83,6 @@ async def _first_event(chunks: Chunks, on_id: OnId) -> AsyncIterator[bytes]:
         seen = True
     if head and not seen:
         yield head
-
-
-def watch_all(response: UpstreamResponse, pattern: re.Pattern[bytes], on_id: OnId) -> UpstreamResponse:
-    """Call `on_id` for every match of `pattern` (one group: the id) anywhere in the answer, each
-    chunk searched as it passes (a short tail kept, so an id split between two reads is still
-    seen). Nothing is held: an id is recorded at latest as the read that completes it goes out."""
-    response.body_iterator = _every_match(response.body_iterator, pattern, on_id)
-    return response
-
-
-async def _every_match(chunks: Chunks, pattern: re.Pattern[bytes], on_id: OnId) -> AsyncIterator[bytes]:
-    tail = b""
-    seen: set[bytes] = set()
-    async for chunk in chunks:
-        window = tail + chunk
-        for match in pattern.finditer(window):
-            if match.group(1) not in seen:
-                seen.add(match.group(1))
-                await on_id(match.group(1).decode())
-        tail = window[-TAIL_BYTES:]
-        yield chunk
 
 
 def _event_id(event: bytes) -> str | None:
