@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import openai
 import pytest
+from hypothesis import settings
 
 from lb.app import create_app
 from lb.config import load_settings
@@ -26,6 +27,12 @@ from lb.proxy import Proxy
 from lb.sim import Servers, SimBackend, free_port
 from tests.azurite import azurite_fixture  # noqa: F401  (the `azurite` fixture: a real Table Storage)
 from tests.idp import LocalIdP
+
+# Property tests draw the same examples on every run (CI included): a new failure is a change's doing,
+# not a new draw. Explore further with `pytest --hypothesis-seed=N` or `HYPOTHESIS_PROFILE=explore`.
+settings.register_profile("suite", derandomize=True, deadline=None)
+settings.register_profile("explore", max_examples=5_000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 CLIENT_KEY = "client-key-for-tests"
 API_VERSION = "2024-10-21"
