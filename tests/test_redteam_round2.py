@@ -446,7 +446,6 @@ def test_bobs_new_objects_do_not_evict_alices_records(pool):
 
 
 # 6. Quotas --------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="hole: the reservation ignores n / best_of (every choice is charged)")
 @pytest.mark.parametrize(
     ("path", "extra"),
     [("/openai/v1/chat/completions", {"n": 50}), ("/openai/v1/completions", {"best_of": 50, "n": 1})],

@@ -111,24 +111,26 @@ class Metering:
                 body=body,
                 payload=NOT_PARSED,
                 model_spans=spans,
-                marks=bodyscan.read_marks(body, tokens=marks.max_tokens is not None),
+                marks=replace(bodyscan.read_marks(body, tokens=marks.max_tokens is not None), choices=marks.choices),
             )
         _hide_usage.set(not (self.include_stream_usage and not marks.include_usage))
         return changed
 
     def reservation(self, info: RequestInfo) -> int:
         """Tokens a call may cost: its prompt (body / 4) plus its stated maximum output, else the
-        deployment's default (`LB_RESERVE_TOKENS`) when it generates anything. Calls that spend no
-        tokens (files, batches, reads) reserve nothing: a batch's input file is not its prompt."""
+        deployment's default (`LB_RESERVE_TOKENS`) when it generates anything, once per choice it
+        asks for (`n`, `best_of`). Calls that spend no tokens (files, batches, reads) reserve
+        nothing: a batch's input file is not its prompt."""
         operation = info.operation
         if not info.body or operation not in TOKEN_OPERATIONS:
             return 0
         default = self.reserve.get(info.deployment or "", self.reserve.get("*", DEFAULT_RESERVE_TOKENS))
+        choices = info.marks.choices
         if operation in FILE_INPUT_OPERATIONS:
-            return default
+            return default * choices
         tokens = info.tokens
         if not info.marks.max_tokens and operation in GENERATING_OPERATIONS:  # none stated
-            tokens += default
+            tokens += default * choices
         return tokens
 
     def admit(self, client: str, info: RequestInfo) -> Charge | None:
