@@ -503,9 +503,6 @@ RUNS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True, reason="hole: Assistants runs and eval runs spend a deployment's tokens and reserve none"
-)
 @pytest.mark.parametrize("way", sorted(RUNS))
 def test_a_client_over_its_quota_cannot_spend_through_runs(servers, way):
     """`lb.metering.TOKEN_OPERATIONS` lists chat, completions, responses, images, audio and embeddings;
