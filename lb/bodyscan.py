@@ -22,6 +22,7 @@ fields. A body that was parsed anyway gives its number of choices from the parse
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -48,6 +49,10 @@ MAX_CHOICES = 128  # the most `n` allows: what a count that can't be read as one
 # After a choices key: null (the default, 1), a plain integer, another number (`-1`, `2.0`, `1e3`:
 # unreadable), or anything else (a string, object, array: a nested key of that name, not a count).
 _CHOICES_VALUE = re.compile(rb"\s*:\s*(?:(null)|(\d{1,15})(?![.eE\d])|[-+.\d])")
+# Occurrences of the max-tokens or choices keys one read looks at, at most: each costs a few us in
+# Python, and a body naming them more often than any request does (one each, a few more in tool
+# schemas) counts as stating the most (10**15 tokens, MAX_CHOICES), at no further cost.
+MAX_KEYS = 1000
 _STREAM_PREFIX = b'"stream'  # one search finds both keys it begins
 _OPEN, _CLOSE, _QUOTE = frozenset(b"[{"), frozenset(b"]}"), ord('"')
 
@@ -82,7 +87,12 @@ def choice_count(value: object) -> int:
 
 def choices_in(payload: dict[str, object], keys: tuple[bytes, ...]) -> int:
     """`Marks.choices` of a parsed body: the largest count among its top-level `keys` (1 if none)."""
-    return max((choice_count(payload[name]) for key in keys if (name := key[1:-1].decode()) in payload), default=1)
+    count = 1
+    for key in keys:
+        name = key[1:-1].decode()
+        if name in payload:
+            count = max(count, choice_count(payload[name]))
+    return count
 
 
 def read_marks(
@@ -98,13 +108,14 @@ def read_marks(
 
     One C-speed `find` per key, the two that begin `"stream` sharing one and the three max-tokens
     keys another (`"max_`): a regex alternation over a large prompt costs ten times more, and a
-    shorter needle than a key risks a slow search. `"stream": true` counts unless its quote is
-    escaped; a max-tokens or choices key unless a backslash precedes it (quoted inside a string); a
-    max-tokens number of more than 15 digits reads as 10**15, "more than any quota", instead of
-    making int() raise; a choices value as `choice_count` says, the largest wherever the key is (a
-    nested key of that name can only make the count larger). The others are plain presence.
-    `usage`, `tokens` and `choices` say whether `"include_usage"`, the max-tokens keys and which
-    choices keys (`N`, `BEST_OF`) are looked for at all."""
+    shorter needle than a key risks a slow search; the choices keys, as short as `"n"`, are the
+    exception (`_choices`). `"stream": true` counts unless its quote is escaped; a max-tokens or
+    choices key unless a backslash precedes it (quoted inside a string); a max-tokens number of
+    more than 15 digits (or more than `MAX_KEYS` such keys) reads as 10**15, "more than any
+    quota", instead of making int() raise; a choices value as `choice_count` says, the largest
+    wherever the key is (a nested key of that name can only make the count larger). The others are
+    plain presence. `usage`, `tokens` and `choices` say whether `"include_usage"`, the max-tokens
+    keys and which choices keys (`N`, `BEST_OF`) are looked for at all."""
     size = len(body)
     hi = size if hi is None else hi
 
@@ -119,25 +130,48 @@ def read_marks(
         elif body.startswith(_STREAM_OPTIONS, at):
             options = True
         at = body.find(_STREAM_PREFIX, at + 1, within(_STREAM_PREFIX))
-    completion = 0
+    completion = seen = 0
     at = body.find(_MAX_PREFIX, lo, within(_MAX_PREFIX)) if tokens else -1
     while at != -1:
         if at == 0 or body[at - 1] != 0x5C:
-            key = next((k for k in _MAX_TOKENS_KEYS if body.startswith(k, at)), None)
-            number = _COLON_NUMBER.match(body, at + len(key)) if key is not None else None
-            if number:
-                digits = number.group(1)
-                completion = max(completion, int(digits) if len(digits) <= 15 else 10**15)
+            seen += 1
+            if seen > MAX_KEYS:  # no request's body: "more than any quota", at no further cost
+                completion = 10**15
+                break
+            for key in _MAX_TOKENS_KEYS:
+                if body.startswith(key, at):
+                    number = _COLON_NUMBER.match(body, at + len(key))
+                    if number:
+                        digits = number.group(1)
+                        completion = max(completion, int(digits) if len(digits) <= 15 else 10**15)
+                    break
         at = body.find(_MAX_PREFIX, at + 1, within(_MAX_PREFIX))
-    count = 1
-    for key in choices:
-        at = body.find(key, lo, within(key))
-        while at != -1:
-            if at == 0 or body[at - 1] != 0x5C:
-                count = max(count, _choices_after(body, at + len(key)))
-            at = body.find(key, at + 1, within(key))
+    count = _choices(body, lo, hi, choices) if choices else 1
     asked = usage and body.find(_INCLUDE_USAGE, lo, within(_INCLUDE_USAGE)) != -1
     return Marks(stream, options, asked, completion if tokens else None, count)
+
+
+def _choices(body: bytes, lo: int, hi: int, keys: tuple[bytes, ...]) -> int:
+    """The largest count the choices `keys` starting in body[lo:hi] state. A key is found by a regex
+    search for it as a literal, which runs at one speed whatever the text (`bytes.find` of a key as
+    short as `"n"` slows down on a run of the letters it holds: 2.6 ms per MiB of `n`)."""
+    count = seen = 0
+    for key in keys:
+        # a match ends by `hi + len(key) - 1`: it starts in this slice, and may end in the next
+        for found in _literal(key).finditer(body, lo, min(len(body), hi + len(key) - 1)):
+            at = found.start()
+            if at and body[at - 1] == 0x5C:  # quoted inside a string
+                continue
+            seen += 1
+            if seen > MAX_KEYS:
+                return MAX_CHOICES
+            count = max(count, _choices_after(body, found.end()))
+    return max(count, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _literal(key: bytes) -> re.Pattern[bytes]:
+    return re.compile(re.escape(key))
 
 
 def _choices_after(body: bytes, end: int) -> int:

@@ -167,7 +167,8 @@ async def described(
             body, usage=usage, tokens=tokens, choices=() if isinstance(payload, dict) else keys
         )
     if keys and isinstance(payload, dict):  # the parsed body says it exactly, however its keys are spelled
-        marks = replace(marks, choices=bodyscan.choices_in(payload, keys))
+        count = bodyscan.choices_in(payload, keys)
+        marks = replace(marks, choices=count) if count != 1 else marks
     if stream is None and marks.stream and not usage:  # a large stream only the bytes say is one
         marks = replace(marks, include_usage=await bodyscan.include_usage(body))
     return RequestInfo(

@@ -634,3 +634,15 @@ def test_a_large_bodys_choices_are_found_wherever_its_slices_end():
         assert body.index(b'"n"') == 5 * step - offset and len(body) > bodyscan.WINDOW_BYTES
         assert asyncio.run(bodyscan.marks(body, choices=(bodyscan.N,))).choices == 17, offset
     assert asyncio.run(described(CHAT, body)).marks.choices == 17
+
+
+def test_a_body_naming_the_choices_key_more_often_than_any_request_counts_the_most_choices():
+    """Each occurrence is looked at in Python: past `MAX_KEYS` the body is no request's (one `n`, a
+    few more in tool schemas), and counts as the most choices (or tokens) instead of costing more."""
+    many = b'{"messages": [], "x": [' + b", ".join([b'{"n": 1}'] * bodyscan.MAX_KEYS) + b"]}"
+    assert asyncio.run(described(CHAT, many)).marks.choices == 1
+    more = many.replace(b"[{", b'[{"n": 1}, {', 1)
+    assert asyncio.run(described(CHAT, more)).marks.choices == bodyscan.MAX_CHOICES
+    tokens = many.replace(b'"n"', b'"max_tokens"')
+    assert asyncio.run(described(CHAT, tokens)).marks.max_tokens == 1
+    assert asyncio.run(described(CHAT, tokens.replace(b"[{", b'[{"max_tokens": 1}, {', 1))).marks.max_tokens == 10**15
