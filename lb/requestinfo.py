@@ -157,7 +157,9 @@ async def described(
     deployment, stream, payload, spans = await _deployment(raw_path, body, content_type)
     # The usage flag is read in streams only; a body in one window is searched for it in the same go.
     usage = stream is True or (stream is None and len(body) <= bodyscan.WINDOW_BYTES)
-    keys = CHOICE_KEYS.get(operation(raw_path), ()) if tokens and body else ()
+    # a form's `n` is a field, not JSON: not read (docs/metering.md), so its bytes are not searched
+    form = "multipart/" in content_type.lower()
+    keys = CHOICE_KEYS.get(operation(raw_path), ()) if tokens and body and not form else ()
     if not body:
         marks = bodyscan.NO_MARKS
     elif stream is False and not tokens:  # parsed, no stream: nothing will read a mark

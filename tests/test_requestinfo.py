@@ -646,3 +646,11 @@ def test_a_body_naming_the_choices_key_more_often_than_any_request_counts_the_mo
     tokens = many.replace(b'"n"', b'"max_tokens"')
     assert asyncio.run(described(CHAT, tokens)).marks.max_tokens == 1
     assert asyncio.run(described(CHAT, tokens.replace(b"[{", b'[{"max_tokens": 1}, {', 1))).marks.max_tokens == 10**15
+
+
+def test_a_forms_bytes_are_not_searched_for_choices():
+    """An image edit sent as a form names `n` as a field, which is not read: its upload is not searched."""
+    form = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n{"n": 9}\r\n--b--\r\n'
+    edits = f"/openai/deployments/d/images/edits?api-version={API_VERSION}"
+    assert asyncio.run(described(edits, form, "multipart/form-data; boundary=b")).marks.choices == 1
+    assert asyncio.run(described(edits, b'{"prompt": "x", "n": 9}')).marks.choices == 9

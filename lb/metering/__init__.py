@@ -139,8 +139,8 @@ class Metering:
         operation = info.operation
         if not info.body:
             return 0
-        later = operation not in TOKEN_OPERATIONS and starts_generation(operation)
-        if operation not in TOKEN_OPERATIONS and not later:
+        later = operation not in TOKEN_OPERATIONS  # then it spends tokens only if it starts a run
+        if later and not starts_generation(operation):
             return 0
         default = self.reserve.get(info.deployment or "", self.reserve.get("*", DEFAULT_RESERVE_TOKENS))
         choices = info.marks.choices
