@@ -29,7 +29,10 @@ a compressed body would hide from each what the backend, decoding it, acts on.
 Nothing a client sends may hold the event loop: a body is parsed as JSON only up to
 `PARSE_LIMIT_BYTES`; past it, `lb.bodyscan` finds `"model"` in slices that yield to the loop. The
 same read finds what the policies need in the body's bytes (`lb.bodyscan.Marks`: the stream flag,
-the usage flag, the max-tokens fields) and where the body names its deployment, once per request.
+the usage flag, the max-tokens fields, the number of choices) and where the body names its
+deployment, once per request. The number of choices (`n`, and completions' `best_of`: each choice
+may run to the stated maximum, and every one is billed) is taken from the parsed body when the
+body was parsed to route it, else from its bytes in the same pass as the max-tokens fields.
 JSON that Python refuses to build (nesting deeper than the recursion limit, an integer of more
 than 4,300 digits) is a 400, like any other invalid JSON.
 """
@@ -65,6 +68,16 @@ NOT_PARSED = object()  # RequestInfo.payload when the body was not parsed (too l
 # the `Authorization` its realtime WebSocket clients put in the URL, API Management's and Azure AI
 # services' `subscription-key` (the query twin of the Ocp-Apim-Subscription-Key header).
 QUERY_CREDENTIALS = ("api-key", "subscription-key", "authorization")
+# Routes whose body says how many completions the model generates (`lb.bodyscan.Marks.choices`):
+# chat's and images' `n`, and completions' `n` and `best_of`.
+CHOICE_KEYS: dict[str, tuple[bytes, ...]] = {
+    "chat/completions": (bodyscan.N,),
+    "extensions/chat/completions": (bodyscan.N,),
+    "completions": (bodyscan.N, bodyscan.BEST_OF),
+    "images/generations": (bodyscan.N,),
+    "images/edits": (bodyscan.N,),
+    "images/variations": (bodyscan.N,),
+}
 
 
 @dataclass(frozen=True)
@@ -85,7 +98,8 @@ class RequestInfo:
     # rewritten by re-serialising it).
     model_spans: tuple[tuple[int, int], ...] | None = field(default=None, compare=False, repr=False)
     # `"stream_options"` / `"include_usage"` in the body as the client sent it (metering's usage flag),
-    # the largest max_*tokens it states (quotas' reservation, the headroom policy's demand).
+    # the largest max_*tokens it states and its number of choices (quotas' reservation, the headroom
+    # policy's demand).
     marks: bodyscan.Marks = field(default=bodyscan.NO_MARKS, compare=False, repr=False)
 
     @functools.cached_property
@@ -99,9 +113,10 @@ class RequestInfo:
         """What Azure OpenAI will charge against the tokens quota at admission, roughly: the prompt
         (about 4 characters per token; the body's length stands in for it, JSON syntax and tool
         definitions making it an overestimate that errs on the safe side) plus the stated maximum
-        output. Per-client quotas (lb.metering.quota) and the headroom policy charge this same figure."""
+        output, once per choice (`n`, `best_of`: each may run to the maximum). Per-client quotas
+        (lb.metering.quota) and the headroom policy charge this same figure."""
         assert self.marks.max_tokens is not None, "read with tokens=False"
-        return len(self.body) // 4 + self.marks.max_tokens
+        return len(self.body) // 4 + self.marks.max_tokens * self.marks.choices
 
 
 def operation(raw_path: str) -> str:
@@ -142,12 +157,20 @@ async def described(
     deployment, stream, payload, spans = await _deployment(raw_path, body, content_type)
     # The usage flag is read in streams only; a body in one window is searched for it in the same go.
     usage = stream is True or (stream is None and len(body) <= bodyscan.WINDOW_BYTES)
+    # a form's `n` is a field, not JSON: not read (docs/metering.md), so its bytes are not searched
+    form = "multipart/" in content_type.lower()
+    keys = CHOICE_KEYS.get(operation(raw_path), ()) if tokens and body and not form else ()
     if not body:
         marks = bodyscan.NO_MARKS
     elif stream is False and not tokens:  # parsed, no stream: nothing will read a mark
         marks = bodyscan.Marks(max_tokens=None)
     else:
-        marks = await bodyscan.marks(body, usage=usage, tokens=tokens)
+        marks = await bodyscan.marks(
+            body, usage=usage, tokens=tokens, choices=() if isinstance(payload, dict) else keys
+        )
+    if keys and isinstance(payload, dict):  # the parsed body says it exactly, however its keys are spelled
+        count = bodyscan.choices_in(payload, keys)
+        marks = replace(marks, choices=count) if count != 1 else marks
     if stream is None and marks.stream and not usage:  # a large stream only the bytes say is one
         marks = replace(marks, include_usage=await bodyscan.include_usage(body))
     return RequestInfo(

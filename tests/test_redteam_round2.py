@@ -415,7 +415,6 @@ def test_bobs_new_objects_do_not_evict_alices_records(pool):
 
 
 # 6. Quotas --------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="hole: the reservation ignores n / best_of (every choice is charged)")
 @pytest.mark.parametrize(
     ("path", "extra"),
     [("/openai/v1/chat/completions", {"n": 50}), ("/openai/v1/completions", {"best_of": 50, "n": 1})],
@@ -473,9 +472,6 @@ RUNS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True, reason="hole: Assistants runs and eval runs spend a deployment's tokens and reserve none"
-)
 @pytest.mark.parametrize("way", sorted(RUNS))
 def test_a_client_over_its_quota_cannot_spend_through_runs(servers, way):
     """`lb.metering.TOKEN_OPERATIONS` lists chat, completions, responses, images, audio and embeddings;
