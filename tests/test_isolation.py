@@ -110,6 +110,41 @@ def test_the_owners_objects_stay_the_owners_whatever_the_other_client_sends(pool
     assert pool.proxy.objects.records.health()["healthy"] is True
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/Deployments/chat/Chat/Completions",
+        "/openai/d%65ployments/chat/chat/completions",
+        "/openai/deployments/ch%61t/chat/c%6Fmpletions",
+        "/openai/V1/chat/completions",
+    ],
+)
+def test_a_chat_on_a_path_in_another_case_or_encoding_is_read_for_the_objects_it_names(pool, path):
+    """The backend may read each path as a chat call (`lb.apipath`): so the balancer reads its body
+    for ids like any chat's. Bob's naming alice's file is a 404 with no backend call; alice's goes to
+    the file's holder; a chat naming nothing is served, not refused as a route it can't read."""
+    upload = pool.v1("key-a").files.create(file=("a.txt", io.BytesIO(b"alice's notes")), purpose="user_data")
+    holder = next(str(i) for i, b in enumerate(pool.backends, start=1) if upload.id in b.objects.files)
+    named = {
+        "model": "chat",
+        "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": upload.id}}]}],
+    }
+    plain = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    url = f"{path}?api-version=2024-10-21"
+    with (
+        httpx.Client(base_url=pool.url, headers={"api-key": "key-a"}, timeout=10) as alice,
+        httpx.Client(base_url=pool.url, headers={"api-key": "key-b"}, timeout=10) as bob,
+    ):
+        calls = backend_calls(pool)
+        theirs = bob.post(url, json=named)
+        assert theirs.status_code == 404 and set(theirs.json()["error"]) >= {"code", "message"}, theirs.text
+        assert backend_calls(pool) == calls  # refused before any backend saw it
+        for _ in range(3):  # the holder each time, never a backend that has no such file
+            mine = alice.post(url, json=named)
+            assert mine.status_code == 200 and mine.headers["x-lb-backend"] == holder, mine.text
+        assert bob.post(url, json=plain).status_code == 200
+
+
 def test_lists_show_the_callers_objects_from_the_whole_pool_paged_in_azures_shape(pool):
     alice, bob = pool.v1("key-a"), pool.v1("key-b")
     mine = [alice.files.create(file=(f"{i}.jsonl", io.BytesIO(b"{}\n")), purpose="batch").id for i in range(5)]

@@ -600,14 +600,17 @@ def test_an_eval_run_over_an_items_file_naming_alices_file_is_refused(pool):
         ("OPTIONS", "/openai/v1/chat/completions"),  # 403
         ("GET", "/openai/fine-tunes?api-version=2023-05-15"),  # the legacy fine-tunes API: 403
         ("GET", "/openai/deployments/chat/files/{f}?api-version=2024-10-21"),  # 403
-        ("POST", "/openai/Deployments/chat/chat/completions?api-version=2024-10-21"),  # 403
+        # a chat call to `chat` (`lb.apipath`): its body is read for ids, alice's file a 404
+        ("POST", "/openai/Deployments/chat/chat/completions?api-version=2024-10-21"),
+        ("POST", "/openai/d%65ployments/chat/chat/c%6Fmpletions?api-version=2024-10-21"),
     ],
 )
 def test_path_spellings_reach_nothing_of_alices(pool, method, path):
     secret = alices_file(pool)
     before = backend_calls(pool)
+    naming = {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": secret}}]}]}
     with bob(pool) as http:
-        sent = http.request(method, path.format(f=secret, F=secret.upper()), json={} if method == "POST" else None)
+        sent = http.request(method, path.format(f=secret, F=secret.upper()), json=naming if method == "POST" else None)
     assert backend_calls(pool) == before and sent.status_code in (400, 403, 404), sent.status_code
 
 

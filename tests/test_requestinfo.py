@@ -71,6 +71,21 @@ def test_unsafe_paths_are_bad_requests(path):
         check_path(path)
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/deployments/chat%2Fchat/completions",  # one router's deployment `chat/chat`, another's `chat`
+        "/openai/v1%2fchat/completions",
+        "/openai/deployments/ch%2561t/chat/completions",  # `ch%61t` decoded once, `chat` twice
+        "/openai/v1/chat/c%256Fmpletions",
+        "/openai/deployments/a%%32%66b/chat/completions",  # a second decoding makes an encoded '/'
+    ],
+)
+def test_a_path_two_routers_could_read_two_ways_is_refused(path: str) -> None:
+    with pytest.raises(BadRequest):
+        check_path(path)
+
+
 @pytest.mark.parametrize("path", ["/", "/admin/host/status", "/openai", "/OPENAI/v1/x", "//evil.example/openai/x"])
 def test_only_openai_paths_are_proxied(path):
     with pytest.raises(RouteNotFound):

@@ -286,7 +286,7 @@ def _prompt_chars(payload: dict[str, Any]) -> int:
 
 def _deployment(path: str, payload: Any) -> str | None:
     parts = path.split("/")
-    if len(parts) > 3 and parts[2] == "deployments":
+    if len(parts) > 3 and parts[2].lower() == "deployments":  # matched in any case, as ASP.NET Core routes
         return parts[3]
     return payload.get("model") if isinstance(payload, dict) else None
 
