@@ -59,6 +59,11 @@ def test_azures_words_about_our_credential_are_ours_whatever_was_asked(path, bod
         "/openai/v1/embeddings",
         "/openai/deployments/d/audio/speech",
         "/openai/v1/images/generations",
+        "/openai/responses?api-version=2025-04-01-preview",
+        # in any case or encoding a loose router matches (`lb.apipath`)
+        "/openai/Deployments/chat/Chat/Completions",
+        "/openai/V1/Responses",
+        "/openai/d%65ployments/d/chat/c%6Fmpletions",
     ],
 )
 def test_permission_denied_on_an_inference_call_is_confirmed_by_a_probe(path):
@@ -66,7 +71,18 @@ def test_permission_denied_on_an_inference_call_is_confirmed_by_a_probe(path):
     assert judged(path, json.dumps(DENIED).encode()) == "unsure"
 
 
-@pytest.mark.parametrize("path", [FINE_TUNING, "/openai/v1/files", "/openai/v1/batches", "/openai/v1/vector_stores"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        FINE_TUNING,
+        "/openai/v1/files",
+        "/openai/v1/batches",
+        "/openai/v1/vector_stores",
+        "/openai/v1/chat/completions_x",  # a route that only begins like one
+        "/openai/chat/completions",  # no deployment, no v1: not a call Azure serves
+        "/openai/deployments/embeddings/files",  # a deployment named like a route
+    ],
+)
 def test_permission_denied_on_anything_else_is_the_clients_answer(path):
     assert judged(path, json.dumps(DENIED).encode()) == "theirs"
 
