@@ -30,7 +30,7 @@ from lb.metering.quota import ClientQuotaExceeded, parse_limits
 from lb.objects.records import ObjectRecord
 from lb.proxy import Proxy
 from lb.requestinfo import described
-from lb.sim import SimBackend
+from lb.sim import SimBackend, read_body, replayed
 from lb.telemetry import Telemetry
 
 KEYS = "alice:key-a,bob:key-b"
@@ -87,15 +87,6 @@ def custom_pool(servers, backend: Any, **env: str) -> tuple[str, Proxy]:
     return servers.start(app), app.state.proxy
 
 
-async def _body(receive: Any) -> bytes:
-    chunks, more = [], True
-    while more:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
 class Gateway:
     """A backend behind a gateway (API Management, Application Gateway's WAF): answers `status` with
     `body` when the request body holds `trigger`, else passes the call to a simulated Azure OpenAI.
@@ -110,7 +101,7 @@ class Gateway:
         if scope["type"] != "http":
             return await self.sim(scope, receive, send)
         self.headers.append(list(scope["headers"]))
-        body = await _body(receive)
+        body = await read_body(receive)
         if self.trigger is None or self.trigger in body:
             head = [
                 (b"content-type", self.content_type),
@@ -120,16 +111,7 @@ class Gateway:
             await send({"type": "http.response.start", "status": self.status, "headers": head})
             await send({"type": "http.response.body", "body": self.body})
             return
-        done = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal done
-            if done:
-                return {"type": "http.disconnect"}
-            done = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.sim(scope, replay, send)
+        await self.sim(scope, replayed(body), send)
 
 
 # 1. A stateless route's body sent as multipart/form-data is never read ---------------------------
@@ -359,7 +341,7 @@ class EchoingResponses:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        request = json.loads(await _body(receive) or b"{}")
+        request = json.loads(await read_body(receive) or b"{}")
         self.made += 1
         answer = {
             "id": f"resp_{self.made:032d}",

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from lb.auth.refusals import PROBE_FRESH_SECONDS, PROBE_PATH, Probes, judged
-from lb.sim import SimBackend, read_body
+from lb.sim import SimBackend, read_body, replayed
 from tests.conftest import CLIENT_KEY
 from tests.test_faults import post
 
@@ -140,16 +140,7 @@ class Gateway:
         self.calls.append((scope["method"], path, headers, body))
         refused = self.refuse(scope["method"], path, body)
         if refused is None:
-            done = False
-
-            async def replay() -> dict[str, Any]:
-                nonlocal done
-                if done:
-                    return {"type": "http.disconnect"}
-                done = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            return await self.sim(scope, replay, send)
+            return await self.sim(scope, replayed(body), send)
         status, content_type, content = refused
         await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
         await send({"type": "http.response.body", "body": content})

@@ -511,6 +511,21 @@ async def read_body(receive: Receive) -> bytes:
             return body
 
 
+def replayed(body: bytes) -> Receive:
+    """A `receive` that gives `body` again (once whole, then a disconnect): a test's backend in front of
+    the simulator reads the call, then hands it on as it came."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
 async def lifespan(receive: Receive, send: Send) -> None:
     """Acknowledge an ASGI lifespan: an app with nothing to start or stop still answers uvicorn."""
     while True:
