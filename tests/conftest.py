@@ -137,6 +137,10 @@ class Pool:
         url = self.url + "/openai/v1"
         return openai.OpenAI(base_url=url, api_key=key, max_retries=0, http_client=SdkHttp(), **kwargs)
 
+    def backend_calls(self) -> int:
+        """Calls the simulated backends have had: unchanged across a call means it was refused here."""
+        return sum(len(b.calls) for b in self.backends)
+
     def plant(self, object_id: str, kind: str, owner: str, backend: str = "1") -> None:
         """A record of an object the simulator cannot make (containers, evals): as if the key client
         `owner` had created it on `backend`."""

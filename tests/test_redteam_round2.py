@@ -47,10 +47,6 @@ def pool(make_pool):
     return make_pool(1, env=ENV)
 
 
-def backend_calls(pool) -> int:
-    return sum(len(b.calls) for b in pool.backends)
-
-
 def bob(pool) -> httpx.Client:
     return httpx.Client(base_url=pool.url, headers={"api-key": "key-b"}, timeout=20)
 
@@ -127,11 +123,11 @@ def test_a_json_chat_labelled_multipart_is_read_or_refused(pool, path, content_t
     as JSON and 404 for alice's file; no backend call either way."""
     secret = alices_file(pool)
     chat = {"model": "chat", "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": secret}}]}]}
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob(pool) as http:
         sent = http.post(path, content=json.dumps(chat).encode(), headers={"content-type": content_type})
     assert "alice's secret" not in sent.text
-    assert backend_calls(pool) == before, f"bob's chat naming alice's file was sent ({sent.status_code})"
+    assert pool.backend_calls() == before, f"bob's chat naming alice's file was sent ({sent.status_code})"
     assert sent.status_code in (400, 404, 415)
 
 
@@ -149,10 +145,10 @@ def test_an_image_edit_form_naming_alices_file_is_refused(pool):
         ('name="images[0][file_id]"', secret.encode()),
         ('name="mask[file_id]"', secret.encode()),
     )
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob(pool) as http:
         sent = http.post("/openai/v1/images/edits", content=body, headers={"content-type": FORM})
-    assert backend_calls(pool) == before, f"bob's image edit form naming alice's file was sent ({sent.status_code})"
+    assert pool.backend_calls() == before, f"bob's image edit form naming alice's file was sent ({sent.status_code})"
     assert sent.status_code in (400, 403, 404)
 
 
@@ -162,12 +158,12 @@ CONTAINER = "cntr_" + "b" * 32  # bob's container, planted on the one backend
 
 def send_container_form(pool, body: bytes, content_type: str = FORM) -> tuple[httpx.Response, int]:
     pool.plant(CONTAINER, "container", "bob")
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob(pool) as http:
         sent = http.post(
             f"/openai/v1/containers/{CONTAINER}/files", content=body, headers={"content-type": content_type}
         )
-    return sent, backend_calls(pool) - before
+    return sent, pool.backend_calls() - before
 
 
 @pytest.mark.parametrize("way", ["name*0", "name*0*", "boundary*"])
@@ -251,13 +247,13 @@ def test_a_repeated_content_encoding_or_content_type_is_refused(pool, headers):
     body = json.dumps({"input": "word " * 12_000}).encode()
     if any(v == b"gzip" for _, v in headers):
         body = gzip.compress(body)
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     sent = httpx.post(
         pool.url + "/openai/deployments/emb/embeddings?api-version=2024-10-21",
         content=body,
         headers=[(b"api-key", b"key-b"), *headers],
     )
-    assert backend_calls(pool) == before, f"a body with repeated {headers[-1][0]!r} was sent ({sent.status_code})"
+    assert pool.backend_calls() == before, f"a body with repeated {headers[-1][0]!r} was sent ({sent.status_code})"
     assert sent.status_code in (400, 415)
 
 
@@ -522,10 +518,10 @@ def test_a_chat_with_single_quoted_keys_naming_a_file_is_refused(pool):
     secret = alices_file(pool)
     part = "{'type': 'file', 'file': {'file_id': '" + secret + "'}}"
     body = "{'messages': [{'role': 'user', 'content': [" + part + "]}]}"
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob(pool) as http:
         sent = http.post(DEPLOYMENT_CHAT, content=body.encode(), headers={"content-type": JSON})
-    assert backend_calls(pool) == before, f"a chat only a lenient parser reads was sent ({sent.status_code})"
+    assert pool.backend_calls() == before, f"a chat only a lenient parser reads was sent ({sent.status_code})"
     assert sent.status_code == 400
 
 
@@ -560,9 +556,9 @@ def test_an_eval_run_over_an_items_file_naming_alices_file_is_refused(pool):
                 "input_messages": {"type": "item_reference", "item_reference": "item.messages"},
             },
         }
-        before = backend_calls(pool)
+        before = pool.backend_calls()
         sent = http.post(f"/openai/v1/evals/{eval_id}/runs", json=run)
-    assert backend_calls(pool) == before, (
+    assert pool.backend_calls() == before, (
         f"bob's eval run over an items file naming alice's file was sent ({sent.status_code})"
     )
 
@@ -589,11 +585,11 @@ def test_an_eval_run_over_an_items_file_naming_alices_file_is_refused(pool):
 )
 def test_path_spellings_reach_nothing_of_alices(pool, method, path):
     secret = alices_file(pool)
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     naming = {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": secret}}]}]}
     with bob(pool) as http:
         sent = http.request(method, path.format(f=secret, F=secret.upper()), json=naming if method == "POST" else None)
-    assert backend_calls(pool) == before and sent.status_code in (400, 403, 404), sent.status_code
+    assert pool.backend_calls() == before and sent.status_code in (400, 403, 404), sent.status_code
 
 
 def test_bodies_parsers_read_differently_are_refused(pool):
@@ -607,12 +603,12 @@ def test_bodies_parsers_read_differently_are_refused(pool):
         b'{"model":"chat","input":"x","previous_response_id":"%s","temperature":NaN}' % response,
         b'{"model":"chat","input":' + b"[" * 100_000 + b"]" * 100_000 + b',"previous_response_id":"%s"}' % response,
     ]
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob(pool) as http:
         for body in bodies:
             sent = http.post("/openai/v1/responses", content=body, headers={"content-type": JSON})
             assert sent.status_code in (400, 404), (body[:60], sent.status_code)
-    assert backend_calls(pool) == before
+    assert pool.backend_calls() == before
 
 
 def test_a_chunked_body_naming_alices_file_is_read_like_any_other(pool):
@@ -623,10 +619,10 @@ def test_a_chunked_body_naming_alices_file_is_read_like_any_other(pool):
         yield b'{"messages":[{"role":"user","content":[{"type":"file","file":'
         yield b'{"file_id":"' + secret.encode() + b'"}}]}]}'
 
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob(pool) as http:
         sent = http.post(DEPLOYMENT_CHAT, content=chunks(), headers={"content-type": JSON})
-    assert sent.status_code == 404 and backend_calls(pool) == before
+    assert sent.status_code == 404 and pool.backend_calls() == before
 
 
 def test_a_compressed_chat_is_refused_whatever_content_encoding_says(pool):
@@ -635,11 +631,11 @@ def test_a_compressed_chat_is_refused_whatever_content_encoding_says(pool):
     secret = alices_file(pool)
 
     chat = {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": secret}}]}]}
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob(pool) as http:
         sent = http.post(
             DEPLOYMENT_CHAT,
             content=zlib.compress(json.dumps(chat).encode()),
             headers=[(b"content-type", b"application/json"), (b"content-encoding", b"identity")],
         )
-    assert sent.status_code == 400 and backend_calls(pool) == before
+    assert sent.status_code == 400 and pool.backend_calls() == before
