@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import openai
 import pytest
@@ -42,15 +43,25 @@ TLS = ssl.create_default_context()
 
 
 class SdkHttp(openai.DefaultHttpxClient):
-    """The openai SDK's own default HTTP client, on the shared TLS context, and closed when dropped
-    as the SDK closes its own."""
+    """The openai SDK's own default HTTP client, on the shared TLS context, closed when the test that
+    made it ends (`close_sdk_connections`)."""
+
+    made: ClassVar[list[SdkHttp]] = []
 
     def __init__(self) -> None:
         super().__init__(verify=TLS)
+        SdkHttp.made.append(self)
 
-    def __del__(self) -> None:
-        if not self.is_closed:
-            self.close()
+
+@pytest.fixture(autouse=True)
+def close_sdk_connections() -> Iterator[None]:
+    """Close the SDK clients' connections a test made. An SDK client is a reference cycle: left to the
+    garbage collector, its sockets may be finalized before it closes them, and each warns (later, in
+    whichever test runs then)."""
+    before = len(SdkHttp.made)
+    yield
+    while len(SdkHttp.made) > before:
+        SdkHttp.made.pop().close()
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
