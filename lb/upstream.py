@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import math
 import ssl
 import time
@@ -94,7 +95,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 request.method,
                 str(request.url),
                 headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
-                data=request.content or None,
+                data=_payload(request.content),
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(
                     total=timeouts.get("total"),  # wall-clock, from here to the body's last byte
@@ -114,6 +115,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
 
 _DROPPED = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+LARGE_BODY_BYTES = 1024 * 1024  # aiohttp writes bytes in one call; past this, 64 KiB at a time
+
+
+def _payload(content: bytes) -> bytes | io.BytesIO | None:
+    """The body as aiohttp should send it: a large one as a BytesIO (no copy until read), which
+    aiohttp writes a chunk at a time, handing the loop back and waiting for the socket between
+    chunks, instead of queueing megabytes in one write."""
+    if len(content) > LARGE_BODY_BYTES:
+        return io.BytesIO(content)
+    return content or None
 
 
 class _ResponseBody(httpx.AsyncByteStream):

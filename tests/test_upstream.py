@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -247,3 +248,28 @@ def test_waiting_for_a_free_pooled_connection_is_bounded_by_the_timeout():
                 first.cancel()
 
     asyncio.run(check())
+
+
+def test_a_large_body_is_sent_whole_a_chunk_at_a_time_with_its_length():
+    """Past `LARGE_BODY_BYTES` aiohttp writes the body 64 KiB at a time (bytes would be one write,
+    and aiohttp's ResourceWarning): the backend still gets every byte, under the declared length."""
+    body = bytes(range(256)) * (3 * 1024 * 1024 // 256 + 7)
+    received: list[bytes] = []
+
+    async def keep(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(
+            next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1]
+        )
+        received.append(await reader.readexactly(length))
+        writer.write(answer(b"{}"))
+        await writer.drain()
+
+    async def check(client: httpx.AsyncClient) -> None:
+        async with RawServer(keep) as url:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ResourceWarning)
+                sent = await client.post(url + "/openai/x", content=body)
+        assert sent.status_code == 200 and received == [body]
+
+    with_client(check)
