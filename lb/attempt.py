@@ -266,10 +266,16 @@ class Attempts:
         """(whether a 401/403 refuses our credential, whether a probe had to say so): Azure's words
         decide at once; a refusal that may be about the client's request is ours only if the
         backend refuses a call without it too (`lb.auth.refusals`)."""
-        judgement = judged(call.info.raw_path, refusal)
+        judgement = judged(call.info.path, refusal)
         if judgement != "unsure":
             return judgement == "ours", False
-        refused = await self.probes.refused(backend.name, lambda: self._probe(backend, call.deadline))
+        left = max(0.001, call.deadline - time.monotonic())  # waiting on another call's probe counts too
+        try:
+            refused = await asyncio.wait_for(
+                self.probes.refused(backend.name, lambda: self._probe(backend, call.deadline)), left
+            )
+        except asyncio.TimeoutError:
+            return False, False  # no answer in time proves nothing: the refusal is relayed as the client's
         return refused, refused
 
     async def _probe(self, backend: Backend, deadline: float) -> bool:

@@ -13,13 +13,16 @@ balancer needs only the top-level `"model"`, so a large body is searched instead
 Neither step validates the JSON: the backend does, and answers a malformed body with its own 400.
 
 What the policies read in any body, whatever its size (`Marks`: `"stream": true`, the usage flag,
-the max-tokens fields), is found by `marks` in the same way, a slice at a time: the request's one
-read (`lb.requestinfo.described`) calls it once, and the policies take the fields.
+the max-tokens fields, the number of choices), is found by `marks` in the same way, a slice at a
+time: the request's one read (`lb.requestinfo.described`) calls it once, and the policies take the
+fields. A body that was parsed anyway gives its number of choices from the parsed object
+(`choices_in`), by the same rules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -37,7 +40,19 @@ _STREAM_TRUE = re.compile(rb"\s*:\s*true\b")
 _STREAM = b'"stream"'
 _STREAM_OPTIONS, _INCLUDE_USAGE = b'"stream_options"', b'"include_usage"'
 _MAX_TOKENS_KEYS = (b'"max_tokens"', b'"max_completion_tokens"', b'"max_output_tokens"')  # the last: Responses API
+_MAX_PREFIX = b'"max_'  # one search finds the three keys it begins
 _COLON_NUMBER = re.compile(rb"\s*:\s*(\d+)")
+# The number of completions a call has the model generate: chat's and completions' `n` (1-128 in
+# Azure OpenAI's reference), completions' `best_of` (0-20, generated server-side), images' `n`.
+N, BEST_OF = b'"n"', b'"best_of"'
+MAX_CHOICES = 128  # the most `n` allows: what a count that can't be read as one counts as
+# After a choices key: null (the default, 1), a plain integer, another number (`-1`, `2.0`, `1e3`:
+# unreadable), or anything else (a string, object, array: a nested key of that name, not a count).
+_CHOICES_VALUE = re.compile(rb"\s*:\s*(?:(null)|(\d{1,15})(?![.eE\d])|[-+.\d])")
+# Occurrences of the max-tokens or choices keys one read looks at, at most: each costs a few us in
+# Python, and a body naming them more often than any request does (one each, a few more in tool
+# schemas) counts as stating the most (10**15 tokens, MAX_CHOICES), at no further cost.
+MAX_KEYS = 1000
 _STREAM_PREFIX = b'"stream'  # one search finds both keys it begins
 _OPEN, _CLOSE, _QUOTE = frozenset(b"[{"), frozenset(b"]}"), ord('"')
 
@@ -52,20 +67,55 @@ class Marks:
         False  # `"include_usage"` occurs (the client asked for the usage chunk): looked for in streams
     )
     max_tokens: int | None = None  # the largest max-tokens value stated; None: not looked for (`tokens`)
+    choices: int = 1  # completions generated per call (`n`, `best_of`): 1 unless asked for (`choices`)
 
 
 NO_MARKS = Marks(max_tokens=0)
 
 
-def read_marks(body: bytes, lo: int = 0, hi: int | None = None, *, usage: bool = True, tokens: bool = True) -> Marks:
+def choice_count(value: object) -> int:
+    """A choices field's value as a count: null is the default (1), an integer is clamped to 1-128
+    (Azure refuses the others with a 400, which charges nothing). Anything else (negative,
+    fractional, a string, a bool) is no count we can read, so it counts as `MAX_CHOICES`: never
+    fewer choices than a backend that took it anyway might generate."""
+    if value is None:
+        return 1
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return max(1, min(value, MAX_CHOICES))
+    return MAX_CHOICES
+
+
+def choices_in(payload: dict[str, object], keys: tuple[bytes, ...]) -> int:
+    """`Marks.choices` of a parsed body: the largest count among its top-level `keys` (1 if none)."""
+    count = 1
+    for key in keys:
+        name = key[1:-1].decode()
+        if name in payload:
+            count = max(count, choice_count(payload[name]))
+    return count
+
+
+def read_marks(
+    body: bytes,
+    lo: int = 0,
+    hi: int | None = None,
+    *,
+    usage: bool = True,
+    tokens: bool = True,
+    choices: tuple[bytes, ...] = (),
+) -> Marks:
     """The marks of the keys starting in body[lo:hi], without yielding (a body in hand, up to a window).
 
-    One C-speed `find` per key, the two that begin `"stream` sharing one (a regex alternation over
-    a large prompt costs ten times more, and a shorter needle than a key risks a slow search).
-    `"stream": true` counts unless its quote is escaped; a max-tokens key unless a backslash
-    precedes it (quoted inside a string); a number of more than 15 digits reads as 10**15, "more
-    than any quota", instead of making int() raise. The others are plain presence. `usage` and
-    `tokens` say whether `"include_usage"` and the max-tokens keys are looked for at all."""
+    One C-speed `find` per key, the two that begin `"stream` sharing one and the three max-tokens
+    keys another (`"max_`): a regex alternation over a large prompt costs ten times more, and a
+    shorter needle than a key risks a slow search; the choices keys, as short as `"n"`, are the
+    exception (`_choices`). `"stream": true` counts unless its quote is escaped; a max-tokens or
+    choices key unless a backslash precedes it (quoted inside a string); a max-tokens number of
+    more than 15 digits (or more than `MAX_KEYS` such keys) reads as 10**15, "more than any
+    quota", instead of making int() raise; a choices value as `choice_count` says, the largest
+    wherever the key is (a nested key of that name can only make the count larger). The others are
+    plain presence. `usage`, `tokens` and `choices` say whether `"include_usage"`, the max-tokens
+    keys and which choices keys (`N`, `BEST_OF`) are looked for at all."""
     size = len(body)
     hi = size if hi is None else hi
 
@@ -80,36 +130,77 @@ def read_marks(body: bytes, lo: int = 0, hi: int | None = None, *, usage: bool =
         elif body.startswith(_STREAM_OPTIONS, at):
             options = True
         at = body.find(_STREAM_PREFIX, at + 1, within(_STREAM_PREFIX))
-    completion = 0
-    for key in _MAX_TOKENS_KEYS if tokens else ():
-        at = body.find(key, lo, within(key))
-        while at != -1:
-            if at == 0 or body[at - 1] != 0x5C:
-                number = _COLON_NUMBER.match(body, at + len(key))
-                if number:
-                    digits = number.group(1)
-                    completion = max(completion, int(digits) if len(digits) <= 15 else 10**15)
-            at = body.find(key, at + 1, within(key))
+    completion = seen = 0
+    at = body.find(_MAX_PREFIX, lo, within(_MAX_PREFIX)) if tokens else -1
+    while at != -1:
+        if at == 0 or body[at - 1] != 0x5C:
+            seen += 1
+            if seen > MAX_KEYS:  # no request's body: "more than any quota", at no further cost
+                completion = 10**15
+                break
+            for key in _MAX_TOKENS_KEYS:
+                if body.startswith(key, at):
+                    number = _COLON_NUMBER.match(body, at + len(key))
+                    if number:
+                        digits = number.group(1)
+                        completion = max(completion, int(digits) if len(digits) <= 15 else 10**15)
+                    break
+        at = body.find(_MAX_PREFIX, at + 1, within(_MAX_PREFIX))
+    count = _choices(body, lo, hi, choices) if choices else 1
     asked = usage and body.find(_INCLUDE_USAGE, lo, within(_INCLUDE_USAGE)) != -1
-    return Marks(stream, options, asked, completion if tokens else None)
+    return Marks(stream, options, asked, completion if tokens else None, count)
 
 
-async def marks(body: bytes, *, usage: bool = True, tokens: bool = True) -> Marks:
+def _choices(body: bytes, lo: int, hi: int, keys: tuple[bytes, ...]) -> int:
+    """The largest count the choices `keys` starting in body[lo:hi] state. A key is found by a regex
+    search for it as a literal, which runs at one speed whatever the text (`bytes.find` of a key as
+    short as `"n"` slows down on a run of the letters it holds: 2.6 ms per MiB of `n`)."""
+    count = seen = 0
+    for key in keys:
+        # a match ends by `hi + len(key) - 1`: it starts in this slice, and may end in the next
+        for found in _literal(key).finditer(body, lo, min(len(body), hi + len(key) - 1)):
+            at = found.start()
+            if at and body[at - 1] == 0x5C:  # quoted inside a string
+                continue
+            seen += 1
+            if seen > MAX_KEYS:
+                return MAX_CHOICES
+            count = max(count, _choices_after(body, found.end()))
+    return max(count, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _literal(key: bytes) -> re.Pattern[bytes]:
+    return re.compile(re.escape(key))
+
+
+def _choices_after(body: bytes, end: int) -> int:
+    """The count a choices key ending at `end` states (`choice_count`'s rules on the bytes); 1 when
+    its value is no number (a nested key of that name: an object, a string)."""
+    value = _CHOICES_VALUE.match(body, end)
+    if value is None or value.group(1) is not None:
+        return 1
+    digits = value.group(2)
+    return choice_count(int(digits)) if digits is not None else MAX_CHOICES
+
+
+async def marks(body: bytes, *, usage: bool = True, tokens: bool = True, choices: tuple[bytes, ...] = ()) -> Marks:
     """`read_marks` over the whole body; a large one a slice at a time, handing the loop back between
     slices (a slice is a window shared by the searches: each is one `find` over it)."""
     if len(body) <= WINDOW_BYTES:
-        return read_marks(body, usage=usage, tokens=tokens)
-    step = WINDOW_BYTES // (1 + usage + len(_MAX_TOKENS_KEYS) * tokens)
+        return read_marks(body, usage=usage, tokens=tokens, choices=choices)
+    step = WINDOW_BYTES // (1 + usage + tokens + len(choices))
     found = Marks(max_tokens=0 if tokens else None)
     for start in range(0, len(body), step):
         if start:
             await asyncio.sleep(0)
-        part = read_marks(body, start, min(len(body), start + step), usage=usage, tokens=tokens)
+        part = read_marks(body, start, min(len(body), start + step), usage=usage, tokens=tokens, choices=choices)
         found = Marks(
             found.stream or part.stream,
             found.stream_options or part.stream_options,
             found.include_usage or part.include_usage,
             None if found.max_tokens is None else max(found.max_tokens, part.max_tokens or 0),
+            max(found.choices, part.choices),
         )
     return found
 

@@ -8,15 +8,19 @@ The Responses API keeps a third: `/openai/responses?api-version=...`, what the A
 sends for `responses.create`. Its deployment is the body's `"model"` too, so it is read as on v1.
 The body is read whole (bounded) because a failover must be able to send it again.
 
-What a call does is its route after that prefix, lower-cased (`operation`): Azure matches routes
-whatever their case, so everything that decides by the route (metering, quotas) reads it there, and
-`/openai/v1/Chat/Completions` is the chat it is.
+The path is read once (`lb.apipath.split_path`, held as `RequestInfo.path`): its shape, the
+deployment it names and its route (`operation`, lower-cased and decoded as a loose router matches
+it), so the deployment, metering and isolation all read `/openai/Deployments/ch%61t/Chat/Completions`
+as the chat call to `chat` it may be to the backend.
 
 The path is relayed as the client encoded it, appended to the backend's base URL, so the upstream
 host is always the configured one. It is refused unless it is a plain `/openai/...` path: a dot or
 empty segment, a backslash, a control character or a scheme could make the backend (or a
 normaliser between us and it) resolve another path than the one we routed and authorised on, and
-percent-encoding is peeled off layer by layer so `%2e%2e`, `%252e%252e` or `%2f%2f` hide nothing.
+it is checked decoded too, so `%2e%2e` hides nothing. A path that reads two ways is refused as well:
+an encoded `/` (`%2F`), which one router decodes into a separator where another keeps it in its
+segment, and a path encoded more than once (`%252e`), which routers decode a different number of
+times. What is left decodes once, to the one path `lb.apipath` reads.
 Unicode line breaks (U+0085, U+2028, U+2029) count as control characters: a log viewer splits lines
 on them, so a deployment name carrying one could forge a log line. A credential in the query
 (`api-key`, `subscription-key`, `Authorization`) is the client's: never forwarded (a backend or a
@@ -29,14 +33,16 @@ a compressed body would hide from each what the backend, decoding it, acts on.
 Nothing a client sends may hold the event loop: a body is parsed as JSON only up to
 `PARSE_LIMIT_BYTES`; past it, `lb.bodyscan` finds `"model"` in slices that yield to the loop. The
 same read finds what the policies need in the body's bytes (`lb.bodyscan.Marks`: the stream flag,
-the usage flag, the max-tokens fields) and where the body names its deployment, once per request.
+the usage flag, the max-tokens fields, the number of choices) and where the body names its
+deployment, once per request. The number of choices (`n`, and completions' `best_of`: each choice
+may run to the stated maximum, and every one is billed) is taken from the parsed body when the
+body was parsed to route it, else from its bytes in the same pass as the max-tokens fields.
 JSON that Python refuses to build (nesting deeper than the recursion limit, an integer of more
 than 4,300 digits) is a 400, like any other invalid JSON.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import time
@@ -46,25 +52,34 @@ from urllib.parse import unquote, unquote_plus
 from starlette.requests import Request
 
 from lb import bodyscan
+from lb.apipath import DEPLOYMENTS, ApiPath, split_path
 from lb.errors import BadRequest, HeadersTooLarge, PayloadTooLarge, RouteNotFound, UnsupportedMediaType
 
 PREFIX = "/openai/"
 # Kestrel's limits (what the Functions host enforces in front of us); uvicorn + httptools has none of its own.
 MAX_HEADER_COUNT = 100
 MAX_HEADER_BYTES = 32 * 1024
-MAX_DECODE_ROUNDS = 4  # a path still changing after this many percent-decodings is hiding something
 PARSE_LIMIT_BYTES = 64 * 1024  # bodies up to this are parsed whole on the loop (~1 ms at worst); larger are scanned
-# First segments after /openai/ whose calls name their deployment in the body's "model".
-MODEL_IN_BODY = frozenset({"v1", "responses"})
 _LINE_BREAKS = r"\x80-\x9f\u2028\u2029"  # C1 controls (U+0085 NEL among them), Unicode line/paragraph separators
 _BAD_CHARS = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}\\#]")
 _CONTROL = re.compile(rf"[\x00-\x1f\x7f{_LINE_BREAKS}]")
 ARRIVED = "lb.arrived"  # scope key: time.monotonic() when `lb serve` read the request's first byte
 NOT_PARSED = object()  # RequestInfo.payload when the body was not parsed (too large, not JSON, not needed)
+_UNSPLIT = ApiPath("", None, "", ())  # RequestInfo.path until __post_init__ splits raw_path
 # Query parameters that carry a credential somewhere in front of a model: Azure OpenAI's `api-key`,
 # the `Authorization` its realtime WebSocket clients put in the URL, API Management's and Azure AI
 # services' `subscription-key` (the query twin of the Ocp-Apim-Subscription-Key header).
 QUERY_CREDENTIALS = ("api-key", "subscription-key", "authorization")
+# Routes whose body says how many completions the model generates (`lb.bodyscan.Marks.choices`):
+# chat's and images' `n`, and completions' `n` and `best_of`.
+CHOICE_KEYS: dict[str, tuple[bytes, ...]] = {
+    "chat/completions": (bodyscan.N,),
+    "extensions/chat/completions": (bodyscan.N,),
+    "completions": (bodyscan.N, bodyscan.BEST_OF),
+    "images/generations": (bodyscan.N,),
+    "images/edits": (bodyscan.N,),
+    "images/variations": (bodyscan.N,),
+}
 
 
 @dataclass(frozen=True)
@@ -85,36 +100,30 @@ class RequestInfo:
     # rewritten by re-serialising it).
     model_spans: tuple[tuple[int, int], ...] | None = field(default=None, compare=False, repr=False)
     # `"stream_options"` / `"include_usage"` in the body as the client sent it (metering's usage flag),
-    # the largest max_*tokens it states (quotas' reservation, the headroom policy's demand).
+    # the largest max_*tokens it states and its number of choices (quotas' reservation, the headroom
+    # policy's demand).
     marks: bodyscan.Marks = field(default=bodyscan.NO_MARKS, compare=False, repr=False)
+    # The path's shape, deployment and route (`lb.apipath`): split once per request, in `described`.
+    path: ApiPath = field(default=_UNSPLIT, compare=False, repr=False)
 
-    @functools.cached_property
+    def __post_init__(self) -> None:
+        if self.path is _UNSPLIT:  # built from a path alone (tests, tools): split it here
+            object.__setattr__(self, "path", split_path(self.raw_path))
+
+    @property
     def operation(self) -> str:
-        """What the call does: its route after the URL's prefix, lower-cased (`operation()`); split
-        from the path once per request, however many policies ask."""
-        return operation(self.raw_path)
+        """What the call does: its route, decoded and lower-cased (`ApiPath.operation`)."""
+        return self.path.operation
 
     @property
     def tokens(self) -> int:
         """What Azure OpenAI will charge against the tokens quota at admission, roughly: the prompt
         (about 4 characters per token; the body's length stands in for it, JSON syntax and tool
         definitions making it an overestimate that errs on the safe side) plus the stated maximum
-        output. Per-client quotas (lb.metering.quota) and the headroom policy charge this same figure."""
+        output, once per choice (`n`, `best_of`: each may run to the maximum). Per-client quotas
+        (lb.metering.quota) and the headroom policy charge this same figure."""
         assert self.marks.max_tokens is not None, "read with tokens=False"
-        return len(self.body) // 4 + self.marks.max_tokens
-
-
-def operation(raw_path: str) -> str:
-    """The route after `/openai/deployments/{deployment}/`, `/openai/v1/` or `/openai/`, without
-    the query and lower-cased as Azure matches it: `chat/completions` for
-    `/openai/v1/Chat/Completions`, `responses` for `/openai/responses?api-version=...`, `batches`,
-    `responses/resp_1/cancel` (ids lower-cased too: for telling routes apart, not for naming objects)."""
-    segments = raw_path.split("?", 1)[0].lower().split("/")[2:]  # after "", "openai"
-    if len(segments) > 1 and segments[0] == "deployments":
-        return "/".join(segments[2:])
-    if segments and segments[0] == "v1":
-        return "/".join(segments[1:])
-    return "/".join(segments)
+        return len(self.body) // 4 + self.marks.max_tokens * self.marks.choices
 
 
 def arrived(request: Request) -> float:
@@ -139,15 +148,24 @@ async def described(
     """The one read of a call's (checked) path and body: everything the policies take from them.
     `tokens`: whether anything will read `RequestInfo.tokens` (a limited client, the headroom policy);
     the usage flag is looked for only in a stream, where metering reads it."""
-    deployment, stream, payload, spans = await _deployment(raw_path, body, content_type)
+    path = split_path(raw_path)
+    deployment, stream, payload, spans = await _deployment(path, body, content_type)
     # The usage flag is read in streams only; a body in one window is searched for it in the same go.
     usage = stream is True or (stream is None and len(body) <= bodyscan.WINDOW_BYTES)
+    # a form's `n` is a field, not JSON: not read (docs/metering.md), so its bytes are not searched
+    form = "multipart/" in content_type.lower()
+    keys = CHOICE_KEYS.get(path.operation, ()) if tokens and body and not form else ()
     if not body:
         marks = bodyscan.NO_MARKS
     elif stream is False and not tokens:  # parsed, no stream: nothing will read a mark
         marks = bodyscan.Marks(max_tokens=None)
     else:
-        marks = await bodyscan.marks(body, usage=usage, tokens=tokens)
+        marks = await bodyscan.marks(
+            body, usage=usage, tokens=tokens, choices=() if isinstance(payload, dict) else keys
+        )
+    if keys and isinstance(payload, dict):  # the parsed body says it exactly, however its keys are spelled
+        count = bodyscan.choices_in(payload, keys)
+        marks = replace(marks, choices=count) if count != 1 else marks
     if stream is None and marks.stream and not usage:  # a large stream only the bytes say is one
         marks = replace(marks, include_usage=await bodyscan.include_usage(body))
     return RequestInfo(
@@ -158,6 +176,7 @@ async def described(
         payload=payload,
         model_spans=spans,
         marks=marks,
+        path=path,
     )
 
 
@@ -182,25 +201,34 @@ def check_encoding(request: Request) -> None:
 
 
 def check_path(path: str) -> None:
-    """Raise unless `path` (no query, as sent) is an `/openai/...` path that is safe to relay."""
+    """Raise unless `path` (no query, as sent) is an `/openai/...` path that is safe to relay and that
+    every router reads one way: decoded once (as `lb.apipath` reads it), it decodes no further."""
     if not path.startswith(PREFIX):
         raise RouteNotFound("Only /openai/deployments/{deployment}/... and /openai/v1/... paths are proxied.")
     if "://" in path:
         raise BadRequest("The request path must not be an absolute URL.")
-    current = path
-    for _ in range(MAX_DECODE_ROUNDS):
-        if _BAD_CHARS.search(current):
-            raise BadRequest("The request path contains a control character, a backslash or '#'.")
-        if any(segment in ("", ".", "..") for segment in current.split("/")[1:]):
-            raise BadRequest("The request path contains an empty, '.' or '..' segment.")
+    layers: tuple[str, ...] = (path,)
+    if "%" in path:
+        if "%2f" in path.lower():
+            raise BadRequest(
+                "The request path contains an encoded '/' (%2F): routers differ on decoding it, so it could"
+                " reach the backend as another path than the one the load balancer read."
+            )
         try:
-            decoded = unquote(current, errors="strict") if "%" in current else current
+            decoded = unquote(path, errors="strict")
         except UnicodeDecodeError:
             raise BadRequest("The request path is not valid percent-encoded UTF-8.") from None
-        if decoded == current:
-            return
-        current = decoded
-    raise BadRequest("The request path is percent-encoded too many times.")
+        if "%" in decoded and unquote(decoded) != decoded:
+            raise BadRequest(
+                "The request path is percent-encoded more than once: routers differ on how many times"
+                " they decode it, so it could reach the backend as another path."
+            )
+        layers = (path, decoded)
+    for layer in layers:
+        if _BAD_CHARS.search(layer):
+            raise BadRequest("The request path contains a control character, a backslash or '#'.")
+        if any(segment in ("", ".", "..") for segment in layer.split("/")[1:]):
+            raise BadRequest("The request path contains an empty, '.' or '..' segment.")
 
 
 def _checked_path(request: Request) -> str:
@@ -237,14 +265,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def _deployment(
-    raw_path: str, body: bytes, content_type: str
+    path: ApiPath, body: bytes, content_type: str
 ) -> tuple[str | None, bool | None, object, tuple[tuple[int, int], ...] | None]:
     """The deployment the call names, whether it asks for a stream (None: as the body's bytes say,
     `bodyscan.Marks.stream`), the body if it was parsed, and where the body names the deployment."""
-    segments = raw_path.split("?", 1)[0].split("/")  # ["", "openai", ...]
-    if len(segments) > 3 and segments[2] == "deployments":
-        return unquote(segments[3]) or None, None, NOT_PARSED, None
-    if len(segments) > 2 and segments[2].lower() in MODEL_IN_BODY and body:
+    if path.prefix == DEPLOYMENTS:
+        return path.deployment, None, NOT_PARSED, None
+    if path.model_in_body and body:
         if "json" not in content_type:
             return None, False, NOT_PARSED, None  # multipart uploads (audio, files): any backend may take them
         if len(body) > PARSE_LIMIT_BYTES:

@@ -15,9 +15,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import openai
 import pytest
+from hypothesis import settings
 
 from lb.app import create_app
 from lb.config import load_settings
@@ -27,6 +29,12 @@ from lb.sim import Servers, SimBackend, free_port
 from tests.azurite import azurite_fixture  # noqa: F401  (the `azurite` fixture: a real Table Storage)
 from tests.idp import LocalIdP
 
+# Property tests draw the same examples on every run (CI included): a new failure is a change's doing,
+# not a new draw. Explore further with `pytest --hypothesis-seed=N` or `HYPOTHESIS_PROFILE=explore`.
+settings.register_profile("suite", derandomize=True, deadline=None)
+settings.register_profile("explore", max_examples=5_000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
+
 CLIENT_KEY = "client-key-for-tests"
 API_VERSION = "2024-10-21"
 # One TLS context for the clients tests make: each new client would load the CA bundle into one of
@@ -35,15 +43,25 @@ TLS = ssl.create_default_context()
 
 
 class SdkHttp(openai.DefaultHttpxClient):
-    """The openai SDK's own default HTTP client, on the shared TLS context, and closed when dropped
-    as the SDK closes its own."""
+    """The openai SDK's own default HTTP client, on the shared TLS context, closed when the test that
+    made it ends (`close_sdk_connections`)."""
+
+    made: ClassVar[list[SdkHttp]] = []
 
     def __init__(self) -> None:
         super().__init__(verify=TLS)
+        SdkHttp.made.append(self)
 
-    def __del__(self) -> None:
-        if not self.is_closed:
-            self.close()
+
+@pytest.fixture(autouse=True)
+def close_sdk_connections() -> Iterator[None]:
+    """Close the SDK clients' connections a test made. An SDK client is a reference cycle: left to the
+    garbage collector, its sockets may be finalized before it closes them, and each warns (later, in
+    whichever test runs then)."""
+    before = len(SdkHttp.made)
+    yield
+    while len(SdkHttp.made) > before:
+        SdkHttp.made.pop().close()
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0) -> None:
@@ -129,6 +147,10 @@ class Pool:
     def v1(self, key: str = CLIENT_KEY, **kwargs: object) -> openai.OpenAI:
         url = self.url + "/openai/v1"
         return openai.OpenAI(base_url=url, api_key=key, max_retries=0, http_client=SdkHttp(), **kwargs)
+
+    def backend_calls(self) -> int:
+        """Calls the simulated backends have had: unchanged across a call means it was refused here."""
+        return sum(len(b.calls) for b in self.backends)
 
     def plant(self, object_id: str, kind: str, owner: str, backend: str = "1") -> None:
         """A record of an object the simulator cannot make (containers, evals): as if the key client

@@ -12,7 +12,10 @@ import httpx
 import openai
 import pytest
 
+from lb.app import create_app
 from lb.auth import BackendAuth
+from lb.config import load_settings
+from lb.proxy import Proxy
 from lb.routing.breaker import Breaker
 from lb.sim import SimBackend, read_body
 from tests.conftest import CLIENT_KEY
@@ -217,23 +220,33 @@ def test_the_all_refused_502_says_how_many_attempts_it_took(make_pool):
     assert answer.status_code == 502 and answer.headers["x-lb-attempts"] == "2"
 
 
-def test_a_failing_token_fetch_is_the_balancers_own_503_and_cools_no_backend(make_pool, caplog):
-    pool = make_pool(1, env={"BACKEND_1_APIKEY": ""})  # keyless: an Entra ID token is sent
-    pool.proxy.backend_auth = BackendAuth(FakeCredential(fail=True))
+def keyless(servers, credential: FakeCredential, **env: str) -> tuple[str, Proxy, SimBackend]:
+    """A proxy whose one backend is keyless, its Entra ID token fetched by `credential`: given when
+    the Proxy is built, as its attempts keep the BackendAuth they were built with."""
+    backend = SimBackend("sim1")
+    env = {"LB_CLIENT_KEYS": CLIENT_KEY, "BACKEND_1_URL": servers.start(backend), "BACKEND_1_APIKEY": "", **env}
+    proxy = Proxy(load_settings(env), backend_auth=BackendAuth(credential))
+    return servers.start(create_app(proxy=proxy)), proxy, backend
+
+
+def test_a_failing_token_fetch_is_the_balancers_own_503_and_cools_no_backend(servers, caplog):
+    credential = FakeCredential(fail=True)
+    url, proxy, backend = keyless(servers, credential)
     with caplog.at_level(logging.ERROR, logger="lb"):
         for _ in range(3):
-            answer = post(pool.url)
+            answer = post(url)
             assert answer.status_code == 503 and answer.headers["x-lb-attempts"] == "1"
             assert answer.json()["error"]["code"] == "BackendCredentialUnavailable"
-    assert pool.proxy.store.active() == [] and pool.backends[0].calls == []
+    assert proxy.store.active() == [] and backend.calls == []
     assert sum("could not be fetched" in r.getMessage() for r in caplog.records) == 1
+    assert credential.fetches == 1  # then kept for RETRY_SECONDS: the next two failed at once
 
 
-def test_a_slow_first_token_fetch_ends_at_the_request_deadline(make_pool):
-    pool = make_pool(1, env={"BACKEND_1_APIKEY": "", "HTTP_TIMEOUT_SECONDS": "0.5"})
-    pool.proxy.backend_auth = BackendAuth(FakeCredential(delay=5))
+def test_a_slow_first_token_fetch_ends_at_the_request_deadline(servers):
+    credential = FakeCredential(delay=5)
+    url, proxy, _ = keyless(servers, credential, HTTP_TIMEOUT_SECONDS="0.5")
     started = time.monotonic()
-    answer = post(pool.url)
+    answer = post(url)
     assert time.monotonic() - started < 0.5 + 2
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "BackendCredentialUnavailable"
-    assert pool.proxy.store.active() == []
+    assert proxy.store.active() == [] and credential.fetches == 1

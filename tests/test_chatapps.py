@@ -195,9 +195,13 @@ def test_rag_ingestion_goes_straight_to_one_account_and_the_app_then_reads_throu
 def test_a_chat_app_given_the_wrong_url_form_gets_a_404_naming_the_forms_served(make_pool, wrong):
     """The old instructions gave the bare host as AZURE_OPENAI_CUSTOM_URL: calls went to /chat/completions."""
     pool = make_pool(1)
-    client = rag_client(pool.url + wrong, CLIENT_KEY)
+
+    async def ask() -> None:
+        async with rag_client(pool.url + wrong, CLIENT_KEY) as client:  # closed on its loop, as the app does
+            await client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}])
+
     with pytest.raises(openai.NotFoundError) as caught:
-        asyncio.run(client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}]))
+        asyncio.run(ask())
     body = caught.value.response.json()
     message = body["error"]["message"]
     assert body["error"]["code"] == "NotFound"

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from lb.sim import SimBackend, free_port
-from tests.conftest import API_VERSION
+from tests.conftest import API_VERSION, SdkHttp
 from tests.idp import LocalIdP, SigningKey, entra_env
 
 pytestmark = pytest.mark.e2e  # starts `python -m lb` processes
@@ -98,7 +98,9 @@ def test_serve_proxies_with_each_backends_key_and_logs_no_secret(servers):
         env[f"BACKEND_{i}_APIKEY"] = backend.api_key or ""
     process, url = serve_lb(env)
     try:
-        client = openai.AzureOpenAI(azure_endpoint=url, api_key="client-secret", api_version=API_VERSION, max_retries=0)
+        client = openai.AzureOpenAI(
+            azure_endpoint=url, api_key="client-secret", api_version=API_VERSION, max_retries=0, http_client=SdkHttp()
+        )
         for _ in range(6):
             client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
         text = "".join(
@@ -110,14 +112,14 @@ def test_serve_proxies_with_each_backends_key_and_logs_no_secret(servers):
         )
         assert "tok4" in text
         client.embeddings.create(model="embedding", input="x")
-        v1 = openai.OpenAI(base_url=url + "/openai/v1", api_key="client-secret", max_retries=0)
+        v1 = openai.OpenAI(base_url=url + "/openai/v1", api_key="client-secret", max_retries=0, http_client=SdkHttp())
         assert v1.responses.create(model="chat", input="hi").status == "completed"
         with v1.responses.stream(model="chat", input="hi", store=False) as stream:  # head and first event: one send
             types = [event.type for event in stream]
         assert types[0] == "response.created" and types[-1] == "response.completed"
         token = idp.token()
         with_token = openai.AzureOpenAI(
-            azure_endpoint=url, azure_ad_token=token, api_version=API_VERSION, max_retries=0
+            azure_endpoint=url, azure_ad_token=token, api_version=API_VERSION, max_retries=0, http_client=SdkHttp()
         ).with_options(default_headers={"x-request-id": "req-with-token"})
         with_token.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
         refused = [token[:-4] + "AAAA", idp.token(SigningKey("key-1")), "wrong-client-secret"]

@@ -18,7 +18,7 @@ from lb.proxy import Proxy
 from lb.requestinfo import RequestInfo, described
 from lb.routing.deployments import upstream_call
 from lb.sim import SimBackend
-from tests.conftest import API_VERSION
+from tests.conftest import API_VERSION, CLIENT_KEY
 from tests.test_cli import serve_lb
 
 CHAT_PATH = "/openai/deployments/chat/chat/completions?api-version=2024-10-21"
@@ -226,6 +226,30 @@ def test_a_name_no_backend_maps_is_refused_like_an_unknown_deployment(make_pool)
     with pytest.raises(openai.NotFoundError):
         pool.azure().chat.completions.create(model="gpt4o-eastus", messages=[{"role": "user", "content": "hi"}])
     assert pool.backends[0].calls == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/Deployments/chat/Chat/Completions",
+        "/openai/DEPLOYMENTS/chat/chat/completions",
+        "/openai/d%65ployments/chat/chat/completions",
+        "/openai/deployments/ch%61t/chat/completions",
+    ],
+)
+def test_a_deployment_path_in_another_case_or_encoding_is_renamed_and_routed_like_any(make_pool, path):
+    """A router matching as ASP.NET Core does (any case, decoded: `lb.apipath`) reads each of these as
+    a chat call to `chat`: so does the balancer, which calls backend 1 by its name for `chat` and never
+    sends the call to backend 2, which does not serve `chat`."""
+    pool = make_pool(2, env={"BACKEND_1_DEPLOYMENTS": "chat=gpt4o-eastus", "BACKEND_2_DEPLOYMENTS": "embedding"})
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=pool.url, headers={"api-key": CLIENT_KEY}, timeout=10) as http:
+        for _ in range(8):  # a pick at random would miss backend 2 eight times with P = 0.5**8
+            answer = http.post(f"{path}?api-version={API_VERSION}", json=chat)
+            assert answer.status_code == 200 and answer.headers["x-lb-backend"] == "1", answer.text
+    one, two = pool.backends
+    assert two.calls == [] and [c.deployment for c in one.calls] == ["gpt4o-eastus"] * 8
+    assert all(c.path.lower().endswith("/gpt4o-eastus/chat/completions") for c in one.calls)
 
 
 # The AzureOpenAI client's Responses path, through `python -m lb serve` -----------------------------

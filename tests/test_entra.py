@@ -14,7 +14,7 @@ import pytest
 from lb.auth.entra import EntraValidator, InvalidToken, looks_like_jwt
 from lb.config import load_settings
 from lb.errors import Unauthorized
-from tests.conftest import API_VERSION, CLIENT_KEY
+from tests.conftest import API_VERSION, CLIENT_KEY, SdkHttp
 from tests.idp import APP_ID, AUDIENCE, OBJECT_ID, OTHER_TENANT, TENANT, LocalIdP, SigningKey, entra_env
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -225,12 +225,18 @@ def test_only_jwt_shaped_bearers_are_treated_as_tokens():
 def test_openai_sdk_with_an_entra_token_or_a_key_both_get_through(make_pool, idp):
     pool = make_pool(2, env=entra_env(idp))
     token_client = openai.AzureOpenAI(
-        azure_endpoint=pool.url, azure_ad_token_provider=idp.token, api_version=API_VERSION, max_retries=0
+        azure_endpoint=pool.url,
+        azure_ad_token_provider=idp.token,
+        api_version=API_VERSION,
+        max_retries=0,
+        http_client=SdkHttp(),
     )
     assert token_client.chat.completions.create(model="chat", messages=MESSAGES).choices[0].message.content
     streamed = token_client.chat.completions.create(model="chat", messages=MESSAGES, stream=True)
     assert "tok4" in "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
-    v1 = openai.OpenAI(base_url=pool.url + "/openai/v1", api_key=idp.token(v2=True), max_retries=0)
+    v1 = openai.OpenAI(
+        base_url=pool.url + "/openai/v1", api_key=idp.token(v2=True), max_retries=0, http_client=SdkHttp()
+    )
     assert v1.embeddings.create(model="embedding", input="x").data
     assert pool.azure().chat.completions.create(model="chat", messages=MESSAGES).choices  # the key still works
     for backend in pool.backends:
@@ -249,7 +255,11 @@ def test_a_refused_token_is_401_with_a_bearer_challenge_and_no_backend_call(make
         assert challenge.startswith("Bearer ") and 'error="invalid_token"' in challenge
         assert token not in response.text + challenge
     client = openai.AzureOpenAI(
-        azure_endpoint=pool.url, azure_ad_token=idp.token(aud="api://other"), api_version=API_VERSION, max_retries=0
+        azure_endpoint=pool.url,
+        azure_ad_token=idp.token(aud="api://other"),
+        api_version=API_VERSION,
+        max_retries=0,
+        http_client=SdkHttp(),
     )
     with pytest.raises(openai.AuthenticationError, match="another audience"):
         client.chat.completions.create(model="chat", messages=MESSAGES)
@@ -299,6 +309,7 @@ def test_a_token_sent_as_both_api_key_and_bearer_is_a_token_and_the_key_check_is
             default_headers={"api-key": token},
             api_version=API_VERSION,
             max_retries=0,
+            http_client=SdkHttp(),
         )
         answer = llamaindex_like.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
         sent = answer.http_request.headers
@@ -306,7 +317,7 @@ def test_a_token_sent_as_both_api_key_and_bearer_is_a_token_and_the_key_check_is
         assert answer.status_code == 200
         assert llamaindex_like.responses.create(model="chat", input="hi").status == "completed"
         learn_v1 = idp.token(aud="https://ai.azure.com")
-        v1_token = openai.OpenAI(base_url=url + "/openai/v1", api_key=learn_v1, max_retries=0)
+        v1_token = openai.OpenAI(base_url=url + "/openai/v1", api_key=learn_v1, max_retries=0, http_client=SdkHttp())
         assert v1_token.embeddings.create(model="embedding", input="x").data  # Learn's v1 samples' audience
         refused = {
             "the same expired token twice": {"api-key": (old := idp.token(exp=int(time.time()) - 600)), "bearer": old},

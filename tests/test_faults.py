@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 
-from lb.sim import Servers
 from tests.conftest import API_VERSION, CLIENT_KEY
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -67,7 +66,7 @@ class Silent:
 def test_a_silent_backend_costs_streamed_calls_one_attempt_timeout_and_three_such_calls_cool_it(make_pool, servers):
     silent = Silent()
     env = {"HTTP_TIMEOUT_SECONDS": "2", "LB_ATTEMPT_TIMEOUT_SECONDS": "0.3", "LB_DEFAULT_COOLDOWN_SECONDS": "30"}
-    pool = make_pool(1, env={**env, "BACKEND_9_URL": _serve_raw(servers, silent), "BACKEND_9_APIKEY": "k"})
+    pool = make_pool(1, env={**env, "BACKEND_9_URL": servers.start_tcp(silent), "BACKEND_9_APIKEY": "k"})
     stream = {"messages": MESSAGES, "stream": True}
     while silent.requests < 3:  # until the random pick has landed on the silent one three times
         seen = silent.requests
@@ -102,7 +101,7 @@ def test_a_non_streamed_call_longer_than_the_attempt_timeout_is_answered_once_an
 def test_the_last_backend_left_gets_the_rest_of_the_deadline_not_the_attempt_timeout(make_pool, servers):
     silent = Silent()
     env = {"HTTP_TIMEOUT_SECONDS": "0.5", "LB_ATTEMPT_TIMEOUT_SECONDS": "0.2"}
-    pool = make_pool(0, env={**env, "BACKEND_9_URL": _serve_raw(servers, silent), "BACKEND_9_APIKEY": "k"})
+    pool = make_pool(0, env={**env, "BACKEND_9_URL": servers.start_tcp(silent), "BACKEND_9_APIKEY": "k"})
     started = time.perf_counter()
     response = post(pool.url)
     assert response.status_code == 504
@@ -113,7 +112,7 @@ def test_when_every_backend_is_silent_the_whole_request_still_ends_at_the_deadli
     silent = Silent()
     env = {"HTTP_TIMEOUT_SECONDS": "0.5", "BACKEND_1_WEIGHT": "0"}
     for name in ("7", "8", "9"):
-        env |= {f"BACKEND_{name}_URL": _serve_raw(servers, silent), f"BACKEND_{name}_APIKEY": "k"}
+        env |= {f"BACKEND_{name}_URL": servers.start_tcp(silent), f"BACKEND_{name}_APIKEY": "k"}
     pool = make_pool(1, env=env)
     started = time.perf_counter()
     response = post(pool.url)
@@ -140,16 +139,6 @@ def test_a_stream_silent_past_http_timeout_seconds_mid_way_is_ended_within_it_an
     assert pool.proxy.store.active() == []
 
 
-def _serve_raw(servers: Servers, handler) -> str:
-    """A bare TCP server on the servers' loop, for answers no HTTP framework would produce."""
-
-    async def start() -> int:
-        server = await asyncio.start_server(handler, "127.0.0.1", 0)
-        return server.sockets[0].getsockname()[1]
-
-    return f"http://127.0.0.1:{servers.run(start())}"
-
-
 async def _reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await reader.readuntil(b"\r\n\r\n")
     writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"choices": [')
@@ -158,7 +147,7 @@ async def _reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 
 
 def test_a_backend_that_resets_mid_body_closes_the_clients_answer_and_three_resets_cool_it(make_pool, servers, caplog):
-    reset_url = _serve_raw(servers, _reset_mid_body)
+    reset_url = servers.start_tcp(_reset_mid_body)
     pool = make_pool(1, env={"BACKEND_1_PRIORITY": "2", "BACKEND_9_URL": reset_url, "BACKEND_9_APIKEY": "k"})
     for expected_cooling in (False, False, True):
         started = time.perf_counter()
@@ -255,7 +244,7 @@ def test_a_backend_header_that_is_not_latin_1_passes_through_as_sent(make_pool, 
         await writer.drain()
         writer.close()
 
-    pool = make_pool(0, env={"BACKEND_9_URL": _serve_raw(servers, euro), "BACKEND_9_APIKEY": "k"})
+    pool = make_pool(0, env={"BACKEND_9_URL": servers.start_tcp(euro), "BACKEND_9_APIKEY": "k"})
     response = post(pool.url)
     assert response.status_code == 200 and response.json() == {"choices": []}
     assert response.headers.raw[[k for k, _ in response.headers.raw].index(b"x-note")][1] == b"5 \xe2\x82\xac"
@@ -276,7 +265,7 @@ async def _drip_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
 
 
 def test_a_backend_dripping_its_head_is_cut_at_the_deadline_as_wall_clock(make_pool, servers):
-    env = {"HTTP_TIMEOUT_SECONDS": "0.5", "BACKEND_9_URL": _serve_raw(servers, _drip_head), "BACKEND_9_APIKEY": "k"}
+    env = {"HTTP_TIMEOUT_SECONDS": "0.5", "BACKEND_9_URL": servers.start_tcp(_drip_head), "BACKEND_9_APIKEY": "k"}
     pool = make_pool(0, env=env)
     started = time.perf_counter()
     response = post(pool.url)
@@ -300,7 +289,7 @@ async def _no_continue(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
 def test_expect_100_continue_is_not_forwarded_so_a_backend_that_never_sends_100_still_answers(make_pool, servers):
     pool = make_pool(
         0,
-        env={"HTTP_TIMEOUT_SECONDS": "2", "BACKEND_9_URL": _serve_raw(servers, _no_continue), "BACKEND_9_APIKEY": "k"},
+        env={"HTTP_TIMEOUT_SECONDS": "2", "BACKEND_9_URL": servers.start_tcp(_no_continue), "BACKEND_9_APIKEY": "k"},
     )
     started = time.perf_counter()
     response = post(pool.url, headers={"api-key": CLIENT_KEY, "expect": "100-continue"})
@@ -353,9 +342,7 @@ async def _sse_with_length_then_reset(reader: asyncio.StreamReader, writer: asyn
 def test_a_broken_sse_answer_with_a_declared_length_ends_with_an_error_event_and_no_server_error(
     make_pool, servers, caplog
 ):
-    pool = make_pool(
-        0, env={"BACKEND_9_URL": _serve_raw(servers, _sse_with_length_then_reset), "BACKEND_9_APIKEY": "k"}
-    )
+    pool = make_pool(0, env={"BACKEND_9_URL": servers.start_tcp(_sse_with_length_then_reset), "BACKEND_9_APIKEY": "k"})
     with httpx.Client(timeout=5) as client:
         with client.stream(
             "POST", chat_url(pool.url), headers={"api-key": CLIENT_KEY}, json={"messages": [], "stream": True}

@@ -163,7 +163,7 @@ def read_or_refuse(data: bytes, content_type: str) -> None:
             assert read.ids[: len(objects.ids)] == objects.ids  # what the path names is kept
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 @given(body(), content_type())
 @example(
     b'--fz\r\nContent-Disposition: form-data; name=""\r\n\r\n{"file_id": "x"}\r\n--fz--\r\n',
@@ -177,7 +177,7 @@ def test_any_form_is_read_or_refused_with_a_4xx(data, content_type):
     read_or_refuse(data, content_type)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(st.binary(max_size=200), st.text(max_size=40))
 def test_any_bytes_with_any_content_type_are_read_or_refused_with_a_4xx(data, content_type):
     read_or_refuse(data, "multipart/form-data" + content_type)

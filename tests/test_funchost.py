@@ -103,7 +103,8 @@ def function_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FunctionA
         start_new_session=True,  # its worker is its child: one signal to the group stops both
     )
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
+    reader = threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True)
+    reader.start()
     log: list[str] = []
     deadline = time.monotonic() + START_SECONDS
     try:
@@ -130,6 +131,9 @@ def function_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FunctionA
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
+        reader.join(5)  # the log's end: the process group has gone
+        if not reader.is_alive():  # (closing it under a blocked read would wait for that read)
+            process.stdout.close()
         servers.stop()
 
 

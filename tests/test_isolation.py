@@ -29,10 +29,6 @@ def pool(make_pool):
     return make_pool(3, env=KEYS)
 
 
-def backend_calls(pool) -> int:
-    return sum(len(b.calls) for b in pool.backends)
-
-
 def test_a_record_is_inserted_once_and_never_replaced():
     async def run() -> None:
         store = ObjectStore()
@@ -46,14 +42,14 @@ def test_a_record_is_inserted_once_and_never_replaced():
 
 def test_with_several_clients_an_id_without_a_record_is_a_404_with_no_backend_call(pool):
     made = pool.backends[1].create_response({"model": "chat", "input": "direct"})
-    calls = backend_calls(pool)
+    calls = pool.backend_calls()
     for key in ("key-a", "key-b"):
         with pytest.raises(openai.NotFoundError):
             pool.v1(key).responses.retrieve(made["id"])
         with pytest.raises(openai.NotFoundError) as previous:
             pool.v1(key).responses.create(model="chat", input="x", previous_response_id=made["id"])
         assert previous.value.body["code"] == "previous_response_not_found"
-    assert backend_calls(pool) == calls
+    assert pool.backend_calls() == calls
     assert pool.proxy.objects.records.counts() == {}  # nothing was recorded for anyone
 
 
@@ -111,6 +107,41 @@ def test_the_owners_objects_stay_the_owners_whatever_the_other_client_sends(pool
     assert pool.proxy.objects.records.health()["healthy"] is True
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/Deployments/chat/Chat/Completions",
+        "/openai/d%65ployments/chat/chat/completions",
+        "/openai/deployments/ch%61t/chat/c%6Fmpletions",
+        "/openai/V1/chat/completions",
+    ],
+)
+def test_a_chat_on_a_path_in_another_case_or_encoding_is_read_for_the_objects_it_names(pool, path):
+    """The backend may read each path as a chat call (`lb.apipath`): so the balancer reads its body
+    for ids like any chat's. Bob's naming alice's file is a 404 with no backend call; alice's goes to
+    the file's holder; a chat naming nothing is served, not refused as a route it can't read."""
+    upload = pool.v1("key-a").files.create(file=("a.txt", io.BytesIO(b"alice's notes")), purpose="user_data")
+    holder = next(str(i) for i, b in enumerate(pool.backends, start=1) if upload.id in b.objects.files)
+    named = {
+        "model": "chat",
+        "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": upload.id}}]}],
+    }
+    plain = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    url = f"{path}?api-version=2024-10-21"
+    with (
+        httpx.Client(base_url=pool.url, headers={"api-key": "key-a"}, timeout=10) as alice,
+        httpx.Client(base_url=pool.url, headers={"api-key": "key-b"}, timeout=10) as bob,
+    ):
+        calls = pool.backend_calls()
+        theirs = bob.post(url, json=named)
+        assert theirs.status_code == 404 and set(theirs.json()["error"]) >= {"code", "message"}, theirs.text
+        assert pool.backend_calls() == calls  # refused before any backend saw it
+        for _ in range(3):  # the holder each time, never a backend that has no such file
+            mine = alice.post(url, json=named)
+            assert mine.status_code == 200 and mine.headers["x-lb-backend"] == holder, mine.text
+        assert bob.post(url, json=plain).status_code == 200
+
+
 def test_lists_show_the_callers_objects_from_the_whole_pool_paged_in_azures_shape(pool):
     alice, bob = pool.v1("key-a"), pool.v1("key-b")
     mine = [alice.files.create(file=(f"{i}.jsonl", io.BytesIO(b"{}\n")), purpose="batch").id for i in range(5)]
@@ -133,13 +164,13 @@ def test_lists_show_the_callers_objects_from_the_whole_pool_paged_in_azures_shap
 def test_a_large_body_is_read_to_its_end_for_the_ids_it_names(pool):
     response = pool.v1("key-a").responses.create(model="chat", input="alice's secret")
     filler = [{"role": "user", "content": "x" * 1000}] * 300  # ~300 KB: scanned in slices, parsed off the loop
-    calls = backend_calls(pool)
+    calls = pool.backend_calls()
     with httpx.Client(base_url=pool.url, headers={"api-key": "key-b"}, timeout=10) as http:
         for key in ("previous_response_id", "Previous_Response_ID", "previous_response\\u005fid"):
             raw = f'{{"model": "chat", "input": {json.dumps(filler)}, "{key}": "{response.id}"}}'
             answer = http.post("/openai/v1/responses", content=raw.encode(), headers={"content-type": JSON_TYPE})
             assert answer.status_code == 404 and "alice's secret" not in answer.text, key
-    assert backend_calls(pool) == calls
+    assert pool.backend_calls() == calls
 
 
 def test_a_list_one_backend_cannot_give_is_an_error_never_a_short_list(pool):

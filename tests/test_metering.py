@@ -139,12 +139,12 @@ def test_token_metrics_carry_client_backend_deployment_and_kind_never_a_key(serv
     backend = SimBackend("sim1", api_key="key-1")
     env = {"LB_CLIENT_KEYS": CLIENT_KEY, "BACKEND_1_URL": servers.start(backend), "BACKEND_1_APIKEY": "key-1"}
     url = servers.start(create_app(proxy=Proxy(load_settings(env), telemetry=recorded.telemetry)))
-    client = httpx.Client(base_url=url, headers={"api-key": CLIENT_KEY})
     body = {"model": "chat", "messages": [{"role": "user", "content": "x" * 400}]}
-    usage = client.post("/openai/v1/chat/completions", json=body).json()["usage"]
-    backend.break_stream_after = 2  # a stream cut before its usage: the one answer whose usage stays unknown
-    with contextlib.suppress(httpx.HTTPError):
-        client.post("/openai/v1/chat/completions", json={**body, "stream": True}).read()
+    with httpx.Client(base_url=url, headers={"api-key": CLIENT_KEY}) as client:
+        usage = client.post("/openai/v1/chat/completions", json=body).json()["usage"]
+        backend.break_stream_after = 2  # a stream cut before its usage: the one answer whose usage stays unknown
+        with contextlib.suppress(httpx.HTTPError):
+            client.post("/openai/v1/chat/completions", json={**body, "stream": True}).read()
 
     points = recorded.points()
     who = {"client": "key1", "backend": "1", "deployment": "chat"}

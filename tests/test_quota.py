@@ -169,6 +169,75 @@ def test_a_call_reserves_its_prompt_and_its_stated_or_default_output() -> None:
     assert Metering({}, Telemetry()).reservation(info("/openai/v1/chat/completions", chat)) == size + 1024
 
 
+def test_a_call_reserves_its_output_once_per_choice() -> None:
+    metering = Metering({}, Telemetry(), reserve={"*": 700})
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "x" * 400}], "n": 3}
+    size = len(json.dumps(chat)) // 4
+    assert metering.reservation(info("/openai/v1/chat/completions", chat)) == size + 3 * 700
+    stated = {**chat, "max_tokens": 50}
+    assert (
+        metering.reservation(info("/openai/deployments/chat/chat/completions", stated))
+        == len(json.dumps(stated)) // 4 + 3 * 50
+    )  # read from the bytes: the same figure
+    best_of = {"prompt": "x" * 400, "max_tokens": 50, "n": 2, "best_of": 5}  # 5 generated, 2 returned
+    assert (
+        metering.reservation(info("/openai/deployments/i/completions", best_of))
+        == len(json.dumps(best_of)) // 4 + 5 * 50
+    )
+    images = {"model": "image", "prompt": "a cat", "n": 4}
+    assert metering.reservation(info("/openai/v1/images/generations", images)) == len(json.dumps(images)) // 4 + 4 * 700
+    responses = {"model": "chat", "input": "x" * 400, "n": 3}  # the Responses API makes one output
+    assert metering.reservation(info("/openai/v1/responses", responses)) == len(json.dumps(responses)) // 4 + 700
+
+
+@pytest.mark.parametrize("options", [{}, {"stream_options": {"include_usage": False}}])
+def test_a_stream_asked_for_its_usage_keeps_its_number_of_choices(options) -> None:
+    """A chat stream's body is rewritten to ask for the usage chunk (bytes inserted, or re-serialised
+    when it names stream_options): what it reserves is read from the body as the client sent it."""
+    metering = Metering({}, Telemetry())
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "n": 4, "max_tokens": 30, **options}
+    sent = asyncio.run(described("/openai/deployments/chat/chat/completions", json.dumps(body).encode()))
+    prepared = asyncio.run(metering.prepare(sent))
+    assert prepared.body != sent.body and prepared.marks.choices == 4 and prepared.marks.max_tokens == 30
+
+
+def test_a_call_that_starts_a_run_for_later_reserves_like_a_generating_call() -> None:
+    metering = Metering({}, Telemetry(), reserve={"*": 700})
+    thread = "/openai/v1/threads/thread_abc"
+    run = {"assistant_id": "asst_abc"}
+    size = len(json.dumps(run)) // 4
+    assert metering.reservation(info("/openai/v1/threads/runs", run)) == size + 700  # create thread and run
+    assert metering.reservation(info(f"{thread}/runs", run)) == size + 700
+    assert (
+        metering.reservation(info("/openai/Threads/thread_abc/Runs?api-version=2024-05-01-preview", run)) == size + 700
+    )
+    outputs = {"tool_outputs": [{"tool_call_id": "call_1", "output": "42"}]}
+    assert (
+        metering.reservation(info(f"{thread}/runs/run_abc/submit_tool_outputs", outputs))
+        == len(json.dumps(outputs)) // 4 + 700
+    )  # the run goes on generating
+    capped = {**run, "max_completion_tokens": 90}  # a run's own cap over all its steps
+    assert metering.reservation(info(f"{thread}/runs", capped)) == len(json.dumps(capped)) // 4 + 90
+    evaluation = {"name": "r", "data_source": {"type": "completions", "model": "chat"}}
+    assert (
+        metering.reservation(info("/openai/v1/evals/eval_abc/runs", evaluation))
+        == len(json.dumps(evaluation)) // 4 + 700
+    )
+    assert metering.reservation(info(f"{thread}/runs", None)) == 0  # listing runs
+    assert metering.reservation(info(f"{thread}/runs/run_abc", {"metadata": {"k": "v"}})) == 0  # updating one
+    assert metering.reservation(info(f"{thread}/runs/run_abc/cancel", {"x": 1})) == 0
+    assert metering.reservation(info("/openai/v1/evals/eval_abc/runs/run_abc", {"x": 1})) == 0  # cancelling one
+    assert metering.reservation(info(f"{thread}/messages", {"role": "user", "content": "hi"})) == 0
+
+
+def test_a_client_over_its_tokens_cannot_start_a_run_and_is_told_so() -> None:
+    metering = Metering(parse_limits("bob=1000tpm"), Telemetry())
+    metering.admit("bob", info("/openai/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 40}]}))
+    with pytest.raises(ClientQuotaExceeded) as refused:
+        metering.admit("bob", info("/openai/v1/threads/thread_abc/runs", {"assistant_id": "asst_abc"}))
+    assert refused.value.status == 429 and refused.value.code == "ClientQuotaExceeded"
+
+
 def test_a_call_longer_than_the_window_is_charged_in_the_minute_it_ends() -> None:
     limiter = Limiter({"app": Limit(1000, None)})
     charge = limiter.admit("app", 300, 0.0)

@@ -16,7 +16,7 @@ from lb.app import create_app
 from lb.config import load_settings
 from tests.azurite import Azurite
 from tests.badtable import SlowRelay, drop_table
-from tests.conftest import wait_until
+from tests.conftest import SdkHttp, wait_until
 
 LIMITED, FREE = "limited-key", "free-key"
 SHARE_ROUND_SECONDS = 0.25  # the instances' usage share rounds (1 s by default): what a cross-instance wait waits out
@@ -96,8 +96,10 @@ def test_two_instances_on_azurite_share_one_limit_and_the_other_client_is_unaffe
     keys = f"batch:{LIMITED},chatapp:{FREE}"
     started = time.monotonic()
     urls, proxies = two_instances(servers, azurite, backend_env, "batch=4rpm,chatapp=100rpm", keys, "chatapp")
-    a, b = (openai.OpenAI(base_url=u + "/openai/v1", api_key=LIMITED, max_retries=0) for u in urls)
-    free = [openai.OpenAI(base_url=u + "/openai/v1", api_key=FREE, max_retries=0) for u in urls]
+    a, b = (
+        openai.OpenAI(base_url=u + "/openai/v1", api_key=LIMITED, max_retries=0, http_client=SdkHttp()) for u in urls
+    )
+    free = [openai.OpenAI(base_url=u + "/openai/v1", api_key=FREE, max_retries=0, http_client=SdkHttp()) for u in urls]
     chat(a)
     chat(a)
     chat(a)
@@ -138,7 +140,7 @@ def test_a_table_outage_keeps_limits_per_instance_and_logs_once(make_pool, serve
     backend_env = {"BACKEND_1_URL": pool.proxy.settings.backends[0].url, "BACKEND_1_APIKEY": "key-1"}
     urls, proxies = two_instances(servers, Azurite(external_url=relay.url), backend_env, "anonymous=3rpm")
     ids = [p.metering.share.instance_id for p in proxies]
-    a, b = (openai.OpenAI(base_url=u + "/openai/v1", api_key="x", max_retries=0) for u in urls)
+    a, b = (openai.OpenAI(base_url=u + "/openai/v1", api_key="x", max_retries=0, http_client=SdkHttp()) for u in urls)
     for _ in range(3):
         chat(a)
     wait_until(lambda: pool_requests(proxies[1], "anonymous") == 3, "b to read a's row")

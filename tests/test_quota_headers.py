@@ -18,7 +18,7 @@ import pytest
 
 from lb.app import create_app
 from lb.config import load_settings
-from lb.sim import SimBackend
+from lb.sim import SimBackend, replayed
 
 ALICE, BOB = "key-a", "key-b"  # bob has a quota of his own: his x-ratelimit-remaining-* are his
 BACKENDS = {b"x-ratelimit-remaining-tokens": b"4242", b"x-ratelimit-remaining-requests": b"77"}
@@ -64,16 +64,7 @@ class Quoting:
                 message = {**message, "headers": kept + QUOTA}
             await send(message)
 
-        sent = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.sim(scope, replay, with_quota)
+        await self.sim(scope, replayed(body), with_quota)
 
 
 def balancer(servers) -> str:

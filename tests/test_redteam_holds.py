@@ -21,20 +21,16 @@ def pool(make_pool):
     return make_pool(2, env=KEYS)
 
 
-def backend_calls(pool) -> int:
-    return sum(len(b.calls) for b in pool.backends)
-
-
 def test_a_response_alice_created_as_a_stream_is_hers_alone(pool):
     with pool.v1("key-a").responses.stream(model="chat", input="alice's streamed secret") as stream:
         made = stream.get_final_response()
     bob = pool.v1("key-b")
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with pytest.raises(openai.NotFoundError):
         bob.responses.retrieve(made.id)
     with pytest.raises(openai.NotFoundError):
         bob.responses.create(model="chat", input="go on", previous_response_id=made.id)
-    assert backend_calls(pool) == before
+    assert pool.backend_calls() == before
     assert pool.v1("key-a").responses.retrieve(made.id).id == made.id
 
 
@@ -53,12 +49,12 @@ def test_alices_objects_stay_hers_whatever_case_method_or_url_form_bob_uses(pool
         ("PUT", f"/openai/v1/responses/{response.id}"),
         ("DELETE", f"/openai/files/{file_id}?api-version=2024-10-21"),
     ]
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with httpx.Client(base_url=pool.url, headers={"api-key": "key-b"}, timeout=10) as http:
         for method, path in tries:
             sent = http.request(method, path)
             assert sent.status_code == 404, (method, path, sent.status_code)
-    assert backend_calls(pool) == before
+    assert pool.backend_calls() == before
     assert alice.files.retrieve(file_id).id == file_id
 
 
@@ -84,7 +80,7 @@ def test_bobs_usage_query_naming_alice_shows_bob_alone(pool):
 
 def test_two_credentials_at_once_are_one_client_the_first_key(pool):
     response = pool.v1("key-a").responses.create(model="chat", input="alice's secret")
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     mixed = [
         [("api-key", "key-b"), ("api-key", "key-a")],
         [("api-key", "key-b"), ("authorization", "Bearer key-a")],
@@ -92,4 +88,4 @@ def test_two_credentials_at_once_are_one_client_the_first_key(pool):
     for headers in mixed:
         sent = httpx.get(pool.url + f"/openai/v1/responses/{response.id}", headers=headers)
         assert sent.status_code in (401, 404), headers
-    assert backend_calls(pool) == before
+    assert pool.backend_calls() == before

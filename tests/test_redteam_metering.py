@@ -1,7 +1,7 @@
 """Companions of tests/test_redteam_quota.py, test_redteam_credentials.py and test_redteam_usage.py:
 the forms those don't send, and what the new token calls are charged.
 
-- A call is known by its lower-cased route (`lb.requestinfo.operation`), whatever the URL's shape.
+- A call is known by its lower-cased route (`lb.apipath.split_path`), whatever the URL's shape.
 - Images, speech and compaction reserve like any generating call, and are charged what their answer
   says (images, compaction) or their reservation (speech: the answer is audio, without usage).
 - A compaction is not a read of a stored response: it is charged, even when it names one.
@@ -22,10 +22,11 @@ from typing import Any
 import httpx
 import pytest
 
+from lb.apipath import split_path
 from lb.app import create_app
 from lb.config import load_settings
 from lb.metering import Metering
-from lb.requestinfo import RequestInfo, described, operation
+from lb.requestinfo import RequestInfo, described
 from lb.sim import SimBackend
 from lb.telemetry import Telemetry
 
@@ -49,7 +50,7 @@ CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_t
     ],
 )
 def test_a_call_is_known_by_its_route_whatever_its_case_or_shape(path: str, expected: str) -> None:
-    assert operation(path) == expected
+    assert split_path(path).operation == expected
 
 
 def _info(path: str, body: dict[str, Any]) -> RequestInfo:
@@ -74,6 +75,24 @@ def test_a_token_call_reserves_its_prompt_and_its_output(path: str, body: dict[s
 @pytest.mark.parametrize("path", ["/openai/v1/files", "/openai/v1/Batches"])
 def test_a_call_that_spends_no_tokens_reserves_nothing(path: str) -> None:
     assert Metering({}, Telemetry()).reservation(_info(path, {"model": "m", "input": "x"})) == 0
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/deployments/gpt-big/chat/completions",
+        "/openai/Deployments/gpt-big/Chat/Completions",
+        "/openai/d%65ployments/gpt-big/chat/completions",
+        "/openai/deployments/gpt%2Dbig/chat/c%6Fmpletions",
+    ],
+)
+def test_a_deployment_path_in_any_case_or_encoding_reserves_that_deployments_default(path: str) -> None:
+    """`LB_RESERVE_TOKENS` is per deployment: read from the path in whatever case or encoding a
+    loose router accepts (`lb.apipath`), else the call would reserve the catch-all's smaller figure."""
+    info = _info(path, {"messages": [{"role": "user", "content": "hi"}]})
+    assert info.deployment == "gpt-big"
+    metering = Metering({}, Telemetry(), reserve={"gpt-big": 16_000, "*": 100})
+    assert metering.reservation(info) == len(info.body) // 4 + 16_000
 
 
 @pytest.mark.parametrize("path", ["/openai/v1/audio/Transcriptions", "/openai/v1/images/edits"])

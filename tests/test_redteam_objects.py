@@ -27,10 +27,6 @@ def pool(make_pool):
     return make_pool(2, env=KEYS)
 
 
-def backend_calls(pool) -> int:
-    return sum(len(b.calls) for b in pool.backends)
-
-
 def multipart(fields: dict[str, str], file: tuple[str, bytes] | None = None) -> tuple[bytes, str]:
     parts = []
     for name, value in fields.items():
@@ -60,12 +56,12 @@ def test_bob_cannot_list_the_pools_stored_chat_completions(pool, path):
     alice.chat.completions.create(
         model="chat", messages=[{"role": "user", "content": "alice's secret"}], store=True, metadata={"who": "alice"}
     )
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob_http(pool) as http:
         listed = http.get(path)
     # The retrieve (`chat/completions/{id}`) is refused with RouteNotIsolated; the list must be too
     # (or served per client), never relayed from one backend whole.
-    assert backend_calls(pool) == before, f"bob's list reached a backend ({listed.status_code})"
+    assert pool.backend_calls() == before, f"bob's list reached a backend ({listed.status_code})"
     assert listed.status_code in (403, 404)
 
 
@@ -78,12 +74,12 @@ def test_bob_cannot_copy_alices_file_into_his_container_through_a_multipart_form
     container = "cntr_" + "b" * 32
     pool.plant(container, "container", "bob", holder.backend)  # bob's container, on the holder of alice's file
     body, content_type = multipart({"file_id": file_id})
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob_http(pool) as http:
         made = http.post(
             f"/openai/v1/containers/{container}/files", content=body, headers={"content-type": content_type}
         )
-    assert backend_calls(pool) == before, f"bob's container file naming alice's file was sent ({made.status_code})"
+    assert pool.backend_calls() == before, f"bob's container file naming alice's file was sent ({made.status_code})"
     assert made.status_code in (400, 404, 415)
 
 
@@ -93,14 +89,14 @@ def test_a_json_container_file_naming_alices_file_is_refused(pool):
     file_id = alice.files.create(file=("a.jsonl", io.BytesIO(b'{"secret": "alice"}\n')), purpose="assistants").id
     container = "cntr_" + "c" * 32
     pool.plant(container, "container", "bob")
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob_http(pool) as http:
         made = http.post(
             f"/openai/v1/containers/{container}/files",
             content=json.dumps({"file_id": file_id}).encode(),
             headers={"content-type": JSON_TYPE},
         )
-    assert made.status_code == 404 and backend_calls(pool) == before
+    assert made.status_code == 404 and pool.backend_calls() == before
 
 
 # Evals: data sources that select stored objects by filter ------------------------------------------
@@ -133,14 +129,14 @@ def test_bob_cannot_run_an_eval_over_the_backends_stored_responses(pool, source)
     action, body = SELECTING_SOURCES[source]
     eval_id = "eval_" + "e" * 32
     pool.plant(eval_id, "eval", "bob")
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob_http(pool) as http:
         run = http.post(
             f"/openai/v1/evals/{eval_id}/{action}",
             content=json.dumps(body).encode(),
             headers={"content-type": JSON_TYPE},
         )
-    assert backend_calls(pool) == before, f"bob's eval run over stored objects was sent ({run.status_code})"
+    assert pool.backend_calls() == before, f"bob's eval run over stored objects was sent ({run.status_code})"
     assert 400 <= run.status_code < 500
 
 
@@ -180,12 +176,12 @@ def test_bob_cannot_edit_alices_image_file_through_images_edits(make_pool):
         "images": [{"file_id": file_id}],
         "mask": {"file_id": file_id},
     }
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob_http(pool) as http:
         edited = http.post(
             "/openai/v1/images/edits", content=json.dumps(body).encode(), headers={"content-type": JSON_TYPE}
         )
-    assert backend_calls(pool) == before, f"bob's image edit of alice's file was sent ({edited.status_code})"
+    assert pool.backend_calls() == before, f"bob's image edit of alice's file was sent ({edited.status_code})"
     assert edited.status_code == 404
 
 
@@ -200,13 +196,13 @@ def test_bob_cannot_replay_another_clients_audio_answer_in_a_chat(pool):
             {"role": "user", "content": "repeat it word for word"},
         ],
     }
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob_http(pool) as http:
         sent = http.post(
             "/openai/v1/chat/completions", content=json.dumps(body).encode(), headers={"content-type": JSON_TYPE}
         )
     # An audio id has no record (nobody's): refused like any other unknown id with several clients.
-    assert backend_calls(pool) == before, f"bob's chat naming a stored audio answer was sent ({sent.status_code})"
+    assert pool.backend_calls() == before, f"bob's chat naming a stored audio answer was sent ({sent.status_code})"
     assert sent.status_code in (400, 403, 404)
 
 
@@ -234,14 +230,14 @@ def test_a_compressed_chat_naming_a_file_is_read_or_refused(pool):
     deflated = zlib.compress(json.dumps(body).encode(), 9)
     if b"\x00" in deflated:
         pytest.skip("this zlib compresses the body differently (a NUL in it): the case is not reproduced")
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob_http(pool) as http:
         sent = http.post(
             "/openai/deployments/chat/chat/completions?api-version=2024-10-21",
             content=deflated,
             headers={"content-type": JSON_TYPE, "content-encoding": "deflate"},
         )
-    assert backend_calls(pool) == before, f"a body the balancer could not read was sent ({sent.status_code})"
+    assert pool.backend_calls() == before, f"a body the balancer could not read was sent ({sent.status_code})"
     assert sent.status_code in (400, 404, 415)
 
 
@@ -256,8 +252,8 @@ def test_a_compressed_chat_naming_a_file_is_read_or_refused(pool):
     ],
 )
 def test_bob_cannot_delete_or_replace_models_and_deployments_through_a_stateless_route(pool, method, path):
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob_http(pool) as http:
         sent = http.request(method, path, content=b"{}" if method == "PUT" else None)
-    assert backend_calls(pool) == before, f"bob's {method} {path} was sent ({sent.status_code})"
+    assert pool.backend_calls() == before, f"bob's {method} {path} was sent ({sent.status_code})"
     assert sent.status_code in (403, 405)

@@ -1,7 +1,7 @@
 """A limited client (bob) getting around his quota: paths metering does not recognise.
 
 Azure OpenAI matches routes whatever their case, so metering knows a call by its lower-cased route
-(`lb.requestinfo.operation`), and charges images, speech and compaction in tokens like chat: a call
+(`lb.apipath.split_path`), and charges images, speech and compaction in tokens like chat: a call
 that reserves nothing is admitted however far over his tokens per minute the client is.
 docs/metering.md's promise is that a limited client is refused once over its limit and charged
 what it spends.
@@ -63,6 +63,12 @@ CHAT = {"model": "chat", "messages": [{"role": "user", "content": BIG_PROMPT}]}
 SPENDING = {
     "v1-mixed-case-chat": ("/openai/v1/Chat/Completions", CHAT),
     "deployment-mixed-case-chat": ("/openai/deployments/chat/chat/Completions?api-version=2024-10-21", CHAT),
+    "deployments-word-mixed-case": ("/openai/Deployments/chat/Chat/Completions?api-version=2024-10-21", CHAT),
+    # percent-encoded words: a router that decodes before matching (ASP.NET Core's) reads chat
+    "v1-encoded-chat": ("/openai/v1/chat/c%6Fmpletions", CHAT),
+    "v1-word-encoded": ("/openai/%761/Chat/Completions", CHAT),
+    "deployments-word-encoded": ("/openai/d%65ployments/ch%61t/chat/completions?api-version=2024-10-21", CHAT),
+    "responses-encoded": ("/openai/r%65sponses?api-version=2025-04-01-preview", {"model": "chat", "input": BIG_PROMPT}),
     "v1-mixed-case-embeddings": ("/openai/v1/Embeddings", {"model": "chat", "input": BIG_PROMPT}),
     "v1-mixed-case-responses": ("/openai/v1/Responses", {"model": "chat", "input": BIG_PROMPT}),
     "responses-compact": ("/openai/v1/responses/compact", {"model": "chat", "input": BIG_PROMPT}),
@@ -121,11 +127,22 @@ def test_a_client_over_its_tokens_per_minute_cannot_spend_more_by_another_path(s
     assert sent.status_code == 429
 
 
-def test_a_stream_on_a_mixed_case_path_is_charged_its_usage(servers):
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/v1/Chat/Completions",
+        "/openai/v1/chat/c%6Fmpletions",
+        "/openai/Deployments/chat/Chat/Completions?api-version=2024-10-21",
+        "/openai/d%65ployments/chat/chat/completions?api-version=2024-10-21",
+    ],
+)
+def test_a_stream_on_a_mixed_case_or_encoded_path_is_charged_its_usage(servers, path):
+    """A chat stream asks the backend for its usage chunk whatever the path's case or encoding: else
+    its usage stays unknown and it is charged its reservation, nothing on a route metering missed."""
     backend = SimBackend("s", api_key="key-1", chunks=40)
     url = start(servers, backend, "bob=100000tpm")
     body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    with httpx.stream("POST", url + "/openai/v1/Chat/Completions", json=body, headers={"api-key": BOB}) as answer:
+    with httpx.stream("POST", url + path, json=body, headers={"api-key": BOB}) as answer:
         assert answer.status_code == 200
         events = [line for line in answer.iter_lines() if line.startswith("data: {")]
     assert events

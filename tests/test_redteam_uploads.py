@@ -249,35 +249,31 @@ def test_a_form_two_parsers_could_read_differently_is_a_400(case):
 
 
 # Multipart forms through the balancer -------------------------------------------------------------
-def backend_calls(pool) -> int:
-    return sum(len(b.calls) for b in pool.backends)
-
-
 def test_bobs_form_naming_his_own_file_is_sent(pool):
     with pool.v1("key-b") as bob:
         mine = bob.files.create(file=("b.jsonl", io.BytesIO(b'{"a": 1}\n')), purpose="assistants").id
     container = "cntr_" + "b" * 32
     pool.plant(container, "container", "bob")
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob_http(pool) as http:
         http.post(
             f"/openai/v1/containers/{container}/files",
             content=form((field("file_id"), mine.encode())),
             headers={"content-type": FORM_TYPE},
         )
-    assert backend_calls(pool) == before + 1
+    assert pool.backend_calls() == before + 1
 
 
 def test_a_malformed_form_is_a_400_in_azures_shape_and_not_sent(pool):
     container = "cntr_" + "b" * 32
     pool.plant(container, "container", "bob")
     body, content_type = MALFORMED["boundary after a bare LF"]
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob_http(pool) as http:
         sent = http.post(
             f"/openai/v1/containers/{container}/files", content=body, headers={"content-type": content_type}
         )
-    assert sent.status_code == 400 and backend_calls(pool) == before
+    assert sent.status_code == 400 and pool.backend_calls() == before
     assert sent.json()["error"]["code"] == "invalid_multipart"
 
 
@@ -288,15 +284,15 @@ def test_a_file_whose_contents_look_like_ids_uploads(pool):
 
 
 def test_an_upload_of_a_batch_file_is_refused_and_another_sent(pool):
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with bob_http(pool) as http:
         for purpose in ("batch", "Batch"):
             body = {"purpose": purpose, "filename": "b.jsonl", "bytes": 10, "mime_type": "text/jsonl"}
             refused = http.post("/openai/v1/uploads", json=body)
             assert refused.status_code == 403 and refused.json()["error"]["code"] == "RouteNotIsolated"
-        assert backend_calls(pool) == before
+        assert pool.backend_calls() == before
         http.post("/openai/v1/uploads", json={"purpose": "assistants", "filename": "a", "bytes": 1, "mime_type": "x"})
-    assert backend_calls(pool) == before + 1
+    assert pool.backend_calls() == before + 1
 
 
 # Batch input files --------------------------------------------------------------------------------
@@ -343,12 +339,12 @@ def test_a_batch_line_naming_alices_objects_is_a_404_naming_the_line(alices):
         "capital URL": b'{"URL": "/v1/responses", "BODY": {"Previous_Response_Id": "' + response.encode() + b'"}}',
     }
     first = batch_line(1, "/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
-    before = backend_calls(two)
+    before = two.backend_calls()
     for case, line in cases.items():
         refused = upload_batch(two, "key-b", [first, line])
         assert refused.status_code == 404, case
         assert "(line 2 of the batch input file)" in refused.json()["error"]["message"], case
-    assert backend_calls(two) == before
+    assert two.backend_calls() == before
 
 
 UNREADABLE = {
@@ -368,11 +364,11 @@ UNREADABLE = {
 @pytest.mark.parametrize("case", sorted(UNREADABLE))
 def test_a_batch_line_that_cant_be_read_is_a_400_naming_the_line(pool, case):
     first = batch_line(1, "/v1/embeddings", {"model": "emb", "input": "x"})
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     refused = upload_batch(pool, "key-b", [first, UNREADABLE[case]])
     assert refused.status_code == 400, refused.text
     assert refused.json()["error"]["message"].startswith("Line 2 of the batch input file")
-    assert backend_calls(pool) == before
+    assert pool.backend_calls() == before
 
 
 def test_a_batch_line_naming_nothing_and_making_no_call_is_left_to_the_backend(pool):

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from lb.auth.refusals import PROBE_FRESH_SECONDS, PROBE_PATH, Probes, judged
-from lb.sim import SimBackend, read_body
+from lb.sim import SimBackend, read_body, replayed
 from tests.conftest import CLIENT_KEY
 from tests.test_faults import post
 
@@ -59,6 +59,11 @@ def test_azures_words_about_our_credential_are_ours_whatever_was_asked(path, bod
         "/openai/v1/embeddings",
         "/openai/deployments/d/audio/speech",
         "/openai/v1/images/generations",
+        "/openai/responses?api-version=2025-04-01-preview",
+        # in any case or encoding a loose router matches (`lb.apipath`)
+        "/openai/Deployments/chat/Chat/Completions",
+        "/openai/V1/Responses",
+        "/openai/d%65ployments/d/chat/c%6Fmpletions",
     ],
 )
 def test_permission_denied_on_an_inference_call_is_confirmed_by_a_probe(path):
@@ -66,7 +71,18 @@ def test_permission_denied_on_an_inference_call_is_confirmed_by_a_probe(path):
     assert judged(path, json.dumps(DENIED).encode()) == "unsure"
 
 
-@pytest.mark.parametrize("path", [FINE_TUNING, "/openai/v1/files", "/openai/v1/batches", "/openai/v1/vector_stores"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        FINE_TUNING,
+        "/openai/v1/files",
+        "/openai/v1/batches",
+        "/openai/v1/vector_stores",
+        "/openai/v1/chat/completions_x",  # a route that only begins like one
+        "/openai/chat/completions",  # no deployment, no v1: not a call Azure serves
+        "/openai/deployments/embeddings/files",  # a deployment named like a route
+    ],
+)
 def test_permission_denied_on_anything_else_is_the_clients_answer(path):
     assert judged(path, json.dumps(DENIED).encode()) == "theirs"
 
@@ -124,16 +140,7 @@ class Gateway:
         self.calls.append((scope["method"], path, headers, body))
         refused = self.refuse(scope["method"], path, body)
         if refused is None:
-            done = False
-
-            async def replay() -> dict[str, Any]:
-                nonlocal done
-                if done:
-                    return {"type": "http.disconnect"}
-                done = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            return await self.sim(scope, replay, send)
+            return await self.sim(scope, replayed(body), send)
         status, content_type, content = refused
         await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
         await send({"type": "http.response.body", "body": content})

@@ -71,6 +71,21 @@ def test_unsafe_paths_are_bad_requests(path):
         check_path(path)
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/openai/deployments/chat%2Fchat/completions",  # one router's deployment `chat/chat`, another's `chat`
+        "/openai/v1%2fchat/completions",
+        "/openai/deployments/ch%2561t/chat/completions",  # `ch%61t` decoded once, `chat` twice
+        "/openai/v1/chat/c%256Fmpletions",
+        "/openai/deployments/a%%32%66b/chat/completions",  # a second decoding makes an encoded '/'
+    ],
+)
+def test_a_path_two_routers_could_read_two_ways_is_refused(path: str) -> None:
+    with pytest.raises(BadRequest):
+        check_path(path)
+
+
 @pytest.mark.parametrize("path", ["/", "/admin/host/status", "/openai", "/OPENAI/v1/x", "//evil.example/openai/x"])
 def test_only_openai_paths_are_proxied(path):
     with pytest.raises(RouteNotFound):
@@ -564,3 +579,93 @@ def test_the_one_read_looks_only_for_what_will_be_read():
     assert asyncio.run(described(CHAT, body)).marks.max_tokens == 7
     plain = asyncio.run(described("/openai/v1/chat/completions", body.replace(b"true", b"false")))
     assert plain.marks == bodyscan.Marks(False, True, False, 7)  # the usage flag is read in streams only
+
+
+COMPLETIONS = f"/openai/deployments/instruct/completions?api-version={API_VERSION}"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "choices"),
+    [
+        # read from the bytes: the deployment in the path, the body not parsed
+        (CHAT, b'{"messages": [], "n": 5, "max_tokens": 10}', 5),
+        (CHAT, b'{"messages": [], "n" :\n12}', 12),
+        (CHAT, b'{"messages": [], "best_of": 9}', 1),  # chat has no best_of
+        (COMPLETIONS, b'{"prompt": "x", "best_of": 9, "n": 2}', 9),
+        (COMPLETIONS, b'{"prompt": "x", "best_of": 1, "n": 3}', 3),
+        (f"/openai/deployments/d/images/generations?api-version={API_VERSION}", b'{"prompt": "x", "n": 4}', 4),
+        (f"/openai/deployments/d/embeddings?api-version={API_VERSION}", b'{"input": "x", "n": 4}', 1),
+        # read from the parsed body (/openai/v1/), whatever spells its keys
+        ("/openai/v1/chat/completions", b'{"model": "chat", "messages": [], "n": 6}', 6),
+        ("/openai/v1/chat/completions", b'{"model": "chat", "messages": [], "\\u006e": 7}', 7),
+        ("/openai/v1/completions", b'{"model": "i", "prompt": "x", "best_\\u006ff": 8}', 8),
+        ("/openai/v1/responses", b'{"model": "chat", "input": "x", "n": 6}', 1),  # no choices there
+        # a nested key of that name is no count of the call's (a tool's schema, a quoted one)
+        (CHAT, b'{"tools": [{"function": {"parameters": {"properties": {"n": {"type": "integer"}}}}}]}', 1),
+        (CHAT, b'{"messages": [{"role": "user", "content": "{\\"n\\": 50}"}]}', 1),
+        (CHAT, b'{"metadata": {"n": "50"}}', 1),
+    ],
+)
+def test_the_number_of_choices_is_read_from_the_parsed_body_or_its_bytes(path, body, choices):
+    info = asyncio.run(described(path, body))
+    assert info.marks.choices == choices
+    assert info.tokens == len(body) // 4 + (info.marks.max_tokens or 0) * choices
+    assert asyncio.run(described(path, body, tokens=False)).marks.choices == 1  # not looked for: nothing reads it
+
+
+@pytest.mark.parametrize(
+    ("value", "choices"),
+    [
+        (b"null", 1),  # the default
+        (b"0", 1),  # refused by the backend (400): charges nothing, whatever was reserved
+        (b"128", 128),
+        (b"500", 128),  # refused too; never more than any call can ask
+        (b"9" * 40, 128),  # no int() of a huge number
+        (b"-1", 128),  # not a count: counted as the most there can be
+        (b"2.0", 128),
+        (b"1e3", 128),
+    ],
+)
+def test_a_choices_value_that_is_no_plain_count_counts_as_the_most_a_call_can_ask(value, choices):
+    bytes_read = asyncio.run(described(CHAT, b'{"messages": [], "n": ' + value + b"}")).marks.choices
+    parsed = asyncio.run(described("/openai/v1/chat/completions", b'{"model": "m", "n": ' + value + b"}"))
+    assert bytes_read == parsed.marks.choices == choices
+
+
+@pytest.mark.parametrize("value", ['"50"', "true", "[2]", '{"n": 2}'])
+def test_a_top_level_choices_value_of_another_type_counts_as_the_most_when_the_body_was_parsed(value):
+    """Parsed, the key is known to be the call's own: a value the backend would refuse, unless it read
+    it anyway, counts as 128 (in the bytes, a non-number is taken for a nested key's and skipped)."""
+    body = b'{"model": "m", "n": ' + value.encode() + b"}"
+    assert asyncio.run(described("/openai/v1/chat/completions", body)).marks.choices == bodyscan.MAX_CHOICES
+
+
+def test_a_large_bodys_choices_are_found_wherever_its_slices_end():
+    step = bodyscan.WINDOW_BYTES // 4  # a slice per search: "stream, "include_usage", "max_, "n"
+    for offset in (*range(-2, 8), 40):
+        head = b'{"messages": [{"role": "user", "content": "'
+        filler = b"x" * (5 * step - offset - len(head) - 5)
+        body = head + filler + b'"}], "n": 17, "stream": true}'
+        assert body.index(b'"n"') == 5 * step - offset and len(body) > bodyscan.WINDOW_BYTES
+        assert asyncio.run(bodyscan.marks(body, choices=(bodyscan.N,))).choices == 17, offset
+    assert asyncio.run(described(CHAT, body)).marks.choices == 17
+
+
+def test_a_body_naming_the_choices_key_more_often_than_any_request_counts_the_most_choices():
+    """Each occurrence is looked at in Python: past `MAX_KEYS` the body is no request's (one `n`, a
+    few more in tool schemas), and counts as the most choices (or tokens) instead of costing more."""
+    many = b'{"messages": [], "x": [' + b", ".join([b'{"n": 1}'] * bodyscan.MAX_KEYS) + b"]}"
+    assert asyncio.run(described(CHAT, many)).marks.choices == 1
+    more = many.replace(b"[{", b'[{"n": 1}, {', 1)
+    assert asyncio.run(described(CHAT, more)).marks.choices == bodyscan.MAX_CHOICES
+    tokens = many.replace(b'"n"', b'"max_tokens"')
+    assert asyncio.run(described(CHAT, tokens)).marks.max_tokens == 1
+    assert asyncio.run(described(CHAT, tokens.replace(b"[{", b'[{"max_tokens": 1}, {', 1))).marks.max_tokens == 10**15
+
+
+def test_a_forms_bytes_are_not_searched_for_choices():
+    """An image edit sent as a form names `n` as a field, which is not read: its upload is not searched."""
+    form = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n{"n": 9}\r\n--b--\r\n'
+    edits = f"/openai/deployments/d/images/edits?api-version={API_VERSION}"
+    assert asyncio.run(described(edits, form, "multipart/form-data; boundary=b")).marks.choices == 1
+    assert asyncio.run(described(edits, b'{"prompt": "x", "n": 9}')).marks.choices == 9

@@ -55,16 +55,11 @@ def firehose() -> Firehose:
 @pytest.fixture(scope="module")
 def lb_url(servers, backend, firehose) -> Iterator[tuple[str, int, int]]:
     """One `lb serve` process for the module, as starting one is the slow part: (host, port, pid)."""
-
-    async def start_firehose() -> int:
-        server = await asyncio.start_server(firehose, "127.0.0.1", 0)
-        return server.sockets[0].getsockname()[1]
-
     env = {
         "BACKEND_1_URL": servers.start(backend),
         "BACKEND_1_APIKEY": "k",
         "BACKEND_1_DEPLOYMENTS": "chat",
-        "BACKEND_2_URL": f"http://127.0.0.1:{servers.run(start_firehose())}",
+        "BACKEND_2_URL": servers.start_tcp(firehose),
         "BACKEND_2_APIKEY": "k",
         "BACKEND_2_DEPLOYMENTS": "firehose",
         "LB_CLIENT_KEYS": CLIENT_KEY,
@@ -124,45 +119,49 @@ def test_a_huge_request_head_is_refused_with_431_before_it_is_buffered(lb_url):
 
 
 def test_more_than_100_headers_are_refused_with_431(lb_url):
-    sock = connect(lb_url)
-    sock.sendall(HEAD.encode() + b"".join(b"x-h%d: 1\r\n" % i for i in range(150)) + b"\r\n")
-    status, body = answer(sock)
+    with connect(lb_url) as sock:
+        sock.sendall(HEAD.encode() + b"".join(b"x-h%d: 1\r\n" % i for i in range(150)) + b"\r\n")
+        status, body = answer(sock)
     assert status == 431 and body["error"]["code"] == "RequestHeaderFieldsTooLarge"
 
 
 def test_a_head_that_never_completes_gets_408_and_an_idle_connection_is_closed(lb_url):
-    slow, idle = connect(lb_url), connect(lb_url)
-    slow.sendall(HEAD.encode())  # ... and never the blank line
-    started = time.monotonic()
-    status, body = answer(slow)
-    assert status == 408 and body["error"]["code"] == "RequestTimeout"
-    assert idle.recv(10) == b""  # closed without a word: nothing was asked
-    assert time.monotonic() - started < 2
+    with connect(lb_url) as slow, connect(lb_url) as idle:
+        slow.sendall(HEAD.encode())  # ... and never the blank line
+        started = time.monotonic()
+        status, body = answer(slow)
+        assert status == 408 and body["error"]["code"] == "RequestTimeout"
+        assert idle.recv(10) == b""  # closed without a word: nothing was asked
+        assert time.monotonic() - started < 2
 
 
 def test_a_body_that_stalls_gets_408_at_the_deadline(lb_url):
-    sock = connect(lb_url)
-    sock.sendall(HEAD.encode() + f"api-key: {CLIENT_KEY}\r\ncontent-length: 100\r\n\r\n".encode() + b"{")
-    started = time.monotonic()
-    status, body = answer(sock)
+    with connect(lb_url) as sock:
+        sock.sendall(HEAD.encode() + f"api-key: {CLIENT_KEY}\r\ncontent-length: 100\r\n\r\n".encode() + b"{")
+        started = time.monotonic()
+        status, body = answer(sock)
     assert status == 408 and body["error"]["code"] == "RequestTimeout"
     assert time.monotonic() - started < 2
 
 
 def test_connections_past_the_cap_get_a_503_and_the_rest_are_served(lb_url):
     held = [connect(lb_url) for _ in range(20)]
-    time.sleep(0.1)
-    extra = connect(lb_url)
-    extra.sendall(HEAD.encode() + b"\r\n")
-    status, body = answer(extra)
-    assert status == 503 and body["error"]["code"] == "ServiceUnavailable"
-    for sock in held:
-        sock.close()
+    try:
+        time.sleep(0.1)
+        with connect(lb_url) as extra:
+            extra.sendall(HEAD.encode() + b"\r\n")
+            status, body = answer(extra)
+        assert status == 503 and body["error"]["code"] == "ServiceUnavailable"
+    finally:
+        for sock in held:
+            sock.close()
     time.sleep(0.2)
-    sock = connect(lb_url)
     request = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
-    sock.sendall(HEAD.encode() + f"api-key: {CLIENT_KEY}\r\ncontent-length: {len(request)}\r\n\r\n".encode() + request)
-    status, body = answer(sock)
+    with connect(lb_url) as sock:
+        sock.sendall(
+            HEAD.encode() + f"api-key: {CLIENT_KEY}\r\ncontent-length: {len(request)}\r\n\r\n".encode() + request
+        )
+        status, body = answer(sock)
     assert status == 200 and body["choices"]
 
 
@@ -183,13 +182,13 @@ def test_the_deadline_runs_from_the_request_s_first_byte_not_from_its_handler():
     request = HEAD.encode() + f"api-key: {CLIENT_KEY}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
     try:
         for url in lb_serve(env):
-            sock = connect(url)
-            started = time.monotonic()
-            sock.sendall(request[:20])
-            time.sleep(0.8)
-            sock.sendall(request[20:])
-            status, answered = answer(sock)
-            elapsed = time.monotonic() - started
+            with connect(url) as sock:
+                started = time.monotonic()
+                sock.sendall(request[:20])
+                time.sleep(0.8)
+                sock.sendall(request[20:])
+                status, answered = answer(sock)
+                elapsed = time.monotonic() - started
             assert status == 504 and answered["error"]["code"] == "GatewayTimeout"
             assert 1 <= elapsed < 1.6  # from the handler's start it would be 1.8 s
     finally:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import socket
+import warnings
 from collections.abc import Iterator
 
 import openai
 import pytest
 
 from lb.sim import Servers, SimBackend
+from tests.conftest import wait_until
 
 
 @pytest.fixture
@@ -71,3 +76,25 @@ def test_a_body_nested_too_deeply_for_python_is_not_json_to_the_sim_not_a_crash(
     deep = b'{"model": "chat", "input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     answer = httpx.post(f"{client.base_url}responses", content=deep, headers={"api-key": "k"}, timeout=10)
     assert answer.status_code < 500 and sim.calls[-1].body == deep
+
+
+@pytest.mark.e2e  # servers of its own, on sockets
+def test_stopping_the_servers_closes_a_raw_tcp_server_and_its_connections() -> None:
+    servers = Servers()
+
+    held_by_server: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held_by_server.append(writer)
+        await reader.read()  # until the caller hangs up: here, until `stop` cancels it
+
+    port = int(servers.start_tcp(hold).rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as held, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        wait_until(lambda: held_by_server, "the raw server to take the connection")
+        servers.stop()
+        gc.collect()
+        assert held.recv(1) == b""  # its connection closed, not left for the garbage collector
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)  # nor its listening socket
+    assert [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)] == []

@@ -29,7 +29,7 @@ from lb.state import Cooldown
 from lb.state.table import TableStore, row_key
 from tests.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, connection_string
 from tests.badtable import SlowRelay, drop_table
-from tests.conftest import wait_until
+from tests.conftest import SdkHttp, wait_until
 
 API_VERSION = "2024-10-21"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -59,7 +59,9 @@ def sim_pool(own_servers: Servers, n: int = 2) -> tuple[list[SimBackend], list[s
 
 
 def azure_client(url: str) -> openai.AzureOpenAI:
-    return openai.AzureOpenAI(azure_endpoint=url, api_key="any", api_version=API_VERSION, max_retries=0, timeout=10)
+    return openai.AzureOpenAI(
+        azure_endpoint=url, api_key="any", api_version=API_VERSION, max_retries=0, timeout=10, http_client=SdkHttp()
+    )
 
 
 def chat(client: openai.AzureOpenAI) -> tuple[int, str]:
@@ -202,7 +204,6 @@ def test_proxy_keeps_answering_through_a_table_outage_and_shares_state_again_aft
     sims, urls = sim_pool(own_servers)
     url, proxy = start_proxy(own_servers, urls, azurite, table)
     client = azure_client(url)
-    status = httpx.Client(base_url=url, timeout=10)
     assert chat(client)[0] == 200
 
     azurite.stop()
@@ -213,7 +214,7 @@ def test_proxy_keeps_answering_through_a_table_outage_and_shares_state_again_aft
             assert chat(client)[0] == 200
             time.sleep(0.02)  # >= 20 calls: one reaches backend 1 but with chance 2**-20 (1e-6) or less
         assert sims[0].count(429) == 1  # failover worked on the local view alone
-        state = status.get("/lb/status").json()["state"]
+        state = status(url)["state"]
         assert state["kind"] == "table" and state["healthy"] is False
         assert state["last_error"] and state["table"] == table and state["pool"] == "default"
         assert state["last_refresh_age_s"] >= 2
@@ -222,7 +223,7 @@ def test_proxy_keeps_answering_through_a_table_outage_and_shares_state_again_aft
         azurite.start()  # empty: in-memory Azurite lost the table, the store must recreate it
 
     deadline = time.monotonic() + 15
-    while not status.get("/lb/status").json()["state"]["healthy"]:
+    while not status(url)["state"]["healthy"]:
         assert time.monotonic() < deadline, "the store did not recover after Azurite came back"
         assert chat(client)[0] == 200
         time.sleep(0.05)
@@ -245,6 +246,11 @@ def test_proxy_keeps_answering_through_a_table_outage_and_shares_state_again_aft
     while not proxy.store.cooling_until("2", "other-deployment", time.time()):
         assert time.monotonic() < deadline, "the proxy never learned another instance's cooldown"
         assert chat(client) == (200, "2")
+
+
+def status(url: str) -> dict:
+    """The proxy's /lb/status, on a connection closed after it (plain HTTP: verify=False loads no CA bundle)."""
+    return httpx.get(f"{url}/lb/status", timeout=10, verify=False).json()
 
 
 def read_row_or_none(azurite: Azurite, table: str, backend: str, deployment: str) -> dict | None:

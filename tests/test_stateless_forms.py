@@ -36,10 +36,6 @@ def form(*parts: tuple[str, bytes]) -> bytes:
     return body + f"--{BOUNDARY}--\r\n".encode()
 
 
-def backend_calls(pool) -> int:
-    return sum(len(b.calls) for b in pool.backends)
-
-
 def client(pool, key: str) -> httpx.Client:
     return httpx.Client(base_url=pool.url, headers={"api-key": key}, timeout=20)
 
@@ -79,13 +75,13 @@ def test_a_form_route_hands_its_form_to_the_form_reader_with_several_clients_onl
 def test_a_chat_labelled_multipart_is_a_415_in_azures_error_shape_with_no_backend_call(make_pool, path):
     pool = make_pool(2, env=KEYS)
     chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}  # names nothing: refused all the same
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with client(pool, "key-b") as http:
         sent = http.post(path, content=json.dumps(chat).encode(), headers={"content-type": FORM})
     assert sent.status_code == 415
     error = sent.json()["error"]  # Azure's shape: {"error": {"code", "message"}}
     assert error["code"] == "UnsupportedMediaType" and "application/json" in error["message"]
-    assert backend_calls(pool) == before
+    assert pool.backend_calls() == before
 
 
 def test_with_one_client_a_multipart_body_on_any_stateless_route_is_sent_as_before(make_pool):
@@ -115,17 +111,17 @@ def test_a_form_field_naming_another_clients_file_is_a_404_with_no_backend_call(
     secret = upload(pool, "key-a")
     image = ('name="image"; filename="a.png"', AUDIO)
     body = form(('name="model"', b"chat"), image, (f'name="{field}"', secret.encode()))
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with client(pool, "key-b") as http:
         sent = http.post(f"/openai/v1/{key}", content=body, headers={"content-type": FORM})
     assert sent.status_code == 404, sent.text
     assert sent.json()["error"]["message"] == f"File with id '{secret}' not found."
-    assert backend_calls(pool) == before
+    assert pool.backend_calls() == before
 
 
 def test_a_form_field_naming_an_unknown_id_or_no_id_is_refused(make_pool):
     pool = make_pool(2, env=KEYS)
-    before = backend_calls(pool)
+    before = pool.backend_calls()
     with client(pool, "key-b") as http:
         unknown = form(('name="model"', b"chat"), ('name="images[0][file_id]"', b"file-" + b"0" * 32))
         sent = http.post("/openai/v1/images/edits", content=unknown, headers={"content-type": FORM})
@@ -136,7 +132,7 @@ def test_a_form_field_naming_an_unknown_id_or_no_id_is_refused(make_pool):
         cut_short = form(('name="model"', b"chat"))[:-4]
         sent = http.post("/openai/v1/images/edits", content=cut_short, headers={"content-type": FORM})
         assert sent.status_code == 400 and sent.json()["error"]["code"] == "invalid_multipart"
-    assert backend_calls(pool) == before
+    assert pool.backend_calls() == before
 
 
 def test_an_urlencoded_form_on_a_form_route_is_a_415_with_several_clients(make_pool):
@@ -153,7 +149,7 @@ def test_an_urlencoded_form_on_a_form_route_is_a_415_with_several_clients(make_p
     pool = make_pool(1, env=KEYS)
     with client(pool, "key-b") as http:
         sent = http.post("/openai/v1/images/edits", content=field, headers={"content-type": urlencoded})
-    assert sent.status_code == 415 and backend_calls(pool) == 0
+    assert sent.status_code == 415 and pool.backend_calls() == 0
 
 
 def test_a_preamble_naming_an_object_is_a_400_and_a_plain_one_is_sent(make_pool):
@@ -164,12 +160,12 @@ def test_a_preamble_naming_an_object_is_a_400_and_a_plain_one_is_sent(make_pool)
     parts = form(('name="model"', b"chat"), ('name="prompt"', b"a hat"))
     chat = json.dumps({"images": [{"file_id": secret}]}).encode()
     with client(pool, "key-b") as http:
-        before = backend_calls(pool)
+        before = pool.backend_calls()
         sent = http.post("/openai/v1/images/edits", content=chat + b"\r\n" + parts, headers={"content-type": FORM})
         assert sent.status_code == 400 and sent.json()["error"]["code"] == "invalid_multipart"
-        assert backend_calls(pool) == before
+        assert pool.backend_calls() == before
         sent = http.post("/openai/v1/images/edits", content=b"preamble\r\n" + parts, headers={"content-type": FORM})
-        assert sent.status_code == 200 and backend_calls(pool) == before + 1
+        assert sent.status_code == 200 and pool.backend_calls() == before + 1
 
 
 def test_alices_own_file_in_an_image_edit_form_goes_to_the_backend_holding_it(make_pool):

@@ -20,10 +20,12 @@ page; API Management's `llm-content-safety`: 403) (docs/robustness.md).
   is disabled. Please configure private endpoint". The client's own credentials never reach a
   backend (`lb.headers`), so these can't be about what it sent.
 - "unsure": `PermissionDenied` on a call any OpenAI User role may make (chat, completions,
-  embeddings, responses, audio, images): our identity may lack the role, or this one call may need
-  a data action it lacks; or no words at all (an HTML page, an empty body), on any route. The
-  client's request alone decides nothing: `lb.attempt` asks the backend a call that carries no
-  client content (`PROBE_PATH`) and cools it only if that is refused too.
+  embeddings, responses, audio, images; known by the request's one reading of its path,
+  `lb.apipath`, so `/openai/Deployments/d/Chat/Completions` is the chat it is to a backend matching
+  routes in any case): our identity may lack the role, or this one call may need a data action it
+  lacks; or no words at all (an HTML page, an empty body), on any route. The client's request
+  alone decides nothing: `lb.attempt` asks the backend a call that carries no client content
+  (`PROBE_PATH`) and cools it only if that is refused too.
 - "theirs": any other refusal (readable words about something else, `PermissionDenied` on a data
   action beyond the least role): relayed to the client, nothing cooled.
 """
@@ -32,10 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
+
+from lb.apipath import ApiPath, split_path
 
 Judgement = Literal["ours", "theirs", "unsure"]
 
@@ -56,21 +59,22 @@ CREDENTIAL_CODES = frozenset({"authenticationtypedisabled"})
 PROBE_PATH = "/openai/models?api-version=2024-10-21"
 PROBE_SECONDS = 5.0  # at most, and never past the client's deadline
 PROBE_FRESH_SECONDS = 10.0  # a probe's answer stands this long: a burst of unsure refusals asks once
-# What the least role ("Cognitive Services OpenAI User") may call: a PermissionDenied there may be about us.
-_INFERENCE = re.compile(
-    r"^/openai/(?:(?:deployments/[^/?]+|v1)/(?:chat/completions|completions|embeddings|responses|audio|images)"
-    r"|responses)(?:[/?]|$)"  # /openai/responses?api-version=: the AzureOpenAI client's Responses path
-)
+# What the least role ("Cognitive Services OpenAI User") may call: a PermissionDenied there may be about
+# us. Routes after /openai/deployments/{d}/ or /openai/v1/, and (unprefixed) the AzureOpenAI client's
+# Responses path, each with the routes under it.
+INFERENCE = ("chat/completions", "completions", "embeddings", "responses", "audio", "images")
+UNPREFIXED_INFERENCE = ("responses",)
 
 
-def judged(raw_path: str, body: bytes) -> Judgement:
-    """Whose a backend's 401/403 with this body, for this path, is (see the module docstring)."""
+def judged(path: ApiPath | str, body: bytes) -> Judgement:
+    """Whose a backend's 401/403 with this body, for this path (`RequestInfo.path`, or a raw path
+    split here), is (see the module docstring)."""
     code, message = _error(body)
     if code.lower() in CREDENTIAL_CODES or any(fragment in message.lower() for fragment in CREDENTIAL_REFUSED):
         return "ours"
     if not (code or message):
         return "unsure"
-    if code.lower() == "permissiondenied" and is_inference(raw_path):
+    if code.lower() == "permissiondenied" and is_inference(split_path(path) if isinstance(path, str) else path):
         return "unsure"
     return "theirs"
 
@@ -96,8 +100,11 @@ class Probes:
             return answer
 
 
-def is_inference(raw_path: str) -> bool:
-    return _INFERENCE.match(raw_path) is not None
+def is_inference(path: ApiPath) -> bool:
+    """Whether the call is one the least role may make (`INFERENCE`): the route or one under it."""
+    routes = INFERENCE if path.prefix else UNPREFIXED_INFERENCE
+    operation = path.operation
+    return any(operation == r or operation.startswith(r + "/") for r in routes)
 
 
 def _error(body: bytes) -> tuple[str, str]:

@@ -52,6 +52,20 @@ TOKEN_OPERATIONS = GENERATING_OPERATIONS | FILE_INPUT_OPERATIONS | {"embeddings"
 _hide_usage: ContextVar[bool] = ContextVar("lb_hide_usage", default=False)  # this request's client didn't ask
 
 
+def starts_generation(operation: str) -> bool:
+    """Whether a call has the backend generate later on the client's behalf, out of our sight: an
+    Assistants run created (`threads/runs`, `threads/{id}/runs`) or resumed with tool outputs
+    (`threads/{id}/runs/{id}/submit_tool_outputs`), an eval run created (`evals/{id}/runs`, which
+    samples the model once per item). Their answer is the run, queued: what it spends is not in it.
+    So they reserve like a generating call and are charged that reservation (docs/metering.md)."""
+    parts = operation.split("/")
+    if parts[0] == "threads":
+        return parts[1:] == ["runs"] or (
+            len(parts) in (3, 5) and parts[2] == "runs" and parts[4:] in ([], ["submit_tool_outputs"])
+        )
+    return len(parts) == 3 and parts[0] == "evals" and parts[2] == "runs"
+
+
 class Metering:
     """This instance's token counts and client quotas; built once per process."""
 
@@ -111,24 +125,30 @@ class Metering:
                 body=body,
                 payload=NOT_PARSED,
                 model_spans=spans,
-                marks=bodyscan.read_marks(body, tokens=marks.max_tokens is not None),
+                marks=replace(bodyscan.read_marks(body, tokens=marks.max_tokens is not None), choices=marks.choices),
             )
         _hide_usage.set(not (self.include_stream_usage and not marks.include_usage))
         return changed
 
     def reservation(self, info: RequestInfo) -> int:
         """Tokens a call may cost: its prompt (body / 4) plus its stated maximum output, else the
-        deployment's default (`LB_RESERVE_TOKENS`) when it generates anything. Calls that spend no
-        tokens (files, batches, reads) reserve nothing: a batch's input file is not its prompt."""
+        deployment's default (`LB_RESERVE_TOKENS`) when it generates anything, once per choice it
+        asks for (`n`, `best_of`). A run started for later (`starts_generation`) reserves the same
+        way. Calls that spend no tokens (files, batches, reads) reserve nothing: a batch's input
+        file is not its prompt."""
         operation = info.operation
-        if not info.body or operation not in TOKEN_OPERATIONS:
+        if not info.body:
+            return 0
+        later = operation not in TOKEN_OPERATIONS  # then it spends tokens only if it starts a run
+        if later and not starts_generation(operation):
             return 0
         default = self.reserve.get(info.deployment or "", self.reserve.get("*", DEFAULT_RESERVE_TOKENS))
+        choices = info.marks.choices
         if operation in FILE_INPUT_OPERATIONS:
-            return default
+            return default * choices
         tokens = info.tokens
-        if not info.marks.max_tokens and operation in GENERATING_OPERATIONS:  # none stated
-            tokens += default
+        if not info.marks.max_tokens and (later or operation in GENERATING_OPERATIONS):  # none stated
+            tokens += default * choices
         return tokens
 
     def admit(self, client: str, info: RequestInfo) -> Charge | None:

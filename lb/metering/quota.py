@@ -6,8 +6,9 @@ Why it works this way:
 - A call is admitted against a reservation, as Azure OpenAI and API Management's token-limit
   policy charge an estimate up front: the prompt (body size / 4) plus the output it may produce
   (`max_tokens`, `max_completion_tokens` or `max_output_tokens`, else the deployment's default of
-  `LB_RESERVE_TOKENS`). So a burst of concurrent calls cannot all pass before any answer is
-  counted, and a call whose usage never shows (a cut stream) still costs what it could have used.
+  `LB_RESERVE_TOKENS`) once per choice it asks for (`n`, `best_of`). So a burst of concurrent calls
+  cannot all pass before any answer is counted, and a call whose usage never shows (a cut stream,
+  a run the backend goes on generating) still costs what it could have used.
 - The reservation is not in the window: it is held apart until the call settles, however long
   that takes, and counts against the limit meanwhile (on every instance, `lb.metering.share`).
   Settling puts what the call used in the bucket of the second it ended: a call longer than the

@@ -129,14 +129,14 @@ class ObjectRouter:
     async def _classify(self, request: Request, info: RequestInfo, content_type: str | None) -> ObjectCall | None:
         body = info.body
         if len(body) <= PARSE_LIMIT_BYTES:
-            return routes.classify(request.method, info.raw_path, body, content_type, self.isolating)
-        markers = routes.body_markers(request.method, info.raw_path, body, content_type)
+            return routes.classify(request.method, info.path, body, content_type, self.isolating)
+        markers = routes.body_markers(request.method, info.path, body, content_type)
         named = markers is not None and await _names_objects(body, markers)
-        if not named and routes.route(info.raw_path)[0] is None:
-            return routes.classify(request.method, info.raw_path, body, content_type, self.isolating, named=False)
+        if not named and routes.route(info.path)[0] is None:
+            return routes.classify(request.method, info.path, body, content_type, self.isolating, named=False)
         # off the loop: an object route's body is parsed if it may name objects, and searched whole
         # (its encoding, `"store": false`) even if not, each a pass other requests would wait behind
-        args = (request.method, info.raw_path, body, content_type, self.isolating, named)
+        args = (request.method, info.path, body, content_type, self.isolating, named)
         return await self._off_loop(routes.classify, *args)
 
     async def _off_loop(self, read: Callable[..., ObjectCall | None], *args: Any) -> Any:

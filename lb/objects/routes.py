@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from lb.apipath import DEPLOYMENTS, ApiPath, split_path
 from lb.errors import BadRequest, ProxyError
 
 # Collections whose objects live in one resource: path (after /openai/ or /openai/v1/) -> spec.
@@ -310,7 +311,7 @@ class ObjectCall:
 
 def classify(
     method: str,
-    raw_path: str,
+    path: ApiPath | str,
     body: bytes,
     content_type: str | None,
     isolating: bool = False,
@@ -320,10 +321,12 @@ def classify(
     Raises a 4xx for a call the balancer can't read the way the backend will; with `isolating`
     (several clients), also for a route that is neither stateless nor in the table. `named`:
     whether the body's bytes may name an object (`names_objects`), when the caller scanned them
-    already (a large body, in slices); None: scanned here."""
-    collection, rest, name = route(raw_path)
+    already (a large body, in slices); None: scanned here. `path`: the request's (`RequestInfo.path`),
+    or a raw path (a batch file's line) split here."""
+    path = split_path(path) if isinstance(path, str) else path
+    collection, rest, name = route(path)
     if collection is None:
-        free = stateless(raw_path)
+        free = stateless(path)
         if free is None or method not in STATELESS[free[1]]:
             if not isolating:
                 return None
@@ -346,7 +349,7 @@ def classify(
             return None
         ids = body_ids(parse_body(body, content_type))
         return ObjectCall(None, tuple(ids), creates=False, deletes=False) if ids else None
-    if "%" in raw_path.split("?", 1)[0]:
+    if path.encoded:
         raise InvalidObjectId("An object's path must not be percent-encoded.")
     ids, creates = path_ids(method, collection, rest)
     if not rest or rest[0] in collection.words:  # the collection itself, or an action on it: no object
@@ -399,13 +402,13 @@ def _not_an_operation(method: str, collection: Collection, rest: list[str]) -> R
     )
 
 
-def body_markers(method: str, raw_path: str, body: bytes, content_type: str | None) -> tuple[bytes, ...] | None:
+def body_markers(method: str, path: ApiPath, body: bytes, content_type: str | None) -> tuple[bytes, ...] | None:
     """What to look for in the body's (lower-cased) bytes before parsing it for ids; None when the
     body is never read: no body, an upload's multipart, a route whose body names no object."""
-    collection = route(raw_path)[0]
+    collection = route(path)[0]
     if collection is not None:
         return _markers(method, collection, body, content_type)
-    free = stateless(raw_path)
+    free = stateless(path)
     return _stateless_markers(method, free[1], body, content_type) if free is not None else None
 
 
@@ -572,36 +575,33 @@ def kind_of(object_id: str, default: str = "object") -> str:
     return default
 
 
-def route(raw_path: str) -> tuple[Collection | None, list[str], str]:
-    """(collection, the segments after it, the route's name) for an /openai/ path; collection None
-    for any other route. The name is the path's shape with ids replaced, for error messages."""
-    segments = raw_path.split("?", 1)[0].split("/")[2:]  # after "", "openai"
-    if segments and segments[0].lower() == "v1":
-        segments = segments[1:]
-    lowered = [s.lower() for s in segments]  # Azure matches routes whatever their case
-    for collection in _BY_FIRST.get(lowered[0] if lowered else "", ()):
+def route(path: ApiPath) -> tuple[Collection | None, list[str], str]:
+    """(collection, the segments after it as sent, the route's name) for an /openai/ path; collection
+    None for any other route (every route under /openai/deployments/{deployment}/: none keeps objects).
+    The name is the path's shape with ids replaced, for error messages."""
+    if path.prefix == DEPLOYMENTS:
+        return None, list(path.segments), f"deployments/{{deployment}}/{path.operation}"
+    words = path.operation.split("/")  # decoded and lower-cased: Azure matches routes whatever their case
+    for collection in _BY_FIRST.get(words[0], ()):
         n = len(collection.path)
-        if tuple(lowered[:n]) == collection.path:
-            return collection, segments[n:], "/".join(collection.path)
-    if lowered and lowered[0] == "fine_tuning":  # checkpoints' permissions etc.: not in the table
-        return None, segments[1:], "fine_tuning/" + "/".join(lowered[1:2])
-    return None, segments, "/".join(lowered)
+        if tuple(words[:n]) == collection.path:
+            return collection, list(path.segments[n:]), "/".join(collection.path)
+    if words[0] == "fine_tuning":  # checkpoints' permissions etc.: not in the table
+        return None, list(path.segments[1:]), "fine_tuning/" + "/".join(words[1:2])
+    return None, list(path.segments), path.operation
 
 
-def stateless(raw_path: str) -> tuple[str, str] | None:
+def stateless(path: ApiPath) -> tuple[str, str] | None:
     """(the route's shape, its key in STATELESS) for a route that names no object in its path: a
     model call under /openai/deployments/{d}/ or /openai/v1/, or a read of models and deployments;
     None for any other route."""
-    segments = raw_path.split("?", 1)[0].split("/")[2:]
-    if len(segments) >= 2 and segments[0] == "deployments":
-        rest = "/".join(segments[2:]).lower()
+    rest = path.operation
+    if path.prefix == DEPLOYMENTS:
         key = rest or "deployments/{deployment}"
         return (f"deployments/{{deployment}}/{rest}" if rest else key, key) if key in STATELESS else None
-    if segments and segments[0].lower() == "v1":
-        segments = segments[1:]
-    rest = "/".join(segments).lower()
-    if len(segments) == 2 and segments[0].lower() in _NAMED:  # a model's or deployment's name
-        rest = _NAMED[segments[0].lower()]
+    first, _, name = rest.partition("/")
+    if name and "/" not in name and first in _NAMED:  # a model's or deployment's name
+        rest = _NAMED[first]
     return (rest, rest) if rest in STATELESS else None
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from urllib.parse import quote
 
+from lb.apipath import DEPLOYMENTS
 from lb.config import Backend
 from lb.requestinfo import RequestInfo
 
@@ -30,9 +31,9 @@ def upstream_call(backend: Backend, info: RequestInfo) -> tuple[str, bytes]:
     name = backend.upstream_name(deployment)
     if name == deployment:
         return info.raw_path, info.body
-    path, sep, query = info.raw_path.partition("?")
-    segments = path.split("/")  # ["", "openai", "deployments", "{name}", ...], [.., "v1", ...], [.., "responses"]
-    if len(segments) > 3 and segments[2] == "deployments":
+    if info.path.prefix == DEPLOYMENTS:  # in whatever case the client spelled it (`lb.apipath`)
+        path, sep, query = info.raw_path.partition("?")
+        segments = path.split("/", 4)  # ["", "openai", "deployments", "{name}", "{route}"]
         segments[3] = quote(name, safe="")
         return "/".join(segments) + sep + query, info.body
     return info.raw_path, _with_model(info.body, info.model_spans or (), name)

@@ -286,7 +286,7 @@ def _prompt_chars(payload: dict[str, Any]) -> int:
 
 def _deployment(path: str, payload: Any) -> str | None:
     parts = path.split("/")
-    if len(parts) > 3 and parts[2] == "deployments":
+    if len(parts) > 3 and parts[2].lower() == "deployments":  # matched in any case, as ASP.NET Core routes
         return parts[3]
     return payload.get("model") if isinstance(payload, dict) else None
 
@@ -444,6 +444,7 @@ class Servers:
         self._thread.start()
         self._servers: list[Any] = []
         self._done: list[Any] = []
+        self._tcp: list[asyncio.Server] = []
 
     def start(self, app: Any, port: int | None = None) -> str:
         """Serve `app`; return its base URL once it accepts connections."""
@@ -468,20 +469,42 @@ class Servers:
         self._servers.append(server)
         return f"http://127.0.0.1:{port}"
 
+    def start_tcp(self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]) -> str:
+        """Serve raw TCP, each connection handled by `handler`, for answers no HTTP framework would
+        produce; return its base URL. `stop` closes it, and a connection once its handler ends."""
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await handler(reader, writer)
+            except asyncio.CancelledError:
+                pass  # `stop` ended it: the connection's end, not an error for asyncio to log
+            finally:  # asyncio closes nothing a handler leaves open, not even when cancelled
+                writer.close()
+
+        async def start() -> int:
+            server = await asyncio.start_server(serve, "127.0.0.1", 0)
+            self._tcp.append(server)
+            return int(server.sockets[0].getsockname()[1])
+
+        return f"http://127.0.0.1:{self.run(start())}"
+
     def run(self, coro: Awaitable[Any], timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
     async def _close_leftovers(self) -> None:
-        """Close what the servers' shutdown left open (connections of answers cut at the grace, tasks of
-        raw servers a test started on this loop), so the garbage collector finds no socket to warn about."""
+        """Close what the servers' shutdown left open (connections of answers cut at the grace, raw
+        servers and their connections' tasks), so the garbage collector finds no socket to warn about."""
+        for tcp in self._tcp:
+            tcp.close()
         for server in self._servers:
             for connection in list(server.server_state.connections):
                 connection.transport.close()
-        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.sleep(0)  # closed transports release their sockets on the next turn
+        for _ in range(3):  # a connection accepted meanwhile (a raw server's) starts a task of its own
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0)  # closed transports release their sockets on the next turn
 
     def stop(self) -> None:
         for server in self._servers:
@@ -509,6 +532,21 @@ async def read_body(receive: Receive) -> bytes:
         body += message.get("body", b"")
         if not message.get("more_body"):
             return body
+
+
+def replayed(body: bytes) -> Receive:
+    """A `receive` that gives `body` again (once whole, then a disconnect): a test's backend in front of
+    the simulator reads the call, then hands it on as it came."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
 
 
 async def lifespan(receive: Receive, send: Send) -> None:
