@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from lb.objects.records import ObjectRecord, ObjectStore
+from tests.conftest import CLIENT_KEY
 
 KEYS = {"LB_CLIENT_KEYS": "alice:key-a,bob:key-b"}
 JSON_TYPE = "application/json"
@@ -184,3 +185,57 @@ def test_a_list_one_backend_cannot_give_is_an_error_never_a_short_list(pool):
     finally:
         pool.backends[1].fail_status = None
     assert len(list(alice.files.list())) == 4
+
+
+def new_calls(pool, before: list[int]) -> list:
+    return [c for b, n in zip(pool.backends, before, strict=True) for c in b.calls[n:]]
+
+
+def test_with_several_clients_a_collections_root_takes_only_its_create_and_its_list(pool):
+    """A root names no object: only what the table knows there is sent, POST (a create, recorded for its
+    maker) and GET where the collection lists (merged, the caller's own); HEAD is refused, not answered."""
+    alice = pool.v1("key-a")
+    mine = alice.files.create(file=("a.txt", io.BytesIO(b"alice's")), purpose="assistants").id
+    pool.v1("key-b").files.create(file=("b.txt", io.BytesIO(b"bob's")), purpose="assistants")
+    assert [f.id for f in alice.files.list()] == [mine]  # listing her own files still works
+    before = [len(b.calls) for b in pool.backends]
+    with httpx.Client(base_url=pool.url, headers={"api-key": "key-a"}, timeout=10) as http:
+        for method, path in [
+            ("HEAD", "/openai/v1/files"),
+            ("DELETE", "/openai/v1/files"),
+            ("PUT", "/openai/v1/batches?api-version=preview"),
+            ("GET", "/openai/v1/responses"),
+            ("GET", "/openai/v1/threads"),
+            ("GET", "/openai/V1/Conversations"),
+            ("GET", "/openai/v1/threads/runs"),  # an action on the collection: POST only
+            ("POST", "/openai/v1/threads/runs/run_1"),
+            ("PATCH", "/openai/v1/fine_tuning/jobs"),
+        ]:
+            refused = http.request(method, path)
+            assert refused.status_code == 403, (method, path, refused.status_code)
+            if method != "HEAD":
+                error = refused.json()["error"]
+                assert error["code"] == "RouteNotIsolated" and error["message"].startswith(f"'{method} "), error
+    assert new_calls(pool, before) == []
+
+
+@pytest.mark.parametrize(("method", "path"), [("HEAD", "/openai/v1/files"), ("GET", "/openai/v1/responses")])
+def test_with_one_client_a_collections_root_is_forwarded_as_before(make_pool, method, path):
+    pool = make_pool(1)  # one key: nothing to keep apart
+    before = [len(b.calls) for b in pool.backends]
+    with httpx.Client(base_url=pool.url, headers={"api-key": CLIENT_KEY}, timeout=10) as http:
+        sent = http.request(method, path)
+    assert sent.status_code != 403 and [c.method for c in new_calls(pool, before)] == [method]
+    assert [f.filename for f in pool.v1().files.list()] == []  # GET on a listable root: the merged list
+
+
+def test_a_chat_quoting_or_naming_the_fields_in_its_prompt_is_answered(pool):
+    """Markers are searched as bare names: a prompt saying 'file_id' or 'audio' is parsed, names nothing,
+    and is answered; single quotes in a prompt's text are text."""
+    alice = pool.v1("key-a")
+    for content in (
+        "What's 'file_id' in {'file_id': 'file-x'}? And the 'audio' key?",
+        "Use the 'AUDIO' track; it's fine.",
+    ):
+        reply = alice.chat.completions.create(model="chat", messages=[{"role": "user", "content": content}])
+        assert reply.choices[0].message.content

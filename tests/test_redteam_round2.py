@@ -477,7 +477,6 @@ def test_a_client_over_its_quota_cannot_spend_through_runs(servers, way):
 
 
 # 7. Routes without a rule for their method ---------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="hole: methods on a collection's root with no rule are forwarded to one backend")
 @pytest.mark.parametrize(
     ("method", "path"),
     [
@@ -508,7 +507,6 @@ def test_a_collections_root_with_an_unknown_method_is_not_forwarded(pool, method
 
 
 # 8. Bodies only a lenient parser reads ------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="hole: chat's markers need quotes: a single-quoted 'file_id' is sent unread")
 def test_a_chat_with_single_quoted_keys_naming_a_file_is_refused(pool):
     """The chat hot path searches for `"file_id"` and `"audio"` with their quotes; on the deployment URL
     form the body is not parsed for a model either. A body with single-quoted (or unquoted) keys is
@@ -525,7 +523,6 @@ def test_a_chat_with_single_quoted_keys_naming_a_file_is_refused(pool):
     assert sent.status_code == 400
 
 
-@pytest.mark.xfail(strict=True, reason="hole (not verified on Azure): an eval's items file is never read for ids")
 def test_an_eval_run_over_an_items_file_naming_alices_file_is_refused(pool):
     """Batch input files are read line by line because their lines are calls made later; an eval run's
     items file (`purpose=evals`) is the same: with `input_messages: {"type": "item_reference",

@@ -294,15 +294,54 @@ def test_with_several_clients_an_eval_run_selecting_stored_objects_by_filter_is_
     assert ids(classify("POST", path, raw, JSON, isolating=False)) == {("eval_1", "eval")}  # one client: as before
 
 
+TEMPLATE = {"type": "template", "template": [{"role": "user", "content": "{{item.question}}"}]}
+ITEM_REFERENCE = {"type": "item_reference", "item_reference": "item.messages"}
+
+
 def test_an_eval_run_over_its_own_items_or_a_file_is_read_as_before():
     path = "/openai/v1/evals/eval_1/runs"
     inline = run({"type": "file_content", "content": [{"item": {"q": "responses"}}]})
     assert ids(classify("POST", path, inline, JSON, isolating=True)) == {("eval_1", "eval")}
-    from_file = run({"type": "file_id", "id": "file-1"})
-    assert ids(classify("POST", path, from_file, JSON, isolating=True)) == {("eval_1", "eval"), ("file-1", "file")}
+    source = {"type": "file_id", "id": "file-1"}
+    for data_source in (
+        {"type": "responses", "source": source, "input_messages": TEMPLATE},  # items' values in its text
+        {"type": "completions", "source": source, "input_messages": {"Type": "Template", "template": []}},
+        {"type": "jsonl", "source": source},  # items graded as they are: no model called with them
+    ):
+        from_file = body({"name": "r", "data_source": data_source})
+        assert ids(classify("POST", path, from_file, JSON, isolating=True)) == {("eval_1", "eval"), ("file-1", "file")}
     twice = b'{"data_source": {"type": "responses", "source": {"type": "file_id", "id": "file-1"}, "Source": {}}}'
     with pytest.raises(InvalidObjectId, match="twice"):
         classify("POST", path, twice, JSON, isolating=True)
+    twice = b'{"data_source": {"type": "jsonl", "source": {"type": "file_id", "id": "file-1"},'
+    twice += b' "input_messages": null, "Input_Messages": {"type": "item_reference"}}}'
+    with pytest.raises(InvalidObjectId, match="twice"):  # one reader may take the one, another the other
+        classify("POST", path, twice, JSON, isolating=True)
+
+
+@pytest.mark.parametrize(
+    "data_source",
+    [
+        {"type": "responses", "input_messages": ITEM_REFERENCE},  # each item's messages sent whole
+        {"type": "completions", "input_messages": ITEM_REFERENCE},
+        {"type": "azure_ai_target_completions", "input_messages": ITEM_REFERENCE, "target": {"type": "x"}},
+        {"type": "responses"},  # no template: what the sampler sends is not known, so not read
+        {"type": "jsonl", "input_messages": {"type": "item_reference"}},
+        {"type": "responses", "input_messages": {"type": "something_new"}},
+    ],
+)
+def test_with_several_clients_an_eval_run_sending_a_files_items_whole_is_refused(data_source):
+    """An items file is not read (`purpose=evals` or not): with `item_reference` its items' messages, which
+    may name another client's file by `file_id`, reach the model unread."""
+    path = "/openai/v1/evals/eval_1/runs"
+    raw = body({"name": "r", "data_source": {**data_source, "source": {"type": "file_id", "id": "file-1"}}})
+    with pytest.raises(RouteNotIsolated, match="items from a file") as refused:
+        classify("POST", path, raw, JSON, isolating=True)
+    assert refused.value.status == 403
+    single = raw.replace(b'"', b"'")  # a lenient reader's spelling: parsed, and not JSON
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        classify("POST", path, single, JSON, isolating=True)
+    assert ids(classify("POST", path, raw, JSON, isolating=False)) == {("eval_1", "eval"), ("file-1", "file")}
 
 
 def test_an_image_edit_names_its_images_and_mask_by_file_id():
@@ -333,7 +372,7 @@ def test_hot_bodies_without_an_id_field_are_not_parsed(monkeypatch):
         raise AssertionError("parsed")
 
     monkeypatch.setattr("lb.objects.routes.parse_body", parsed)
-    tools = {"messages": [{"role": "tool", "tool_call_id": "call_1", "content": "a file, some audio"}]}
+    tools = {"messages": [{"role": "tool", "tool_call_id": "call_1", "content": "a file, some sound, 'quoted'"}]}
     assert classify("POST", "/openai/v1/chat/completions", body(tools), JSON, isolating=True) is None
     embed = {"input": ["file_id", "previous_response_id", "\\u00e9"]}  # embeddings name nothing: never read
     assert classify("POST", "/openai/v1/embeddings", body(embed), JSON, isolating=True) is None
@@ -371,7 +410,9 @@ def test_a_body_in_other_scripts_is_read_as_before():
     part = {"type": "file", "file": {"file_id": "file-1"}}
     named = json.dumps({"messages": [{"role": "user", "content": ["é", part]}]}, ensure_ascii=False)
     assert ids(classify("POST", "/openai/v1/chat/completions", named.encode(), JSON)) == {("file-1", "file")}
-    typed = json.dumps({"data_source": {"source": {"type": "\ufb01le_id", "id": "file-2"}}}, ensure_ascii=False)
+    typed = json.dumps(
+        {"data_source": {"type": "jsonl", "source": {"type": "\ufb01le_id", "id": "file-2"}}}, ensure_ascii=False
+    )
     evaluated = classify("POST", "/openai/v1/evals/eval_1/runs", typed.encode(), JSON, isolating=True)
     assert ids(evaluated) == {("eval_1", "eval"), ("file-2", "file")}  # a typed id's type is folded like a key
 

@@ -37,7 +37,6 @@ field.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import re
@@ -49,7 +48,6 @@ from typing import Any
 from lb.errors import BadRequest, ProxyError
 from lb.objects import routes
 from lb.objects.routes import ObjectCall, ObjectId, RouteNotIsolated
-from lb.requestinfo import PARSE_LIMIT_BYTES
 
 MAX_HEADER_BYTES = 8 * 1024  # one part's headers: a Content-Disposition and a Content-Type need far less
 MAX_PARTS = 1_000  # parts of one form (an upload has a handful)
@@ -112,15 +110,9 @@ def reads(method: str, objects: ObjectCall, content_type: str | None) -> bool:
     return collection.kind == "upload" and objects.creates
 
 
-async def read(method: str, objects: ObjectCall, body: bytes, content_type: str | None) -> ObjectCall:
-    """The call with the ids its form (and a batch file's lines) name added; a large body is read
-    off the event loop. Raises a 4xx for what can't be read the way the backend will."""
-    if len(body) <= PARSE_LIMIT_BYTES:
-        return read_now(method, objects, body, content_type)
-    return await asyncio.to_thread(read_now, method, objects, body, content_type)
-
-
 def read_now(method: str, objects: ObjectCall, body: bytes, content_type: str | None) -> ObjectCall:
+    """The call with the ids its form (and a batch file's lines) name added (the router reads a large
+    body off the event loop). Raises a 4xx for what can't be read the way the backend will."""
     kind = objects.collection.kind if objects.collection is not None else None
     if not routes.is_form(content_type):  # an Upload's create (JSON): only its purpose is read here
         payload = routes.parse_body(body, content_type) if body else None
@@ -317,6 +309,7 @@ def _json_value(body: bytes, part: Part) -> Any:
     raw = body[part.start : part.end]
     if not routes.names_objects(raw, routes.MARKERS):
         return None
+    routes.check_json_size(raw, f"The multipart field '{routes.shown(part.name)}'")
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=routes.keyed)
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -481,6 +474,7 @@ def line_ids(
     checked; any other as a direct call's body is (`routes.parse_body`'s key rules, at every depth),
     and its body, serialized again, goes through the markers pre-scan and the id fields."""
     where = f"Line {number} of the batch input file"
+    routes.check_json_size(line, where)  # each line is one parse: the file as a whole may hold more
     try:
         text = line.decode("utf-8")
         if plain:

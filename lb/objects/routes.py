@@ -18,16 +18,26 @@ backend will, or refuses it:
   route takes one (FORM_ROUTES: image edits and variations, audio transcriptions and translations),
   by `lb.objects.forms`, and is a 415 on any other (they take JSON only); an urlencoded form on a
   FORM_ROUTES route is a 415;
-- with several clients, a route under /openai/ that is neither stateless nor in this table, or a
-  stateless route called with a method it does not list, is refused (`RouteNotIsolated`), never
-  forwarded blind.
+- with several clients, a route under /openai/ that is neither stateless nor in this table, a
+  stateless route called with a method it does not list, or a collection's root called with a
+  method other than its create (POST) and its list (GET, where the collection `lists`), is refused
+  (`RouteNotIsolated`), never forwarded blind;
+- the markers that make a body parsed are searched as bare names, lower-cased, never with their
+  quotes: a lenient reader (Json.NET, JSON5) takes `{'file_id': ...}` or `{file_id: ...}`, so such
+  a body is parsed too, and refused as not JSON;
+- a body that is parsed may hold at most MAX_JSON_CONTAINERS `{` and `[` and MAX_JSON_COMMAS `,`
+  (counted as bytes, in strings too, before parsing), else it is a 400 (`TooManyJsonValues`): a
+  parse holds the GIL, so its size is every other request's wait.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import re
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,7 +190,8 @@ FORM_ROUTES = frozenset({"images/edits", "images/variations", "audio/transcripti
 # The body fields by which the reference lets these stateless routes' JSON bodies name a stored
 # object; any other stateless route's body is searched for every field of the table. Chat: a file
 # part ({"type": "file", "file": {"file_id": ...}}) and an assistant turn's stored audio answer
-# ({"role": "assistant", "audio": {"id": "audio_..."}}), so the chat hot path looks for two names.
+# ({"role": "assistant", "audio": {"id": "audio_..."}}), so the chat hot path looks for two names (bare:
+# `MARKERS`), an escape and a non-ASCII byte.
 # Embeddings take text or tokens and name nothing: never searched (their bodies are the largest).
 STATELESS_FIELDS: dict[str, tuple[str, ...]] = {
     "chat/completions": ("file_id", "audio"),
@@ -202,23 +213,58 @@ def _shortest(markers: tuple[bytes, ...]) -> tuple[bytes, ...]:
     return tuple(m for m in dict.fromkeys(markers) if not any(o != m and o in m for o in markers))
 
 
-# An object route's body is parsed for ids only if its lower-cased bytes hold one of these.
+# An object route's body is parsed for ids only if its lower-cased bytes hold one of these. Every
+# marker is a bare name, never with its quotes: a lenient reader (Json.NET, JSON5) takes a key in
+# single quotes or none (`{'file_id': ...}`, `{file_id: ...}`), so the search must not depend on the
+# quote; a body holding the name anywhere (a prompt mentioning "file_id" too) is parsed, and one
+# that is no JSON is a 400.
 MARKERS = _shortest((*(k.encode() for k in BODY_FIELDS), *(t.encode() for t in TYPED_IDS), ESCAPE))
 # A stateless route's JSON body is parsed, and read for every field of the table, when it holds one
 # of MARKERS; a hot route whose reference names objects by a few fields only is looked for those.
 _STATELESS_MARKERS: dict[str, tuple[bytes, ...] | None] = {
-    key: (*(f'"{f}"'.encode() for f in fields), ESCAPE) if fields else None for key, fields in STATELESS_FIELDS.items()
+    key: (*(f.encode() for f in fields), ESCAPE) if fields else None for key, fields in STATELESS_FIELDS.items()
 }
 # ... and, on a collection with `selects`, one of these (a data source that selects by filter).
-_SELECTING_MARKERS = {c.kind: (*MARKERS, *(f'"{t}"'.encode() for t in sorted(c.selects))) for c in COLLECTIONS}
+_SELECTING_MARKERS = {c.kind: _shortest((*MARKERS, *(t.encode() for t in sorted(c.selects)))) for c in COLLECTIONS}
+# A run's data source that takes its items (the `item` namespace) from a file, `{"type": "file_id", "id":
+# ...}` as its `source`, sends each item to the model only through `input_messages`: a `template` puts an
+# item's values into the text of the messages it spells, an `item_reference` ("item.messages") sends an
+# item's messages whole, parts naming files (`input_file` by `file_id`) included, read from a file the
+# balancer never reads. The OpenAI reference (developers.openai.com/api/reference/resources/evals/
+# subresources/runs/methods/create) and Azure's (learn.microsoft.com/azure/foundry/reference/rest/
+# evals-create-eval-run: jsonl, completions, responses and Azure's own `azure_ai_target_completions`,
+# whose `input_messages` is an item reference) give these shapes; read 2026-12-08.
+ITEMS_FILE = "file_id"
+ITEMS_AS_TEXT = "template"
+ITEMS_UNSAMPLED = "jsonl"  # a data source whose items are graded as they are: no model is called with them
 # Keys the balancer reads: one given twice in one object is refused (parsers differ on which counts).
-_READ_KEYS = frozenset({*BODY_FIELDS, "id", "type", SOURCE_FIELD})
+_READ_KEYS = frozenset({*BODY_FIELDS, "id", "type", SOURCE_FIELD, "input_messages"})
 _BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")
+# What one parse may build (`check_json_size`), counted as bytes before parsing: `{` and `[` (an object
+# costs a Python call, `keyed`, and a list garbage collections, ~0.15-0.6 us each on this 2-core machine),
+# and `,` (each a value more). `json.loads` is C and holds the GIL but where it calls Python (`keyed`,
+# `_int`), so a parse runs off the loop one at a time (`lb.objects.router`), and these caps bound the
+# stretch no other request moves: 200,000 lists ~30 ms, 1,000,000 strings ~20 ms. 3,000,000 empty objects
+# in 9 MB cost 3.4 s of CPU before. An honest body never comes near: Azure takes at most 2,048 chat
+# messages and 128 tools (learn.microsoft.com/azure/ai-services/openai/quotas-limits), ~20,000 brackets
+# with rich tool schemas; brackets and commas in its text are bounded by the context (at most 1M tokens):
+# real compact API JSON has one bracket in ~27-29 bytes and one `,` in ~40 (botocore's and cfn-lint's
+# JSON data), so the caps are ~5.4 MB and ~40 MB of JSON-dense text, 1.5M tokens and more at 3-4 bytes
+# a token (tests/test_parse_bounds.py reads 4.4 MB of it in a chat at Azure's limits).
+MAX_JSON_CONTAINERS = 200_000
+MAX_JSON_COMMAS = 1_000_000
+_COUNT_SLICE = 1024 * 1024  # counted a slice at a time: in a thread, the loop may take the GIL between
 _STORE_FALSE = re.compile(rb'"store"\s*:\s*false')
 
 
 class InvalidObjectId(BadRequest):
     code = "invalid_id"
+
+
+class TooManyJsonValues(BadRequest):
+    """A body to parse holding more `{`, `[` or `,` than any honest call needs (`check_json_size`)."""
+
+    code = "too_many_json_values"
 
 
 class FoldedFieldName(BadRequest):
@@ -306,15 +352,18 @@ def classify(
     if path.encoded:
         raise InvalidObjectId("An object's path must not be percent-encoded.")
     ids, creates = path_ids(method, collection, rest)
-    if method == "GET" and not rest and collection.lists:
-        return ObjectCall(collection, (), creates=False, deletes=False, lists=True)
+    if not rest or rest[0] in collection.words:  # the collection itself, or an action on it: no object
+        if method == "GET" and not rest and collection.lists:
+            return ObjectCall(collection, (), creates=False, deletes=False, lists=True)
+        if isolating and (method != "POST" or len(rest) > 1):
+            raise _not_an_operation(method, collection, rest)
     markers = _markers(method, collection, body, content_type)
     if markers is not None:
         check_encoding(body, content_type)
         if names_objects(body, markers) if named is None else named:
             payload = parse_body(body, content_type)
             if isolating and collection.selects:
-                _refuse_selecting(method, collection, payload)
+                _refuse_unread_sources(method, collection, payload)
             ids += body_ids(payload)
     responses = collection.kind == "response" and creates
     if responses and b'"store"' in body and _STORE_FALSE.search(body) is not None:
@@ -335,6 +384,21 @@ def classify(
         responses=responses,
         made_fields=made,
         itself=itself,
+    )
+
+
+def _not_an_operation(method: str, collection: Collection, rest: list[str]) -> RouteNotIsolated:
+    """A collection's root (or an action on it) called with a method the table gives it no rule for:
+    with no object in the path the router would send it to one backend as it is, and a `HEAD /files`,
+    a `GET /responses` or a `DELETE /files` there is that backend's answer about every client's objects.
+    A HEAD on a listable collection is refused too, not answered from the merged list: Azure's reference
+    lists no HEAD there, and a header-only answer is not worth a fan-out to every backend."""
+    shape = "/".join((*collection.path, *rest[:1], *(["..."] if len(rest) > 1 else [])))  # rest[0]: a word
+    takes = "POST (a create) or GET (the caller's own list)" if collection.lists and not rest else "POST"
+    return RouteNotIsolated(
+        f"'{method} {shape}' names no {collection.kind.replace('_', ' ')} and is not an operation this load"
+        f" balancer keeps apart per client (it takes {takes} there): it could read or change every client's"
+        f" {collection.path[-1].replace('_', ' ')}, so it is refused while several clients share the pool."
     )
 
 
@@ -413,14 +477,63 @@ def check_encoding(body: bytes, content_type: str | None) -> None:
 
 def parse_body(body: bytes, content_type: str | None) -> Any:
     """The body as the backend will read it, for its ids: UTF-8 JSON only, keys lower-cased, and an
-    id field given twice in one object refused (parsers differ on which one counts)."""
+    id field given twice in one object refused (parsers differ on which one counts). Numbers are read
+    by Python functions (`_int`, `_float`), as objects are by `keyed`: each call is a point where a thread
+    parsing lets the event loop take the GIL, which a C-only stretch of a million numbers would not."""
     check_encoding(body, content_type)
+    check_json_size(body)
     try:
-        return json.loads(body.decode("utf-8"), object_pairs_hook=keyed)
+        with _collector_paused():
+            return json.loads(body.decode("utf-8"), object_pairs_hook=keyed, parse_int=_int, parse_float=_float)
     except UnicodeDecodeError:
         raise BadRequest("The request body must be UTF-8 JSON.") from None
     except (ValueError, RecursionError):
         raise BadRequest("The request body is not valid JSON.") from None
+
+
+def check_json_size(raw: bytes, where: str = "The request body") -> None:
+    """A 400 for JSON holding more `{` and `[` than MAX_JSON_CONTAINERS or more `,` than MAX_JSON_COMMAS,
+    before it is parsed (bytes in strings count too: a bound, not a reading). Free for a body shorter
+    than the smaller cap, which can't hold more."""
+    if len(raw) <= MAX_JSON_CONTAINERS:
+        return
+    containers = commas = 0
+    for start in range(0, len(raw), _COUNT_SLICE):
+        end = start + _COUNT_SLICE
+        containers += raw.count(b"{", start, end) + raw.count(b"[", start, end)
+        commas += raw.count(b",", start, end)
+    if containers > MAX_JSON_CONTAINERS or commas > MAX_JSON_COMMAS:
+        raise TooManyJsonValues(
+            f"{where} holds more than {MAX_JSON_CONTAINERS:,} '{{' and '[' or {MAX_JSON_COMMAS:,} ',' (counted in its"
+            " strings too), more than any call needs, and the load balancer reads every body naming stored objects"
+            " whole: send less at a time."
+        )
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a body is parsed: every list it builds is reachable until
+    the parse ends, so collections then find nothing, yet they were 80% of a parse of 200,000 lists
+    (130-190 ms -> 26-33 ms in the balancer's process), time in C no other request moves in. Global to
+    the process: another thread's garbage waits for the next collection, tens of ms at most. Left
+    alone if something else turned it off."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _int(text: str) -> int:
+    """A JSON integer as json.loads reads it, but in Python: see `parse_body`."""
+    return int(text)
+
+
+def _float(text: str) -> float:
+    return float(text)
 
 
 def keyed(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -531,18 +644,41 @@ def body_ids(payload: Any) -> list[ObjectId]:
     return found
 
 
-def _refuse_selecting(method: str, collection: Collection, payload: Any) -> None:
-    """With several clients, a data source that selects stored objects by filter is refused: it names
-    no id the balancer could check, and the backend reads every client's objects that match."""
+def _refuse_unread_sources(method: str, collection: Collection, payload: Any) -> None:
+    """With several clients, a data source whose objects the balancer can't check is refused: one that
+    selects stored objects by filter (it names no id, and the backend reads every client's objects that
+    match), and one that sends items of a file to the model whole (`ITEMS_FILE` without a `template`:
+    an item's message may name another client's file, in a file the balancer never reads)."""
+    shape = "/".join(collection.path)
     for node in _objects(payload):
         source = node.get(SOURCE_FIELD)
         kind = source.get("type") if isinstance(source, dict) else None
-        if isinstance(kind, str) and _fold(kind) in collection.selects:
+        if not isinstance(kind, str):
+            continue
+        if _fold(kind) in collection.selects:
             raise RouteNotIsolated(
-                f"'{method} {'/'.join(collection.path)}' with a data source of type '{shown(kind)}' reads stored"
-                " objects by filter, whichever client stored them, so it is refused while several clients"
-                " share the pool; send the items in the run (file_content) or in a file (file_id) instead."
+                f"'{method} {shape}' with a data source of type '{shown(kind)}' reads stored objects by filter,"
+                " whichever client stored them, so it is refused while several clients share the pool; send"
+                " the items in the run (file_content) or in a file (file_id) instead."
             )
+        if _fold(kind) == ITEMS_FILE and _sends_items_whole(node):
+            raise RouteNotIsolated(
+                f"'{method} {shape}' with items from a file (source of type 'file_id') and no input_messages"
+                " template sends the file's items to the model as they are, and an item's messages can name"
+                " stored files the load balancer does not read there, so it is refused while several clients"
+                " share the pool; give input_messages as a template, or send the items in the run (file_content)."
+            )
+
+
+def _sends_items_whole(source: dict[str, Any]) -> bool:
+    """Whether a data source (a node with `source`) may send its items' own messages to a model: all but
+    an `input_messages` template (items' values go into its text) and a `jsonl` one without input_messages
+    (items graded as they are, no model called)."""
+    messages = source.get("input_messages")
+    if isinstance(messages, dict) and isinstance(messages.get("type"), str):
+        return _fold(messages["type"]) != ITEMS_AS_TEXT
+    kind = source.get("type")
+    return not (messages is None and isinstance(kind, str) and _fold(kind) == ITEMS_UNSAMPLED)
 
 
 def _ids(value: Any, kind: str, field: str) -> list[ObjectId]:
