@@ -36,7 +36,6 @@ FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cac
 UNKNOWN = "unknown_usage"  # answers that carried no readable usage (counted as requests, not tokens)
 _WIDTH = len(FIELDS) + 1
 _RATE_HEADERS = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-remaining-requests")
-_BACKEND_QUOTA = b"x-ratelimit-"  # the backend's remaining/limit/reset figures: every client's spend on it
 # Calls by what they do (`RequestInfo.operation`: the route lower-cased, whatever the URL's shape or case).
 CHAT_OPERATIONS = frozenset({"chat/completions", "completions", "extensions/chat/completions"})  # usage when asked
 # Calls that produce output, reserved for it. Images (gpt-image-1) and speech (gpt-4o-mini-tts) are
@@ -76,10 +75,8 @@ class Metering:
         clock: Callable[[], float] = time.time,
         stream_usage: str = STREAM_USAGE_AS_SENT,
         reserve: dict[str, int] | None = None,
-        isolating: bool = False,
     ) -> None:
         self.limiter = Limiter(limits)
-        self.isolating = isolating  # several clients: the backend's quota headers tell one the others' spend
         self.include_stream_usage = stream_usage == STREAM_USAGE_INCLUDE
         self.reserve = reserve or {}  # LB_RESERVE_TOKENS: deployment (or "*") -> output tokens reserved
         self.telemetry = telemetry
@@ -161,10 +158,7 @@ class Metering:
 
     def observe(self, response: Response, client: str, info: RequestInfo | None, charge: Charge | None) -> Response:
         """Count the answer's usage when its body has passed; a limited client gets its own quota headers.
-        With several clients, the backend's `x-ratelimit-*` headers are not relayed: they count every
-        client's spend on that backend (the headroom policy has read them already)."""
-        if self.isolating and isinstance(response, UpstreamResponse):
-            response.raw_headers = [(k, v) for k, v in response.raw_headers if not k.startswith(_BACKEND_QUOTA)]
+        (With several clients, `lb.proxy` has taken the backend's `x-ratelimit-*` off every answer.)"""
         if charge is not None:
             _set_rate_headers(response, charge.headers)
         deployment = info.deployment if info is not None else None
