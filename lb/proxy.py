@@ -62,7 +62,6 @@ class Proxy:
             self.telemetry,
             stream_usage=settings.stream_usage,
             reserve=settings.reserve_tokens,
-            isolating=settings.isolating,
         )
         self.attempts = Attempts(
             settings, self.store, self.transport, self.backend_auth, self.telemetry, self.balancer.headroom

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from lb.metering.runs import Run, runs_in
 from lb.metering.usage import Usage, UsageChunkFilter, UsageReader, from_object, usage_requested
 
 
@@ -152,3 +153,43 @@ def test_a_responses_answer_says_its_id_status_and_background() -> None:
     cut = UsageReader(True, responses=True)
     cut.feed(created)
     assert cut.result() is None and (cut.response_id, cut.status) == ("resp_1", "in_progress")
+
+
+def test_a_run_stream_shows_its_run_at_any_read_boundary_and_never_a_steps_usage() -> None:
+    run = {"id": "run_1", "object": "thread.run", "status": "queued", "usage": None}
+    step = {"id": "step_1", "object": "thread.run.step", "run_id": "run_1", "usage": CHAT_USAGE}
+    done = {**run, "status": "completed", "completed_at": 1_800_000_000, "usage": CHAT_USAGE}
+    data = b"".join(
+        [
+            sse(run, "thread.run.created"),
+            sse({"id": "msg_1", "object": "thread.message.delta", "delta": {"content": '"usage":{'}}),
+            sse(step, "thread.run.step.completed"),
+            json.dumps(done).encode().join([b"event: thread.run.completed\ndata: ", b"\n\n"]),  # spaced JSON
+            b"event: done\ndata: [DONE]\n\n",
+        ]
+    )
+    for chunks in every_split(data):
+        reader = UsageReader(True, runs=runs_in)
+        for chunk in chunks:
+            reader.feed(chunk)
+        assert reader.result() is None  # no usage of the answer's own: the run's, by id
+        assert reader.runs == {"run_1": Run("completed", from_object(CHAT_USAGE), 1_800_000_000)}, chunks
+    reader = UsageReader(True, runs=runs_in)
+    reader.feed(data[: data.index(b"event: thread.run.step.completed")])  # cut before its end
+    reader.result()
+    assert reader.runs == {"run_1": Run("queued", None, None)}
+
+
+def test_a_page_of_runs_shows_each_run_and_no_steps() -> None:
+    page = {
+        "object": "list",
+        "data": [
+            {"id": "run_2", "object": "thread.run", "status": "in_progress", "usage": None},
+            {"id": "run_1", "object": "thread.run", "status": "failed", "failed_at": 5, "usage": None},
+            {"id": "step_1", "object": "thread.run.step", "usage": CHAT_USAGE},
+        ],
+    }
+    reader = UsageReader(False, runs=runs_in)
+    reader.feed(json.dumps(page).encode())
+    assert reader.result() is None
+    assert reader.runs == {"run_2": Run("in_progress", None, None), "run_1": Run("failed", None, 5)}

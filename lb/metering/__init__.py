@@ -4,7 +4,9 @@ The proxy calls three hooks and nothing else: `prepare()` (a chat stream asks th
 usage chunk, whatever the client sent), `admit()` before the failover loop (the client's quota
 reserves the call's cost, `lb.metering.quota`) and `observe()` on the answer, which watches its
 body go by (`lb.metering.usage.UsageReader`) and, when the body ends, counts its usage per client
-and per backend, exports it (`Telemetry.tokens`) and settles the reservation. The body is wrapped,
+and per backend, exports it (`Telemetry.tokens`) and settles the reservation. What is generated out
+of the call's sight (a background response, an Assistants run) is charged once, by id, when first
+seen finished (`lb.metering.responses`, `lb.metering.runs`). The body is wrapped,
 not copied: each read leaves for the client as it came, except a usage chunk the client did not
 ask for, which is dropped.
 """
@@ -21,7 +23,8 @@ from starlette.responses import Response
 
 from lb import bodyscan
 from lb.metering.quota import DEFAULT_RESERVE_TOKENS, WINDOW, Charge, Limit, Limiter
-from lb.metering.responses import TERMINAL, Held, ResponseBook
+from lb.metering.responses import MAX_HELD, TERMINAL, Held, ResponseBook
+from lb.metering.runs import AGE_SECONDS, runs_in, shows_runs, total
 from lb.metering.usage import Usage, UsageChunkFilter, UsageReader, decoder, usage_inserted, usage_requested
 from lb.metering.windows import Windows
 from lb.relay import UpstreamResponse
@@ -36,7 +39,6 @@ FIELDS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cac
 UNKNOWN = "unknown_usage"  # answers that carried no readable usage (counted as requests, not tokens)
 _WIDTH = len(FIELDS) + 1
 _RATE_HEADERS = (b"x-ratelimit-remaining-tokens", b"x-ratelimit-remaining-requests")
-_BACKEND_QUOTA = b"x-ratelimit-"  # the backend's remaining/limit/reset figures: every client's spend on it
 # Calls by what they do (`RequestInfo.operation`: the route lower-cased, whatever the URL's shape or case).
 CHAT_OPERATIONS = frozenset({"chat/completions", "completions", "extensions/chat/completions"})  # usage when asked
 # Calls that produce output, reserved for it. Images (gpt-image-1) and speech (gpt-4o-mini-tts) are
@@ -57,7 +59,9 @@ def starts_generation(operation: str) -> bool:
     Assistants run created (`threads/runs`, `threads/{id}/runs`) or resumed with tool outputs
     (`threads/{id}/runs/{id}/submit_tool_outputs`), an eval run created (`evals/{id}/runs`, which
     samples the model once per item). Their answer is the run, queued: what it spends is not in it.
-    So they reserve like a generating call and are charged that reservation (docs/metering.md)."""
+    So they reserve like a generating call; an Assistants run's reservation is then held by the run
+    and settled against its usage when the run is first seen finished (`lb.metering.runs`), an eval
+    run's is charged (docs/metering.md)."""
     parts = operation.split("/")
     if parts[0] == "threads":
         return parts[1:] == ["runs"] or (
@@ -76,17 +80,15 @@ class Metering:
         clock: Callable[[], float] = time.time,
         stream_usage: str = STREAM_USAGE_AS_SENT,
         reserve: dict[str, int] | None = None,
-        isolating: bool = False,
     ) -> None:
         self.limiter = Limiter(limits)
-        self.isolating = isolating  # several clients: the backend's quota headers tell one the others' spend
         self.include_stream_usage = stream_usage == STREAM_USAGE_INCLUDE
         self.reserve = reserve or {}  # LB_RESERVE_TOKENS: deployment (or "*") -> output tokens reserved
         self.telemetry = telemetry
         self.clock = clock
         self.clients = Windows(_WIDTH)
         self.backends = Windows(_WIDTH)
-        self.responses = ResponseBook()
+        self.responses = ResponseBook()  # background responses and Assistants runs, by id
         self.share: UsageShare | None = None  # set when counts are shared through Table Storage
         self._pruned = 0.0
         self.version = 0  # bumped by every count, so the shared row is written only when it changed
@@ -161,10 +163,7 @@ class Metering:
 
     def observe(self, response: Response, client: str, info: RequestInfo | None, charge: Charge | None) -> Response:
         """Count the answer's usage when its body has passed; a limited client gets its own quota headers.
-        With several clients, the backend's `x-ratelimit-*` headers are not relayed: they count every
-        client's spend on that backend (the headroom policy has read them already)."""
-        if self.isolating and isinstance(response, UpstreamResponse):
-            response.raw_headers = [(k, v) for k, v in response.raw_headers if not k.startswith(_BACKEND_QUOTA)]
+        (With several clients, `lb.proxy` has taken the backend's `x-ratelimit-*` off every answer.)"""
         if charge is not None:
             _set_rate_headers(response, charge.headers)
         deployment = info.deployment if info is not None else None
@@ -181,7 +180,8 @@ class Metering:
         responses = operation == "responses" or operation.startswith("responses/")
         # a stored response read, polled or cancelled (a compaction makes a new output: charged as made)
         read = responses and operation not in ("responses", "responses/compact")
-        reader = UsageReader(stream, responses) if ok and readable else None
+        runs = shows_runs(operation)
+        reader = UsageReader(stream, responses, runs_in if runs else None) if ok and readable else None
         hide = UsageChunkFilter() if reader is not None and stream and _hide_usage.get() else None
         encoding = response.upstream.headers.get("content-encoding", "identity").lower()
         plain = decoder(encoding) if reader is not None and encoding != "identity" else None
@@ -210,7 +210,11 @@ class Metering:
                     if out := hide.flush():
                         yield out
             finally:
-                self._settle(client, backend, deployment, charge, reader, ok, read)
+                if runs:
+                    starts = info is not None and bool(info.body) and starts_generation(operation)
+                    self._settle_runs(client, backend, deployment, charge, reader, ok, starts)
+                else:
+                    self._settle(client, backend, deployment, charge, reader, ok, read)
 
         response.body_iterator = metered()
         return response
@@ -264,20 +268,103 @@ class Metering:
                 self._charge(charge, usage.total if usage else None, now)
             self.version += 1
 
+    def _settle_runs(
+        self,
+        client: str,
+        backend: str,
+        deployment: str | None,
+        charge: Charge | None,
+        reader: UsageReader | None,
+        ok: bool,
+        starts: bool,
+    ) -> None:
+        """An answer showing Assistants runs ended: each run is charged its usage once, when first
+        seen finished (`lb.metering.runs`). `starts`: the call created or resumed a run, so its
+        reservation is held by that run until then, and settled against the run's usage."""
+        now = self.clock()
+        if reader is not None:
+            reader.result()  # a JSON answer is read at its end
+        seen = reader.runs if reader is not None else {}
+        if not seen:  # no run in it (a refusal, an unreadable answer, a step): as any other answer
+            self.record(client, backend, deployment, None, answered=ok)
+            self._charge(charge, None if ok else 0, now)
+            return
+        book = self.responses
+        own = next(reversed(seen)) if starts else None  # the run this call made or resumed
+        usages: list[Usage] = []  # of the runs first seen finished here
+        unknown, spent = False, 0  # ... those with no usage; what the others cost this call
+        for rid, run in seen.items():
+            if not run.finished or book.charged(rid):
+                continue
+            held = book.held.pop(rid, None)
+            holder = book.runs_held_elsewhere.get(rid) if held is None else None
+            if held is None and holder is None and rid != own and run.ended_before(now - AGE_SECONDS):
+                continue  # held nowhere and ended long ago: charged when first seen (`lb.metering.runs`)
+            book.mark(rid, now)
+            self.version += 1
+            charges = held.charges() if held is not None else []
+            if rid == own and charge is not None:
+                charges.append(charge)
+            if run.usage is not None:
+                usages.append(run.usage)
+            else:
+                unknown = True
+            tokens = run.usage.total if run.usage is not None else None
+            if holder is not None:  # another instance holds its reservation: that one settles it
+                book.tell(rid, tokens, holder, now)
+                for each in charges:
+                    self._charge(each, 0, now)
+            elif charges:
+                self._settle_held(charges, tokens, now)
+            else:  # held nowhere we know of: this call pays (a read reserved nothing)
+                spent += tokens or 0
+        if own is not None and not seen[own].finished and charge is not None:
+            self._hold_run(own, charge, client, backend, deployment, now)
+        elif charge is not None and not charge.settled:
+            self._charge(charge, spent, now)
+        usage = total(usages)
+        self.record(client, backend, deployment, usage, answered=usage is not None or unknown)
+
+    def _settle_held(self, charges: list[Charge], tokens: int | None, now: float) -> None:
+        """The reservations held for one run, settled against its usage: the first call is charged
+        the run's tokens, the others nothing; each its reservation when the usage is unknown."""
+        for i, each in enumerate(charges):
+            self._charge(each, tokens if i == 0 or tokens is None else 0, now)
+
+    def _hold_run(
+        self, rid: str, charge: Charge, client: str, backend: str, deployment: str | None, now: float
+    ) -> None:
+        """A run still being generated: the call's reservation waits for it (next to any already held)."""
+        book = self.responses
+        held = book.held.get(rid)
+        if held is not None:
+            held.more.append(charge)
+        elif len(book.held) >= MAX_HELD:  # memory is bounded: charged its reservation at once
+            self._charge(charge, None, now)
+            return
+        else:
+            book.held[rid] = Held(charge, client, backend, deployment, now, run=True)
+        self.version += 1
+
     def _charge(self, charge: Charge | None, tokens: int | None, now: float) -> None:
         if charge is not None:
             self.limiter.settle(charge, tokens, now)
             self.version += 1
 
     def tick(self, now: float) -> None:
-        """Holds another instance settled are let go; holds too old are charged their reservation."""
+        """Runs held here that another instance saw finished are settled with what they spent; holds
+        another instance charged are let go; holds too old are charged their reservation."""
         book = self.responses
+        for rid, held, tokens in book.settled_by_others():  # a run held here, seen finished elsewhere
+            book.mark(rid, now)
+            self._settle_held(held.charges(), tokens, now)
         for _, held in book.settled_elsewhere():
-            self._charge(held.charge, 0, now)
+            for charge in held.charges():
+                self._charge(charge, 0, now)
         for rid, held in book.expired(now):
             book.mark(rid, now)
             self.record(held.client, held.backend, held.deployment, None, answered=True)
-            self._charge(held.charge, None, now)
+            self._settle_held(held.charges(), None, now)
 
     # Counting --------------------------------------------------------------------------------
     def record(self, client: str, backend: str, deployment: str | None, usage: Usage | None, answered: bool) -> None:

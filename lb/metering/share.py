@@ -10,6 +10,9 @@ Why it is built this way:
 - One row per instance, written only by that instance: an unconditional upsert, no ETag races.
   Buckets carry their own times, so a row of a stopped instance simply ages out of the windows;
   rows silent for `FORGET_SECONDS` are deleted by whichever instance sees them.
+- The row also names the background responses and Assistants runs charged here lately and the runs
+  whose reservation is held here (`lb.metering.responses`, `lb.metering.runs`): the first instance
+  to see one finished charges it, once over the pool.
 - The counts live in their own partition (`{LB_POOL}.usage`) of the cooldown table, so the
   cooldown store's partition query never sees them.
 - A Table outage keeps every limit per instance (the other instances' counts are dropped rather
@@ -107,7 +110,9 @@ class UsageShare(RowShare):
             {
                 "q": self.metering.limiter.local.buckets(now, WINDOW),
                 "r": self.metering.limiter.reserved,  # client -> [calls, tokens] in flight here
-                "o": self.metering.responses.recent(now),  # responses charged here lately
+                "o": self.metering.responses.recent(now),  # responses and runs charged here lately
+                "h": self.metering.responses.runs_held(),  # runs whose reservation is held here
+                "f": self.metering.responses.telling(now),  # runs seen finished here, held elsewhere
                 "c": self.metering.clients.buckets(now),
                 "b": self.metering.backends.buckets(now),
             },
@@ -130,6 +135,8 @@ class UsageShare(RowShare):
         clients, backends = Windows(self.pool_clients.width), Windows(self.pool_backends.width)
         reserved: dict[str, list[int]] = {}
         charged: set[str] = set()
+        held_runs: dict[str, str] = {}  # run id -> the instance holding it (the first by id)
+        told: dict[str, int | None] = {}  # runs held here that another instance saw finished -> tokens
         seen = 1
         for row in rows:
             if row.get("RowKey") == self.instance_id:
@@ -146,7 +153,12 @@ class UsageShare(RowShare):
                 clients.load(data.get("c", {}))
                 backends.load(data.get("b", {}))
                 charged.update(str(rid) for rid in data.get("o", ()))
-                if isinstance(updated, int | float) and now - updated <= STALE_SECONDS:
+                for rid, (tokens, holder) in data.get("f", {}).items():
+                    if holder == self.instance_id:
+                        told[str(rid)] = int(tokens) if tokens is not None else None
+                if isinstance(updated, int | float) and now - updated <= STALE_SECONDS:  # a live instance's holds
+                    for rid in data.get("h", ()):
+                        held_runs[str(rid)] = min(held_runs.get(str(rid), row["RowKey"]), row["RowKey"])
                     for client, (calls, tokens) in data.get("r", {}).items():
                         held = reserved.setdefault(client, [0, 0])
                         held[0] += int(calls)
@@ -159,6 +171,8 @@ class UsageShare(RowShare):
         self.metering.limiter.others_reserved = reserved
         self.metering.limiter.synced(max(seen, 2))  # another may be serving before its first row
         self.metering.responses.charged_elsewhere = frozenset(charged)
+        self.metering.responses.runs_held_elsewhere = held_runs
+        self.metering.responses.told_here = told
         self.pool_clients, self.pool_backends, self.instances = clients, backends, seen
 
     async def _delete(self, row: Any) -> None:

@@ -16,6 +16,7 @@ Why it reads this way:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import zlib
@@ -30,9 +31,10 @@ _MARK, _MARK_SPACED = b'"usage":{', b'"usage": {'  # compact JSON (Azure OpenAI,
 _KEY = b'"usage":'
 _MARKS = (_MARK, _MARK_SPACED)
 _MARKS_RESPONSES = (_MARK, _MARK_SPACED, b'"response":{', b'"response": {')  # lifecycle events carry the object
+_MARKS_RUNS = (b'"object":"thread.run"', b'"object": "thread.run"')  # a run's events (not its steps')
 _NO_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
-MAX_PARSE_BYTES = 4 * 1024 * 1024  # a Responses JSON answer up to this is parsed whole (its id, status)
-_EDGE = len(_MARK_SPACED) - 1
+MAX_PARSE_BYTES = 4 * 1024 * 1024  # a Responses or runs JSON answer up to this is parsed whole (ids, status)
+_EDGE = len(_MARKS_RUNS[1]) - 1  # the longest marker but one byte
 _DECODER = json.JSONDecoder()
 
 
@@ -92,12 +94,19 @@ class UsageReader:
 
     With `responses` (a Responses API call), it also says which stored response the answer is
     (`response_id`), whether that runs in the background and its last status: a response is
-    charged once, however often it is read (`lb.metering.responses`)."""
+    charged once, however often it is read (`lb.metering.responses`). With `runs` (a call whose
+    answer shows Assistants runs), it reads no usage of its own but collects, in `runs`, what
+    `runs(obj)` finds in the answer or in each of its run events (`lb.metering.runs`): a run is
+    charged once, by id, however often it is read."""
 
-    def __init__(self, event_stream: bool, responses: bool = False) -> None:
+    def __init__(
+        self, event_stream: bool, responses: bool = False, runs: Callable[[Any], dict[str, Any]] | None = None
+    ) -> None:
         self.event_stream = event_stream
         self.responses = responses
-        self._marks = _MARKS_RESPONSES if responses else _MARKS
+        self._runs_in = runs
+        self.runs: dict[str, Any] = {}  # run id -> what the last answer or event showing it said
+        self._marks = _MARKS_RUNS if runs is not None else _MARKS_RESPONSES if responses else _MARKS
         self._chunks: list[bytes] = []  # JSON: the body so far; stream: the unfinished event(s)
         self._size = 0
         self._hot = False  # stream: the unfinished part contains a marker
@@ -128,6 +137,11 @@ class UsageReader:
         if self._overflow or not self._chunks:
             return None
         body = b"".join(self._chunks)
+        if self._runs_in is not None:  # the runs' usage, by run: none of the answer's own
+            if len(body) <= MAX_PARSE_BYTES:
+                with contextlib.suppress(ValueError, RecursionError):  # not JSON: no run seen
+                    self.runs.update(self._runs_in(json.loads(body)))
+            return None
         if self.responses and len(body) <= MAX_PARSE_BYTES:
             try:
                 obj = json.loads(body)
@@ -186,6 +200,9 @@ class UsageReader:
             except ValueError:
                 continue
             if not isinstance(obj, dict):
+                continue
+            if self._runs_in is not None:  # a run's event: the run as it stands (its steps' usage is in it)
+                self.runs.update(self._runs_in(obj))
                 continue
             found = obj.get("usage")
             if isinstance(obj.get("response"), dict):  # Responses API's lifecycle events

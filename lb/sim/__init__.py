@@ -3,14 +3,15 @@
 It answers the routes the openai SDK calls (both URL shapes) with Azure OpenAI's bodies and
 headers: chat completions, embeddings and the Responses API (`POST /openai/v1/responses`), each
 streamed as SSE when asked (the Responses API with the full event sequence, `response.created` to
-`response.completed`, that the SDK's `responses.stream` helper checks). It checks the `api-key` it
-expects, records what it was sent, and can be told to misbehave: a requests- and tokens-per-window
-quota (429 + Retry-After beyond it, with `x-ratelimit-remaining-*` on every answer), forced 429s
-or 5xx, latency, or never answering. Like Azure OpenAI it charges a call's tokens at admission,
-from the prompt's length (4 characters a token) plus `max_tokens` (or `max_output_tokens`), and
-sends no limit or reset header on a 200. Usage (`prompt_tokens`, the Responses API's
-`input_tokens`) uses the same 4-characters rule, and `cached_tokens` comes from a model of Azure's
-prompt cache per backend and deployment (lb.sim.cache).
+`response.completed`, that the SDK's `responses.stream` helper checks), and the objects a resource
+keeps (lb.sim.objects; Assistants threads and their runs, polled or streamed: lb.sim.threads). It
+checks the `api-key` it expects, records what it was sent, and can be told to misbehave: a
+requests- and tokens-per-window quota (429 + Retry-After beyond it, with `x-ratelimit-remaining-*`
+on every answer), forced 429s or 5xx, latency, or never answering. Like Azure OpenAI it charges a
+call's tokens at admission, from the prompt's length (4 characters a token) plus `max_tokens` (or
+`max_output_tokens`), and sends no limit or reset header on a 200. Usage (`prompt_tokens`, the
+Responses API's `input_tokens`) uses the same 4-characters rule, and `cached_tokens` comes from a
+model of Azure's prompt cache per backend and deployment (lb.sim.cache).
 It is a bare ASGI app so it costs little CPU next to the proxy being measured.
 """
 

@@ -4,9 +4,10 @@
 `previous_response_id`, `conversation` and `background`; retrieve, delete, cancel, input items),
 conversations, files (multipart upload, list, retrieve, content, delete), batches made from a file
 (create, list, retrieve, cancel; polled from `validating` to `completed`, with an output file),
-fine-tuning jobs made from a training (and validation) file (create, list, retrieve, cancel), and
-reasoning items returned with `encrypted_content` (asked with `include`), which only this backend
-accepts back (else 400 `invalid_encrypted_content`). Each backend keeps its own objects,
+fine-tuning jobs made from a training (and validation) file (create, list, retrieve, cancel),
+assistants, threads and their runs (lb.sim.threads), and reasoning items returned with
+`encrypted_content` (asked with `include`), which only this backend accepts back (else 400
+`invalid_encrypted_content`). Each backend keeps its own objects,
 and an id it does not hold gets the answer Azure OpenAI gives for a missing object: 400
 `previous_response_not_found` for a follow-up turn, 404 `... with id '...' not found.` otherwise.
 A chat completion's file inputs (`{"type": "file", "file": {"file_id": ...}}`) are read here too
@@ -37,12 +38,16 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from lb import sim
+from lb.sim.pages import error as _error
+from lb.sim.pages import missing as _missing
+from lb.sim.pages import page as _page
+from lb.sim.threads import SimThreads
 
 if TYPE_CHECKING:
     from lb.sim import Receive, Send, SimBackend
 
 PREFIXES = ("/openai/v1/", "/openai/")
-COLLECTIONS = ("responses", "conversations", "files", "batches", "fine_tuning")
+COLLECTIONS = ("responses", "conversations", "files", "batches", "fine_tuning", "assistants", "threads")
 FILES_LIMIT = (10_000, 10_000)  # (default, max) items of a files list page
 PAGE_LIMIT = (20, 100)  # batches and fine-tuning jobs
 
@@ -60,6 +65,7 @@ class SimObjects:
     _pending: dict[str, int] = field(default_factory=dict)  # object id -> retrievals left before it is done
     _finals: dict[str, dict[str, Any]] = field(default_factory=dict)  # background response id -> its answer
     reasoning: set[str] = field(default_factory=set)  # reasoning item ids whose encrypted_content this resource made
+    threads: SimThreads = field(default_factory=SimThreads)  # assistants, threads and their runs
 
     def handles(self, path: str) -> list[str] | None:
         """The path's segments after the prefix when it is an object route, else None."""
@@ -177,6 +183,32 @@ class SimObjects:
         if request.get("stream") is True and not request.get("background"):
             return Stream(sim._response_events(response, pieces))
         return 200, response
+
+    # Assistants and threads (lb.sim.threads) ----------------------------------------------------
+    def _assistants(
+        self,
+        backend: SimBackend,
+        method: str,
+        rest: list[str],
+        headers: dict[str, str],
+        body: bytes,
+        payload: Any,
+        params: dict[str, str],
+    ) -> Any:
+        return self.threads.serve_assistants(method, rest, payload, params)
+
+    def _threads(
+        self,
+        backend: SimBackend,
+        method: str,
+        rest: list[str],
+        headers: dict[str, str],
+        body: bytes,
+        payload: Any,
+        params: dict[str, str],
+    ) -> Any:
+        answer = self.threads.serve_threads(backend, method, rest, payload, params)
+        return Stream(answer) if isinstance(answer, list) else answer
 
     # Conversations ------------------------------------------------------------------------------
     def _conversations(
@@ -391,43 +423,6 @@ class SimObjects:
 @dataclass
 class Stream:
     events: list[bytes]
-
-
-def _error(message: str, kind: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def _missing(kind: str, oid: str, param: str | None = None) -> tuple[int, dict[str, Any]]:
-    return 404, _error(f"{kind} with id '{oid}' not found.", "invalid_request_error", param=param)
-
-
-def _page(items: list[dict[str, Any]], params: dict[str, str], default: int, most: int) -> tuple[int, Any]:
-    """One cursor page of `items` (oldest first, as made): newest first unless `order=asc`."""
-    order = params.get("order", "desc")
-    limit = params.get("limit", str(default))
-    if order not in ("asc", "desc"):
-        return 400, _error(
-            f"Invalid 'order': '{order}' is not one of 'asc', 'desc'.", "invalid_request_error", param="order"
-        )
-    if not limit.isdigit() or not 1 <= int(limit) <= most:
-        message = f"Invalid 'limit': '{limit}' is not an integer between 1 and {most}."
-        return 400, _error(message, "invalid_request_error", param="limit")
-    ordered = items if order == "asc" else items[::-1]
-    after = params.get("after")
-    if after is not None:
-        at = next((i for i, item in enumerate(ordered) if item["id"] == after), None)
-        if at is None:
-            return 400, _error(f"Invalid 'after': no object with id '{after}'.", "invalid_request_error", param="after")
-        ordered = ordered[at + 1 :]
-    data = ordered[: int(limit)]
-    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
-    return 200, {
-        "object": "list",
-        "data": data,
-        "first_id": first,
-        "last_id": last,
-        "has_more": len(ordered) > len(data),
-    }
 
 
 def _chat_file_ids(payload: Any) -> list[str]:
