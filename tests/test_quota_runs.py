@@ -161,9 +161,15 @@ def test_a_run_created_through_one_instance_and_polled_through_another_is_charge
     for instance in (a, b, a, b):
         v1(instance).beta.threads.runs.retrieve(run.id, thread_id=thread.id)
         v1(instance).beta.threads.runs.list(thread_id=thread.id)
-    for instance in (a, b):  # a lets its hold go once it reads that b charged the run; b then reads a
-        until(lambda url=instance: limit_of(url)["used_last_minute"]["tokens"] == run.usage.total_tokens)
-        assert limit_of(instance)["reserved"]["calls"] == 0
+
+    def settled_on(url: str) -> bool:  # the run's usage charged once, and no hold left for it
+        shown = limit_of(url)
+        return shown["used_last_minute"]["tokens"] == run.usage.total_tokens and shown["reserved"]["calls"] == 0
+
+    for instance in (a, b):  # a settles its hold with what b saw the run spend; b then reads a's row
+        until(lambda url=instance: settled_on(url))
+    for instance in (a, b):  # and it stays so: nothing charged twice
+        assert limit_of(instance)["used_last_minute"]["tokens"] == run.usage.total_tokens
 
 
 # The rules in time, on Metering alone ----------------------------------------------------------
