@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -166,8 +167,12 @@ def test_a_run_created_through_one_instance_and_polled_through_another_is_charge
         shown = limit_of(url)
         return shown["used_last_minute"]["tokens"] == run.usage.total_tokens and shown["reserved"]["calls"] == 0
 
-    for instance in (a, b):  # a settles its hold with what b saw the run spend; b then reads a's row
-        until(lambda url=instance: settled_on(url))
+    deadline = time.monotonic() + 10
+    while not (settled_on(a) and settled_on(b)):  # a settles its hold with what b saw; b then reads a's row
+        assert time.monotonic() < deadline, (
+            f"not settled: usage {run.usage.total_tokens}, a {limit_of(a)}, b {limit_of(b)}"
+        )
+        time.sleep(0.1)
     for instance in (a, b):  # and it stays so: nothing charged twice
         assert limit_of(instance)["used_last_minute"]["tokens"] == run.usage.total_tokens
 
