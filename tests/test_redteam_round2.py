@@ -1,9 +1,9 @@
 """Red team, round 2: a hostile second client (bob) against the first one's (alice's) objects, usage and
 quota, and against the pool, through what round 1's fixes left open.
 
-Each `xfail(strict=True)` test is a hole on the current code: it fails now, and a fix turns it into a
-plain pass (strict: the suite says so when that happens). Its docstring says why it is a hole and what
-the right answer is (status and Azure error code). "Refused" means no backend was called: the
+Each test whose docstring describes a hole failed at 41be29d, where it was written as a strict xfail;
+the fixes that followed made every one a plain pass. Its docstring says why it was a hole (in terms
+of the code then) and what the right answer is (status and Azure error code). "Refused" means no backend was called: the
 simulator does not know every route, so its answer alone proves nothing. The unmarked tests are
 forms bob tried that hold, kept so they keep holding. docs/security.md ("Isolation between clients")
 is the rule every test holds the balancer to.
