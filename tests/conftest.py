@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import openai
 import pytest
@@ -72,6 +72,24 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0
         if time.monotonic() > deadline:
             raise AssertionError(f"waited {timeout} s for {what}")
         time.sleep(0.02)
+
+
+class SendTimes:
+    """An ASGI app (a simulated backend) that notes the time.perf_counter() at which it starts sending
+    each part of a body, so a test can tell whether the client had a chunk before the next was sent:
+    a check of order, which a loaded machine slows but does not fail as a bound on gaps would."""
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app = app
+        self.sent: list[float] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        async def timed(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                self.sent.append(time.perf_counter())
+            await send(message)
+
+        await self.app(scope, receive, timed)
 
 
 @pytest.fixture(autouse=True)
