@@ -74,6 +74,17 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0
         time.sleep(0.02)
 
 
+async def eventually(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    """Whether `condition` holds within `seconds`, polled on the running event loop (what `wait_until`
+    is to a test's thread): work in the background goes on meanwhile."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 class SendTimes:
     """An ASGI app (a simulated backend) that notes the time.perf_counter() at which it starts sending
     each part of a body, so a test can tell whether the client had a chunk before the next was sent:

@@ -13,7 +13,7 @@ import math
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
@@ -29,7 +29,7 @@ from lb.state import Cooldown
 from lb.state.table import TableStore, row_key
 from tests.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, connection_string
 from tests.badtable import SlowRelay, drop_table
-from tests.conftest import SdkHttp, wait_until
+from tests.conftest import SdkHttp, eventually, wait_until
 
 API_VERSION = "2024-10-21"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -393,16 +393,6 @@ def test_a_rejected_key_is_a_degraded_store_not_a_failing_proxy(own_servers, azu
     assert wrong_key not in caplog.text and wrong_key not in str(health)
     assert proxy.store.health()["healthy"] is True
     assert azure_client(url).chat.completions.create(model="chat", messages=MESSAGES).choices
-
-
-async def eventually(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
-    """Whether `condition` holds within `seconds` (polled; nothing else is done meanwhile)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 async def _written(store: TableStore) -> None:
