@@ -85,6 +85,35 @@ async def eventually(condition: Callable[[], bool], seconds: float = 5.0) -> boo
     return True
 
 
+def waiting_for_a_cpu() -> float:
+    """Seconds this thread has spent runnable but not running, a CPU being busy with other processes
+    (the kernel's run-queue delay, /proc/thread-self/schedstat); 0.0 where the kernel does not say."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class Stalls:
+    """How long the current thread (an event loop's) waited for a CPU meanwhile: `with Stalls() as
+    stalls:`. A loaded machine makes every timer of that loop late by as much, so a bound on when a
+    timer's work came may allow its quiet-machine slack plus `stalls.seconds`: as tight as ever
+    where the thread never waits (0), never failed by other processes alone. Time the code under
+    test spends itself, computing or blocked, is not counted."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._from = 0.0
+
+    def __enter__(self) -> Stalls:
+        self._from = waiting_for_a_cpu()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.seconds = waiting_for_a_cpu() - self._from
+
+
 class SendTimes:
     """An ASGI app (a simulated backend) that notes the time.perf_counter() at which it starts sending
     each part of a body, so a test can tell whether the client had a chunk before the next was sent:

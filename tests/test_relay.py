@@ -16,12 +16,13 @@ import pytest
 
 from lb.config import ConfigError, Settings, load_settings
 from lb.relay import CLOCK_SLACK, BodyLimits, UpstreamResponse
-from tests.conftest import CLIENT_KEY
+from tests.conftest import CLIENT_KEY, Stalls
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 EVENT = b'data: {"choices": []}\n\n'
-TICK = 0.005  # seconds between the wake-ups by which a relay measures how late its loop ran
-SLACK = 0.15  # seconds a cut may come after its limit on a quiet machine, beyond the loop's lateness
+# Seconds a cut may come after its limit on a quiet machine; on a loaded one, plus the time the
+# loop waited for a CPU meanwhile (Stalls).
+SLACK = 0.15
 
 
 class Paced(httpx.AsyncByteStream):
@@ -53,37 +54,19 @@ class Relayed:
         self.sent: list[dict] = []
         self.seconds = 0.0
         self.ended_at = 0.0  # time.monotonic(), the clock of BodyLimits.until
-        self.late = 0.0  # seconds the event loop ran late meanwhile, in all (see `_tick`)
-        self._ticked = 0.0  # time.perf_counter() of the ticker's last wake-up
+        self.late = 0.0  # seconds the event loop waited for a CPU meanwhile (Stalls)
 
     async def run(self) -> Relayed:
-        ticker = asyncio.ensure_future(self._tick())
-        await asyncio.sleep(0)  # the ticker runs from here: what the relay does at once is counted too
+        stalls = Stalls()
         started = time.perf_counter()
         try:
-            await self.response({"type": "http"}, self._receive, self._send)
+            with stalls:
+                await self.response({"type": "http"}, self._receive, self._send)
         finally:
             self.seconds = time.perf_counter() - started
             self.ended_at = time.monotonic()
-            ticker.cancel()
-            self._stalled(time.perf_counter())  # a stall since the last wake-up counts too
+            self.late = stalls.seconds
         return self
-
-    async def _tick(self) -> None:
-        """Add up the stalls of the event loop, side by side with the relay: each wake-up of a TICK-long
-        sleep more than TICK late is time this process was kept from running (a loaded machine), by
-        which the relay's own timers are late too. A bound on when a cut came allows SLACK plus this,
-        so it stays as tight as it was on a quiet machine (no stalls: 0), where the usual wake-up
-        latency of a millisecond or two is not counted."""
-        self._ticked = time.perf_counter()
-        while True:
-            await asyncio.sleep(TICK)
-            self._stalled(time.perf_counter())
-
-    def _stalled(self, now: float) -> None:
-        if now - self._ticked - TICK > TICK:
-            self.late += now - self._ticked - TICK
-        self._ticked = now
 
     async def _receive(self) -> dict:
         await asyncio.Event().wait()  # a client that stays
