@@ -111,7 +111,11 @@ class Stalls:
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.seconds = waiting_for_a_cpu() - self._from
+        self.seconds = self.so_far()
+
+    def so_far(self) -> float:
+        """The wait up to now, inside the `with`."""
+        return waiting_for_a_cpu() - self._from
 
 
 class SendTimes:
