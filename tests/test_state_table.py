@@ -135,6 +135,9 @@ def test_an_instance_that_saw_a_backend_near_its_quota_learns_of_its_first_429_w
     sims = [SimBackend("sim1", api_key="key-1", requests_per_window=5), SimBackend("sim2", api_key="key-2")]
     urls = [own_servers.start(sim) for sim in sims]
     slow = {"LB_STATE_REFRESH_MS": "60000", "BACKEND_1_PRIORITY": "1", "BACKEND_2_PRIORITY": "2"}
+    # A request may wait 5 s for its fresh view, not 50 ms: a loaded machine's Azurite can take longer
+    # than 50 ms, and how long a request waits is bounded elsewhere (the confirm_ms tests below).
+    slow["LB_STATE_CONFIRM_MS"] = "5000"
     url_a, _ = start_proxy(own_servers, urls, azurite, table, **slow)
     url_b, proxy_b = start_proxy(own_servers, urls, azurite, table, **slow)  # its poller alone would take a minute
     a, b = azure_client(url_a), azure_client(url_b)
