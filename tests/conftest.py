@@ -96,11 +96,11 @@ def waiting_for_a_cpu() -> float:
 
 
 class Stalls:
-    """How long the current thread (an event loop's) waited for a CPU meanwhile: `with Stalls() as
-    stalls:`. A loaded machine makes every timer of that loop late by as much, so a bound on when a
-    timer's work came may allow its quiet-machine slack plus `stalls.seconds`: as tight as ever
-    where the thread never waits (0), never failed by other processes alone. Time the code under
-    test spends itself, computing or blocked, is not counted."""
+    """How long the current thread (an event loop's, a client's) waited for a CPU meanwhile: `with
+    Stalls() as stalls:`. A loaded machine makes every timer of that loop, or every step of that
+    client, late by as much, so a bound on when something came may allow its quiet-machine slack
+    plus `stalls.seconds`: as tight as ever where the thread never waits (0), never failed by other
+    processes alone. Time the code under test spends itself, computing or blocked, is not counted."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
