@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import openai
 import pytest
@@ -72,6 +72,68 @@ def wait_until(condition: Callable[[], object], what: str, timeout: float = 10.0
         if time.monotonic() > deadline:
             raise AssertionError(f"waited {timeout} s for {what}")
         time.sleep(0.02)
+
+
+async def eventually(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    """Whether `condition` holds within `seconds`, polled on the running event loop (what `wait_until`
+    is to a test's thread): work in the background goes on meanwhile."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def waiting_for_a_cpu() -> float:
+    """Seconds this thread has spent runnable but not running, a CPU being busy with other processes
+    (the kernel's run-queue delay, /proc/thread-self/schedstat); 0.0 where the kernel does not say."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class Stalls:
+    """How long the current thread (an event loop's, a client's) waited for a CPU meanwhile: `with
+    Stalls() as stalls:`. A loaded machine makes every timer of that loop, or every step of that
+    client, late by as much, so a bound on when something came may allow its quiet-machine slack
+    plus `stalls.seconds`: as tight as ever where the thread never waits (0), never failed by other
+    processes alone. Time the code under test spends itself, computing or blocked, is not counted."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._from = 0.0
+
+    def __enter__(self) -> Stalls:
+        self._from = waiting_for_a_cpu()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.seconds = self.so_far()
+
+    def so_far(self) -> float:
+        """The wait up to now, inside the `with`."""
+        return waiting_for_a_cpu() - self._from
+
+
+class SendTimes:
+    """An ASGI app (a simulated backend) that notes the time.perf_counter() at which it starts sending
+    each part of a body, so a test can tell whether the client had a chunk before the next was sent:
+    a check of order, which a loaded machine slows but does not fail as a bound on gaps would."""
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app = app
+        self.sent: list[float] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        async def timed(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                self.sent.append(time.perf_counter())
+            await send(message)
+
+        await self.app(scope, receive, timed)
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ import pytest
 from lb.auth.entra import EntraValidator, InvalidToken, looks_like_jwt
 from lb.config import load_settings
 from lb.errors import Unauthorized
-from tests.conftest import API_VERSION, CLIENT_KEY, SdkHttp
+from tests.conftest import API_VERSION, CLIENT_KEY, SdkHttp, eventually
 from tests.idp import APP_ID, AUDIENCE, OBJECT_ID, OTHER_TENANT, TENANT, LocalIdP, SigningKey, entra_env
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -156,7 +156,7 @@ def test_keys_already_known_keep_working_while_the_idp_is_down(idp):
         idp.down = False
         now[0] += 61  # a failed refresh is retried after the interval, not a day later
         await v.validate(idp.token())
-        await asyncio.sleep(0.3)
+        assert await eventually(lambda: idp.key_fetches() > fetches)  # in the background: polled, not slept
         assert idp.key_fetches() == fetches + 1
 
     asyncio.run(scenario())
