@@ -33,6 +33,8 @@ from tests.conftest import TLS, SdkHttp
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = 24  # (alice, bob) key pairs configured: one per test that asks for one
 START_SECONDS = 30.0
+START_TRIES = 3
+OPERATOR_KEY = "key-ops"
 
 
 @dataclass
@@ -91,11 +93,13 @@ def start_pool(servers: Servers, azurite: Azurite) -> tuple[Pool, list[subproces
     files: a pipe nobody reads would block a long-lived process once it fills)."""
     sims = [SimBackend(f"sim{i}", api_key=f"backend-key-{i}") for i in (1, 2, 3)]
     keys = ",".join(f"alice{n}:key-alice-{n},bob{n}:key-bob-{n}" for n in range(1, PAIRS + 1))
+    keys += f",ops:{OPERATOR_KEY}"  # an operator of no test's: reads /lb/status to know the server is ours
     env = {
         "LB_STATE_CONNECTION_STRING": azurite.connection_string,
         "LB_STATE_TABLE": "iso" + uuid.uuid4().hex[:16],
         "LB_POOL": "isolation",
         "LB_CLIENT_KEYS": keys,
+        "LB_ADMIN_CLIENTS": "ops",
         "LB_AFFINITY": "off",
         "LB_LOG_LEVEL": "WARNING",
     }
@@ -104,36 +108,46 @@ def start_pool(servers: Servers, azurite: Azurite) -> tuple[Pool, list[subproces
         env[f"BACKEND_{i}_APIKEY"] = sim.api_key or ""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("BACKEND_", "LB_", "WEBSITE_"))}
     logdir = Path(tempfile.mkdtemp(prefix="lb-isolation-"))
-    processes, urls, logs = [], [], []
-    for name in ("A", "B"):
-        port, log = free_port(), logdir / f"lb-{name}.log"
-        with log.open("wb") as out:
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "lb", "serve", "--port", str(port)],
-                    cwd=ROOT,
-                    env={**clean, **env},
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        urls.append(f"http://127.0.0.1:{port}")
-        logs.append(log)
-    pool = Pool(sims, urls, logs)
+    processes: list[subprocess.Popen[bytes]] = []
+    urls, logs = [], []
     deadline = time.monotonic() + START_SECONDS
-    with httpx.Client(verify=TLS) as http:  # one client for every poll
-        for process, url in zip(processes, urls, strict=True):
-            while True:
-                try:
-                    if http.get(url + "/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    stop(processes)
-                    raise AssertionError(f"lb serve did not start:\n{pool.log_tail()}")
-                time.sleep(0.05)
-    return pool, processes
+    for name in ("A", "B"):
+        log = logdir / f"lb-{name}.log"
+        for _ in range(START_TRIES):  # a free port may be taken by another test's server before we bind it
+            process, url = _serve({**clean, **env}, log)
+            if _ours(process, url, env["LB_STATE_TABLE"], deadline):
+                break
+            stop([process])
+        else:
+            stop(processes)
+            raise AssertionError(f"lb serve did not start:\n{log.read_text(errors='replace')[-3000:]}")
+        processes.append(process)
+        urls.append(url)
+        logs.append(log)
+    return Pool(sims, urls, logs), processes
+
+
+def _serve(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    with log.open("ab") as out:
+        command = [sys.executable, "-m", "lb", "serve", "--port", str(port)]
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def _ours(process: subprocess.Popen[bytes], url: str, table: str, deadline: float) -> bool:
+    """Whether `process` serves `url`: its status names this pool's table (another test's server on
+    the port would answer /healthz too), and it is still running (one that could not bind exits)."""
+    with httpx.Client(verify=TLS) as http:
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                status = http.get(url + "/lb/status", headers={"api-key": OPERATOR_KEY})
+                if status.status_code == 200 and table in status.text and process.poll() is None:
+                    return True
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+    return False
 
 
 def stop(processes: list[subprocess.Popen[bytes]]) -> None:
