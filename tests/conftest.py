@@ -86,13 +86,13 @@ async def eventually(condition: Callable[[], bool], seconds: float = 5.0) -> boo
     return True
 
 
-def waiting_for_a_cpu(process: bool = False) -> float:
-    """Seconds this thread (or, with `process`, all of this process's threads together) has spent
+def waiting_for_a_cpu(*pids: int) -> float:
+    """Seconds this thread (or, given `pids`, all threads of those processes together) has spent
     runnable but not running, a CPU being busy with other processes: the kernel's run-queue delay
-    (/proc/thread-self/schedstat, /proc/self/task/*/schedstat); 0.0 where the kernel does not say."""
-    paths = glob.glob("/proc/self/task/*/schedstat") if process else ["/proc/thread-self/schedstat"]
+    (/proc/thread-self/schedstat, /proc/PID/task/*/schedstat); 0.0 where the kernel does not say."""
+    paths = [path for pid in pids for path in glob.glob(f"/proc/{pid}/task/*/schedstat")]
     waited = 0
-    for path in paths:
+    for path in paths if pids else ["/proc/thread-self/schedstat"]:
         try:
             with open(path) as f:
                 waited += int(f.read().split()[1])
@@ -108,13 +108,15 @@ class Stalls:
     plus `stalls.seconds`: as tight as ever where the thread never waits (0), never failed by other
     processes alone. Time the code under test spends itself, computing or blocked, is not counted."""
 
-    def __init__(self, process: bool = False) -> None:
-        self.process = process  # every thread's wait, added up: a client and the servers' loop in one call
+    def __init__(self, *pids: int) -> None:
+        # Given processes: all their threads' waits, added up (`Stalls(os.getpid())`: a client and the
+        # servers' loop serving it; an `lb serve` process's pid: what that process waited too).
+        self.pids = pids
         self.seconds = 0.0
         self._from = 0.0
 
     def __enter__(self) -> Stalls:
-        self._from = waiting_for_a_cpu(self.process)
+        self._from = waiting_for_a_cpu(*self.pids)
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -122,7 +124,7 @@ class Stalls:
 
     def so_far(self) -> float:
         """The wait up to now, inside the `with`."""
-        return waiting_for_a_cpu(self.process) - self._from
+        return waiting_for_a_cpu(*self.pids) - self._from
 
 
 class SendTimes:

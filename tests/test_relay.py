@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import httpx
@@ -215,7 +216,7 @@ def test_lb_total_timeout_seconds_ends_a_flowing_stream_and_the_sdk_names_it(mak
     started = time.perf_counter()
     received = []
     with (
-        Stalls(process=True) as stalls,
+        Stalls(os.getpid()) as stalls,
         pytest.raises(openai.APIError, match=r"limit of 0.6 seconds per call \(LB_TOTAL_TIMEOUT_SECONDS\)"),
     ):
         for chunk in client.chat.completions.create(model="chat", messages=MESSAGES, stream=True):
