@@ -9,6 +9,7 @@ the unit layer: `make test-unit`, no sockets, no servers, seconds. Waits poll (`
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import ssl
 import time
@@ -85,14 +86,19 @@ async def eventually(condition: Callable[[], bool], seconds: float = 5.0) -> boo
     return True
 
 
-def waiting_for_a_cpu() -> float:
-    """Seconds this thread has spent runnable but not running, a CPU being busy with other processes
-    (the kernel's run-queue delay, /proc/thread-self/schedstat); 0.0 where the kernel does not say."""
-    try:
-        with open("/proc/thread-self/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
+def waiting_for_a_cpu(*pids: int) -> float:
+    """Seconds this thread (or, given `pids`, all threads of those processes together) has spent
+    runnable but not running, a CPU being busy with other processes: the kernel's run-queue delay
+    (/proc/thread-self/schedstat, /proc/PID/task/*/schedstat); 0.0 where the kernel does not say."""
+    paths = [path for pid in pids for path in glob.glob(f"/proc/{pid}/task/*/schedstat")]
+    waited = 0
+    for path in paths if pids else ["/proc/thread-self/schedstat"]:
+        try:
+            with open(path) as f:
+                waited += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that has ended, or a kernel without schedstats
+    return waited / 1e9
 
 
 class Stalls:
@@ -102,12 +108,15 @@ class Stalls:
     plus `stalls.seconds`: as tight as ever where the thread never waits (0), never failed by other
     processes alone. Time the code under test spends itself, computing or blocked, is not counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, *pids: int) -> None:
+        # Given processes: all their threads' waits, added up (`Stalls(os.getpid())`: a client and the
+        # servers' loop serving it; an `lb serve` process's pid: what that process waited too).
+        self.pids = pids
         self.seconds = 0.0
         self._from = 0.0
 
     def __enter__(self) -> Stalls:
-        self._from = waiting_for_a_cpu()
+        self._from = waiting_for_a_cpu(*self.pids)
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -115,7 +124,7 @@ class Stalls:
 
     def so_far(self) -> float:
         """The wait up to now, inside the `with`."""
-        return waiting_for_a_cpu() - self._from
+        return waiting_for_a_cpu(*self.pids) - self._from
 
 
 class SendTimes:

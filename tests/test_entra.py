@@ -14,7 +14,7 @@ import pytest
 from lb.auth.entra import EntraValidator, InvalidToken, looks_like_jwt
 from lb.config import load_settings
 from lb.errors import Unauthorized
-from tests.conftest import API_VERSION, CLIENT_KEY, SdkHttp, eventually
+from tests.conftest import API_VERSION, CLIENT_KEY, SdkHttp, Stalls, eventually
 from tests.idp import APP_ID, AUDIENCE, OBJECT_ID, OTHER_TENANT, TENANT, LocalIdP, SigningKey, entra_env
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -175,8 +175,9 @@ def test_day_old_keys_are_refreshed_in_the_background_while_requests_use_them(id
         now[0] += 23.5 * 3600
         for _ in range(20):
             started = time.perf_counter()
-            assert await v.validate(idp.token())
-            assert time.perf_counter() - started < 0.2
+            with Stalls() as stalls:  # this thread's waits for a CPU: a loaded machine's, not the validator's
+                assert await v.validate(idp.token())
+            assert time.perf_counter() - started < 0.2 + stalls.seconds
         await asyncio.sleep(1.5)
         assert idp.key_fetches() == 2  # one refresh in the background, shared by all 20
         assert await v.validate(idp.token(rotated))  # the refresh brought the new key, no fetch needed
@@ -196,8 +197,9 @@ def test_a_failing_refresh_keeps_the_keys_for_a_bounded_grace_and_is_logged_once
         for _ in range(10):  # every minute for ten minutes, a day on
             now[0] += 24 * 3600 if _ == 0 else 61
             started = time.perf_counter()
-            assert await v.validate(idp.token())
-            assert time.perf_counter() - started < 0.2
+            with Stalls() as stalls:  # this thread's waits for a CPU: a loaded machine's, not the validator's
+                assert await v.validate(idp.token())
+            assert time.perf_counter() - started < 0.2 + stalls.seconds
             await asyncio.sleep(0.05)
         assert idp.key_fetches() >= 3  # retried each interval (when the last try has ended)
         now[0] += 24 * 3600  # past the grace: the keys may have been withdrawn meanwhile

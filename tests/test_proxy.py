@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections import Counter
@@ -92,9 +93,9 @@ def test_all_backends_throttled_answers_429_at_once_with_the_soonest_recovery(ma
     assert first.value.response.headers["retry-after"] == "3"
     calls = sum(len(b.calls) for b in pool.backends)
     started = time.perf_counter()
-    with pytest.raises(openai.RateLimitError) as cooling:
+    with Stalls(os.getpid()) as stalls, pytest.raises(openai.RateLimitError) as cooling:
         chat(client)
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 0.5 + stalls.seconds  # answered at once: what a loaded machine adds aside
     assert sum(len(b.calls) for b in pool.backends) == calls  # no backend call while all cool
     response = cooling.value.response
     assert response.headers["x-lb-attempts"] == "0"
